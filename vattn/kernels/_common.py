@@ -1,0 +1,104 @@
+"""Shared helpers for the Triton kernels: lazy triton import, checks, the LSE merge.
+
+GPU-only imports stay inside functions so that `import vattn.kernels.*` works on a
+CPU machine; kernels run on CPU only under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from vattn.errors import VattnError
+
+LOG2E = 1.4426950408889634
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_ieee(dtype) -> bool:
+    # float32 inputs get exact dots; the interpreter's bf16 tl.dot is wrong (triton 3.9), so
+    # under TRITON_INTERPRET the kernels upcast to float32 there as well.
+    return dtype == torch.float32 or interpret()
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def check_runnable(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_available():
+        raise VattnError("triton is not installed: use the torch reference (*_ref) or `pip install triton`")
+    for t in tensors:
+        if t.device.type != "cuda" and not interpret():
+            raise VattnError(f"tensor on {t.device}: the Triton kernels need CUDA tensors "
+                             "(or set TRITON_INTERPRET=1 to run them on CPU for testing)")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        raise VattnError(f"{name} has dtype {t.dtype}; use one of {[str(a) for a in allowed]}")
+
+
+def check_lastdim(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise VattnError(f"{name} must have last-dim stride 1 (got strides {tuple(t.stride())}); "
+                         "call .contiguous() first")
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    # Two waves of programs over the SMs keep enough loads in flight; few under the interpreter.
+    if device.type != "cuda":
+        return 8
+    return 2 * sm_count(device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def merge(po, plse, out, S, D: tl.constexpr, SP: tl.constexpr):
+        # One program per output row; partials po [rows, S, D] f32, plse [rows, S] (log2 units).
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        tot = tl.sum(w, 0)
+        o = tl.load(po + r * S * D + s[:, None] * D + d[None, :], mask=s[:, None] < S, other=0.0)
+        acc = tl.sum(w[:, None] * o, 0)
+        acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
+        tl.store(out + r * D + d, acc.to(out.dtype.element_ty))
+
+    return merge
+
+
+def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous)."""
+    S, D = po.shape[-2], po.shape[-1]
+    rows = plse.numel() // S
+    _merge_kernel()[(rows,)](po, plse, out, S, D=D, SP=max(2, next_pow2(S)))
+    return out

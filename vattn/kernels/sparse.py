@@ -1,0 +1,170 @@
+"""Sparse decode attention over a Selection: Triton gather kernel + torch reference.
+
+    q            [B, Hq, T, D]
+    k, v         [B, Hkv, N, D]   last-dim stride 1
+    indices      int32 [B, H, T, K]  key positions, -1 padding (H = Hkv if shared else Hq)
+    log_weights  f32   [B, H, T, K]
+    count        int32 [B, H, T]     valid entries per row (valid entries come first)
+    returns      [B, Hq, T, D] in q.dtype:
+                 sum_i exp(s_i*scale + lw_i) v_i / sum_i exp(s_i*scale + lw_i)  (float32 math)
+
+Shared selections put the G query heads of a group into the M dim of tl.dot, so one gather
+of K/V rows serves G heads. Per-head selections use one row per program (M padded to 16).
+Grid (rows, splits) over the K entries; partials merged by log-sum-exp like dense_decode.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.kernels._common import (LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+                                   next_pow2, target_programs, use_ieee)
+from vattn.kernels.decode import FLOATS
+
+
+def sparse_decode_ref(q, k, v, indices, log_weights, count, shared, scale=None):
+    """Torch reference (float32 math), same contract as sparse_decode."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    if shared:
+        indices = indices.repeat_interleave(G, 1)
+        log_weights = log_weights.repeat_interleave(G, 1)
+        count = count.repeat_interleave(G, 1)
+    K = indices.shape[-1]
+    valid = (torch.arange(K, device=q.device) < count.unsqueeze(-1)) & (indices >= 0)
+    idx = indices.clamp(min=0).long()
+    kv_head = (torch.arange(Hq, device=q.device) // G).view(1, Hq, 1, 1)
+    bb = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    kg = k.float()[bb, kv_head, idx]  # [B, Hq, T, K, D]
+    vg = v.float()[bb, kv_head, idx]
+    s = torch.einsum("bhtd,bhtkd->bhtk", q.float(), kg) * scale + log_weights.float()
+    s = s.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("bhtk,bhtkd->bhtd", p, vg).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split(q, k, v, idx, lw, cnt, po, plse,
+              sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
+              H, HKV, T, S, K, chunk, scale_log2,
+              G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+              BN: tl.constexpr, IEEE: tl.constexpr):
+        # R query heads share this program's selection row: R = G if shared else 1.
+        row = tl.program_id(0)  # (b, h, t) of the selection
+        sp = tl.program_id(1)
+        t = row % T
+        bh = row // T
+        h = bh % H
+        b = bh // H
+        b64 = b.to(tl.int64)
+        hq0 = h * R  # first query head served
+        j = hq0 // G  # its KV head
+        m = tl.arange(0, M)
+        m_ok = m < R
+        d = tl.arange(0, D)
+        qq = tl.load(q + b64 * sqb + (hq0 + m)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
+                     mask=m_ok[:, None], other=0.0)
+        c = tl.load(cnt + row)
+        start = sp * chunk
+        end = tl.minimum(start + chunk, c)
+        kb = k + b64 * skb + j.to(tl.int64) * skh
+        vb = v + b64 * svb + j.to(tl.int64) * svh
+        sel = row.to(tl.int64) * K
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        for n0 in range(start, end, BN):
+            n = n0 + tl.arange(0, BN)
+            ix = tl.load(idx + sel + n, mask=n < end, other=-1)
+            ok = ix >= 0
+            w = tl.load(lw + sel + n, mask=ok, other=0.0) * 1.4426950408889634
+            ix64 = tl.where(ok, ix, 0).to(tl.int64)
+            kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
+            vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(qq, tl.trans(kk))
+            s = tl.where(ok[None, :], s * scale_log2 + w[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, S, D]
+        tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=m_ok[:, None])
+        tl.store(plse + r * S + sp, lse, mask=m_ok)
+
+    return split
+
+
+def _check(q, k, v, indices, log_weights, count, shared):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise VattnError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        check_dtype(name, t, FLOATS)
+        check_lastdim(name, t)
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
+        raise VattnError(f"k/v [B, Hkv, N, D] = {tuple(k.shape)}/{tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise VattnError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if D not in (16, 32, 64, 128, 256):
+        raise VattnError(f"head dim must be a power of two in 16..256, got {D}")
+    H = k.shape[1] if shared else Hq
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, T):
+        raise VattnError(f"indices must be [B, H, T, K] with H={H} ({'KV heads, shared' if shared else 'query heads'}), "
+                         f"got {tuple(indices.shape)}")
+    check_dtype("indices", indices, (torch.int32,))
+    check_dtype("log_weights", log_weights, (torch.float32,))
+    check_dtype("count", count, (torch.int32,))
+    if log_weights.shape != indices.shape or tuple(count.shape) != (B, H, T):
+        raise VattnError(f"log_weights {tuple(log_weights.shape)} / count {tuple(count.shape)} must be "
+                         f"{tuple(indices.shape)} / {(B, H, T)}")
+
+
+def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
+                  block_n=32, num_warps=4, num_stages=3):
+    """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype."""
+    _check(q, k, v, indices, log_weights, count, shared)
+    check_runnable(q, k, v, indices)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    H = indices.shape[1]
+    K = indices.shape[3]
+    scale = D ** -0.5 if scale is None else float(scale)
+    indices, log_weights, count = indices.contiguous(), log_weights.contiguous(), count.contiguous()
+    rows = B * H * T
+    want = max(1, min(math.ceil(target_programs(q.device) / rows), math.ceil(max(K, 1) / block_n)))
+    chunk = math.ceil(math.ceil(max(K, 1) / want) / block_n) * block_n
+    S = math.ceil(max(K, 1) / chunk)
+    R = G if shared else 1
+    po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
+    plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
+    _split_kernel()[(rows, S)](
+        q, k, v, indices, log_weights, count, po, plse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        H, Hkv, T, S, K, chunk, scale * LOG2E,
+        G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype),
+        num_warps=num_warps, num_stages=num_stages)
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    return merge_partials(po, plse, out)
