@@ -1,0 +1,117 @@
+"""attend(q, k, v, sel): attention over a Selection; dense_attend: the exact reference.
+
+Shapes: q [B, Hq, T, D]; k, v [B, Hkv, N, D] (any strides, e.g. views of a bigger cache);
+Hq = G * Hkv (grouped-query attention). Rows may be ragged: `lengths` [B] counts each
+batch row's keys (they end at lengths - 1; with left padding, `starts` [B] is the first
+valid key). With T > 1 the rows are causal: row t sees keys < lengths - T + 1 + t.
+Softmax is accumulated in float32 whatever the input dtype; the output has q's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.selection import Selection
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_qkv(q, k, v):
+    """Validate shapes and dtypes; return (B, Hq, T, D, Hkv, N)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise VattnError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise VattnError(f"{name} must have 4 dims [B, H, T|N, D], got shape {tuple(x.shape)}")
+        if x.dtype not in FLOATS:
+            raise VattnError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    b, hq, t, d = q.shape
+    if k.shape != v.shape:
+        raise VattnError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise VattnError(f"k/v must be [B={b}, Hkv, N, D={d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    hkv, n = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise VattnError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if not (q.device == k.device == v.device):
+        raise VattnError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    return b, hq, t, d, hkv, n
+
+
+def row_bounds(b, t, n, lengths=None, starts=None, device=None):
+    """starts int64 [B] and ends int64 [B, T] (one past each row's last allowed key)."""
+    if lengths is None:
+        lengths = torch.full((b,), n, dtype=torch.long, device=device)
+    lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
+    if lengths.shape[0] != b:
+        raise VattnError(f"lengths must have one entry per batch row ({b}), got {lengths.shape[0]}")
+    if bool((lengths > n).any()) or bool((lengths < 0).any()):
+        raise VattnError(f"lengths must be in [0, N={n}], got {lengths.tolist()}")
+    if starts is None:
+        starts = torch.zeros(b, dtype=torch.long, device=device)
+    starts = torch.as_tensor(starts, device=device).long().reshape(-1)
+    if starts.shape[0] != b or bool((starts < 0).any()) or bool((starts > lengths).any()):
+        raise VattnError(f"starts must be [B={b}] with 0 <= start <= length, got {starts.tolist()}")
+    ends = lengths[:, None] - t + 1 + torch.arange(t, device=device)
+    return starts, ends.clamp(min=0)
+
+
+def gather_kv(k, v, idx, group):
+    """k, v at idx: idx int64 [B, H, T, K] (H = Hkv * group) -> two [B, H, T, K, D] float32."""
+    b, h, t, kk = idx.shape
+    bi = torch.arange(b, device=idx.device)[:, None, None, None]
+    hi = (torch.arange(h, device=idx.device) // group)[None, :, None, None]
+    return k[bi, hi, idx].float(), v[bi, hi, idx].float()
+
+
+def attend(q, k, v, sel: Selection, scale: float | None = None) -> torch.Tensor:
+    """Attention over the selected keys with their log-weights: [B, Hq, T, D] in q.dtype.
+
+    Memory is proportional to the selection (a gather), never to T x N. On CUDA it runs
+    our Triton sparse decode kernel.
+    """
+    b, hq, t, d, hkv, n = check_qkv(q, k, v)
+    h = hkv if sel.shared else hq
+    if tuple(sel.indices.shape[:3]) != (b, h, t):
+        kind = "KV" if sel.shared else "query"
+        raise VattnError(f"selection shape {tuple(sel.indices.shape)} does not match "
+                         f"[B={b}, {kind} heads={h}, T={t}, K]")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if q.is_cuda:
+        from vattn.kernels import sparse as ks
+        return ks.sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, scale)
+    return attend_torch(q, k, v, sel, scale)
+
+
+def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    ok = sel.valid()
+    idx = sel.indices.long().clamp(min=0)
+    kk, vv = gather_kv(k, v, idx, 1 if sel.shared else g)
+    h = kk.shape[1]
+    qf = q.float().reshape(b, h, hq // h, t, d)  # query heads grouped by selection head
+    s = torch.einsum("bhgtd,bhtkd->bhgtk", qf, kk) * scale + sel.log_weights[:, :, None]
+    s = s.masked_fill(~ok[:, :, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no keys gives zeros
+    out = torch.einsum("bhgtk,bhtkd->bhgtd", p, vv)
+    return out.reshape(b, hq, t, d).to(q.dtype)
+
+
+def dense_attend(q, k, v, lengths=None, starts=None, scale=None) -> torch.Tensor:
+    """Exact attention in float32 (the reference): [B, Hq, T, D] in q.dtype."""
+    b, hq, t, d, hkv, n = check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    starts, ends = row_bounds(b, t, n, lengths, starts, q.device)
+    g = hq // hkv
+    qf = q.float().reshape(b, hkv, g * t, d)
+    s = torch.matmul(qf, k.float().transpose(-1, -2)).reshape(b, hkv, g, t, n) * scale
+    pos = torch.arange(n, device=q.device)
+    allowed = (pos >= starts[:, None, None]) & (pos < ends[:, :, None])  # [B, T, N]
+    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    out = torch.matmul(p.reshape(b, hkv, g * t, n), v.float())
+    return out.reshape(b, hq, t, d).to(q.dtype)

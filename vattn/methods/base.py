@@ -1,0 +1,171 @@
+"""What every part shares: the decode context, the selection builder, the registry.
+
+A part is a small dataclass with a `select(ctx, builder)` method that adds keys to
+the builder. Parts run in order; later parts see (and skip) what earlier parts chose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.selection import Selection
+
+PARTS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make a part usable by name in spec strings."""
+    def wrap(cls):
+        cls.name = name
+        PARTS[name] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class DecodeContext:
+    """Everything a part may look at for one attention call.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, N, D] (any strides).
+    starts: int64 [B] first valid key (left padding); ends: int64 [B, T] one past the
+    last key row t may see (causal rows). Row length n = ends - starts.
+    state: per-layer dict a method may keep across calls (e.g. page metadata).
+    """
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    scale: float
+    generator: torch.Generator | None = None
+    state: dict = field(default_factory=dict)
+    layer: int = 0
+    _scores: torch.Tensor | None = None
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    def lengths(self) -> torch.Tensor:
+        """int64 [B, 1, T]: each row's number of allowed keys."""
+        return (self.ends - self.starts[:, None]).clamp(min=0)[:, None, :]
+
+    def allowed(self) -> torch.Tensor:
+        """bool [B, 1, T, N]: keys each row may attend."""
+        pos = torch.arange(self.k.shape[2], device=self.k.device)
+        lo = self.starts[:, None, None, None]
+        hi = self.ends[:, None, :, None]
+        return (pos >= lo) & (pos < hi)
+
+    def scores(self) -> torch.Tensor:
+        """f32 [B, Hq, T, N]: exact scaled scores q.k (oracle parts only; cached)."""
+        if self._scores is None:
+            b, hq, t, d = self.q.shape
+            hkv = self.k.shape[1]
+            qg = self.q.float().reshape(b, hkv, self.group * t, d)
+            s = torch.matmul(qg, self.k.float().transpose(-1, -2)) * self.scale
+            self._scores = s.reshape(b, hq, t, -1)
+        return self._scores
+
+
+def resolve_size(size, n: torch.Tensor) -> torch.Tensor:
+    """A part's size: an int count, or a float fraction of each row's length n."""
+    if isinstance(size, float):
+        return torch.ceil(size * n.double()).long().clamp(max=n)
+    return torch.minimum(torch.full_like(n, int(size)), n)
+
+
+class Builder:
+    """Accumulates chosen keys per row; `chosen` is what later parts must skip.
+
+    heads: Hq, or Hkv once the selection is shared per KV head.
+    """
+
+    def __init__(self, ctx: DecodeContext):
+        self.ctx = ctx
+        b, hq, t, _ = ctx.q.shape
+        self.shared = False
+        self.chosen = torch.zeros(b, hq, t, ctx.k.shape[2], dtype=torch.bool, device=ctx.k.device)
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, idx: torch.Tensor, lw: torch.Tensor | None, ok: torch.Tensor):
+        """idx int64 [B, H, T, k]; ok bool (entries to keep). Chosen keys are skipped."""
+        idx = idx.expand(*self.chosen.shape[:3], idx.shape[-1])
+        ok = ok.expand_as(idx) & (idx >= 0)
+        safe = idx.clamp(min=0)
+        ok = ok & ~torch.gather(self.chosen, 3, safe)
+        # amax: padded entries (ok False) that alias a real position must not clear it.
+        self.chosen = self.chosen.to(torch.uint8).scatter_reduce_(
+            3, safe, ok.to(torch.uint8), "amax").bool()
+        if lw is None:
+            lw = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+        self.pieces.append((idx, lw.expand_as(idx).float(), ok))
+
+    def share(self):
+        """Turn per-query-head choices into one set per KV head: the union over the group."""
+        if self.shared:
+            return
+        for _, lw, ok in self.pieces:
+            if bool((lw[ok] != 0).any()):
+                raise VattnError("share='kv' needs the parts before it to choose exact keys "
+                                 "(log-weight 0); put sampling parts last")
+        b, hq, t, n = self.chosen.shape
+        g = self.ctx.group
+        self.chosen = self.chosen.reshape(b, hq // g, g, t, n).any(2)
+        idx, lw, ok = (torch.zeros(b, hq // g, t, 0, dtype=torch.long, device=self.chosen.device),
+                       None, None)
+        pos = torch.arange(n, device=self.chosen.device).expand_as(self.chosen)
+        cnt = self.chosen.sum(-1)
+        kmax = int(cnt.max()) if cnt.numel() else 0
+        # The union in position order: the kmax smallest positions among chosen keys.
+        key = torch.where(self.chosen, pos, n + pos)
+        idx = torch.topk(key, kmax, dim=-1, largest=False, sorted=True).values if kmax else idx
+        ok = idx < n
+        idx = torch.where(ok, idx, -1)
+        self.pieces = [(idx, torch.zeros(idx.shape, device=idx.device), ok)]
+        self.shared = True
+
+    def selection(self) -> Selection:
+        b, h, t, _ = self.chosen.shape
+        if not self.pieces:
+            return Selection.empty(b, h, t, self.chosen.device, self.shared)
+        idx = torch.cat([p[0] for p in self.pieces], -1)
+        lw = torch.cat([p[1] for p in self.pieces], -1)
+        ok = torch.cat([p[2] for p in self.pieces], -1)
+        # Valid entries first (stable), padding after.
+        order = torch.sort((~ok).to(torch.int8), dim=-1, stable=True).indices
+        idx, lw, ok = (torch.gather(x, -1, order) for x in (idx, lw, ok))
+        count = ok.sum(-1)
+        kmax = int(count.max()) if count.numel() else 0
+        idx, lw, ok = idx[..., :kmax], lw[..., :kmax], ok[..., :kmax]
+        idx = torch.where(ok, idx, -1).to(torch.int32)
+        lw = torch.where(ok, lw, 0.0)
+        return Selection(idx, lw, count.to(torch.int32), self.shared)
+
+
+def check_range(part: str, param: str, value, lo, hi, lo_open=False, hi_open=False):
+    """Raise a VattnError naming the part, parameter and valid range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise VattnError(f"{part}: {param} must be in {rng}, got {value!r}")
+
+
+def check_size(part: str, param: str, value):
+    """Sizes: an int count >= 0, or a float fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VattnError(f"{part}: {param} must be a count (int >= 0) or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise VattnError(f"{part}: {param} must be a count >= 0 or a fraction in (0, 1], got {value}")
+    else:
+        check_range(part, param, value, 0.0, 1.0, lo_open=True)
+
+
+def part_fields(cls) -> list[str]:
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,172 @@
+"""Sampling parts: estimate the residual R (keys no earlier part chose) from a sample.
+
+A uniform sample of size b from R, drawn without replacement, gives each sampled key
+the weight n_r / b; numerator and denominator estimates are then unbiased. `verified`
+sizes b per row from a pilot sample so the error meets (eps, delta); see
+docs/guarantee.md for the derivation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.methods.base import Builder, DecodeContext, check_range, check_size, register, resolve_size
+
+Z_MIN = 1.2396  # below this quantile the one-direction worst case of ||e||^2 no longer holds
+
+
+def residual_keys(ctx: DecodeContext, out: Builder):
+    """A uniform random order of each row's residual R, as random keys.
+
+    Returns u f32 [B, H, T, N] (2.0 outside R) and n_r int64 [B, H, T]. The m smallest
+    keys of u (`first`) are a uniform sample of R without replacement, and a smaller
+    prefix (the pilot) is part of any larger one, so the pilot grows into the final
+    sample without losing uniformity.
+    """
+    allowed = ctx.allowed()
+    if out.shared:
+        allowed = allowed.expand(ctx.k.shape[0], ctx.k.shape[1], -1, -1)
+    resid = allowed & ~out.chosen
+    u = torch.rand(resid.shape, generator=ctx.generator, device=resid.device)
+    return u.masked_fill(~resid, 2.0), resid.sum(-1)
+
+
+def first(u: torch.Tensor, m: int) -> torch.Tensor:
+    """int64 [..., m]: positions of the m smallest random keys, in order."""
+    m = min(m, u.shape[-1])
+    return torch.topk(u, m, dim=-1, largest=False, sorted=True).indices
+
+
+def add_sample(out: Builder, idx: torch.Tensor, b: torch.Tensor, n_r: torch.Tensor):
+    """Add the first b[row] entries of idx with weight n_r / b."""
+    ok = torch.arange(idx.shape[-1], device=idx.device) < b[..., None]
+    lw = torch.log(n_r.double() / b.clamp(min=1).double()).float()[..., None]
+    out.add(idx, lw, ok)
+
+
+@register("uniform")
+@dataclass
+class Uniform:
+    """A uniform sample of the residual: rate is a count or a fraction of the row length."""
+    rate: int | float = 0.05
+
+    def __post_init__(self):
+        check_size("uniform", "rate", self.rate)
+
+    def select(self, ctx: DecodeContext, out: Builder):
+        n = ctx.lengths().expand(*out.chosen.shape[:3])
+        want = resolve_size(self.rate, n)
+        u, n_r = residual_keys(ctx, out)
+        idx = first(u, int(want.max()) if want.numel() else 0)
+        add_sample(out, idx, torch.minimum(want, n_r), n_r)
+
+
+def z_two_sided(delta: float) -> float:
+    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
+
+
+def budget_from_b0(b0: torch.Tensor, n_r: torch.Tensor) -> torch.Tensor:
+    """Smallest b with b0 * (n_r - b) / (n_r - 1) <= b (variance with the finite-population
+    correction), i.e. b = b0 n_r / (n_r - 1 + b0)."""
+    nr = n_r.double()
+    b = torch.where(torch.isinf(b0), nr, b0 * nr / (nr - 1 + b0).clamp(min=1e-30))
+    return torch.ceil(b.nan_to_num(0.0) - 1e-9).long()
+
+
+@register("verified")
+@dataclass
+class Verified:
+    """Sample R with a budget sized so the error is <= eps with probability >= 1 - delta.
+
+    mode="output": relative L2 error of the attention output; mode="denominator": relative
+    error of the softmax denominator (the paper's relaxation). share="kv": one sample per
+    KV head, sized for the neediest query head of its group.
+    """
+    eps: float = 0.05
+    delta: float = 0.05
+    base_rate: float = 0.02
+    mode: str = "output"
+    share: str = "none"
+
+    def __post_init__(self):
+        check_range("verified", "eps", self.eps, 0.0, 1.0, hi_open=True)
+        check_range("verified", "delta", self.delta, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("verified", "base_rate", self.base_rate, 0.0, 1.0, lo_open=True)
+        if self.mode not in ("output", "denominator"):
+            raise VattnError(f"verified: mode must be 'output' or 'denominator', got {self.mode!r}")
+        if self.share not in ("none", "kv"):
+            raise VattnError(f"verified: share must be 'none' or 'kv', got {self.share!r}")
+
+    def select(self, ctx: DecodeContext, out: Builder):
+        if self.share == "kv":
+            out.share()
+        n = ctx.lengths().expand(*out.chosen.shape[:3])
+        m0 = torch.minimum(torch.ceil(self.base_rate * n.double()).long().clamp(min=2), n)
+        u, n_r = residual_keys(ctx, out)
+        m0 = torch.minimum(m0, n_r)
+        pilot_idx = first(u, int(m0.max()) if m0.numel() else 0)
+        b = self.budget(ctx, out, pilot_idx, m0, n_r)
+        idx = first(u, int(b.max()) if b.numel() else 0)
+        add_sample(out, idx, b, n_r)
+
+    def budget(self, ctx, out, pilot_idx, m0, n_r) -> torch.Tensor:
+        """Per-row sample size from the pilot: [B, H, T] (H = Hkv when shared)."""
+        if self.eps == 0.0:
+            return n_r
+        z = max(z_two_sided(self.delta), Z_MIN) if self.mode == "output" else z_two_sided(self.delta)
+        fixed, pilot = fixed_and_pilot(ctx, out, pilot_idx, m0)  # per query head
+        g = ctx.group if out.shared else 1
+        nr = n_r.repeat_interleave(g, 1).double()
+        m0q = m0.repeat_interleave(g, 1)
+        x, xv, ok = pilot  # x: [B, Hq, T, m] exp-scores (shifted), xv: x * v
+        cnt = m0q.double().clamp(min=1)
+        mean_x = (x * ok).sum(-1) / cnt
+        d_hat = fixed[0] + nr * mean_x
+        if self.mode == "denominator":
+            var = ((x - mean_x[..., None]) ** 2 * ok).sum(-1) / (cnt - 1).clamp(min=1)
+            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2)
+        else:
+            n_hat = fixed[1] + nr[..., None] * (xv * ok[..., None]).sum(-2) / cnt[..., None]
+            o = n_hat / d_hat[..., None]
+            y = xv - x[..., None] * o[..., None, :]  # x_j (v_j - o)
+            y_mean = (y * ok[..., None]).sum(-2, keepdim=True) / cnt[..., None, None]
+            var = (((y - y_mean) ** 2).sum(-1) * ok).sum(-1) / (cnt - 1).clamp(min=1)
+            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * (o * o).sum(-1))
+        b0 = b0.nan_to_num(nan=float("inf"))  # a zero norm output: nothing to trust, be exact
+        b = budget_from_b0(b0, n_r.repeat_interleave(g, 1))
+        if g > 1:
+            bsz, hq, t = b.shape
+            b = b.reshape(bsz, hq // g, g, t).amax(2)
+        return torch.minimum(torch.maximum(b, m0), n_r)
+
+
+def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m0: torch.Tensor):
+    """Exact sums over the chosen keys and the pilot's exp-scores, per query head.
+
+    All exponentials share one shift (the max score over chosen and pilot keys), which
+    cancels in every ratio the budget uses. Returns ((D_F [B,Hq,T], N_F [B,Hq,T,D]),
+    (x [B,Hq,T,m], x*v [B,Hq,T,m,D], ok [B,Hq,T,m])).
+    """
+    from vattn.attend import gather_kv
+    sel = out.selection()
+    g = ctx.group if out.shared else 1
+
+    def exp_terms(idx, ok):
+        # Per query head: a shared selection is repeated over its group (small sets only).
+        idx, ok = idx.repeat_interleave(g, 1), ok.repeat_interleave(g, 1)
+        kk, vv = gather_kv(ctx.k, ctx.v, idx.clamp(min=0), ctx.group)
+        s = (ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale
+        return s.masked_fill(~ok, float("-inf")), vv, ok
+
+    s_f, v_f, ok_f = exp_terms(sel.indices.long(), sel.valid())
+    ok_p = torch.arange(pilot_idx.shape[-1], device=pilot_idx.device) < m0[..., None]
+    s_p, v_p, ok_p = exp_terms(pilot_idx, ok_p)
+    floor = torch.full((*s_p.shape[:-1], 1), -1e30, device=s_p.device)
+    shift = torch.cat([s_f, s_p, floor], -1).amax(-1)
+    x_f = torch.exp(s_f - shift[..., None]).nan_to_num(0.0)
+    x_p = torch.exp(s_p - shift[..., None]).nan_to_num(0.0)
+    fixed = (x_f.sum(-1).double(), (x_f[..., None] * v_f).sum(-2).double())
+    return fixed, (x_p.double(), (x_p[..., None] * v_p).double(), ok_p)
