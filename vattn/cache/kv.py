@@ -30,6 +30,10 @@ from vattn.errors import VattnError
 log = logging.getLogger(__name__)
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.3g} MiB"
+
+
 @dataclass
 class CacheStats:
     mapped_bytes: int      # physical memory mapped now (in use + ahead + cached in freed slots)
@@ -161,8 +165,8 @@ class KVCache:
             over = self._pages_mapped() + need - self._budget_pages
             if over > 0 and self._reclaim(over, set(slots)) < over:
                 raise VattnOutOfMemory(
-                    f"KV cache budget exhausted: slots {sorted(want)} need {need * self.page_bytes >> 20} MiB more, "
-                    f"{self._pages_mapped() * self.page_bytes >> 20} MiB of {self.budget_bytes >> 20} MiB budget is "
+                    f"KV cache budget exhausted: slots {sorted(want)} need {_mib(need * self.page_bytes)} more, "
+                    f"{_mib(self._pages_mapped() * self.page_bytes)} of the {_mib(self.budget_bytes)} budget is "
                     "mapped by live requests; free requests or raise budget_bytes")
         granules = [g for s, p in want.items() for g in self._granules(s, p)]
         try:

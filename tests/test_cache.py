@@ -1,0 +1,228 @@
+"""KVCache over virtual memory: content under random churn, memory return, out-of-memory.
+
+The CPU backend always runs; the CUDA backend runs where a GPU and cuda-bindings exist.
+"""
+import mmap
+import random
+
+import pytest
+import torch
+
+from vattn.cache.kv import KVCache
+from vattn.cache.vmem import VattnOutOfMemory, reserve
+from vattn.errors import VattnError
+
+
+def _cuda_ok():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cuda.bindings.driver  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+DEVICES = ["cpu"] + (["cuda"] if _cuda_ok() else [])
+
+# Shapes with many page boundaries per slot: CPU pages are 4 KiB granules; CUDA's are 2 MiB,
+# so there a token is 4 KiB (8 heads x 128 x fp32) and a granule holds 512 tokens.
+SHAPES = {"cpu": dict(num_kv_heads=2, head_dim=8, dtype=torch.float32, granule=4096, max_len=300),
+          "cuda": dict(num_kv_heads=8, head_dim=128, dtype=torch.float32, max_len=4096)}
+
+
+def make(device, layers=2, slots=6, layout="bhnd", budget_pages=None, **kw):
+    """A small cache; budget_pages(kv) -> pages sets a budget from the probed page geometry."""
+    shape = dict(SHAPES[device])
+    shape.update(kw)
+    args = (layers, slots, shape.pop("max_len"), shape.pop("num_kv_heads"), shape.pop("head_dim"))
+    kv = KVCache(*args, device=device, layout=layout, **shape)
+    if budget_pages is None:
+        return kv
+    budget = budget_pages(kv) * kv.page_bytes
+    kv.close()
+    return KVCache(*args, device=device, layout=layout, budget_bytes=budget, **shape)
+
+
+class Shadow:
+    """What each live slot should hold: per layer, K and V [Hkv, n, D]."""
+
+    def __init__(self, kv, seed):
+        self.kv, self.data, self.g = kv, {}, torch.Generator(device=kv.device).manual_seed(seed)
+
+    def start(self, slot):
+        kv = self.kv
+        empty = torch.empty(kv.H, 0, kv.D, dtype=kv.dtype, device=kv.device)
+        self.data[slot] = [[empty, empty] for _ in range(kv.L)]
+
+    def append(self, slot, t):
+        kv = self.kv
+        n = self.data[slot][0][0].shape[1]
+        for layer in range(kv.L):
+            for i, buf in enumerate((kv.k(layer), kv.v(layer))):
+                new = torch.randn(kv.H, t, kv.D, generator=self.g, device=kv.device).to(kv.dtype)
+                buf[slot, :, n:n + t] = new
+                self.data[slot][layer][i] = torch.cat([self.data[slot][layer][i], new], 1)
+
+    def check(self, slot):
+        n = self.data[slot][0][0].shape[1]
+        for layer in range(self.kv.L):
+            K, V = self.kv.view(layer, slot, 1, n)
+            assert torch.equal(K[0], self.data[slot][layer][0]), f"slot {slot} layer {layer} K differs"
+            assert torch.equal(V[0], self.data[slot][layer][1]), f"slot {slot} layer {layer} V differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_random_churn_keeps_content(device, layout):
+    # Budget below what all slots at full length need, so reclaim and out-of-memory both happen.
+    kv = make(device, layout=layout, budget_pages=lambda kv: 3 * kv.slot_pages)
+    rng = random.Random(0)
+    sh = Shadow(kv, 0)
+    ops = 2000 if device == "cpu" else 400
+    ooms = reuses = 0
+    for step in range(ops):
+        r = rng.random()
+        live = list(sh.data)
+        if r < 0.2 and len(live) < kv.S:
+            s = kv.alloc()
+            reuses += bool(kv._mapped[s])
+            sh.start(s)
+            n = rng.randint(1, kv.N // 2)
+            try:
+                kv.grow([s], n)
+            except VattnOutOfMemory:
+                ooms += 1
+                kv.free(s)
+                del sh.data[s]
+                continue
+            # A new request must see zeros, never a freed request's tokens.
+            for layer in range(kv.L):
+                K, V = kv.view(layer, s, 1, n)
+                assert not K.any() and not V.any(), "new slot exposes old data"
+            sh.append(s, n)
+        elif r < 0.35 and live:
+            s = rng.choice(live)
+            kv.free(s)
+            del sh.data[s]
+        elif live:
+            s = rng.choice(live)
+            n = sh.data[s][0][0].shape[1]
+            t = rng.randint(1, 40)
+            if n + t > kv.N:
+                continue
+            try:
+                kv.grow([s], n + t)
+            except VattnOutOfMemory as e:
+                assert "budget" in str(e)
+                ooms += 1
+                sh.check(s)  # a failed grow changes nothing
+                continue
+            sh.append(s, t)
+            sh.check(s)
+        st = kv.stats()
+        assert st.mapped_bytes <= kv.budget_bytes
+        assert st.slots_in_use == len(sh.data)
+        if step % 100 == 0:
+            for s in sh.data:
+                sh.check(s)
+    for s in sh.data:
+        sh.check(s)
+    assert ooms > 0 and reuses > 0  # both paths were exercised
+    kv.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_memory_is_clear_and_others_survive(device):
+    probe = make(device)
+    per_page = 1
+    while probe._pages_for(per_page + 1) == probe._pages_for(1):
+        per_page += 1  # tokens that fit in a slot's first pages
+    p1 = len(probe._pages_for(1))
+    probe.close()
+    kv = make(device, slots=3, ahead_tokens=0, budget_pages=lambda kv: 2 * p1)
+    sh = Shadow(kv, 1)
+    a, b, c = kv.alloc(), kv.alloc(), kv.alloc()
+    for s in (a, b):
+        sh.start(s)
+        kv.grow([s], per_page)
+        sh.append(s, per_page)
+    with pytest.raises(VattnError, match="budget"):
+        kv.grow([c], 1)
+    with pytest.raises(VattnError, match="budget"):
+        kv.grow([a], per_page + 1)
+    sh.check(a)
+    sh.check(b)
+    kv.free(b)
+    del sh.data[b]
+    kv.grow([c], 1)  # reclaims b's page
+    sh.check(a)
+    assert kv.stats().pages_mapped == 2 * p1
+    kv.close()
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def test_cpu_memory_returns_after_free():
+    mb = 1 << 20
+    kv = KVCache(1, 4, 4096, 8, 128, dtype=torch.float32, device="cpu", ahead_tokens=0)  # 16 MiB/slot/K
+    base = _rss()
+    s = kv.alloc(4)
+    kv.grow(range(s, s + 4), 4096)  # 128 MiB: populated on map, before any write
+    assert kv.stats().mapped_bytes == 128 * mb
+    assert _rss() - base > 120 * mb
+    kv.k(0)[s:s + 4].fill_(1.0)
+    kv.free(s, 4)
+    assert kv.stats().cached_bytes == 128 * mb  # deferred: still mapped
+    assert kv.trim() == 128 * mb
+    assert _rss() - base < 8 * mb
+    assert kv.stats().mapped_bytes == 0
+    kv.close()
+
+
+def test_cpu_reserve_is_free():
+    r = reserve(64 << 30, "cpu")  # 64 GiB of address space, nothing committed
+    base = _rss()
+    r.map([0, 1])
+    t = r.tensor()
+    t[: 4 << 20].fill_(7)
+    assert _rss() - base >= 4 << 20
+    r.unmap([0, 1])
+    assert int(t[: 4 << 20].sum()) == 0  # reads back zeros
+    r.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_are_zero_copy(device):
+    for layout in ("bhnd", "bnhd"):
+        kv = make(device, layout=layout)
+        s = kv.alloc(2)
+        kv.grow(range(s, s + 2), 10)
+        K, V = kv.view(1, s, 2, 10)
+        assert K.shape == (2, kv.H, 10, kv.D) and K.stride(-1) == 1
+        K[1, 0, 3] = 5.0
+        assert kv.k(1)[s + 1, 0, 3, 0] == 5.0
+        base = kv.range.tensor().data_ptr()
+        assert base <= K.data_ptr() < base + kv.range.num_granules * kv.G
+        kv.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_background_grow_and_errors(device):
+    kv = make(device, background=True, ahead_tokens=0)
+    s = kv.alloc()
+    kv.grow_async([s], 50)
+    kv.sync()
+    assert kv.stats().pages_mapped == len(kv._pages_for(50))
+    with pytest.raises(VattnError, match="max_len"):
+        kv.grow([s], kv.N + 1)
+    with pytest.raises(VattnError, match="not allocated"):
+        kv.free(s + 1)
+    with pytest.raises(VattnError, match="consecutive free slots"):
+        kv.alloc(kv.S)
+    with pytest.raises(VattnError, match="layout"):
+        KVCache(1, 1, 8, 1, 8, layout="nope")
+    kv.close()
