@@ -1,0 +1,162 @@
+"""Top-k by bit signatures, in the style of HashAttention and Spotlight.
+
+Queries and keys are mapped to `bits` sign bits, packed into int64 words; a key's
+score is the number of bits it shares with the query (bits - popcount(q XOR k)),
+and the row keeps the k keys with the most agreement. The projection is random
+(SimHash: agreement estimates the angle between q and k, training-free) or learned
+per layer and head by `vattn train-hash` (vattn/methods/train_hash.py) and loaded
+from the file the spec names: `hashtopk(0.05, bits=64, proj="hash.pt")`.
+
+A key costs bits/8 bytes of metadata (64 bits = 1/32 of a bf16 d=128 key).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.methods.base import Builder, DecodeContext, check_size, register, resolve_size
+from vattn.methods.quest import block_state, check_int
+
+FORMAT = "vattn-hash/1"
+_M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+
+
+def popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits per int64 element (SWAR; the masks clear what arithmetic shifts smear in)."""
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., nbits] -> int64 [..., ceil(nbits/64)]; bit j of word w is bit 64*w + j."""
+    nbits = bits.shape[-1]
+    words = -(-nbits // 64)
+    b = torch.nn.functional.pad(bits.long(), (0, words * 64 - nbits)).reshape(*bits.shape[:-1], words, 64)
+    # Distinct powers of two never carry, so the sum is a bitwise or (bit 63 wraps to the sign).
+    return (b << torch.arange(64, device=bits.device)).sum(-1)
+
+
+def agreement(qsig: torch.Tensor, ksig: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Bits shared by query and key signatures: int32 [B, Hq, T, N].
+
+    qsig int64 [B, Hq, T, W]; ksig int64 [B, Hkv, N, W] (query head h uses KV head h // G).
+    Unused high bits are 0 in both, so they never count as disagreement.
+    """
+    b, hq, t, w = qsig.shape
+    hkv = ksig.shape[1]
+    x = qsig.reshape(b, hkv, hq // hkv * t, 1, w) ^ ksig[:, :, None]
+    return (nbits - popcount(x).sum(-1)).to(torch.int32).reshape(b, hq, t, -1)
+
+
+def project(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """x [B, H, M, D] -> [B, H, M, bits] with per-head parameters p (leading dim H).
+
+    Linear: x @ w + b. With w1, b1, w2 (Spotlight-style residual MLP) adds silu(x @ w1 + b1) @ w2.
+    """
+    y = x @ p["w"]
+    if "b" in p:
+        y = y + p["b"][:, None]
+    if "w1" in p:
+        y = y + torch.nn.functional.silu(x @ p["w1"] + p["b1"][:, None]) @ p["w2"]
+    return y
+
+
+def random_proj(hkv: int, d: int, bits: int, seed: int, layer: int, device) -> dict:
+    """SimHash hyperplanes [Hkv, D, bits], fixed by (seed, layer)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return {"w": torch.randn(hkv, d, bits, generator=g).to(device)}
+
+
+_LOADED: dict = {}
+
+
+def load_proj(path: str) -> dict:
+    """A learned projection file (cached by path and modification time)."""
+    key = (os.path.abspath(path), os.path.getmtime(path))
+    if key not in _LOADED:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any load failure is a user-facing message
+            raise VattnError(f"hashtopk: cannot read projection file {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise VattnError(f"hashtopk: {path} is not a projection file from `vattn train-hash`")
+        _LOADED[key] = data
+    return _LOADED[key]
+
+
+def signatures(x: torch.Tensor, p: dict, nbits: int) -> torch.Tensor:
+    """Packed signs of the projection: int64 [B, H, M, W]."""
+    return pack_bits(project(x.float(), p)[..., :nbits] > 0)
+
+
+@register("hashtopk")
+@dataclass
+class HashTopK:
+    """The k keys whose bit signatures agree most with the query's.
+
+    k: count or fraction of the row length. bits: signature length (1-256).
+    proj: "random" (seeded SimHash) or the path of a file from `vattn train-hash`.
+    """
+    k: int | float = 0.05
+    bits: int = 64
+    proj: str = "random"
+    seed: int = 0
+
+    def __post_init__(self):
+        check_size("hashtopk", "k", self.k)
+        check_int("hashtopk", "bits", self.bits, 1, 256)
+        check_int("hashtopk", "seed", self.seed, 0, 2**31 - 1)
+        if not isinstance(self.proj, str) or (self.proj != "random" and not Path(self.proj).is_file()):
+            raise VattnError(f"hashtopk: proj must be 'random' or an existing file from "
+                             f"`vattn train-hash`, got {self.proj!r}")
+        if self.proj != "random":
+            nb = load_proj(self.proj)["bits"]
+            if nb != self.bits:
+                raise VattnError(f"hashtopk: {self.proj} holds {nb}-bit projections; write bits={nb}")
+
+    def params(self, ctx: DecodeContext):
+        """(query-side, key-side) projection parameters, leading dims Hq and Hkv."""
+        b, hkv, n, d = ctx.k.shape
+        if self.proj == "random":
+            p = random_proj(hkv, d, self.bits, self.seed, ctx.layer, ctx.k.device)
+            return {"w": p["w"].repeat_interleave(ctx.group, 0)}, p
+        layers = load_proj(self.proj)["layers"]
+        if ctx.layer not in layers:
+            raise VattnError(f"hashtopk: {self.proj} has no projection for layer {ctx.layer} "
+                             f"(it has {sorted(layers)})")
+        pq, pk = layers[ctx.layer]["q"], layers[ctx.layer]["k"]
+        if pq["w"].shape[:2] != (ctx.q.shape[1], d) or pk["w"].shape[:2] != (hkv, d):
+            raise VattnError(f"hashtopk: {self.proj} layer {ctx.layer} is for "
+                             f"{pq['w'].shape[0]} query / {pk['w'].shape[0]} KV heads of dim "
+                             f"{pk['w'].shape[1]}, the model has {ctx.q.shape[1]} / {hkv} of dim {d}")
+        dev = ctx.k.device
+        return ({n_: t.to(dev) for n_, t in pq.items()}, {n_: t.to(dev) for n_, t in pk.items()})
+
+    def key_signatures(self, ctx: DecodeContext, pk: dict) -> torch.Tensor:
+        """int64 [B, Hkv, N, W], kept across calls and extended as keys are appended."""
+        def build(lo, n):
+            return signatures(ctx.k[:, :, lo:n], pk, self.bits)
+
+        return block_state(ctx, f"hashtopk/{self.bits}/{self.proj}/{self.seed}", 1, build)
+
+    def scores(self, ctx: DecodeContext) -> torch.Tensor:
+        """Bit agreement of every key with every query row: int32 [B, Hq, T, N]."""
+        pq, pk = self.params(ctx)
+        return agreement(signatures(ctx.q, pq, self.bits), self.key_signatures(ctx, pk), self.bits)
+
+    def select(self, ctx: DecodeContext, out: Builder):
+        s = self.scores(ctx).masked_fill(~ctx.allowed() | out.chosen, -1)
+        k = resolve_size(self.k, ctx.lengths())
+        kmax = min(int(k.max()) if k.numel() else 0, s.shape[-1])
+        top = torch.topk(s, kmax, dim=-1)
+        ok = (torch.arange(kmax, device=s.device) < k[..., None]) & (top.values >= 0)
+        out.add(top.indices, None, ok)
