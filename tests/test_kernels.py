@@ -1,0 +1,170 @@
+"""Kernel correctness against the torch references, under TRITON_INTERPRET=1 on CPU.
+
+Small sizes, fresh random inputs, ragged lengths, poisoned outputs (the kernels allocate
+their outputs with torch.empty, so a stale NaN there would show). Skipped without triton.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vattn.errors import VattnError
+from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
+from vattn.kernels.decode import dense_decode, dense_decode_ref
+from vattn.kernels.pages import page_bounds, quest_scores, quest_scores_ref
+from vattn.kernels.sample import perm_sample, perm_sample_ref
+from vattn.kernels.select import attended, vattention_hash_select
+from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    # every torch.empty the kernels take comes back full of NaN: unwritten outputs fail
+    real = torch.empty
+
+    def poisoned(*a, **kw):
+        t = real(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-7)
+        return t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.parametrize("dtype,T,G", [(torch.float32, 1, 4), (torch.bfloat16, 1, 4),
+                                       (torch.float16, 3, 2), (torch.float32, 8, 1)])
+def test_dense_decode(dtype, T, G):
+    g = torch.Generator().manual_seed(T * 10 + G)
+    B, Hkv, N, D = 3, 2, 150, 32
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(dtype).to(DEV)
+    big = torch.randn(B, Hkv, N + 9, 2 * D, generator=g).to(dtype).to(DEV)
+    k, v = big[:, :, :N, :D], big[:, :, 5:N + 5, D:]  # strided views into one buffer
+    lengths = torch.tensor([N, 40, T + 3], dtype=torch.int32, device=DEV)
+    out = dense_decode(q, k, v, lengths, block_n=16)
+    ref = dense_decode_ref(q, k, v, lengths)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode(shared, dtype):
+    g = torch.Generator().manual_seed(int(shared) + 7)
+    B, Hq, Hkv, T, N, D, K = 2, 8, 2, 2, 120, 16, 70
+    H = Hkv if shared else Hq
+    q = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    count = torch.randint(1, K + 1, (B, H, T), generator=g, dtype=torch.int32)
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B * H * T)]).view(B, H, T, K)
+    idx = torch.where(torch.arange(K) < count[..., None], idx, -1).to(torch.int32)
+    lw = torch.randn(B, H, T, K, generator=g)
+    args = [x.to(DEV) for x in (q, k, v, idx, lw, count)]
+    out = sparse_decode(*args, shared, block_n=16)
+    ref = sparse_decode_ref(*args, shared)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_sparse_full_selection_equals_dense():
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, N, D = 1, 4, 2, 64, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, 1), (Hkv, N), (Hkv, N)))
+    idx = torch.randperm(N, generator=g).int().view(1, 1, 1, N).expand(B, Hkv, 1, N).contiguous()
+    out = sparse_decode(q, k, v, idx, torch.zeros(B, Hkv, 1, N), torch.full((B, Hkv, 1), N, dtype=torch.int32), True)
+    assert rel(out, dense_decode_ref(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("shared,W", [(True, 1), (False, 2)])
+def test_bit_topk(shared, W):
+    g = torch.Generator().manual_seed(W)
+    B, Hq, Hkv, T, N, D, k = 2, 4, 2, 1, 400, 16, 33
+    proj = torch.randn(D, 32 * W, generator=g)
+    qs = sign_bits(torch.randn(B, Hq, T, D, generator=g), proj)
+    ks = sign_bits(torch.randn(B, Hkv, N, D, generator=g), proj)
+    hi = torch.tensor([390, 30], dtype=torch.int32)
+    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128)
+    ridx, rcnt = bit_topk_ref(qs, ks, k, 4, hi, shared)
+    s = bit_scores_ref(qs, ks, shared).view(-1, N)
+    assert torch.equal(cnt, rcnt)
+    for r in range(s.shape[0]):
+        a, b = idx.view(-1, k)[r], ridx.view(-1, k)[r]
+        a, b = a[a >= 0].long(), b[b >= 0].long()
+        assert len(set(a.tolist())) == len(a) == len(b)
+        assert torch.equal(s[r][a].sort().values, s[r][b].sort().values)  # same scores; ties may differ
+        assert torch.equal(member.view(-1, N)[r].nonzero().flatten(), a.sort().values)
+
+
+def test_perm_sample_matches_ref_and_is_without_replacement():
+    member = (torch.rand(2, 2, 1, 500, generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.uint8)
+    hi = torch.tensor([480, 77], dtype=torch.int32)
+    idx, acc = perm_sample(member, 10, hi, 300, seed=99, block=128)
+    ridx, racc = perm_sample_ref(member, 10, hi, 300, seed=99)
+    assert torch.equal(idx, ridx) and torch.equal(acc, racc)
+    for r in range(4):
+        v = idx.view(4, -1)[r]
+        v = v[v >= 0]
+        assert len(set(v.tolist())) == len(v) and v.min() >= 10 and v.max() < hi[r // 2]
+        a = acc.view(4, -1)[r].bool()
+        assert not member.view(4, -1)[r][idx.view(4, -1)[r][a].long()].any()
+
+
+def test_quest_scores_bound():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 2, 32, generator=g), torch.randn(2, 2, 100, 32, generator=g)
+    lengths = torch.tensor([100, 37], dtype=torch.int32)
+    pmin, pmax = page_bounds(k, lengths, 16)
+    u = quest_scores(q, pmin, pmax, block_p=16)
+    assert rel(u, quest_scores_ref(q, pmin, pmax)) < 1e-5
+    s = torch.einsum("bhtd,bhnd->bhtn", q, k.repeat_interleave(2, 1))[0, ..., :96].reshape(4, 2, 6, 16)
+    assert (s.amax(-1) <= u[0, ..., :6] + 1e-4).all()
+
+
+def test_vattention_hash_select_pipeline():
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, N, D = 2, 4, 2, 1500, 32
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    v = torch.randn(B, Hkv, N, D, generator=g) + 1
+    proj = torch.randn(D, 32, generator=g)
+    lengths = torch.tensor([1500, 1100], dtype=torch.int32)
+    sel = vattention_hash_select(q, k, sign_bits(k, proj), proj, lengths, sink=16, window=16, topk=64,
+                                 cap=512, m0=32, eps=0.1, delta=0.1)
+    ok = sel.valid() & (sel.indices >= 0)
+    assert (sel.indices[ok] < lengths.view(B, 1, 1, 1).expand_as(sel.indices)[ok]).all()
+    live = ok & torch.isfinite(sel.log_weights)  # rejected sample slots carry -inf weight
+    for row, m in zip(sel.indices.view(-1, sel.indices.shape[-1]), live.view(-1, live.shape[-1])):
+        row = row[m]
+        assert len(set(row.tolist())) == len(row)  # no key counted twice
+    assert (attended(sel) >= 16 + 16 + 64 + 32).all()
+    out = sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+    assert rel(out, sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True)) < 1e-5
+    assert rel(out, dense_decode_ref(q, k, v, lengths)) < 0.3
+
+
+def test_bad_inputs_raise_vattn_error():
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 3, 10, 32)
+    with pytest.raises(VattnError, match="multiple"):
+        dense_decode(q, k, k)
+    with pytest.raises(VattnError, match="1 to 8"):
+        dense_decode(torch.randn(1, 3, 9, 32), k, k)
+    with pytest.raises(VattnError, match="int32"):
+        dense_decode(torch.randn(1, 3, 1, 32), k, k, torch.tensor([10]))
+    with pytest.raises(VattnError, match="indices"):
+        sparse_decode(torch.randn(1, 3, 1, 32), k, k, torch.zeros(1, 2, 1, 4, dtype=torch.int32),
+                      torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, dtype=torch.int32), False)
+    with pytest.raises(VattnError, match="int32"):
+        bit_topk(torch.zeros(1, 4, 1, 1), torch.zeros(1, 2, 8, 1, dtype=torch.int32), 2, 0,
+                 torch.tensor([8], dtype=torch.int32), True)
