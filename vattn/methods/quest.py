@@ -103,7 +103,8 @@ def add_all(ctx: DecodeContext, out: Builder):
     """Every allowed key, exactly (for layers a method leaves dense)."""
     n = int(ctx.lengths().max()) if ctx.ends.numel() else 0
     idx = ctx.starts[:, None, None, None] + torch.arange(n, device=ctx.k.device)
-    out.add(idx, None, idx < ctx.ends[:, None, :, None])
+    ok = idx < ctx.ends[:, None, :, None]
+    out.add(torch.where(ok, idx, -1), None, ok)
 
 
 @register("quest")
