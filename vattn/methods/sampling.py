@@ -116,7 +116,8 @@ class Verified:
         """Per-row sample size from the pilot: [B, H, T] (H = Hkv when shared)."""
         if self.eps == 0.0:
             return n_r
-        z = max(z_two_sided(self.delta), Z_MIN) if self.mode == "output" else z_two_sided(self.delta)
+        # Output mode spends delta/2 on the pilot's bound of ||o|| and delta/2 on the sample.
+        z = max(z_two_sided(self.delta / 2), Z_MIN) if self.mode == "output" else z_two_sided(self.delta)
         fixed, pilot = fixed_and_pilot(ctx, out, pilot_idx, m0)  # per query head
         g = ctx.group if out.shared else 1
         nr = n_r.repeat_interleave(g, 1).double()
@@ -134,8 +135,14 @@ class Verified:
             y = xv - x[..., None] * o[..., None, :]  # x_j (v_j - o)
             y_mean = (y * ok[..., None]).sum(-2, keepdim=True) / cnt[..., None, None]
             var = (((y - y_mean) ** 2).sum(-1) * ok).sum(-1) / (cnt - 1).clamp(min=1)
-            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * (o * o).sum(-1))
-        b0 = b0.nan_to_num(nan=float("inf"))  # a zero norm output: nothing to trust, be exact
+            # ||o|| comes from the pilot too, and noise inflates it (badly so on flat rows,
+            # where ||o|| is small): use a lower bound ||o_pilot|| - z sqrt(tr Var(o_pilot)),
+            # holding with probability 1 - delta/2; 0 (so: exact) when the pilot cannot tell.
+            fpc = ((nr - cnt) / (nr - 1).clamp(min=1)).clamp(min=0)
+            pilot_sd = torch.sqrt(nr * nr * var * fpc / (cnt * d_hat ** 2))
+            o_low = ((o * o).sum(-1).sqrt() - z * pilot_sd).clamp(min=0)
+            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
+        b0 = b0.nan_to_num(nan=float("inf"), posinf=float("inf"))  # a zero norm output: nothing to trust, be exact
         b = budget_from_b0(b0, n_r.repeat_interleave(g, 1))
         if g > 1:
             bsz, hq, t = b.shape
