@@ -1,0 +1,122 @@
+"""Equal-density comparisons: tune each spec to a target measured density.
+
+Knobs, tried in order: verified's eps (density falls as eps grows), then one
+factor that scales every size (sink, window, topk, uniform rate). Bisection in
+log space on a small calibration set (one sample per length, seeds nobody
+evaluates); one dense prefill per calibration sample serves every probe.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Callable
+
+from vattn.eval.tasks import make_sample
+
+CALIBRATION_SEED = 1_000_000  # calibration samples never coincide with evaluated ones
+
+log = logging.getLogger(__name__)
+
+SIZE_FIELDS = {"sink": "n", "window": "n", "topk": "k", "uniform": "rate"}
+
+
+def render(parts) -> str:
+    """Spec text for a list of parts (every field written out, so the log is exact)."""
+    out = []
+    for p in parts:
+        args = ",".join(f"{f.name}={getattr(p, f.name)!r}" for f in fields(p))
+        out.append(f"{p.name}({args})" if args else p.name)
+    return "+".join(out)
+
+
+def _with_eps(parts, eps: float):
+    return [replace(p, eps=eps) if p.name == "verified" else p for p in parts]
+
+
+def _scaled(parts, s: float):
+    out = []
+    for p in parts:
+        f = SIZE_FIELDS.get(p.name)
+        if f is None:
+            out.append(p)
+            continue
+        v = getattr(p, f)
+        # Fractions stay fractions (<= 1); counts stay counts (>= 1).
+        out.append(replace(p, **{f: min(1.0, v * s) if isinstance(v, float) else max(1, round(v * s))}))
+    return out
+
+
+def knobs(parts) -> list[tuple[str, Callable[[float], list], float, float, bool]]:
+    """(name, parts for value, low, high, density increases with value) for each usable knob."""
+    out = []
+    if any(p.name == "verified" for p in parts):
+        out.append(("eps", lambda e: _with_eps(parts, e), 0.01, 0.95, False))
+    if any(p.name in SIZE_FIELDS for p in parts):
+        out.append(("scale", lambda s: _scaled(parts, s), 0.02, 8.0, True))
+    return out
+
+
+def calibrate(measure: Callable[[str], float], spec: str, target: float,
+              steps: int = 8, tol: float = 0.05) -> tuple[str, float]:
+    """(spec text, measured density) closest to `target` found by bisection on the knobs."""
+    from vattn.spec import parse
+    parts = parse(spec).parts
+    best_text, best = spec, measure(spec)
+    log.info("calibrate %s: start density %.4f, target %.4f", spec, best, target)
+    if abs(best - target) <= tol * target:
+        return spec, best
+    for name, make, lo, hi, increasing in knobs(parts):
+        lo_l, hi_l = math.log(lo), math.log(hi)
+        for _ in range(steps):
+            mid = math.exp((lo_l + hi_l) / 2)
+            text = render(make(mid))
+            d = measure(text)
+            log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, mid, d)
+            if abs(d - target) < abs(best - target):
+                best_text, best = text, d
+            if abs(d - target) <= tol * target:
+                return best_text, best
+            if (d < target) == increasing:
+                lo_l = math.log(mid)
+            else:
+                hi_l = math.log(mid)
+        # The next knob starts from the best point of this one.
+        parts = parse(best_text).parts
+    return best_text, best
+
+
+def calibrate_all(evaluator, cfg, samples, out: Path) -> dict[tuple[str, int], str]:
+    """{(spec, length): calibrated spec}; cached in out/calibration.json so a resume reuses it."""
+    path = out / "calibration.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    target = cfg.match_density
+    # One calibration length per --lengths value; JSONL samples borrow the nearest one
+    # (or, in a JSONL-only run, all use the first JSONL sample).
+    anchors = sorted(cfg.lengths) if cfg.tasks else [samples[0].length]
+    calibrated, prefills = {}, {}
+    for n in anchors:
+        for spec in cfg.specs:
+            if spec == "dense":
+                continue
+            key = f"{cfg.model_name}|{spec}|{n}|{target}"
+            if key not in cache:
+                if n not in prefills:
+                    cal = make_sample(cfg.tasks[0], n, CALIBRATION_SEED, evaluator.tok) if cfg.tasks else samples[0]
+                    ctx_ids, query_ids = evaluator.ids(cal)
+                    prefills[n] = (evaluator.prefill(ctx_ids), query_ids)
+                kv, query_ids = prefills[n]
+                text, density = calibrate(lambda sp: evaluator.density(kv, query_ids, sp), spec, target)
+                cache[key] = {"spec": text, "density": density}
+                path.write_text(json.dumps(cache, indent=2))
+                log.info("calibrated %s at %d tokens: %s (density %.4f)", spec, n, text, density)
+            calibrated[(spec, n)] = cache[key]["spec"]
+    result = {}
+    for s in samples:
+        n = min(anchors, key=lambda a: abs(a - s.length))
+        for spec in cfg.specs:
+            if (spec, n) in calibrated:
+                result[(spec, s.length)] = calibrated[(spec, n)]
+    return result

