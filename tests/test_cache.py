@@ -26,9 +26,9 @@ def _cuda_ok():
 DEVICES = ["cpu"] + (["cuda"] if _cuda_ok() else [])
 
 # Shapes with many page boundaries per slot: CPU pages are 4 KiB granules; CUDA's are 2 MiB,
-# so there a token is 4 KiB (8 heads x 128 x fp32) and a granule holds 512 tokens.
+# so there a token is 2 KiB (4 heads x 128 x fp32): 1024 tokens a granule (bnhd), 4096 a head's granule (bhnd).
 SHAPES = {"cpu": dict(num_kv_heads=2, head_dim=8, dtype=torch.float32, granule=4096, max_len=300),
-          "cuda": dict(num_kv_heads=8, head_dim=128, dtype=torch.float32, max_len=4096)}
+          "cuda": dict(num_kv_heads=4, head_dim=128, dtype=torch.float32, max_len=8192)}
 
 
 def make(device, layers=2, slots=6, layout="bhnd", budget_pages=None, **kw):
