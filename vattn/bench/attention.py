@@ -1,0 +1,66 @@
+"""`vattn bench`: per-layer decode attention latency (ours, SDPA, vAttention) and e2e tokens/s."""
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vattn.bench.app import bench_app
+
+
+@bench_app.callback(invoke_without_command=True)
+def attention(ctx: typer.Context,
+              batch: str = typer.Option("1,8", "--batch", help="batch sizes, comma separated"),
+              lengths: str = typer.Option("8192,32768,131072", "--lengths", help="context lengths N"),
+              density: float = typer.Option(0.10, help="target density of the vAttention spec"),
+              e2e_layers: int = typer.Option(32, help="decoder layers for the e2e run (0 = skip)"),
+              json_path: str = typer.Option(None, "--json", help="write all numbers to this file"),
+              quick: bool = typer.Option(False, "--quick", help="B=1, N=32K only, 4-layer e2e")):
+    """Decode attention benchmark (runs when no subcommand is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import torch
+    con = Console()
+    if not torch.cuda.is_available():
+        con.print("[yellow]vattn bench needs a CUDA GPU; none found.[/] Kernels can be checked on CPU with "
+                  "`TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`.")
+        raise typer.Exit(0)
+    from vattn.bench import attn_core as core
+    bs = [1] if quick else [int(x) for x in batch.split(",")]
+    ns = [32768] if quick else [int(x) for x in lengths.split(",")]
+    info = core.device_info()
+    copy_gbs, read_gbs = core.hbm_ceiling()
+    ceiling = max(copy_gbs, read_gbs)
+    rows = []
+    for b in bs:
+        for n in ns:
+            r = core.bench_config(b, n, density)
+            r["dense_pct_bw"] = 100 * r["bytes"] / r["dense_us"] / 1e3 / ceiling
+            r["sdpa_pct_bw"] = 100 * r["bytes"] / r["sdpa_us"] / 1e3 / ceiling
+            rows.append(r)
+    t = Table(title=f"decode attention per layer, {info['device']}, {info['date']}, Hq 32 Hkv 8 d 128 bf16; "
+                    f"HBM ceiling {ceiling:.0f} GB/s (copy {copy_gbs:.0f}, read {read_gbs:.0f})")
+    for c in ("B", "N", "SDPA us", "dense us", "SDPA/dense", "dense %BW", "select us", "sparse us",
+              "vattn us", "SDPA/vattn", "density", "err dense"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["B"]), str(r["N"]), f"{r['sdpa_us']:.1f}", f"{r['dense_us']:.1f}",
+                  f"{r['sdpa_us'] / r['dense_us']:.2f}", f"{r['dense_pct_bw']:.0f}%", f"{r['select_us']:.1f}",
+                  f"{r['sparse_us']:.1f}", f"{r['vattn_us']:.1f}", f"{r['sdpa_us'] / r['vattn_us']:.2f}x",
+                  f"{r['density']:.3f}", f"{r.get('dense_err', float('nan')):.1e}")
+    con.print(t)
+    result = dict(info=info, hbm_copy_gbs=copy_gbs, hbm_read_gbs=read_gbs, rows=rows)
+    layers = 4 if quick else e2e_layers
+    if layers:
+        e = core.bench_e2e(layers=layers)
+        result["e2e"] = e
+        con.print(f"e2e decode, {layers} layers, hidden 4096, ctx {e['ctx']}, B={e['batch']}: "
+                  f"SDPA {e['sdpa_tok_s']:.1f} tok/s, dense {e['dense_tok_s']:.1f} tok/s, "
+                  f"vAttention {e['vattn_tok_s']:.1f} tok/s ({e['vattn_tok_s'] / e['dense_tok_s']:.2f}x dense)")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)

@@ -1,0 +1,142 @@
+"""Attention benchmark logic (no printing): per-layer latency of dense and sparse decode.
+
+All numbers come from one run on one device: SDPA (torch's FlashAttention-class kernel,
+enable_gqa), our dense kernel, and vAttention with a bit-signature top-k (selection and
+attention timed apart and together), plus the measured HBM ceiling.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+
+import torch
+
+SHAPE = dict(hq=32, hkv=8, d=128)  # Llama-3-8B attention
+
+
+def graph_us(fns, warmup=3):
+    """Median microseconds per call of fns (a list rotated through, so inputs beat the L2)."""
+    import triton
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    ms = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    return ms * 1e3 / len(fns)
+
+
+def hbm_ceiling():
+    """(copy GB/s counting read+write, read-only reduction GB/s) over 2 GiB buffers."""
+    import triton
+    x = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    t_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    t_sum = triton.testing.do_bench(lambda: x.sum(dtype=torch.float32), warmup=25, rep=200, return_mode="median")
+    nbytes = x.numel() * 2
+    return 2 * nbytes / t_copy / 1e6, nbytes / t_sum / 1e6
+
+
+def spec_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05):
+    """Split the density budget: fixed keys + hash top-k, the verified sample takes the rest."""
+    cap = min(4096, max(256, n // 8))
+    topk = max(64, int(density * n) - sink - window - int(0.02 * n) - 256)
+    return dict(sink=sink, window=window, topk=topk, cap=cap, m0=128, eps=eps, delta=delta)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
+    from vattn.kernels.bits import sign_bits
+    from vattn.kernels.decode import dense_decode
+    from vattn.kernels.select import attended, vattention_hash_select
+    from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
+    hq, hkv, d = SHAPE["hq"], SHAPE["hkv"], SHAPE["d"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nbytes = 2 * B * N * hkv * d * 2
+    copies = max(1, math.ceil(4 * 50e6 / nbytes))  # rotate so the working set is >> L2
+    sets = []
+    proj = torch.randn(d, 32, device="cuda", generator=g)
+    lengths = torch.full((B,), N, dtype=torch.int32, device="cuda")
+    p = spec_params(N, density)
+    for i in range(copies):
+        q = torch.randn(B, hq, 1, d, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
+        ksig = sign_bits(k, proj)  # written at cache-fill time, not timed
+        sel = vattention_hash_select(q, k, ksig, proj, lengths, seed=i, **p)
+        sets.append((q, k, v, ksig, sel))
+    F = torch.nn.functional
+    row = dict(B=B, N=N, copies=copies, bytes=nbytes, **{f"spec_{k}": v for k, v in p.items()})
+    row["sdpa_us"] = graph_us([lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], enable_gqa=True)
+                               for s in sets])
+    row["dense_us"] = graph_us([lambda s=s: dense_decode(s[0], s[1], s[2], lengths) for s in sets])
+    row["select_us"] = graph_us([lambda s=s: vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
+                                 for s in sets])
+    row["sparse_us"] = graph_us([lambda s=s: sparse_decode(s[0], s[1], s[2], s[4].indices, s[4].log_weights,
+                                                           s[4].count, True) for s in sets])
+
+    def both(s):
+        sel = vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
+        return sparse_decode(s[0], s[1], s[2], sel.indices, sel.log_weights, sel.count, True)
+    row["vattn_us"] = graph_us([lambda s=s: both(s) for s in sets])
+    sel = sets[0][4]
+    row["density"] = attended(sel).float().mean().item() / N
+    row["sel_width"] = sel.indices.shape[-1]
+    if check:
+        q, k, v = sets[0][:3]
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+        row["dense_err"] = rel(dense_decode(q, k, v, lengths), ref)
+        row["sdpa_err"] = rel(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), ref)
+        o = sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+        if B * N <= 32768 * 8:
+            row["sparse_err"] = rel(o, sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True))
+    return row
+
+
+def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
+    """Decode tokens/s of the random-weight decoder with SDPA, our dense kernel and vAttention."""
+    from vattn.bench.attn_e2e import Decoder
+    from vattn.kernels.bits import sign_bits
+    from vattn.kernels.decode import dense_decode
+    from vattn.kernels.select import vattention_hash_select
+    from vattn.kernels.sparse import sparse_decode
+    m = Decoder(layers=layers, ctx=ctx, batch=batch)
+    proj = torch.randn(m.d, 32, device="cuda")
+    ksig = [sign_bits(m.k[i], proj) for i in range(layers)]
+    p = spec_params(ctx, density)
+    F = torch.nn.functional
+
+    def sdpa(i, q, k, v, L):
+        return F.scaled_dot_product_attention(q, k[:, :, :ctx + 1], v[:, :, :ctx + 1], enable_gqa=True)
+
+    def dense(i, q, k, v, L):
+        return dense_decode(q, k, v, L)
+
+    def vattn(i, q, k, v, L):
+        pos = (L - 1).long()
+        ksig[i][torch.arange(q.shape[0]), :, pos] = sign_bits(k[torch.arange(q.shape[0]), :, pos], proj)
+        sel = vattention_hash_select(q, k, ksig[i], proj, L, **p)
+        return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+    tok = torch.zeros(batch, dtype=torch.long, device="cuda")
+    out = dict(layers=layers, ctx=ctx, batch=batch)
+    for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn)):
+        us = graph_us([lambda fn=fn: m.step(tok, fn)], warmup=2)
+        out[f"{name}_tok_s"] = batch * 1e6 / us
+        out[f"{name}_step_us"] = us
+    return out
+
+
+def device_info():
+    p = torch.cuda.get_device_properties(0)
+    return dict(device=p.name, sms=p.multi_processor_count, torch=torch.__version__,
+                date=datetime.date.today().isoformat())
