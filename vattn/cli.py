@@ -1,26 +1,110 @@
-"""`vattn ...` commands. Library code logs; only this module prints."""
+"""`vattn ...` commands. Library code logs; only this module (and the command
+functions it wires in) prints."""
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from vattn.bench.app import bench_app
+from vattn.errors import VattnError
 
-app = typer.Typer(help="vattn: verified sparse attention for long-context decoding.", no_args_is_help=True)
+app = typer.Typer(help="vattn: verified sparse attention for long-context decoding.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(bench_app, name="bench")
+console = Console(width=None if Console().is_terminal else 150)
 
 
-def _load_bench_commands():
-    # Each bench module registers its commands on bench_app when imported.
-    import importlib
-    for mod in ("vattn.bench.attention", "vattn.bench.cache"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VattnError(f"{what} must be comma-separated numbers like 0.05,0.1, got {text!r}") from None
 
 
-_load_bench_commands()
+def fail(err: Exception):
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def verify(
+    families: str = typer.Option("peaked,heavy,flat", help="Synthetic score families (comma-separated)."),
+    model: bool = typer.Option(False, "--model", help="Use Q/K/V captured from the embedded model instead."),
+    model_path: str = typer.Option(None, help="A HF model dir or .gguf for --model (default: embedded)."),
+    eps: str = typer.Option("0.05,0.1,0.2", help="Error targets."),
+    delta: str = typer.Option("0.05,0.1,0.2", help="Failure probabilities."),
+    mode: str = typer.Option("both", help="output, denominator or both."),
+    base: str = typer.Option("sink(16)+window(16)+topk(0.02)", help="Parts before verified(...)."),
+    share: str = typer.Option("none", help="none, or kv: one sample per KV head."),
+    pairs: bool = typer.Option(True, help="Pair eps[i] with delta[i] (else the full grid)."),
+    rows: int = typer.Option(256, help="Synthetic rows per family."),
+    n: int = typer.Option(2048, help="Synthetic keys per row."),
+    tokens: int = typer.Option(2048, help="--model: prompt length in tokens."),
+    seed: int = 0,
+    json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
+):
+    """Measure coverage of the (eps, delta) guarantee: fraction of rows with error <= eps."""
+    from vattn import verify as V
+    try:
+        eps_l, delta_l = _floats(eps, "--eps"), _floats(delta, "--delta")
+        modes = ["output", "denominator"] if mode == "both" else [mode]
+        if any(m not in ("output", "denominator") for m in modes):
+            raise VattnError(f"--mode must be output, denominator or both, got {mode!r}")
+        if model:
+            from vattn.capture import model_groups
+            groups = model_groups(model_path, tokens=tokens, seed=seed)
+        else:
+            groups = V.synthetic_groups([f.strip() for f in families.split(",")], rows=rows, n=n, seed=seed)
+        if pairs:
+            if len(eps_l) != len(delta_l):
+                raise VattnError("with --pairs, --eps and --delta need the same number of values")
+            table = []
+            for e, d in zip(eps_l, delta_l):
+                table += V.verify(groups, base, [e], [d], modes, share, seed)
+        else:
+            table = V.verify(groups, base, eps_l, delta_l, modes, share, seed)
+    except VattnError as e:
+        fail(e)
+    t = Table(title=f"vattn verify: {base}+verified(...)")
+    for col in ("group", "mode", "eps", "delta", "density", "coverage", "target", "ok", "mean_error", "rows"):
+        t.add_column(col, justify="right" if col not in ("group", "mode") else "left")
+    for r in table:
+        ok = "[green]yes[/green]" if r["ok"] else f"[red]no (tol {r['tolerance']})[/red]"
+        t.add_row(r["group"], r["mode"], f"{r['eps']:g}", f"{r['delta']:g}", f"{r['density']:.3f}",
+                  f"{r['coverage']:.3f}", f"{r['target']:.2f}", ok, f"{r['mean_error']:.4f}", str(r["rows"]))
+    console.print(t)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(table, indent=1))
+        console.print(f"wrote {json_out}")
+
+
+def _wire(module: str, func: str, name: str):
+    """Add a command whose function lives in another module, if that module is present."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return
+    app.command(name)(getattr(mod, func))
+
+
+_wire("vattn.generate", "generate_command", "generate")
+_wire("vattn.eval.cli", "eval_command", "eval")
+_wire("vattn.eval.cli", "report_command", "report")
+_wire("vattn.methods.train_hash", "train_hash_command", "train-hash")
+for _mod in ("vattn.bench.attention", "vattn.bench.cache"):  # they register on bench_app
+    try:
+        importlib.import_module(_mod)
+    except ModuleNotFoundError as _e:
+        if _e.name != _mod:
+            raise
 
 
 def main():

@@ -39,5 +39,8 @@ def make_inputs(family: str, rows: int = 256, n: int = 2048, d: int = 64, seed: 
     noise = torch.randn(rows, n, d, generator=g, dtype=torch.float64)
     noise = noise - (noise @ qn[:, :, None]) * qn[:, None, :]  # orthogonal to q
     k = a[..., None] * (q / (q.norm(dim=-1, keepdim=True) ** 2) / scale)[:, None, :] + noise
-    v = torch.randn(rows, n, d, generator=g, dtype=torch.float64)
+    # Values share a mean direction, as in real models; without it the output of a flat
+    # row nearly cancels (||o|| << ||v||) and any sample has a large relative error.
+    mean_v = torch.randn(rows, 1, d, generator=g, dtype=torch.float64)
+    v = 0.5 * mean_v + torch.randn(rows, n, d, generator=g, dtype=torch.float64)
     return (q[:, None, None].float(), k[:, None].float(), v[:, None].float(), scale)

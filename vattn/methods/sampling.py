@@ -15,7 +15,6 @@ import torch
 from vattn.errors import VattnError
 from vattn.methods.base import Builder, DecodeContext, check_range, check_size, register, resolve_size
 
-Z_MIN = 1.2396  # below this quantile the one-direction worst case of ||e||^2 no longer holds
 
 
 def residual_keys(ctx: DecodeContext, out: Builder):
@@ -68,6 +67,18 @@ def z_two_sided(delta: float) -> float:
     return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
 
 
+def chi2_quantile(k: torch.Tensor, p: float, iters: int = 60) -> torch.Tensor:
+    """x with P(chi2_k <= x) = p, per element of k (real degrees of freedom), by bisection."""
+    k = k.double()
+    lo = torch.zeros_like(k)
+    hi = k + 20.0 * torch.sqrt(2.0 * k) + 40.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = torch.special.gammainc(k / 2, mid / 2) < p
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return hi
+
+
 def budget_from_b0(b0: torch.Tensor, n_r: torch.Tensor) -> torch.Tensor:
     """Smallest b with b0 * (n_r - b) / (n_r - 1) <= b (variance with the finite-population
     correction), i.e. b = b0 n_r / (n_r - 1 + b0)."""
@@ -116,8 +127,7 @@ class Verified:
         """Per-row sample size from the pilot: [B, H, T] (H = Hkv when shared)."""
         if self.eps == 0.0:
             return n_r
-        # Output mode spends delta/2 on the pilot's bound of ||o|| and delta/2 on the sample.
-        z = max(z_two_sided(self.delta / 2), Z_MIN) if self.mode == "output" else z_two_sided(self.delta)
+        z = z_two_sided(self.delta)
         fixed, pilot = fixed_and_pilot(ctx, out, pilot_idx, m0)  # per query head
         g = ctx.group if out.shared else 1
         nr = n_r.repeat_interleave(g, 1).double()
@@ -133,15 +143,22 @@ class Verified:
             n_hat = fixed[1] + nr[..., None] * (xv * ok[..., None]).sum(-2) / cnt[..., None]
             o = n_hat / d_hat[..., None]
             y = xv - x[..., None] * o[..., None, :]  # x_j (v_j - o)
-            y_mean = (y * ok[..., None]).sum(-2, keepdim=True) / cnt[..., None, None]
-            var = (((y - y_mean) ** 2).sum(-1) * ok).sum(-1) / (cnt - 1).clamp(min=1)
+            yc = (y - (y * ok[..., None]).sum(-2, keepdim=True) / cnt[..., None, None]) * ok[..., None]
+            gram = yc @ yc.transpose(-1, -2)  # [.., m, m]: the pilot's spread of x_j (v_j - o)
+            tr = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+            var = tr / (cnt - 1).clamp(min=1)
+            # ||e||^2 is a weighted sum of chi-squares; match it to chi2_k / k with k the
+            # effective dimension (tr S)^2 / tr(S^2). Few pilot keys bias k low: conservative.
+            k_eff = (tr * tr / (gram * gram).sum((-2, -1)).clamp(min=1e-300)).clamp(min=1.0)
+            # Output mode spends delta/2 on the pilot's bound of ||o|| and delta/2 on the sample.
+            q = chi2_quantile(k_eff, 1.0 - self.delta / 2) / k_eff
             # ||o|| comes from the pilot too, and noise inflates it (badly so on flat rows,
-            # where ||o|| is small): use a lower bound ||o_pilot|| - z sqrt(tr Var(o_pilot)),
-            # holding with probability 1 - delta/2; 0 (so: exact) when the pilot cannot tell.
+            # where ||o|| is small): use the lower bound ||o_pilot|| - sqrt(q tr Var(o_pilot)).
+            # 0 (so: exact) when the pilot cannot tell.
             fpc = ((nr - cnt) / (nr - 1).clamp(min=1)).clamp(min=0)
             pilot_sd = torch.sqrt(nr * nr * var * fpc / (cnt * d_hat ** 2))
-            o_low = ((o * o).sum(-1).sqrt() - z * pilot_sd).clamp(min=0)
-            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
+            o_low = ((o * o).sum(-1).sqrt() - torch.sqrt(q) * pilot_sd).clamp(min=0)
+            b0 = q * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
         b0 = b0.nan_to_num(nan=float("inf"), posinf=float("inf"))  # a zero norm output: nothing to trust, be exact
         b = budget_from_b0(b0, n_r.repeat_interleave(g, 1))
         if g > 1:
