@@ -49,14 +49,18 @@ def _scaled(parts, s: float):
     return out
 
 
-def knobs(parts) -> list[tuple[str, Callable[[float], list], float, float, bool]]:
-    """(name, parts for value, low, high, density increases with value) for each usable knob."""
+def knobs(parts) -> list[tuple[str, float, float, bool]]:
+    """(knob, low, high, density increases with it) for each knob `parts` has."""
     out = []
     if any(p.name == "verified" for p in parts):
-        out.append(("eps", lambda e: _with_eps(parts, e), 0.01, 0.95, False))
+        out.append(("eps", 0.01, 0.95, False))
     if any(p.name in SIZE_FIELDS for p in parts):
-        out.append(("scale", lambda s: _scaled(parts, s), 0.02, 8.0, True))
+        out.append(("scale", 0.02, 8.0, True))
     return out
+
+
+def turn(parts, knob: str, value: float):
+    return _with_eps(parts, value) if knob == "eps" else _scaled(parts, value)
 
 
 def calibrate(measure: Callable[[str], float], spec: str, target: float,
@@ -68,11 +72,11 @@ def calibrate(measure: Callable[[str], float], spec: str, target: float,
     log.info("calibrate %s: start density %.4f, target %.4f", spec, best, target)
     if abs(best - target) <= tol * target:
         return spec, best
-    for name, make, lo, hi, increasing in knobs(parts):
+    for name, lo, hi, increasing in knobs(parts):
         lo_l, hi_l = math.log(lo), math.log(hi)
         for _ in range(steps):
             mid = math.exp((lo_l + hi_l) / 2)
-            text = render(make(mid))
+            text = render(turn(parts, name, mid))
             d = measure(text)
             log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, mid, d)
             if abs(d - target) < abs(best - target):

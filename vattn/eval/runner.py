@@ -74,6 +74,14 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
+def drop_torn_tail(path: Path):
+    """Cut a last line left half-written by a killed run, so appends start on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
 def append_row(path: Path, row: dict):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -268,6 +276,7 @@ def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     results = out / "results.jsonl"
+    drop_torn_tail(results)
     done = {cell_key(r) for r in read_results(results)}
     model, tok = load(cfg.model, cfg.device, cfg.dtype)
     samples = make_samples(cfg, tok)

