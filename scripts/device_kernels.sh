@@ -55,6 +55,26 @@ try:
               f"torch.topk(f32 scores) {graph_us([lambda: torch.topk(sc, k, -1)]):.1f} us")
 except Exception:
     traceback.print_exc()
+# selection stage breakdown at B=1, N=32K and 128K
+try:
+    from vattn.bench.attn_core import graph_us, spec_params
+    from vattn.kernels.select import fixed_indices
+    from vattn.kernels.sample import verified_budget
+    for B, N in ((1, 32768), (1, 131072)):
+        p = spec_params(N)
+        q = torch.randn(B, 32, 1, 128, device=dev, dtype=torch.bfloat16); k = torch.randn(B, 8, N, 128, device=dev, dtype=torch.bfloat16)
+        proj = torch.randn(128, 32, device=dev); ks = sign_bits(k, proj)
+        L = torch.full((B,), N, dtype=torch.int32, device=dev); hi = L - 128
+        qs = sign_bits(q, proj)
+        top, tn, mem = bit_topk(qs, ks, p["topk"], 128, hi, True)
+        si, sa = perm_sample(mem, 128, hi, p["cap"], 1)
+        nr = ((hi.long() - 128).view(B, 1, 1) - tn).clamp(min=0); fi = fixed_indices(L, B, 8, 1, 128, 128)
+        t = dict(sign=graph_us([lambda: sign_bits(q, proj)]), topk=graph_us([lambda: bit_topk(qs, ks, p["topk"], 128, hi, True)]),
+                 sample=graph_us([lambda: perm_sample(mem, 128, hi, p["cap"], 1)]),
+                 budget=graph_us([lambda: verified_budget(q, k, fi, None, si, sa, nr, m0=128, eps=.05, delta=.05)]))
+        print(f"select breakdown B={B} N={N}:", {a: round(b, 1) for a, b in t.items()})
+except Exception:
+    traceback.print_exc()
 # dense variants at B=1, N=128K
 try:
     from vattn.bench.attn_core import graph_us
@@ -69,4 +89,4 @@ except Exception:
     traceback.print_exc()
 PY
 if [ "$1" = quick ]; then ARGS="--quick"; else ARGS=""; fi
-python3 -m vattn.cli bench $ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
+COLUMNS=200 python3 -m vattn.cli bench $ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.log

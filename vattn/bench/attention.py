@@ -53,6 +53,7 @@ def attention(ctx: typer.Context,
                   f"{r['density']:.3f}", f"{r.get('dense_err', float('nan')):.1e}")
     con.print(t)
     result = dict(info=info, hbm_copy_gbs=copy_gbs, hbm_read_gbs=read_gbs, rows=rows)
+    _dump(json_path, result)
     layers = 4 if quick else e2e_layers
     if layers:
         e = core.bench_e2e(layers=layers)
@@ -60,6 +61,10 @@ def attention(ctx: typer.Context,
         con.print(f"e2e decode, {layers} layers, hidden 4096, ctx {e['ctx']}, B={e['batch']}: "
                   f"SDPA {e['sdpa_tok_s']:.1f} tok/s, dense {e['dense_tok_s']:.1f} tok/s, "
                   f"vAttention {e['vattn_tok_s']:.1f} tok/s ({e['vattn_tok_s'] / e['dense_tok_s']:.2f}x dense)")
+    _dump(json_path, result)
+
+
+def _dump(json_path, result):
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

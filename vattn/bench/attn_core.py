@@ -124,7 +124,8 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
 
     def vattn(i, q, k, v, L):
         pos = (L - 1).long()
-        ksig[i][torch.arange(q.shape[0]), :, pos] = sign_bits(k[torch.arange(q.shape[0]), :, pos], proj)
+        bi = torch.arange(q.shape[0], device=q.device)
+        ksig[i][bi, :, pos] = sign_bits(k[bi, :, pos], proj)
         sel = vattention_hash_select(q, k, ksig[i], proj, L, **p)
         return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
     tok = torch.zeros(batch, dtype=torch.long, device="cuda")

@@ -47,8 +47,9 @@ class Decoder:
             q = _rope(q.view(B, self.hq, 1, self.d), pos)
             k = _rope(k.view(B, self.hkv, 1, self.d), pos)
             # write the new key/value at position `length` (same slot every replay: fixed shapes)
-            self.k[i, torch.arange(B), :, pos] = k[:, :, 0]
-            self.v[i, torch.arange(B), :, pos] = v.view(B, self.hkv, self.d)
+            bi = torch.arange(B, device=x.device)
+            self.k[i, bi, :, pos] = k[:, :, 0]
+            self.v[i, bi, :, pos] = v.view(B, self.hkv, self.d)
             o = attend(i, q, self.k[i], self.v[i], self.length + 1)
             x = x + o.reshape(B, -1) @ L["o"].T
             h = torch.nn.functional.rms_norm(x, (x.shape[-1],))
