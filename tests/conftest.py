@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight decoder models of the architectures vattn patches."""
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def tiny_model(arch: str):
+    """A tiny eval-mode model: llama, qwen2, qwen3, mistral or gemma3 (GQA, 3 layers).
+
+    Gemma 3 gets a sliding window of 8 on its first layers so windows cut in on short
+    prompts; Mistral likewise (window 12)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY))
+    elif arch == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **TINY))
+    elif arch == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=12, **TINY))
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                  **TINY)
+        model = tf.Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation_internal = "sdpa"
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny(request):
+    return request.param, tiny_model(request.param)

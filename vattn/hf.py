@@ -1,0 +1,320 @@
+"""transformers integration: route a model's attention through vattn.
+
+    p = vattn.patch(model, "vattention")     # registers the "vattn" attention implementation
+    p.sparse = False; model(context)         # prefill: dense (SDPA)
+    p.sparse = True;  model.generate(...)    # question + generated tokens: the spec
+    p.undo()                                 # back to the previous implementation, exactly
+
+or, for a plain `model.generate` on a whole prompt, `patch(model, spec, sparse_from=n)`:
+queries at cache position >= n use the spec, earlier ones are dense.
+
+Each attention call gets q [B, Hq, T, D] and the cache's k, v [B, Hkv, N, D]. The row
+bounds come from the 4D boolean mask transformers builds for us (we register the SDPA
+mask maker for "vattn"): with left padding a batch row starts at its first unmasked key;
+rows are causal; sliding-window layers start at max(start, end - window).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from pathlib import Path
+
+import torch
+
+from vattn import metrics as M
+from vattn.attend import attend, dense_attend
+from vattn.errors import VattnError
+from vattn.spec import parse, select
+
+log = logging.getLogger(__name__)
+
+NAME = "vattn"
+_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, Patch]" = weakref.WeakKeyDictionary()
+
+
+def _register():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The function registered as "vattn": returns (out [B, T, Hq, D], None)."""
+    p = _PATCHES.get(module)
+    if p is None:  # a module this process never patched (e.g. a copied model): stay exact
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+    return p.forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+
+
+def _attention_modules(model) -> list:
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower()]
+
+
+def _decoder(model):
+    """The module that owns the decoder layers (its forward sees past_key_values)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList):
+            return m
+    return model
+
+
+def _configs(model) -> list:
+    """The model's config and all its sub-configs, each once."""
+    out, todo = [], [model.config]
+    while todo:
+        c = todo.pop()
+        if any(c is o for o in out):
+            continue
+        out.append(c)
+        todo.extend(s for k in getattr(c, "sub_configs", {}) if (s := getattr(c, k, None)) is not None)
+    return out
+
+
+def bounds_from_mask(mask, b: int, t: int, n: int, window=None):
+    """Row bounds for q rows t = 0..T-1 over N keys: (starts [B, T], ends [B, T]) int64.
+
+    mask: None (plain causal, no padding) or bool/float [B|1, 1, T, N]. Raises when the
+    mask is not "left padding + causal (+ sliding window)", the only shape sparse
+    selections can express.
+    """
+    dev = None if mask is None else mask.device
+    if mask is None:
+        first = torch.zeros(b, dtype=torch.long)
+        end = torch.full((b,), n, dtype=torch.long)
+    else:
+        m = mask[..., :n]
+        m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = allowed
+        m = m[:, 0].expand(b, t, n)
+        pos = torch.arange(n, device=dev)
+        last = m[:, -1]
+        end = torch.where(last.any(-1), (pos * last).amax(-1) + 1, 0)
+        anyrow = m.any(1)
+        first = torch.where(anyrow.any(-1), torch.where(anyrow, pos, n).amin(-1), 0)
+    ends = (end[:, None] - t + 1 + torch.arange(t, device=end.device)).clamp(min=0)
+    starts = first[:, None].expand(b, t)
+    if window is not None:
+        starts = torch.maximum(starts, ends - int(window))
+    starts = torch.minimum(starts, ends.clamp(min=0)).clamp(min=0)
+    if mask is not None:
+        pos = torch.arange(n, device=dev)
+        want = (pos >= starts[..., None]) & (pos < ends[..., None])
+        live = ends > starts  # rows with no key: transformers may fill them any way
+        if not bool((want == m)[live].all()):
+            raise VattnError("vattn supports causal attention masks with left padding (and sliding windows); "
+                             "this model passed another mask shape (packed sequences or a custom mask?)")
+    return starts, ends
+
+
+class Patch:
+    """Handle on a patched model. Attributes:
+
+    sparse: False = every layer dense; True = the spec applies (from `sparse_from` on).
+    records: per sparse call, when metrics=True: {"layer", "pos", "rows", "density",
+        "error", "recall"} (error: ||o_hat - o||_F / ||o||_F over the call's rows;
+        recall: mean exact softmax mass on the chosen keys).
+    """
+
+    def __init__(self, model, spec, dense_layers=0, layer_specs=None, metrics=False,
+                 sparse_from=None, seed=0):
+        if sparse_from not in (None, "auto") and not (isinstance(sparse_from, int) and sparse_from >= 0):
+            raise VattnError(f"sparse_from must be 'auto' or a position >= 0, got {sparse_from!r}")
+        if not isinstance(dense_layers, int) or dense_layers < 0:
+            raise VattnError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
+        self.model = model
+        self.spec = parse(spec)
+        self.layer_specs = {int(k): parse(v) for k, v in (layer_specs or {}).items()}
+        self.dense_layers = dense_layers
+        self.metrics = metrics
+        self.sparse_from = None if sparse_from == "auto" else sparse_from
+        self.seed = seed
+        self.sparse = True
+        self.records: list[dict] = []
+        self.states: dict[int, dict] = {}
+        self._density: list[torch.Tensor] = []
+        self._gens: dict = {}
+        self._offset = None  # cache length before the current forward (set by the hook)
+        self._last_offset = -1
+        self._modules = _attention_modules(model)
+        if not self._modules:
+            raise VattnError(f"{type(model).__name__} has no attention modules with a layer_idx; "
+                             "vattn patches decoder-only transformers models")
+        self._saved = [(c, c._attn_implementation) for c in _configs(model)]
+        _register()
+        try:
+            model.set_attn_implementation(NAME)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise VattnError(f"{type(model).__name__} cannot switch attention implementation: {e}") from None
+        if any(c._attn_implementation != NAME for c, _ in self._saved[:1]):
+            raise VattnError(f"{type(model).__name__} does not use transformers' attention interface")
+        for m in self._modules:
+            _PATCHES[m] = self
+        self._hook = _decoder(model).register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    # -- public -------------------------------------------------------------------
+    def set_spec(self, spec):
+        self.spec = parse(spec)
+
+    def spec_for(self, layer: int):
+        """The layer's Spec, or None when the layer stays dense."""
+        if layer in self.layer_specs:
+            return self.layer_specs[layer]
+        return None if layer < self.dense_layers else self.spec
+
+    def reset_metrics(self):
+        self.records.clear()
+        self._density.clear()
+
+    def summary(self) -> dict:
+        """Means over sparse calls: density (always), error and recall (metrics=True)."""
+        dens = [float(d) for d in self._density]
+        out = {"density": sum(dens) / len(dens) if dens else None, "error": None, "recall": None,
+               "calls": len(dens)}
+        errs = [r["error"] for r in self.records]
+        if errs:
+            out["error"] = sum(errs) / len(errs)
+            out["recall"] = sum(r["recall"] for r in self.records) / len(errs)
+        return out
+
+    def write_jsonl(self, path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+    def undo(self):
+        """Restore the previous attention implementation of every (sub)config, exactly."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        for m in self._modules:
+            if _PATCHES.get(m) is self:
+                del _PATCHES[m]
+        for c, impl in self._saved:
+            c._attn_implementation_internal = impl
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+
+    # -- internals ----------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        try:
+            offset = int(cache.get_seq_length()) if cache is not None else 0
+        except (AttributeError, TypeError):
+            offset = None
+        if offset is not None and (offset == 0 or offset < self._last_offset):
+            self.states.clear()  # a new sequence: methods start from scratch, reproducibly
+            self._gens.clear()
+        self._offset = offset
+        self._last_offset = -1 if offset is None else offset
+
+    def _generator(self, device):
+        key = str(device)
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=device).manual_seed(int(self.seed))
+        return self._gens[key]
+
+    def forward(self, module, q, k, v, mask, dropout, scaling, **kwargs):
+        layer = module.layer_idx
+        spec = self.spec_for(layer) if self.sparse else None
+        b, _, t, d = q.shape
+        n = k.shape[2]
+        first_sparse = 0
+        if spec is not None and self.sparse_from is not None:
+            offset = self._offset if self._offset is not None else n - t
+            first_sparse = min(max(self.sparse_from - offset, 0), t)
+        if spec is None or first_sparse >= t:
+            return _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs)
+        if spec.is_dense and first_sparse == 0:  # exact, and the same kernel as unpatched
+            self._density.append(torch.ones(()))
+            if self.metrics:
+                self._record(layer, 0, t, 1.0, 0.0, 1.0)
+            return _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs)
+        if kwargs.get("softcap") is not None:
+            raise VattnError("vattn does not support attention logit soft-capping (softcap)")
+        scale = scaling if scaling is not None else d ** -0.5
+        starts, ends = bounds_from_mask(mask, b, t, n, kwargs.get("sliding_window"))
+        out = []
+        if first_sparse > 0:  # rows before the boundary: dense, with the mask they had
+            pos = torch.arange(n, device=q.device)
+            rows = slice(0, first_sparse)
+            allowed = (pos >= starts[:, rows, None]) & (pos < ends[:, rows, None])
+            out.append(_sdpa(module, q[:, :, rows], k, v, allowed[:, None], dropout, scaling, **kwargs))
+        qs = q[:, :, first_sparse:]
+        starts, ends = starts[:, first_sparse:], ends[:, first_sparse:]
+        out.append(self._sparse(layer, spec, qs, k, v, starts, ends, scale, first_sparse).transpose(1, 2))
+        return torch.cat(out, 1) if len(out) > 1 else out[0]
+
+    def _sparse(self, layer, spec, q, k, v, starts, ends, scale, row0):
+        """Sparse rows: q [B, Hq, T, D] with per-row bounds [B, T] -> [B, Hq, T, D]."""
+        b, hq, t, _ = q.shape
+        allowed = (ends - starts).clamp(min=0).sum() * hq
+        # One select per group of rows that share a start (all rows unless a sliding
+        # window cuts in); starts per batch row, causal ends.
+        chunks = [(0, t)] if _uniform(starts) else [(i, i + 1) for i in range(t)]
+        state = self.states.setdefault(layer, {})
+        gen = self._generator(q.device)
+        outs, attended, recall, refs = [], 0, [], []
+        for lo, hi in chunks:
+            qc, st, en = q[:, :, lo:hi], starts[:, lo], ends[:, hi - 1]
+            if spec.is_dense:  # rows after a sparse_from boundary inside this call
+                sel = None
+                o = dense_attend(qc, k, v, en, st, scale)
+                attended = attended + (ends[:, lo:hi] - starts[:, lo:hi]).clamp(min=0).sum() * hq
+            else:
+                sel = select(spec, qc, k, v, lengths=en, starts=st, scale=scale, generator=gen,
+                             state=state, layer=layer)
+                o = attend(qc, k, v, sel, scale=scale)
+                attended = attended + sel.count.sum() * (hq // sel.indices.shape[1])
+            outs.append(o)
+            if self.metrics:
+                refs.append(dense_attend(qc, k, v, en, st, scale))
+                recall.append(torch.ones(qc.shape[:3], device=qc.device) if sel is None
+                              else M.mass_recall(qc, k, sel, st, ends[:, lo:hi], scale))
+        out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        density = (attended / allowed.clamp(min=1)).detach().float()
+        self._density.append(density)
+        if self.metrics:
+            ref = torch.cat(refs, 2)
+            live = (ends > starts)[:, None].expand(b, hq, t)  # rows with keys (not padding)
+            rec = torch.cat(recall, 2)[live]
+            self._record(layer, row0, t, float(density), M.frobenius_error(out, ref),
+                         float(rec.mean()) if rec.numel() else 1.0)
+        return out
+
+    def _record(self, layer, row0, rows, density, error, recall):
+        pos = None if self._offset is None else self._offset + row0
+        self.records.append({"layer": layer, "pos": pos, "rows": rows, "density": density,
+                             "error": error, "recall": recall})
+
+
+def _uniform(starts: torch.Tensor) -> bool:
+    return bool((starts == starts[:, :1]).all())
+
+
+def patch(model, spec, dense_layers=0, layer_specs=None, metrics=False, sparse_from=None, seed=0) -> Patch:
+    """Route `model`'s attention through vattn with `spec` (a spec string, preset or Spec).
+
+    dense_layers: the first N layers stay dense. layer_specs: {layer: spec} overrides.
+    metrics: also compute the dense reference per sparse call (slow) and record error,
+    density and mass recall. sparse_from: None/"auto" = sparse whenever p.sparse is True;
+    an int n = only queries at cache position >= n are sparse. seed: sampling parts draw
+    from a generator reseeded at each new sequence.
+    """
+    for m in _attention_modules(model):
+        if m in _PATCHES:
+            raise VattnError("this model is already patched; call undo() on the first Patch, or set_spec()")
+    return Patch(model, spec, dense_layers, layer_specs, metrics, sparse_from, seed)
