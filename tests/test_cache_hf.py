@@ -1,6 +1,13 @@
 """VmemCache in transformers generate(): same greedy tokens as DynamicCache, views not copies."""
+import os
+
 import pytest
 import torch
+
+# transformers imports triton; triton's language helpers are bound to interpreter mode only if
+# TRITON_INTERPRET is set before that first import, so set it here too (CPU) for the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
