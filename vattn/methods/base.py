@@ -94,15 +94,16 @@ class Builder:
     def add(self, idx: torch.Tensor, lw: torch.Tensor | None, ok: torch.Tensor):
         """idx int64 [B, H, T, k]; ok bool (entries to keep). Chosen keys are skipped."""
         idx = idx.expand(*self.chosen.shape[:3], idx.shape[-1])
-        ok = ok.expand_as(idx) & (idx >= 0)
-        safe = idx.clamp(min=0)
+        n = self.chosen.shape[-1]
+        ok = ok.expand_as(idx) & (idx >= 0) & (idx < n)
+        safe = idx.clamp(0, n - 1)
         ok = ok & ~torch.gather(self.chosen, 3, safe)
         # amax: padded entries (ok False) that alias a real position must not clear it.
         self.chosen = self.chosen.to(torch.uint8).scatter_reduce_(
             3, safe, ok.to(torch.uint8), "amax").bool()
         if lw is None:
             lw = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-        self.pieces.append((idx, lw.expand_as(idx).float(), ok))
+        self.pieces.append((safe, lw.expand_as(idx).float(), ok))
 
     def share(self):
         """Turn per-query-head choices into one set per KV head: the union over the group."""
@@ -158,13 +159,14 @@ def check_range(part: str, param: str, value, lo, hi, lo_open=False, hi_open=Fal
 
 def check_size(part: str, param: str, value):
     """Sizes: an int count >= 0, or a float fraction in (0, 1]."""
+    msg = (f"{part}: {param} must be a count (an integer >= 0, e.g. 128) or a fraction "
+           f"in (0, 1] (e.g. 0.05), got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise VattnError(f"{part}: {param} must be a count (int >= 0) or a fraction in (0, 1], got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise VattnError(f"{part}: {param} must be a count >= 0 or a fraction in (0, 1], got {value}")
-    else:
-        check_range(part, param, value, 0.0, 1.0, lo_open=True)
+        raise VattnError(msg)
+    if isinstance(value, int) and value < 0:
+        raise VattnError(msg)
+    if isinstance(value, float) and not (0.0 < value <= 1.0):
+        raise VattnError(msg)
 
 
 def part_fields(cls) -> list[str]:

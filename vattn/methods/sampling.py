@@ -119,14 +119,21 @@ class Verified:
         u, n_r = residual_keys(ctx, out)
         m0 = torch.minimum(m0, n_r)
         pilot_idx = first(u, int(m0.max()) if m0.numel() else 0)
-        b = self.budget(ctx, out, pilot_idx, m0, n_r)
-        idx = first(u, int(b.max()) if b.numel() else 0)
-        add_sample(out, idx, b, n_r)
+        ext = self.budget(ctx, out, pilot_idx, m0, n_r)
+        idx = first(u, int((m0 + ext).max()) if m0.numel() else 0)
+        # The pilot keys count exactly; the extension, a uniform sample of the keys the
+        # pilot did not draw, stands for all of them. Its size depends on the pilot, yet
+        # given the pilot it is uniform, so both sums stay unbiased.
+        pos = torch.arange(idx.shape[-1], device=idx.device)
+        in_pilot = pos < m0[..., None]
+        rest = (n_r - m0).double()
+        lw = torch.log(rest / ext.clamp(min=1).double()).float()[..., None]
+        out.add(idx, torch.where(in_pilot, 0.0, lw), pos < (m0 + ext)[..., None])
 
     def budget(self, ctx, out, pilot_idx, m0, n_r) -> torch.Tensor:
-        """Per-row sample size from the pilot: [B, H, T] (H = Hkv when shared)."""
+        """Per-row size of the extension beyond the pilot: [B, H, T] (H = Hkv when shared)."""
         if self.eps == 0.0:
-            return n_r
+            return n_r - m0
         z = z_two_sided(self.delta)
         fixed, pilot = fixed_and_pilot(ctx, out, pilot_idx, m0)  # per query head
         g = ctx.group if out.shared else 1
@@ -138,7 +145,7 @@ class Verified:
         d_hat = fixed[0] + nr * mean_x
         if self.mode == "denominator":
             var = ((x - mean_x[..., None]) ** 2 * ok).sum(-1) / (cnt - 1).clamp(min=1)
-            b0 = z * z * nr * nr * var / (self.eps ** 2 * d_hat ** 2)
+            b0 = z * z * (nr - cnt) ** 2 * var / (self.eps ** 2 * d_hat ** 2)
         else:
             n_hat = fixed[1] + nr[..., None] * (xv * ok[..., None]).sum(-2) / cnt[..., None]
             o = n_hat / d_hat[..., None]
@@ -158,13 +165,16 @@ class Verified:
             fpc = ((nr - cnt) / (nr - 1).clamp(min=1)).clamp(min=0)
             pilot_sd = torch.sqrt(nr * nr * var * fpc / (cnt * d_hat ** 2))
             o_low = ((o * o).sum(-1).sqrt() - torch.sqrt(q) * pilot_sd).clamp(min=0)
-            b0 = q * nr * nr * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
+            b0 = q * (nr - cnt) ** 2 * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
         b0 = b0.nan_to_num(nan=float("inf"), posinf=float("inf"))  # a zero norm output: nothing to trust, be exact
-        b = budget_from_b0(b0, n_r.repeat_interleave(g, 1))
+        rest = n_r - m0
+        b = budget_from_b0(b0, rest.repeat_interleave(g, 1))
         if g > 1:
             bsz, hq, t = b.shape
             b = b.reshape(bsz, hq // g, g, t).amax(2)
-        return torch.minimum(torch.maximum(b, m0), n_r)
+        # At least one extension key while any key is left: the pilot alone would leave
+        # the rest unestimated.
+        return torch.minimum(b.clamp(min=1), rest)
 
 
 def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m0: torch.Tensor):

@@ -1,0 +1,107 @@
+"""Sampling parts: uniform without replacement, unbiased estimates, budget rules, coverage."""
+import math
+
+import pytest
+import torch
+
+import vattn
+from vattn import metrics
+from vattn.attend import row_bounds
+from vattn.spec import select
+from vattn.synthetic import FAMILIES
+from vattn.verify import synthetic_groups, tolerance, verify
+from helpers import rand_qkv
+
+
+@pytest.mark.parametrize("spec", ["sink(4)+window(4)+topk(0.1)+verified(eps=0.2,delta=0.2)",
+                                  "sink(4)+window(4)+uniform(0.3)",
+                                  "sink(4)+topk(5)+verified(eps=0.1,delta=0.1,share='kv')"])
+def test_indices_unique_in_range_and_counted(spec):
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=2, n=120)
+    lengths, starts = torch.tensor([120, 80, 33]), torch.tensor([0, 5, 2])
+    sel = select(spec, q, k, v, lengths=lengths, starts=starts, seed=3)
+    _, ends = row_bounds(3, 2, 120, lengths, starts)
+    for b in range(3):
+        for h in range(sel.indices.shape[1]):
+            for t in range(2):
+                c = int(sel.count[b, h, t])
+                row = sel.indices[b, h, t]
+                got = row[:c].tolist()
+                assert len(set(got)) == c, "an index repeats within a row"
+                assert all(int(starts[b]) <= i < int(ends[b, t]) for i in got)
+                assert (row[c:] == -1).all()
+
+
+def estimates(q, k, v, spec, seed):
+    """Sampled numerator and denominator (shifted by the row max) of one row."""
+    sel = select(spec, q, k, v, seed=seed)
+    idx, lw = sel.indices[0, 0, 0].long(), sel.log_weights[0, 0, 0]
+    c = int(sel.count[0, 0, 0])
+    s = (q[0, 0, 0].double() @ k[0, 0].double().T) / math.sqrt(q.shape[-1])
+    w = torch.exp(s[idx[:c]] - s.max() + lw[:c].double())
+    return (w[:, None] * v[0, 0, idx[:c]].double()).sum(0), w.sum()
+
+
+@pytest.mark.parametrize("spec", ["sink(3)+window(3)+topk(4)+verified(eps=0.3,delta=0.3,base_rate=0.05)",
+                                  "sink(2)+uniform(10)"])
+def test_numerator_and_denominator_are_unbiased(spec):
+    q, k, v = rand_qkv(b=1, hq=1, hkv=1, t=1, n=200, seed=5)
+    k = k * 2.0  # a spread of scores, so the sample matters
+    s = (q[0, 0, 0].double() @ k[0, 0].double().T) / math.sqrt(q.shape[-1])
+    w = torch.exp(s - s.max())
+    num, den = (w[:, None] * v[0, 0].double()).sum(0), w.sum()
+    runs = [estimates(q, k, v, spec, seed) for seed in range(3000)]
+    n_hat = torch.stack([r[0] for r in runs])
+    d_hat = torch.stack([r[1] for r in runs])
+    # The mean converges: within 4 standard errors of the exact values.
+    se_d = d_hat.std() / math.sqrt(len(runs))
+    assert abs(float(d_hat.mean() - den)) < 4 * float(se_d) + 1e-9
+    se_n = n_hat.std(0) / math.sqrt(len(runs))
+    assert ((n_hat.mean(0) - num).abs() < 4 * se_n + 1e-9).all()
+    # And the sample is not exact (the test would be empty otherwise).
+    assert float(d_hat.std()) > 1e-6
+
+
+def test_budget_limits():
+    q, k, v = rand_qkv(b=1, hq=2, hkv=1, t=1, n=300)
+    # eps -> 0 is exact: the whole residual is taken.
+    sel = select("sink(4)+verified(eps=0.0)", q, k, v, seed=0)
+    assert sel.count.tolist() == [[[300], [300]]]
+    sel = select("sink(4)+verified(eps=1e-6,delta=0.01)", q, k, v, seed=0)
+    assert int(sel.count.max()) <= 300
+    # Rows shorter than the fixed parts are exact.
+    q2, k2, v2 = rand_qkv(b=1, hq=2, hkv=1, t=1, n=10)
+    out, sel = vattn.sparse_attention(q2, k2, v2, "sink(8)+window(8)+verified(eps=0.5,delta=0.5)", seed=0)
+    assert sel.count.tolist() == [[[10], [10]]]
+    assert (sel.log_weights == 0).all()
+
+
+def test_share_kv_gives_one_selection_per_kv_head():
+    q, k, v = rand_qkv(b=2, hq=6, hkv=2, t=1, n=200)
+    sel = select("sink(4)+topk(8)+verified(eps=0.1,delta=0.1,share='kv')", q, k, v, seed=0)
+    assert sel.shared and sel.indices.shape[1] == 2
+    # The union of the group's top-k sets is kept exactly: at least 4 + 8 keys.
+    assert int(sel.count.min()) >= 12
+
+
+@pytest.mark.parametrize("mode", ["output", "denominator"])
+def test_sample_grows_with_smaller_eps(mode):
+    from vattn.synthetic import make_inputs
+    q, k, v, scale = make_inputs("peaked", rows=8, n=2000)
+    dens = []
+    for eps in (0.4, 0.1, 0.02):
+        sel = select(f"sink(4)+window(4)+verified(eps={eps},delta=0.1,mode='{mode}')", q, k, v, scale=scale, seed=0)
+        dens.append(float(sel.count.float().mean()))
+    assert dens[0] < dens[1] < dens[2] < 2000
+
+
+@pytest.mark.parametrize("mode", ["output", "denominator"])
+@pytest.mark.parametrize("ed", [0.05, 0.1, 0.2])
+def test_coverage_meets_target(mode, ed):
+    groups = synthetic_groups(FAMILIES, rows=128, n=1024, seed=11)
+    rows = verify(groups, "sink(16)+window(16)+topk(0.02)", [ed], [ed], [mode])
+    for r in rows:
+        assert r["rows"] >= 128
+        assert r["tolerance"] == pytest.approx(tolerance(ed, r["rows"]), abs=1e-4)
+        assert r["coverage"] >= 1 - ed - r["tolerance"], r
+        assert r["density"] < 1.0 or r["group"] == "flat"
