@@ -164,6 +164,12 @@ class Evaluator:
         query = self.tok(tail, add_special_tokens=False)["input_ids"]
         return (torch.tensor([ctx], device=self.device), torch.tensor([query], device=self.device))
 
+    def close(self):
+        """Unpatch the model (a model takes one patch at a time, and models are cached per process)."""
+        if self.patch is not None:
+            self.patch.undo()
+            self.patch = None
+
     @torch.no_grad()
     def prefill(self, ctx_ids: torch.Tensor):
         from transformers import DynamicCache
@@ -214,8 +220,11 @@ class Evaluator:
         """Measured density of `spec` on the query tokens only (for calibration)."""
         cache = copy.deepcopy(cache)
         self._use(spec)
-        self.model(input_ids=query_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.patch.sparse = False
+        metrics, self.patch.metrics = self.patch.metrics, False  # density needs no dense reference
+        try:
+            self.model(input_ids=query_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.patch.metrics, self.patch.sparse = metrics, False
         return float(self.patch.summary()["density"])
 
     def run_sample(self, s: Sample, specs: list[tuple[str, str]], max_new_tokens: int,
@@ -284,23 +293,27 @@ def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,
     if on_start:
         on_start(len(samples) * len(cfg.specs), len(samples) * len(cfg.specs) - sum(len(x[1]) for x in todo))
     evaluator = Evaluator(model, tok, cfg.model_name, cfg.chat) if (todo and (runtime is None or cfg.match_density)) else None
-    run_specs = {}
-    if todo and cfg.match_density:
-        from vattn.eval.calibrate import calibrate_all
-        run_specs = calibrate_all(evaluator, cfg, samples, out)
 
     def write(row):
         append_row(results, row)
         if on_row:
             on_row(row)
 
-    jobs = [(s, [(sp, run_specs.get((sp, s.length), sp)) for sp in specs]) for s, specs in todo]
-    if runtime is not None:
-        runtime.run(cfg, jobs, write)
-    else:
-        for s, pairs in jobs:
-            for row in evaluator.run_sample(s, pairs, cfg.max_new_tokens, cfg.match_density):
-                write(row)
+    try:
+        run_specs = {}
+        if todo and cfg.match_density:
+            from vattn.eval.calibrate import calibrate_all
+            run_specs = calibrate_all(evaluator, cfg, samples, out)
+        jobs = [(s, [(sp, run_specs.get((sp, s.length), sp)) for sp in specs]) for s, specs in todo]
+        if runtime is not None:
+            runtime.run(cfg, jobs, write)
+        else:
+            for s, pairs in jobs:
+                for row in evaluator.run_sample(s, pairs, cfg.max_new_tokens, cfg.match_density):
+                    write(row)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
     write_summary(out)
     return out
 
