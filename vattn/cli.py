@@ -56,8 +56,7 @@ def verify(
         if any(m not in ("output", "denominator") for m in modes):
             raise VattnError(f"--mode must be output, denominator or both, got {mode!r}")
         if model:
-            from vattn.capture import model_groups
-            groups = model_groups(model_path, tokens=tokens, seed=seed)
+            groups = V.model_groups(model_path, tokens=tokens, seed=seed)
         else:
             groups = V.synthetic_groups([f.strip() for f in families.split(",")], rows=rows, n=n, seed=seed)
         if pairs:

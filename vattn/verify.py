@@ -52,24 +52,36 @@ def measure(inp: Inputs, spec: str, mode: str, seed: int = 0) -> dict:
 
 
 def verify(groups: list[Inputs], base: str, eps_list, delta_list, modes, share="none", seed=0):
-    """Rows of the coverage table: one per (group, mode, eps, delta), plus 'all' per setting."""
+    """Rows of the coverage table: one per (group name, mode, eps, delta), plus 'all'.
+
+    Inputs that share a name (e.g. one layer over several prompts) are pooled.
+    """
     rows = []
+    names = list(dict.fromkeys(g.name for g in groups))
     for mode in modes:
         for eps in eps_list:
             for delta in delta_list:
                 spec = f"verified(eps={eps},delta={delta},mode='{mode}',share='{share}')"
                 spec = f"{base}+{spec}" if base else spec
-                errs, dens, weights = [], [], []
+                errs = {name: [] for name in names}
+                pairs = {name: [] for name in names}  # (density, rows) per input
                 for g in groups:
                     m = measure(g, spec, mode, seed)
-                    errs.append(m["errors"])
-                    dens.append(m["density"])
-                    weights.append(m["errors"].numel())
-                    rows.append(_row(g.name, mode, eps, delta, m["errors"], m["density"], spec))
-                if len(groups) > 1:
-                    d = sum(x * w for x, w in zip(dens, weights)) / max(sum(weights), 1)
-                    rows.append(_row("all", mode, eps, delta, torch.cat(errs), d, spec))
+                    errs[g.name].append(m["errors"])
+                    pairs[g.name].append((m["density"], m["errors"].numel()))
+                for name in names:
+                    rows.append(_row(name, mode, eps, delta, torch.cat(errs[name]), _mean(pairs[name]), spec))
+                if len(names) > 1:
+                    every = [p for name in names for p in pairs[name]]
+                    rows.append(_row("all", mode, eps, delta, torch.cat([e for name in names for e in errs[name]]),
+                                     _mean(every), spec))
     return rows
+
+
+def _mean(pairs):
+    """Row-weighted mean density."""
+    total = sum(w for _, w in pairs)
+    return sum(d * w for d, w in pairs) / max(total, 1)
 
 
 def _row(name, mode, eps, delta, errors, density, spec):
@@ -91,3 +103,17 @@ def synthetic_groups(families, rows=256, n=2048, d=64, seed=0) -> list[Inputs]:
         q, k, v, scale = make_inputs(fam, rows=rows, n=n, d=d, seed=seed)
         out.append(Inputs(fam, q, k, v, scale))
     return out
+
+
+def model_groups(model_path=None, tokens: int = 2048, seed: int = 0, n_queries: int = 16) -> list[Inputs]:
+    """Q/K/V of decode-phase queries of a model on prose and passkey prompts, named by layer.
+
+    Prompts of about tokens/2 and tokens tokens (each prose and passkey) are captured.
+    """
+    from vattn.capture import capture_qkv, default_prompts
+    from vattn.models import load_model
+    model, tok = load_model(model_path)
+    lengths = sorted({max(256, tokens // 2), tokens})
+    caps = capture_qkv(model, tok, default_prompts(tok, lengths), n_queries=n_queries)
+    return [Inputs(f"layer {c['layer']:02d}", c["q"], c["k"], c["v"], c["scale"], c["lengths"], c["starts"])
+            for c in caps]
