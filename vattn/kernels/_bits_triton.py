@@ -1,6 +1,13 @@
-"""Triton kernels behind vattn.kernels.bits (imported lazily: needs triton)."""
+"""Triton kernels behind vattn.kernels.bits and the fused selection (imported lazily: needs triton).
+
+Counting select: agreement scores take only R*32*W + 1 values, so per-row histograms (one
+launch, one atomic per program and bin) give the exact threshold; the emit kernel derives
+the threshold from the histogram itself (no torch ops in between) and writes the winners.
+With FUSEQ the query signature (signs of q @ proj, packed) is computed inside each program.
+"""
 import triton
 import triton.language as tl
+
 
 @triton.jit
 def popc(x):
@@ -10,51 +17,102 @@ def popc(x):
     x = (x + (x >> 4)) & 0x0F0F0F0F
     return ((x * 0x01010101) >> 24).to(tl.int32)
 
+
 @triton.jit
-def scores(qs, ks, row, b, n, inr, H, HKV, T, N,
-           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
-    # agreement of BN keys with the R query signatures of this selection row
+def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
+           R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, FUSEQ: tl.constexpr):
+    """uint32 [RWP]: word w of the signature of query head h*R + r at slot r*W + w."""
     t = row % T
+    h = (row // T) % H
+    rw = tl.arange(0, RWP)
+    if FUSEQ:
+        d = tl.arange(0, D)
+        c = tl.arange(0, 32)
+        out = tl.zeros([RWP], tl.uint32)
+        for r in tl.static_range(R):
+            qv = tl.load(q + b.to(tl.int64) * sqb + (h * R + r) * sqh + t * sqt + d).to(tl.float32)
+            for w in tl.static_range(W):
+                p = tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :])
+                dot = tl.sum(qv[:, None] * p, 0)
+                word = tl.sum((dot > 0).to(tl.uint32) << c.to(tl.uint32), 0)
+                out = tl.where(rw == r * W + w, word, out)
+        return out
+    else:
+        ok = rw < R * W
+        v = tl.load(qs + ((b * H * R + h * R + rw // W) * T + t) * W + rw % W, mask=ok, other=0)
+        return v.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
+           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
+    # agreement of BN keys with the R query signatures of this selection row (qv from qwords)
     h = (row // T) % H
     j = (h * R) // G
     kb = ks + ((b * HKV + j) * N).to(tl.int64) * W
+    rw = tl.arange(0, RWP)
     acc = tl.zeros(n.shape, tl.int32)
     for w in tl.static_range(W):
         kw = tl.load(kb + n.to(tl.int64) * W + w, mask=inr, other=0)
         for r in tl.static_range(R):
-            qw = tl.load(qs + ((b * H * R + h * R + r) * T + t) * W + w)
-            acc += 32 - popc(qw ^ kw)
+            qw = tl.sum(tl.where(rw == r * W + w, qv, 0), 0)
+            acc += 32 - popc(qw ^ kw.to(tl.uint32, bitcast=True))
     return acc
 
-@triton.jit
-def hist_kernel(qs, ks, hi, hist, lo, H, HKV, T, N,
-                G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr):
-    row = tl.program_id(0)
-    b = row // (H * T)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    inr = (n >= lo) & (n < tl.load(hi + b))
-    s = scores(qs, ks, row, b, n, inr, H, HKV, T, N, G, R, W)
-    hcount = tl.histogram(s, NB, mask=inr)
-    tl.atomic_add(hist + row * NB + tl.arange(0, NB), hcount, mask=hcount > 0)
 
 @triton.jit
-def compact_kernel(qs, ks, hi, thr, ngt, need, ctr, out, member, lo, H, HKV, T, N, K,
-                   G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, BN: tl.constexpr):
+def hist_kernel(q, qs, proj, ks, hi, hist, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+                G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
+                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr):
     row = tl.program_id(0)
     b = row // (H * T)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    inr = (n >= lo) & (n < tl.load(hi + b))
-    s = scores(qs, ks, row, b, n, inr, H, HKV, T, N, G, R, W)
-    tau = tl.load(thr + row)
-    gt = inr & (s > tau)
-    eq = inr & (s == tau)
-    cg = tl.cumsum(gt.to(tl.int32), 0)
-    ce = tl.cumsum(eq.to(tl.int32), 0)
-    base_g = tl.atomic_add(ctr + 2 * row, tl.sum(gt.to(tl.int32), 0))
-    base_e = tl.atomic_add(ctr + 2 * row + 1, tl.sum(eq.to(tl.int32), 0))
-    rank_e = base_e + ce - 1
-    take_e = eq & (rank_e < tl.load(need + row))
-    slot = tl.where(gt, base_g + cg - 1, tl.load(ngt + row) + rank_e)
-    take = gt | take_e
-    tl.store(out + row.to(tl.int64) * K + slot, n, mask=take)
-    tl.store(member + row.to(tl.int64) * N + n, take.to(tl.uint8), mask=n < N)
+    start = tl.maximum(tl.program_id(1) * span, lo)
+    end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
+    qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
+    hc = tl.zeros([NB], tl.int32)
+    for n0 in range(start, end, BN):
+        n = n0 + tl.arange(0, BN)
+        inr = n < end
+        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP)
+        hc += tl.histogram(s, NB, mask=inr)
+    tl.atomic_add(hist + row * NB + tl.arange(0, NB), hc, mask=hc > 0)
+
+
+@triton.jit
+def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+                K, off, stride,
+                G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
+                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr):
+    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n]."""
+    row = tl.program_id(0)
+    b = row // (H * T)
+    # threshold from the histogram: ge[v] = #keys with score >= v
+    v = tl.arange(0, NB)
+    hrow = tl.load(hist + row * NB + v)
+    tot = tl.sum(hrow, 0)
+    ge = tot - tl.cumsum(hrow, 0) + hrow
+    tau = tl.maximum(tl.sum((ge >= K).to(tl.int32), 0) - 1, 0)
+    ngt = tl.sum(tl.where(v == tau, ge - hrow, 0), 0)
+    need = K - ngt
+    if tl.program_id(1) == 0:
+        tl.store(cnt + row, tl.minimum(tot, K))
+    start = tl.maximum(tl.program_id(1) * span, lo)
+    end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
+    qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
+    ob = out + row.to(tl.int64) * stride + off
+    for n0 in range(start, end, BN):
+        n = n0 + tl.arange(0, BN)
+        inr = n < end
+        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP)
+        gt = inr & (s > tau)
+        eq = inr & (s == tau)
+        cg = tl.cumsum(gt.to(tl.int32), 0)
+        ce = tl.cumsum(eq.to(tl.int32), 0)
+        base_g = tl.atomic_add(ctr + 2 * row, tl.sum(gt.to(tl.int32), 0))
+        base_e = tl.atomic_add(ctr + 2 * row + 1, tl.sum(eq.to(tl.int32), 0))
+        rank_e = base_e + ce - 1
+        take_e = eq & (rank_e < need)
+        slot = tl.where(gt, base_g + cg - 1, ngt + rank_e)
+        take = gt | take_e
+        tl.store(ob + slot, n, mask=take)
+        tl.store(member + row.to(tl.int64) * N + n, take.to(tl.uint8), mask=inr)

@@ -44,3 +44,99 @@ def perm_sample_kernel(hi, member, out, acc, lo, seed, H, T, N, CAP,
     mem = tl.load(member + row.to(tl.int64) * N + pos, mask=ok, other=1)
     tl.store(out + row.to(tl.int64) * CAP + j, tl.where(ok, pos, -1), mask=j < CAP)
     tl.store(acc + row.to(tl.int64) * CAP + j, (ok & (mem == 0)).to(tl.int8), mask=j < CAP)
+
+
+@triton.jit
+def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
+                       sqb, sqh, sqt, skb, skh, skn, H, HKV, T, KT, CAP,
+                       sink, window, m0, scale, zz, eps2,
+                       G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                       CP: tl.constexpr, M0P: tl.constexpr, FP: tl.constexpr, BLK: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """One program per selection row: sample compaction, verified budget, Selection assembly.
+
+    Row layout: [sink | window | top-k (tcnt[row] keys, written before) | sample | -1 pad].
+    Sample: accepted slots of the permutation prefix, compacted; the first m = min(m0, n_r,
+    accepted) are the pilot (weight 1), the next ext the extension (weight (n_r - m)/ext).
+    ext = the CPU reference's denominator-mode budget (two-sided z, finite-population
+    correction), max over the R query heads, at least 1, at most n_r - m and the slots held.
+    """
+    row = tl.program_id(0)
+    t = row % T
+    h = (row // T) % H
+    b = row // (H * T)
+    b64 = b.to(tl.int64)
+    L = tl.load(lens + b)
+    hi = L - window
+    F0 = sink + window
+    top_n = tl.load(tcnt + row)
+    base = F0 + top_n
+    n_r = tl.maximum(hi - sink - top_n, 0)
+    ob = out + row.to(tl.int64) * KT
+    lb = lw + row.to(tl.int64) * KT
+    # compact the accepted sample slots to ob[base + rank]
+    c = tl.arange(0, CP)
+    acc = tl.load(sacc + row.to(tl.int64) * CAP + c, mask=c < CAP, other=0).to(tl.int32)
+    six = tl.load(sidx + row.to(tl.int64) * CAP + c, mask=c < CAP, other=-1)
+    rank = tl.cumsum(acc, 0) - 1
+    avail = tl.sum(acc, 0)
+    tl.store(ob + base + rank, six, mask=acc > 0)
+    m = tl.minimum(tl.minimum(m0, n_r), avail)
+    tl.debug_barrier()
+    # pilot and fixed keys, scored by the R query heads of this row
+    j = (h * R) // G
+    kb = kp + b64 * skb + j.to(tl.int64) * skh
+    d = tl.arange(0, D)
+    r = tl.arange(0, M)
+    qq = tl.load(q + b64 * sqb + (h * R + r)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
+                 mask=(r < R)[:, None], other=0.0)
+    p = tl.arange(0, M0P)
+    pok = p < m
+    pix = tl.load(ob + base + p, mask=pok, other=0)
+    kk = tl.load(kb + pix.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
+    f = tl.arange(0, FP)
+    fok = f < F0
+    fix = tl.where(f < sink, f, hi + f - sink)
+    kf = tl.load(kb + tl.where(fok, fix, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=fok[:, None], other=0.0)
+    if IEEE:
+        sp = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
+        sf = tl.dot(qq.to(tl.float32), tl.trans(kf.to(tl.float32)), input_precision="ieee")
+    else:
+        sp = tl.dot(qq, tl.trans(kk))
+        sf = tl.dot(qq, tl.trans(kf))
+    sp = tl.where(pok[None, :], sp * scale, float("-inf"))
+    sf = tl.where(fok[None, :], sf * scale, float("-inf"))
+    shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(sf, 1)), -1e30)
+    xp = tl.where(pok[None, :], tl.exp(sp - shift[:, None]), 0.0)
+    xf = tl.where(fok[None, :], tl.exp(sf - shift[:, None]), 0.0)
+    mf = m.to(tl.float32)
+    mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
+    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
+    var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
+    nrf = n_r.to(tl.float32)
+    dhat = tl.sum(xf, 1) + nrf * mean
+    rest = n_r - m
+    restf = rest.to(tl.float32)
+    b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
+    b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
+    bq = tl.where(b0 == float("inf"), restf,
+                  tl.ceil(b0 * restf / tl.maximum(restf - 1.0 + b0, 1e-30) - 1e-6))
+    bq = tl.where(r < R, bq, 0.0)
+    braw = tl.max(bq, 0)
+    ext = tl.minimum(tl.minimum(tl.maximum(braw, 1.0), restf), (avail - m).to(tl.float32)).to(tl.int32)
+    ext = tl.maximum(ext, 0)
+    count = base + m + ext
+    lwv = tl.log(restf / tl.maximum(ext, 1).to(tl.float32))
+    tl.store(cnt + row, count)
+    tl.store(stats + row * 4 + tl.arange(0, 4),
+             tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
+                      tl.where(tl.arange(0, 4) == 2, nrf, braw))))
+    # fixed keys, then weights for the whole row and -1 padding after count
+    tl.store(ob + f, fix, mask=fok)
+    tl.debug_barrier()
+    for p0 in range(0, KT, BLK):
+        pp = p0 + tl.arange(0, BLK)
+        inr = pp < KT
+        w = tl.where(pp < base + m, 0.0, tl.where(pp < count, lwv, float("-inf")))
+        tl.store(lb + pp, w, mask=inr)
+        tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))

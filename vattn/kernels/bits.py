@@ -7,9 +7,11 @@
                                                member uint8 [B,H,T,N])
         the k keys in [lo, hi[b]) with the largest agreement; -1 padding when fewer exist.
 
-Scores are small integers (0..R*32*W), so top-k is a histogram + threshold: one pass builds
-per-row histograms, a few tiny torch ops find the threshold bin, a second pass writes the
-winners (block prefix sums + one atomic per block). It reads 4*W bytes per key, never K.
+Scores are small integers (0..R*32*W), so top-k is a counting select: one pass builds
+per-row histograms (one atomic per program and bin), a second pass derives the threshold
+from the histogram inside each program and writes the winners (block prefix sums + one
+atomic per block). It reads 4*W bytes per key, never K. `topk_launch` is the same select
+with the query signature computed inside the kernels (fused), writing into a caller's buffer.
 Ties at the threshold are taken in arbitrary order; no host synchronisation anywhere.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ def bit_topk_ref(qsig, ksig, k, lo, hi, shared):
 
 def _kernels():
     from vattn.kernels import _bits_triton as kt  # triton imported only here (GPU / interpreter)
-    return kt.hist_kernel, kt.compact_kernel
+    return kt.hist_kernel, kt.emit_kernel
 
 
 def _check(qsig, ksig, k, hi, shared):
@@ -77,35 +79,64 @@ def _check(qsig, ksig, k, hi, shared):
         raise VattnError(f"k must be >= 1, got {k}")
 
 
-def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024):
-    """Top-k keys by bit agreement in [lo, hi[b]) (see module docstring)."""
-    _check(qsig, ksig, k, hi, shared)
-    check_runnable(qsig, ksig, hi)
-    hist_kernel, compact_kernel = _kernels()
-    qsig, ksig = qsig.contiguous(), ksig.contiguous()
-    B, Hq, T, W = qsig.shape
-    Hkv, N = ksig.shape[1], ksig.shape[2]
+def split_rows(rows: int, n: int, block_n: int, device) -> tuple[int, int]:
+    """(programs per row, keys per program): about 4 programs per SM in all, whole blocks each."""
+    from vattn.kernels._common import target_programs
+    want = max(1, min(triton_cdiv(2 * target_programs(device), rows), triton_cdiv(n, block_n)))
+    span = triton_cdiv(triton_cdiv(n, want), block_n) * block_n
+    return triton_cdiv(n, span), span
+
+
+def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, block_n=1024):
+    """Counting select into out[row*stride + off + slot]; q/proj (fused signature) or qsig.
+
+    Returns (count int32 [rows], member uint8 [rows, N], hist int32 [rows, NB]).
+    Three device ops: one zero fill (histogram and counters), the histogram pass, the emit pass.
+    """
+    hist_kernel, emit_kernel = _kernels()
+    fuse = qsig is None
+    src = q if fuse else qsig
+    B, Hq, T = src.shape[:3]
+    Hkv, N, W = ksig.shape[1], ksig.shape[2], ksig.shape[3]
     G = Hq // Hkv
     H, R = (Hkv, G) if shared else (Hq, 1)
     rows = B * H * T
     NB = next_pow2(R * 32 * W + 1)
-    dev = qsig.device
-    grid = (rows, triton_cdiv(N, block_n))
-    hist = torch.zeros((rows, NB), dtype=torch.int32, device=dev)
-    hist_kernel[grid](qsig, ksig, hi, hist, lo, H, Hkv, T, N, G=G, R=R, W=W, NB=NB, BN=block_n)
-    # ge[v] = #keys with score >= v; threshold = largest v with ge[v] >= k (0 if too few keys)
-    ge = hist.flip(-1).cumsum(-1).flip(-1)
-    thr = ((ge >= k).sum(-1) - 1).clamp(min=0).to(torch.int32)
-    ngt = torch.cat([ge[:, 1:], torch.zeros_like(ge[:, :1])], -1).gather(1, thr.long()[:, None])[:, 0]
-    need = (k - ngt).to(torch.int32)
-    ngt = ngt.to(torch.int32)
-    ctr = torch.zeros((rows, 2), dtype=torch.int32, device=dev)
-    out = torch.full((rows, k), -1, dtype=torch.int32, device=dev)
+    dev = ksig.device
+    work = torch.zeros(rows * NB + 2 * rows, dtype=torch.int32, device=dev)
+    hist, ctr = work[:rows * NB].view(rows, NB), work[rows * NB:]
     member = torch.empty((rows, N), dtype=torch.uint8, device=dev)
-    compact_kernel[grid](qsig, ksig, hi, thr, ngt, need, ctr, out, member, lo, H, Hkv, T, N, k,
-                         G=G, R=R, W=W, BN=block_n)
-    count = torch.minimum(ge[:, 0], torch.full_like(ge[:, 0], k)).to(torch.int32)
-    return out.view(B, H, T, k), count.view(B, H, T), member.view(B, H, T, N)
+    cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+    splits, span = split_rows(rows, N, block_n, dev)
+    if fuse:
+        D = q.shape[-1]
+        sq = (q.stride(0), q.stride(1), q.stride(2))
+        qs_arg, q_arg, proj_arg = ksig, q, proj
+    else:
+        D, sq = 16, (0, 0, 0)
+        qs_arg, q_arg, proj_arg = qsig, qsig, qsig
+    meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), NB=NB, BN=block_n, FUSEQ=fuse)
+    hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, lo, H, Hkv, T, N, span, *sq, **meta)
+    emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, ctr, out, cnt, member, lo, H, Hkv, T, N,
+                                span, *sq, k, off, stride, **meta)
+    return cnt, member, hist
+
+
+def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024):
+    """Top-k keys by bit agreement in [lo, hi[b]) (see module docstring)."""
+    _check(qsig, ksig, k, hi, shared)
+    check_runnable(qsig, ksig, hi)
+    qsig, ksig = qsig.contiguous(), ksig.contiguous()
+    B, Hq, T, W = qsig.shape
+    Hkv, N = ksig.shape[1], ksig.shape[2]
+    H = Hkv if shared else Hq
+    out = torch.full((B * H * T, k), -1, dtype=torch.int32, device=qsig.device)
+    cnt, member, _ = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n)
+    # member is written on [lo, hi[b]) only: clear the rest for callers that read whole rows
+    n = torch.arange(N, device=qsig.device)
+    inr = ((n >= lo) & (n < hi.view(-1, 1))).repeat_interleave(H * T, 0)
+    member = member * inr
+    return out.view(B, H, T, k), cnt.view(B, H, T), member.view(B, H, T, N)
 
 
 def triton_cdiv(a, b):

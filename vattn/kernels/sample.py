@@ -8,9 +8,10 @@
     acc = 0 marks slots outside the range or already chosen (member = 1, e.g. by top-k):
     the accepted slots of a prefix are a uniform sample of the residual.
 
-    verified_budget(...) -> (count, log_weights) for the sample slots: the denominator-mode
-    budget b = clamp((z * sigma_hat * n_r / (eps * D_hat))^2, m0, n_r), per selection row,
-    from the pilot's exact scores (see docs in the function).
+    budget_emit(...): one kernel per selection row that compacts the accepted sample slots,
+    sizes the extension with the verified budget (mode='denominator' of methods/sampling.py:
+    two-phase weights, two-sided z, finite-population correction) from the pilot's exact
+    scores, and writes the whole Selection row. verified_ext_ref is its float64 torch twin.
 """
 from __future__ import annotations
 
@@ -79,63 +80,64 @@ def perm_sample(member, lo: int, hi, cap: int, seed: int, *, block=256, walk=24)
     return idx, acc
 
 
-def z_of(delta: float) -> float:
-    """One-sided normal quantile Phi^-1(1 - delta)."""
+def z_two_sided(delta: float) -> float:
+    """Phi^-1(1 - delta/2), as the CPU reference (methods/sampling.py) uses."""
     if not 0 < delta < 1:
         raise VattnError(f"delta must be in (0, 1), got {delta}")
-    return math.sqrt(2) * torch.erfinv(torch.tensor(1 - 2 * delta)).item()
+    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
 
 
-def verified_budget(q, k, f_idx, f_count, s_idx, s_acc, n_r, *, m0, eps, delta, scale=None):
-    """Size the sample and weight it, all on GPU (shared selections: one row per KV head).
+def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None):
+    """Torch float64 twin of the fused budget (the CPU reference's mode='denominator').
 
-    q [B,Hq,T,D]; k [B,Hkv,N,D]; f_idx int32 [B,Hkv,T,F] exact keys (sink/window; -1 ignored);
-    s_idx/s_acc [B,Hkv,T,C] from perm_sample; n_r int [B,Hkv,T] residual size.
-    Pilot = the first m0 accepted slots. sigma_hat = std of e^s over the pilot,
-    D_hat = sum_F e^s + n_r * mean_pilot e^s (F = the given exact keys only: leaving the top-k
-    mass out makes D_hat smaller and the budget larger, i.e. conservative). b is the max over the
-    G heads of a group, clamped to [m0, min(n_r, accepted)]. Returns (count int32 [B,Hkv,T]:
-    slots to attend, the prefix holding b accepted; log_weights f32 [B,Hkv,T,C]: log(n_r/b) on
-    accepted slots of that prefix, -inf elsewhere).
+    One shared selection row: q [G, D] (the group's heads), k [N, D]; fixed_idx, pilot_idx
+    int64 [F], [m]; n_r the residual size (pilot included). Returns (ext, b_raw): the
+    extension size min(max(b, 1), n_r - m) with b the max over heads of the smallest b with
+    b0 (n_r' - b) / (n_r' - 1) <= b, b0 = (z sigma n_r' / (eps D_hat))^2, n_r' = n_r - m.
+    """
+    q, k = q.double(), k.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sf = q @ k[fixed_idx].T * scale
+    sp = q @ k[pilot_idx].T * scale
+    shift = torch.maximum(sf.amax(-1), sp.amax(-1))
+    xf, xp = torch.exp(sf - shift[:, None]), torch.exp(sp - shift[:, None])
+    m = len(pilot_idx)
+    mean = xp.sum(-1) / max(m, 1)
+    var = ((xp - mean[:, None]) ** 2).sum(-1) / max(m - 1, 1)
+    d_hat = xf.sum(-1) + n_r * mean
+    rest = n_r - m
+    z = z_two_sided(delta)
+    b0 = z * z * rest ** 2 * var / (eps ** 2 * d_hat ** 2)
+    b = torch.where(torch.isinf(b0), torch.tensor(float(rest), dtype=torch.float64),
+                    torch.ceil(b0 * rest / (rest - 1 + b0).clamp(min=1e-30) - 1e-9))
+    braw = b.max().item()
+    return int(min(max(braw, 1), rest)), braw
+
+
+def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, m0, eps, delta, scale=None):
+    """Launch the fused budget + Selection assembly (see _sample_triton.budget_emit_kernel).
+
+    q [B,Hq,1,D]; k [B,Hkv,N,D]; top_cnt int32 [B*Hkv]; s_idx/s_acc [B*Hkv, C] from perm_sample;
+    out/lw [B*Hkv, KT] (top-k already at [sink+window, +top_cnt)). Returns (count int32 [B*Hkv],
+    stats f32 [B*Hkv, 4]: pilot size m, extension ext, residual n_r, raw budget max over heads).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
+    from vattn.kernels._common import next_pow2, use_ieee
+    from vattn.kernels._sample_triton import budget_emit_kernel
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    z = z_of(delta)
-    acc = s_acc.bool()
-    rank = acc.int().cumsum(-1)  # accepted slots up to and including j
-    C = s_idx.shape[-1]
-    P = min(C, 2 * m0)  # the pilot lives in a short prefix (a few slots are rejected)
-    pilot = acc[..., :P] & (rank[..., :P] <= m0)
-    bb = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    hh = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
-    qg = q.float().view(B, Hkv, G, T, D)
-
-    def scores(idx):
-        kk = k[bb, hh, idx.clamp(min=0).long()].float()  # [B,Hkv,T,n,D]
-        return torch.einsum("bhgtd,bhtnd->bhgtn", qg, kk) * scale
-
-    sp = scores(s_idx[..., :P])
-    sf = scores(f_idx).masked_fill(~(f_idx >= 0)[:, :, None], float("-inf"))
-    pm = pilot[:, :, None]
-    shift = torch.maximum(sp.masked_fill(~pm, float("-inf")).amax(-1), sf.amax(-1)).clamp(min=-1e30)
-    ep = torch.exp(sp - shift[..., None]) * pm
-    m = pm.sum(-1).clamp(min=1)
-    mean = ep.sum(-1) / m
-    var = ((ep - mean[..., None]) ** 2 * pm).sum(-1) / (m - 1).clamp(min=1)
-    nr = n_r.float()[:, :, None]
-    d_hat = torch.exp(sf - shift[..., None]).sum(-1) + nr * mean
-    b = (z * var.sqrt() * nr / (eps * d_hat).clamp(min=1e-30)) ** 2  # [B,Hkv,G,T]
-    b = b.amax(2).ceil()
-    avail = rank[..., -1].float()
-    b = torch.minimum(torch.maximum(b, torch.full_like(b, m0)), torch.minimum(n_r.float(), avail))
-    take = acc & (rank <= b[..., None])
-    count = (rank < b[..., None]).sum(-1) + 1  # slots until the b-th accepted one
-    count = torch.minimum(count, torch.full_like(count, C)).to(torch.int32)
-    count = torch.where(b > 0, count, 0)
-    lw = torch.log(n_r.float() / b.clamp(min=1))[..., None].expand_as(take)
-    lw = torch.where(take, lw, torch.full_like(lw, float("-inf")))
-    return count, lw.contiguous()
+    rows, C = s_idx.shape[0] * s_idx.shape[1] * s_idx.shape[2], s_idx.shape[-1]
+    KT = out.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    z = z_two_sided(delta)
+    cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
+    stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
+    budget_emit_kernel[(rows,)](q, k, lengths, top_cnt, s_idx, s_acc, out, lw, cnt, stats,
+                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps,
+                                G=G, R=G, M=max(16, next_pow2(G)), D=D, CP=max(16, next_pow2(C)),
+                                M0P=max(16, next_pow2(m0)), FP=max(16, next_pow2(sink + window)), BLK=1024,
+                                IEEE=use_ieee(q.dtype), num_warps=8)
+    return cnt, stats

@@ -3,11 +3,12 @@
     vattention_hash_select(q, k, ksig, proj, lengths, *, sink, window, topk, cap, m0, eps,
                            delta, seed) -> Selection (shared: H = Hkv)
 
-Row layout (fixed shape, K = sink + window + topk + cap):
-    [sink keys | window keys | hash top-k of the middle | verified sample of the residual]
+Row layout (fixed width KT = sink + window + topk + cap; count is exact):
+    [sink keys | window keys | hash top-k of the middle | verified sample of the residual | -1]
 The top-k reads only the key signatures (ksig [B,Hkv,N,W], written once per token when the
 cache is filled); the sample is a keyed permutation prefix that skips top-k keys; the budget
-comes from the pilot's exact scores (kernels.sample.verified_budget). Assumes every row has
+comes from the pilot's exact scores (kernels.sample.budget_emit; the exact set F in D_hat is
+sink + window only: leaving the top-k mass out makes D_hat smaller and the budget larger). Assumes every row has
 length >= sink + window (shorter rows should use dense attention).
 """
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels.bits import bit_topk, sign_bits
-from vattn.kernels.sample import perm_sample, verified_budget
+from vattn.kernels._common import check_runnable
+from vattn.kernels.bits import topk_launch
+from vattn.kernels.sample import budget_emit, perm_sample
 from vattn.selection import Selection
 
 
@@ -30,27 +32,34 @@ def fixed_indices(lengths, B, Hkv, T, sink, window):
 
 
 def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, topk=4096,
-                           cap=4096, m0=128, eps=0.05, delta=0.05, seed=0, scale=None):
+                           cap=4096, m0=128, eps=0.05, delta=0.05, seed=0, scale=None, stats=False,
+                           block_n=1024):
+    """Selection (shared, exact count) in 5 device ops: zero fill, histogram pass (query
+    signature fused), emit pass (threshold from the histogram, top-k written in place),
+    permutation sample, budget + assembly. With stats=True also returns f32 [B*Hkv, 4]
+    (pilot m, extension ext, residual n_r, raw budget)."""
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if T != 1:
         raise VattnError(f"vattention_hash_select handles one query row (T=1), got T={T}")
+    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
+        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
+    check_runnable(q, k, ksig, lengths)
     hi = (lengths - window).to(torch.int32)
-    qsig = sign_bits(q, proj)
-    top, top_n, member = bit_topk(qsig, ksig, topk, sink, hi, shared=True)
-    s_idx, s_acc = perm_sample(member, sink, hi, cap, seed)
-    n_r = ((hi.long() - sink).view(B, 1, 1) - top_n).clamp(min=0)
-    f_idx = fixed_indices(lengths, B, Hkv, T, sink, window)
-    s_cnt, s_lw = verified_budget(q, k, f_idx, None, s_idx, s_acc, n_r, m0=m0, eps=eps, delta=delta,
-                                  scale=scale)
-    F = sink + window + topk
-    idx = torch.cat([f_idx, top, s_idx], -1).contiguous()
-    lw = torch.cat([torch.zeros(B, Hkv, T, F, device=q.device), s_lw], -1)
-    # top-k slots beyond top_n hold -1 and are skipped by the kernel; the sample slots follow
-    count = (F + s_cnt).to(torch.int32)
-    return Selection(idx, lw, count, shared=True)
+    rows = B * Hkv
+    KT = sink + window + topk + cap
+    idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
+    lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
+    top_n, member, _ = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
+                                   idx, sink + window, KT, shared=True, block_n=block_n)
+    s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
+    count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
+                            m0=m0, eps=eps, delta=delta, scale=scale)
+    sel = Selection(idx, lw, count.view(B, Hkv, T), shared=True)
+    return (sel, st) if stats else sel
 
 
 def attended(sel: Selection) -> torch.Tensor:
