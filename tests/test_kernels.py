@@ -87,15 +87,15 @@ def test_sparse_full_selection_equals_dense():
     assert rel(out, dense_decode_ref(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("shared,W", [(True, 1), (False, 2)])
-def test_bit_topk(shared, W):
+@pytest.mark.parametrize("shared,W,cache", [(True, 1, True), (False, 2, False)])
+def test_bit_topk(shared, W, cache):
     g = torch.Generator().manual_seed(W)
     B, Hq, Hkv, T, N, D, k = 2, 4, 2, 1, 400, 16, 33
     proj = torch.randn(D, 32 * W, generator=g)
     qs = sign_bits(torch.randn(B, Hq, T, D, generator=g), proj)
     ks = sign_bits(torch.randn(B, Hkv, N, D, generator=g), proj)
     hi = torch.tensor([390, 30], dtype=torch.int32)
-    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128)
+    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128, cache=cache)
     ridx, rcnt = bit_topk_ref(qs, ks, k, 4, hi, shared)
     s = bit_scores_ref(qs, ks, shared).view(-1, N)
     assert torch.equal(cnt, rcnt)
@@ -193,8 +193,9 @@ def test_fused_select_rows_match_references(dtype, eps):
         if ext:
             assert torch.allclose(lw[F0 + top_n + m:c], torch.tensor((n_r - m) / ext).log().float(), atol=1e-5)
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv, :].float()
-        ref_ext, _ = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0], samp[:m], n_r, eps, 0.1)
+        ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0], samp[:m], n_r, eps, 0.1)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext), (r, ext, ref_ext)
+        assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b)
         saw_partial |= 1 < ext < n_r - m
     assert saw_partial  # the budget was not trivially 1 or exact everywhere
     out = sparse_decode(q, k, k, sel.indices, sel.log_weights, sel.count, True)

@@ -10,6 +10,12 @@ import triton.language as tl
 
 
 @triton.jit
+def popc_hw(x):
+    return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x.to(tl.int32, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def popc(x):
     x = x.to(tl.uint32, bitcast=True)
     x = x - ((x >> 1) & 0x55555555)
@@ -45,7 +51,7 @@ def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
 
 @triton.jit
 def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
-           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
+           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr):
     # agreement of BN keys with the R query signatures of this selection row (qv from qwords)
     h = (row // T) % H
     j = (h * R) // G
@@ -56,14 +62,19 @@ def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
         kw = tl.load(kb + n.to(tl.int64) * W + w, mask=inr, other=0)
         for r in tl.static_range(R):
             qw = tl.sum(tl.where(rw == r * W + w, qv, 0), 0)
-            acc += 32 - popc(qw ^ kw.to(tl.uint32, bitcast=True))
+            x = qw ^ kw.to(tl.uint32, bitcast=True)
+            if HW:
+                acc += 32 - popc_hw(x)
+            else:
+                acc += 32 - popc(x)
     return acc
 
 
 @triton.jit
-def hist_kernel(q, qs, proj, ks, hi, hist, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+def hist_kernel(q, qs, proj, ks, hi, hist, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr):
+                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
+                CACHE: tl.constexpr):
     row = tl.program_id(0)
     b = row // (H * T)
     start = tl.maximum(tl.program_id(1) * span, lo)
@@ -73,16 +84,19 @@ def hist_kernel(q, qs, proj, ks, hi, hist, lo, H, HKV, T, N, span, sqb, sqh, sqt
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
-        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP)
+        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
         hc += tl.histogram(s, NB, mask=inr)
+        if CACHE:  # scores fit a byte: the emit pass reads them back instead of recomputing
+            tl.store(member + row.to(tl.int64) * N + n, s.to(tl.uint8), mask=inr)
     tl.atomic_add(hist + row * NB + tl.arange(0, NB), hc, mask=hc > 0)
 
 
 @triton.jit
-def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, lw, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 K, off, stride,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr):
+                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
+                CACHE: tl.constexpr, WLW: tl.constexpr):
     """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n]."""
     row = tl.program_id(0)
     b = row // (H * T)
@@ -98,12 +112,16 @@ def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, cnt, member, lo, H, HKV, T,
         tl.store(cnt + row, tl.minimum(tot, K))
     start = tl.maximum(tl.program_id(1) * span, lo)
     end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
-    qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
+    if not CACHE:
+        qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
     ob = out + row.to(tl.int64) * stride + off
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
-        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP)
+        if CACHE:
+            s = tl.load(member + row.to(tl.int64) * N + n, mask=inr, other=0).to(tl.int32)
+        else:
+            s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
         gt = inr & (s > tau)
         eq = inr & (s == tau)
         cg = tl.cumsum(gt.to(tl.int32), 0)
@@ -115,4 +133,6 @@ def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, cnt, member, lo, H, HKV, T,
         slot = tl.where(gt, base_g + cg - 1, ngt + rank_e)
         take = gt | take_e
         tl.store(ob + slot, n, mask=take)
+        if WLW:  # exact keys: log-weight 0 at the same slots
+            tl.store(lw + row.to(tl.int64) * stride + off + slot, tl.zeros([BN], tl.float32), mask=take)
         tl.store(member + row.to(tl.int64) * N + n, take.to(tl.uint8), mask=inr)

@@ -37,8 +37,14 @@ def perm_sample_kernel(hi, member, out, acc, lo, seed, H, T, N, CAP,
     mask = ((1 << hb) - 1).to(tl.uint32)
     key = (seed ^ (row * 0x1B873593)).to(tl.uint32)
     y = _feistel(j.to(tl.uint32), hb.to(tl.uint32), mask, key)
-    for w in tl.static_range(WALK):  # cycle walking: a bijection of [0, n_mid)
+    # cycle walking (a bijection of [0, n_mid)); stop once every live slot is in range
+    live = j < n_mid
+    todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+    it = 0
+    while (todo > 0) & (it < WALK):
         y = tl.where(y >= n_mid, _feistel(y, hb.to(tl.uint32), mask, key), y)
+        todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+        it += 1
     ok = (j < n_mid) & (y < n_mid) & (j < CAP)
     pos = lo + y.to(tl.int32)
     mem = tl.load(member + row.to(tl.int64) * N + pos, mask=ok, other=1)
@@ -133,8 +139,9 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
                       tl.where(tl.arange(0, 4) == 2, nrf, braw))))
     # fixed keys, then weights for the whole row and -1 padding after count
     tl.store(ob + f, fix, mask=fok)
+    tl.store(lb + f, tl.zeros([FP], tl.float32), mask=fok)
     tl.debug_barrier()
-    for p0 in range(0, KT, BLK):
+    for p0 in range(base, KT, BLK):  # top-k slots got weight 0 from the emit pass
         pp = p0 + tl.arange(0, BLK)
         inr = pp < KT
         w = tl.where(pp < base + m, 0.0, tl.where(pp < count, lwv, float("-inf")))

@@ -54,7 +54,7 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
     lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
     top_n, member, _ = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
-                                   idx, sink + window, KT, shared=True, block_n=block_n)
+                                   idx, sink + window, KT, shared=True, block_n=block_n, lw=lw)
     s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
     count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
                             m0=m0, eps=eps, delta=delta, scale=scale)

@@ -141,7 +141,7 @@ def _check(q, k, v, indices, log_weights, count, shared):
 
 
 def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
-                  block_n=32, num_warps=4, num_stages=3):
+                  block_n=64, num_warps=4, num_stages=3, splits=None):
     """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype."""
     _check(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
@@ -153,7 +153,8 @@ def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
     scale = D ** -0.5 if scale is None else float(scale)
     indices, log_weights, count = indices.contiguous(), log_weights.contiguous(), count.contiguous()
     rows = B * H * T
-    want = max(1, min(math.ceil(target_programs(q.device) / rows), math.ceil(max(K, 1) / block_n)))
+    want = splits or math.ceil(target_programs(q.device) / rows)
+    want = max(1, min(want, math.ceil(max(K, 1) / block_n)))
     chunk = math.ceil(math.ceil(max(K, 1) / want) / block_n) * block_n
     S = math.ceil(max(K, 1) / chunk)
     R = G if shared else 1
