@@ -66,8 +66,7 @@ try:
         si, sa = perm_sample(mem.view(B, 8, 1, N), 128, hi, p["cap"], 1)
         t = dict(topk=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, out, 256, KT, shared=True)]),
                  topk_nocache=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, out, 256, KT, shared=True, cache=False)]),
-                 topk_w8=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, out, 256, KT, shared=True, num_warps=8)]),
-                 topk_bn2048_w8=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, out, 256, KT, shared=True, block_n=2048, num_warps=8)]),
+                 topk_full_hist=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, out, 256, KT, shared=True, half=False)]),
                  sample=graph_us([lambda: perm_sample(mem.view(B, 8, 1, N), 128, hi, p["cap"], 1)]),
                  budget=graph_us([lambda: budget_emit(q, k, L, tn, si, sa, out, lw, sink=128, window=128, m0=128, eps=.05, delta=.05)]),
                  select=graph_us([lambda: vattention_hash_select(q, k, ks, proj, L, **p)]))

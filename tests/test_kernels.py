@@ -87,15 +87,17 @@ def test_sparse_full_selection_equals_dense():
     assert rel(out, dense_decode_ref(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("shared,W,cache", [(True, 1, True), (False, 2, False)])
-def test_bit_topk(shared, W, cache):
+@pytest.mark.parametrize("shared,W,cache,half", [(True, 1, True, True), (False, 2, False, False),
+                                                 (False, 1, True, True)])
+def test_bit_topk(shared, W, cache, half):
     g = torch.Generator().manual_seed(W)
     B, Hq, Hkv, T, N, D, k = 2, 4, 2, 1, 400, 16, 33
     proj = torch.randn(D, 32 * W, generator=g)
     qs = sign_bits(torch.randn(B, Hq, T, D, generator=g), proj)
     ks = sign_bits(torch.randn(B, Hkv, N, D, generator=g), proj)
     hi = torch.tensor([390, 30], dtype=torch.int32)
-    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128, cache=cache)
+    ks[:, 0, 5:9] = qs[:, 0, 0:1]  # keys at the top score (all bits agree with head 0)
+    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128, cache=cache, half=half)
     ridx, rcnt = bit_topk_ref(qs, ks, k, 4, hi, shared)
     s = bit_scores_ref(qs, ks, shared).view(-1, N)
     assert torch.equal(cnt, rcnt)

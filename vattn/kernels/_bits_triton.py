@@ -74,21 +74,32 @@ def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
 def hist_kernel(q, qs, proj, ks, hi, hist, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
                 NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
-                CACHE: tl.constexpr):
+                CACHE: tl.constexpr, HALF: tl.constexpr):
     row = tl.program_id(0)
     b = row // (H * T)
     start = tl.maximum(tl.program_id(1) * span, lo)
     end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
     qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
-    hc = tl.zeros([NB], tl.int32)
+    # HALF: the top score R*32*W is a power of two (NB = 2 * it), so bins [0, NB/2) plus one
+    # count of the top score cover every value with half the histogram width
+    NH: tl.constexpr = NB // 2 if HALF else NB
+    hc = tl.zeros([NH], tl.int32)
+    ntop = 0
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
         s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
-        hc += tl.histogram(s, NB, mask=inr)
+        if HALF:
+            hc += tl.histogram(tl.minimum(s, NH - 1), NH, mask=inr)
+            ntop += tl.sum((inr & (s >= NH)).to(tl.int32), 0)
+        else:
+            hc += tl.histogram(s, NB, mask=inr)
         if CACHE:  # scores fit a byte: the emit pass reads them back instead of recomputing
             tl.store(member + row.to(tl.int64) * N + n, s.to(tl.uint8), mask=inr)
-    tl.atomic_add(hist + row * NB + tl.arange(0, NB), hc, mask=hc > 0)
+    if HALF:
+        hc = tl.where(tl.arange(0, NH) == NH - 1, hc - ntop, hc)
+        tl.atomic_add(hist + row * NB + NH, ntop, mask=ntop > 0)
+    tl.atomic_add(hist + row * NB + tl.arange(0, NH), hc, mask=hc > 0)
 
 
 @triton.jit

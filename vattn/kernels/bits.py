@@ -88,7 +88,7 @@ def split_rows(rows: int, n: int, block_n: int, device) -> tuple[int, int]:
 
 
 def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, block_n=1024, cache=True,
-                num_warps=4, lw=None):
+                num_warps=4, lw=None, half=True):
     """Counting select into out[row*stride + off + slot]; q/proj (fused signature) or qsig.
 
     lw (optional, same layout as out) gets log-weight 0 at the winners' slots.
@@ -120,13 +120,16 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
     from vattn.kernels._common import interpret
     meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), NB=NB, BN=block_n, FUSEQ=fuse,
                 HW=not interpret(), CACHE=cache and NB <= 256, num_warps=num_warps)
-    hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, member, lo, H, Hkv, T, N, span, *sq, **meta)
+    top = R * 32 * W
+    hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, member, lo, H, Hkv, T, N, span, *sq,
+                                HALF=half and top & (top - 1) == 0, **meta)
     emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, ctr, out, out if lw is None else lw, cnt, member, lo, H, Hkv, T, N,
                                 span, *sq, k, off, stride, WLW=lw is not None, **meta)
     return cnt, member, hist
 
 
-def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024, cache=True):
+def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024, cache=True,
+             half=True):
     """Top-k keys by bit agreement in [lo, hi[b]) (see module docstring)."""
     _check(qsig, ksig, k, hi, shared)
     check_runnable(qsig, ksig, hi)
@@ -136,7 +139,7 @@ def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, blo
     H = Hkv if shared else Hq
     out = torch.full((B * H * T, k), -1, dtype=torch.int32, device=qsig.device)
     cnt, member, _ = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n,
-                                 cache=cache)
+                                 cache=cache, half=half)
     # member is written on [lo, hi[b]) only: clear the rest for callers that read whole rows
     n = torch.arange(N, device=qsig.device)
     inr = ((n >= lo) & (n < hi.view(-1, 1))).repeat_interleave(H * T, 0)
