@@ -188,16 +188,17 @@ def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m
     sel = out.selection()
     g = ctx.group if out.shared else 1
 
-    def exp_terms(idx, ok):
+    def exp_terms(idx, ok, lw):
         # Per query head: a shared selection is repeated over its group (small sets only).
-        idx, ok = idx.repeat_interleave(g, 1), ok.repeat_interleave(g, 1)
+        idx, ok, lw = (x.repeat_interleave(g, 1) for x in (idx, ok, lw))
         kk, vv = gather_kv(ctx.k, ctx.v, idx.clamp(min=0), ctx.group)
-        s = (ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale
+        s = (ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale + lw
         return s.masked_fill(~ok, float("-inf")), vv, ok
 
-    s_f, v_f, ok_f = exp_terms(sel.indices.long(), sel.valid())
+    # Earlier sampling parts (uniform, magicpig) carry weights: their keys count weighted.
+    s_f, v_f, ok_f = exp_terms(sel.indices.long(), sel.valid(), sel.log_weights)
     ok_p = torch.arange(pilot_idx.shape[-1], device=pilot_idx.device) < m0[..., None]
-    s_p, v_p, ok_p = exp_terms(pilot_idx, ok_p)
+    s_p, v_p, ok_p = exp_terms(pilot_idx, ok_p, torch.zeros(pilot_idx.shape, device=pilot_idx.device))
     floor = torch.full((*s_p.shape[:-1], 1), -1e30, device=s_p.device)
     shift = torch.cat([s_f, s_p, floor], -1).amax(-1)
     x_f = torch.exp(s_f - shift[..., None]).nan_to_num(0.0)
