@@ -102,7 +102,6 @@ def bounds_from_mask(mask, b: int, t: int, n: int, window=None):
     starts = first[:, None].expand(b, t)
     if window is not None:
         starts = torch.maximum(starts, ends - int(window))
-    starts = torch.minimum(starts, ends.clamp(min=0)).clamp(min=0)
     if mask is not None:
         pos = torch.arange(n, device=dev)
         want = (pos >= starts[..., None]) & (pos < ends[..., None])
@@ -270,6 +269,7 @@ class Patch:
         outs, attended, recall, refs = [], 0, [], []
         for lo, hi in chunks:
             qc, st, en = q[:, :, lo:hi], starts[:, lo], ends[:, hi - 1]
+            st = torch.minimum(st, en)  # a row with no keys (left padding) stays empty
             if spec.is_dense:  # rows after a sparse_from boundary inside this call
                 sel = None
                 o = dense_attend(qc, k, v, en, st, scale)
