@@ -16,8 +16,8 @@ from vattn.errors import VattnError
 from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.pages import page_bounds, quest_scores, quest_scores_ref
-from vattn.kernels.sample import perm_sample, perm_sample_ref, verified_ext_ref
-from vattn.kernels.select import attended, vattention_hash_select
+from vattn.kernels.sample import capped_rows, perm_sample, perm_sample_ref, verified_ext_ref
+from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -202,6 +202,65 @@ def test_fused_select_rows_match_references(dtype, eps):
     assert saw_partial  # the budget was not trivially 1 or exact everywhere
     out = sparse_decode(q, k, k, sel.indices, sel.log_weights, sel.count, True)
     assert rel(out, sparse_decode_ref(q, k, k, sel.indices, sel.log_weights, sel.count, True)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,eps,seed", [(torch.float32, 0.3, 5), (torch.bfloat16, 0.08, 9)])
+def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
+    """Two-pass decode with the fused sample + budget: D_hat has the exact mass of sinks + window +
+    top-k (read from the pass-1 partials), the extension equals the float64 reference budget with
+    fixed = all of them on every row (no slot cap), the sample is the same keyed permutation as
+    perm_sample, and the output equals the reference attention over the returned selection."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, N, D = 2, 8, 2, 900, 32
+    sink, window, topk, m0 = 8, 8, 48, 16
+    q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
+    k = (torch.randn(B, Hkv, N, D, generator=g) * 1.5).to(dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    proj = torch.randn(D, 32, generator=g)
+    lengths = torch.tensor([N, 130], dtype=torch.int32)  # ragged; row 2: residual below the budget
+    ksig = sign_bits(k, proj)
+    kw = dict(sink=sink, window=window, topk=topk, m0=m0, eps=eps, delta=0.1, seed=seed, block_n=128)
+    out, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
+                                          attn_block=16, **kw)
+    hi = lengths - window
+    F0 = sink + window
+    assert not capped_rows(st).any()
+    saw_partial = False
+    for r in range(B * Hkv):
+        b, L, h = r // Hkv, int(lengths[r // Hkv]), int(hi[r // Hkv])
+        idx, lw, c = sel.indices.view(B * Hkv, -1)[r], sel.log_weights.view(B * Hkv, -1)[r], int(sel.count.view(-1)[r])
+        live = idx[:c].long()
+        assert (idx[c:] == -1).all() and torch.isinf(lw[c:]).all() and (lw[c:] < 0).all()
+        assert (live >= 0).all() and (live < L).all() and len(set(live.tolist())) == c
+        assert torch.equal(live[:F0], torch.cat([torch.arange(sink), torch.arange(h, L)]))
+        top_n = min(topk, h - sink)
+        m, ext, n_r = (int(x) for x in st[r, :3])
+        assert n_r == h - sink - top_n and m == min(m0, n_r)
+        assert c == F0 + top_n + m + ext and (lw[:F0 + top_n + m] == 0).all()
+        if ext:
+            assert torch.allclose(lw[F0 + top_n + m:c], torch.tensor((n_r - m) / ext).log().float(), atol=1e-5)
+        samp = live[F0 + top_n:]
+        assert ((samp >= sink) & (samp < h)).all() and not set(samp.tolist()) & set(live[F0:F0 + top_n].tolist())
+        # the sample is the accepted prefix of perm_sample's permutation (same seed, same row key)
+        mem = torch.zeros(1, 1, 1, N, dtype=torch.uint8)
+        mem[..., live[F0:F0 + top_n]] = 1
+        pidx, pacc = perm_sample_ref(mem, sink, torch.tensor([h], dtype=torch.int32), h - sink, seed)
+        pref = pidx.view(-1)[pacc.view(-1).bool()][:m + ext]
+        grp = q.view(B, Hkv, -1, D)[b, r % Hkv].float()
+        ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0 + top_n],
+                                          live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1)
+        assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b), (r, float(st[r, 3]), ref_b)
+        assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext)
+        saw_partial |= 1 < ext < n_r - m
+        if r == 0:  # row key of perm_sample_ref's row 0 equals this row's key only for r = 0
+            assert torch.equal(samp, pref.long())
+    assert saw_partial
+    ref = sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+    assert torch.isfinite(out).all() and rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(out, vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, **kw))  # no pad
+    # D_F with top-k is larger than with sinks + window only: the budget can only shrink
+    _, st_old = vattention_hash_select(q, k, ksig, proj, lengths, cap=N, stats=True, **kw)
+    assert (st[:, 3] <= st_old[:, 3] + 1).all() and (st[:, 3] < st_old[:, 3]).any()
 
 
 def test_bad_inputs_raise_vattn_error():

@@ -46,7 +46,7 @@ def hbm_ceiling():
 
 def spec_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05):
     """Split the density budget: fixed keys + hash top-k, the verified sample takes the rest."""
-    cap = min(4096, max(256, n // 8))
+    cap = n  # the old select's slots (the two-pass decode has no cap): never cut the budget
     topk = max(64, int(density * n) - sink - window - int(0.02 * n) - 256)
     return dict(sink=sink, window=window, topk=topk, cap=cap, m0=128, eps=eps, delta=delta)
 
@@ -58,7 +58,8 @@ def rel(a, b):
 def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     from vattn.kernels.bits import sign_bits
     from vattn.kernels.decode import dense_decode
-    from vattn.kernels.select import attended, vattention_hash_select
+    from vattn.kernels.sample import capped_rows
+    from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
     from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
     hq, hkv, d = SHAPE["hq"], SHAPE["hkv"], SHAPE["d"]
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -73,31 +74,40 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
         k = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
         v = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
         ksig = sign_bits(k, proj)  # written at cache-fill time, not timed
-        sel = vattention_hash_select(q, k, ksig, proj, lengths, seed=i, **p)
-        sets.append((q, k, v, ksig, sel))
+        _, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, seed=i, selection=True, stats=True, **p)
+        sets.append((q, k, v, ksig, sel, st))
     F = torch.nn.functional
     row = dict(B=B, N=N, copies=copies, bytes=nbytes, **{f"spec_{k}": v for k, v in p.items()})
     row["sdpa_us"] = graph_us([lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], enable_gqa=True)
                                for s in sets])
     row["dense_us"] = graph_us([lambda s=s: dense_decode(s[0], s[1], s[2], lengths) for s in sets])
-    row["select_us"] = graph_us([lambda s=s: vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
-                                 for s in sets])
+    # whole vAttention step: top-k (3 ops), sample, attention pass 1 (sink+window+top-k), budget +
+    # assembly (D_F from pass 1), attention pass 2 (pilot + extension), merge
+    row["vattn_us"] = graph_us([lambda s=s: vattention_hash_decode(s[0], s[1], s[2], s[3], proj, lengths, **p)
+                                for s in sets])
+    # the attention alone: one sparse pass over the final selection (same keys, same bytes)
     row["sparse_us"] = graph_us([lambda s=s: sparse_decode(s[0], s[1], s[2], s[4].indices, s[4].log_weights,
                                                            s[4].count, True) for s in sets])
-
-    def both(s):
-        sel = vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
-        return sparse_decode(s[0], s[1], s[2], sel.indices, sel.log_weights, sel.count, True)
-    row["vattn_us"] = graph_us([lambda s=s: both(s) for s in sets])
-    sel = sets[0][4]
+    row["select_us"] = row["vattn_us"] - row["sparse_us"]  # derived: selection + the second launch
+    # before: selection with D_F = sinks + window only, same cap, then one sparse pass
+    row["select_old_us"] = graph_us([lambda s=s: vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
+                                     for s in sets])
+    sel, st = sets[0][4], torch.cat([s[5] for s in sets])
     row["density"] = attended(sel).float().mean().item() / N
+    row["capped_rows"] = int(capped_rows(st).sum())
+    row["rows"] = st.shape[0]
+    row["ext_mean"] = st[:, 1].mean().item()
+    sel_old, st_old = vattention_hash_select(sets[0][0], sets[0][1], sets[0][3], proj, lengths, stats=True, **p)
+    row["density_old"] = attended(sel_old).float().mean().item() / N
+    row["capped_rows_old"] = int(capped_rows(st_old).sum())
     row["sel_width"] = sel.indices.shape[-1]
     if check:
         q, k, v = sets[0][:3]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
         row["dense_err"] = rel(dense_decode(q, k, v, lengths), ref)
         row["sdpa_err"] = rel(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), ref)
-        o = sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+        o = vattention_hash_decode(q, k, v, sets[0][3], proj, lengths, seed=0, **p)
+        row["vattn_err_vs_dense"] = rel(o, ref)
         if B * N <= 32768 * 8:
             row["sparse_err"] = rel(o, sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True))
     return row
@@ -108,8 +118,7 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
     from vattn.bench.attn_e2e import Decoder
     from vattn.kernels.bits import sign_bits
     from vattn.kernels.decode import dense_decode
-    from vattn.kernels.select import vattention_hash_select
-    from vattn.kernels.sparse import sparse_decode
+    from vattn.kernels.select import vattention_hash_decode
     m = Decoder(layers=layers, ctx=ctx, batch=batch)
     proj = torch.randn(m.d, 32, device="cuda")
     ksig = [sign_bits(m.k[i], proj) for i in range(layers)]
@@ -126,8 +135,7 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
         pos = (L - 1).long()
         bi = torch.arange(q.shape[0], device=q.device)
         ksig[i][bi, :, pos] = sign_bits(k[bi, :, pos], proj)
-        sel = vattention_hash_select(q, k, ksig[i], proj, L, **p)
-        return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
+        return vattention_hash_decode(q, k, v, ksig[i], proj, L, **p)
     tok = torch.zeros(batch, dtype=torch.long, device="cuda")
     out = dict(layers=layers, ctx=ctx, batch=batch)
     for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn)):

@@ -107,10 +107,20 @@ def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, lw, cnt, member, lo, H, HKV
                 K, off, stride,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
                 NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
-                CACHE: tl.constexpr, WLW: tl.constexpr):
-    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n]."""
+                CACHE: tl.constexpr, WLW: tl.constexpr, FIX: tl.constexpr = 0):
+    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n].
+
+    FIX > 0 (a power of two >= off): program (row, 0) also writes the row's fixed keys at slots
+    [0, off): the sinks [0, lo) and the window [hi, hi + off - lo), with log-weight 0."""
     row = tl.program_id(0)
     b = row // (H * T)
+    if FIX > 0:
+        if tl.program_id(1) == 0:
+            f = tl.arange(0, FIX)
+            fok = f < off
+            fix = tl.where(f < lo, f, tl.load(hi + b) + f - lo)
+            tl.store(out + row.to(tl.int64) * stride + f, fix, mask=fok)
+            tl.store(lw + row.to(tl.int64) * stride + f, tl.zeros([FIX], tl.float32), mask=fok)
     # threshold from the histogram: ge[v] = #keys with score >= v
     v = tl.arange(0, NB)
     hrow = tl.load(hist + row * NB + v)

@@ -78,18 +78,24 @@ def _merge_kernel():
     import triton.language as tl
 
     @triton.jit
-    def merge(po, plse, out, S, D: tl.constexpr, SP: tl.constexpr):
+    def merge(po, plse, out, S, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
         # One program per output row; partials po [rows, S, D] f32, plse [rows, S] (log2 units).
+        # A partial with lse = -inf saw no key and its po may be unwritten: never read.
         r = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, SP)
         d = tl.arange(0, D)
         lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
         m = tl.max(lse, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)
-        tot = tl.sum(w, 0)
-        o = tl.load(po + r * S * D + s[:, None] * D + d[None, :], mask=s[:, None] < S, other=0.0)
-        acc = tl.sum(w[:, None] * o, 0)
+        tot = tl.sum(tl.exp2(lse - m), 0)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, S, SB):  # blocks of SB partials keep the tile small
+            sb = s0 + tl.arange(0, SB)
+            lb = tl.load(plse + r * S + sb, mask=sb < S, other=float("-inf"))
+            live = lb > float("-inf")
+            w = tl.where(live, tl.exp2(lb - m), 0.0)
+            o = tl.load(po + r * S * D + sb[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            acc += tl.sum(w[:, None] * o, 0)
         acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
         tl.store(out + r * D + d, acc.to(out.dtype.element_ty))
 
@@ -100,5 +106,5 @@ def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor) -> t
     """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous)."""
     S, D = po.shape[-2], po.shape[-1]
     rows = plse.numel() // S
-    _merge_kernel()[(rows,)](po, plse, out, S, D=D, SP=max(2, next_pow2(S)))
+    _merge_kernel()[(rows,)](po, plse, out, S, D=D, SP=max(2, next_pow2(S)), SB=min(64, max(2, next_pow2(S))))
     return out

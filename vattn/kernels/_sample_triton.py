@@ -53,12 +53,12 @@ def perm_sample_kernel(hi, member, out, acc, lo, seed, H, T, N, CAP,
 
 
 @triton.jit
-def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
+def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
                        sqb, sqh, sqt, skb, skh, skn, H, HKV, T, KT, CAP,
-                       sink, window, m0, scale, zz, eps2,
+                       sink, window, m0, scale, zz, eps2, S1, ST,
                        G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                        CP: tl.constexpr, M0P: tl.constexpr, FP: tl.constexpr, BLK: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, PART: tl.constexpr, SP: tl.constexpr):
     """One program per selection row: sample compaction, verified budget, Selection assembly.
 
     Row layout: [sink | window | top-k (tcnt[row] keys, written before) | sample | -1 pad].
@@ -66,6 +66,11 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
     accepted) are the pilot (weight 1), the next ext the extension (weight (n_r - m)/ext).
     ext = the CPU reference's denominator-mode budget (two-sided z, finite-population
     correction), max over the R query heads, at least 1, at most n_r - m and the slots held.
+    D_F (the exact mass in D_hat): PART=1 reads it from the split-KV partials of an attention
+    pass over [sink | window | top-k] (plse [rows*R, ST] log2 units, columns [0, S1)): every
+    fixed key counts, as in the CPU reference. PART=0 scores the sink and window keys here
+    (top-k mass left out: D_hat smaller, budget larger) and writes them to slots [0, F0).
+    CP is the compaction block; the sample slots are compacted in a loop over CAP.
     """
     row = tl.program_id(0)
     t = row % T
@@ -81,12 +86,14 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
     ob = out + row.to(tl.int64) * KT
     lb = lw + row.to(tl.int64) * KT
     # compact the accepted sample slots to ob[base + rank]
-    c = tl.arange(0, CP)
-    acc = tl.load(sacc + row.to(tl.int64) * CAP + c, mask=c < CAP, other=0).to(tl.int32)
-    six = tl.load(sidx + row.to(tl.int64) * CAP + c, mask=c < CAP, other=-1)
-    rank = tl.cumsum(acc, 0) - 1
-    avail = tl.sum(acc, 0)
-    tl.store(ob + base + rank, six, mask=acc > 0)
+    avail = 0
+    for c0 in range(0, CAP, CP):
+        c = c0 + tl.arange(0, CP)
+        acc = tl.load(sacc + row.to(tl.int64) * CAP + c, mask=c < CAP, other=0).to(tl.int32)
+        six = tl.load(sidx + row.to(tl.int64) * CAP + c, mask=c < CAP, other=-1)
+        rank = avail + tl.cumsum(acc, 0) - 1
+        avail += tl.sum(acc, 0)
+        tl.store(ob + base + rank, six, mask=acc > 0)
     m = tl.minimum(tl.minimum(m0, n_r), avail)
     tl.debug_barrier()
     # pilot and fixed keys, scored by the R query heads of this row
@@ -100,27 +107,38 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
     pok = p < m
     pix = tl.load(ob + base + p, mask=pok, other=0)
     kk = tl.load(kb + pix.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
+    if IEEE:
+        sp = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
+    else:
+        sp = tl.dot(qq, tl.trans(kk))
+    sp = tl.where(pok[None, :], sp * scale, float("-inf"))
     f = tl.arange(0, FP)
     fok = f < F0
     fix = tl.where(f < sink, f, hi + f - sink)
-    kf = tl.load(kb + tl.where(fok, fix, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=fok[:, None], other=0.0)
-    if IEEE:
-        sp = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
-        sf = tl.dot(qq.to(tl.float32), tl.trans(kf.to(tl.float32)), input_precision="ieee")
+    if PART:
+        # D_F from the partials: sum_s 2^lse_s = sum over fixed keys of exp(score) (natural)
+        sc = tl.arange(0, SP)
+        pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
+                     mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
+        shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(pl, 1) * 0.6931471805599453), -1e30)
+        dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
     else:
-        sp = tl.dot(qq, tl.trans(kk))
-        sf = tl.dot(qq, tl.trans(kf))
-    sp = tl.where(pok[None, :], sp * scale, float("-inf"))
-    sf = tl.where(fok[None, :], sf * scale, float("-inf"))
-    shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(sf, 1)), -1e30)
+        kf = tl.load(kb + tl.where(fok, fix, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=fok[:, None],
+                     other=0.0)
+        if IEEE:
+            sf = tl.dot(qq.to(tl.float32), tl.trans(kf.to(tl.float32)), input_precision="ieee")
+        else:
+            sf = tl.dot(qq, tl.trans(kf))
+        sf = tl.where(fok[None, :], sf * scale, float("-inf"))
+        shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(sf, 1)), -1e30)
+        dfix = tl.sum(tl.where(fok[None, :], tl.exp(sf - shift[:, None]), 0.0), 1)
     xp = tl.where(pok[None, :], tl.exp(sp - shift[:, None]), 0.0)
-    xf = tl.where(fok[None, :], tl.exp(sf - shift[:, None]), 0.0)
     mf = m.to(tl.float32)
     mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
     nrf = n_r.to(tl.float32)
-    dhat = tl.sum(xf, 1) + nrf * mean
+    dhat = dfix + nrf * mean
     rest = n_r - m
     restf = rest.to(tl.float32)
     b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
@@ -138,8 +156,9 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
              tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
                       tl.where(tl.arange(0, 4) == 2, nrf, braw))))
     # fixed keys, then weights for the whole row and -1 padding after count
-    tl.store(ob + f, fix, mask=fok)
-    tl.store(lb + f, tl.zeros([FP], tl.float32), mask=fok)
+    if not PART:  # with PART the emit pass wrote them
+        tl.store(ob + f, fix, mask=fok)
+        tl.store(lb + f, tl.zeros([FP], tl.float32), mask=fok)
     tl.debug_barrier()
     for p0 in range(base, KT, BLK):  # top-k slots got weight 0 from the emit pass
         pp = p0 + tl.arange(0, BLK)
@@ -147,3 +166,140 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats,
         w = tl.where(pp < base + m, 0.0, tl.where(pp < count, lwv, float("-inf")))
         tl.store(lb + pp, w, mask=inr)
         tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
+
+
+@triton.jit
+def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
+                         sqb, sqh, sqt, skb, skh, skn, H, T, N, KT, seed,
+                         sink, window, m0, scale, zz, eps2, S1, ST,
+                         G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                         CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
+                         IEEE: tl.constexpr, WALK: tl.constexpr, PAD: tl.constexpr):
+    """One program per selection row: permutation sample + verified budget + assembly, fused.
+
+    The sample is generated here (perm_sample_kernel's keyed Feistel permutation of [sink, hi),
+    same slots for the same seed), in blocks of CB slots, compacting the accepted slots
+    (member = 0: not top-k) to out[row, base + rank]. Blocks are drawn until the pilot (m0
+    accepted) is in hand, then until m + want accepted, want = min(max(budget, 1), n_r - m):
+    the whole residual is reachable (no slot cap), so ext = want on every row. D_F comes from
+    the split-KV partials of attention pass 1 over [sink | window | top-k] (plse, log2 units,
+    columns [0, S1) of ST), so it is the exact mass of every fixed key. PAD: write -inf weights
+    and -1 indices after count up to KT (a full Selection row); else only [base, count).
+    """
+    row = tl.program_id(0)
+    t = row % T
+    h = (row // T) % H
+    b = row // (H * T)
+    b64 = b.to(tl.int64)
+    L = tl.load(lens + b)
+    hi = L - window
+    F0 = sink + window
+    top_n = tl.load(tcnt + row)
+    base = F0 + top_n
+    n_mid = tl.maximum(hi - sink, 0)
+    n_r = tl.maximum(n_mid - top_n, 0)
+    ob = out + row.to(tl.int64) * KT
+    lb = lw + row.to(tl.int64) * KT
+    mb = member + row.to(tl.int64) * N
+    # permutation parameters (as perm_sample_kernel)
+    bits = 0
+    for i in tl.static_range(31):
+        bits += (((n_mid - 1) >> i) > 0).to(tl.int32)
+    hb = ((bits + 1) // 2).to(tl.uint32)
+    mask = ((1 << hb) - 1).to(tl.uint32)
+    key = (seed ^ (row * 0x1B873593)).to(tl.uint32)
+    avail = 0
+    c0 = 0
+    goal = tl.minimum(m0, n_r)
+    while (c0 < n_mid) & (avail < goal):
+        j = c0 + tl.arange(0, CB)
+        y = _feistel(j.to(tl.uint32), hb, mask, key)
+        live = j < n_mid
+        todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+        it = 0
+        while (todo > 0) & (it < WALK):
+            y = tl.where(y >= n_mid, _feistel(y, hb, mask, key), y)
+            todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+            it += 1
+        ok = live & (y < n_mid)
+        pos = sink + y.to(tl.int32)
+        mem = tl.load(mb + pos, mask=ok, other=1)
+        acc = (ok & (mem == 0)).to(tl.int32)
+        rank = avail + tl.cumsum(acc, 0) - 1
+        tl.store(ob + base + rank, pos, mask=acc > 0)
+        avail += tl.sum(acc, 0)
+        c0 += CB
+    m = tl.minimum(goal, avail)
+    tl.debug_barrier()
+    j2 = (h * R) // G
+    kb = kp + b64 * skb + j2.to(tl.int64) * skh
+    d = tl.arange(0, D)
+    r = tl.arange(0, M)
+    qq = tl.load(q + b64 * sqb + (h * R + r)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
+                 mask=(r < R)[:, None], other=0.0)
+    p = tl.arange(0, M0P)
+    pok = p < m
+    pix = tl.load(ob + base + p, mask=pok, other=0)
+    kk = tl.load(kb + pix.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
+    if IEEE:
+        sp = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
+    else:
+        sp = tl.dot(qq, tl.trans(kk))
+    sp = tl.where(pok[None, :], sp * scale, float("-inf"))
+    sc = tl.arange(0, SP)
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
+                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
+    shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(pl, 1) * 0.6931471805599453), -1e30)
+    dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
+    xp = tl.where(pok[None, :], tl.exp(sp - shift[:, None]), 0.0)
+    mf = m.to(tl.float32)
+    mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
+    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
+    var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
+    nrf = n_r.to(tl.float32)
+    dhat = dfix + nrf * mean
+    rest = n_r - m
+    restf = rest.to(tl.float32)
+    b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
+    b0 = tl.where(b0 == b0, b0, float("inf"))
+    bq = tl.where(b0 == float("inf"), restf,
+                  tl.ceil(b0 * restf / tl.maximum(restf - 1.0 + b0, 1e-30) - 1e-6))
+    bq = tl.where(r < R, bq, 0.0)
+    braw = tl.max(bq, 0)
+    want = tl.maximum(tl.minimum(tl.maximum(braw, 1.0), restf).to(tl.int32), 0)
+    # draw on until m + want accepted keys (the rest of the permutation holds all of R)
+    while (c0 < n_mid) & (avail < m + want):
+        j = c0 + tl.arange(0, CB)
+        y = _feistel(j.to(tl.uint32), hb, mask, key)
+        live = j < n_mid
+        todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+        it = 0
+        while (todo > 0) & (it < WALK):
+            y = tl.where(y >= n_mid, _feistel(y, hb, mask, key), y)
+            todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
+            it += 1
+        ok = live & (y < n_mid)
+        pos = sink + y.to(tl.int32)
+        mem = tl.load(mb + pos, mask=ok, other=1)
+        acc = (ok & (mem == 0)).to(tl.int32)
+        rank = avail + tl.cumsum(acc, 0) - 1
+        tl.store(ob + base + rank, pos, mask=(acc > 0) & (rank < m + want))
+        avail += tl.sum(acc, 0)
+        c0 += CB
+    ext = tl.maximum(tl.minimum(want, avail - m), 0)
+    count = base + m + ext
+    lwv = tl.log(restf / tl.maximum(ext, 1).to(tl.float32))
+    tl.store(cnt + row, count)
+    tl.store(stats + row * 4 + tl.arange(0, 4),
+             tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
+                      tl.where(tl.arange(0, 4) == 2, nrf, braw))))
+    tl.debug_barrier()
+    stop = KT if PAD else count
+    for p0 in range(base + m, stop, BLK):  # top-k and pilot slots already hold weight 0
+        pp = p0 + tl.arange(0, BLK)
+        inr = pp < stop
+        w = tl.where(pp < count, lwv, float("-inf"))
+        tl.store(lb + pp, w, mask=inr)
+        if PAD:
+            tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
+    tl.store(lb + base + tl.arange(0, M0P), tl.zeros([M0P], tl.float32), mask=tl.arange(0, M0P) < m)

@@ -88,10 +88,11 @@ def split_rows(rows: int, n: int, block_n: int, device) -> tuple[int, int]:
 
 
 def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, block_n=1024, cache=True,
-                num_warps=4, lw=None, half=True):
+                num_warps=4, lw=None, half=True, fixed=False):
     """Counting select into out[row*stride + off + slot]; q/proj (fused signature) or qsig.
 
-    lw (optional, same layout as out) gets log-weight 0 at the winners' slots.
+    lw (optional, same layout as out) gets log-weight 0 at the winners' slots. fixed=True (needs
+    lw) also writes the sinks [0, lo) and the window [hi, hi + off - lo) at slots [0, off).
     Returns (count int32 [rows], member uint8 [rows, N], hist int32 [rows, NB]).
     Three device ops: one zero fill (histogram and counters), the histogram pass, the emit pass.
     """
@@ -124,7 +125,8 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
     hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, member, lo, H, Hkv, T, N, span, *sq,
                                 HALF=half and top & (top - 1) == 0, **meta)
     emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, ctr, out, out if lw is None else lw, cnt, member, lo, H, Hkv, T, N,
-                                span, *sq, k, off, stride, WLW=lw is not None, **meta)
+                                span, *sq, k, off, stride, WLW=lw is not None,
+                                FIX=max(16, next_pow2(off)) if fixed else 0, **meta)
     return cnt, member, hist
 
 

@@ -114,12 +114,18 @@ def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None):
     return int(min(max(braw, 1), rest)), braw
 
 
-def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, m0, eps, delta, scale=None):
+def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, m0, eps, delta, scale=None,
+                plse=None, s1=0, block_c=2048):
     """Launch the fused budget + Selection assembly (see _sample_triton.budget_emit_kernel).
 
     q [B,Hq,1,D]; k [B,Hkv,N,D]; top_cnt int32 [B*Hkv]; s_idx/s_acc [B*Hkv, C] from perm_sample;
     out/lw [B*Hkv, KT] (top-k already at [sink+window, +top_cnt)). Returns (count int32 [B*Hkv],
     stats f32 [B*Hkv, 4]: pilot size m, extension ext, residual n_r, raw budget max over heads).
+    plse (f32 [B,Hq,1,S_tot], log2 units) with s1 > 0: D_F is the exact mass of every key in
+    [sink | window | top-k], read from the first s1 columns (split-KV partials of an attention
+    pass over those slots, which also wrote the fixed slots); otherwise D_F = sinks + window only.
+    A row is capped when min(max(raw, 1), n_r - m) > ext: the C slots held fewer accepted keys
+    than the budget (see capped_rows).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
@@ -134,10 +140,52 @@ def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, 
     z = z_two_sided(delta)
     cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
     stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
+    part = plse is not None and s1 > 0
+    st_tot = plse.shape[-1] if part else 1
     budget_emit_kernel[(rows,)](q, k, lengths, top_cnt, s_idx, s_acc, out, lw, cnt, stats,
+                                plse if part else stats,
                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps,
-                                G=G, R=G, M=max(16, next_pow2(G)), D=D, CP=max(16, next_pow2(C)),
+                                Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps, s1, st_tot,
+                                G=G, R=G, M=max(16, next_pow2(G)), D=D, CP=max(16, min(block_c, next_pow2(C))),
                                 M0P=max(16, next_pow2(m0)), FP=max(16, next_pow2(sink + window)), BLK=1024,
-                                IEEE=use_ieee(q.dtype), num_warps=8)
+                                IEEE=use_ieee(q.dtype), PART=part, SP=max(2, next_pow2(max(s1, 1))), num_warps=8)
+    return cnt, stats
+
+
+def capped_rows(stats) -> torch.Tensor:
+    """bool [rows]: rows whose extension is smaller than the verified budget (slots ran out)."""
+    m, ext, n_r, raw = stats.unbind(-1)
+    want = torch.minimum(raw.clamp(min=1), n_r - m)
+    return want > ext
+
+
+def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
+                  scale=None, pad=False, block_c=1024, walk=24):
+    """Fused permutation sample + verified budget + assembly (_sample_triton.sample_budget_kernel).
+
+    member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
+    fixed keys and top-k already written (weight 0); plse [B,Hq,1,S_tot] holding attention
+    pass 1 in columns [0, s1). No slot cap: KT >= sink + window + topk + (hi - sink) lets the
+    sample reach the whole residual. Returns (count int32 [rows], stats f32 [rows, 4]).
+    """
+    if not 0 < eps < 1:
+        raise VattnError(f"eps must be in (0, 1), got {eps}")
+    from vattn.kernels._common import next_pow2, use_ieee
+    from vattn.kernels._sample_triton import sample_budget_kernel
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    rows = B * Hkv * T
+    KT = out.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    z = z_two_sided(delta)
+    cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
+    stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
+    sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, out, lw, cnt, stats, plse,
+                                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                  Hkv, T, N, KT, seed & 0x7FFFFFFF, sink, window, m0, scale, z * z, eps * eps,
+                                  s1, plse.shape[-1],
+                                  G=G, R=G, M=max(16, next_pow2(G)), D=D, CB=block_c, M0P=max(16, next_pow2(m0)),
+                                  SP=max(2, next_pow2(s1)), BLK=1024, IEEE=use_ieee(q.dtype), WALK=walk, PAD=pad,
+                                  num_warps=8)
     return cnt, stats

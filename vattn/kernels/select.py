@@ -10,6 +10,13 @@ cache is filled); the sample is a keyed permutation prefix that skips top-k keys
 comes from the pilot's exact scores (kernels.sample.budget_emit; the exact set F in D_hat is
 sink + window only: leaving the top-k mass out makes D_hat smaller and the budget larger). Assumes every row has
 length >= sink + window (shorter rows should use dense attention).
+
+    vattention_hash_decode(q, k, v, ksig, proj, lengths, ...) -> out [B,Hq,1,D] (selection + attention)
+
+The same row, attended in two split-KV passes so that D_hat includes the exact mass of every
+fixed key (sinks, window and top-k), as the CPU reference does, at no extra bytes: pass 1
+attends [sink | window | top-k] (its partial log-sum-exps are D_F), the budget kernel reads
+them, pass 2 attends [pilot | extension], one merge combines both. 8 device ops.
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import torch
 from vattn.errors import VattnError
 from vattn.kernels._common import check_runnable
 from vattn.kernels.bits import topk_launch
-from vattn.kernels.sample import budget_emit, perm_sample
+from vattn.kernels.sample import budget_emit, perm_sample, sample_budget
+from vattn.kernels.sparse import launch_split, plan_splits
+from vattn.kernels._common import merge_partials
 from vattn.selection import Selection
 
 
@@ -66,3 +75,57 @@ def attended(sel: Selection) -> torch.Tensor:
     """Keys actually attended per row (valid index and finite weight)."""
     ok = sel.valid() & (sel.indices >= 0) & torch.isfinite(sel.log_weights)
     return ok.sum(-1)
+
+
+def decode_plan(rows, device=None):
+    """Programs per row of the two attention passes: about two per SM in all for each pass;
+    each program takes an equal share of its row's live slots (chunks computed in-kernel)."""
+    from vattn.kernels._common import target_programs
+    per = max(1, -(-target_programs(device or torch.device("cuda")) // rows))
+    return per, per
+
+
+def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128, topk=4096, m0=128,
+                           eps=0.05, delta=0.05, seed=0, scale=None, stats=False, selection=False,
+                           block_n=1024, attn_block=64, cap=None):
+    """Selection + sparse attention (see module docstring). Returns out [B,Hq,1,D]; with
+    selection=True also the Selection (rows padded with -1 to sink + window + topk + N - sink),
+    with stats=True also f32 [B*Hkv, 4] (pilot m, extension ext, residual n_r, raw budget).
+    The sample has no slot cap (cap is accepted and ignored): ext equals the verified budget."""
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    if T != 1:
+        raise VattnError(f"vattention_hash_decode handles one query row (T=1), got T={T}")
+    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
+        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
+    if v.shape != k.shape or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise VattnError(f"k and v must match with last-dim stride 1, got {tuple(k.shape)} {tuple(v.shape)}")
+    if lengths is None:
+        lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
+    check_runnable(q, k, v, ksig, lengths)
+    hi = (lengths - window).to(torch.int32)
+    rows = B * Hkv
+    F0 = sink + window
+    KT = F0 + topk + max(N - sink, 1)
+    scale = D ** -0.5 if scale is None else float(scale)
+    idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
+    lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
+    top_n, member, _ = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
+                                   idx, F0, KT, shared=True, block_n=block_n, lw=lw, fixed=True)
+    s1, s2 = decode_plan(rows, q.device)
+    po = torch.empty((B, Hq, T, s1 + s2, D), dtype=torch.float32, device=q.device)
+    plse = torch.empty((B, Hq, T, s1 + s2), dtype=torch.float32, device=q.device)
+    launch_split(q, k, v, idx, lw, top_n, po, plse, True, scale, 0, s1, mode=1, tcnt=top_n, off=F0,
+                 block_n=attn_block, dyn=True)
+    count, st = sample_budget(q, k, lengths, top_n, member, idx, lw, plse, s1, sink=sink, window=window, m0=m0,
+                              eps=eps, delta=delta, seed=seed, scale=scale, pad=selection)
+    launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
+                 s_off=s1, block_n=attn_block, dyn=True)
+    out = merge_partials(po, plse, torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device))
+    res = (out,)
+    if selection:
+        res += (Selection(idx, lw, count.view(B, Hkv, T), shared=True),)
+    if stats:
+        res += (st,)
+    return res if len(res) > 1 else out

@@ -56,9 +56,11 @@ def _split_kernel():
     @triton.jit
     def split(q, k, v, idx, lw, cnt, po, plse,
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-              H, HKV, T, S, K, chunk, scale_log2,
+              H, HKV, T, S, K, chunk, scale_log2, tcnt, off, s_off,
               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr):
+              BN: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, DYN: tl.constexpr = 0):
+        # MODE 0: slots [0, cnt[row]); 1: [0, off + tcnt[row]) (the exact part of a vAttention
+        # row); 2: [off + tcnt[row], cnt[row]) (its sample). Partials go to column s_off + sp of S.
         # R query heads share this program's selection row: R = G if shared else 1.
         row = tl.program_id(0)  # (b, h, t) of the selection
         sp = tl.program_id(1)
@@ -74,8 +76,19 @@ def _split_kernel():
         d = tl.arange(0, D)
         qq = tl.load(q + b64 * sqb + (hq0 + m)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
                      mask=m_ok[:, None], other=0.0)
-        c = tl.load(cnt + row)
-        start = sp * chunk
+        if MODE == 0:
+            beg = 0
+            c = tl.load(cnt + row)
+        elif MODE == 1:
+            beg = 0
+            c = off + tl.load(tcnt + row)
+        else:
+            beg = off + tl.load(tcnt + row)
+            c = tl.load(cnt + row)
+        if DYN:  # split this row's live range evenly over the row's programs
+            nsp = tl.num_programs(1)
+            chunk = tl.cdiv(tl.cdiv(tl.maximum(c - beg, 0), nsp), BN) * BN
+        start = beg + sp * chunk
         end = tl.minimum(start + chunk, c)
         kb = k + b64 * skb + j.to(tl.int64) * skh
         vb = v + b64 * svb + j.to(tl.int64) * svh
@@ -109,8 +122,9 @@ def _split_kernel():
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
         r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, S, D]
-        tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=m_ok[:, None])
-        tl.store(plse + r * S + sp, lse, mask=m_ok)
+        # a program that saw no key writes only lse = -inf (the merge never reads its po)
+        tl.store(po + (r[:, None] * S + s_off + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
+        tl.store(plse + r * S + s_off + sp, lse, mask=m_ok)
 
     return split
 
@@ -140,32 +154,48 @@ def _check(q, k, v, indices, log_weights, count, shared):
                          f"{tuple(indices.shape)} / {(B, H, T)}")
 
 
+def plan_splits(rows, K, block_n, device, splits=None):
+    """(chunk, S): programs per row S, each over `chunk` slots (a multiple of block_n)."""
+    want = splits or math.ceil(target_programs(device) / rows)
+    want = max(1, min(want, math.ceil(max(K, 1) / block_n)))
+    chunk = math.ceil(math.ceil(max(K, 1) / want) / block_n) * block_n
+    return chunk, math.ceil(max(K, 1) / chunk)
+
+
+def launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, chunk, S, *, mode=0,
+                 tcnt=None, off=0, s_off=0, block_n=64, num_warps=4, num_stages=3, dyn=False):
+    """One split-KV launch writing partials po [B,Hq,T,S_tot,D] / plse [B,Hq,T,S_tot] at columns
+    [s_off, s_off + S) (mode: see the kernel). Inputs must be contiguous."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    H, K = indices.shape[1], indices.shape[3]
+    R = G if shared else 1
+    _split_kernel()[(B * H * T, S)](
+        q, k, v, indices, log_weights, count, po, plse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        H, Hkv, T, plse.shape[-1], K, chunk, scale * LOG2E, count if tcnt is None else tcnt, off, s_off,
+        G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype), MODE=mode, DYN=dyn,
+        num_warps=num_warps, num_stages=num_stages)
+
+
 def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
                   block_n=64, num_warps=4, num_stages=3, splits=None):
     """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype."""
     _check(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
     H = indices.shape[1]
     K = indices.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
     indices, log_weights, count = indices.contiguous(), log_weights.contiguous(), count.contiguous()
-    rows = B * H * T
-    want = splits or math.ceil(target_programs(q.device) / rows)
-    want = max(1, min(want, math.ceil(max(K, 1) / block_n)))
-    chunk = math.ceil(math.ceil(max(K, 1) / want) / block_n) * block_n
-    S = math.ceil(max(K, 1) / chunk)
-    R = G if shared else 1
+    chunk, S = plan_splits(B * H * T, K, block_n, q.device, splits)
     po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
-    _split_kernel()[(rows, S)](
-        q, k, v, indices, log_weights, count, po, plse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        H, Hkv, T, S, K, chunk, scale * LOG2E,
-        G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+    # programs split each row's count evenly (chunks in-kernel), so wide rows with a short count
+    # (a Selection padded to its full width) keep every program busy
+    launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, chunk, S, block_n=block_n,
+                 num_warps=num_warps, num_stages=num_stages, dyn=True)
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     return merge_partials(po, plse, out)
