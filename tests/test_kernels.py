@@ -16,7 +16,7 @@ from vattn.errors import VattnError
 from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.pages import page_bounds, quest_scores, quest_scores_ref
-from vattn.kernels.sample import capped_rows, perm_sample, perm_sample_ref, verified_ext_ref
+from vattn.kernels.sample import _feistel_ref, capped_rows, perm_sample, perm_sample_ref, verified_ext_ref
 from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
 
@@ -241,19 +241,23 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
             assert torch.allclose(lw[F0 + top_n + m:c], torch.tensor((n_r - m) / ext).log().float(), atol=1e-5)
         samp = live[F0 + top_n:]
         assert ((samp >= sink) & (samp < h)).all() and not set(samp.tolist()) & set(live[F0:F0 + top_n].tolist())
-        # the sample is the accepted prefix of perm_sample's permutation (same seed, same row key)
-        mem = torch.zeros(1, 1, 1, N, dtype=torch.uint8)
-        mem[..., live[F0:F0 + top_n]] = 1
-        pidx, pacc = perm_sample_ref(mem, sink, torch.tensor([h], dtype=torch.int32), h - sink, seed)
-        pref = pidx.view(-1)[pacc.view(-1).bool()][:m + ext]
+        # the sample is the accepted prefix of the keyed Feistel permutation of [0, 4^hb) restricted
+        # to [0, n_mid) (no cycle walk), skipping top-k keys
+        n_mid = h - sink
+        hb = ((n_mid - 1).bit_length() + 1) // 2
+        key = (seed ^ ((r * 0x1B873593) & 0xFFFFFFFF)) & 0xFFFFFFFF
+        y = _feistel_ref(torch.arange(4 ** hb), hb, (1 << hb) - 1, key)
+        y = y[y < n_mid] + sink
+        top_set = torch.zeros(N, dtype=torch.bool)
+        top_set[live[F0:F0 + top_n]] = True
+        pref = y[~top_set[y]][:m + ext]
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv].float()
         ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0 + top_n],
                                           live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1)
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b), (r, float(st[r, 3]), ref_b)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext)
         saw_partial |= 1 < ext < n_r - m
-        if r == 0:  # row key of perm_sample_ref's row 0 equals this row's key only for r = 0
-            assert torch.equal(samp, pref.long())
+        assert torch.equal(samp, pref.long())
     assert saw_partial
     ref = sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True)
     assert torch.isfinite(out).all() and rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

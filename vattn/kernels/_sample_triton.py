@@ -177,8 +177,11 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
                          IEEE: tl.constexpr, WALK: tl.constexpr, PAD: tl.constexpr):
     """One program per selection row: permutation sample + verified budget + assembly, fused.
 
-    The sample is generated here (perm_sample_kernel's keyed Feistel permutation of [sink, hi),
-    same slots for the same seed), in blocks of CB slots, compacting the accepted slots
+    The sample is generated here from perm_sample_kernel's keyed Feistel permutation P of the
+    domain [0, 4^hb) without cycle walking: slots j = 0, 1, ... in order, keeping P(j) < n_mid.
+    The kept values, in order, are a uniformly random order of [0, n_mid) (the restriction of a
+    random permutation to a subset), so every prefix is a uniform sample without replacement;
+    the same 4 rounds per slot and no walk loop. Blocks of CB slots, compacting the accepted slots
     (member = 0: not top-k) to out[row, base + rank]. Blocks are drawn until the pilot (m0
     accepted) is in hand, then until m + want accepted, want = min(max(budget, 1), n_r - m):
     the whole residual is reachable (no slot cap), so ext = want on every row. D_F comes from
@@ -208,20 +211,14 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
     hb = ((bits + 1) // 2).to(tl.uint32)
     mask = ((1 << hb) - 1).to(tl.uint32)
     key = (seed ^ (row * 0x1B873593)).to(tl.uint32)
+    dom = 1 << (2 * hb.to(tl.int32))  # the permutation's domain [0, 4^hb) holds [0, n_mid)
     avail = 0
     c0 = 0
     goal = tl.minimum(m0, n_r)
-    while (c0 < n_mid) & (avail < goal):
+    while (c0 < dom) & (avail < goal):
         j = c0 + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
-        live = j < n_mid
-        todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
-        it = 0
-        while (todo > 0) & (it < WALK):
-            y = tl.where(y >= n_mid, _feistel(y, hb, mask, key), y)
-            todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
-            it += 1
-        ok = live & (y < n_mid)
+        ok = (j < dom) & (y < n_mid)
         pos = sink + y.to(tl.int32)
         mem = tl.load(mb + pos, mask=ok, other=1)
         acc = (ok & (mem == 0)).to(tl.int32)
@@ -268,17 +265,10 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
     braw = tl.max(bq, 0)
     want = tl.maximum(tl.minimum(tl.maximum(braw, 1.0), restf).to(tl.int32), 0)
     # draw on until m + want accepted keys (the rest of the permutation holds all of R)
-    while (c0 < n_mid) & (avail < m + want):
+    while (c0 < dom) & (avail < m + want):
         j = c0 + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
-        live = j < n_mid
-        todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
-        it = 0
-        while (todo > 0) & (it < WALK):
-            y = tl.where(y >= n_mid, _feistel(y, hb, mask, key), y)
-            todo = tl.sum(((y >= n_mid) & live).to(tl.int32), 0)
-            it += 1
-        ok = live & (y < n_mid)
+        ok = (j < dom) & (y < n_mid)
         pos = sink + y.to(tl.int32)
         mem = tl.load(mb + pos, mask=ok, other=1)
         acc = (ok & (mem == 0)).to(tl.int32)

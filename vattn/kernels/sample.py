@@ -160,7 +160,7 @@ def capped_rows(stats) -> torch.Tensor:
 
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
-                  scale=None, pad=False, block_c=1024, walk=24):
+                  scale=None, pad=False, block_c=2048, walk=24):
     """Fused permutation sample + verified budget + assembly (_sample_triton.sample_budget_kernel).
 
     member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
