@@ -16,7 +16,8 @@ length >= sink + window (shorter rows should use dense attention).
 The same row, attended in two split-KV passes so that D_hat includes the exact mass of every
 fixed key (sinks, window and top-k), as the CPU reference does, at no extra bytes: pass 1
 attends [sink | window | top-k] (its partial log-sum-exps are D_F), the budget kernel reads
-them, pass 2 attends [pilot | extension], one merge combines both. 8 device ops.
+them (and draws the sample, uncapped, in the same kernel), pass 2 attends [pilot | extension],
+one merge combines both. 7 device ops.
 """
 from __future__ import annotations
 
