@@ -38,3 +38,25 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
 @pytest.fixture(params=ARCHS)
 def tiny(request):
     return request.param, tiny_model(request.param)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over 128 ids (no download): 'w0'..'w123' plus specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": 4 + i for i in range(124)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A local HF model directory: tiny Llama (64 positions) + tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    import transformers as tf
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY, "max_position_embeddings": 64})).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
