@@ -159,7 +159,7 @@ def test_cli_eval_and_report(tiny_model, tmp_path):
     cli = CliRunner()
     out = tmp_path / "cli"
     args = ["eval", "--model", tiny_model, "--tasks", "passkey", "--lengths", "300", "--specs", "dense",
-            "--samples", "1", "--max-new-tokens", "2", "--out", str(out), "--device", "cpu"]
+            "--samples", "1", "--max-new-tokens", "2", "--out", str(out), "--device", "cpu", "--chat"]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "per spec" in res.output and (out / "summary.json").exists()

@@ -77,6 +77,7 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     jsonl_tasks: Optional[List[Path]] = typer.Option(None, "--jsonl-tasks", help="Your own samples (JSONL); see docs/eval.md."),
+    chat: bool = typer.Option(False, "--chat/--no-chat", help="Wrap samples in the tokenizer's chat template."),
     task_list: bool = typer.Option(False, "--list-tasks", help="List the built-in tasks and exit."),
 ):
     """Long-context accuracy of sparse attention: RULER-style tasks, dense prefill, sparse decode."""
@@ -100,7 +101,7 @@ def eval_command(
                          specs=spec_list, seeds=list(range(seed, seed + samples)), max_new_tokens=max_new_tokens,
                          out=str(out) if out else None, match_density=match_density or None,
                          device=resolve_device(device) if not (ray or ray_address) else device, dtype=dtype,
-                         jsonl_tasks=[str(p) for p in jsonl_tasks or []])
+                         jsonl_tasks=[str(p) for p in jsonl_tasks or []], chat=chat)
         logging.basicConfig(level=logging.WARNING, format="%(message)s",
                             handlers=[RichHandler(console=console, show_path=False)])
         logging.getLogger("vattn.eval").setLevel(logging.INFO)

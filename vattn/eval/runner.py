@@ -42,7 +42,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str | None = None
     jsonl_tasks: list[str] = field(default_factory=list)
-    chat: bool = True                   # wrap in the tokenizer's chat template when it has one
+    chat: bool = False                  # wrap in the tokenizer's chat template (SmolLM2 does better without)
 
     @property
     def model_name(self) -> str:
@@ -139,7 +139,7 @@ def make_patch(model):
 class Evaluator:
     """Runs samples on one loaded model: one dense prefill, then each spec on a copy."""
 
-    def __init__(self, model, tokenizer, model_name: str, chat: bool = True):
+    def __init__(self, model, tokenizer, model_name: str, chat: bool = False):
         self.model, self.tok, self.model_name = model, tokenizer, model_name
         self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
         self.patch = make_patch(model)
