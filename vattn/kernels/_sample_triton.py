@@ -174,8 +174,14 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
                          sink, window, m0, scale, zz, eps2, S1, ST,
                          G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
-                         IEEE: tl.constexpr, WALK: tl.constexpr, PAD: tl.constexpr):
+                         IEEE: tl.constexpr, WALK: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr,
+                         ctl):
     """One program per selection row: permutation sample + verified budget + assembly, fused.
+
+    PAR=1: only the pilot blocks are drawn here; ctl[row] = (next slot, accepted so far) and the
+    rest of the sample (m + want accepted keys in all) is drawn by sample_count_kernel +
+    sample_scatter_kernel with several programs per row (ext = want: the whole residual lies in
+    the permutation's domain).
 
     The sample is generated here from perm_sample_kernel's keyed Feistel permutation P of the
     domain [0, 4^hb) without cycle walking: slots j = 0, 1, ... in order, keeping P(j) < n_mid.
@@ -264,18 +270,23 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
     bq = tl.where(r < R, bq, 0.0)
     braw = tl.max(bq, 0)
     want = tl.maximum(tl.minimum(tl.maximum(braw, 1.0), restf).to(tl.int32), 0)
-    # draw on until m + want accepted keys (the rest of the permutation holds all of R)
-    while (c0 < dom) & (avail < m + want):
-        j = c0 + tl.arange(0, CB)
-        y = _feistel(j.to(tl.uint32), hb, mask, key)
-        ok = (j < dom) & (y < n_mid)
-        pos = sink + y.to(tl.int32)
-        mem = tl.load(mb + pos, mask=ok, other=1)
-        acc = (ok & (mem == 0)).to(tl.int32)
-        rank = avail + tl.cumsum(acc, 0) - 1
-        tl.store(ob + base + rank, pos, mask=(acc > 0) & (rank < m + want))
-        avail += tl.sum(acc, 0)
-        c0 += CB
+    if PAR:
+        tl.store(ctl + row * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, c0, avail))
+        a0 = avail
+        avail = tl.maximum(avail, m + want)
+    else:
+        # draw on until m + want accepted keys (the rest of the permutation holds all of R)
+        while (c0 < dom) & (avail < m + want):
+            j = c0 + tl.arange(0, CB)
+            y = _feistel(j.to(tl.uint32), hb, mask, key)
+            ok = (j < dom) & (y < n_mid)
+            pos = sink + y.to(tl.int32)
+            mem = tl.load(mb + pos, mask=ok, other=1)
+            acc = (ok & (mem == 0)).to(tl.int32)
+            rank = avail + tl.cumsum(acc, 0) - 1
+            tl.store(ob + base + rank, pos, mask=(acc > 0) & (rank < m + want))
+            avail += tl.sum(acc, 0)
+            c0 += CB
     ext = tl.maximum(tl.minimum(want, avail - m), 0)
     count = base + m + ext
     lwv = tl.log(restf / tl.maximum(ext, 1).to(tl.float32))
@@ -284,7 +295,10 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
              tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
                       tl.where(tl.arange(0, 4) == 2, nrf, braw))))
     tl.debug_barrier()
-    stop = KT if PAD else count
+    if PAR:
+        stop = KT if PAD else tl.minimum(base + a0, count)
+    else:
+        stop = KT if PAD else count
     for p0 in range(base + m, stop, BLK):  # top-k and pilot slots already hold weight 0
         pp = p0 + tl.arange(0, BLK)
         inr = pp < stop
@@ -293,3 +307,100 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
         if PAD:
             tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
     tl.store(lb + base + tl.arange(0, M0P), tl.zeros([M0P], tl.float32), mask=tl.arange(0, M0P) < m)
+
+
+@triton.jit
+def _perm_params(lens, tcnt, row, H, T, window, sink, seed):
+    b = row // (H * T)
+    hi = tl.load(lens + b) - window
+    n_mid = tl.maximum(hi - sink, 0)
+    n_r = tl.maximum(n_mid - tl.load(tcnt + row), 0)
+    bits = 0
+    for i in tl.static_range(31):
+        bits += (((n_mid - 1) >> i) > 0).to(tl.int32)
+    hb = ((bits + 1) // 2).to(tl.uint32)
+    mask = ((1 << hb) - 1).to(tl.uint32)
+    key = (seed ^ (row * 0x1B873593)).to(tl.uint32)
+    dom = 1 << (2 * hb.to(tl.int32))
+    return n_mid, n_r, hb, mask, key, dom
+
+
+@triton.jit
+def _par_blocks(stats, ctl, row, n_r, dom, CB: tl.constexpr, NB, MARGIN, EXTRA):
+    """Blocks of CB slots after the pilot that sample_count_kernel counts: enough for the
+    expected slots of the missing accepted keys times MARGIN plus EXTRA blocks (the scatter
+    pass draws on serially in the rare case they fall short)."""
+    m = tl.load(stats + row * 4).to(tl.int32)
+    want = tl.load(stats + row * 4 + 1).to(tl.int32)
+    c0 = tl.load(ctl + row * 2)
+    a0 = tl.load(ctl + row * 2 + 1)
+    need = m + want - a0
+    est = need.to(tl.float32) * dom.to(tl.float32) / tl.maximum(n_r, 1).to(tl.float32) * MARGIN
+    nbc = tl.minimum(tl.cdiv(est.to(tl.int32), CB) + EXTRA, tl.cdiv(tl.maximum(dom - c0, 0), CB))
+    nbc = tl.where(need > 0, tl.maximum(tl.minimum(nbc, NB), 1), 0)
+    return m, want, c0, a0, nbc
+
+
+@triton.jit
+def sample_count_kernel(lens, tcnt, member, stats, ctl, bcnt, H, T, N, seed, sink, window, NB, MARGIN, EXTRA,
+                        CB: tl.constexpr):
+    """Program (row, i) counts the accepted slots (in range, not top-k) of block i after the pilot."""
+    row = tl.program_id(0)
+    bi = tl.program_id(1)
+    n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
+    m, want, c0, a0, nbc = _par_blocks(stats, ctl, row, n_r, dom, CB, NB, MARGIN, EXTRA)
+    if bi < nbc:
+        j = c0 + bi * CB + tl.arange(0, CB)
+        y = _feistel(j.to(tl.uint32), hb, mask, key)
+        ok = (j < dom) & (y < n_mid)
+        mem = tl.load(member + row.to(tl.int64) * N + sink + y.to(tl.int32), mask=ok, other=1)
+        tl.store(bcnt + row * NB + bi, tl.sum((ok & (mem == 0)).to(tl.int32), 0))
+
+
+@triton.jit
+def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N, KT, seed, sink, window,
+                          NB, MARGIN, EXTRA, CB: tl.constexpr, NBP: tl.constexpr):
+    """Program (row, i): rank offset of block i = accepted before it (pilot + prefix of block
+    counts), writes its accepted keys at out[row, base + rank] (rank < m + want) with the
+    extension weight. The last counted block draws on serially if the counted blocks fell short."""
+    row = tl.program_id(0)
+    bi = tl.program_id(1)
+    n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
+    m, want, c0, a0, nbc = _par_blocks(stats, ctl, row, n_r, dom, CB, NB, MARGIN, EXTRA)
+    if bi < nbc:
+        goal = m + want
+        bb = tl.arange(0, NBP)
+        cs = tl.load(bcnt + row * NB + bb, mask=bb < nbc, other=0)
+        avail = a0 + tl.sum(tl.where(bb < bi, cs, 0), 0)
+        tot = a0 + tl.sum(cs, 0)
+        base = sink + window + tl.load(tcnt + row)
+        ob = out + row.to(tl.int64) * KT
+        lb = lw + row.to(tl.int64) * KT
+        mb = member + row.to(tl.int64) * N
+        lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(want, 1).to(tl.float32))
+        s0 = c0 + bi * CB
+        if avail < goal:
+            j = s0 + tl.arange(0, CB)
+            y = _feistel(j.to(tl.uint32), hb, mask, key)
+            ok = (j < dom) & (y < n_mid)
+            mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=1)
+            acc = (ok & (mem == 0)).to(tl.int32)
+            rank = avail + tl.cumsum(acc, 0) - 1
+            st = (acc > 0) & (rank < goal)
+            tl.store(ob + base + rank, sink + y.to(tl.int32), mask=st)
+            tl.store(lb + base + rank, tl.zeros([CB], tl.float32) + lwv, mask=st)
+        if (bi == nbc - 1) & (tot < goal):
+            c = s0 + CB
+            avail = tot
+            while (c < dom) & (avail < goal):
+                j = c + tl.arange(0, CB)
+                y = _feistel(j.to(tl.uint32), hb, mask, key)
+                ok = (j < dom) & (y < n_mid)
+                mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=1)
+                acc = (ok & (mem == 0)).to(tl.int32)
+                rank = avail + tl.cumsum(acc, 0) - 1
+                st = (acc > 0) & (rank < goal)
+                tl.store(ob + base + rank, sink + y.to(tl.int32), mask=st)
+                tl.store(lb + base + rank, tl.zeros([CB], tl.float32) + lwv, mask=st)
+                avail += tl.sum(acc, 0)
+                c += CB

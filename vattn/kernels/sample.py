@@ -160,7 +160,7 @@ def capped_rows(stats) -> torch.Tensor:
 
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
-                  scale=None, pad=False, block_c=2048, walk=24):
+                  scale=None, pad=False, block_c=2048, walk=24, par=True, block_p=None, margin=1.15, extra=2):
     """Fused permutation sample + verified budget + assembly (_sample_triton.sample_budget_kernel).
 
     member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
@@ -181,11 +181,26 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     z = z_two_sided(delta)
     cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
     stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
+    ctl = torch.empty((rows, 2), dtype=torch.int32, device=q.device)
     sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, out, lw, cnt, stats, plse,
                                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                   Hkv, T, N, KT, seed & 0x7FFFFFFF, sink, window, m0, scale, z * z, eps * eps,
                                   s1, plse.shape[-1],
                                   G=G, R=G, M=max(16, next_pow2(G)), D=D, CB=block_c, M0P=max(16, next_pow2(m0)),
                                   SP=max(2, next_pow2(s1)), BLK=1024, IEEE=use_ieee(q.dtype), WALK=walk, PAD=pad,
-                                  num_warps=8)
+                                  PAR=par, ctl=ctl, num_warps=8)
+    if par:
+        # the rest of the sample: several programs per row (count blocks, then scatter by prefix)
+        from vattn.kernels._sample_triton import sample_count_kernel, sample_scatter_kernel
+        cbp = block_p or (1024 if rows <= 16 else 2048)
+        n_mid = max(N - sink - window, 1)
+        hb = ((n_mid - 1).bit_length() + 1) // 2
+        nb = max(1, -(-(1 << (2 * hb)) // cbp))
+        bcnt = torch.empty((rows, nb), dtype=torch.int32, device=q.device)
+        member = member.reshape(rows, N)
+        sample_count_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, Hkv, T, N, seed & 0x7FFFFFFF,
+                                        sink, window, nb, float(margin), int(extra), CB=cbp, num_warps=4)
+        sample_scatter_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, Hkv, T, N, KT,
+                                          seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
+                                          CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
     return cnt, stats
