@@ -45,11 +45,12 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
                          f"the model's context is {limit} tokens; shorten the prompt or lower --max-new-tokens")
     p = patch(mdl, parsed, dense_layers=dense_layers, metrics=metrics or metrics_out is not None,
               sparse_from=n, seed=seed)
+    clock = _Clock()
     try:
         start = time.perf_counter()
         with torch.no_grad():
             out = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
+                               do_sample=False, pad_token_id=tok.pad_token_id, streamer=clock)
         seconds = time.perf_counter() - start
         if metrics_out is not None:
             p.write_jsonl(metrics_out)
@@ -57,14 +58,34 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     finally:
         p.undo()
     new = out[0, n:]
+    first = (clock.times[1] - start) if len(clock.times) > 1 else seconds
     return {"text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": n,
-            "new_tokens": int(new.shape[0]), "seconds": seconds, "summary": summary}
+            "new_tokens": int(new.shape[0]), "seconds": seconds, "first_token_seconds": first,
+            "summary": summary}
+
+
+class _Clock:
+    """A generate() streamer that only notes when tokens arrive: put #0 is the prompt,
+    put #1 the first new token (so the prefill time), then one per decode step."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def summary_line(r: dict, spec: str) -> str:
     s = r["summary"]
-    parts = [f"{r['new_tokens']} tokens in {r['seconds']:.2f}s ({r['new_tokens'] / max(r['seconds'], 1e-9):.1f} tok/s, "
-             f"prompt {r['prompt_tokens']} tokens incl. dense prefill)", f"spec {spec}"]
+    decode = r["seconds"] - r["first_token_seconds"]
+    steps = r["new_tokens"] - 1
+    parts = [f"{r['new_tokens']} tokens in {r['seconds']:.2f}s",
+             f"prefill {r['prompt_tokens']} tokens (dense) {r['first_token_seconds']:.2f}s",
+             f"decode {steps / decode:.2f} tok/s" if steps > 0 and decode > 0 else "decode -",
+             f"spec {spec}"]
     if s["density"] is not None:
         parts.append(f"mean density {s['density']:.3f}")
     if s["error"] is not None:
