@@ -162,7 +162,6 @@ def test_seeded_sampling_is_reproducible(models):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@base.register("_test_counter")
 @dataclass
 class _Counter:
     """Attends every key; counts calls in the per-layer state."""
@@ -174,7 +173,14 @@ class _Counter:
         out.add(idx, None, ctx.allowed().expand_as(idx))
 
 
-def test_layer_state_is_kept_per_layer_and_reset(models):
+@pytest.fixture
+def counter_part():
+    base.register("_test_counter")(_Counter)
+    yield
+    base.PARTS.pop("_test_counter", None)  # other tests list the registry
+
+
+def test_layer_state_is_kept_per_layer_and_reset(models, counter_part):
     model = models["llama"]
     ids, mask = batch()
     with patch(model, "_test_counter", sparse_from=16) as p:
