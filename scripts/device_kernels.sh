@@ -67,6 +67,8 @@ try:
                  attn1=graph_us([a1]), sample_budget=graph_us([sb]), sample_budget_serial=graph_us([lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1, par=False)]),
                  attn2=graph_us([lambda: launch_split(q, k, v, idx, lw, cnt, po, pl, True, 128 ** -0.5, 0, s2, mode=2, tcnt=tn, off=256, s_off=s1, dyn=True)]),
                  merge=graph_us([lambda: merge_partials(po, pl, o)]),
+                 attn2_fused_merge=graph_us([lambda: launch_split(q, k, v, idx, lw, cnt, po, pl, True, 128 ** -0.5, 0, s2, mode=2, tcnt=tn, off=256, s_off=s1, dyn=True, out=o)]),
+                 total_fused_merge=graph_us([lambda: vattention_hash_decode(q, k, v, ks, proj, L, fuse_merge=True, **p)]),
                  total=graph_us([lambda: vattention_hash_decode(q, k, v, ks, proj, L, **p)]))
         print(f"breakdown B={B} N={N} S1={s1} S2={s2} keys/row={cnt.float().mean().item():.0f}:", {a: round(b, 1) for a, b in t.items()})
 except Exception:

@@ -264,7 +264,9 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
     assert torch.equal(out, vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, **kw))  # no pad
     # the multi-program sample (block counts + prefix scatter) equals the serial draw, also when the
     # counted blocks fall short (margin 0: the last counted block draws on serially); poisoned outputs
-    for skw in (dict(par=False), dict(block_p=16, margin=0.0, extra=0), dict(block_p=32, margin=0.5, extra=1)):
+    variants = (dict(par=False), dict(block_p=16, margin=0.0, extra=0)) if dtype == torch.float32 else \
+        (dict(block_p=32, margin=0.5, extra=1),)
+    for skw in variants:
         o2, sel2, st2 = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
                                                attn_block=16, sample_kw=skw, **kw)
         assert torch.equal(sel2.count, sel.count) and torch.equal(st2, st), skw
@@ -273,6 +275,9 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
             assert torch.equal(sel2.indices.view(B * Hkv, -1)[r, :c], sel.indices.view(B * Hkv, -1)[r, :c]), skw
             assert torch.equal(sel2.log_weights.view(B * Hkv, -1)[r, :c], sel.log_weights.view(B * Hkv, -1)[r, :c])
         assert torch.equal(o2, out), skw
+    # merge folded into pass 2 (last program per row, atomic counter) vs the separate merge kernel
+    o3 = vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, fuse_merge=True, **kw)
+    assert rel(o3, out) < 1e-6 and torch.isfinite(o3).all()
     # D_F with top-k is larger than with sinks + window only: the budget can only shrink
     _, st_old = vattention_hash_select(q, k, ksig, proj, lengths, cap=N, stats=True, **kw)
     assert (st[:, 3] <= st_old[:, 3] + 1).all() and (st[:, 3] < st_old[:, 3]).any()

@@ -88,7 +88,7 @@ def decode_plan(rows, device=None):
 
 def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, stats=False, selection=False,
-                           block_n=1024, attn_block=64, cap=None, sample_kw=None):
+                           block_n=1024, attn_block=64, cap=None, sample_kw=None, fuse_merge=False):
     """Selection + sparse attention (see module docstring). Returns out [B,Hq,1,D]; with
     selection=True also the Selection (rows padded with -1 to sink + window + topk + N - sink),
     with stats=True also f32 [B*Hkv, 4] (pilot m, extension ext, residual n_r, raw budget).
@@ -121,9 +121,14 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
                  block_n=attn_block, dyn=True)
     count, st = sample_budget(q, k, lengths, top_n, member, idx, lw, plse, s1, sink=sink, window=window, m0=m0,
                               eps=eps, delta=delta, seed=seed, scale=scale, pad=selection, **(sample_kw or {}))
-    launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
-                 s_off=s1, block_n=attn_block, dyn=True)
-    out = merge_partials(po, plse, torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device))
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    if fuse_merge:  # the last pass-2 program of each row merges pass-1 and pass-2 partials
+        launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
+                     s_off=s1, block_n=attn_block, dyn=True, out=out)
+    else:
+        launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
+                     s_off=s1, block_n=attn_block, dyn=True)
+        merge_partials(po, plse, out)
     res = (out,)
     if selection:
         res += (Selection(idx, lw, count.view(B, Hkv, T), shared=True),)

@@ -58,7 +58,10 @@ def _split_kernel():
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
               H, HKV, T, S, K, chunk, scale_log2, tcnt, off, s_off,
               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, DYN: tl.constexpr = 0):
+              BN: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, DYN: tl.constexpr = 0,
+              FUSE: tl.constexpr = 0, ctr=None, out=None, SB: tl.constexpr = 4):
+        # FUSE: the last program of a row to finish (atomic counter ctr[row], zero before the
+        # launch, reset here) merges all S partial columns of its R heads into out [B,Hq,T,D].
         # MODE 0: slots [0, cnt[row]); 1: [0, off + tcnt[row]) (the exact part of a vAttention
         # row); 2: [off + tcnt[row], cnt[row]) (its sample). Partials go to column s_off + sp of S.
         # R query heads share this program's selection row: R = G if shared else 1.
@@ -125,6 +128,33 @@ def _split_kernel():
         # a program that saw no key writes only lse = -inf (the merge never reads its po)
         tl.store(po + (r[:, None] * S + s_off + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
         tl.store(plse + r * S + s_off + sp, lse, mask=m_ok)
+        if FUSE:
+            tl.debug_barrier()
+            done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+            tl.debug_barrier()
+            if done == tl.num_programs(1) - 1:
+                tl.store(ctr + row, 0)
+                mx = tl.full([M], float("-inf"), tl.float32)
+                for c0 in range(0, S, SB):
+                    cc = c0 + tl.arange(0, SB)
+                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
+                                 other=float("-inf"), volatile=True)
+                    mx = tl.maximum(mx, tl.max(ll, 1))
+                mu = tl.where(mx == float("-inf"), 0.0, mx)
+                den = tl.zeros([M], tl.float32)
+                num = tl.zeros([M, D], tl.float32)
+                for c0 in range(0, S, SB):
+                    cc = c0 + tl.arange(0, SB)
+                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
+                                 other=float("-inf"), volatile=True)
+                    live = ll > float("-inf")
+                    wt = tl.where(live, tl.exp2(ll - mu[:, None]), 0.0)
+                    pp = tl.load(po + (r[:, None, None] * S + cc[None, :, None]) * D + d[None, None, :],
+                                 mask=live[:, :, None], other=0.0, volatile=True)
+                    den += tl.sum(wt, 1)
+                    num += tl.sum(wt[:, :, None] * pp, 1)
+                res = num / tl.maximum(den, 1e-30)[:, None]
+                tl.store(out + r[:, None] * D + d[None, :], res.to(out.dtype.element_ty), mask=m_ok[:, None])
 
     return split
 
@@ -163,7 +193,7 @@ def plan_splits(rows, K, block_n, device, splits=None):
 
 
 def launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, chunk, S, *, mode=0,
-                 tcnt=None, off=0, s_off=0, block_n=64, num_warps=4, num_stages=3, dyn=False):
+                 tcnt=None, off=0, s_off=0, block_n=64, num_warps=4, num_stages=3, dyn=False, out=None):
     """One split-KV launch writing partials po [B,Hq,T,S_tot,D] / plse [B,Hq,T,S_tot] at columns
     [s_off, s_off + S) (mode: see the kernel). Inputs must be contiguous."""
     B, Hq, T, D = q.shape
@@ -171,13 +201,15 @@ def launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, 
     G = Hq // Hkv
     H, K = indices.shape[1], indices.shape[3]
     R = G if shared else 1
+    fuse = out is not None  # merge every column of plse into out in the last program per row
+    ctr = torch.zeros((B * H * T,), dtype=torch.int32, device=q.device) if fuse else None
     _split_kernel()[(B * H * T, S)](
         q, k, v, indices, log_weights, count, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         H, Hkv, T, plse.shape[-1], K, chunk, scale * LOG2E, count if tcnt is None else tcnt, off, s_off,
         G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype), MODE=mode, DYN=dyn,
-        num_warps=num_warps, num_stages=num_stages)
+        FUSE=fuse, ctr=ctr, out=out, num_warps=num_warps, num_stages=num_stages)
 
 
 def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
