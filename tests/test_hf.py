@@ -221,3 +221,19 @@ def test_bad_arguments(models):
         with pytest.raises(VattnError, match="already patched"):
             patch(model, "topk(0.1)")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_vmem_cache(models):
+    """The paged-free cache hands views of its buffers to the attention function."""
+    from vattn.cache.hf import VmemCache
+    model = models["llama"]
+    ids, mask = batch()
+    with patch(model, "oracle-topk", sparse_from=12) as p:
+        a = run(model, ids, mask)
+        with torch.no_grad():
+            g = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                               past_key_values=VmemCache.for_model(model, max_batch=2, max_len=64),
+                               output_logits=True, return_dict_in_generate=True)
+    assert p.summary()["density"] < 1
+    assert torch.equal(g.sequences, a[1])
+    torch.testing.assert_close(torch.stack(g.logits), a[2], atol=1e-5, rtol=1e-5)

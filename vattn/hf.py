@@ -251,6 +251,7 @@ class Patch:
             pos = torch.arange(n, device=q.device)
             rows = slice(0, first_sparse)
             allowed = (pos >= starts[:, rows, None]) & (pos < ends[:, rows, None])
+            allowed |= ~allowed.any(-1, keepdim=True)  # padding rows: any finite output (no NaN)
             out.append(_sdpa(module, q[:, :, rows], k, v, allowed[:, None], dropout, scaling, **kwargs))
         qs = q[:, :, first_sparse:]
         starts, ends = starts[:, first_sparse:], ends[:, first_sparse:]
