@@ -78,17 +78,17 @@ def _configs(model) -> list:
     return out
 
 
-def bounds_from_mask(mask, b: int, t: int, n: int, window=None):
+def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
     """Row bounds for q rows t = 0..T-1 over N keys: (starts [B, T], ends [B, T]) int64.
 
     mask: None (plain causal, no padding) or bool/float [B|1, 1, T, N]. Raises when the
     mask is not "left padding + causal (+ sliding window)", the only shape sparse
     selections can express.
     """
-    dev = None if mask is None else mask.device
+    dev = device if mask is None else mask.device
     if mask is None:
-        first = torch.zeros(b, dtype=torch.long)
-        end = torch.full((b,), n, dtype=torch.long)
+        first = torch.zeros(b, dtype=torch.long, device=dev)
+        end = torch.full((b,), n, dtype=torch.long, device=dev)
     else:
         m = mask[..., :n]
         m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = allowed
@@ -245,7 +245,7 @@ class Patch:
         if kwargs.get("softcap") is not None:
             raise VattnError("vattn does not support attention logit soft-capping (softcap)")
         scale = scaling if scaling is not None else d ** -0.5
-        starts, ends = bounds_from_mask(mask, b, t, n, kwargs.get("sliding_window"))
+        starts, ends = bounds_from_mask(mask, b, t, n, kwargs.get("sliding_window"), q.device)
         out = []
         if first_sparse > 0:  # rows before the boundary: dense, with the mask they had
             pos = torch.arange(n, device=q.device)
