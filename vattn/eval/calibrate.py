@@ -23,11 +23,18 @@ log = logging.getLogger(__name__)
 SIZE_FIELDS = {"sink": "n", "window": "n", "topk": "k", "uniform": "rate"}
 
 
+def _num(v) -> str:
+    if not isinstance(v, float):
+        return repr(v)
+    t = f"{v:.4g}"
+    return t if any(c in t for c in ".en") else t + ".0"  # a float stays a fraction, never a count
+
+
 def render(parts) -> str:
     """Spec text for a list of parts (every field written out, so the log is exact)."""
     out = []
     for p in parts:
-        args = ",".join(f"{f.name}={getattr(p, f.name)!r}" for f in fields(p))
+        args = ",".join(f"{f.name}={_num(getattr(p, f.name))}" for f in fields(p))
         out.append(f"{p.name}({args})" if args else p.name)
     return "+".join(out)
 

@@ -86,7 +86,7 @@ def eval_command(
         console.print("\n".join(TASKS))
         return
     from vattn.eval.runner import EvalConfig, run, write_summary
-    from vattn.eval.ray_runner import RayRuntime, resolve_device
+    from vattn.eval.ray_runner import RayRuntime
     try:
         task_names = _split(tasks, ",") or ([] if jsonl_tasks else DEFAULT_TASKS)
         for t in task_names:
@@ -100,7 +100,7 @@ def eval_command(
         cfg = EvalConfig(model=model, tasks=task_names, lengths=[_length(x) for x in _split(lengths, ",")] or [2048],
                          specs=spec_list, seeds=list(range(seed, seed + samples)), max_new_tokens=max_new_tokens,
                          out=str(out) if out else None, match_density=match_density or None,
-                         device=resolve_device(device) if not (ray or ray_address) else device, dtype=dtype,
+                         device=device, dtype=dtype,
                          jsonl_tasks=[str(p) for p in jsonl_tasks or []], chat=chat)
         logging.basicConfig(level=logging.WARNING, format="%(message)s",
                             handlers=[RichHandler(console=console, show_path=False)])

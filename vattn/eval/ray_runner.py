@@ -21,16 +21,9 @@ log = logging.getLogger(__name__)
 _EVALUATORS: dict[tuple, object] = {}  # per worker process: (model, device, dtype, chat) -> Evaluator
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_sample(cfg: dict, sample, pairs: list[tuple[str, str]]) -> list[dict]:
     """Ray task body: run one sample on this worker's (cached) model."""
-    from vattn.eval.runner import Evaluator, load
+    from vattn.eval.runner import Evaluator, load, resolve_device
     key = (cfg["model"], resolve_device(cfg["device"]), cfg["dtype"], cfg["chat"])
     if key not in _EVALUATORS:
         model, tok = load(cfg["model"], key[1], cfg["dtype"])

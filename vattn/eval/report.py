@@ -42,6 +42,10 @@ def _plots(summary: dict, rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
+    labels = list(dict.fromkeys(_label(r) for r in summary["by_task"]))
+    color = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}  # one color per spec in every plot
+    lengths = sorted({r["length"] for r in summary["by_task"]})
+    marker = {n: "osD^v<>p*h"[i % 10] for i, n in enumerate(lengths)}
     tasks = sorted({r["task"] for r in summary["by_task"]})
     if tasks:
         cols = min(3, len(tasks))
@@ -50,26 +54,30 @@ def _plots(summary: dict, rows: list[dict], out: Path) -> list[str]:
         for ax, task in zip(axes.flat, tasks):
             pts = [r for r in summary["by_task"] if r["task"] == task and r["density"] is not None]
             for r in pts:
-                ax.scatter(r["density"], r["score"], s=30)
-                ax.annotate(f"{_label(r)} ({r['length']})", (r["density"], r["score"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.scatter(r["density"], r["score"], s=36, color=color[_label(r)], marker=marker[r["length"]],
+                           alpha=0.8)
             front = pareto([(r["density"], r["score"]) for r in pts])
             if len(front) > 1:
                 ax.step(*zip(*front), where="post", color="gray", lw=1, alpha=0.6)
             ax.set(title=task, xlabel="measured density", ylabel="score", ylim=(-0.05, 1.05))
             ax.set_xscale("log")
+        handles = [plt.Line2D([], [], color=color[lb], marker="o", ls="", label=lb) for lb in labels]
+        if len(lengths) > 1:
+            handles += [plt.Line2D([], [], color="gray", marker=marker[n], ls="", label=f"{n} tokens") for n in lengths]
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) > 6), 1, 1))
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
-        fig.tight_layout()
         fig.savefig(out / "score_vs_density.png", dpi=110)
         plt.close(fig)
         files.append("score_vs_density.png")
 
     cells = [r for r in rows if r.get("density") is not None and r.get("error") is not None and r["spec"] != "dense"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for label in sorted({_label(r) for r in cells}):
+    for label in [lb for lb in labels if any(_label(r) == lb for r in cells)]:
         rs = [r for r in cells if _label(r) == label]
-        ax.scatter([r["density"] for r in rs], [r["error"] for r in rs], s=14, alpha=0.7, label=label)
+        ax.scatter([r["density"] for r in rs], [r["error"] for r in rs], s=14, alpha=0.7, label=label,
+                   color=color[label])
     ax.set(xlabel="measured density", ylabel="mean layer relative error", title="error against density")
     if cells:
         ax.legend(fontsize=7)

@@ -3,8 +3,8 @@
 Protocol (the vAttention hub's): prefill the context once with dense attention,
 then for each spec copy that cache, feed question + answer prefix with the spec's
 sparse attention and decode greedily. A cell is one (sample, spec); its key is
-(model, task, length, seed, spec, max_new_tokens, target_density), so rerunning
-the same command skips what results.jsonl already holds.
+(model, task, length, seed, spec, max_new_tokens, target_density; None for dense),
+so rerunning the same command skips what results.jsonl already holds.
 """
 from __future__ import annotations
 
@@ -57,9 +57,14 @@ class EvalConfig:
         return Path("runs") / f"eval-{digest}"
 
 
+def row_target(row: dict):
+    """The row's target density; dense is never tuned, so its cells serve any target."""
+    return None if row["spec"] == "dense" else row.get("target_density")
+
+
 def cell_key(row: dict) -> tuple:
     return (row["model"], row["task"], int(row["length"]), int(row["seed"]), row["spec"],
-            int(row["max_new_tokens"]), row.get("target_density"))
+            int(row["max_new_tokens"]), row_target(row))
 
 
 def read_results(path: Path) -> list[dict]:
@@ -91,8 +96,16 @@ def append_row(path: Path, row: dict):
 
 # ---------------------------------------------------------------- model
 
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when there is a GPU here, else cpu."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(model: str | None, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) through vattn.models when it is there; else a plain HF load."""
+    device = resolve_device(device)
     try:
         from vattn.models import load_model
     except ModuleNotFoundError as e:
@@ -240,7 +253,8 @@ class Evaluator:
             text = self.tok.decode(new, skip_special_tokens=True)
             yield {
                 "model": self.model_name, "task": s.task, "length": s.length, "seed": s.seed,
-                "spec": spec, "max_new_tokens": max_new_tokens, "target_density": target_density,
+                "spec": spec, "max_new_tokens": max_new_tokens,
+                "target_density": None if spec == "dense" else target_density,  # dense is never tuned
                 "run_spec": run_spec, "metric": s.metric,
                 "score": scoring.score(s.metric, text, s.answers), **metrics,
                 "prediction": text, "answers": s.answers,
@@ -264,8 +278,9 @@ def plan(cfg: EvalConfig, samples: list[Sample], done: set[tuple]) -> list[tuple
     todo = []
     for s in samples:
         base = {"model": cfg.model_name, "task": s.task, "length": s.length, "seed": s.seed,
-                "max_new_tokens": cfg.max_new_tokens, "target_density": cfg.match_density}
-        specs = [sp for sp in cfg.specs if cell_key({**base, "spec": sp}) not in done]
+                "max_new_tokens": cfg.max_new_tokens}
+        specs = [sp for sp in cfg.specs
+                 if cell_key({**base, "spec": sp, "target_density": cfg.match_density}) not in done]
         if specs:
             todo.append((s, specs))
     return todo
@@ -341,7 +356,7 @@ def summarize(rows: list[dict]) -> dict:
              for r in rows if r["spec"] == "dense"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["spec"], r.get("target_density")), []).append(r)
+        groups.setdefault((r["model"], r["spec"], row_target(r)), []).append(r)
     specs = []
     for (model, spec, target), rs in groups.items():
         paired = [(r["score"], dense[k]) for r in rs
@@ -356,7 +371,7 @@ def summarize(rows: list[dict]) -> dict:
         })
     tasks: dict[tuple, list[dict]] = {}
     for r in rows:
-        tasks.setdefault((r["model"], r["task"], r["length"], r["spec"], r.get("target_density")), []).append(r)
+        tasks.setdefault((r["model"], r["task"], r["length"], r["spec"], row_target(r)), []).append(r)
     by_task = [{"model": m, "task": t, "length": n, "spec": sp, "target_density": td, "n": len(rs),
                 "score": _mean(r["score"] for r in rs), "density": _mean(r.get("density") for r in rs),
                 "error": _mean(r.get("error") for r in rs)}
