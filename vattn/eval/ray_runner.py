@@ -44,21 +44,29 @@ class RayRuntime:
             import ray
         except ModuleNotFoundError:
             raise VattnError("--ray needs Ray: pip install ray") from None
-        self.ray = ray
+        self.ray, self.address, self.num_cpus = ray, address, num_cpus
         self.started = False
-        if not ray.is_initialized():
-            # Workers import vattn from the same source tree as the driver.
-            root = str(Path(vattn.__file__).resolve().parent.parent)
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            env = {"env_vars": {"PYTHONPATH": path}}
-            if address:
-                ray.init(address=address, runtime_env=env, log_to_driver=False)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                         runtime_env=env, log_to_driver=False)
-            self.started = True
+
+    def start(self):
+        """Start or join the cluster (lazily: a resumed run with nothing left starts none)."""
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        # Workers import vattn from the same source tree as the driver.
+        root = str(Path(vattn.__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {"env_vars": {"PYTHONPATH": path}}
+        if self.address:
+            ray.init(address=self.address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
+                     runtime_env=env, log_to_driver=False)
+        self.started = True
 
     def run(self, cfg, jobs: list, write: Callable[[dict], None]):
+        if not jobs:
+            return
+        self.start()
         ray = self.ray
         gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu"
         task = ray.remote(evaluate_sample).options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=1)
