@@ -166,5 +166,13 @@ def test_cli_eval_and_report(tiny_model, tmp_path):
     res = cli.invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "report.md").exists()
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"context": "Alice lives in Paris. " * 20, "question": "Where does Alice live?",
+                                "answer_prefix": "Alice lives in", "answers": ["Paris"]}) + "\n")
+    res = cli.invoke(app, ["eval", "--model", tiny_model, "--jsonl-tasks", str(mine), "--specs", "dense",
+                           "--max-new-tokens", "2", "--out", str(tmp_path / "byo"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(x) for x in (tmp_path / "byo" / "results.jsonl").read_text().splitlines()]
+    assert row["task"] == "mine" and row["answers"] == ["Paris"] and row["seed"] == 0
     res = cli.invoke(app, ["eval", "--tasks", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown task" in res.output
