@@ -101,6 +101,8 @@ class Verified:
     base_rate: float = 0.02
     mode: str = "output"
     share: str = "none"
+    min_pilot: int = 64
+    var_conf: float = -1.0  # confidence of the pilot variance's upper bound; -1: 1 - delta/2, 0: plug-in
 
     def __post_init__(self):
         check_range("verified", "eps", self.eps, 0.0, 1.0, hi_open=True)
@@ -110,12 +112,18 @@ class Verified:
             raise VattnError(f"verified: mode must be 'output' or 'denominator', got {self.mode!r}")
         if self.share not in ("none", "kv"):
             raise VattnError(f"verified: share must be 'none' or 'kv', got {self.share!r}")
+        if self.var_conf != -1.0:
+            check_range("verified", "var_conf", self.var_conf, 0.0, 1.0, hi_open=True)
+        if isinstance(self.min_pilot, bool) or not isinstance(self.min_pilot, int) or self.min_pilot < 2:
+            raise VattnError(f"verified: min_pilot must be an integer >= 2, got {self.min_pilot!r}")
 
     def select(self, ctx: DecodeContext, out: Builder):
         if self.share == "kv":
             out.share()
         n = ctx.lengths().expand(*out.chosen.shape[:3])
-        m0 = torch.minimum(torch.ceil(self.base_rate * n.double()).long().clamp(min=2), n)
+        # A pilot too small misses the rare heavy keys and underestimates the variance:
+        # on real models 2% of 2K keys covered 0.87 of rows at a 0.95 target.
+        m0 = torch.minimum(torch.ceil(self.base_rate * n.double()).long().clamp(min=self.min_pilot), n)
         u, n_r = residual_keys(ctx, out)
         m0 = torch.minimum(m0, n_r)
         pilot_idx = first(u, int(m0.max()) if m0.numel() else 0)
@@ -129,6 +137,19 @@ class Verified:
         rest = (n_r - m0).double()
         lw = torch.log(rest / ext.clamp(min=1).double()).float()[..., None]
         out.add(idx, torch.where(in_pilot, 0.0, lw), pos < (m0 + ext)[..., None])
+
+    def _inflate(self, cnt):
+        """Factor from the pilot's variance to its upper confidence bound (normal theory).
+
+        A small pilot of heavy-tailed exp-scores underestimates the variance more often
+        than not; on the embedded model the plug-in variance covered 0.92 of rows at a
+        0.95 target, the bound 0.95.
+        """
+        conf = 1.0 - self.delta / 2 if self.var_conf < 0 else self.var_conf
+        if conf == 0:
+            return 1.0
+        dof = (cnt - 1).clamp(min=1)
+        return dof / chi2_quantile(dof, 1.0 - conf)
 
     def budget(self, ctx, out, pilot_idx, m0, n_r) -> torch.Tensor:
         """Per-row size of the extension beyond the pilot: [B, H, T] (H = Hkv when shared)."""
@@ -145,6 +166,7 @@ class Verified:
         d_hat = fixed[0] + nr * mean_x
         if self.mode == "denominator":
             var = ((x - mean_x[..., None]) ** 2 * ok).sum(-1) / (cnt - 1).clamp(min=1)
+            var = var * self._inflate(cnt)
             b0 = z * z * (nr - cnt) ** 2 * var / (self.eps ** 2 * d_hat ** 2)
         else:
             n_hat = fixed[1] + nr[..., None] * (xv * ok[..., None]).sum(-2) / cnt[..., None]
@@ -153,7 +175,7 @@ class Verified:
             yc = (y - (y * ok[..., None]).sum(-2, keepdim=True) / cnt[..., None, None]) * ok[..., None]
             gram = yc @ yc.transpose(-1, -2)  # [.., m, m]: the pilot's spread of x_j (v_j - o)
             tr = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-            var = tr / (cnt - 1).clamp(min=1)
+            var = tr / (cnt - 1).clamp(min=1) * self._inflate(cnt)
             # ||e||^2 is a weighted sum of chi-squares; match it to chi2_k / k with k the
             # effective dimension (tr S)^2 / tr(S^2). Few pilot keys bias k low: conservative.
             k_eff = (tr * tr / (gram * gram).sum((-2, -1)).clamp(min=1e-300)).clamp(min=1.0)
