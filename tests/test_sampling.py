@@ -105,3 +105,13 @@ def test_coverage_meets_target(mode, ed):
         assert r["tolerance"] == pytest.approx(tolerance(ed, r["rows"]), abs=1e-4)
         assert r["coverage"] >= 1 - ed - r["tolerance"], r
         assert r["density"] < 1.0 or r["group"] == "flat"
+
+
+def test_chi2_quantile_inverts_the_cdf():
+    from vattn.methods.sampling import chi2_quantile
+    ks = torch.tensor([1.0, 1.3, 2.0, 5.0, 30.0, 63.0, 500.0])
+    for p in (0.0005, 0.025, 0.5, 0.95, 0.9995):
+        x = chi2_quantile(ks, p)
+        cdf = torch.special.gammainc(ks.double() / 2, x / 2)
+        assert ((cdf - p).abs() / p < 2e-3).all(), (p, cdf)
+    assert abs(float(chi2_quantile(torch.tensor([1.0]), 0.95)) - 3.8415) < 1e-3
