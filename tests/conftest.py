@@ -1,6 +1,13 @@
 """Shared fixtures: tiny random-weight decoder models of the architectures vattn patches."""
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter. It must be set before anything
+# (transformers included) imports triton, or the kernel tests depend on test order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
