@@ -54,6 +54,13 @@ def check_lastdim(name: str, t: torch.Tensor) -> None:
                          "call .contiguous() first")
 
 
+def load_online(namespace: dict) -> None:
+    """Put the shared online-softmax jit functions into a kernel module's globals: jit
+    bodies (and the interpreter) resolve called functions there, not in closures."""
+    from vattn.kernels import _online
+    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish)
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 

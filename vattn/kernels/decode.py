@@ -17,7 +17,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
                                    next_pow2, use_ieee, target_programs)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,6 +46,8 @@ def dense_decode_ref(q, k, v, lengths=None, scale=None):
 def _split_kernel():
     import triton
     import triton.language as tl
+
+    load_online(globals())
 
     @triton.jit
     def split(q, k, v, lens, po, plse,
@@ -79,23 +81,10 @@ def _split_kernel():
             nm = n < end
             kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
             vv = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(qq, tl.trans(kk))
+            s = dot_qk(qq, kk, IEEE)
             s = tl.where(n[None, :] < lim[:, None], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+            m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
+        o, lse = finish(acc, m_i, l_i)
         # partial layout [B, Hq, T, S, D]: row (b, h = j*G + g, t)
         r = (b64 * HKV * G + j * G + g) * T + t
         tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=row_ok[:, None])

@@ -19,7 +19,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (LOG2E, check_dtype, check_runnable, merge_partials, next_pow2,
+from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_runnable, merge_partials, next_pow2,
                                    target_programs, use_ieee)
 
 
@@ -75,6 +75,8 @@ def _paged_kernel():
     import triton
     import triton.language as tl
 
+    load_online(globals())
+
     @triton.jit
     def paged(q, kp, vp, table, lens, po, plse,
               sqb, sqh, skb, skh, skt, svb, svh, svt, stb,
@@ -105,23 +107,10 @@ def _paged_kernel():
             t = (n % BS).to(tl.int64)
             kk = tl.load(kp + (blk * skb + j * skh + t * skt)[:, None] + d[None, :], mask=nm[:, None], other=0.0)
             vv = tl.load(vp + (blk * svb + j * svh + t * svt)[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(qq, tl.trans(kk))
+            s = dot_qk(qq, kk, IEEE)
             s = tl.where(nm[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+            m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
+        o, lse = finish(acc, m_i, l_i)
         r = b64 * HKV * G + j * G + rows  # partials [B, Hq, S, D]
         tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=row_ok[:, None])
         tl.store(plse + r * S + sp, lse, mask=row_ok)

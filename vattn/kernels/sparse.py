@@ -20,7 +20,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
                                    next_pow2, target_programs, use_ieee)
 from vattn.kernels.decode import FLOATS
 
@@ -52,6 +52,8 @@ def sparse_decode_ref(q, k, v, indices, log_weights, count, shared, scale=None):
 def _split_kernel():
     import triton
     import triton.language as tl
+
+    load_online(globals())
 
     @triton.jit
     def split(q, k, v, idx, lw, cnt, po, plse,
@@ -107,23 +109,10 @@ def _split_kernel():
             ix64 = tl.where(ok, ix, 0).to(tl.int64)
             kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(qq, tl.trans(kk))
+            s = dot_qk(qq, kk, IEEE)
             s = tl.where(ok[None, :], s * scale_log2 + w[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+            m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
+        o, lse = finish(acc, m_i, l_i)
         r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, S, D]
         # a program that saw no key writes only lse = -inf (the merge never reads its po)
         tl.store(po + (r[:, None] * S + s_off + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])

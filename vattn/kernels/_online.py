@@ -1,0 +1,40 @@
+"""The online-softmax step shared by the decode kernels (dense, sparse, paged).
+
+Imported lazily, from inside the kernel factories: it needs triton. Scores are in the
+log2 domain (scale * log2(e) folded in), as every caller uses exp2.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_qk(qq, kk, IEEE: tl.constexpr):
+    """[M, D] x [BN, D] -> [M, BN] scores; IEEE: exact float32 (fp32 inputs, interpreter)."""
+    if IEEE:
+        s = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(qq, tl.trans(kk))
+    return s
+
+
+@triton.jit
+def online_step(s, vv, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold a block of masked scores s [M, BN] and values vv [BN, D] into (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at 0
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish(acc, m_i, l_i):
+    """Normalised partial output and its log2-sum-exp (-inf where no key was seen)."""
+    o = acc / tl.maximum(l_i, 1e-30)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    return o, lse
