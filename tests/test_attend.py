@@ -72,3 +72,12 @@ def test_sparse_output_differs_when_budget_is_small():
     out, sel = vattn.sparse_attention(q, k, v, "sink(4)+window(4)")
     assert int(sel.count.max()) == 8
     assert rel(out, dense_attend(q, k, v)) > 1e-3
+
+
+def test_kernel_fits_only_supported_inputs():
+    from vattn.attend import kernel_fits
+    q, k, v = rand_qkv(d=64)
+    assert kernel_fits(q, k, v) == __import__("vattn.kernels._common", fromlist=["x"]).triton_available()
+    q2, k2, v2 = rand_qkv(d=80)
+    assert not kernel_fits(q2, k2, v2)  # head dim 80: torch path
+    assert not kernel_fits(q.double(), k, v)  # mixed dtypes: torch path

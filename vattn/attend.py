@@ -79,10 +79,19 @@ def attend(q, k, v, sel: Selection, scale: float | None = None) -> torch.Tensor:
         raise VattnError(f"selection shape {tuple(sel.indices.shape)} does not match "
                          f"[B={b}, {kind} heads={h}, T={t}, K]")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if q.is_cuda:
+    if q.is_cuda and kernel_fits(q, k, v):
         from vattn.kernels import sparse as ks
-        return ks.sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, scale)
+        return ks.sparse_decode(q, k, v, sel.indices.int(), sel.log_weights.float(), sel.count.int(),
+                                sel.shared, scale)
     return attend_torch(q, k, v, sel, scale)
+
+
+def kernel_fits(q, k, v) -> bool:
+    """Whether the Triton sparse kernel takes these inputs; otherwise the torch path runs."""
+    from vattn.kernels._common import triton_available
+    d = q.shape[-1]
+    return (triton_available() and d in (16, 32, 64, 128, 256) and q.dtype == k.dtype == v.dtype
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
