@@ -64,3 +64,14 @@ def test_generate_needs_a_prompt(tmp_path):
     assert r.exit_code == 2 and "no prompt" in r.output
     r = runner.invoke(app, ["--model", str(tmp_path / "missing"), "hi"])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.parametrize("spec", ["dense", "oracle-topk"])
+def test_generate_on_the_vmem_cache_matches_dynamic(tiny_dir, spec):
+    base = [PROMPT, "--model", str(tiny_dir), "--spec", spec, "-n", "6"]
+    a = runner.invoke(app, base)
+    b = runner.invoke(app, base + ["--cache", "vmem"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]  # same generated text
+    bad = runner.invoke(app, base + ["--cache", "paged"])
+    assert bad.exit_code == 2 and "--cache must be dynamic or vmem" in bad.output

@@ -15,7 +15,7 @@ from vattn.errors import VattnError
 
 def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool = False,
         device: str = "cpu", dtype: str = "float32", model: str | None = None, metrics: bool = False,
-        metrics_out: Path | None = None, dense_layers: int = 0, seed: int = 0) -> dict:
+        metrics_out: Path | None = None, dense_layers: int = 0, seed: int = 0, cache: str = "dynamic") -> dict:
     """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary"}."""
     import torch
 
@@ -27,6 +27,8 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     parsed = parse(spec)
     resolve_device(device)
     resolve_dtype(dtype)
+    if cache not in ("dynamic", "vmem"):
+        raise VattnError(f"--cache must be dynamic or vmem, got {cache!r}")
     if max_new_tokens < 1:
         raise VattnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not prompt or not prompt.strip():
@@ -46,17 +48,24 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     p = patch(mdl, parsed, dense_layers=dense_layers, metrics=metrics or metrics_out is not None,
               sparse_from=n, seed=seed)
     clock = _Clock()
+    kv = None
+    if cache == "vmem":  # contiguous virtual K/V buffers, physical pages mapped as they grow
+        from vattn.cache.hf import VmemCache
+        kv = VmemCache.for_model(mdl, max_batch=1, max_len=n + max_new_tokens)
     try:
         start = time.perf_counter()
         with torch.no_grad():
             out = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id, streamer=clock)
+                               do_sample=False, pad_token_id=tok.pad_token_id, streamer=clock,
+                               past_key_values=kv)
         seconds = time.perf_counter() - start
         if metrics_out is not None:
             p.write_jsonl(metrics_out)
         summary = p.summary()
     finally:
         p.undo()
+        if kv is not None:
+            kv.close()
     new = out[0, n:]
     first = (clock.times[1] - start) if len(clock.times) > 1 else seconds
     return {"text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": n,
@@ -107,6 +116,7 @@ def generate_command(
     metrics_out: Path = typer.Option(None, help="Write per-layer, per-step metrics as JSONL here."),
     dense_layers: int = typer.Option(0, help="Keep the first N layers dense."),
     seed: int = typer.Option(0, help="Seed for sampling parts."),
+    cache: str = typer.Option("dynamic", help="KV cache: dynamic (transformers) or vmem (contiguous virtual memory)."),
 ):
     """Generate text greedily with sparse attention on the generated tokens."""
     from transformers.utils import logging as hf_logging
@@ -120,7 +130,7 @@ def generate_command(
             prompt = file.read_text()
         if prompt is None:
             raise VattnError("no prompt: give it as an argument or with --file")
-        r = run(prompt, spec, max_new_tokens, chat, device, dtype, model, metrics, metrics_out, dense_layers, seed)
+        r = run(prompt, spec, max_new_tokens, chat, device, dtype, model, metrics, metrics_out, dense_layers, seed, cache)
     except VattnError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
