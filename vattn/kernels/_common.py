@@ -61,6 +61,15 @@ def load_online(namespace: dict) -> None:
     namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish)
 
 
+def check_4d(tensors: dict, allowed) -> None:
+    """Each named tensor is 4-D, of an allowed dtype, with last-dim stride 1."""
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise VattnError(f"{name} must be 4-D [B, H, N_or_T, D], got shape {tuple(t.shape)}")
+        check_dtype(name, t, allowed)
+        check_lastdim(name, t)
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 

@@ -17,7 +17,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
                                    next_pow2, use_ieee, target_programs)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -94,11 +94,7 @@ def _split_kernel():
 
 
 def _check(q, k, v, lengths):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise VattnError(f"{name} must be 4-D [B, H, N_or_T, D], got shape {tuple(t.shape)}")
-        check_dtype(name, t, FLOATS)
-        check_lastdim(name, t)
+    check_4d({"q": q, "k": k, "v": v}, FLOATS)
     B, Hq, T, D = q.shape
     if k.shape != v.shape:
         raise VattnError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")

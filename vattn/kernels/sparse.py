@@ -20,7 +20,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
                                    next_pow2, target_programs, use_ieee)
 from vattn.kernels.decode import FLOATS
 
@@ -149,11 +149,7 @@ def _split_kernel():
 
 
 def _check(q, k, v, indices, log_weights, count, shared):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise VattnError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        check_dtype(name, t, FLOATS)
-        check_lastdim(name, t)
+    check_4d({"q": q, "k": k, "v": v}, FLOATS)
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
         raise VattnError(f"k/v [B, Hkv, N, D] = {tuple(k.shape)}/{tuple(v.shape)} do not match q {tuple(q.shape)}")
