@@ -17,7 +17,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
                                    next_pow2, use_ieee, target_programs)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -20,7 +20,7 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_lastdim, check_runnable, merge_partials,
+from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_runnable, merge_partials,
                                    next_pow2, target_programs, use_ieee)
 from vattn.kernels.decode import FLOATS
 
