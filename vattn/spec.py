@@ -33,7 +33,8 @@ _TERM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
 def _load_methods():
     # Importing a method module registers its parts.
     import importlib
-    for mod in ("fixed", "oracle", "sampling", "quest", "magicpig", "hashing", "extra"):
+    for mod in ("fixed", "oracle", "sampling", "quest", "magicpig", "hashing", "extra",
+                "doublesparse", "squeezed"):
         try:
             importlib.import_module(f"vattn.methods.{mod}")
         except ModuleNotFoundError as e:
