@@ -81,3 +81,26 @@ def test_kernel_fits_only_supported_inputs():
     q2, k2, v2 = rand_qkv(d=80)
     assert not kernel_fits(q2, k2, v2)  # head dim 80: torch path
     assert not kernel_fits(q.double(), k, v)  # mixed dtypes: torch path
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_scattered_path_equals_gather_path(shared):
+    # The CPU path scores all keys when the selection is large; both must give the same
+    # output, with ragged counts, -1 padding, log-weights and a repeated index.
+    from vattn.attend import attend_scattered, gather_kv
+    from vattn.selection import Selection
+    torch.manual_seed(3)
+    b, hq, hkv, t, n, d, kk = 2, 6, 2, 3, 40, 16, 12
+    q, k, v = rand_qkv(b, hq, hkv, t, n, d, seed=3)
+    h = hkv if shared else hq
+    idx = torch.stack([torch.randperm(n)[:kk] for _ in range(b * h * t)]).reshape(b, h, t, kk)
+    idx[..., 1] = idx[..., 0]  # a key drawn twice counts twice
+    cnt = torch.randint(2, kk + 1, (b, h, t))
+    idx = torch.where(torch.arange(kk) < cnt[..., None], idx, -1)
+    sel = Selection(idx, torch.randn(b, h, t, kk) * 0.5, cnt, shared)
+    got = attend_scattered(q, k, v, sel, 0.25)
+    kk_, vv = gather_kv(k, v, idx.clamp(min=0), 1 if shared else hq // hkv)
+    s = torch.einsum("bhgtd,bhtkd->bhgtk", q.float().reshape(b, h, hq // h, t, d), kk_) * 0.25
+    s = (s + sel.log_weights[:, :, None]).masked_fill(~sel.valid()[:, :, None], float("-inf"))
+    want = torch.einsum("bhgtk,bhtkd->bhgtd", torch.softmax(s, -1), vv).reshape(b, hq, t, d)
+    assert rel(got, want) < 1e-5

@@ -216,24 +216,26 @@ def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m
     cancels in every ratio the budget uses. Returns ((D_F [B,Hq,T], N_F [B,Hq,T,D]),
     (x [B,Hq,T,m], x*v [B,Hq,T,m,D], ok [B,Hq,T,m])).
     """
-    from vattn.attend import gather_kv
+    from vattn.attend import gather_kv, weighted_values
     sel = out.selection()
     g = ctx.group if out.shared else 1
+    b, hq, t, _ = ctx.q.shape
+    hkv = ctx.k.shape[1]
 
-    def exp_terms(idx, ok, lw):
-        # Per query head: a shared selection is repeated over its group (small sets only).
-        idx, ok, lw = (x.repeat_interleave(g, 1) for x in (idx, ok, lw))
-        kk, vv = gather_kv(ctx.k, ctx.v, idx.clamp(min=0), ctx.group)
-        s = (ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale + lw
-        return s.masked_fill(~ok, float("-inf")), vv, ok
+    def per_q(x):  # a shared selection is repeated over its group
+        return x.repeat_interleave(g, 1)
 
     # Earlier sampling parts (uniform, magicpig) carry weights: their keys count weighted.
-    s_f, v_f, ok_f = exp_terms(sel.indices.long(), sel.valid(), sel.log_weights)
-    ok_p = torch.arange(pilot_idx.shape[-1], device=pilot_idx.device) < m0[..., None]
-    s_p, v_p, ok_p = exp_terms(pilot_idx, ok_p, torch.zeros(pilot_idx.shape, device=pilot_idx.device))
+    idx_f, ok_f = per_q(sel.indices.long()).clamp(min=0), per_q(sel.valid())
+    s_f = (torch.gather(ctx.scores(), -1, idx_f) + per_q(sel.log_weights)).masked_fill(~ok_f, float("-inf"))
+    idx_p = per_q(pilot_idx)
+    ok_p = per_q(torch.arange(pilot_idx.shape[-1], device=pilot_idx.device) < m0[..., None])
+    kk, v_p = gather_kv(ctx.k, ctx.v, idx_p, ctx.group)  # the pilot is small: its V rows are needed
+    s_p = ((ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale).masked_fill(~ok_p, float("-inf"))
     floor = torch.full((*s_p.shape[:-1], 1), -1e30, device=s_p.device)
     shift = torch.cat([s_f, s_p, floor], -1).amax(-1)
     x_f = torch.exp(s_f - shift[..., None]).nan_to_num(0.0)
     x_p = torch.exp(s_p - shift[..., None]).nan_to_num(0.0)
-    fixed = (x_f.sum(-1).double(), (x_f[..., None] * v_f).sum(-2).double())
+    n_f = weighted_values(x_f.reshape(b, hkv, hq // hkv, t, -1), idx_f.reshape(b, hkv, hq // hkv, t, -1), ctx.v)
+    fixed = (x_f.sum(-1).double(), n_f.reshape(b, hq, t, -1).double())
     return fixed, (x_p.double(), (x_p[..., None] * v_p).double(), ok_p)
