@@ -205,11 +205,8 @@ class Evaluator:
         self.patch.sparse = True
         return True
 
-    @torch.no_grad()
-    def decode(self, cache, query_ids: torch.Tensor, spec: str, max_new_tokens: int) -> tuple[list[int], dict]:
-        """Feed the query with `spec`, then greedy-decode; returns (new token ids, metrics)."""
-        cache = copy.deepcopy(cache)
-        sparse = self._use(spec)
+    def _greedy(self, cache, query_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Feed the query, then greedy-decode up to max_new_tokens (stops at EOS)."""
         out, logits = [], self.model(input_ids=query_ids, past_key_values=cache, use_cache=True,
                                      logits_to_keep=1).logits
         for _ in range(max_new_tokens):
@@ -221,6 +218,14 @@ class Evaluator:
                 break
             logits = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits
+        return out
+
+    @torch.no_grad()
+    def decode(self, cache, query_ids: torch.Tensor, spec: str, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Feed the query with `spec`, then greedy-decode; returns (new token ids, metrics)."""
+        cache = copy.deepcopy(cache)
+        sparse = self._use(spec)
+        out = self._greedy(cache, query_ids, max_new_tokens)
         metrics = {"density": 1.0, "error": 0.0, "recall": 1.0}
         if sparse:
             summary = self.patch.summary()
@@ -229,13 +234,14 @@ class Evaluator:
         return out, metrics
 
     @torch.no_grad()
-    def density(self, cache, query_ids: torch.Tensor, spec: str) -> float:
-        """Measured density of `spec` on the query tokens only (for calibration)."""
+    def density(self, cache, query_ids: torch.Tensor, spec: str, max_new_tokens: int = 0) -> float:
+        """Measured density of `spec` over the query and the greedy decode that follows, as
+        the evaluation measures it (verified budgets differ between the two phases)."""
         cache = copy.deepcopy(cache)
         self._use(spec)
         metrics, self.patch.metrics = self.patch.metrics, False  # density needs no dense reference
         try:
-            self.model(input_ids=query_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self._greedy(cache, query_ids, max_new_tokens)
         finally:
             self.patch.metrics, self.patch.sparse = metrics, False
         return float(self.patch.summary()["density"])
