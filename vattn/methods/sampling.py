@@ -113,6 +113,7 @@ class Verified:
     share: str = "none"
     min_pilot: int = 64
     var_conf: float = -1.0  # confidence of the pilot variance's upper bound; -1: 1 - delta/2, 0: plug-in
+    weights: str = "pooled"  # "pooled": n_r / (pilot + ext) on every sampled key; "two-phase": unbiased
 
     def __post_init__(self):
         check_range("verified", "eps", self.eps, 0.0, 1.0, hi_open=True)
@@ -120,6 +121,8 @@ class Verified:
         check_range("verified", "base_rate", self.base_rate, 0.0, 1.0, lo_open=True)
         if self.mode not in ("output", "denominator"):
             raise VattnError(f"verified: mode must be 'output' or 'denominator', got {self.mode!r}")
+        if self.weights not in ("pooled", "two-phase"):
+            raise VattnError(f"verified: weights must be 'pooled' or 'two-phase', got {self.weights!r}")
         if self.share not in ("none", "kv"):
             raise VattnError(f"verified: share must be 'none' or 'kv', got {self.share!r}")
         if self.var_conf != -1.0:
@@ -139,9 +142,15 @@ class Verified:
         pilot_idx = first(u, int(m0.max()) if m0.numel() else 0)
         ext = self.budget(ctx, out, pilot_idx, m0, n_r)
         idx = first(u, int((m0 + ext).max()) if m0.numel() else 0)
-        # The pilot keys count exactly; the extension, a uniform sample of the keys the
-        # pilot did not draw, stands for all of them. Its size depends on the pilot, yet
-        # given the pilot it is uniform, so both sums stay unbiased.
+        if self.weights == "pooled":
+            # One weight for pilot and extension: the pilot's keys also estimate the rest.
+            # Slightly biased (ext grows with what the pilot saw), but with a small ext the
+            # two-phase weight (n_r - m0) / ext on a few keys is far noisier: see guarantee.md.
+            add_sample(out, idx, m0 + ext, n_r)
+            return
+        # Two-phase: the pilot keys count exactly; the extension, a uniform sample of the
+        # keys the pilot did not draw, stands for all of them. Its size depends on the pilot,
+        # yet given the pilot it is uniform, so both sums stay unbiased.
         pos = torch.arange(idx.shape[-1], device=idx.device)
         in_pilot = pos < m0[..., None]
         rest = (n_r - m0).double()
@@ -172,12 +181,14 @@ class Verified:
         m0q = m0.repeat_interleave(g, 1)
         x, xv, ok = pilot  # x: [B, Hq, T, m] exp-scores (shifted), xv: x * v
         cnt = m0q.double().clamp(min=1)
+        # The sample stands for all of R (pooled: pilot + ext) or for R minus the pilot (two-phase, ext only).
+        span = nr if self.weights == "pooled" else nr - cnt
         mean_x = (x * ok).sum(-1) / cnt
         d_hat = fixed[0] + nr * mean_x
         if self.mode == "denominator":
             var = ((x - mean_x[..., None]) ** 2 * ok).sum(-1) / (cnt - 1).clamp(min=1)
             var = var * self._inflate(cnt)
-            b0 = z * z * (nr - cnt) ** 2 * var / (self.eps ** 2 * d_hat ** 2)
+            b0 = z * z * span ** 2 * var / (self.eps ** 2 * d_hat ** 2)
         else:
             n_hat = fixed[1] + nr[..., None] * (xv * ok[..., None]).sum(-2) / cnt[..., None]
             o = n_hat / d_hat[..., None]
@@ -197,16 +208,19 @@ class Verified:
             fpc = ((nr - cnt) / (nr - 1).clamp(min=1)).clamp(min=0)
             pilot_sd = torch.sqrt(nr * nr * var * fpc / (cnt * d_hat ** 2))
             o_low = ((o * o).sum(-1).sqrt() - torch.sqrt(q) * pilot_sd).clamp(min=0)
-            b0 = q * (nr - cnt) ** 2 * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
+            b0 = q * span ** 2 * var / (self.eps ** 2 * d_hat ** 2 * o_low ** 2)
         b0 = b0.nan_to_num(nan=float("inf"), posinf=float("inf"))  # a zero norm output: nothing to trust, be exact
         rest = n_r - m0
-        b = budget_from_b0(b0, rest.repeat_interleave(g, 1))
+        if self.weights == "pooled":  # a sample of R of size b, of which the pilot is the first m0
+            b = budget_from_b0(b0, nr.long()) - m0q
+        else:
+            b = budget_from_b0(b0, rest.repeat_interleave(g, 1))
         if g > 1:
             bsz, hq, t = b.shape
             b = b.reshape(bsz, hq // g, g, t).amax(2)
-        # At least one extension key while any key is left: the pilot alone would leave
-        # the rest unestimated.
-        return torch.minimum(b.clamp(min=1), rest)
+        # Two-phase needs at least one extension key while any key is left (the pilot
+        # stands for itself only); pooled, the pilot already stands for all of R.
+        return torch.minimum(b.clamp(min=0 if self.weights == "pooled" else 1), rest)
 
 
 def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m0: torch.Tensor):
