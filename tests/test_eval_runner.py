@@ -177,3 +177,14 @@ def test_cli_eval_and_report(tiny_model, tmp_path):
     assert row["task"] == "mine" and row["answers"] == ["Paris"] and row["seed"] == 0
     res = cli.invoke(app, ["eval", "--tasks", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown task" in res.output
+
+
+def test_calibration_scales_every_method_size():
+    pytest.importorskip("vattn.spec")
+    from vattn.eval.calibrate import render, turn
+    from vattn.spec import parse
+    spec = "sink(16)+window(0.02)+quest(0.08)+hashtopk(0.04)+doublesparse(0.03)+squeezed(20)+magicpig(6,20)"
+    parts = {p.name: p for p in parse(render(turn(parse(spec).parts, "scale", 0.5))).parts}
+    assert (parts["sink"].n, parts["window"].n) == (8, 0.01)
+    assert (parts["quest"].budget, parts["hashtopk"].k, parts["doublesparse"].k) == (0.04, 0.02, 0.015)
+    assert (parts["squeezed"].k, parts["magicpig"].L, parts["magicpig"].K) == (10, 10, 6)

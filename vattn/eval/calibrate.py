@@ -20,7 +20,9 @@ CALIBRATION_SEED = 1_000_000  # calibration samples never coincide with evaluate
 
 log = logging.getLogger(__name__)
 
-SIZE_FIELDS = {"sink": "n", "window": "n", "topk": "k", "uniform": "rate"}
+# The field that sets each part's size; magicpig's density grows with its table count L.
+SIZE_FIELDS = {"sink": "n", "window": "n", "topk": "k", "uniform": "rate", "quest": "budget",
+               "hashtopk": "k", "doublesparse": "k", "squeezed": "k", "magicpig": "L"}
 
 
 def _num(v) -> str:
