@@ -87,26 +87,33 @@ def test_sparse_full_selection_equals_dense():
     assert rel(out, dense_decode_ref(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("shared,W,cache,half", [(True, 1, True, True), (False, 2, False, False),
-                                                 (False, 1, True, True)])
-def test_bit_topk(shared, W, cache, half):
-    g = torch.Generator().manual_seed(W)
-    B, Hq, Hkv, T, N, D, k = 2, 4, 2, 1, 400, 16, 33
+@pytest.mark.parametrize("shared,W,cache,Hq,most", [(True, 1, True, 4, 32), (False, 2, False, 4, 32),
+                                                    (False, 1, True, 4, 3), (True, 1, True, 6, 32)])
+def test_bit_topk(shared, W, cache, Hq, most):
+    """Exact top-k in a deterministic order: keys above the threshold in position order, then
+    the first ties; also with few programs per row (most=3) and a top score that is not a power
+    of two (Hq=6: three heads per group, full-width histogram)."""
+    g = torch.Generator().manual_seed(W + Hq)
+    B, Hkv, T, N, D, k = 2, 2, 1, 400, 16, 33
     proj = torch.randn(D, 32 * W, generator=g)
     qs = sign_bits(torch.randn(B, Hq, T, D, generator=g), proj)
     ks = sign_bits(torch.randn(B, Hkv, N, D, generator=g), proj)
-    hi = torch.tensor([390, 30], dtype=torch.int32)
+    lo, hi = 4, torch.tensor([390, 30], dtype=torch.int32)
     ks[:, 0, 5:9] = qs[:, 0, 0:1]  # keys at the top score (all bits agree with head 0)
-    idx, cnt, member = bit_topk(qs, ks, k, 4, hi, shared, block_n=128, cache=cache, half=half)
-    ridx, rcnt = bit_topk_ref(qs, ks, k, 4, hi, shared)
+    idx, cnt, member = bit_topk(qs, ks, k, lo, hi, shared, block_n=128, cache=cache, most=most)
+    ridx, rcnt = bit_topk_ref(qs, ks, k, lo, hi, shared)
     s = bit_scores_ref(qs, ks, shared).view(-1, N)
     assert torch.equal(cnt, rcnt)
+    H = s.shape[0] // B
     for r in range(s.shape[0]):
-        a, b = idx.view(-1, k)[r], ridx.view(-1, k)[r]
-        a, b = a[a >= 0].long(), b[b >= 0].long()
-        assert len(set(a.tolist())) == len(a) == len(b)
-        assert torch.equal(s[r][a].sort().values, s[r][b].sort().values)  # same scores; ties may differ
-        assert torch.equal(member.view(-1, N)[r].nonzero().flatten(), a.sort().values)
+        a = idx.view(-1, k)[r]
+        c = int(cnt.view(-1)[r])
+        assert (a[c:] == -1).all()
+        sr = s[r][lo:int(hi[r // H])]
+        tau = sr.sort(descending=True).values[c - 1] if c == k else sr.min() - 1  # short row: every key
+        gt, eq = (sr > tau).nonzero().flatten() + lo, (sr == tau).nonzero().flatten() + lo
+        assert torch.equal(a[:c].long(), torch.cat([gt, eq[:c - len(gt)]]))
+        assert torch.equal(member.view(-1, N)[r].nonzero().flatten(), a[:c].long().sort().values)
 
 
 def test_perm_sample_matches_ref_and_is_without_replacement():

@@ -1,8 +1,9 @@
 """Triton kernels behind vattn.kernels.bits and the fused selection (imported lazily: needs triton).
 
-Counting select: agreement scores take only R*32*W + 1 values, so per-row histograms (one
-launch, one atomic per program and bin) give the exact threshold; the emit kernel derives
-the threshold from the histogram itself (no torch ops in between) and writes the winners.
+Counting select: agreement scores take only R*32*W + 1 values, so histograms give the exact
+threshold. The histogram pass stores one histogram per program; the emit pass sums its row's
+histograms (the threshold) and the earlier programs' counts (its slot offsets), so no torch
+ops, zero fills or atomics lie between or inside the two launches.
 With FUSEQ the query signature (signs of q @ proj, packed) is computed inside each program.
 """
 import triton
@@ -35,10 +36,10 @@ def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
         d = tl.arange(0, D)
         c = tl.arange(0, 32)
         out = tl.zeros([RWP], tl.uint32)
-        for r in tl.static_range(R):
-            qv = tl.load(q + b.to(tl.int64) * sqb + (h * R + r) * sqh + t * sqt + d).to(tl.float32)
-            for w in tl.static_range(W):
-                p = tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :])
+        for w in tl.static_range(W):  # each proj tile is loaded once per program (L2 traffic)
+            p = tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :])
+            for r in tl.static_range(R):
+                qv = tl.load(q + b.to(tl.int64) * sqb + (h * R + r) * sqh + t * sqt + d).to(tl.float32)
                 dot = tl.sum(qv[:, None] * p, 0)
                 word = tl.sum((dot > 0).to(tl.uint32) << c.to(tl.uint32), 0)
                 out = tl.where(rw == r * W + w, word, out)
@@ -71,68 +72,89 @@ def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
 
 
 @triton.jit
-def hist_kernel(q, qs, proj, ks, hi, hist, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+def hist_kernel(q, qs, proj, ks, hi, hist, top, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
-                CACHE: tl.constexpr, HALF: tl.constexpr):
+                NH: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
+                CACHE: tl.constexpr):
+    """Program (row, sp) stores the histogram of its span's scores: hist[row, sp, v] for v < NH
+    and top[row, sp] = #scores >= NH (NH = half the bins when the top score is a power of two:
+    half the histogram width). Plain stores, no zero fill and no atomics."""
     row = tl.program_id(0)
+    sp = tl.program_id(1)
     b = row // (H * T)
-    start = tl.maximum(tl.program_id(1) * span, lo)
-    end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
+    start = tl.maximum(sp * span, lo)
+    end = tl.minimum(sp * span + span, tl.load(hi + b))
     qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
-    # HALF: the top score R*32*W is a power of two (NB = 2 * it), so bins [0, NB/2) plus one
-    # count of the top score cover every value with half the histogram width
-    NH: tl.constexpr = NB // 2 if HALF else NB
     hc = tl.zeros([NH], tl.int32)
-    ntop = 0
+    tv = tl.zeros([BN], tl.int32)  # per-lane top counts, reduced once after the loop
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
         s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
-        if HALF:
-            hc += tl.histogram(tl.minimum(s, NH - 1), NH, mask=inr)
-            ntop += tl.sum((inr & (s >= NH)).to(tl.int32), 0)
-        else:
-            hc += tl.histogram(s, NB, mask=inr)
+        hc += tl.histogram(tl.minimum(s, NH - 1), NH, mask=inr)
+        tv += (inr & (s >= NH)).to(tl.int32)
         if CACHE:  # scores fit a byte: the emit pass reads them back instead of recomputing
             tl.store(member + row.to(tl.int64) * N + n, s.to(tl.uint8), mask=inr)
-    if HALF:
-        hc = tl.where(tl.arange(0, NH) == NH - 1, hc - ntop, hc)
-        tl.atomic_add(hist + row * NB + NH, ntop, mask=ntop > 0)
-    tl.atomic_add(hist + row * NB + tl.arange(0, NH), hc, mask=hc > 0)
+    ntop = tl.sum(tv, 0)
+    v = tl.arange(0, NH)
+    pr = row * tl.num_programs(1) + sp
+    tl.store(hist + pr * NH + v, tl.where(v == NH - 1, hc - ntop, hc))
+    tl.store(top + pr, ntop)
 
 
 @triton.jit
-def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, lw, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+def row_threshold(hist, top, row, sp, K, NH: tl.constexpr, SPP: tl.constexpr):
+    """From the row's per-program histograms: tau (the K-th largest score, or 0 when the row
+    has fewer keys), ngt = #keys > tau, tot = #keys, and the keys > tau (og) and == tau (oe)
+    in the programs before sp (each program's slot offsets: no atomics, deterministic order)."""
+    nsp = tl.num_programs(1)
+    p = tl.arange(0, SPP)
+    v = tl.arange(0, NH)
+    pok = p < nsp
+    tile = tl.load(hist + (row * nsp + p[:, None]) * NH + v[None, :], mask=pok[:, None], other=0)
+    tcol = tl.load(top + row * nsp + p, mask=pok, other=0)
+    hrow = tl.sum(tile, 0)
+    ntop = tl.sum(tcol, 0)
+    tot = tl.sum(hrow, 0) + ntop
+    ge = tot - tl.cumsum(hrow, 0) + hrow  # keys with score >= v (v < NH)
+    tau = tl.where(ntop >= K, NH, tl.maximum(tl.sum((ge >= K).to(tl.int32), 0) - 1, 0))
+    ngt = tl.where(tau == NH, 0, tl.sum(tl.where(v == tau, ge - hrow, 0), 0))
+    before = p < sp
+    tb = tl.sum(tl.where(before, tcol, 0), 0)
+    og = tl.sum(tl.sum(tl.where(before[:, None] & (v[None, :] > tau), tile, 0), 1), 0)
+    oe = tl.sum(tl.sum(tl.where(before[:, None] & (v[None, :] == tau), tile, 0), 1), 0)
+    og = og + tl.where(tau < NH, tb, 0)
+    oe = oe + tl.where(tau == NH, tb, 0)
+    return tau, ngt, tot, og, oe
+
+
+@triton.jit
+def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 K, off, stride,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-                NB: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
+                NH: tl.constexpr, SPP: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
                 CACHE: tl.constexpr, WLW: tl.constexpr, FIX: tl.constexpr = 0):
-    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n].
+    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n]:
+    keys > tau in position order at slots [0, ngt), then the first K - ngt keys == tau.
 
     FIX > 0 (a power of two >= off): program (row, 0) also writes the row's fixed keys at slots
     [0, off): the sinks [0, lo) and the window [hi, hi + off - lo), with log-weight 0."""
     row = tl.program_id(0)
+    sp = tl.program_id(1)
     b = row // (H * T)
     if FIX > 0:
-        if tl.program_id(1) == 0:
+        if sp == 0:
             f = tl.arange(0, FIX)
             fok = f < off
             fix = tl.where(f < lo, f, tl.load(hi + b) + f - lo)
             tl.store(out + row.to(tl.int64) * stride + f, fix, mask=fok)
             tl.store(lw + row.to(tl.int64) * stride + f, tl.zeros([FIX], tl.float32), mask=fok)
-    # threshold from the histogram: ge[v] = #keys with score >= v
-    v = tl.arange(0, NB)
-    hrow = tl.load(hist + row * NB + v)
-    tot = tl.sum(hrow, 0)
-    ge = tot - tl.cumsum(hrow, 0) + hrow
-    tau = tl.maximum(tl.sum((ge >= K).to(tl.int32), 0) - 1, 0)
-    ngt = tl.sum(tl.where(v == tau, ge - hrow, 0), 0)
+    tau, ngt, tot, og, oe = row_threshold(hist, top, row, sp, K, NH, SPP)
     need = K - ngt
-    if tl.program_id(1) == 0:
+    if sp == 0:
         tl.store(cnt + row, tl.minimum(tot, K))
-    start = tl.maximum(tl.program_id(1) * span, lo)
-    end = tl.minimum(tl.program_id(1) * span + span, tl.load(hi + b))
+    start = tl.maximum(sp * span, lo)
+    end = tl.minimum(sp * span + span, tl.load(hi + b))
     if not CACHE:
         qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
     ob = out + row.to(tl.int64) * stride + off
@@ -145,15 +167,16 @@ def emit_kernel(q, qs, proj, ks, hi, hist, ctr, out, lw, cnt, member, lo, H, HKV
             s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
         gt = inr & (s > tau)
         eq = inr & (s == tau)
-        cg = tl.cumsum(gt.to(tl.int32), 0)
-        ce = tl.cumsum(eq.to(tl.int32), 0)
-        base_g = tl.atomic_add(ctr + 2 * row, tl.sum(gt.to(tl.int32), 0))
-        base_e = tl.atomic_add(ctr + 2 * row + 1, tl.sum(eq.to(tl.int32), 0))
-        rank_e = base_e + ce - 1
+        both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # one scan for both counts (BN < 2^16)
+        cs = tl.cumsum(both, 0)
+        rank_e = oe + (cs >> 16) - 1
         take_e = eq & (rank_e < need)
-        slot = tl.where(gt, base_g + cg - 1, ngt + rank_e)
+        slot = tl.where(gt, og + (cs & 0xFFFF) - 1, ngt + rank_e)
         take = gt | take_e
         tl.store(ob + slot, n, mask=take)
         if WLW:  # exact keys: log-weight 0 at the same slots
             tl.store(lw + row.to(tl.int64) * stride + off + slot, tl.zeros([BN], tl.float32), mask=take)
         tl.store(member + row.to(tl.int64) * N + n, take.to(tl.uint8), mask=inr)
+        tb = tl.sum(both, 0)
+        og += tb & 0xFFFF
+        oe += tb >> 16

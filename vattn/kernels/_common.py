@@ -94,17 +94,18 @@ def _merge_kernel():
     import triton.language as tl
 
     @triton.jit
-    def merge(po, plse, out, S, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
-        # One program per output row; partials po [rows, S, D] f32, plse [rows, S] (log2 units).
-        # A partial with lse = -inf saw no key and its po may be unwritten: never read.
+    def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
+        # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
+        # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
+        # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
         r = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, SP)
-        d = tl.arange(0, D)
+        d = tl.program_id(1) * DB + tl.arange(0, DB)
         lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
         m = tl.max(lse, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         tot = tl.sum(tl.exp2(lse - m), 0)
-        acc = tl.zeros([D], tl.float32)
+        acc = tl.zeros([DB], tl.float32)
         for s0 in range(0, S, SB):  # blocks of SB partials keep the tile small
             sb = s0 + tl.arange(0, SB)
             lb = tl.load(plse + r * S + sb, mask=sb < S, other=float("-inf"))
@@ -118,9 +119,12 @@ def _merge_kernel():
     return merge
 
 
-def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, block_d=32, block_s=64,
+                   num_warps=4) -> torch.Tensor:
     """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous)."""
     S, D = po.shape[-2], po.shape[-1]
     rows = plse.numel() // S
-    _merge_kernel()[(rows,)](po, plse, out, S, D=D, SP=max(2, next_pow2(S)), SB=min(64, max(2, next_pow2(S))))
+    db = min(block_d, D)
+    _merge_kernel()[(rows, D // db)](po, plse, out, S, D=D, DB=db, SP=max(2, next_pow2(S)),
+                                     SB=min(block_s, max(2, next_pow2(S))), num_warps=num_warps)
     return out

@@ -7,12 +7,12 @@
                                                member uint8 [B,H,T,N])
         the k keys in [lo, hi[b]) with the largest agreement; -1 padding when fewer exist.
 
-Scores are small integers (0..R*32*W), so top-k is a counting select: one pass builds
-per-row histograms (one atomic per program and bin), a second pass derives the threshold
-from the histogram inside each program and writes the winners (block prefix sums + one
-atomic per block). It reads 4*W bytes per key, never K. `topk_launch` is the same select
+Scores are small integers (0..R*32*W), so top-k is a counting select: one pass stores a
+histogram per program, a second pass sums its row's histograms (the exact threshold) and the
+earlier programs' counts (its slot offsets) and writes the winners in position order (keys
+above the threshold, then the first ties), with no atomics: the slot order is deterministic. It reads 4*W bytes per key, never K. `topk_launch` is the same select
 with the query signature computed inside the kernels (fused), writing into a caller's buffer.
-Ties at the threshold are taken in arbitrary order; no host synchronisation anywhere.
+No host synchronisation anywhere.
 """
 from __future__ import annotations
 
@@ -79,22 +79,23 @@ def _check(qsig, ksig, k, hi, shared):
         raise VattnError(f"k must be >= 1, got {k}")
 
 
-def split_rows(rows: int, n: int, block_n: int, device) -> tuple[int, int]:
-    """(programs per row, keys per program): about 4 programs per SM in all, whole blocks each."""
+def split_rows(rows: int, n: int, block_n: int, device, most=32) -> tuple[int, int]:
+    """(programs per row, keys per program): about 4 programs per SM in all, whole blocks each,
+    at most `most` per row (the emit pass reads all of its row's histograms)."""
     from vattn.kernels._common import target_programs
-    want = max(1, min(triton_cdiv(2 * target_programs(device), rows), triton_cdiv(n, block_n)))
+    want = max(1, min(triton_cdiv(2 * target_programs(device), rows), triton_cdiv(n, block_n), most))
     span = triton_cdiv(triton_cdiv(n, want), block_n) * block_n
     return triton_cdiv(n, span), span
 
 
 def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, block_n=1024, cache=True,
-                num_warps=4, lw=None, half=True, fixed=False):
+                num_warps=4, lw=None, fixed=False, most=32):
     """Counting select into out[row*stride + off + slot]; q/proj (fused signature) or qsig.
 
     lw (optional, same layout as out) gets log-weight 0 at the winners' slots. fixed=True (needs
     lw) also writes the sinks [0, lo) and the window [hi, hi + off - lo) at slots [0, off).
-    Returns (count int32 [rows], member uint8 [rows, N], hist int32 [rows, NB]).
-    Three device ops: one zero fill (histogram and counters), the histogram pass, the emit pass.
+    Returns (count int32 [rows], member uint8 [rows, N]). Two device ops: the histogram pass
+    (one histogram per program) and the emit pass; slot order is deterministic.
     """
     hist_kernel, emit_kernel = _kernels()
     fuse = qsig is None
@@ -104,13 +105,15 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
     G = Hq // Hkv
     H, R = (Hkv, G) if shared else (Hq, 1)
     rows = B * H * T
-    NB = next_pow2(R * 32 * W + 1)
+    top = R * 32 * W
+    # bins [0, NH) plus one count of scores >= NH: half the width when the top score is a power of two
+    NH = top if top & (top - 1) == 0 else next_pow2(top + 1)
     dev = ksig.device
-    work = torch.zeros(rows * NB + 2 * rows, dtype=torch.int32, device=dev)
-    hist, ctr = work[:rows * NB].view(rows, NB), work[rows * NB:]
+    splits, span = split_rows(rows, N, block_n, dev, most)
+    work = torch.empty(rows * splits * (NH + 1), dtype=torch.int32, device=dev)
+    hist, tops = work[:rows * splits * NH], work[rows * splits * NH:]
     member = torch.empty((rows, N), dtype=torch.uint8, device=dev)
     cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
-    splits, span = split_rows(rows, N, block_n, dev)
     if fuse:
         D = q.shape[-1]
         sq = (q.stride(0), q.stride(1), q.stride(2))
@@ -119,19 +122,17 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
         D, sq = 16, (0, 0, 0)
         qs_arg, q_arg, proj_arg = qsig, qsig, qsig
     from vattn.kernels._common import interpret
-    meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), NB=NB, BN=block_n, FUSEQ=fuse,
-                HW=not interpret(), CACHE=cache and NB <= 256, num_warps=num_warps)
-    top = R * 32 * W
-    hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, member, lo, H, Hkv, T, N, span, *sq,
-                                HALF=half and top & (top - 1) == 0, **meta)
-    emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, ctr, out, out if lw is None else lw, cnt, member, lo, H, Hkv, T, N,
-                                span, *sq, k, off, stride, WLW=lw is not None,
-                                FIX=max(16, next_pow2(off)) if fixed else 0, **meta)
-    return cnt, member, hist
+    meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), NH=NH, BN=block_n, FUSEQ=fuse,
+                HW=not interpret(), CACHE=cache and top < 256, num_warps=num_warps)
+    hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, tops, member, lo, H, Hkv, T, N, span, *sq,
+                                **meta)
+    emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, tops, out, out if lw is None else lw, cnt,
+                                member, lo, H, Hkv, T, N, span, *sq, k, off, stride, WLW=lw is not None,
+                                SPP=max(2, next_pow2(splits)), FIX=max(16, next_pow2(off)) if fixed else 0, **meta)
+    return cnt, member
 
 
-def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024, cache=True,
-             half=True):
+def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024, cache=True, most=32):
     """Top-k keys by bit agreement in [lo, hi[b]) (see module docstring)."""
     _check(qsig, ksig, k, hi, shared)
     check_runnable(qsig, ksig, hi)
@@ -140,8 +141,8 @@ def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, blo
     Hkv, N = ksig.shape[1], ksig.shape[2]
     H = Hkv if shared else Hq
     out = torch.full((B * H * T, k), -1, dtype=torch.int32, device=qsig.device)
-    cnt, member, _ = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n,
-                                 cache=cache, half=half)
+    cnt, member = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n,
+                              cache=cache, most=most)
     # member is written on [lo, hi[b]) only: clear the rest for callers that read whole rows
     n = torch.arange(N, device=qsig.device)
     inr = ((n >= lo) & (n < hi.view(-1, 1))).repeat_interleave(H * T, 0)
