@@ -24,7 +24,7 @@ PRESETS = {
     "streaming": "sink(0.02)+window(0.08)",
     "oracle-topk": "sink(0.02)+window(0.02)+topk(0.06)",
     "oracle-topp": "topp(0.9)",
-    "vattention": "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)",
+    "vattention": "sink(16)+window(64)+topk(0.05)+verified(eps=0.2,delta=0.2)",
 }
 
 _TERM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
