@@ -6,6 +6,7 @@ the builder. Parts run in order; later parts see (and skip) what earlier parts c
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -171,3 +172,21 @@ def check_size(part: str, param: str, value):
 
 def part_fields(cls) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+_LOADED: dict = {}
+
+
+def load_part_file(part: str, path: str, fmt: str, what: str) -> dict:
+    """A part's data file (torch.save'd dict with "format" == fmt), cached by path and
+    modification time so every layer and decode step reads it once."""
+    key = (os.path.abspath(path), os.path.getmtime(path))
+    if key not in _LOADED:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any load failure is a user-facing message
+            raise VattnError(f"{part}: cannot read {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != fmt:
+            raise VattnError(f"{part}: {path} is not a {what}")
+        _LOADED[key] = data
+    return _LOADED[key]

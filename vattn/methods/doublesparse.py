@@ -14,14 +14,13 @@ captured from a model (vattn.capture) and saves a file the spec names:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vattn.errors import VattnError
-from vattn.methods.base import Builder, DecodeContext, check_size, register, resolve_size
+from vattn.methods.base import Builder, DecodeContext, check_size, load_part_file, register, resolve_size
 from vattn.methods.quest import block_state, check_int, row_ends
 
 FORMAT = "vattn-channels/1"
@@ -54,21 +53,9 @@ def calibrate_channels(records: list[dict], path: str | None = None) -> dict:
     return data
 
 
-_LOADED: dict = {}
-
-
 def load_channels(path: str) -> dict:
-    """A channel file from calibrate_channels (cached by path and modification time)."""
-    key = (os.path.abspath(path), os.path.getmtime(path))
-    if key not in _LOADED:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any load failure is a user-facing message
-            raise VattnError(f"doublesparse: cannot read channel file {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise VattnError(f"doublesparse: {path} is not a channel file from calibrate_channels")
-        _LOADED[key] = data
-    return _LOADED[key]
+    """A channel file from calibrate_channels (cached)."""
+    return load_part_file("doublesparse", path, FORMAT, "channel file from calibrate_channels")
 
 
 def heavy_channels(ctx: DecodeContext, c: int) -> torch.Tensor:

@@ -11,14 +11,13 @@ A key costs bits/8 bytes of metadata (64 bits = 1/32 of a bf16 d=128 key).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vattn.errors import VattnError
-from vattn.methods.base import Builder, DecodeContext, check_size, register, resolve_size
+from vattn.methods.base import Builder, DecodeContext, check_size, load_part_file, register, resolve_size
 from vattn.methods.quest import block_state, check_int
 
 FORMAT = "vattn-hash/1"
@@ -76,21 +75,9 @@ def random_proj(hkv: int, d: int, bits: int, seed: int, layer: int, device) -> d
     return {"w": torch.randn(hkv, d, bits, generator=g).to(device)}
 
 
-_LOADED: dict = {}
-
-
 def load_proj(path: str) -> dict:
-    """A learned projection file (cached by path and modification time)."""
-    key = (os.path.abspath(path), os.path.getmtime(path))
-    if key not in _LOADED:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any load failure is a user-facing message
-            raise VattnError(f"hashtopk: cannot read projection file {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise VattnError(f"hashtopk: {path} is not a projection file from `vattn train-hash`")
-        _LOADED[key] = data
-    return _LOADED[key]
+    """A learned projection file (cached)."""
+    return load_part_file("hashtopk", path, FORMAT, "projection file from `vattn train-hash`")
 
 
 def signatures(x: torch.Tensor, p: dict, nbits: int) -> torch.Tensor:
