@@ -35,14 +35,14 @@ try:
     print("two-pass decode checks failed rows:", bad, "of", B * 8, "| raw budget (gpu, ref f64, ext):", exts[:4], "| capped rows:", int(capped_rows(st).sum()))
     ref = sparse_decode_ref(q.double(), k.double(), v.double(), sel.indices, sel.log_weights.double(), sel.count, True)
     print(f"two-pass output vs reference on its selection: rel err {rel(out, ref):.2e}")
+    # the top-k slot order is deterministic (no atomics), so the two samplers must agree exactly
     _, sel_s, st_s = vattention_hash_decode(q, k, v, ks, proj, L, stats=True, selection=True, sample_kw=dict(par=False), **p)
-    same = torch.equal(sel_s.count, sel.count)
+    same = torch.equal(sel_s.count, sel.count) and torch.equal(st_s, st)
     for r in range(B * 8):
-        c = int(sel.count.view(-1)[r]); tb = F0 + min(p["topk"], int(L[r // 8]) - p["window"] - p["sink"])
-        a, b_ = sel.indices.view(B * 8, -1)[r], sel_s.indices.view(B * 8, -1)[r]  # top-k order is not deterministic
-        same &= torch.equal(a[tb:c], b_[tb:c]) and torch.equal(a[:tb].sort().values, b_[:tb].sort().values)
-        same &= torch.equal(sel.log_weights.view(B * 8, -1)[r, tb:c], sel_s.log_weights.view(B * 8, -1)[r, tb:c])
-    print("multi-program sample == serial sample (sample slots, counts):", same, "| stats equal:", torch.equal(st_s, st))
+        c = int(sel.count.view(-1)[r])
+        same &= torch.equal(sel.indices.view(B * 8, -1)[r, :c], sel_s.indices.view(B * 8, -1)[r, :c])
+        same &= torch.equal(sel.log_weights.view(B * 8, -1)[r, :c], sel_s.log_weights.view(B * 8, -1)[r, :c])
+    print("multi-program sample == serial sample (rows, weights, counts, stats):", same)
     _, st_old = vattention_hash_select(q, k, ks, proj, L, stats=True, **dict(p, cap=N))
     print("mean ext: with top-k mass", st[:, 1].mean().item(), "sinks+window only", st_old[:, 1].mean().item())
 except Exception:
@@ -55,7 +55,7 @@ try:
         L = torch.full((B,), N, dtype=torch.int32, device=dev); hi = L - 128
         KT = 256 + p["topk"] + N - 128
         idx = torch.empty(B, 8, 1, KT, dtype=torch.int32, device=dev); lw = torch.empty(B, 8, 1, KT, device=dev)
-        tn, mem, _ = topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, lw=lw, fixed=True)
+        tn, mem = topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, fixed=True)
         s1, s2 = decode_plan(B * 8, q.device)
         po = torch.empty(B, 32, 1, s1 + s2, 128, device=dev); pl = torch.empty(B, 32, 1, s1 + s2, device=dev)
         a1 = lambda: launch_split(q, k, v, idx, lw, tn, po, pl, True, 128 ** -0.5, 0, s1, mode=1, tcnt=tn, off=256, dyn=True)
@@ -63,7 +63,7 @@ try:
         sb = lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1)
         cnt, _ = sb()
         o = torch.empty(B, 32, 1, 128, device=dev, dtype=q.dtype)
-        t = dict(topk=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, lw=lw, fixed=True)]),
+        t = dict(topk=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, fixed=True)]),
                  attn1=graph_us([a1]), sample_budget=graph_us([sb]), sample_budget_serial=graph_us([lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1, par=False)]),
                  attn2=graph_us([lambda: launch_split(q, k, v, idx, lw, cnt, po, pl, True, 128 ** -0.5, 0, s2, mode=2, tcnt=tn, off=256, s_off=s1, dyn=True)]),
                  merge=graph_us([lambda: merge_partials(po, pl, o)]),

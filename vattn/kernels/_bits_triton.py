@@ -138,7 +138,8 @@ def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV
     keys > tau in position order at slots [0, ngt), then the first K - ngt keys == tau.
 
     FIX > 0 (a power of two >= off): program (row, 0) also writes the row's fixed keys at slots
-    [0, off): the sinks [0, lo) and the window [hi, hi + off - lo), with log-weight 0."""
+    [0, off): the sinks [0, lo) and the window [hi, hi + off - lo). WLW: log-weight 0 at every
+    slot written (off: the callers' attention treats these slots as exact, no lw stores)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // (H * T)
@@ -148,7 +149,8 @@ def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV
             fok = f < off
             fix = tl.where(f < lo, f, tl.load(hi + b) + f - lo)
             tl.store(out + row.to(tl.int64) * stride + f, fix, mask=fok)
-            tl.store(lw + row.to(tl.int64) * stride + f, tl.zeros([FIX], tl.float32), mask=fok)
+            if WLW:
+                tl.store(lw + row.to(tl.int64) * stride + f, tl.zeros([FIX], tl.float32), mask=fok)
     tau, ngt, tot, og, oe = row_threshold(hist, top, row, sp, K, NH, SPP)
     need = K - ngt
     if sp == 0:

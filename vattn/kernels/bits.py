@@ -92,8 +92,8 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
                 num_warps=4, lw=None, fixed=False, most=32):
     """Counting select into out[row*stride + off + slot]; q/proj (fused signature) or qsig.
 
-    lw (optional, same layout as out) gets log-weight 0 at the winners' slots. fixed=True (needs
-    lw) also writes the sinks [0, lo) and the window [hi, hi + off - lo) at slots [0, off).
+    lw (optional, same layout as out) gets log-weight 0 at the written slots. fixed=True also
+    writes the sinks [0, lo) and the window [hi, hi + off - lo) at slots [0, off).
     Returns (count int32 [rows], member uint8 [rows, N]). Two device ops: the histogram pass
     (one histogram per program) and the emit pass; slot order is deterministic.
     """

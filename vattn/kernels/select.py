@@ -64,7 +64,7 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
     lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
     top_n, member = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
-                                   idx, sink + window, KT, shared=True, block_n=block_n, lw=lw)
+                                idx, sink + window, KT, shared=True, block_n=block_n, lw=lw)
     s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
     count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
                             m0=m0, eps=eps, delta=delta, scale=scale)
@@ -114,7 +114,9 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
     idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
     lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
     top_n, member = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
-                                   idx, F0, KT, shared=True, block_n=block_n, lw=lw, fixed=True)
+                                idx, F0, KT, shared=True, block_n=block_n, fixed=True)
+    if selection:  # pass 1 does not read the exact slots' weights; a returned Selection holds them
+        lw[..., :F0 + topk] = 0.0
     s1, s2 = decode_plan(rows, q.device)
     po = torch.empty((B, Hq, T, s1 + s2, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, s1 + s2), dtype=torch.float32, device=q.device)

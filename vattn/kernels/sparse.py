@@ -65,7 +65,7 @@ def _split_kernel():
         # FUSE: the last program of a row to finish (atomic counter ctr[row], zero before the
         # launch, reset here) merges all S partial columns of its R heads into out [B,Hq,T,D].
         # MODE 0: slots [0, cnt[row]); 1: [0, off + tcnt[row]) (the exact part of a vAttention
-        # row); 2: [off + tcnt[row], cnt[row]) (its sample). Partials go to column s_off + sp of S.
+        # row, weight 0); 2: [off + tcnt[row], cnt[row]) (its sample). Partials go to column s_off + sp of S.
         # R query heads share this program's selection row: R = G if shared else 1.
         row = tl.program_id(0)  # (b, h, t) of the selection
         sp = tl.program_id(1)
@@ -105,7 +105,10 @@ def _split_kernel():
             n = n0 + tl.arange(0, BN)
             ix = tl.load(idx + sel + n, mask=n < end, other=-1)
             ok = ix >= 0
-            w = tl.load(lw + sel + n, mask=ok, other=0.0) * 1.4426950408889634
+            if MODE == 1:  # exact keys (sinks, window, top-k): weight 0, their lw is not read
+                w = tl.zeros([BN], tl.float32)
+            else:
+                w = tl.load(lw + sel + n, mask=ok, other=0.0) * 1.4426950408889634
             ix64 = tl.where(ok, ix, 0).to(tl.int64)
             kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
