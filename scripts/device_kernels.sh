@@ -2,7 +2,7 @@
 # The one script run on the GPU machine: GPU correctness checks of the two-pass vAttention decode
 # (budget vs float64 reference with D_F = sinks + window + top-k, output vs reference, capped
 # rows), stage breakdown at 128K, then `vattn bench` (JSON to $OUT).
-# Usage: bash scripts/device_kernels.sh [quick]
+# Usage: bash scripts/device_kernels.sh [quick|checks]   (checks: no bench)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee $OUT/gpu.txt
@@ -74,5 +74,6 @@ try:
 except Exception:
     traceback.print_exc()
 PY
+[ "$1" = checks ] && exit 0
 if [ "$1" = quick ]; then ARGS="--quick"; else ARGS="--e2e-layers 0"; fi
 COLUMNS=250 python3 -m vattn.cli bench $ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.log

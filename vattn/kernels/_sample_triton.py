@@ -169,58 +169,10 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
 
 
 @triton.jit
-def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
-                         sqb, sqh, sqt, skb, skh, skn, H, T, N, KT, seed,
-                         sink, window, m0, scale, zz, eps2, S1, ST,
-                         G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                         CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
-                         IEEE: tl.constexpr, WALK: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr,
-                         ctl):
-    """One program per selection row: permutation sample + verified budget + assembly, fused.
-
-    PAR=1: only the pilot blocks are drawn here; ctl[row] = (next slot, accepted so far) and the
-    rest of the sample (m + want accepted keys in all) is drawn by sample_count_kernel +
-    sample_scatter_kernel with several programs per row (ext = want: the whole residual lies in
-    the permutation's domain).
-
-    The sample is generated here from perm_sample_kernel's keyed Feistel permutation P of the
-    domain [0, 4^hb) without cycle walking: slots j = 0, 1, ... in order, keeping P(j) < n_mid.
-    The kept values, in order, are a uniformly random order of [0, n_mid) (the restriction of a
-    random permutation to a subset), so every prefix is a uniform sample without replacement;
-    the same 4 rounds per slot and no walk loop. Blocks of CB slots, compacting the accepted slots
-    (member = 0: not top-k) to out[row, base + rank]. Blocks are drawn until the pilot (m0
-    accepted) is in hand, then until m + want accepted, want = min(max(budget, 1), n_r - m):
-    the whole residual is reachable (no slot cap), so ext = want on every row. D_F comes from
-    the split-KV partials of attention pass 1 over [sink | window | top-k] (plse, log2 units,
-    columns [0, S1) of ST), so it is the exact mass of every fixed key. PAD: write -inf weights
-    and -1 indices after count up to KT (a full Selection row); else only [base, count).
-    """
-    row = tl.program_id(0)
-    t = row % T
-    h = (row // T) % H
-    b = row // (H * T)
-    b64 = b.to(tl.int64)
-    L = tl.load(lens + b)
-    hi = L - window
-    F0 = sink + window
-    top_n = tl.load(tcnt + row)
-    base = F0 + top_n
-    n_mid = tl.maximum(hi - sink, 0)
-    n_r = tl.maximum(n_mid - top_n, 0)
-    ob = out + row.to(tl.int64) * KT
-    lb = lw + row.to(tl.int64) * KT
-    mb = member + row.to(tl.int64) * N
-    # permutation parameters (as perm_sample_kernel)
-    bits = 0
-    for i in tl.static_range(31):
-        bits += (((n_mid - 1) >> i) > 0).to(tl.int32)
-    hb = ((bits + 1) // 2).to(tl.uint32)
-    mask = ((1 << hb) - 1).to(tl.uint32)
-    key = (seed ^ (row * 0x1B873593)).to(tl.uint32)
-    dom = 1 << (2 * hb.to(tl.int32))  # the permutation's domain [0, 4^hb) holds [0, n_mid)
-    avail = 0
-    c0 = 0
-    goal = tl.minimum(m0, n_r)
+def _draw(ob, mb, c0, avail, goal, dom, n_mid, hb, mask, key, sink, base, CB: tl.constexpr, CAPG: tl.constexpr):
+    """Draw blocks of CB permutation slots from c0 until avail >= goal accepted keys (in range,
+    member = 0: not top-k); the accepted keys go to ob[base + rank], ranks < goal only if CAPG.
+    Returns (next slot, accepted)."""
     while (c0 < dom) & (avail < goal):
         j = c0 + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
@@ -229,13 +181,22 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
         mem = tl.load(mb + pos, mask=ok, other=1)
         acc = (ok & (mem == 0)).to(tl.int32)
         rank = avail + tl.cumsum(acc, 0) - 1
-        tl.store(ob + base + rank, pos, mask=acc > 0)
+        put = acc > 0
+        if CAPG:
+            put = put & (rank < goal)
+        tl.store(ob + base + rank, pos, mask=put)
         avail += tl.sum(acc, 0)
         c0 += CB
-    m = tl.minimum(goal, avail)
-    tl.debug_barrier()
-    j2 = (h * R) // G
-    kb = kp + b64 * skb + j2.to(tl.int64) * skh
+    return c0, avail
+
+
+@triton.jit
+def _pilot_scores(q, kp, ob, b64, h, t, base, m, sqb, sqh, sqt, skb, skh, skn, scale,
+                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr, M0P: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """f32 [M, M0P]: scale * q . k for the R query heads of the row and the m pilot keys at
+    ob[base:base + m] (-inf elsewhere)."""
+    kb = kp + b64 * skb + ((h * R) // G).to(tl.int64) * skh
     d = tl.arange(0, D)
     r = tl.arange(0, M)
     qq = tl.load(q + b64 * sqb + (h * R + r)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
@@ -248,7 +209,17 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
         sp = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
     else:
         sp = tl.dot(qq, tl.trans(kk))
-    sp = tl.where(pok[None, :], sp * scale, float("-inf"))
+    return tl.where(pok[None, :], sp * scale, float("-inf"))
+
+
+@triton.jit
+def _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
+            SP: tl.constexpr):
+    """The verified budget from the pilot scores sp [M, M0P] and D_F (the split-KV partials of
+    attention pass 1, plse [rows*R, ST] log2 units, columns [0, S1)). Returns (raw budget: max
+    over heads, want = min(max(raw, 1), n_r - m))."""
+    r = tl.arange(0, M)
+    pok = tl.arange(0, M0P) < m
     sc = tl.arange(0, SP)
     pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
                  mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
@@ -259,53 +230,87 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse,
     mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
-    nrf = n_r.to(tl.float32)
-    dhat = dfix + nrf * mean
-    rest = n_r - m
-    restf = rest.to(tl.float32)
+    dhat = dfix + n_r.to(tl.float32) * mean
+    restf = (n_r - m).to(tl.float32)
     b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
-    b0 = tl.where(b0 == b0, b0, float("inf"))
+    b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
     bq = tl.where(b0 == float("inf"), restf,
                   tl.ceil(b0 * restf / tl.maximum(restf - 1.0 + b0, 1e-30) - 1e-6))
-    bq = tl.where(r < R, bq, 0.0)
-    braw = tl.max(bq, 0)
+    braw = tl.max(tl.where(r < R, bq, 0.0), 0)
     want = tl.maximum(tl.minimum(tl.maximum(braw, 1.0), restf).to(tl.int32), 0)
-    if PAR:
-        tl.store(ctl + row * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, c0, avail))
-        a0 = avail
-        avail = tl.maximum(avail, m + want)
-    else:
-        # draw on until m + want accepted keys (the rest of the permutation holds all of R)
-        while (c0 < dom) & (avail < m + want):
-            j = c0 + tl.arange(0, CB)
-            y = _feistel(j.to(tl.uint32), hb, mask, key)
-            ok = (j < dom) & (y < n_mid)
-            pos = sink + y.to(tl.int32)
-            mem = tl.load(mb + pos, mask=ok, other=1)
-            acc = (ok & (mem == 0)).to(tl.int32)
-            rank = avail + tl.cumsum(acc, 0) - 1
-            tl.store(ob + base + rank, pos, mask=(acc > 0) & (rank < m + want))
-            avail += tl.sum(acc, 0)
-            c0 += CB
-    ext = tl.maximum(tl.minimum(want, avail - m), 0)
+    return braw, want
+
+
+@triton.jit
+def _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, start, stop, PAD: tl.constexpr, BLK: tl.constexpr):
+    """count, stats (m, ext, n_r, raw budget) and the extension weights log((n_r - m) / ext) at
+    slots [start, stop) (PAD: -inf and index -1 from count on)."""
     count = base + m + ext
-    lwv = tl.log(restf / tl.maximum(ext, 1).to(tl.float32))
+    lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(ext, 1).to(tl.float32))
     tl.store(cnt + row, count)
-    tl.store(stats + row * 4 + tl.arange(0, 4),
-             tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
-                      tl.where(tl.arange(0, 4) == 2, nrf, braw))))
-    tl.debug_barrier()
-    if PAR:
-        stop = KT if PAD else tl.minimum(base + a0, count)
-    else:
-        stop = KT if PAD else count
-    for p0 in range(base + m, stop, BLK):  # top-k and pilot slots already hold weight 0
+    i4 = tl.arange(0, 4)
+    tl.store(stats + row * 4 + i4, tl.where(i4 == 0, m.to(tl.float32), tl.where(i4 == 1, ext.to(tl.float32),
+                                           tl.where(i4 == 2, n_r.to(tl.float32), braw))))
+    for p0 in range(start, stop, BLK):
         pp = p0 + tl.arange(0, BLK)
         inr = pp < stop
-        w = tl.where(pp < count, lwv, float("-inf"))
-        tl.store(lb + pp, w, mask=inr)
+        tl.store(lb + pp, tl.where(pp < count, lwv, float("-inf")), mask=inr)
         if PAD:
             tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
+
+
+@triton.jit
+def _row(lens, tcnt, out, lw, member, row, H, T, N, KT, sink, window):
+    b = row // (H * T)
+    top_n = tl.load(tcnt + row)
+    n_r = tl.maximum(tl.load(lens + b) - window - sink - top_n, 0)
+    return (b, (row // T) % H, row % T, sink + window + top_n, n_r, out + row.to(tl.int64) * KT,
+            lw + row.to(tl.int64) * KT, member + row.to(tl.int64) * N)
+
+
+@triton.jit
+def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse, ctl,
+                         sqb, sqh, sqt, skb, skh, skn, H, T, N, KT, seed,
+                         sink, window, m0, scale, zz, eps2, S1, ST,
+                         G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                         CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
+                         IEEE: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr):
+    """One program per selection row: permutation sample + verified budget + assembly.
+
+    The sample comes from perm_sample_kernel's keyed Feistel permutation P of the domain
+    [0, 4^hb) without cycle walking: slots j = 0, 1, ... in order, keeping P(j) < n_mid. The
+    kept values, in order, are a uniformly random order of [0, n_mid) (the restriction of a
+    random permutation to a subset), so every prefix is a uniform sample without replacement.
+    Blocks of CB slots are drawn, compacting the accepted slots (member = 0: not top-k) to
+    out[row, base + rank], until the pilot (m0 accepted) is in hand, then until m + want
+    accepted, want = min(max(budget, 1), n_r - m): the whole residual is reachable (no slot
+    cap), so ext = want on every row. D_F comes from the split-KV partials of attention pass 1
+    over [sink | window | top-k] (plse), so it is the exact mass of every fixed key. PAD: write
+    -inf weights and -1 indices after count up to KT (a full Selection row); else only up to
+    count. PAR: only the pilot blocks are drawn here and ctl[row] = (next slot, accepted so
+    far); sample_count_kernel + sample_scatter_kernel draw the rest with several programs per row.
+    """
+    row = tl.program_id(0)
+    b, h, t, base, n_r, ob, lb, mb = _row(lens, tcnt, out, lw, member, row, H, T, N, KT, sink, window)
+    n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
+    goal = tl.minimum(m0, n_r)
+    c0, avail = _draw(ob, mb, tl.full([], 0, tl.int32), tl.full([], 0, tl.int32), goal, dom, n_mid, hb, mask, key,
+                      sink, base, CB, False)
+    m = tl.minimum(goal, avail)
+    tl.debug_barrier()
+    sp = _pilot_scores(q, kp, ob, b.to(tl.int64), h, t, base, m, sqb, sqh, sqt, skb, skh, skn, scale,
+                       G, R, M, D, M0P, IEEE)
+    braw, want = _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R, M, M0P, SP)
+    if PAR:
+        tl.store(ctl + row * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, c0, avail))
+        ext = want
+        stop = tl.minimum(base + avail, base + m + want)
+    else:  # draw on until m + want accepted keys (the rest of the permutation holds all of R)
+        c0, avail = _draw(ob, mb, c0, avail, m + want, dom, n_mid, hb, mask, key, sink, base, CB, True)
+        ext = tl.maximum(tl.minimum(want, avail - m), 0)
+        stop = base + m + ext
+    tl.debug_barrier()
+    _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, base + m, KT if PAD else stop, PAD, BLK)
     tl.store(lb + base + tl.arange(0, M0P), tl.zeros([M0P], tl.float32), mask=tl.arange(0, M0P) < m)
 
 

@@ -159,48 +159,54 @@ def capped_rows(stats) -> torch.Tensor:
     return want > ext
 
 
+def _common(q, k, out, scale):
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    return dict(rows=B * Hkv * T, G=Hq // Hkv, D=D, Hkv=Hkv, T=T, N=N, KT=out.shape[-1],
+                scale=D ** -0.5 if scale is None else float(scale))
+
+
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
-                  scale=None, pad=False, block_c=2048, walk=24, par=True, block_p=None, margin=1.15, extra=2):
-    """Fused permutation sample + verified budget + assembly (_sample_triton.sample_budget_kernel).
+                  scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2):
+    """Permutation sample + verified budget + assembly, after attention pass 1.
 
     member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
-    fixed keys and top-k already written (weight 0); plse [B,Hq,1,S_tot] holding attention
-    pass 1 in columns [0, s1). No slot cap: KT >= sink + window + topk + (hi - sink) lets the
-    sample reach the whole residual. Returns (count int32 [rows], stats f32 [rows, 4]).
+    fixed keys and top-k already written; plse [B,Hq,1,S_tot] holding attention pass 1 in
+    columns [0, s1). No slot cap: KT >= sink + window + topk + (hi - sink) lets the sample reach
+    the whole residual. par=False: one serial kernel per row (sample_budget_kernel). par=True:
+    the same kernel draws the pilot and sizes the budget, then block counts and a prefix scatter
+    draw the rest with several programs per row (the same sample). Returns (count int32 [rows],
+    stats f32 [rows, 4]).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
     from vattn.kernels._common import next_pow2, use_ieee
-    from vattn.kernels._sample_triton import sample_budget_kernel
-    B, Hq, T, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    rows = B * Hkv * T
-    KT = out.shape[-1]
-    scale = D ** -0.5 if scale is None else float(scale)
-    z = z_two_sided(delta)
+    from vattn.kernels import _sample_triton as ks
+    c = _common(q, k, out, scale)
+    rows, N = c["rows"], c["N"]
     cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
     stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
     ctl = torch.empty((rows, 2), dtype=torch.int32, device=q.device)
-    sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, out, lw, cnt, stats, plse,
-                                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                  Hkv, T, N, KT, seed & 0x7FFFFFFF, sink, window, m0, scale, z * z, eps * eps,
-                                  s1, plse.shape[-1],
-                                  G=G, R=G, M=max(16, next_pow2(G)), D=D, CB=block_c, M0P=max(16, next_pow2(m0)),
-                                  SP=max(2, next_pow2(s1)), BLK=1024, IEEE=use_ieee(q.dtype), WALK=walk, PAD=pad,
-                                  PAR=par, ctl=ctl, num_warps=8)
-    if par:
-        # the rest of the sample: several programs per row (count blocks, then scatter by prefix)
-        from vattn.kernels._sample_triton import sample_count_kernel, sample_scatter_kernel
-        cbp = block_p or (1024 if rows <= 16 else 2048)
-        n_mid = max(N - sink - window, 1)
-        hb = ((n_mid - 1).bit_length() + 1) // 2
-        nb = max(1, -(-(1 << (2 * hb)) // cbp))
-        bcnt = torch.empty((rows, nb), dtype=torch.int32, device=q.device)
-        member = member.reshape(rows, N)
-        sample_count_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, Hkv, T, N, seed & 0x7FFFFFFF,
-                                        sink, window, nb, float(margin), int(extra), CB=cbp, num_warps=4)
-        sample_scatter_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, Hkv, T, N, KT,
-                                          seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
-                                          CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
+    ks.sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, out, lw, cnt, stats, plse, ctl,
+                                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                     c["Hkv"], c["T"], N, c["KT"], seed & 0x7FFFFFFF, sink, window, m0, c["scale"],
+                                     z_two_sided(delta) ** 2, eps * eps, s1, plse.shape[-1],
+                                     G=c["G"], R=c["G"], M=max(16, next_pow2(c["G"])), D=c["D"], CB=block_c,
+                                     M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BLK=1024,
+                                     IEEE=use_ieee(q.dtype), PAD=pad, PAR=par, num_warps=8)
+    if not par:
+        return cnt, stats
+    # the rest of the sample: several programs per row (count blocks, then scatter by prefix)
+    cbp = block_p or (1024 if rows <= 16 else 2048)
+    n_mid = max(N - sink - window, 1)
+    hb = ((n_mid - 1).bit_length() + 1) // 2
+    nb = max(1, -(-(1 << (2 * hb)) // cbp))
+    bcnt = torch.empty((rows, nb), dtype=torch.int32, device=q.device)
+    member = member.reshape(rows, N)
+    ks.sample_count_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, c["Hkv"], c["T"], N,
+                                       seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra), CB=cbp,
+                                       num_warps=4)
+    ks.sample_scatter_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"], N,
+                                         c["KT"], seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
+                                         CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
     return cnt, stats

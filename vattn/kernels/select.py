@@ -80,11 +80,12 @@ def attended(sel: Selection) -> torch.Tensor:
 
 def decode_plan(rows, device=None):
     """Programs per row of the two attention passes: about two per SM in all for pass 1 and
-    eight for pass 2 (its ~3K random keys per row need more loads in flight: 74 -> 52 us at
-    B=8 128K); each program takes an equal share of its row's live slots (chunks in-kernel)."""
+    sixteen for pass 2, at most 132 per row (its ~3K random keys per row need many loads in
+    flight: 74 -> 50 us at B=8 128K); each program takes an equal share of its row's live slots
+    (chunks computed in-kernel)."""
     from vattn.kernels._common import target_programs
     tp = target_programs(device or torch.device("cuda"))
-    return max(1, -(-tp // rows)), max(1, -(-4 * tp // rows))
+    return max(1, -(-tp // rows)), max(1, min(-(-8 * tp // rows), tp // 2))
 
 
 def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128, topk=4096, m0=128,
