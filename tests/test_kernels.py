@@ -271,8 +271,8 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
     assert torch.equal(out, vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, **kw))  # no pad
     # the multi-program sample (block counts + prefix scatter) equals the serial draw, also when the
     # counted blocks fall short (margin 0: the last counted block draws on serially); poisoned outputs
-    variants = (dict(par=False), dict(block_p=16, margin=0.0, extra=0)) if dtype == torch.float32 else \
-        (dict(block_p=32, margin=0.5, extra=1),)
+    variants = (dict(par=False), dict(block_p=16, margin=0.0, extra=0), dict(block_p=16, programs=3)) \
+        if dtype == torch.float32 else (dict(block_p=32, margin=0.5, extra=1, programs=2),)
     for skw in variants:
         o2, sel2, st2 = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
                                                attn_block=16, sample_kw=skw, **kw)

@@ -87,10 +87,13 @@ def hist_kernel(q, qs, proj, ks, hi, hist, top, member, lo, H, HKV, T, N, span, 
     qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
     hc = tl.zeros([NH], tl.int32)
     tv = tl.zeros([BN], tl.int32)  # per-lane top counts, reduced once after the loop
+    n = start + tl.arange(0, BN)
+    s_nx = scores(qv, ks, row, b, n, n < end, H, HKV, T, N, G, R, W, RWP, HW)
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
-        s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
+        s = s_nx  # the next block's loads are in flight while this block is counted
+        s_nx = scores(qv, ks, row, b, n + BN, n + BN < end, H, HKV, T, N, G, R, W, RWP, HW)
         hc += tl.histogram(tl.minimum(s, NH - 1), NH, mask=inr)
         tv += (inr & (s >= NH)).to(tl.int32)
         if CACHE:  # scores fit a byte: the emit pass reads them back instead of recomputing
@@ -160,11 +163,15 @@ def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV
     if not CACHE:
         qv = qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt, R, W, D, RWP, FUSEQ)
     ob = out + row.to(tl.int64) * stride + off
+    mrow = member + row.to(tl.int64) * N
+    n = start + tl.arange(0, BN)
+    s_nx = tl.load(mrow + n, mask=(n < end) & CACHE, other=0).to(tl.int32)
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         inr = n < end
         if CACHE:
-            s = tl.load(member + row.to(tl.int64) * N + n, mask=inr, other=0).to(tl.int32)
+            s = s_nx  # the next block's bytes are in flight while this block is written
+            s_nx = tl.load(mrow + n + BN, mask=n + BN < end, other=0).to(tl.int32)
         else:
             s = scores(qv, ks, row, b, n, inr, H, HKV, T, N, G, R, W, RWP, HW)
         gt = inr & (s > tau)

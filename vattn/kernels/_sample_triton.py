@@ -349,12 +349,12 @@ def _par_blocks(stats, ctl, row, n_r, dom, CB: tl.constexpr, NB, MARGIN, EXTRA):
 @triton.jit
 def sample_count_kernel(lens, tcnt, member, stats, ctl, bcnt, H, T, N, seed, sink, window, NB, MARGIN, EXTRA,
                         CB: tl.constexpr):
-    """Program (row, i) counts the accepted slots (in range, not top-k) of block i after the pilot."""
+    """Program (row, p) counts the accepted slots (in range, not top-k) of blocks p, p + P, ...
+    after the pilot (P programs per row: few idle programs however large the domain)."""
     row = tl.program_id(0)
-    bi = tl.program_id(1)
     n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
     m, want, c0, a0, nbc = _par_blocks(stats, ctl, row, n_r, dom, CB, NB, MARGIN, EXTRA)
-    if bi < nbc:
+    for bi in range(tl.program_id(1), nbc, tl.num_programs(1)):
         j = c0 + bi * CB + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
         ok = (j < dom) & (y < n_mid)
@@ -365,24 +365,24 @@ def sample_count_kernel(lens, tcnt, member, stats, ctl, bcnt, H, T, N, seed, sin
 @triton.jit
 def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N, KT, seed, sink, window,
                           NB, MARGIN, EXTRA, CB: tl.constexpr, NBP: tl.constexpr):
-    """Program (row, i): rank offset of block i = accepted before it (pilot + prefix of block
-    counts), writes its accepted keys at out[row, base + rank] (rank < m + want) with the
-    extension weight. The last counted block draws on serially if the counted blocks fell short."""
+    """Program (row, p), for its blocks i = p, p + P, ...: rank offset of block i = accepted
+    before it (pilot + prefix of block counts); writes its accepted keys at out[row, base + rank]
+    (rank < m + want) with the extension weight. The last counted block draws on serially if the
+    counted blocks fell short."""
     row = tl.program_id(0)
-    bi = tl.program_id(1)
     n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
     m, want, c0, a0, nbc = _par_blocks(stats, ctl, row, n_r, dom, CB, NB, MARGIN, EXTRA)
-    if bi < nbc:
-        goal = m + want
-        bb = tl.arange(0, NBP)
-        cs = tl.load(bcnt + row * NB + bb, mask=bb < nbc, other=0)
+    goal = m + want
+    bb = tl.arange(0, NBP)
+    cs = tl.load(bcnt + row * NB + bb, mask=bb < nbc, other=0)
+    tot = a0 + tl.sum(cs, 0)
+    base = sink + window + tl.load(tcnt + row)
+    ob = out + row.to(tl.int64) * KT
+    lb = lw + row.to(tl.int64) * KT
+    mb = member + row.to(tl.int64) * N
+    lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(want, 1).to(tl.float32))
+    for bi in range(tl.program_id(1), nbc, tl.num_programs(1)):
         avail = a0 + tl.sum(tl.where(bb < bi, cs, 0), 0)
-        tot = a0 + tl.sum(cs, 0)
-        base = sink + window + tl.load(tcnt + row)
-        ob = out + row.to(tl.int64) * KT
-        lb = lw + row.to(tl.int64) * KT
-        mb = member + row.to(tl.int64) * N
-        lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(want, 1).to(tl.float32))
         s0 = c0 + bi * CB
         if avail < goal:
             j = s0 + tl.arange(0, CB)

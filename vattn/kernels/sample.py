@@ -167,7 +167,7 @@ def _common(q, k, out, scale):
 
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
-                  scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2):
+                  scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2, programs=16):
     """Permutation sample + verified budget + assembly, after attention pass 1.
 
     member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
@@ -175,8 +175,8 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     columns [0, s1). No slot cap: KT >= sink + window + topk + (hi - sink) lets the sample reach
     the whole residual. par=False: one serial kernel per row (sample_budget_kernel). par=True:
     the same kernel draws the pilot and sizes the budget, then block counts and a prefix scatter
-    draw the rest with several programs per row (the same sample). Returns (count int32 [rows],
-    stats f32 [rows, 4]).
+    draw the rest with `programs` programs per row, each over every programs-th block (the same
+    sample). Returns (count int32 [rows], stats f32 [rows, 4]).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
@@ -203,10 +203,11 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     nb = max(1, -(-(1 << (2 * hb)) // cbp))
     bcnt = torch.empty((rows, nb), dtype=torch.int32, device=q.device)
     member = member.reshape(rows, N)
-    ks.sample_count_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, c["Hkv"], c["T"], N,
+    P = max(1, min(nb, programs))  # programs per row: the grid no longer grows with the domain
+    ks.sample_count_kernel[(rows, P)](lengths, top_cnt, member, stats, ctl, bcnt, c["Hkv"], c["T"], N,
                                        seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra), CB=cbp,
                                        num_warps=4)
-    ks.sample_scatter_kernel[(rows, nb)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"], N,
+    ks.sample_scatter_kernel[(rows, P)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"], N,
                                          c["KT"], seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
                                          CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
     return cnt, stats

@@ -101,14 +101,18 @@ def _split_kernel():
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
         acc = tl.zeros([M, D], tl.float32)
+        n = start + tl.arange(0, BN)
+        ix_nx = tl.load(idx + sel + n, mask=n < end, other=-1)
+        w_nx = tl.load(lw + sel + n, mask=(n < end) & (MODE != 1), other=0.0)
         for n0 in range(start, end, BN):
-            n = n0 + tl.arange(0, BN)
-            ix = tl.load(idx + sel + n, mask=n < end, other=-1)
+            # this block's indices and weights were loaded one iteration ahead: the gathers below
+            # wait for one memory round trip, not two
+            n = n0 + BN + tl.arange(0, BN)
+            ix, w = ix_nx, w_nx * 1.4426950408889634
+            ix_nx = tl.load(idx + sel + n, mask=n < end, other=-1)
+            # MODE 1: exact keys (sinks, window, top-k), weight 0: their lw is not read
+            w_nx = tl.load(lw + sel + n, mask=(n < end) & (MODE != 1), other=0.0)
             ok = ix >= 0
-            if MODE == 1:  # exact keys (sinks, window, top-k): weight 0, their lw is not read
-                w = tl.zeros([BN], tl.float32)
-            else:
-                w = tl.load(lw + sel + n, mask=ok, other=0.0) * 1.4426950408889634
             ix64 = tl.where(ok, ix, 0).to(tl.int64)
             kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
