@@ -55,16 +55,16 @@ try:
         L = torch.full((B,), N, dtype=torch.int32, device=dev); hi = L - 128
         KT = 256 + p["topk"] + N - 128
         idx = torch.empty(B, 8, 1, KT, dtype=torch.int32, device=dev); lw = torch.empty(B, 8, 1, KT, device=dev)
-        tn, mem = topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, fixed=True)
+        tn, mem, thr = topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, fixed=True)
         s1, s2 = decode_plan(B * 8, q.device)
         po = torch.empty(B, 32, 1, s1 + s2, 128, device=dev); pl = torch.empty(B, 32, 1, s1 + s2, device=dev)
         a1 = lambda: launch_split(q, k, v, idx, lw, tn, po, pl, True, 128 ** -0.5, 0, s1, mode=1, tcnt=tn, off=256, dyn=True)
         a1()
-        sb = lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1)
+        sb = lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1, thr=thr)
         cnt, _ = sb()
         o = torch.empty(B, 32, 1, 128, device=dev, dtype=q.dtype)
         t = dict(topk=graph_us([lambda: topk_launch(q, None, proj, ks, hi, p["topk"], 128, idx, 256, KT, shared=True, fixed=True)]),
-                 attn1=graph_us([a1]), sample_budget=graph_us([sb]), sample_budget_serial=graph_us([lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1, par=False)]),
+                 attn1=graph_us([a1]), sample_budget=graph_us([sb]), sample_budget_serial=graph_us([lambda: sample_budget(q, k, L, tn, mem, idx, lw, pl, s1, sink=128, window=128, m0=128, eps=.05, delta=.05, seed=1, par=False, thr=thr)]),
                  attn2=graph_us([lambda: launch_split(q, k, v, idx, lw, cnt, po, pl, True, 128 ** -0.5, 0, s2, mode=2, tcnt=tn, off=256, s_off=s1, dyn=True)]),
                  merge=graph_us([lambda: merge_partials(po, pl, o)]),
                  attn2_fused_merge=graph_us([lambda: launch_split(q, k, v, idx, lw, cnt, po, pl, True, 128 ** -0.5, 0, s2, mode=2, tcnt=tn, off=256, s_off=s1, dyn=True, out=o)]),

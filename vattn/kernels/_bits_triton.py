@@ -132,13 +132,15 @@ def row_threshold(hist, top, row, sp, K, NH: tl.constexpr, SPP: tl.constexpr):
 
 
 @triton.jit
-def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
+def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, thr, member, lo, H, HKV, T, N, span, sqb, sqh, sqt,
                 K, off, stride,
                 G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
                 NH: tl.constexpr, SPP: tl.constexpr, BN: tl.constexpr, FUSEQ: tl.constexpr, HW: tl.constexpr,
                 CACHE: tl.constexpr, WLW: tl.constexpr, FIX: tl.constexpr = 0):
-    """Writes the K winners of each row to out[row*stride + off + slot] and member[row, n]:
-    keys > tau in position order at slots [0, ngt), then the first K - ngt keys == tau.
+    """Writes the K winners of each row to out[row*stride + off + slot]: keys > tau in position
+    order at slots [0, ngt), then the first K - ngt keys == tau. Key n in [lo, hi) is a winner
+    iff member[row, n] > thr[row]: with CACHE member holds the score bytes (tau = thr) and the
+    taken ties are set to 255 (one byte store per tie, not per key); else member = 0/1, thr = 0.
 
     FIX > 0 (a power of two >= off): program (row, 0) also writes the row's fixed keys at slots
     [0, off): the sinks [0, lo) and the window [hi, hi + off - lo). WLW: log-weight 0 at every
@@ -158,6 +160,7 @@ def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV
     need = K - ngt
     if sp == 0:
         tl.store(cnt + row, tl.minimum(tot, K))
+        tl.store(thr + row, tau if CACHE else 0)
     start = tl.maximum(sp * span, lo)
     end = tl.minimum(sp * span + span, tl.load(hi + b))
     if not CACHE:
@@ -185,7 +188,10 @@ def emit_kernel(q, qs, proj, ks, hi, hist, top, out, lw, cnt, member, lo, H, HKV
         tl.store(ob + slot, n, mask=take)
         if WLW:  # exact keys: log-weight 0 at the same slots
             tl.store(lw + row.to(tl.int64) * stride + off + slot, tl.zeros([BN], tl.float32), mask=take)
-        tl.store(member + row.to(tl.int64) * N + n, take.to(tl.uint8), mask=inr)
+        if CACHE:  # member keeps the score bytes: only the taken ties are marked (255 > tau)
+            tl.store(mrow + n, tl.full([BN], 255, tl.uint8), mask=take_e)
+        else:
+            tl.store(mrow + n, take.to(tl.uint8), mask=inr)
         tb = tl.sum(both, 0)
         og += tb & 0xFFFF
         oe += tb >> 16

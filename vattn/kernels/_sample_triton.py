@@ -169,17 +169,17 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
 
 
 @triton.jit
-def _draw(ob, mb, c0, avail, goal, dom, n_mid, hb, mask, key, sink, base, CB: tl.constexpr, CAPG: tl.constexpr):
+def _draw(ob, mb, tr, c0, avail, goal, dom, n_mid, hb, mask, key, sink, base, CB: tl.constexpr, CAPG: tl.constexpr):
     """Draw blocks of CB permutation slots from c0 until avail >= goal accepted keys (in range,
-    member = 0: not top-k); the accepted keys go to ob[base + rank], ranks < goal only if CAPG.
+    member <= tr: not top-k); the accepted keys go to ob[base + rank], ranks < goal only if CAPG.
     Returns (next slot, accepted)."""
     while (c0 < dom) & (avail < goal):
         j = c0 + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
         ok = (j < dom) & (y < n_mid)
         pos = sink + y.to(tl.int32)
-        mem = tl.load(mb + pos, mask=ok, other=1)
-        acc = (ok & (mem == 0)).to(tl.int32)
+        mem = tl.load(mb + pos, mask=ok, other=255).to(tl.int32)
+        acc = (ok & (mem <= tr)).to(tl.int32)
         rank = avail + tl.cumsum(acc, 0) - 1
         put = acc > 0
         if CAPG:
@@ -269,7 +269,7 @@ def _row(lens, tcnt, out, lw, member, row, H, T, N, KT, sink, window):
 
 
 @triton.jit
-def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse, ctl,
+def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, plse, ctl,
                          sqb, sqh, sqt, skb, skh, skn, H, T, N, KT, seed,
                          sink, window, m0, scale, zz, eps2, S1, ST,
                          G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
@@ -281,7 +281,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse, c
     [0, 4^hb) without cycle walking: slots j = 0, 1, ... in order, keeping P(j) < n_mid. The
     kept values, in order, are a uniformly random order of [0, n_mid) (the restriction of a
     random permutation to a subset), so every prefix is a uniform sample without replacement.
-    Blocks of CB slots are drawn, compacting the accepted slots (member = 0: not top-k) to
+    Blocks of CB slots are drawn, compacting the accepted slots (member <= thr: not top-k) to
     out[row, base + rank], until the pilot (m0 accepted) is in hand, then until m + want
     accepted, want = min(max(budget, 1), n_r - m): the whole residual is reachable (no slot
     cap), so ext = want on every row. D_F comes from the split-KV partials of attention pass 1
@@ -294,8 +294,9 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse, c
     b, h, t, base, n_r, ob, lb, mb = _row(lens, tcnt, out, lw, member, row, H, T, N, KT, sink, window)
     n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
     goal = tl.minimum(m0, n_r)
-    c0, avail = _draw(ob, mb, tl.full([], 0, tl.int32), tl.full([], 0, tl.int32), goal, dom, n_mid, hb, mask, key,
-                      sink, base, CB, False)
+    tr = tl.load(thr + row)
+    c0, avail = _draw(ob, mb, tr, tl.full([], 0, tl.int32), tl.full([], 0, tl.int32), goal, dom, n_mid, hb, mask,
+                      key, sink, base, CB, False)
     m = tl.minimum(goal, avail)
     tl.debug_barrier()
     sp = _pilot_scores(q, kp, ob, b.to(tl.int64), h, t, base, m, sqb, sqh, sqt, skb, skh, skn, scale,
@@ -306,7 +307,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, out, lw, cnt, stats, plse, c
         ext = want
         stop = tl.minimum(base + avail, base + m + want)
     else:  # draw on until m + want accepted keys (the rest of the permutation holds all of R)
-        c0, avail = _draw(ob, mb, c0, avail, m + want, dom, n_mid, hb, mask, key, sink, base, CB, True)
+        c0, avail = _draw(ob, mb, tr, c0, avail, m + want, dom, n_mid, hb, mask, key, sink, base, CB, True)
         ext = tl.maximum(tl.minimum(want, avail - m), 0)
         stop = base + m + ext
     tl.debug_barrier()
@@ -347,23 +348,24 @@ def _par_blocks(stats, ctl, row, n_r, dom, CB: tl.constexpr, NB, MARGIN, EXTRA):
 
 
 @triton.jit
-def sample_count_kernel(lens, tcnt, member, stats, ctl, bcnt, H, T, N, seed, sink, window, NB, MARGIN, EXTRA,
+def sample_count_kernel(lens, tcnt, member, thr, stats, ctl, bcnt, H, T, N, seed, sink, window, NB, MARGIN, EXTRA,
                         CB: tl.constexpr):
     """Program (row, p) counts the accepted slots (in range, not top-k) of blocks p, p + P, ...
     after the pilot (P programs per row: few idle programs however large the domain)."""
     row = tl.program_id(0)
     n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
     m, want, c0, a0, nbc = _par_blocks(stats, ctl, row, n_r, dom, CB, NB, MARGIN, EXTRA)
+    tr = tl.load(thr + row)
     for bi in range(tl.program_id(1), nbc, tl.num_programs(1)):
         j = c0 + bi * CB + tl.arange(0, CB)
         y = _feistel(j.to(tl.uint32), hb, mask, key)
         ok = (j < dom) & (y < n_mid)
-        mem = tl.load(member + row.to(tl.int64) * N + sink + y.to(tl.int32), mask=ok, other=1)
-        tl.store(bcnt + row * NB + bi, tl.sum((ok & (mem == 0)).to(tl.int32), 0))
+        mem = tl.load(member + row.to(tl.int64) * N + sink + y.to(tl.int32), mask=ok, other=255).to(tl.int32)
+        tl.store(bcnt + row * NB + bi, tl.sum((ok & (mem <= tr)).to(tl.int32), 0))
 
 
 @triton.jit
-def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N, KT, seed, sink, window,
+def sample_scatter_kernel(lens, tcnt, member, thr, stats, ctl, bcnt, out, lw, H, T, N, KT, seed, sink, window,
                           NB, MARGIN, EXTRA, CB: tl.constexpr, NBP: tl.constexpr):
     """Program (row, p), for its blocks i = p, p + P, ...: rank offset of block i = accepted
     before it (pilot + prefix of block counts); writes its accepted keys at out[row, base + rank]
@@ -380,6 +382,7 @@ def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N
     ob = out + row.to(tl.int64) * KT
     lb = lw + row.to(tl.int64) * KT
     mb = member + row.to(tl.int64) * N
+    tr = tl.load(thr + row)
     lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(want, 1).to(tl.float32))
     for bi in range(tl.program_id(1), nbc, tl.num_programs(1)):
         avail = a0 + tl.sum(tl.where(bb < bi, cs, 0), 0)
@@ -388,8 +391,8 @@ def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N
             j = s0 + tl.arange(0, CB)
             y = _feistel(j.to(tl.uint32), hb, mask, key)
             ok = (j < dom) & (y < n_mid)
-            mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=1)
-            acc = (ok & (mem == 0)).to(tl.int32)
+            mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=255).to(tl.int32)
+            acc = (ok & (mem <= tr)).to(tl.int32)
             rank = avail + tl.cumsum(acc, 0) - 1
             st = (acc > 0) & (rank < goal)
             tl.store(ob + base + rank, sink + y.to(tl.int32), mask=st)
@@ -401,8 +404,8 @@ def sample_scatter_kernel(lens, tcnt, member, stats, ctl, bcnt, out, lw, H, T, N
                 j = c + tl.arange(0, CB)
                 y = _feistel(j.to(tl.uint32), hb, mask, key)
                 ok = (j < dom) & (y < n_mid)
-                mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=1)
-                acc = (ok & (mem == 0)).to(tl.int32)
+                mem = tl.load(mb + sink + y.to(tl.int32), mask=ok, other=255).to(tl.int32)
+                acc = (ok & (mem <= tr)).to(tl.int32)
                 rank = avail + tl.cumsum(acc, 0) - 1
                 st = (acc > 0) & (rank < goal)
                 tl.store(ob + base + rank, sink + y.to(tl.int32), mask=st)

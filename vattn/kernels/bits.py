@@ -94,8 +94,9 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
 
     lw (optional, same layout as out) gets log-weight 0 at the written slots. fixed=True also
     writes the sinks [0, lo) and the window [hi, hi + off - lo) at slots [0, off).
-    Returns (count int32 [rows], member uint8 [rows, N]). Two device ops: the histogram pass
-    (one histogram per program) and the emit pass; slot order is deterministic.
+    Returns (count int32 [rows], member uint8 [rows, N], thr int32 [rows]): key n in [lo, hi)
+    is a winner iff member[row, n] > thr[row] (member is not written elsewhere). Two device ops:
+    the histogram pass (one histogram per program) and the emit pass; slot order is deterministic.
     """
     hist_kernel, emit_kernel = _kernels()
     fuse = qsig is None
@@ -113,7 +114,8 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
     work = torch.empty(rows * splits * (NH + 1), dtype=torch.int32, device=dev)
     hist, tops = work[:rows * splits * NH], work[rows * splits * NH:]
     member = torch.empty((rows, N), dtype=torch.uint8, device=dev)
-    cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+    cnt = torch.empty((2, rows), dtype=torch.int32, device=dev)
+    cnt, thr = cnt[0], cnt[1]
     if fuse:
         D = q.shape[-1]
         sq = (q.stride(0), q.stride(1), q.stride(2))
@@ -126,10 +128,10 @@ def topk_launch(q, qsig, proj, ksig, hi, k, lo, out, off, stride, *, shared, blo
                 HW=not interpret(), CACHE=cache and top < 256, num_warps=num_warps)
     hist_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, tops, member, lo, H, Hkv, T, N, span, *sq,
                                 **meta)
-    emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, tops, out, out if lw is None else lw, cnt,
+    emit_kernel[(rows, splits)](q_arg, qs_arg, proj_arg, ksig, hi, hist, tops, out, out if lw is None else lw, cnt, thr,
                                 member, lo, H, Hkv, T, N, span, *sq, k, off, stride, WLW=lw is not None,
                                 SPP=max(2, next_pow2(splits)), FIX=max(16, next_pow2(off)) if fixed else 0, **meta)
-    return cnt, member
+    return cnt, member, thr
 
 
 def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, block_n=1024, cache=True, most=32):
@@ -141,12 +143,12 @@ def bit_topk(qsig, ksig, k: int, lo: int, hi: torch.Tensor, shared: bool, *, blo
     Hkv, N = ksig.shape[1], ksig.shape[2]
     H = Hkv if shared else Hq
     out = torch.full((B * H * T, k), -1, dtype=torch.int32, device=qsig.device)
-    cnt, member = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n,
-                              cache=cache, most=most)
-    # member is written on [lo, hi[b]) only: clear the rest for callers that read whole rows
+    cnt, member, thr = topk_launch(None, qsig, None, ksig, hi, k, lo, out, 0, k, shared=shared, block_n=block_n,
+                                   cache=cache, most=most)
+    # member is written on [lo, hi[b]) only: 0/1 there, 0 elsewhere
     n = torch.arange(N, device=qsig.device)
     inr = ((n >= lo) & (n < hi.view(-1, 1))).repeat_interleave(H * T, 0)
-    member = member * inr
+    member = ((member > thr.view(-1, 1)) & inr).to(torch.uint8)
     return out.view(B, H, T, k), cnt.view(B, H, T), member.view(B, H, T, N)
 
 

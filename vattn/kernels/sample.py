@@ -167,10 +167,12 @@ def _common(q, k, out, scale):
 
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
-                  scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2, programs=16):
+                  scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2, programs=16,
+                  thr=None):
     """Permutation sample + verified budget + assembly, after attention pass 1.
 
-    member uint8 [B*Hkv, N] (top-k keys = 1, from the emit pass); out/lw [B*Hkv, KT] with the
+    member uint8 [B*Hkv, N] and thr int32 [rows] from the emit pass (top-k keys: member > thr;
+    thr None: member is 0/1); out/lw [B*Hkv, KT] with the
     fixed keys and top-k already written; plse [B,Hq,1,S_tot] holding attention pass 1 in
     columns [0, s1). No slot cap: KT >= sink + window + topk + (hi - sink) lets the sample reach
     the whole residual. par=False: one serial kernel per row (sample_budget_kernel). par=True:
@@ -187,7 +189,9 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     cnt = torch.empty((rows,), dtype=torch.int32, device=q.device)
     stats = torch.empty((rows, 4), dtype=torch.float32, device=q.device)
     ctl = torch.empty((rows, 2), dtype=torch.int32, device=q.device)
-    ks.sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, out, lw, cnt, stats, plse, ctl,
+    if thr is None:
+        thr = torch.zeros((rows,), dtype=torch.int32, device=q.device)
+    ks.sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, thr, out, lw, cnt, stats, plse, ctl,
                                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                      c["Hkv"], c["T"], N, c["KT"], seed & 0x7FFFFFFF, sink, window, m0, c["scale"],
                                      z_two_sided(delta) ** 2, eps * eps, s1, plse.shape[-1],
@@ -204,10 +208,10 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     bcnt = torch.empty((rows, nb), dtype=torch.int32, device=q.device)
     member = member.reshape(rows, N)
     P = max(1, min(nb, programs))  # programs per row: the grid no longer grows with the domain
-    ks.sample_count_kernel[(rows, P)](lengths, top_cnt, member, stats, ctl, bcnt, c["Hkv"], c["T"], N,
+    ks.sample_count_kernel[(rows, P)](lengths, top_cnt, member, thr, stats, ctl, bcnt, c["Hkv"], c["T"], N,
                                        seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra), CB=cbp,
                                        num_warps=4)
-    ks.sample_scatter_kernel[(rows, P)](lengths, top_cnt, member, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"], N,
-                                         c["KT"], seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
+    ks.sample_scatter_kernel[(rows, P)](lengths, top_cnt, member, thr, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"],
+                                         N, c["KT"], seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
                                          CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
     return cnt, stats

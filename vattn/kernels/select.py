@@ -63,8 +63,9 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     KT = sink + window + topk + cap
     idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
     lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
-    top_n, member = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
-                                idx, sink + window, KT, shared=True, block_n=block_n, lw=lw)
+    top_n, member, thr = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
+                                     idx, sink + window, KT, shared=True, block_n=block_n, lw=lw)
+    member = (member > thr.view(-1, 1)).to(torch.uint8)  # 0/1 for perm_sample
     s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
     count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
                             m0=m0, eps=eps, delta=delta, scale=scale)
@@ -114,8 +115,8 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
     scale = D ** -0.5 if scale is None else float(scale)
     idx = torch.empty((B, Hkv, T, KT), dtype=torch.int32, device=q.device)
     lw = torch.empty((B, Hkv, T, KT), dtype=torch.float32, device=q.device)
-    top_n, member = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
-                                idx, F0, KT, shared=True, block_n=block_n, fixed=True)
+    top_n, member, thr = topk_launch(q, None, proj.float().contiguous(), ksig.contiguous(), hi, topk, sink,
+                                     idx, F0, KT, shared=True, block_n=block_n, fixed=True)
     if selection:  # pass 1 does not read the exact slots' weights; a returned Selection holds them
         lw[..., :F0 + topk] = 0.0
     s1, s2 = decode_plan(rows, q.device)
@@ -124,7 +125,8 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
     launch_split(q, k, v, idx, lw, top_n, po, plse, True, scale, 0, s1, mode=1, tcnt=top_n, off=F0,
                  block_n=attn_block, dyn=True)
     count, st = sample_budget(q, k, lengths, top_n, member, idx, lw, plse, s1, sink=sink, window=window, m0=m0,
-                              eps=eps, delta=delta, seed=seed, scale=scale, pad=selection, **(sample_kw or {}))
+                              eps=eps, delta=delta, seed=seed, scale=scale, pad=selection, thr=thr,
+                              **(sample_kw or {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     if fuse_merge:  # the last pass-2 program of each row merges pass-1 and pass-2 partials
         launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
