@@ -188,3 +188,14 @@ def test_calibration_scales_every_method_size():
     assert (parts["sink"].n, parts["window"].n) == (8, 0.01)
     assert (parts["quest"].budget, parts["hashtopk"].k, parts["doublesparse"].k) == (0.04, 0.02, 0.015)
     assert (parts["squeezed"].k, parts["magicpig"].L, parts["magicpig"].K) == (10, 10, 6)
+
+
+def test_calibration_samples_span_tasks_with_unevaluated_seeds(tiny_model):
+    from types import SimpleNamespace
+    from transformers import AutoTokenizer
+    from vattn.eval.calibrate import CALIBRATION_SEED, calibration_samples
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    got = calibration_samples(SimpleNamespace(tasks=["passkey", "niah_single_1"]), [], 256, tok)
+    assert [s.task for s in got] == ["passkey", "niah_single_1", "passkey"]
+    assert all(s.seed >= CALIBRATION_SEED for s in got) and len({s.seed for s in got}) == 3
+    assert calibration_samples(SimpleNamespace(tasks=[]), ["a", "b", "c", "d"], 256, tok) == ["a", "b", "c"]

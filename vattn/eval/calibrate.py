@@ -1,9 +1,10 @@
 """Equal-density comparisons: tune each spec to a target measured density.
 
 Knobs, tried in order: verified's eps (density falls as eps grows), then one
-factor that scales every size (sink, window, topk, uniform rate). Bisection in
-log space on a small calibration set (one sample per length, seeds nobody
-evaluates); one dense prefill per calibration sample serves every probe.
+factor that scales every size (sink, window, top-k sizes, uniform rate, magicpig's L).
+Bisection in log space on a small calibration set (three samples per length from
+different tasks, seeds nobody evaluates); one dense prefill per calibration sample
+serves every probe.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 from vattn.eval.tasks import make_sample
 
 CALIBRATION_SEED = 1_000_000  # calibration samples never coincide with evaluated ones
+CALIBRATION_SAMPLES = 3  # per length, from the first tasks: one task's density is not another's
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,15 @@ def calibrate(measure: Callable[[str], float], spec: str, target: float,
     return best_text, best
 
 
+def calibration_samples(cfg, samples, n: int, tokenizer) -> list:
+    """Up to CALIBRATION_SAMPLES samples of length n from different tasks, with seeds no one
+    evaluates (a JSONL-only run uses its first samples)."""
+    if not cfg.tasks:
+        return samples[:CALIBRATION_SAMPLES]
+    tasks = [cfg.tasks[i % len(cfg.tasks)] for i in range(CALIBRATION_SAMPLES)]
+    return [make_sample(t, n, CALIBRATION_SEED + i, tokenizer) for i, t in enumerate(tasks)]
+
+
 def calibrate_all(evaluator, cfg, samples, out: Path) -> dict[tuple[str, int], str]:
     """{(spec, length): calibrated spec}; cached in out/calibration.json so a resume reuses it."""
     path = out / "calibration.json"
@@ -126,11 +137,12 @@ def calibrate_all(evaluator, cfg, samples, out: Path) -> dict[tuple[str, int], s
             key = f"{cfg.model_name}|{spec}|{n}|{target}"
             if key not in cache:
                 if n not in prefills:
-                    cal = make_sample(cfg.tasks[0], n, CALIBRATION_SEED, evaluator.tok) if cfg.tasks else samples[0]
-                    ctx_ids, query_ids = evaluator.ids(cal)
-                    prefills[n] = (evaluator.prefill(ctx_ids), query_ids)
-                kv, query_ids = prefills[n]
-                text, density = calibrate(lambda sp: evaluator.density(kv, query_ids, sp, cfg.max_new_tokens), spec, target)
+                    prefills[n] = [(evaluator.prefill(c), q) for c, q in
+                                   (evaluator.ids(s) for s in calibration_samples(cfg, samples, n, evaluator.tok))]
+
+                def measure(sp, n=n):  # adaptive budgets vary by task: average a few
+                    return sum(evaluator.density(kv, q, sp, cfg.max_new_tokens) for kv, q in prefills[n]) / len(prefills[n])
+                text, density = calibrate(measure, spec, target)
                 cache[key] = {"spec": text, "density": density}
                 path.write_text(json.dumps(cache, indent=2))
                 log.info("calibrated %s at %d tokens: %s (density %.4f)", spec, n, text, density)
