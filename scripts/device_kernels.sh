@@ -1,7 +1,8 @@
 #!/bin/bash
 # The one script run on the GPU machine: GPU correctness checks of the two-pass vAttention decode
-# (budget vs float64 reference with D_F = sinks + window + top-k, output vs reference, capped
-# rows), stage breakdown at 128K, then `vattn bench` (JSON to $OUT).
+# for both sample weights (budget and weights vs float64 reference with D_F = sinks + window +
+# top-k, output vs reference, capped rows), stage breakdown at 128K, then `vattn bench` (JSON to
+# $OUT) and a summary of its rows (with the output and denominator errors vs dense).
 # Usage: bash scripts/device_kernels.sh [quick|checks]   (checks: no bench)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -10,7 +11,7 @@ python3 - <<'PY' 2>&1 | tee $OUT/checks.log
 import torch, triton, traceback
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref, launch_split
 from vattn.kernels.bits import sign_bits, bit_scores_ref, topk_launch
-from vattn.kernels.sample import sample_budget, verified_ext_ref, capped_rows
+from vattn.kernels.sample import sample_budget, verified_ext_ref, capped_rows, sample_log_weights_ref
 from vattn.kernels.select import vattention_hash_select, vattention_hash_decode, decode_plan
 from vattn.kernels._common import merge_partials
 from vattn.bench.attn_core import graph_us, spec_params
@@ -21,20 +22,23 @@ try:
     B, N = 2, 32768; p = spec_params(N)
     q = torch.randn(B, 32, 1, 128, device=dev, dtype=torch.bfloat16); k = torch.randn(B, 8, N, 128, device=dev, dtype=torch.bfloat16); v = torch.randn_like(k)
     proj = torch.randn(128, 32, device=dev); ks = sign_bits(k, proj); L = torch.tensor([N, 20000], dtype=torch.int32, device=dev)
-    out, sel, st = vattention_hash_decode(q, k, v, ks, proj, L, stats=True, selection=True, **p)
     sc = bit_scores_ref(sign_bits(q, proj), ks, True).view(B * 8, N)
-    F0 = p["sink"] + p["window"]; bad = 0; exts = []
-    for r in range(B * 8):
-        b = r // 8; hi_ = int(L[b]) - p["window"]; c = int(sel.count.view(-1)[r])
-        row = sel.indices.view(B * 8, -1)[r]; live = row[:c].long()
-        tn = min(p["topk"], hi_ - p["sink"]); m, ext, n_r = (int(x) for x in st[r, :3])
-        bad += int(not ((row[c:] == -1).all() and (live >= 0).all() and live.unique().numel() == c))
-        bad += int(not torch.equal(sc[r][live[F0:F0 + tn]].sort().values, torch.topk(sc[r][p["sink"]:hi_], tn).values.sort().values))
-        re, rb = verified_ext_ref(q[b, 4 * (r % 8):4 * (r % 8) + 4, 0].float(), k[b, r % 8].float(), live[:F0 + tn], live[F0 + tn:F0 + tn + m], n_r, p["eps"], p["delta"])
-        bad += int(abs(float(st[r, 3]) - rb) > max(1, 0.002 * rb)); exts.append((round(float(st[r, 3])), round(rb), ext))
-    print("two-pass decode checks failed rows:", bad, "of", B * 8, "| raw budget (gpu, ref f64, ext):", exts[:4], "| capped rows:", int(capped_rows(st).sum()))
-    ref = sparse_decode_ref(q.double(), k.double(), v.double(), sel.indices, sel.log_weights.double(), sel.count, True)
-    print(f"two-pass output vs reference on its selection: rel err {rel(out, ref):.2e}")
+    F0 = p["sink"] + p["window"]
+    for wts in ("two-phase", "pooled"):  # pooled last: the checks below reuse its out/sel/st
+        out, sel, st = vattention_hash_decode(q, k, v, ks, proj, L, stats=True, selection=True, weights=wts, **p)
+        bad = 0; exts = []
+        for r in range(B * 8):
+            b = r // 8; hi_ = int(L[b]) - p["window"]; c = int(sel.count.view(-1)[r])
+            row = sel.indices.view(B * 8, -1)[r]; live = row[:c].long(); lw = sel.log_weights.view(B * 8, -1)[r]
+            tn = min(p["topk"], hi_ - p["sink"]); m, ext, n_r = (int(x) for x in st[r, :3])
+            bad += int(not ((row[c:] == -1).all() and (live >= 0).all() and live.unique().numel() == c and c == F0 + tn + m + ext))
+            bad += int(not torch.equal(sc[r][live[F0:F0 + tn]].sort().values, torch.topk(sc[r][p["sink"]:hi_], tn).values.sort().values))
+            re, rb = verified_ext_ref(q[b, 4 * (r % 8):4 * (r % 8) + 4, 0].float(), k[b, r % 8].float(), live[:F0 + tn], live[F0 + tn:F0 + tn + m], n_r, p["eps"], p["delta"], weights=wts)
+            wp, we = sample_log_weights_ref(n_r, m, ext, wts)
+            wok = (lw[:F0 + tn] == 0).all() and torch.allclose(lw[F0 + tn:F0 + tn + m], torch.tensor(wp, device=dev).float(), atol=1e-5) and torch.allclose(lw[F0 + tn + m:c], torch.tensor(we, device=dev).float(), atol=1e-5)
+            bad += int(abs(float(st[r, 3]) - rb) > max(1, 0.002 * rb) or abs(ext - re) > max(1, 0.002 * re) or not wok); exts.append((round(float(st[r, 3])), round(rb), ext))
+        ref = sparse_decode_ref(q.double(), k.double(), v.double(), sel.indices, sel.log_weights.double(), sel.count, True)
+        print(f"[{wts}] two-pass decode checks failed rows: {bad} of {B * 8} | raw ext (gpu, ref f64, ext): {exts[:4]} | capped rows: {int(capped_rows(st, wts).sum())} | mean ext {st[:, 1].mean().item():.0f} | output vs reference on its selection: rel err {rel(out, ref):.2e}")
     # the top-k slot order is deterministic (no atomics), so the two samplers must agree exactly
     _, sel_s, st_s = vattention_hash_decode(q, k, v, ks, proj, L, stats=True, selection=True, sample_kw=dict(par=False), **p)
     same = torch.equal(sel_s.count, sel.count) and torch.equal(st_s, st)
@@ -77,3 +81,11 @@ PY
 [ "$1" = checks ] && exit 0
 if [ "$1" = quick ]; then ARGS="--quick"; else ARGS="--e2e-layers 0"; fi
 COLUMNS=250 python3 -m vattn.cli bench $ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
+python3 - $OUT/bench.json <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(f"B={r['B']} N={r['N']} select {r['select_us']:.1f} attn {r['sparse_us']:.1f} total {r['vattn_us']:.1f} "
+          f"SDPA {r['sdpa_us']:.1f} ({r['sdpa_us'] / r['vattn_us']:.2f}x) density {r['density']:.3f} capped "
+          f"{r['capped_rows']}/{r['rows']} | out err vs dense {r['vattn_err_vs_dense']:.2f} | denom err mean "
+          f"{r['denom_err_mean']:.4f} max {r['denom_err_max']:.4f} within eps {r['denom_within_eps']:.3f}")
+PY

@@ -16,7 +16,8 @@ from vattn.errors import VattnError
 from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.pages import page_bounds, quest_scores, quest_scores_ref
-from vattn.kernels.sample import _feistel_ref, capped_rows, perm_sample, perm_sample_ref, verified_ext_ref
+from vattn.kernels.sample import (_feistel_ref, capped_rows, perm_sample, perm_sample_ref, sample_log_weights_ref,
+                                  verified_ext_ref)
 from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
 
@@ -163,9 +164,18 @@ def test_vattention_hash_select_pipeline():
     assert rel(out, dense_decode_ref(q, k, v, lengths)) < 0.3
 
 
-@pytest.mark.parametrize("dtype,eps", [(torch.float32, 0.3), (torch.bfloat16, 0.15)])
-def test_fused_select_rows_match_references(dtype, eps):
-    """Fused selection: layout, exact count, top-k scores (fused query signature), two-phase
+def check_sample_weights(lw, F0, top_n, m, ext, n_r, weights):
+    """Exact slots 0, then the pilot and extension weights of `weights`."""
+    wp, we = sample_log_weights_ref(n_r, m, ext, weights)
+    assert (lw[:F0 + top_n] == 0).all()
+    assert torch.allclose(lw[F0 + top_n:F0 + top_n + m], torch.tensor(wp).float(), atol=1e-5)
+    assert torch.allclose(lw[F0 + top_n + m:F0 + top_n + m + ext], torch.tensor(we).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,eps,weights", [(torch.float32, 0.3, "pooled"), (torch.float32, 0.3, "two-phase"),
+                                               (torch.bfloat16, 0.15, "pooled")])
+def test_fused_select_rows_match_references(dtype, eps, weights):
+    """Fused selection: layout, exact count, top-k scores (fused query signature), the sample
     weights and the extension size against the float64 budget reference, ragged lengths."""
     g = torch.Generator().manual_seed(int(eps * 100))
     B, Hq, Hkv, N, D = 2, 8, 2, 700, 32
@@ -176,7 +186,7 @@ def test_fused_select_rows_match_references(dtype, eps):
     lengths = torch.tensor([N, 90], dtype=torch.int32)  # row 2: residual smaller than the budget
     ksig = sign_bits(k, proj)
     sel, st = vattention_hash_select(q, k, ksig, proj, lengths, sink=sink, window=window, topk=topk, cap=cap,
-                                     m0=m0, eps=eps, delta=0.1, seed=3, stats=True, block_n=128)
+                                     m0=m0, eps=eps, delta=0.1, seed=3, stats=True, block_n=128, weights=weights)
     hi = lengths - window
     s = bit_scores_ref(sign_bits(q, proj), ksig, True).view(B * Hkv, N)
     F0 = sink + window
@@ -198,11 +208,10 @@ def test_fused_select_rows_match_references(dtype, eps):
         assert n_r == n_mid - top_n and m == min(m0, n_r) and c == F0 + top_n + m + ext
         samp = live[F0 + top_n:]
         assert ((samp >= sink) & (samp < h)).all() and not set(samp.tolist()) & set(top.tolist())
-        assert (lw[:F0 + top_n + m] == 0).all()
-        if ext:
-            assert torch.allclose(lw[F0 + top_n + m:c], torch.tensor((n_r - m) / ext).log().float(), atol=1e-5)
+        check_sample_weights(lw, F0, top_n, m, ext, n_r, weights)
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv, :].float()
-        ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0], samp[:m], n_r, eps, 0.1)
+        ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0], samp[:m], n_r, eps, 0.1,
+                                          weights=weights)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext), (r, ext, ref_ext)
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b)
         saw_partial |= 1 < ext < n_r - m
@@ -211,8 +220,10 @@ def test_fused_select_rows_match_references(dtype, eps):
     assert rel(out, sparse_decode_ref(q, k, k, sel.indices, sel.log_weights, sel.count, True)) < 1e-2
 
 
-@pytest.mark.parametrize("dtype,eps,seed", [(torch.float32, 0.3, 5), (torch.bfloat16, 0.08, 9)])
-def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
+@pytest.mark.parametrize("dtype,eps,seed,weights", [(torch.float32, 0.3, 5, "pooled"),
+                                                    (torch.float32, 0.3, 5, "two-phase"),
+                                                    (torch.bfloat16, 0.08, 9, "pooled")])
+def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights):
     """Two-pass decode with the fused sample + budget: D_hat has the exact mass of sinks + window +
     top-k (read from the pass-1 partials), the extension equals the float64 reference budget with
     fixed = all of them on every row (no slot cap), the sample is the same keyed permutation as
@@ -226,12 +237,13 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
     proj = torch.randn(D, 32, generator=g)
     lengths = torch.tensor([N, 130], dtype=torch.int32)  # ragged; row 2: residual below the budget
     ksig = sign_bits(k, proj)
-    kw = dict(sink=sink, window=window, topk=topk, m0=m0, eps=eps, delta=0.1, seed=seed, block_n=128)
+    kw = dict(sink=sink, window=window, topk=topk, m0=m0, eps=eps, delta=0.1, seed=seed, block_n=128,
+              weights=weights)
     out, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
                                           attn_block=16, **kw)
     hi = lengths - window
     F0 = sink + window
-    assert not capped_rows(st).any()
+    assert not capped_rows(st, weights).any()
     saw_partial = False
     for r in range(B * Hkv):
         b, L, h = r // Hkv, int(lengths[r // Hkv]), int(hi[r // Hkv])
@@ -243,9 +255,8 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
         top_n = min(topk, h - sink)
         m, ext, n_r = (int(x) for x in st[r, :3])
         assert n_r == h - sink - top_n and m == min(m0, n_r)
-        assert c == F0 + top_n + m + ext and (lw[:F0 + top_n + m] == 0).all()
-        if ext:
-            assert torch.allclose(lw[F0 + top_n + m:c], torch.tensor((n_r - m) / ext).log().float(), atol=1e-5)
+        assert c == F0 + top_n + m + ext
+        check_sample_weights(lw, F0, top_n, m, ext, n_r, weights)
         samp = live[F0 + top_n:]
         assert ((samp >= sink) & (samp < h)).all() and not set(samp.tolist()) & set(live[F0:F0 + top_n].tolist())
         # the sample is the accepted prefix of the keyed Feistel permutation of [0, 4^hb) restricted
@@ -260,7 +271,7 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
         pref = y[~top_set[y]][:m + ext]
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv].float()
         ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0 + top_n],
-                                          live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1)
+                                          live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1, weights=weights)
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b), (r, float(st[r, 3]), ref_b)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext)
         saw_partial |= 1 < ext < n_r - m
@@ -272,7 +283,7 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed):
     # the multi-program sample (block counts + prefix scatter) equals the serial draw, also when the
     # counted blocks fall short (margin 0: the last counted block draws on serially); poisoned outputs
     variants = (dict(par=False), dict(block_p=16, margin=0.0, extra=0), dict(block_p=16, programs=3)) \
-        if dtype == torch.float32 else (dict(block_p=32, margin=0.5, extra=1, programs=2),)
+        if (dtype, weights) == (torch.float32, "pooled") else (dict(block_p=32, margin=0.5, extra=1, programs=2),)
     for skw in variants:
         o2, sel2, st2 = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
                                                attn_block=16, sample_kw=skw, **kw)
@@ -304,3 +315,6 @@ def test_bad_inputs_raise_vattn_error():
     with pytest.raises(VattnError, match="int32"):
         bit_topk(torch.zeros(1, 4, 1, 1), torch.zeros(1, 2, 8, 1, dtype=torch.int32), 2, 0,
                  torch.tensor([8], dtype=torch.int32), True)
+    with pytest.raises(VattnError, match="pooled"):
+        vattention_hash_decode(torch.zeros(1, 4, 1, 32), k, k, torch.zeros(1, 3, 10, 1, dtype=torch.int32),
+                               torch.zeros(32, 32), None, weights="pool")

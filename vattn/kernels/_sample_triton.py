@@ -58,14 +58,15 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
                        sink, window, m0, scale, zz, eps2, S1, ST,
                        G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                        CP: tl.constexpr, M0P: tl.constexpr, FP: tl.constexpr, BLK: tl.constexpr,
-                       IEEE: tl.constexpr, PART: tl.constexpr, SP: tl.constexpr):
+                       IEEE: tl.constexpr, PART: tl.constexpr, SP: tl.constexpr, POOLED: tl.constexpr):
     """One program per selection row: sample compaction, verified budget, Selection assembly.
 
     Row layout: [sink | window | top-k (tcnt[row] keys, written before) | sample | -1 pad].
     Sample: accepted slots of the permutation prefix, compacted; the first m = min(m0, n_r,
-    accepted) are the pilot (weight 1), the next ext the extension (weight (n_r - m)/ext).
-    ext = the CPU reference's denominator-mode budget (two-sided z, finite-population
-    correction), max over the R query heads, at least 1, at most n_r - m and the slots held.
+    accepted) are the pilot, the next ext the extension. ext = the CPU reference's
+    denominator-mode budget (_ext_size), max over the R query heads, at most the slots held.
+    Weights (_weights): POOLED n_r / (m + ext) on every sample key; else pilot 1, extension
+    (n_r - m) / ext.
     D_F (the exact mass in D_hat): PART=1 reads it from the split-KV partials of an attention
     pass over [sink | window | top-k] (plse [rows*R, ST] log2 units, columns [0, S1)): every
     fixed key counts, as in the CPU reference. PART=0 scores the sink and window keys here
@@ -139,18 +140,10 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
     nrf = n_r.to(tl.float32)
     dhat = dfix + nrf * mean
-    rest = n_r - m
-    restf = rest.to(tl.float32)
-    b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
-    b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
-    bq = tl.where(b0 == float("inf"), restf,
-                  tl.ceil(b0 * restf / tl.maximum(restf - 1.0 + b0, 1e-30) - 1e-6))
-    bq = tl.where(r < R, bq, 0.0)
-    braw = tl.max(bq, 0)
-    ext = tl.minimum(tl.minimum(tl.maximum(braw, 1.0), restf), (avail - m).to(tl.float32)).to(tl.int32)
-    ext = tl.maximum(ext, 0)
+    braw, want = _ext_size(var, dhat, n_r, m, zz, eps2, r < R, POOLED)
+    ext = tl.maximum(tl.minimum(want, avail - m), 0)
     count = base + m + ext
-    lwv = tl.log(restf / tl.maximum(ext, 1).to(tl.float32))
+    wp, lwv = _weights(n_r, m, ext, POOLED)
     tl.store(cnt + row, count)
     tl.store(stats + row * 4 + tl.arange(0, 4),
              tl.where(tl.arange(0, 4) == 0, mf, tl.where(tl.arange(0, 4) == 1, ext.to(tl.float32),
@@ -163,7 +156,7 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
     for p0 in range(base, KT, BLK):  # top-k slots got weight 0 from the emit pass
         pp = p0 + tl.arange(0, BLK)
         inr = pp < KT
-        w = tl.where(pp < base + m, 0.0, tl.where(pp < count, lwv, float("-inf")))
+        w = tl.where(pp < base + m, wp, tl.where(pp < count, lwv, float("-inf")))
         tl.store(lb + pp, w, mask=inr)
         tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
 
@@ -213,11 +206,48 @@ def _pilot_scores(q, kp, ob, b64, h, t, base, m, sqb, sqh, sqt, skb, skh, skn, s
 
 
 @triton.jit
+def _ext_size(var, dhat, n_r, m, zz, eps2, ok, POOLED: tl.constexpr):
+    """Extension size from the pilot's per-head variance var [M] and D_hat [M] (heads where ok):
+    the CPU reference's denominator-mode budget (two-sided z, finite-population correction).
+    Two-phase: the extension alone stands for the n_r - m keys outside the pilot, b = smallest
+    with b0 (pop - b) / (pop - 1) <= b over pop = n_r - m. Pooled: the whole sample (pilot
+    first) stands for all n_r keys, the same formula over pop = n_r sizes it, b_ext = b - m.
+    Returns (raw extension: max over heads, may be < 0 pooled; want = raw clamped to
+    [1 (two-phase) or 0 (pooled), n_r - m])."""
+    restf = (n_r - m).to(tl.float32)
+    lo = 1.0  # two-phase: one extension key at least (the pilot stands for itself only)
+    pop = restf
+    if POOLED:
+        lo = 0.0
+        pop = n_r.to(tl.float32)
+    b0 = zz * pop * pop * var / (eps2 * dhat * dhat)
+    b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
+    bq = tl.where(b0 == float("inf"), pop, tl.ceil(b0 * pop / tl.maximum(pop - 1.0 + b0, 1e-30) - 1e-6))
+    braw = tl.max(tl.where(ok, bq, 0.0), 0)
+    if POOLED:
+        braw -= m.to(tl.float32)
+    want = tl.minimum(tl.maximum(braw, lo), restf)
+    return braw, tl.maximum(want.to(tl.int32), 0)
+
+
+@triton.jit
+def _weights(n_r, m, ext, POOLED: tl.constexpr):
+    """(pilot, extension) log-weights: pooled log(n_r / (m + ext)) on both; two-phase 0 and
+    log((n_r - m) / ext)."""
+    if POOLED:
+        we = tl.log(n_r.to(tl.float32) / tl.maximum(m + ext, 1).to(tl.float32))
+        wp = we
+    else:
+        we = tl.log((n_r - m).to(tl.float32) / tl.maximum(ext, 1).to(tl.float32))
+        wp = tl.zeros_like(we)
+    return wp, we
+
+
+@triton.jit
 def _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
-            SP: tl.constexpr):
-    """The verified budget from the pilot scores sp [M, M0P] and D_F (the split-KV partials of
-    attention pass 1, plse [rows*R, ST] log2 units, columns [0, S1)). Returns (raw budget: max
-    over heads, want = min(max(raw, 1), n_r - m))."""
+            SP: tl.constexpr, POOLED: tl.constexpr):
+    """The verified budget (_ext_size) from the pilot scores sp [M, M0P] and D_F (the split-KV
+    partials of attention pass 1, plse [rows*R, ST] log2 units, columns [0, S1))."""
     r = tl.arange(0, M)
     pok = tl.arange(0, M0P) < m
     sc = tl.arange(0, SP)
@@ -231,30 +261,24 @@ def _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R: tl.constexpr, M: tl.cons
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
     dhat = dfix + n_r.to(tl.float32) * mean
-    restf = (n_r - m).to(tl.float32)
-    b0 = zz * restf * restf * var / (eps2 * dhat * dhat)
-    b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
-    bq = tl.where(b0 == float("inf"), restf,
-                  tl.ceil(b0 * restf / tl.maximum(restf - 1.0 + b0, 1e-30) - 1e-6))
-    braw = tl.max(tl.where(r < R, bq, 0.0), 0)
-    want = tl.maximum(tl.minimum(tl.maximum(braw, 1.0), restf).to(tl.int32), 0)
-    return braw, want
+    return _ext_size(var, dhat, n_r, m, zz, eps2, r < R, POOLED)
 
 
 @triton.jit
-def _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, start, stop, PAD: tl.constexpr, BLK: tl.constexpr):
-    """count, stats (m, ext, n_r, raw budget) and the extension weights log((n_r - m) / ext) at
-    slots [start, stop) (PAD: -inf and index -1 from count on)."""
+def _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, stop, PAD: tl.constexpr, BLK: tl.constexpr,
+            POOLED: tl.constexpr):
+    """count, stats (m, ext, n_r, raw extension) and the sample weights (_weights) at slots
+    [base, stop) (PAD: -inf and index -1 from count on)."""
     count = base + m + ext
-    lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(ext, 1).to(tl.float32))
+    wp, lwv = _weights(n_r, m, ext, POOLED)
     tl.store(cnt + row, count)
     i4 = tl.arange(0, 4)
     tl.store(stats + row * 4 + i4, tl.where(i4 == 0, m.to(tl.float32), tl.where(i4 == 1, ext.to(tl.float32),
                                            tl.where(i4 == 2, n_r.to(tl.float32), braw))))
-    for p0 in range(start, stop, BLK):
+    for p0 in range(base, stop, BLK):
         pp = p0 + tl.arange(0, BLK)
         inr = pp < stop
-        tl.store(lb + pp, tl.where(pp < count, lwv, float("-inf")), mask=inr)
+        tl.store(lb + pp, tl.where(pp < base + m, wp, tl.where(pp < count, lwv, float("-inf"))), mask=inr)
         if PAD:
             tl.store(ob + pp, tl.full([BLK], -1, tl.int32), mask=inr & (pp >= count))
 
@@ -274,7 +298,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, pl
                          sink, window, m0, scale, zz, eps2, S1, ST,
                          G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
-                         IEEE: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr):
+                         IEEE: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr, POOLED: tl.constexpr):
     """One program per selection row: permutation sample + verified budget + assembly.
 
     The sample comes from perm_sample_kernel's keyed Feistel permutation P of the domain
@@ -283,8 +307,8 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, pl
     random permutation to a subset), so every prefix is a uniform sample without replacement.
     Blocks of CB slots are drawn, compacting the accepted slots (member <= thr: not top-k) to
     out[row, base + rank], until the pilot (m0 accepted) is in hand, then until m + want
-    accepted, want = min(max(budget, 1), n_r - m): the whole residual is reachable (no slot
-    cap), so ext = want on every row. D_F comes from the split-KV partials of attention pass 1
+    accepted, want = the budget (_ext_size): the whole residual is reachable (no slot cap),
+    so ext = want on every row. D_F comes from the split-KV partials of attention pass 1
     over [sink | window | top-k] (plse), so it is the exact mass of every fixed key. PAD: write
     -inf weights and -1 indices after count up to KT (a full Selection row); else only up to
     count. PAR: only the pilot blocks are drawn here and ctl[row] = (next slot, accepted so
@@ -301,7 +325,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, pl
     tl.debug_barrier()
     sp = _pilot_scores(q, kp, ob, b.to(tl.int64), h, t, base, m, sqb, sqh, sqt, skb, skh, skn, scale,
                        G, R, M, D, M0P, IEEE)
-    braw, want = _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R, M, M0P, SP)
+    braw, want = _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R, M, M0P, SP, POOLED)
     if PAR:
         tl.store(ctl + row * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, c0, avail))
         ext = want
@@ -311,8 +335,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, pl
         ext = tl.maximum(tl.minimum(want, avail - m), 0)
         stop = base + m + ext
     tl.debug_barrier()
-    _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, base + m, KT if PAD else stop, PAD, BLK)
-    tl.store(lb + base + tl.arange(0, M0P), tl.zeros([M0P], tl.float32), mask=tl.arange(0, M0P) < m)
+    _finish(cnt, stats, lb, ob, row, base, m, ext, n_r, braw, KT if PAD else stop, PAD, BLK, POOLED)
 
 
 @triton.jit
@@ -366,10 +389,10 @@ def sample_count_kernel(lens, tcnt, member, thr, stats, ctl, bcnt, H, T, N, seed
 
 @triton.jit
 def sample_scatter_kernel(lens, tcnt, member, thr, stats, ctl, bcnt, out, lw, H, T, N, KT, seed, sink, window,
-                          NB, MARGIN, EXTRA, CB: tl.constexpr, NBP: tl.constexpr):
+                          NB, MARGIN, EXTRA, CB: tl.constexpr, NBP: tl.constexpr, POOLED: tl.constexpr):
     """Program (row, p), for its blocks i = p, p + P, ...: rank offset of block i = accepted
     before it (pilot + prefix of block counts); writes its accepted keys at out[row, base + rank]
-    (rank < m + want) with the extension weight. The last counted block draws on serially if the
+    (rank < m + want) with the extension weight (_weights). The last counted block draws on serially if the
     counted blocks fell short."""
     row = tl.program_id(0)
     n_mid, n_r, hb, mask, key, dom = _perm_params(lens, tcnt, row, H, T, window, sink, seed)
@@ -383,7 +406,7 @@ def sample_scatter_kernel(lens, tcnt, member, thr, stats, ctl, bcnt, out, lw, H,
     lb = lw + row.to(tl.int64) * KT
     mb = member + row.to(tl.int64) * N
     tr = tl.load(thr + row)
-    lwv = tl.log((n_r - m).to(tl.float32) / tl.maximum(want, 1).to(tl.float32))
+    wp, lwv = _weights(n_r, m, want, POOLED)
     for bi in range(tl.program_id(1), nbc, tl.num_programs(1)):
         avail = a0 + tl.sum(tl.where(bb < bi, cs, 0), 0)
         s0 = c0 + bi * CB

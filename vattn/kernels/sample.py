@@ -10,8 +10,12 @@
 
     budget_emit(...): one kernel per selection row that compacts the accepted sample slots,
     sizes the extension with the verified budget (mode='denominator' of methods/sampling.py:
-    two-phase weights, two-sided z, finite-population correction) from the pilot's exact
+    two-sided z, finite-population correction, plug-in pilot variance) from the pilot's exact
     scores, and writes the whole Selection row. verified_ext_ref is its float64 torch twin.
+
+weights (as methods/sampling.Verified): "pooled" (default) gives every sampled key, pilot
+included, n_r / (m + ext) and sizes the whole sample over all n_r keys; "two-phase" gives
+the pilot 1 and the extension (n_r - m) / ext, sized over the n_r - m keys outside the pilot.
 """
 from __future__ import annotations
 
@@ -87,14 +91,23 @@ def z_two_sided(delta: float) -> float:
     return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
 
 
-def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None):
+def check_weights(weights):
+    if weights not in ("pooled", "two-phase"):
+        raise VattnError(f"weights must be 'pooled' or 'two-phase', got {weights!r}")
+    return weights == "pooled"
+
+
+def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None, weights="pooled"):
     """Torch float64 twin of the fused budget (the CPU reference's mode='denominator').
 
     One shared selection row: q [G, D] (the group's heads), k [N, D]; fixed_idx, pilot_idx
-    int64 [F], [m]; n_r the residual size (pilot included). Returns (ext, b_raw): the
-    extension size min(max(b, 1), n_r - m) with b the max over heads of the smallest b with
-    b0 (n_r' - b) / (n_r' - 1) <= b, b0 = (z sigma n_r' / (eps D_hat))^2, n_r' = n_r - m.
+    int64 [F], [m]; n_r the residual size (pilot included). With pop = n_r - m (two-phase) or
+    n_r (pooled), b is the max over heads of the smallest b with b0 (pop - b) / (pop - 1) <= b,
+    b0 = (z sigma pop / (eps D_hat))^2, and the raw extension is b (two-phase) or b - m
+    (pooled: b is the whole sample, pilot first). Returns (ext, raw): ext = raw clamped to
+    [1 (two-phase) or 0 (pooled), n_r - m].
     """
+    pooled = check_weights(weights)
     q, k = q.double(), k.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sf = q @ k[fixed_idx].T * scale
@@ -106,29 +119,39 @@ def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None):
     var = ((xp - mean[:, None]) ** 2).sum(-1) / max(m - 1, 1)
     d_hat = xf.sum(-1) + n_r * mean
     rest = n_r - m
+    pop = n_r if pooled else rest
     z = z_two_sided(delta)
-    b0 = z * z * rest ** 2 * var / (eps ** 2 * d_hat ** 2)
-    b = torch.where(torch.isinf(b0), torch.tensor(float(rest), dtype=torch.float64),
-                    torch.ceil(b0 * rest / (rest - 1 + b0).clamp(min=1e-30) - 1e-9))
-    braw = b.max().item()
-    return int(min(max(braw, 1), rest)), braw
+    b0 = (z * z * pop ** 2 * var / (eps ** 2 * d_hat ** 2)).nan_to_num(nan=float("inf"))
+    b = torch.where(torch.isinf(b0), torch.tensor(float(pop), dtype=torch.float64),
+                    torch.ceil(b0 * pop / (pop - 1 + b0).clamp(min=1e-30) - 1e-9))
+    braw = b.max().item() - (m if pooled else 0)
+    return int(min(max(braw, 0 if pooled else 1), rest)), braw
+
+
+def sample_log_weights_ref(n_r, m, ext, weights="pooled"):
+    """(pilot, extension) log-weights of a row, as the kernels write them."""
+    if check_weights(weights):
+        w = math.log(n_r / max(m + ext, 1))
+        return w, w
+    return 0.0, math.log((n_r - m) / max(ext, 1))
 
 
 def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, m0, eps, delta, scale=None,
-                plse=None, s1=0, block_c=2048):
+                plse=None, s1=0, block_c=2048, weights="pooled"):
     """Launch the fused budget + Selection assembly (see _sample_triton.budget_emit_kernel).
 
     q [B,Hq,1,D]; k [B,Hkv,N,D]; top_cnt int32 [B*Hkv]; s_idx/s_acc [B*Hkv, C] from perm_sample;
     out/lw [B*Hkv, KT] (top-k already at [sink+window, +top_cnt)). Returns (count int32 [B*Hkv],
-    stats f32 [B*Hkv, 4]: pilot size m, extension ext, residual n_r, raw budget max over heads).
+    stats f32 [B*Hkv, 4]: pilot size m, extension ext, residual n_r, raw extension (max over heads)).
     plse (f32 [B,Hq,1,S_tot], log2 units) with s1 > 0: D_F is the exact mass of every key in
     [sink | window | top-k], read from the first s1 columns (split-KV partials of an attention
     pass over those slots, which also wrote the fixed slots); otherwise D_F = sinks + window only.
-    A row is capped when min(max(raw, 1), n_r - m) > ext: the C slots held fewer accepted keys
+    A row is capped when the clamped raw extension > ext: the C slots held fewer accepted keys
     than the budget (see capped_rows).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
+    pooled = check_weights(weights)
     from vattn.kernels._common import next_pow2, use_ieee
     from vattn.kernels._sample_triton import budget_emit_kernel
     B, Hq, T, D = q.shape
@@ -148,14 +171,15 @@ def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, 
                                 Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps, s1, st_tot,
                                 G=G, R=G, M=max(16, next_pow2(G)), D=D, CP=max(16, min(block_c, next_pow2(C))),
                                 M0P=max(16, next_pow2(m0)), FP=max(16, next_pow2(sink + window)), BLK=1024,
-                                IEEE=use_ieee(q.dtype), PART=part, SP=max(2, next_pow2(max(s1, 1))), num_warps=8)
+                                IEEE=use_ieee(q.dtype), PART=part, SP=max(2, next_pow2(max(s1, 1))), POOLED=pooled,
+                                num_warps=8)
     return cnt, stats
 
 
-def capped_rows(stats) -> torch.Tensor:
+def capped_rows(stats, weights="pooled") -> torch.Tensor:
     """bool [rows]: rows whose extension is smaller than the verified budget (slots ran out)."""
     m, ext, n_r, raw = stats.unbind(-1)
-    want = torch.minimum(raw.clamp(min=1), n_r - m)
+    want = torch.minimum(raw.clamp(min=0 if check_weights(weights) else 1), n_r - m)
     return want > ext
 
 
@@ -168,7 +192,7 @@ def _common(q, k, out, scale):
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
                   scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2, programs=16,
-                  thr=None):
+                  thr=None, weights="pooled"):
     """Permutation sample + verified budget + assembly, after attention pass 1.
 
     member uint8 [B*Hkv, N] and thr int32 [rows] from the emit pass (top-k keys: member > thr;
@@ -178,10 +202,12 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     the whole residual. par=False: one serial kernel per row (sample_budget_kernel). par=True:
     the same kernel draws the pilot and sizes the budget, then block counts and a prefix scatter
     draw the rest with `programs` programs per row, each over every programs-th block (the same
-    sample). Returns (count int32 [rows], stats f32 [rows, 4]).
+    sample). weights: "pooled" or "two-phase" (module docstring). Returns (count int32 [rows],
+    stats f32 [rows, 4]: m, ext, n_r, raw extension).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
+    pooled = check_weights(weights)
     from vattn.kernels._common import next_pow2, use_ieee
     from vattn.kernels import _sample_triton as ks
     c = _common(q, k, out, scale)
@@ -197,7 +223,7 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
                                      z_two_sided(delta) ** 2, eps * eps, s1, plse.shape[-1],
                                      G=c["G"], R=c["G"], M=max(16, next_pow2(c["G"])), D=c["D"], CB=block_c,
                                      M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BLK=1024,
-                                     IEEE=use_ieee(q.dtype), PAD=pad, PAR=par, num_warps=8)
+                                     IEEE=use_ieee(q.dtype), PAD=pad, PAR=par, POOLED=pooled, num_warps=8)
     if not par:
         return cnt, stats
     # the rest of the sample: several programs per row (count blocks, then scatter by prefix)
@@ -213,5 +239,5 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
                                        num_warps=4)
     ks.sample_scatter_kernel[(rows, P)](lengths, top_cnt, member, thr, stats, ctl, bcnt, out, lw, c["Hkv"], c["T"],
                                          N, c["KT"], seed & 0x7FFFFFFF, sink, window, nb, float(margin), int(extra),
-                                         CB=cbp, NBP=max(2, next_pow2(nb)), num_warps=4)
+                                         CB=cbp, NBP=max(2, next_pow2(nb)), POOLED=pooled, num_warps=4)
     return cnt, stats

@@ -18,6 +18,9 @@ fixed key (sinks, window and top-k), as the CPU reference does, at no extra byte
 attends [sink | window | top-k] (its partial log-sum-exps are D_F), the budget kernel reads
 them (and draws the sample, uncapped, in the same kernel), pass 2 attends [pilot | extension],
 one merge combines both. 7 device ops.
+
+Both take weights="pooled" (default: every sample key n_r / (m + ext), the budget sizing the
+whole sample) or "two-phase" (pilot 1, extension (n_r - m) / ext), as methods/sampling.Verified.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from vattn.errors import VattnError
 from vattn.kernels._common import check_runnable
 from vattn.kernels.bits import topk_launch
-from vattn.kernels.sample import budget_emit, perm_sample, sample_budget
+from vattn.kernels.sample import budget_emit, check_weights, perm_sample, sample_budget
 from vattn.kernels.sparse import launch_split, plan_splits
 from vattn.kernels._common import merge_partials
 from vattn.selection import Selection
@@ -43,15 +46,16 @@ def fixed_indices(lengths, B, Hkv, T, sink, window):
 
 def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, topk=4096,
                            cap=4096, m0=128, eps=0.05, delta=0.05, seed=0, scale=None, stats=False,
-                           block_n=1024):
+                           block_n=1024, weights="pooled"):
     """Selection (shared, exact count) in 5 device ops: zero fill, histogram pass (query
     signature fused), emit pass (threshold from the histogram, top-k written in place),
     permutation sample, budget + assembly. With stats=True also returns f32 [B*Hkv, 4]
-    (pilot m, extension ext, residual n_r, raw budget)."""
+    (pilot m, extension ext, residual n_r, raw extension)."""
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if T != 1:
         raise VattnError(f"vattention_hash_select handles one query row (T=1), got T={T}")
+    check_weights(weights)
     if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
         raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
                          f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
@@ -68,7 +72,7 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     member = (member > thr.view(-1, 1)).to(torch.uint8)  # 0/1 for perm_sample
     s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
     count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
-                            m0=m0, eps=eps, delta=delta, scale=scale)
+                            m0=m0, eps=eps, delta=delta, scale=scale, weights=weights)
     sel = Selection(idx, lw, count.view(B, Hkv, T), shared=True)
     return (sel, st) if stats else sel
 
@@ -91,15 +95,16 @@ def decode_plan(rows, device=None):
 
 def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, stats=False, selection=False,
-                           block_n=1024, attn_block=64, cap=None, sample_kw=None, fuse_merge=False):
+                           block_n=1024, attn_block=64, cap=None, sample_kw=None, fuse_merge=False, weights="pooled"):
     """Selection + sparse attention (see module docstring). Returns out [B,Hq,1,D]; with
     selection=True also the Selection (rows padded with -1 to sink + window + topk + N - sink),
-    with stats=True also f32 [B*Hkv, 4] (pilot m, extension ext, residual n_r, raw budget).
+    with stats=True also f32 [B*Hkv, 4] (pilot m, extension ext, residual n_r, raw extension).
     The sample has no slot cap (cap is accepted and ignored): ext equals the verified budget."""
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if T != 1:
         raise VattnError(f"vattention_hash_decode handles one query row (T=1), got T={T}")
+    check_weights(weights)
     if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
         raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
                          f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
@@ -126,7 +131,7 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
                  block_n=attn_block, dyn=True)
     count, st = sample_budget(q, k, lengths, top_n, member, idx, lw, plse, s1, sink=sink, window=window, m0=m0,
                               eps=eps, delta=delta, seed=seed, scale=scale, pad=selection, thr=thr,
-                              **(sample_kw or {}))
+                              weights=weights, **(sample_kw or {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     if fuse_merge:  # the last pass-2 program of each row merges pass-1 and pass-2 partials
         launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
