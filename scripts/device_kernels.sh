@@ -3,12 +3,14 @@
 # for both sample weights (budget and weights vs float64 reference with D_F = sinks + window +
 # top-k, output vs reference, capped rows), stage breakdown at 128K, then `vattn bench` (JSON to
 # $OUT) and a summary of its rows (with the output and denominator errors vs dense).
-# Usage: bash scripts/device_kernels.sh [quick|checks]   (checks: no bench)
+# Usage: bash scripts/device_kernels.sh [quick|checks|cov]   (checks: no bench; cov: checks, then
+# denominator coverage over 8 input sets per size for var_conf default vs off, e2e tokens/s and
+# bench rows at 32K/128K, no stage breakdown)
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+export OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee $OUT/gpu.txt
-python3 - <<'PY' 2>&1 | tee $OUT/checks.log
-import torch, triton, traceback
+python3 - "$1" <<'PY' 2>&1 | tee $OUT/checks.log
+import sys, torch, triton, traceback
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref, launch_split
 from vattn.kernels.bits import sign_bits, bit_scores_ref, topk_launch
 from vattn.kernels.sample import sample_budget, verified_ext_ref, capped_rows, sample_log_weights_ref
@@ -33,7 +35,7 @@ try:
             tn = min(p["topk"], hi_ - p["sink"]); m, ext, n_r = (int(x) for x in st[r, :3])
             bad += int(not ((row[c:] == -1).all() and (live >= 0).all() and live.unique().numel() == c and c == F0 + tn + m + ext))
             bad += int(not torch.equal(sc[r][live[F0:F0 + tn]].sort().values, torch.topk(sc[r][p["sink"]:hi_], tn).values.sort().values))
-            re, rb = verified_ext_ref(q[b, 4 * (r % 8):4 * (r % 8) + 4, 0].float(), k[b, r % 8].float(), live[:F0 + tn], live[F0 + tn:F0 + tn + m], n_r, p["eps"], p["delta"], weights=wts)
+            re, rb = verified_ext_ref(q[b, 4 * (r % 8):4 * (r % 8) + 4, 0].float(), k[b, r % 8].float(), live[:F0 + tn], live[F0 + tn:F0 + tn + m], n_r, p["eps"], p["delta"], weights=wts, m0=p["m0"])
             wp, we = sample_log_weights_ref(n_r, m, ext, wts)
             wok = (lw[:F0 + tn] == 0).all() and torch.allclose(lw[F0 + tn:F0 + tn + m], torch.tensor(wp, device=dev).float(), atol=1e-5) and torch.allclose(lw[F0 + tn + m:c], torch.tensor(we, device=dev).float(), atol=1e-5)
             bad += int(abs(float(st[r, 3]) - rb) > max(1, 0.002 * rb) or abs(ext - re) > max(1, 0.002 * re) or not wok); exts.append((round(float(st[r, 3])), round(rb), ext))
@@ -52,7 +54,7 @@ try:
 except Exception:
     traceback.print_exc()
 try:
-    for B, N in ((1, 131072), (8, 131072)):
+    for B, N in (() if sys.argv[1:] == ["cov"] else ((1, 131072), (8, 131072))):
         p = spec_params(N)
         q = torch.randn(B, 32, 1, 128, device=dev, dtype=torch.bfloat16); k = torch.randn(B, 8, N, 128, device=dev, dtype=torch.bfloat16); v = torch.randn_like(k)
         proj = torch.randn(128, 32, device=dev); ks = sign_bits(k, proj)
@@ -79,6 +81,41 @@ except Exception:
     traceback.print_exc()
 PY
 [ "$1" = checks ] && exit 0
+if [ "$1" = cov ]; then
+python3 - <<'PY' 2>&1 | tee $OUT/cov.log
+import gc, json, os, torch, traceback
+from vattn.bench import attn_core as core
+res = dict(device=core.device_info(), coverage=[], e2e=[], rows=[])
+save = lambda: json.dump(res, open(os.environ["OUT"] + "/cov.json", "w"), indent=1)
+for B, N in ((1, 32768), (1, 131072), (8, 32768), (8, 131072)):
+    try:
+        for r in core.coverage(B, N, seeds=8):
+            res["coverage"].append(r); save()
+            print(f"coverage B={B} N={N} var_conf={r['var_conf']}: {r['covered']}/{r['heads']} heads within eps "
+                  f"({r['covered'] / r['heads']:.3f}) density {r['density']:.4f} capped {r['capped']}/{r['rows']} "
+                  f"budget != f64 ref {r['bad']}/{r['rows']}")
+    except Exception:
+        traceback.print_exc()
+    gc.collect(); torch.cuda.empty_cache()
+for B, ctx in ((1, 32768), (8, 32768), (1, 131072)):
+    try:
+        e = core.bench_e2e(layers=32, ctx=ctx, batch=B)
+        e["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        res["e2e"].append(e); save()
+        print(f"e2e B={B} ctx={ctx}: " + " ".join(f"{n} {e[n + '_tok_s']:.1f} tok/s {e[n + '_step_us'] / 1e3:.2f} ms"
+                                             for n in ("sdpa", "dense", "vattn")) + f" | peak {e['peak_gb']:.1f} GB")
+    except Exception as ex:
+        print(f"e2e B={B} ctx={ctx} failed: {ex!r}")
+    gc.collect(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+for B, N in ((1, 32768), (1, 131072), (8, 32768), (8, 131072)):
+    r = core.bench_config(B, N); res["rows"].append(r); save()
+    print(f"B={B} N={N} select {r['select_us']:.1f} attn {r['sparse_us']:.1f} total {r['vattn_us']:.1f} "
+          f"SDPA {r['sdpa_us']:.1f} ({r['sdpa_us'] / r['vattn_us']:.2f}x) dense {r['dense_us']:.1f} density "
+          f"{r['density']:.3f} capped {r['capped_rows']}/{r['rows']} denom within eps {r['denom_within_eps']:.3f}")
+    gc.collect(); torch.cuda.empty_cache()
+PY
+exit 0
+fi
 if [ "$1" = quick ]; then ARGS="--quick"; else ARGS="--e2e-layers 0"; fi
 COLUMNS=250 python3 -m vattn.cli bench $ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
 python3 - $OUT/bench.json <<'PY'

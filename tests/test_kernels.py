@@ -17,7 +17,7 @@ from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.pages import page_bounds, quest_scores, quest_scores_ref
 from vattn.kernels.sample import (_feistel_ref, capped_rows, perm_sample, perm_sample_ref, sample_log_weights_ref,
-                                  verified_ext_ref)
+                                  var_inflation, verified_ext_ref)
 from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
 
@@ -211,7 +211,7 @@ def test_fused_select_rows_match_references(dtype, eps, weights):
         check_sample_weights(lw, F0, top_n, m, ext, n_r, weights)
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv, :].float()
         ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0], samp[:m], n_r, eps, 0.1,
-                                          weights=weights)
+                                          weights=weights, m0=m0)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext), (r, ext, ref_ext)
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b)
         saw_partial |= 1 < ext < n_r - m
@@ -220,10 +220,10 @@ def test_fused_select_rows_match_references(dtype, eps, weights):
     assert rel(out, sparse_decode_ref(q, k, k, sel.indices, sel.log_weights, sel.count, True)) < 1e-2
 
 
-@pytest.mark.parametrize("dtype,eps,seed,weights", [(torch.float32, 0.3, 5, "pooled"),
-                                                    (torch.float32, 0.3, 5, "two-phase"),
-                                                    (torch.bfloat16, 0.08, 9, "pooled")])
-def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights):
+@pytest.mark.parametrize("dtype,eps,seed,weights,var_conf", [(torch.float32, 0.3, 5, "pooled", -1.0),
+                                                             (torch.float32, 0.3, 5, "two-phase", 0.9),
+                                                             (torch.bfloat16, 0.08, 9, "pooled", 0.0)])
+def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights, var_conf):
     """Two-pass decode with the fused sample + budget: D_hat has the exact mass of sinks + window +
     top-k (read from the pass-1 partials), the extension equals the float64 reference budget with
     fixed = all of them on every row (no slot cap), the sample is the same keyed permutation as
@@ -238,7 +238,7 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights):
     lengths = torch.tensor([N, 130], dtype=torch.int32)  # ragged; row 2: residual below the budget
     ksig = sign_bits(k, proj)
     kw = dict(sink=sink, window=window, topk=topk, m0=m0, eps=eps, delta=0.1, seed=seed, block_n=128,
-              weights=weights)
+              weights=weights, var_conf=var_conf)
     out, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
                                           attn_block=16, **kw)
     hi = lengths - window
@@ -271,7 +271,8 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights):
         pref = y[~top_set[y]][:m + ext]
         grp = q.view(B, Hkv, -1, D)[b, r % Hkv].float()
         ref_ext, ref_b = verified_ext_ref(grp, k[b, r % Hkv].float(), live[:F0 + top_n],
-                                          live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1, weights=weights)
+                                          live[F0 + top_n:F0 + top_n + m], n_r, eps, 0.1, weights=weights,
+                                          var_conf=var_conf, m0=m0)
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b), (r, float(st[r, 3]), ref_b)
         assert abs(ext - ref_ext) <= max(1, 0.002 * ref_ext)
         saw_partial |= 1 < ext < n_r - m
@@ -299,6 +300,43 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights):
     # D_F with top-k is larger than with sinks + window only: the budget can only shrink
     _, st_old = vattention_hash_select(q, k, ksig, proj, lengths, cap=N, stats=True, **kw)
     assert (st[:, 3] <= st_old[:, 3] + 1).all() and (st[:, 3] < st_old[:, 3]).any()
+    if var_conf != 0.0:  # the variance bound only raises the budget
+        _, _, st_off = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
+                                              attn_block=16, **dict(kw, var_conf=0.0))
+        assert (st[:, 3] >= st_off[:, 3]).all() and (st[:, 3] > st_off[:, 3]).any()
+
+
+def test_var_inflation_matches_cpu_verified():
+    """The GPU budget's variance factor is the CPU verified part's, and it falls as the pilot
+    grows (so a smaller pilot may not borrow the configured size's factor)."""
+    from vattn.methods.sampling import Verified
+    for m0, delta, vc in ((128, 0.05, -1.0), (16, 0.1, 0.9), (64, 0.2, 0.0)):
+        cpu = float(Verified(delta=delta, var_conf=vc)._inflate(torch.tensor([m0], dtype=torch.float64)))
+        assert abs(var_inflation(m0, delta, vc) - cpu) < 1e-9 * cpu
+    f = [var_inflation(m, 0.05) for m in (8, 16, 64, 128, 1024)]
+    assert all(a > b > 1 for a, b in zip(f, f[1:]))
+    with pytest.raises(VattnError, match="var_conf"):
+        var_inflation(128, 0.05, 1.5)
+
+
+def test_short_pilot_asks_for_the_whole_residual():
+    """Sample slots fewer than the pilot (cap < m0): the row's pilot is short, its budget is the
+    whole residual (infinite variance factor), and the row is reported capped; = the reference."""
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, N, D = 1, 4, 2, 400, 32
+    q, k = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    proj = torch.randn(D, 32, generator=g)
+    ksig = sign_bits(k, proj)
+    sel, st = vattention_hash_select(q, k, ksig, proj, None, sink=8, window=8, topk=32, cap=12, m0=16, eps=0.3,
+                                     delta=0.1, stats=True, block_n=128)
+    assert capped_rows(st).all()
+    for r in range(Hkv):
+        m, ext, n_r = (int(x) for x in st[r, :3])
+        live = sel.indices[0, r, 0, :int(sel.count[0, r, 0])].long()
+        assert m < 16 and ext == 0
+        ref_ext, ref_b = verified_ext_ref(q[0, 2 * r:2 * r + 2, 0], k[0, r], live[:16], live[48:48 + m], n_r,
+                                          0.3, 0.1, m0=16)
+        assert ref_b == float(st[r, 3]) == n_r - m
 
 
 def test_bad_inputs_raise_vattn_error():

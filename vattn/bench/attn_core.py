@@ -135,6 +135,49 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     return row
 
 
+def coverage(B, N, seeds=8, var_confs=(-1.0, 0.0), density=0.10, dtype=torch.bfloat16):
+    """Denominator coverage per var_conf over `seeds` input sets (the same inputs and sample for
+    each var_conf): query heads with |D_hat / D - 1| <= eps, mean density, capped rows, and rows
+    whose budget (raw extension and extension) differs from the float64 twin verified_ext_ref."""
+    from vattn.kernels.bits import sign_bits
+    from vattn.kernels.sample import capped_rows, verified_ext_ref
+    from vattn.kernels.select import attended, vattention_hash_decode
+    hq, hkv, d = SHAPE["hq"], SHAPE["hkv"], SHAPE["d"]
+    G = hq // hkv
+    p = spec_params(N, density)
+    F0 = p["sink"] + p["window"]
+    lengths = torch.full((B,), N, dtype=torch.int32, device="cuda")
+    res = {vc: dict(B=B, N=N, var_conf=vc, covered=0, heads=0, capped=0, bad=0, rows=0, density=0.0)
+           for vc in var_confs}
+    for s in range(seeds):
+        g = torch.Generator(device="cuda").manual_seed(1000 + s)
+        q = torch.randn(B, hq, 1, d, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(B, hkv, N, d, device="cuda", dtype=dtype, generator=g)
+        proj = torch.randn(d, 32, device="cuda", generator=g)
+        ksig = sign_bits(k, proj)
+        for vc, r in res.items():
+            _, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, seed=s, selection=True, stats=True,
+                                                var_conf=vc, **p)
+            de = denom_err(q, k, sel, lengths)
+            r["covered"] += int((de <= p["eps"]).sum())
+            r["heads"] += de.numel()
+            r["capped"] += int(capped_rows(st).sum())
+            r["density"] += attended(sel).float().mean().item() / N / seeds
+            for row in range(B * hkv):
+                b, h = divmod(row, hkv)
+                m, ext, n_r, raw = st[row].tolist()
+                m, ext, n_r = int(m), int(ext), int(n_r)
+                live = sel.indices[b, h, 0, :int(sel.count[b, h, 0])].long()
+                top_n = live.numel() - F0 - m - ext
+                re, rb = verified_ext_ref(q[b, h * G:(h + 1) * G, 0], k[b, h], live[:F0 + top_n],
+                                          live[F0 + top_n:F0 + top_n + m], n_r, p["eps"], p["delta"],
+                                          var_conf=vc, m0=p["m0"])
+                r["bad"] += int(abs(raw - rb) > max(1, 0.002 * rb) or abs(ext - re) > max(1, 0.002 * re))
+                r["rows"] += 1
+    return list(res.values())
+
+
 def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
     """Decode tokens/s of the random-weight decoder with SDPA, our dense kernel and vAttention."""
     from vattn.bench.attn_e2e import Decoder

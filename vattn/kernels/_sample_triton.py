@@ -55,7 +55,7 @@ def perm_sample_kernel(hi, member, out, acc, lo, seed, H, T, N, CAP,
 @triton.jit
 def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
                        sqb, sqh, sqt, skb, skh, skn, H, HKV, T, KT, CAP,
-                       sink, window, m0, scale, zz, eps2, S1, ST,
+                       sink, window, m0, scale, zz, eps2, infl, S1, ST,
                        G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                        CP: tl.constexpr, M0P: tl.constexpr, FP: tl.constexpr, BLK: tl.constexpr,
                        IEEE: tl.constexpr, PART: tl.constexpr, SP: tl.constexpr, POOLED: tl.constexpr):
@@ -64,7 +64,8 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
     Row layout: [sink | window | top-k (tcnt[row] keys, written before) | sample | -1 pad].
     Sample: accepted slots of the permutation prefix, compacted; the first m = min(m0, n_r,
     accepted) are the pilot, the next ext the extension. ext = the CPU reference's
-    denominator-mode budget (_ext_size), max over the R query heads, at most the slots held.
+    denominator-mode budget (_ext_size, pilot variance times infl), max over the R query heads,
+    at most the slots held.
     Weights (_weights): POOLED n_r / (m + ext) on every sample key; else pilot 1, extension
     (n_r - m) / ext.
     D_F (the exact mass in D_hat): PART=1 reads it from the split-KV partials of an attention
@@ -140,7 +141,7 @@ def budget_emit_kernel(q, kp, lens, tcnt, sidx, sacc, out, lw, cnt, stats, plse,
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
     nrf = n_r.to(tl.float32)
     dhat = dfix + nrf * mean
-    braw, want = _ext_size(var, dhat, n_r, m, zz, eps2, r < R, POOLED)
+    braw, want = _ext_size(var, dhat, n_r, m, m0, zz, eps2, infl, r < R, POOLED)
     ext = tl.maximum(tl.minimum(want, avail - m), 0)
     count = base + m + ext
     wp, lwv = _weights(n_r, m, ext, POOLED)
@@ -206,14 +207,20 @@ def _pilot_scores(q, kp, ob, b64, h, t, base, m, sqb, sqh, sqt, skb, skh, skn, s
 
 
 @triton.jit
-def _ext_size(var, dhat, n_r, m, zz, eps2, ok, POOLED: tl.constexpr):
+def _ext_size(var, dhat, n_r, m, m0, zz, eps2, infl, ok, POOLED: tl.constexpr):
     """Extension size from the pilot's per-head variance var [M] and D_hat [M] (heads where ok):
-    the CPU reference's denominator-mode budget (two-sided z, finite-population correction).
+    the CPU reference's denominator-mode budget (two-sided z, finite-population correction),
+    with var raised to its upper confidence bound var * infl (infl: sample.var_inflation of
+    the configured pilot size m0; 1 = plug-in).
     Two-phase: the extension alone stands for the n_r - m keys outside the pilot, b = smallest
     with b0 (pop - b) / (pop - 1) <= b over pop = n_r - m. Pooled: the whole sample (pilot
     first) stands for all n_r keys, the same formula over pop = n_r sizes it, b_ext = b - m.
     Returns (raw extension: max over heads, may be < 0 pooled; want = raw clamped to
     [1 (two-phase) or 0 (pooled), n_r - m])."""
+    # The factor falls as the pilot grows, so m0's factor is too small for a smaller pilot. Such
+    # a pilot is either the whole residual (m = n_r: want = 0 whatever the factor) or the slots
+    # ran out (budget_emit with few slots): there ask for the whole residual (infinite factor).
+    var = var * tl.where(m < tl.minimum(m0, n_r), float("inf"), infl)
     restf = (n_r - m).to(tl.float32)
     lo = 1.0  # two-phase: one extension key at least (the pilot stands for itself only)
     pop = restf
@@ -244,7 +251,7 @@ def _weights(n_r, m, ext, POOLED: tl.constexpr):
 
 
 @triton.jit
-def _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
+def _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
             SP: tl.constexpr, POOLED: tl.constexpr):
     """The verified budget (_ext_size) from the pilot scores sp [M, M0P] and D_F (the split-KV
     partials of attention pass 1, plse [rows*R, ST] log2 units, columns [0, S1))."""
@@ -261,7 +268,7 @@ def _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R: tl.constexpr, M: tl.cons
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
     dhat = dfix + n_r.to(tl.float32) * mean
-    return _ext_size(var, dhat, n_r, m, zz, eps2, r < R, POOLED)
+    return _ext_size(var, dhat, n_r, m, m0, zz, eps2, infl, r < R, POOLED)
 
 
 @triton.jit
@@ -295,7 +302,7 @@ def _row(lens, tcnt, out, lw, member, row, H, T, N, KT, sink, window):
 @triton.jit
 def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, plse, ctl,
                          sqb, sqh, sqt, skb, skh, skn, H, T, N, KT, seed,
-                         sink, window, m0, scale, zz, eps2, S1, ST,
+                         sink, window, m0, scale, zz, eps2, infl, S1, ST,
                          G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          CB: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BLK: tl.constexpr,
                          IEEE: tl.constexpr, PAD: tl.constexpr, PAR: tl.constexpr, POOLED: tl.constexpr):
@@ -325,7 +332,7 @@ def sample_budget_kernel(q, kp, lens, tcnt, member, thr, out, lw, cnt, stats, pl
     tl.debug_barrier()
     sp = _pilot_scores(q, kp, ob, b.to(tl.int64), h, t, base, m, sqb, sqh, sqt, skb, skh, skn, scale,
                        G, R, M, D, M0P, IEEE)
-    braw, want = _budget(sp, plse, row, m, n_r, zz, eps2, S1, ST, R, M, M0P, SP, POOLED)
+    braw, want = _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R, M, M0P, SP, POOLED)
     if PAR:
         tl.store(ctl + row * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, c0, avail))
         ext = want

@@ -10,8 +10,9 @@
 
     budget_emit(...): one kernel per selection row that compacts the accepted sample slots,
     sizes the extension with the verified budget (mode='denominator' of methods/sampling.py:
-    two-sided z, finite-population correction, plug-in pilot variance) from the pilot's exact
-    scores, and writes the whole Selection row. verified_ext_ref is its float64 torch twin.
+    two-sided z, finite-population correction, the pilot variance's upper confidence bound,
+    var_conf as there) from the pilot's exact scores, and writes the whole Selection row.
+    verified_ext_ref is its float64 torch twin.
 
 weights (as methods/sampling.Verified): "pooled" (default) gives every sampled key, pilot
 included, n_r / (m + ext) and sizes the whole sample over all n_r keys; "two-phase" gives
@@ -19,6 +20,7 @@ the pilot 1 and the extension (n_r - m) / ext, sized over the n_r - m keys outsi
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -91,20 +93,41 @@ def z_two_sided(delta: float) -> float:
     return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
 
 
+@functools.lru_cache(maxsize=64)
+def var_inflation(m0: int, delta: float, var_conf: float = -1.0) -> float:
+    """Factor from the pilot's sample variance (m0 keys) to its normal-theory upper confidence
+    bound, (m0 - 1) / chi2_{m0-1}^{-1}(1 - conf), conf = 1 - delta/2 (var_conf=-1) or var_conf;
+    var_conf=0: 1 (plug-in). As methods/sampling.Verified._inflate. Host arithmetic only, cached:
+    no device work, so calls stay graph-capturable."""
+    if var_conf != -1.0 and not 0.0 <= var_conf < 1.0:
+        raise VattnError(f"var_conf must be -1 (1 - delta/2), 0 (off) or in (0, 1), got {var_conf}")
+    if not 0 < delta < 1:
+        raise VattnError(f"delta must be in (0, 1), got {delta}")
+    conf = 1.0 - delta / 2 if var_conf == -1.0 else var_conf
+    if conf == 0.0:
+        return 1.0
+    from vattn.methods.sampling import chi2_quantile
+    dof = torch.tensor([float(max(m0 - 1, 1))], dtype=torch.float64)
+    return (dof / chi2_quantile(dof, 1.0 - conf)).item()
+
+
 def check_weights(weights):
     if weights not in ("pooled", "two-phase"):
         raise VattnError(f"weights must be 'pooled' or 'two-phase', got {weights!r}")
     return weights == "pooled"
 
 
-def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None, weights="pooled"):
+def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None, weights="pooled", var_conf=-1.0,
+                     m0=None):
     """Torch float64 twin of the fused budget (the CPU reference's mode='denominator').
 
     One shared selection row: q [G, D] (the group's heads), k [N, D]; fixed_idx, pilot_idx
     int64 [F], [m]; n_r the residual size (pilot included). With pop = n_r - m (two-phase) or
     n_r (pooled), b is the max over heads of the smallest b with b0 (pop - b) / (pop - 1) <= b,
     b0 = (z sigma pop / (eps D_hat))^2, and the raw extension is b (two-phase) or b - m
-    (pooled: b is the whole sample, pilot first). Returns (ext, raw): ext = raw clamped to
+    (pooled: b is the whole sample, pilot first). sigma^2 is the pilot variance times
+    var_inflation(m0, delta, var_conf), m0 the configured pilot size (default m); infinite when
+    m < min(m0, n_r), as in the kernel. Returns (ext, raw): ext = raw clamped to
     [1 (two-phase) or 0 (pooled), n_r - m].
     """
     pooled = check_weights(weights)
@@ -117,11 +140,13 @@ def verified_ext_ref(q, k, fixed_idx, pilot_idx, n_r, eps, delta, scale=None, we
     m = len(pilot_idx)
     mean = xp.sum(-1) / max(m, 1)
     var = ((xp - mean[:, None]) ** 2).sum(-1) / max(m - 1, 1)
+    m0 = m if m0 is None else m0
+    var = var * (float("inf") if m < min(m0, n_r) else var_inflation(m0, delta, var_conf))
     d_hat = xf.sum(-1) + n_r * mean
     rest = n_r - m
     pop = n_r if pooled else rest
     z = z_two_sided(delta)
-    b0 = (z * z * pop ** 2 * var / (eps ** 2 * d_hat ** 2)).nan_to_num(nan=float("inf"))
+    b0 = (z * z * pop ** 2 * var / (eps ** 2 * d_hat ** 2)).nan_to_num(nan=float("inf"), posinf=float("inf"))
     b = torch.where(torch.isinf(b0), torch.tensor(float(pop), dtype=torch.float64),
                     torch.ceil(b0 * pop / (pop - 1 + b0).clamp(min=1e-30) - 1e-9))
     braw = b.max().item() - (m if pooled else 0)
@@ -137,7 +162,7 @@ def sample_log_weights_ref(n_r, m, ext, weights="pooled"):
 
 
 def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, m0, eps, delta, scale=None,
-                plse=None, s1=0, block_c=2048, weights="pooled"):
+                plse=None, s1=0, block_c=2048, weights="pooled", var_conf=-1.0):
     """Launch the fused budget + Selection assembly (see _sample_triton.budget_emit_kernel).
 
     q [B,Hq,1,D]; k [B,Hkv,N,D]; top_cnt int32 [B*Hkv]; s_idx/s_acc [B*Hkv, C] from perm_sample;
@@ -147,7 +172,7 @@ def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, 
     [sink | window | top-k], read from the first s1 columns (split-KV partials of an attention
     pass over those slots, which also wrote the fixed slots); otherwise D_F = sinks + window only.
     A row is capped when the clamped raw extension > ext: the C slots held fewer accepted keys
-    than the budget (see capped_rows).
+    than the budget (see capped_rows). var_conf: the pilot variance's upper bound (var_inflation).
     """
     if not 0 < eps < 1:
         raise VattnError(f"eps must be in (0, 1), got {eps}")
@@ -168,7 +193,8 @@ def budget_emit(q, k, lengths, top_cnt, s_idx, s_acc, out, lw, *, sink, window, 
     budget_emit_kernel[(rows,)](q, k, lengths, top_cnt, s_idx, s_acc, out, lw, cnt, stats,
                                 plse if part else stats,
                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps, s1, st_tot,
+                                Hkv, Hkv, T, KT, C, sink, window, m0, scale, z * z, eps * eps,
+                                var_inflation(m0, delta, var_conf), s1, st_tot,
                                 G=G, R=G, M=max(16, next_pow2(G)), D=D, CP=max(16, min(block_c, next_pow2(C))),
                                 M0P=max(16, next_pow2(m0)), FP=max(16, next_pow2(sink + window)), BLK=1024,
                                 IEEE=use_ieee(q.dtype), PART=part, SP=max(2, next_pow2(max(s1, 1))), POOLED=pooled,
@@ -192,7 +218,7 @@ def _common(q, k, out, scale):
 
 def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, window, m0, eps, delta, seed,
                   scale=None, pad=False, block_c=2048, par=True, block_p=None, margin=1.15, extra=2, programs=16,
-                  thr=None, weights="pooled"):
+                  thr=None, weights="pooled", var_conf=-1.0):
     """Permutation sample + verified budget + assembly, after attention pass 1.
 
     member uint8 [B*Hkv, N] and thr int32 [rows] from the emit pass (top-k keys: member > thr;
@@ -202,7 +228,8 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     the whole residual. par=False: one serial kernel per row (sample_budget_kernel). par=True:
     the same kernel draws the pilot and sizes the budget, then block counts and a prefix scatter
     draw the rest with `programs` programs per row, each over every programs-th block (the same
-    sample). weights: "pooled" or "two-phase" (module docstring). Returns (count int32 [rows],
+    sample). weights: "pooled" or "two-phase" (module docstring); var_conf: the pilot variance's
+    upper bound (var_inflation). Returns (count int32 [rows],
     stats f32 [rows, 4]: m, ext, n_r, raw extension).
     """
     if not 0 < eps < 1:
@@ -220,7 +247,8 @@ def sample_budget(q, k, lengths, top_cnt, member, out, lw, plse, s1, *, sink, wi
     ks.sample_budget_kernel[(rows,)](q, k, lengths, top_cnt, member, thr, out, lw, cnt, stats, plse, ctl,
                                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                      c["Hkv"], c["T"], N, c["KT"], seed & 0x7FFFFFFF, sink, window, m0, c["scale"],
-                                     z_two_sided(delta) ** 2, eps * eps, s1, plse.shape[-1],
+                                     z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
+                                     s1, plse.shape[-1],
                                      G=c["G"], R=c["G"], M=max(16, next_pow2(c["G"])), D=c["D"], CB=block_c,
                                      M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BLK=1024,
                                      IEEE=use_ieee(q.dtype), PAD=pad, PAR=par, POOLED=pooled, num_warps=8)

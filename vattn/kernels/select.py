@@ -20,7 +20,9 @@ them (and draws the sample, uncapped, in the same kernel), pass 2 attends [pilot
 one merge combines both. 7 device ops.
 
 Both take weights="pooled" (default: every sample key n_r / (m + ext), the budget sizing the
-whole sample) or "two-phase" (pilot 1, extension (n_r - m) / ext), as methods/sampling.Verified.
+whole sample) or "two-phase" (pilot 1, extension (n_r - m) / ext), and var_conf (default -1:
+the pilot variance is raised to its upper confidence bound at 1 - delta/2; 0: plug-in), as
+methods/sampling.Verified.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def fixed_indices(lengths, B, Hkv, T, sink, window):
 
 def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, topk=4096,
                            cap=4096, m0=128, eps=0.05, delta=0.05, seed=0, scale=None, stats=False,
-                           block_n=1024, weights="pooled"):
+                           block_n=1024, weights="pooled", var_conf=-1.0):
     """Selection (shared, exact count) in 5 device ops: zero fill, histogram pass (query
     signature fused), emit pass (threshold from the histogram, top-k written in place),
     permutation sample, budget + assembly. With stats=True also returns f32 [B*Hkv, 4]
@@ -72,7 +74,7 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     member = (member > thr.view(-1, 1)).to(torch.uint8)  # 0/1 for perm_sample
     s_idx, s_acc = perm_sample(member.view(B, Hkv, T, N), sink, hi, cap, seed)
     count, st = budget_emit(q, k, lengths, top_n, s_idx, s_acc, idx, lw, sink=sink, window=window,
-                            m0=m0, eps=eps, delta=delta, scale=scale, weights=weights)
+                            m0=m0, eps=eps, delta=delta, scale=scale, weights=weights, var_conf=var_conf)
     sel = Selection(idx, lw, count.view(B, Hkv, T), shared=True)
     return (sel, st) if stats else sel
 
@@ -95,7 +97,8 @@ def decode_plan(rows, device=None):
 
 def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, stats=False, selection=False,
-                           block_n=1024, attn_block=64, cap=None, sample_kw=None, fuse_merge=False, weights="pooled"):
+                           block_n=1024, attn_block=64, cap=None, sample_kw=None, fuse_merge=False, weights="pooled",
+                           var_conf=-1.0):
     """Selection + sparse attention (see module docstring). Returns out [B,Hq,1,D]; with
     selection=True also the Selection (rows padded with -1 to sink + window + topk + N - sink),
     with stats=True also f32 [B*Hkv, 4] (pilot m, extension ext, residual n_r, raw extension).
@@ -131,7 +134,7 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
                  block_n=attn_block, dyn=True)
     count, st = sample_budget(q, k, lengths, top_n, member, idx, lw, plse, s1, sink=sink, window=window, m0=m0,
                               eps=eps, delta=delta, seed=seed, scale=scale, pad=selection, thr=thr,
-                              weights=weights, **(sample_kw or {}))
+                              weights=weights, var_conf=var_conf, **(sample_kw or {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     if fuse_merge:  # the last pass-2 program of each row merges pass-1 and pass-2 partials
         launch_split(q, k, v, idx, lw, count, po, plse, True, scale, 0, s2, mode=2, tcnt=top_n, off=F0,
