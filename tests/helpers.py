@@ -12,3 +12,19 @@ def rand_qkv(b=2, hq=4, hkv=2, t=1, n=64, d=16, dtype=torch.float32, seed=0):
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def assert_parse_error(spec, words):
+    """Parsing `spec` raises a VattnError whose message names every one of `words`."""
+    import pytest
+    import vattn
+    with pytest.raises(vattn.VattnError) as e:
+        vattn.parse(spec)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def assert_full_budget_is_dense(spec, q, k, v, lengths=None, starts=None):
+    import vattn
+    from vattn.attend import dense_attend
+    out, _ = vattn.sparse_attention(q, k, v, spec, lengths=lengths, starts=starts)
+    assert torch.allclose(out, dense_attend(q, k, v, lengths=lengths, starts=starts), atol=2e-6, rtol=1e-5)

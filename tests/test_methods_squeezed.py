@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import vattn
-from vattn.attend import dense_attend, row_bounds
+from helpers import assert_parse_error, assert_full_budget_is_dense
+from vattn.attend import row_bounds
 
 LENGTHS, STARTS = torch.tensor([53, 41]), torch.tensor([0, 5])
 KEY = "squeezed/6/{iters}/0"
@@ -72,8 +73,7 @@ def test_selected_keys_are_the_members_of_the_best_clusters():
 @pytest.mark.parametrize("clusters", [1, 5, 0.2, 1.0, 100])
 def test_full_budget_is_dense(clusters):
     q, k, v = inputs(seed=2)
-    out, _ = vattn.sparse_attention(q, k, v, f"squeezed(1.0, clusters={clusters})", lengths=LENGTHS, starts=STARTS)
-    assert torch.allclose(out, dense_attend(q, k, v, lengths=LENGTHS, starts=STARTS), atol=2e-6, rtol=1e-5)
+    assert_full_budget_is_dense(f"squeezed(1.0, clusters={clusters})", q, k, v, LENGTHS, STARTS)
 
 
 def test_deterministic_given_seed():
@@ -126,6 +126,4 @@ def test_new_sequence_in_same_state_reclusters():
     ("squeezed(seed=-1)", ["squeezed", "seed"]),
 ])
 def test_invalid_parameters(spec, words):
-    with pytest.raises(vattn.VattnError) as e:
-        vattn.parse(spec)
-    assert all(w in str(e.value) for w in words)
+    assert_parse_error(spec, words)
