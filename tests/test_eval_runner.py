@@ -109,9 +109,13 @@ def test_calibrate_bisects_to_the_target():
     assert 0.095 <= d <= 0.1 and "eps=" in text and "delta=0.1" in text
     text, d = calibrate(fake_density, "sink(0.02)+window(0.08)+topk(0.1)", 0.1)  # no eps: scale sizes
     assert 0.095 <= d <= 0.1 and fake_density(text) == pytest.approx(d)
-    # eps alone cannot reach 0.05 (floor 0.07): the sizes shrink next.
-    text, d = calibrate(fake_density, "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)", 0.05)
+    # eps alone cannot reach 0.05 (floor 0.07): one probe at eps's far end shows it, and
+    # the sizes shrink next.
+    calls = []
+    text, d = calibrate(lambda sp: calls.append(sp) or fake_density(sp),
+                        "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)", 0.05)
     assert 0.0475 <= d <= 0.05
+    assert sum("eps=0.95" in c for c in calls) >= 1 and len(calls) <= 11
 
 
 @pytest.mark.skipif(not _has_hf(), reason="vattn.hf not landed")
