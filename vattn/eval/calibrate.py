@@ -93,20 +93,20 @@ def calibrate(measure: Callable[[str], float], spec: str, target: float,
     if done(best):
         return spec, best
     for name, lo, hi, increasing in knobs(parts):
-        # First the knob's far end toward the target: if even that stays on the same
-        # side, bisecting this knob wastes probes; go on from the best point so far.
-        start = best
-        far = hi if (start < target) == increasing else lo
-        text = render(turn(parts, name, far))
-        d = measure(text)
-        log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, far, d)
-        if better(d, best):
-            best_text, best = text, d
-        if done(d):
-            return best_text, best
-        if (d > target) == (start > target):
-            parts = parse(best_text).parts
-            continue
+        if name == "eps" and best > target:
+            # Density falls with eps: if even eps's far end stays above the target,
+            # bisecting it wastes probes; go on to the sizes from that end. (Not for the
+            # sizes: after a weak front, shrinking them can raise density.)
+            text = render(turn(parts, name, hi))
+            d = measure(text)
+            log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, hi, d)
+            if better(d, best):
+                best_text, best = text, d
+            if done(d):
+                return best_text, best
+            if d > target:
+                parts = parse(best_text).parts
+                continue
         lo_l, hi_l = math.log(lo), math.log(hi)
         for _ in range(steps):
             mid = math.exp((lo_l + hi_l) / 2)
