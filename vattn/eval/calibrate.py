@@ -88,42 +88,43 @@ def calibrate(measure: Callable[[str], float], spec: str, target: float,
     def done(d):
         return (1 - tol) * target <= d <= target
 
-    best_text, best = spec, measure(spec)
-    log.info("calibrate %s: start density %.4f, target %.4f", spec, best, target)
-    if done(best):
-        return spec, best
+    best = [spec, measure(spec)]  # [text, density] of the best point so far
+    log.info("calibrate %s: start density %.4f, target %.4f", spec, best[1], target)
+
+    def probe(parts, name, value) -> float:
+        text = render(turn(parts, name, value))
+        d = measure(text)
+        log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, value, d)
+        if better(d, best[1]):
+            best[:] = [text, d]
+        return d
+
+    if done(best[1]):
+        return tuple(best)
     for name, lo, hi, increasing in knobs(parts):
-        if name == "eps" and best > target:
+        if name == "eps" and best[1] > target:
             # Density falls with eps: if even eps's far end stays above the target,
             # bisecting it wastes probes; go on to the sizes from that end. (Not for the
             # sizes: after a weak front, shrinking them can raise density.)
-            text = render(turn(parts, name, hi))
-            d = measure(text)
-            log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, hi, d)
-            if better(d, best):
-                best_text, best = text, d
+            d = probe(parts, name, hi)
             if done(d):
-                return best_text, best
+                return tuple(best)
             if d > target:
-                parts = parse(best_text).parts
+                parts = parse(best[0]).parts
                 continue
         lo_l, hi_l = math.log(lo), math.log(hi)
         for _ in range(steps):
             mid = math.exp((lo_l + hi_l) / 2)
-            text = render(turn(parts, name, mid))
-            d = measure(text)
-            log.info("calibrate %s: %s=%.4g -> density %.4f", spec, name, mid, d)
-            if better(d, best):
-                best_text, best = text, d
+            d = probe(parts, name, mid)
             if done(d):
-                return best_text, best
+                return tuple(best)
             if (d < target) == increasing:
                 lo_l = math.log(mid)
             else:
                 hi_l = math.log(mid)
         # The next knob starts from the best point of this one.
-        parts = parse(best_text).parts
-    return best_text, best
+        parts = parse(best[0]).parts
+    return tuple(best)
 
 
 def calibration_samples(cfg, samples, n: int, tokenizer) -> list:
