@@ -133,3 +133,22 @@ def test_chi2_quantile_inverts_the_cdf():
         cdf = torch.special.gammainc(ks.double() / 2, x / 2)
         assert ((cdf - p).abs() / p < 2e-3).all(), (p, cdf)
     assert abs(float(chi2_quantile(torch.tensor([1.0]), 0.95)) - 3.8415) < 1e-3
+
+
+def test_budget_inputs_equal_on_the_gather_and_scatter_paths(monkeypatch):
+    # The exact sums over the chosen keys come from gathered K/V rows or, for large sets on
+    # CPU, from all scores and one P @ V: both must give the same budget inputs.
+    import sys
+    import vattn.methods.sampling as sampling
+    attend_mod = sys.modules["vattn.attend"]  # the package re-exports attend() under that name
+    q, k, v = rand_qkv(b=2, hq=4, hkv=2, t=3, n=300, seed=7)
+    spec = "sink(4)+window(4)+topk(40)+verified(eps=0.2,delta=0.2,min_pilot=8)"
+    seen, real = [], sampling.fixed_and_pilot
+    monkeypatch.setattr(sampling, "fixed_and_pilot", lambda *a: seen.append(real(*a)) or seen[-1])
+    for path in (True, False):
+        monkeypatch.setattr(attend_mod, "dense_is_cheaper", lambda *a, path=path: path)
+        select(spec, q, k, v, seed=3)
+    (d0, n0), pilot0 = seen[0]
+    (d1, n1), pilot1 = seen[1]
+    assert torch.allclose(d0, d1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-4, atol=1e-6)
+    assert all(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-9) for a, b in zip(pilot0, pilot1))

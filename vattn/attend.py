@@ -102,7 +102,7 @@ def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     ok = sel.valid()
     idx = sel.indices.long().clamp(min=0)
     h = idx.shape[1]
-    if dense_is_cheaper(h, idx.shape[-1], hkv, k.shape[2]):
+    if dense_is_cheaper(h, idx.shape[-1], hkv, k.shape[2], q.device):
         return attend_scattered(q, k, v, sel, scale)
     kk, vv = gather_kv(k, v, idx, 1 if sel.shared else g)
     qf = q.float().reshape(b, h, hq // h, t, d)  # query heads grouped by selection head
@@ -113,12 +113,12 @@ def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 
-def dense_is_cheaper(h, kk, hkv, n) -> bool:
+def dense_is_cheaper(h, kk, hkv, n, device) -> bool:
     """CPU path choice: gathering K/V rows costs far more per element than a BLAS
     multiply-add (measured ~8x on 2 cores), so past 1/8 of the keys per selection head,
     scoring all keys is faster. Memory stays below the gather's (scores are [.., N], not
-    [.., K, D])."""
-    return h * kk * 8 > hkv * n
+    [.., K, D]). Never on a GPU, where reading all of K and V is what sparsity avoids."""
+    return device.type == "cpu" and h * kk * 8 > hkv * n
 
 
 def per_query_head(x: torch.Tensor, shared: bool, hkv: int, g: int) -> torch.Tensor:

@@ -230,7 +230,7 @@ def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m
     cancels in every ratio the budget uses. Returns ((D_F [B,Hq,T], N_F [B,Hq,T,D]),
     (x [B,Hq,T,m], x*v [B,Hq,T,m,D], ok [B,Hq,T,m])).
     """
-    from vattn.attend import gather_kv, weighted_values
+    from vattn.attend import dense_is_cheaper, gather_kv, weighted_values
     sel = out.selection()
     g = ctx.group if out.shared else 1
     b, hq, t, _ = ctx.q.shape
@@ -239,17 +239,29 @@ def fixed_and_pilot(ctx: DecodeContext, out: Builder, pilot_idx: torch.Tensor, m
     def per_q(x):  # a shared selection is repeated over its group
         return x.repeat_interleave(g, 1)
 
+    def exp_terms(idx, ok, lw):  # scores and V rows of a small set, by gathering
+        kk, vv = gather_kv(ctx.k, ctx.v, idx, ctx.group)
+        s = (ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale + lw
+        return s.masked_fill(~ok, float("-inf")), vv
+
     # Earlier sampling parts (uniform, magicpig) carry weights: their keys count weighted.
-    idx_f, ok_f = per_q(sel.indices.long()).clamp(min=0), per_q(sel.valid())
-    s_f = (torch.gather(ctx.scores(), -1, idx_f) + per_q(sel.log_weights)).masked_fill(~ok_f, float("-inf"))
+    idx_f, ok_f, lw_f = per_q(sel.indices.long()).clamp(min=0), per_q(sel.valid()), per_q(sel.log_weights)
+    scattered = dense_is_cheaper(hq, idx_f.shape[-1], hkv, ctx.k.shape[2], ctx.q.device)
+    if scattered:  # a large set on CPU: the exact scores (often cached by an oracle part)
+        s_f = (torch.gather(ctx.scores(), -1, idx_f) + lw_f).masked_fill(~ok_f, float("-inf"))
+    else:
+        s_f, v_f = exp_terms(idx_f, ok_f, lw_f)
     idx_p = per_q(pilot_idx)
     ok_p = per_q(torch.arange(pilot_idx.shape[-1], device=pilot_idx.device) < m0[..., None])
-    kk, v_p = gather_kv(ctx.k, ctx.v, idx_p, ctx.group)  # the pilot is small: its V rows are needed
-    s_p = ((ctx.q.float().unsqueeze(-2) * kk).sum(-1) * ctx.scale).masked_fill(~ok_p, float("-inf"))
+    s_p, v_p = exp_terms(idx_p, ok_p, 0.0)
     floor = torch.full((*s_p.shape[:-1], 1), -1e30, device=s_p.device)
     shift = torch.cat([s_f, s_p, floor], -1).amax(-1)
     x_f = torch.exp(s_f - shift[..., None]).nan_to_num(0.0)
     x_p = torch.exp(s_p - shift[..., None]).nan_to_num(0.0)
-    n_f = weighted_values(x_f.reshape(b, hkv, hq // hkv, t, -1), idx_f.reshape(b, hkv, hq // hkv, t, -1), ctx.v)
-    fixed = (x_f.sum(-1).double(), n_f.reshape(b, hq, t, -1).double())
+    if scattered:
+        n_f = weighted_values(x_f.reshape(b, hkv, hq // hkv, t, -1), idx_f.reshape(b, hkv, hq // hkv, t, -1),
+                              ctx.v).reshape(b, hq, t, -1)
+    else:
+        n_f = (x_f[..., None] * v_f).sum(-2)
+    fixed = (x_f.sum(-1).double(), n_f.double())
     return fixed, (x_p.double(), (x_p[..., None] * v_p).double(), ok_p)
