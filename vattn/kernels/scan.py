@@ -1,0 +1,212 @@
+"""vAttention decode on GPU in four launches: threshold, scan, sample, merge.
+
+    vattention_scan_decode(q, k, v, ksig, proj, lengths, *, sink, window, topk, m0, eps, delta,
+                           seed, stats=False) -> out [B,Hq,1,D] (and a stats dict)
+
+A shorter pipeline than select.vattention_hash_decode (8 launches), for batch 1, where every
+launch costs latency that bytes do not explain:
+ 1. tau: per KV-head row, the histogram of the bit-agreement scores of a subsample of the
+    middle keys gives a threshold tau and a tie probability, so that about `topk` middle keys
+    are taken (an approximate top-k: the count varies with the subsample).
+ 2. scan: each program scores its own span of keys from the signatures, compacts the exact
+    keys (sinks, window, taken middle keys) and attends them. No index list crosses programs.
+ 3. sample: every program of a row computes the same verified budget from D_F (the scan's
+    partials) and a pilot of m0 draws, then attends its share of the sample. Draws are
+    independent and uniform over the whole middle; a drawn top-k key counts as 0, so
+    D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is unbiased for a fixed M, and
+    needs no list of the residual. M = max over the group's heads of
+    ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot's variance raised to its upper
+    confidence bound (sample.var_inflation), at least m0; if M reaches the residual's size
+    (n_mid - topk) the residual is attended exactly instead.
+ 4. merge of the partials (log-sum-exp).
+Mode is denominator (as the other GPU pipeline). Positions and ties come from keyed hashes of
+the key position (seed, row), so `scan_decode_ref` reproduces every choice in float64.
+"""
+from __future__ import annotations
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.kernels._common import check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee
+from vattn.kernels.bits import bit_scores_ref, sign_bits
+from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
+
+TIE_SALT = 0x68E31DA4
+STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu")
+
+
+def _row_keys(seed, row):
+    key = ((row * 0x1B873593) & M32) ^ (seed & M32)
+    return key, key ^ TIE_SALT
+
+
+def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
+    """Runs of `run` keys, one every run * stride keys: about `sub` keys of the middle."""
+    return max(1, n_mid_max // max(sub, run))
+
+
+def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
+    B, Hq, T, D = q.shape
+    if T != 1:
+        raise VattnError(f"vattention_scan_decode handles one query row (T=1), got T={T}")
+    Hkv, N = k.shape[1], k.shape[2]
+    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
+        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
+    if v.shape != k.shape or v.dtype != k.dtype or q.dtype != k.dtype or Hq % Hkv:
+        raise VattnError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
+                         f"{v.dtype}: k and v must match, share q's dtype, and Hkv must divide Hq")
+    if min(sink, window) < 0 or topk < 1 or m0 < 2:
+        raise VattnError(f"need sink, window >= 0, topk >= 1 and m0 >= 2, got {sink}, {window}, {topk}, {m0}")
+    if lengths is not None and (lengths.shape != (B,) or lengths.dtype != torch.int32):
+        raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
+
+
+def scan_plan(rows, device):
+    """Programs per row of the scan and of the sample: about two per SM in all for each."""
+    return max(1, -(-target_programs(device) // rows)), max(1, -(-target_programs(device) // rows))
+
+
+def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
+                           eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
+                           block_c=1024, block_n=64, splits=None, num_warps=4):
+    """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
+    columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
+    and by the sample; a key drawn twice counts twice)."""
+    check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
+    from vattn.kernels import _scan_triton as kt
+    B, Hq, _, D = q.shape
+    Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
+    G = Hq // Hkv
+    if lengths is None:
+        lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
+    q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
+    proj = proj.float().contiguous()
+    check_runnable(q, k, v, ksig, lengths)
+    rows = B * Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    s1, s2 = splits or scan_plan(rows, q.device)
+    dev = q.device
+    tau = torch.empty((2, rows), dtype=torch.int32, device=dev)
+    tau, thu = tau[0], tau[1]
+    cnt = torch.empty(rows * (s1 + s2), dtype=torch.int32, device=dev)  # scan [rows, s1], then sample [rows, s2]
+    cnt1, cnt2 = cnt[:rows * s1].view(rows, s1), cnt[rows * s1:].view(rows, s2)
+    scr = torch.empty((rows, N), dtype=torch.int32, device=dev)
+    po = torch.empty((B, Hq, 1, s1 + s2, D), dtype=torch.float32, device=dev)
+    plse = torch.empty((B, Hq, 1, s1 + s2), dtype=torch.float32, device=dev)
+    st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
+    R, M = G, max(16, next_pow2(G))
+    meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), HW=not interpret(), num_warps=num_warps)
+    sq = (q.stride(0), q.stride(1), q.stride(2))
+    skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    stride = subsample_stride(max(N - sink - window, 1), sub)
+    kt.tau_kernel[(rows,)](q, proj, ksig, lengths, tau, thu, Hkv, N, *sq, sink, window, topk, stride,
+                           NH=next_pow2(R * 32 * W + 1), BN=1024, CL=32, **meta)
+    cols = s1 + s2
+    log2s = scale * 1.4426950408889634
+    kt.scan_kernel[(rows, s1)](q, proj, ksig, k, v, lengths, tau, thu, scr, cnt1,
+                               po, plse, *sq, *skv, Hkv, N, cols, sink, window, seed & M32, log2s,
+                               M=M, CB=block_c, BN=block_n, IEEE=use_ieee(q.dtype), **meta)
+    kt.sample_kernel[(rows, s2)](q, proj, ksig, k, v, lengths, tau, thu, cnt2, po, plse, st,
+                                 *sq, *skv, Hkv, N, cols, s1, sink, window, seed & M32, topk, m0, log2s,
+                                 z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
+                                 M=M, M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BN=block_n,
+                                 IEEE=use_ieee(q.dtype), **meta)
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out)
+    if not stats:
+        return out
+    return out, dict(rows=st[:, :7], exact_keys=cnt1.sum(1, dtype=torch.int32),
+                     sample_keys=cnt2.sum(1, dtype=torch.int32))
+
+
+def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None):
+    """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) replace
+    the threshold, tie cut and sample size it would compute (to compare outputs exactly when
+    float32 rounding moves a cut by one). Returns (out [B,Hq,1,D] float64, dict with 'rows'
+    [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys', 'sample_keys', 'd_hat' and 'd'
+    [B, Hq] (estimated and true denominators, same shift))."""
+    B, Hq, _, D = q.shape
+    Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
+    G = Hq // Hkv
+    dev = q.device
+    lengths = torch.full((B,), N, dtype=torch.int32) if lengths is None else lengths.cpu()
+    scale = D ** -0.5 if scale is None else float(scale)
+    sc = bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long()
+    stride = subsample_stride(max(N - sink - window, 1), sub)
+    zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
+    out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
+    rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
+    exact_keys = torch.zeros(B * Hkv, dtype=torch.int32)
+    sample_keys = torch.zeros(B * Hkv, dtype=torch.int32)
+    d_hat = torch.zeros((B, Hq), dtype=torch.float64)
+    d_true = torch.zeros((B, Hq), dtype=torch.float64)
+    for row in range(B * Hkv):
+        b, h = divmod(row, Hkv)
+        L = int(lengths[b])
+        hi = L - window
+        n_mid = max(hi - sink, 0)
+        s = sc[row]
+        skey, tkey = _row_keys(seed, row)
+        # threshold from the subsample (runs of 32 keys every 32 * stride)
+        lane = torch.arange(1024)
+        rel = (lane // 32) * (32 * stride) + lane % 32
+        pos = torch.cat([n0 + rel for n0 in range(sink, max(hi, sink), 1024 * stride)] or [torch.zeros(0).long()])
+        pos = pos[pos < hi]
+        hc = torch.bincount(s[pos], minlength=G * 32 * W + 1).float()
+        tot = hc.sum()
+        ge = tot - hc.cumsum(0) + hc
+        want = torch.tensor(float(topk), dtype=torch.float32) * tot.float() / float(max(n_mid, 1))
+        t = max(int((ge >= want).sum()) - 1, 0)
+        p = ((want - (ge[t] - hc[t])) / max(float(hc[t]), 1.0)).clamp(0, 1)
+        tu = int((p.float() * 16777216.0).to(torch.int32))
+        t = t if tau is None else int(tau[row])
+        tu = tu if thu is None else int(thu[row])
+        n = torch.arange(N)
+        u = (_mix_ref(n, tkey) >> 8)
+        taken = (s > t) | ((s == t) & (u < tu))
+        mid = (n >= sink) & (n < hi)
+        fixed = (n < L) & (~mid | taken)
+        qq = q[b, h * G:(h + 1) * G, 0].double().cpu()
+        kk, vv = k[b, h].double().cpu(), v[b, h].double().cpu()
+        logit = qq @ kk.T * scale  # [G, N]
+        shift = logit[:, :L].amax(1, keepdim=True)
+        e = torch.exp(logit - shift)
+        dfix = (e * fixed).sum(1)
+        num = (e * fixed) @ vv
+        i = torch.arange(m0 if n_mid > 0 else 0)
+        x = sink + ((_mix_ref(i, skey) * n_mid) >> 32)
+        keep = ~taken[x] if n_mid > 0 else torch.zeros(0, dtype=torch.bool)
+        xp = e[:, x] * keep
+        m = len(i)
+        mean = xp.sum(1) / max(m, 1)
+        var = ((xp - mean[:, None]) ** 2).sum(1) / max(m - 1, 1) * infl
+        dh = dfix + n_mid * mean
+        b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
+        need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
+        ex = n_mid > 0 and need >= max(n_mid - topk, m)
+        tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
+        tot_m = tot_m if total is None else int(total[row])
+        if ex:
+            res = mid & ~taken & (n < L)
+            ws, idx = torch.ones(int(res.sum()), dtype=torch.float64), n[res]
+        else:
+            xi = sink + ((_mix_ref(torch.arange(tot_m), skey) * n_mid) >> 32) if tot_m else torch.zeros(0).long()
+            idx = xi[~taken[xi]] if tot_m else xi
+            ws = torch.full((len(idx),), n_mid / max(tot_m, 1), dtype=torch.float64)
+        es = e[:, idx] * ws
+        den = dfix + es.sum(1)
+        out[b, h * G:(h + 1) * G, 0] = (num + es @ vv[idx]) / den[:, None]
+        d_hat[b, h * G:(h + 1) * G] = den
+        d_true[b, h * G:(h + 1) * G] = e[:, :L].sum(1)
+        rows[row] = torch.tensor([m, tot_m, n_mid, need, float(ex), t, tu], dtype=torch.float64)
+        exact_keys[row] = int(fixed.sum())
+        sample_keys[row] = len(idx)
+    return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true)
+
+
+def scan_density(st, lengths, Hkv):
+    """Mean over rows of (exact + sample keys) / length."""
+    L = lengths.float().repeat_interleave(Hkv)
+    return ((st["exact_keys"] + st["sample_keys"]).float() / L.to(st["exact_keys"].device)).mean().item()
