@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
 from vattn.errors import VattnError
 from vattn.kernels.bits import bit_scores_ref, bit_topk, bit_topk_ref, sign_bits
 from vattn.kernels.decode import dense_decode, dense_decode_ref
@@ -28,21 +29,6 @@ DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
-
-
-@pytest.fixture(autouse=True)
-def _poison_empty(monkeypatch):
-    # every torch.empty the kernels take comes back full of NaN: unwritten outputs fail
-    real = torch.empty
-
-    def poisoned(*a, **kw):
-        t = real(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(-7)
-        return t
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 @pytest.mark.parametrize("dtype,T,G", [(torch.float32, 1, 4), (torch.bfloat16, 1, 4),

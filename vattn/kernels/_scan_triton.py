@@ -16,8 +16,9 @@ TIE_SALT = 0x68E31DA4
 @triton.jit
 def _keys(seed, row):
     """(sample key, tie key) of a selection row: uint32, as scan._row_keys."""
-    key = (row.to(tl.uint32) * 0x1B873593) ^ seed.to(tl.uint32)
-    return key, key ^ TIE_SALT
+    # hashed, not xor-ed: seeds that differ in low bits must not permute the same slots
+    key = _mix(row.to(tl.uint32) * 0x1B873593, seed.to(tl.uint32))
+    return key, _mix(key, TIE_SALT)
 
 
 @triton.jit

@@ -36,8 +36,8 @@ STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu")
 
 
 def _row_keys(seed, row):
-    key = ((row * 0x1B873593) & M32) ^ (seed & M32)
-    return key, key ^ TIE_SALT
+    key = _mix_ref((row * 0x1B873593) & M32, seed & M32)
+    return key, _mix_ref(key, TIE_SALT)
 
 
 def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
@@ -121,10 +121,10 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None):
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
     """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) replace
     the threshold, tie cut and sample size it would compute (to compare outputs exactly when
-    float32 rounding moves a cut by one). Returns (out [B,Hq,1,D] float64, dict with 'rows'
+    float32 rounding moves a cut by one); exact (bool tensor [B*Hkv]) likewise. Returns (out [B,Hq,1,D] float64, dict with 'rows'
     [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys', 'sample_keys', 'd_hat' and 'd'
     [B, Hq] (estimated and true denominators, same shift))."""
     B, Hq, _, D = q.shape
@@ -186,6 +186,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
         need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
         ex = n_mid > 0 and need >= max(n_mid - topk, m)
+        ex = ex if exact is None else bool(exact[row])
         tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
         tot_m = tot_m if total is None else int(total[row])
         if ex:

@@ -1,0 +1,93 @@
+"""The four-launch vAttention decode (kernels/scan.py) against its float64 twin, in the
+Triton interpreter: poisoned outputs, ragged and short rows, the exact fallback, and the
+estimator's unbiasedness for a fixed sample size."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
+from helpers import rel
+from vattn.errors import VattnError
+from vattn.kernels.bits import sign_bits
+from vattn.kernels.decode import dense_decode_ref
+from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+KW = dict(sink=16, window=32, topk=200, m0=32, sub=512)
+RUN = dict(splits=(3, 4), block_c=256, block_n=32)
+
+
+def inputs(seed, B=2, Hq=8, Hkv=2, D=64, N=2048, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=g).to(dtype).to(DEV) for s in
+               ((B, Hq, 1, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+    proj = torch.randn(D, 32, generator=g).to(DEV)
+    return q, k, v, proj, sign_bits(k, proj)
+
+
+@pytest.mark.parametrize("dtype,eps,seed", [(torch.float32, 0.1, 0), (torch.float32, 0.3, 1),
+                                            (torch.bfloat16, 0.1, 2)])
+def test_scan_decode_matches_float64_twin(dtype, eps, seed):
+    q, k, v, proj, ks = inputs(seed, dtype=dtype)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=eps, delta=0.1, seed=seed, **KW)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **kw)
+    _, rs = scan_decode_ref(q, k, v, ks, proj, L, **kw)
+    got, want = st["rows"].cpu().double(), rs["rows"]
+    assert torch.equal(got[:, [0, 2, 4, 5]], want[:, [0, 2, 4, 5]])  # pilot, n_mid, exact, tau
+    assert (got[:, 6] - want[:, 6]).abs().max() <= 2  # tie cut (2^24 units): float32 rounding
+    assert ((got[:, [1, 3]] - want[:, [1, 3]]).abs() <= torch.clamp(want[:, [1, 3]] * 2e-3, min=1)).all()
+    # with the kernel's own cuts the twin attends the same keys with the same weights
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=got[:, 5].long(), thu=got[:, 6].long(),
+                              total=got[:, 1].long(), exact=got[:, 4] > 0, **kw)
+    assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"])
+    assert torch.equal(st["sample_keys"].cpu(), rs["sample_keys"])
+    assert rel(out, ref) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    # the approximate top-k takes about topk middle keys (sinks and window are the rest)
+    taken = rs["exact_keys"].double() - KW["sink"] - KW["window"]
+    assert 0.6 < taken.mean().item() / KW["topk"] < 1.4
+    assert 0 < scan_density(st, L, k.shape[1]) < 1
+
+
+def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
+    # a tiny eps asks for more draws than the residual holds: every row attends it exactly, so
+    # the output is dense attention; the 40-key row has no middle at all
+    q, k, v, proj, ks = inputs(5, B=3)
+    L = torch.tensor([2048, 900, 40], dtype=torch.int32, device=DEV)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, eps=1e-4, delta=0.1, stats=True, **RUN, **KW)
+    rows = st["rows"].cpu()
+    assert (rows[:4, 4] == 1).all() and (rows[4:, 2] == 0).all()  # exact; no middle
+    assert torch.equal((st["exact_keys"] + st["sample_keys"]).cpu(), L.cpu().repeat_interleave(2))
+    assert rel(out, dense_decode_ref(q, k, v, L)) < 1e-5
+
+
+def test_scan_estimator_is_unbiased_for_a_fixed_sample_size():
+    # independent draws over the whole middle, drawn top-k keys counted as 0: E[D_hat] = D
+    q, k, v, proj, ks = inputs(7, B=1, Hkv=1, Hq=4, N=1024)
+    q = q * 3  # peaked rows: a biased estimator would show
+    ratios = []
+    for seed in range(200):
+        _, rs = scan_decode_ref(q, k, v, ks, proj, None, eps=0.1, delta=0.1, seed=seed,
+                                total=torch.tensor([64]), exact=[False], **KW)
+        ratios.append(rs["d_hat"] / rs["d"])
+    r = torch.stack(ratios)  # [seeds, 1, 4]
+    se = r.std(0) / 200 ** 0.5
+    assert ((r.mean(0) - 1).abs() < 4 * se + 1e-9).all()
+    assert (r.std(0) > 0).all()  # the sample varies with the seed
+
+
+def test_scan_decode_bad_inputs():
+    q, k, v, proj, ks = inputs(0, B=1)
+    with pytest.raises(VattnError, match="T=1"):
+        vattention_scan_decode(q.expand(1, 8, 2, 64), k, v, ks, proj)
+    with pytest.raises(VattnError, match="ksig"):
+        vattention_scan_decode(q, k, v, ks.float(), proj)
+    with pytest.raises(VattnError, match="m0"):
+        vattention_scan_decode(q, k, v, ks, proj, m0=1)
