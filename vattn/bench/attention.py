@@ -44,14 +44,15 @@ def attention(ctx: typer.Context,
     t = Table(title=f"decode attention per layer, {info['device']}, {info['date']}, Hq 32 Hkv 8 d 128 bf16; "
                     f"HBM ceiling {ceiling:.0f} GB/s (copy {copy_gbs:.0f}, read {read_gbs:.0f})")
     for c in ("B", "N", "SDPA us", "dense us", "SDPA/dense", "dense %BW", "select us", "sparse us",
-              "vattn us", "SDPA/vattn", "density", "capped", "density old", "capped old", "err dense"):
+              "vattn us", "SDPA/vattn", "density", "capped", "scan us", "SDPA/scan", "scan density", "err dense"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["B"]), str(r["N"]), f"{r['sdpa_us']:.1f}", f"{r['dense_us']:.1f}",
                   f"{r['sdpa_us'] / r['dense_us']:.2f}", f"{r['dense_pct_bw']:.0f}%", f"{r['select_us']:.1f}",
                   f"{r['sparse_us']:.1f}", f"{r['vattn_us']:.1f}", f"{r['sdpa_us'] / r['vattn_us']:.2f}x",
-                  f"{r['density']:.3f}", f"{r['capped_rows']}/{r['rows']}", f"{r['density_old']:.3f}",
-                  f"{r['capped_rows_old']}/{r['rows'] // r['copies']}", f"{r.get('dense_err', float('nan')):.1e}")
+                  f"{r['density']:.3f}", f"{r['capped_rows']}/{r['rows']}", f"{r['scan_us']:.1f}",
+                  f"{r['sdpa_us'] / r['scan_us']:.2f}x", f"{r['scan_density']:.3f}",
+                  f"{r.get('dense_err', float('nan')):.1e}")
     con.print(t)
     result = dict(info=info, hbm_copy_gbs=copy_gbs, hbm_read_gbs=read_gbs, rows=rows)
     _dump(json_path, result)
@@ -61,7 +62,8 @@ def attention(ctx: typer.Context,
         result["e2e"] = e
         con.print(f"e2e decode, {layers} layers, hidden 4096, ctx {e['ctx']}, B={e['batch']}: "
                   f"SDPA {e['sdpa_tok_s']:.1f} tok/s, dense {e['dense_tok_s']:.1f} tok/s, "
-                  f"vAttention {e['vattn_tok_s']:.1f} tok/s ({e['vattn_tok_s'] / e['dense_tok_s']:.2f}x dense)")
+                  f"vAttention {e['vattn_tok_s']:.1f} tok/s ({e['vattn_tok_s'] / e['dense_tok_s']:.2f}x dense), "
+                  f"vAttention scan {e['scan_tok_s']:.1f} tok/s ({e['scan_tok_s'] / e['dense_tok_s']:.2f}x dense)")
     _dump(json_path, result)
 
 

@@ -111,6 +111,7 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     # before: selection with D_F = sinks + window only, same cap, then one sparse pass
     row["select_old_us"] = graph_us([lambda s=s: vattention_hash_select(s[0], s[1], s[3], proj, lengths, **p)
                                      for s in sets])
+    scan_stages(row, sets, proj, lengths, p)
     sel, st = sets[0][4], torch.cat([s[5] for s in sets])
     row["density"] = attended(sel).float().mean().item() / N
     row["capped_rows"] = int(capped_rows(st).sum())
@@ -134,6 +135,30 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
         row["denom_within_eps"] = (de <= p["eps"]).float().mean().item()
         if B * N <= 32768 * 8:
             row["sparse_err"] = rel(o, sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True))
+    return row
+
+
+def scan_stages(row, sets, proj, lengths, p, **kw):
+    """The four-launch pipeline (kernels/scan.py): whole step, cumulative stage times (tau;
+    + scan; + sample; the merge is the rest), its measured density and denominator error."""
+    from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
+    sp = {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
+    for upto, name in ((1, "scan_tau_us"), (2, "scan_pass1_us"), (3, "scan_sample_us"), (4, "scan_us")):
+        row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
+                                                                      upto=upto, **sp, **kw)
+                              for i, s in enumerate(sets)])
+    q, k, v, ks = sets[0][:4]
+    out, st = vattention_scan_decode(q, k, v, ks, proj, lengths, stats=True, **sp, **kw)
+    row["scan_density"] = scan_density(st, lengths, k.shape[1])
+    r = st["rows"].cpu()
+    row["scan_exact_rows"] = int(r[:, 4].sum())
+    row["scan_draws_mean"] = r[:, 1].mean().item()
+    if q.shape[0] * k.shape[2] <= 131072 * 8:  # the float64 twin on the host, with the kernel's cuts
+        ref, rs = scan_decode_ref(q, k, v, ks, proj, lengths, tau=r[:, 5].long(), thu=r[:, 6].long(),
+                                  total=r[:, 1].long(), exact=r[:, 4] > 0, **sp)
+        row["scan_err_vs_twin"] = rel(out, ref)
+        de = (rs["d_hat"] / rs["d"] - 1).abs()
+        row["scan_denom_err_mean"], row["scan_denom_within_eps"] = de.mean().item(), (de <= p["eps"]).float().mean().item()
     return row
 
 
@@ -185,6 +210,7 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
     from vattn.bench.attn_e2e import Decoder
     from vattn.kernels.bits import sign_bits
     from vattn.kernels.decode import dense_decode
+    from vattn.kernels.scan import vattention_scan_decode
     from vattn.kernels.select import vattention_hash_decode
     m = Decoder(layers=layers, ctx=ctx, batch=batch)
     proj = torch.randn(m.d, 32, device="cuda")
@@ -205,7 +231,13 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
         return vattention_hash_decode(q, k, v, ksig[i], proj, L, **p)
     tok = torch.zeros(batch, dtype=torch.long, device="cuda")
     out = dict(layers=layers, ctx=ctx, batch=batch)
-    for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn)):
+    def scan(i, q, k, v, L):
+        pos = (L - 1).long()
+        bi = torch.arange(q.shape[0], device=q.device)
+        ksig[i][bi, :, pos] = sign_bits(k[bi, :, pos], proj)
+        return vattention_scan_decode(q, k, v, ksig[i], proj, L, **sp)
+    sp = {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
+    for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn), ("scan", scan)):
         us = graph_us([lambda fn=fn: m.step(tok, fn)], warmup=2)
         out[f"{name}_tok_s"] = batch * 1e6 / us
         out[f"{name}_step_us"] = us

@@ -69,10 +69,11 @@ def scan_plan(rows, device):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=1024, block_n=64, splits=None, num_warps=4):
+                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=4):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
-    and by the sample; a key drawn twice counts twice)."""
+    and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
+    and returns None (the benchmark's stage times)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -102,16 +103,22 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     stride = subsample_stride(max(N - sink - window, 1), sub)
     kt.tau_kernel[(rows,)](q, proj, ksig, lengths, tau, thu, Hkv, N, *sq, sink, window, topk, stride,
                            NH=next_pow2(R * 32 * W + 1), BN=1024, CL=32, **meta)
+    if upto < 2:
+        return None
     cols = s1 + s2
     log2s = scale * 1.4426950408889634
     kt.scan_kernel[(rows, s1)](q, proj, ksig, k, v, lengths, tau, thu, scr, cnt1,
                                po, plse, *sq, *skv, Hkv, N, cols, sink, window, seed & M32, log2s,
                                M=M, CB=block_c, BN=block_n, IEEE=use_ieee(q.dtype), **meta)
+    if upto < 3:
+        return None
     kt.sample_kernel[(rows, s2)](q, proj, ksig, k, v, lengths, tau, thu, cnt2, po, plse, st,
                                  *sq, *skv, Hkv, N, cols, s1, sink, window, seed & M32, topk, m0, log2s,
                                  z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
                                  M=M, M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BN=block_n,
                                  IEEE=use_ieee(q.dtype), **meta)
+    if upto < 4:
+        return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
     merge_partials(po, plse, out)
     if not stats:
