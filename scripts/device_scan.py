@@ -123,9 +123,11 @@ if "dense" in parts:
         sets = [data(B, N, 20 + i)[:3] for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
         sdpa = graph_us([lambda s=s: F.scaled_dot_product_attention(*s, enable_gqa=True) for s in sets])
-        for kw in ({}, dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(num_warps=8, block_n=128),
-                   dict(splits=2 * max(1, 264 // (B * 8))), dict(splits=4 * max(1, 264 // (B * 8))),
-                   dict(block_n=128, num_stages=4), dict(block_n=32, num_stages=4)):
+        base = max(1, 264 // (B * 8))
+        for kw in ({}, dict(num_stages=2), dict(num_stages=2, splits=2 * base), dict(num_stages=2, splits=3 * base),
+                   dict(num_stages=2, block_n=128), dict(num_stages=2, block_n=128, splits=2 * base),
+                   dict(num_stages=2, num_warps=2), dict(num_stages=1), dict(splits=2 * base),
+                   dict(num_stages=2, block_n=32)):
             try:
                 us = graph_us([lambda s=s: dense_decode(*s, L, **kw) for s in sets])
                 rows.append(dict(B=B, cfg=str(kw), us=us, sdpa_us=sdpa, sdpa_over=sdpa / us))

@@ -10,7 +10,7 @@ from vattn.kernels._bits_triton import popc, popc_hw, qwords, scores  # noqa: F4
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix
 
-TIE_SALT = 0x68E31DA4
+TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
 
 @triton.jit
