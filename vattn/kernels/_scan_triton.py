@@ -88,7 +88,7 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
                    mask=(r < R)[:, None], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
 def scan_kernel(q, proj, ks, k, v, lens, tau, thu, scr, cnt, po, plse,
                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                 H, N, S, sink, window, seed, scale_log2,
@@ -149,7 +149,7 @@ def scan_kernel(q, proj, ks, k, v, lens, tau, thu, scr, cnt, po, plse,
     tl.store(cnt + row * nsp + sp, c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def sample_kernel(q, proj, ks, k, v, lens, tau, thu, cnt, po, plse, stats,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S, S1, sink, window, seed, K, m0, scale_log2, zz, eps2, infl,
@@ -179,9 +179,9 @@ def sample_kernel(q, proj, ks, k, v, lens, tau, thu, cnt, po, plse, stats,
     m = tl.where(n_mid > 0, m0, 0)
     i = tl.arange(0, M0P)
     pok = i < m
-    x = _draw(i, skey, sink, n_mid)
-    keep = pok & ~_taken(scores(qv, ks, row, b, x, pok, H, H, 1, N, G, R, W, RWP, HW), x, t, tu, tkey)
-    kp = tl.load(kb + x.to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None], other=0.0)
+    xp0 = _draw(i, skey, sink, n_mid)
+    keep = pok & ~_taken(scores(qv, ks, row, b, xp0, pok, H, H, 1, N, G, R, W, RWP, HW), xp0, t, tu, tkey)
+    kp = tl.load(kb + xp0.to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None], other=0.0)
     spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
     r = tl.arange(0, M)
     c1 = tl.arange(0, SP)
