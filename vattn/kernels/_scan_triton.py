@@ -22,9 +22,17 @@ def _keys(seed, row):
 
 
 @triton.jit
+def _bins(qv, ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr,
+          HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
+    """Histogram bin of each key's bit-agreement score: min(score >> SH, NH - 1)."""
+    s = scores(qv, ks, row, b, n, inr, H, H, 1, N, G, R, W, RWP, HW)
+    return tl.minimum(s >> SH, NH - 1)
+
+
+@triton.jit
 def _taken(s, n, tau, thu, tkey):
-    """Top-k membership of middle keys n with scores s: above tau, or at tau with the key's
-    24-bit hash below thu (ties taken at random with probability thu / 2^24)."""
+    """Top-k membership of middle keys n with score bins s: above tau, or at tau with the
+    key's 24-bit hash below thu (ties taken at random with probability thu / 2^24)."""
     u = (_mix(n.to(tl.uint32), tkey) >> 8).to(tl.int32)
     return (s > tau) | ((s == tau) & (u < thu))
 
@@ -37,41 +45,26 @@ def _draw(i, skey, sink, n_mid):
 
 
 @triton.jit
-def tau_kernel(q, proj, ks, lens, tau, thu, H, N, sqb, sqh, sqt, sink, window, K, STRIDE,
-               G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-               NH: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr):
-    """Per row: tau and thu such that about K middle keys are taken (scan._taken), from the
-    histogram of a subsample: runs of CL consecutive keys, one run every CL * STRIDE keys."""
-    row = tl.program_id(0)
-    b = row // H
-    hi = tl.load(lens + b) - window
-    n_mid = tl.maximum(hi - sink, 0)
-    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
-    lane = tl.arange(0, BN)
-    rel = (lane // CL) * (CL * STRIDE) + lane % CL
-    hc = tl.zeros([NH], tl.int32)
-    for n0 in range(sink, hi, BN * STRIDE):
-        n = n0 + rel
-        inr = n < hi
-        s = scores(qv, ks, row, b, n, inr, H, H, 1, N, G, R, W, RWP, HW)
-        hc += tl.histogram(s, NH, mask=inr)
+def _cut(hc, n_mid, K, NH: tl.constexpr):
+    """(tau, thu) from the subsample histogram hc [NH]: about K of the n_mid middle keys taken."""
     tot = tl.sum(hc, 0)
     v = tl.arange(0, NH)
-    ge = tot - tl.cumsum(hc, 0) + hc  # subsample keys with score >= v
+    ge = tot - tl.cumsum(hc, 0) + hc  # subsample keys with bin >= v
     want = K.to(tl.float32) * tot.to(tl.float32) / tl.maximum(n_mid, 1).to(tl.float32)
     t = tl.maximum(tl.sum((ge.to(tl.float32) >= want).to(tl.int32), 0) - 1, 0)
     neq = tl.sum(tl.where(v == t, hc, 0), 0)
     ngt = tl.sum(tl.where(v == t, ge, 0), 0) - neq
     p = (want - ngt.to(tl.float32)) / tl.maximum(neq, 1).to(tl.float32)
     p = tl.minimum(tl.maximum(p, 0.0), 1.0)
-    tl.store(tau + row, t)
-    tl.store(thu + row, (p * 16777216.0).to(tl.int32))
+    return t, (p * 16777216.0).to(tl.int32)
 
 
 @triton.jit
-def _write_partial(po, plse, acc, m_i, l_i, row, col, S, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
-    # partials [rows * R, S, D] / [rows * R, S]; a program that saw no key writes only lse = -inf
+def _write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
+    # partials [rows * R, S, D] / [rows * R, S]; a program that saw no key writes only lse = -inf.
+    # lw2: the log2 weight shared by every key of the partial
     o, lse = finish(acc, m_i, l_i)
+    lse = lse + lw2
     r = tl.arange(0, M)
     d = tl.arange(0, D)
     orow = (row * R + r).to(tl.int64)
@@ -89,47 +82,80 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def scan_kernel(q, proj, ks, k, v, lens, tau, thu, scr, cnt, po, plse,
-                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-                H, N, S, sink, window, seed, scale_log2,
-                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                RWP: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
-    """Program (row, sp) owns the keys [sp * chunk, ...) of its row: it scores them from the
-    signatures, compacts the exact ones (sinks, window, taken middle keys) into its part of
-    scr [rows, N], then attends them (weight 0); partial column sp, count cnt[row, sp]."""
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil,
+               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
+               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
+               BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+    """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
+    CL * STRIDE keys of the middle). The last program of a row to finish (counter ctr, zero
+    before the launch) sums them into the cut[row] = (tau, thu) and scores the pilot (the
+    first m0 sample draws; a drawn top-k key scores -inf, it counts as 0): pil [rows * R, M0P]."""
     row = tl.program_id(0)
-    sp = tl.program_id(1)
-    nsp = tl.num_programs(1)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
     b = row // H
     L = tl.load(lens + b)
     hi = L - window
-    chunk = tl.cdiv(tl.cdiv(L, nsp), CB) * CB
+    n_mid = tl.maximum(hi - sink, 0)
+    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    lane = tl.arange(0, BN)
+    n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
+    inr = n < hi
+    hc = tl.histogram(_bins(qv, ks, row, b, n, inr, H, N, G, R, W, RWP, HW, SH, NH), NH, mask=inr)
+    v = tl.arange(0, NH)
+    tl.store(hist + (row * P + p) * NH + v, hc)
+    tl.debug_barrier()
+    done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+    if done == P - 1:
+        pp = tl.arange(0, PP)
+        tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
+                       volatile=True)
+        t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
+        f = tl.arange(0, 2)
+        tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
+        skey, tkey = _keys(seed, row)
+        qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
+        d = tl.arange(0, D)
+        kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
+        i = tl.arange(0, M0P)
+        pok = (i < m0) & (i < tl.where(n_mid > 0, m0, 0))
+        xp0 = _draw(i, skey, sink, n_mid)
+        keep = pok & ~_taken(_bins(qv, ks, row, b, xp0, pok, H, N, G, R, W, RWP, HW, SH, NH), xp0, t, tu, tkey)
+        kp = tl.load(kb + tl.where(keep, xp0, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None],
+                     other=0.0)
+        spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
+        r = tl.arange(0, M)
+        tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None])
+
+
+@triton.jit
+def _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey, H, N, scale_log2,
+               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
+               HW: tl.constexpr, IEEE: tl.constexpr):
+    """Keys [sp * chunk, ...) of the row: compact the exact ones (sinks, window, taken middle
+    keys) into scr, then attend them (weight 0). Returns (m_i, l_i, acc, keys attended)."""
+    chunk = tl.cdiv(tl.cdiv(L, S1), CB) * CB
     start = sp * chunk
     end = tl.minimum(start + chunk, L)
-    t = tl.load(tau + row)
-    tu = tl.load(thu + row)
-    skey, tkey = _keys(seed, row)
-    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
     sb = scr + row.to(tl.int64) * N + start
     c = 0
     n = start + tl.arange(0, CB)
-    s_nx = scores(qv, ks, row, b, n, (n < end) & (n >= sink) & (n < hi), H, H, 1, N, G, R, W, RWP, HW)
+    s_nx = _bins(qv, ks, row, b, n, (n < end) & (n >= sink) & (n < hi), H, N, G, R, W, RWP, HW, SH, NH)
     for n0 in range(start, end, CB):
         n = n0 + tl.arange(0, CB)
         inr = n < end
         mid = inr & (n >= sink) & (n < hi)
         s = s_nx  # the next block's signatures are in flight while this one is compacted
         nn = n + CB
-        s_nx = scores(qv, ks, row, b, nn, (nn < end) & (nn >= sink) & (nn < hi), H, H, 1, N, G, R, W, RWP, HW)
+        s_nx = _bins(qv, ks, row, b, nn, (nn < end) & (nn >= sink) & (nn < hi), H, N, G, R, W, RWP, HW, SH, NH)
         sel = (inr & ~mid) | (mid & _taken(s, n, t, tu, tkey))
         si = sel.to(tl.int32)
         tl.store(sb + c + tl.cumsum(si, 0) - 1, n, mask=sel)
         c += tl.sum(si, 0)
     tl.debug_barrier()  # the compacted positions, written by other threads of this program
-    qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
     d = tl.arange(0, D)
-    kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
-    vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -145,48 +171,25 @@ def scan_kernel(q, proj, ks, k, v, lens, tau, thu, scr, cnt, po, plse,
         vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
         sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
         m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
-    _write_partial(po, plse, acc, m_i, l_i, row, sp, S, R, M, D)
-    tl.store(cnt + row * nsp + sp, c)
+    return m_i, l_i, acc, c
 
 
-@triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, proj, ks, k, v, lens, tau, thu, cnt, po, plse, stats,
-                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-                  H, N, S, S1, sink, window, seed, K, m0, scale_log2, zz, eps2, infl,
-                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                  RWP: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, HW: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """Program (row, sp): every program of a row sizes the same sample from the pilot (the
-    first m0 draws) and D_F (pass-1 partials, columns [0, S1)), then attends its share of the
-    draws [0, total) with weight n_mid / total (taken keys drawn count as 0), or, when the
-    budget reaches the residual's size, its share of the residual exactly (weight 1).
-    Partial column S1 + sp, attended keys cnt[row, sp]; program 0 writes stats[row]."""
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
-    nsp = tl.num_programs(1)
-    b = row // H
-    hi = tl.load(lens + b) - window
-    n_mid = tl.maximum(hi - sink, 0)
-    t = tl.load(tau + row)
-    tu = tl.load(thu + row)
-    skey, tkey = _keys(seed, row)
-    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
-    qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
-    d = tl.arange(0, D)
-    kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
-    vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
-    # the budget, from the pilot and D_F (log2 units throughout)
-    m = tl.where(n_mid > 0, m0, 0)
-    i = tl.arange(0, M0P)
-    pok = i < m
-    xp0 = _draw(i, skey, sink, n_mid)
-    keep = pok & ~_taken(scores(qv, ks, row, b, xp0, pok, H, H, 1, N, G, R, W, RWP, HW), xp0, t, tu, tkey)
-    kp = tl.load(kb + xp0.to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None], other=0.0)
-    spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
+@triton.jit
+def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+            M0P: tl.constexpr, SP: tl.constexpr):
+    """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
+    [0, S1) of plse) and the pilot's scores (pil), log2 units. total = max over heads of
+    ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least m0;
+    exact when that reaches the residual's size (n_mid - K)."""
     r = tl.arange(0, M)
+    i = tl.arange(0, M0P)
+    m = tl.where(n_mid > 0, m0, 0)
+    pok = i < m
+    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & pok[None, :],
+                  other=float("-inf"))
     c1 = tl.arange(0, SP)
     pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + c1[None, :],
-                 mask=(r < R)[:, None] & (c1 < S1)[None, :], other=float("-inf"))
+                 mask=(r < R)[:, None] & (c1 < S1)[None, :], other=float("-inf"), volatile=True)
     shift = tl.maximum(tl.maximum(tl.max(spl, 1), tl.max(pl, 1)), -1e30)
     dfix = tl.sum(tl.exp2(pl - shift[:, None]), 1)
     xp = tl.where(pok[None, :], tl.exp2(spl - shift[:, None]), 0.0)
@@ -194,49 +197,106 @@ def sample_kernel(q, proj, ks, k, v, lens, tau, thu, cnt, po, plse, stats,
     mean = tl.sum(xp, 1) / mf
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0) * infl
-    dhat = dfix + n_mid.to(tl.float32) * mean
     nm = n_mid.to(tl.float32)
+    dhat = dfix + nm * mean
     b0 = zz * nm * nm * var / (eps2 * dhat * dhat)
     b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
     need = tl.max(tl.where(r < R, tl.ceil(b0 - 1e-6), 0.0), 0)
     limit = tl.maximum(n_mid - K, m)  # at or past the residual's size, attending it exactly is cheaper
     exact = (need >= limit.to(tl.float32)) & (n_mid > 0)
     total = tl.where(exact, n_mid, tl.maximum(need, m.to(tl.float32)).to(tl.int32))
-    total = tl.where(n_mid > 0, total, 0)
-    lw2 = tl.where(exact, 0.0, tl.log2(nm / tl.maximum(total, 1).to(tl.float32)))
-    chunk = tl.cdiv(tl.cdiv(total, nsp), BN) * BN
-    st = sp * chunk
-    en = tl.minimum(st + chunk, total)
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    return tl.where(n_mid > 0, total, 0), exact, need
+
+
+@triton.jit
+def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
+                 t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
+                 M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
+                 SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
+    top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1. The
+    first block is loaded and scored while the row's scan programs still run; the budget
+    waits for them (done[row] = S1: every scan program is dispatched before any sample
+    program, so the wait ends). Returns (m_i, l_i, acc, log2 weight, keys attended)."""
+    d = tl.arange(0, D)
     j = tl.arange(0, BN)
-    x_nx = tl.where(exact, sink + st + j, _draw(st + j, skey, sink, n_mid))
-    s_nx = scores(qv, ks, row, b, x_nx, st + j < en, H, H, 1, N, G, R, W, RWP, HW)
-    got = 0
-    for i0 in range(st, en, BN):
-        ok = i0 + j < en
-        x = x_nx
-        s = s_nx  # the next block's signatures are in flight while this one is attended
-        inx = i0 + BN + j
-        x_nx = tl.where(exact, sink + inx, _draw(inx, skey, sink, n_mid))
-        s_nx = scores(qv, ks, row, b, x_nx, inx < en, H, H, 1, N, G, R, W, RWP, HW)
-        kp_ = ok & ~_taken(s, x, t, tu, tkey)
-        x64 = tl.where(kp_, x, 0).to(tl.int64)
-        kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=kp_[:, None], other=0.0)
-        vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=kp_[:, None], other=0.0)
-        sc = tl.where(kp_[None, :], dot_qk(qq, kk, IEEE) * scale_log2 + lw2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
-        got += tl.sum(kp_.to(tl.int32), 0)
-    _write_partial(po, plse, acc, m_i, l_i, row, S1 + sp, S, R, M, D)
-    tl.store(cnt + row * nsp + sp, got)
-    if sp == 0:
+    x0 = _draw(j2 * BN + j, skey, sink, n_mid)
+    any0 = j < tl.where(n_mid > 0, BN, 0)
+    ok0 = any0 & ~_taken(_bins(qv, ks, row, b, x0, any0, H, N, G, R, W, RWP, HW, SH, NH), x0, t, tu, tkey)
+    x64 = tl.where(ok0, x0, 0).to(tl.int64)
+    kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=ok0[:, None], other=0.0)
+    vv0 = tl.load(vb + x64[:, None] * svn + d[None, :], mask=ok0[:, None], other=0.0)
+    sc0 = dot_qk(qq, kk, IEEE) * scale_log2
+    seen = tl.atomic_add(done + row, 0, sem="acquire")
+    while seen < S1:
+        seen = tl.atomic_add(done + row, 0, sem="acquire")
+    tl.debug_barrier()
+    total, exact, need = _budget(plse, pil, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
+    if j2 == 0:
         f = tl.arange(0, 8)
-        vals = tl.where(f == 0, m.to(tl.float32), 0.0)
+        vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
         vals = tl.where(f == 1, total.to(tl.float32), vals)
-        vals = tl.where(f == 2, nm, vals)
+        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
         vals = tl.where(f == 3, need, vals)
         vals = tl.where(f == 4, exact.to(tl.float32), vals)
         vals = tl.where(f == 5, t.to(tl.float32), vals)
         vals = tl.where(f == 6, tu.to(tl.float32), vals)
         tl.store(stats + row * 8 + f, vals)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    use0 = ok0 & (j2 * BN + j < tl.where(exact, 0, total))  # exact rows start again over positions
+    m_i, l_i, acc = online_step(tl.where(use0[None, :], sc0, float("-inf")), vv0, m_i, l_i, acc, IEEE)
+    got = tl.sum(use0.to(tl.int32), 0)
+    lim = tl.where(exact, n_mid, total)
+    for blk in range(tl.where(exact, j2, j2 + S2), tl.cdiv(lim, BN), S2):
+        ii = blk * BN + j
+        ok = ii < lim
+        x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
+        use = ok & ~_taken(_bins(qv, ks, row, b, x, ok, H, N, G, R, W, RWP, HW, SH, NH), x, t, tu, tkey)
+        x64 = tl.where(use, x, 0).to(tl.int64)
+        kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
+        vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
+        sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
+        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        got += tl.sum(use.to(tl.int32), 0)
+    lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
+    return m_i, l_i, acc, lw2, got
+
+
+@triton.jit(do_not_specialize=["seed"])
+def attend_kernel(q, proj, ks, k, v, lens, cut, pil, done, scr, cnt, po, plse, stats,
+                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
+                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
+                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+    """Programs (row, sp < S1) scan their span of keys (_scan_part) and count themselves done;
+    programs (row, S1 + j) attend their share of the sample (_sample_part), sized once the
+    row's scan is done. Partial column sp of S1 + S2, keys attended cnt[row, sp]."""
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = row // H
+    L = tl.load(lens + b)
+    hi = L - window
+    n_mid = tl.maximum(hi - sink, 0)
+    t = tl.load(cut + row * 2)
+    tu = tl.load(cut + row * 2 + 1)
+    skey, tkey = _keys(seed, row)
+    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
+    kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
+    vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
+    if sp < S1:
+        m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
+                                      H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
+        _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S1 + S2, R, M, D)
+        tl.debug_barrier()  # every thread's partial is stored before the row hears of it
+        tl.atomic_add(done + row, 1, sem="release")
+    else:
+        m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, sp - S1,
+                                             S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2,
+                                             zz, eps2, infl, G, R, M, W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
+        _write_partial(po, plse, acc, m_i, l_i, lw2, row, sp, S1 + S2, R, M, D)
+    tl.store(cnt + row * (S1 + S2) + sp, c)

@@ -1,24 +1,27 @@
-"""vAttention decode on GPU in four launches: threshold, scan, sample, merge.
+"""vAttention decode on GPU in three launches: cut, attend, merge.
 
     vattention_scan_decode(q, k, v, ksig, proj, lengths, *, sink, window, topk, m0, eps, delta,
                            seed, stats=False) -> out [B,Hq,1,D] (and a stats dict)
 
-A shorter pipeline than select.vattention_hash_decode (8 launches), for batch 1, where every
-launch costs latency that bytes do not explain:
- 1. tau: per KV-head row, the histogram of the bit-agreement scores of a subsample of the
-    middle keys gives a threshold tau and a tie probability, so that about `topk` middle keys
-    are taken (an approximate top-k: the count varies with the subsample).
- 2. scan: each program scores its own span of keys from the signatures, compacts the exact
-    keys (sinks, window, taken middle keys) and attends them. No index list crosses programs.
- 3. sample: every program of a row computes the same verified budget from D_F (the scan's
-    partials) and a pilot of m0 draws, then attends its share of the sample. Draws are
-    independent and uniform over the whole middle; a drawn top-k key counts as 0, so
-    D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is unbiased for a fixed M, and
-    needs no list of the residual. M = max over the group's heads of
-    ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot's variance raised to its upper
-    confidence bound (sample.var_inflation), at least m0; if M reaches the residual's size
-    (n_mid - topk) the residual is attended exactly instead.
- 4. merge of the partials (log-sum-exp).
+A shorter pipeline than select.vattention_hash_decode (8 launches), for small batches, where
+every launch costs latency that bytes do not explain:
+ 1. cut: per KV-head row, programs histogram the bit-agreement scores of a subsample of
+    the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
+    tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
+    count varies with the subsample) and scores the pilot (the first m0 draws).
+ 2. attend: scan programs score their own span of keys from the signatures, compact the
+    exact keys (sinks, window, taken middle keys) and attend them; sample programs, in the
+    same launch, load and score their first block of draws, wait until their row's scan
+    programs are done (D_F), size the sample and attend the rest of their share. No index
+    list crosses programs.
+ 3. merge of the partials (log-sum-exp).
+The sample: M draws, independent and uniform over the whole middle [sink, L - window); a
+drawn top-k key counts as 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is
+unbiased for a fixed M and needs no list of the residual. M = max over the group's heads of
+ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot's variance (members as 0) raised to its
+upper confidence bound (sample.var_inflation), D_hat = D_F + n_mid * pilot mean, D_F the
+exact mass of sinks, window and taken keys. M >= m0; when M reaches the residual's size
+(n_mid - topk) the residual is attended exactly instead.
 Mode is denominator (as the other GPU pipeline). Positions and ties come from keyed hashes of
 the key position (seed, row), so `scan_decode_ref` reproduces every choice in float64.
 """
@@ -38,6 +41,17 @@ STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu")
 def _row_keys(seed, row):
     key = _mix_ref((row * 0x1B873593) & M32, seed & M32)
     return key, _mix_ref(key, TIE_SALT)
+
+
+SUB_BLOCK = 1024  # subsample keys per budget program
+
+
+def bins(top: int, nh: int = 128):
+    """(NH, SH): score bins min(score >> SH, NH - 1), SH the smallest shift with top >> SH <= NH."""
+    sh = 0
+    while top >> sh > nh:
+        sh += 1
+    return nh, sh
 
 
 def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
@@ -62,18 +76,20 @@ def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
         raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
 
 
-def scan_plan(rows, device):
-    """Programs per row of the scan and of the sample: about two per SM in all for each."""
-    return max(1, -(-target_programs(device) // rows)), max(1, -(-target_programs(device) // rows))
+def scan_plan(rows, n, device, block_n=64):
+    """Programs per row: scan, about two per SM in all; sample, as many again, or more when
+    the expected draws (~1.5% of n: ~3% in blocks of block_n, two blocks per program) ask."""
+    tp = target_programs(device)
+    return max(1, -(-tp // rows)), max(1, -(-tp // rows), -(-int(0.015 * n) // block_n))
 
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=4):
+                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=3):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times)."""
+    and returns None (the benchmark's stage times: 1 cut, 2 + attend, 3 + merge)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -86,62 +102,65 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     check_runnable(q, k, v, ksig, lengths)
     rows = B * Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    s1, s2 = splits or scan_plan(rows, q.device)
+    s1, s2 = splits or scan_plan(rows, N, q.device, block_n)
     dev = q.device
-    tau = torch.empty((2, rows), dtype=torch.int32, device=dev)
-    tau, thu = tau[0], tau[1]
-    cnt = torch.empty(rows * (s1 + s2), dtype=torch.int32, device=dev)  # scan [rows, s1], then sample [rows, s2]
-    cnt1, cnt2 = cnt[:rows * s1].view(rows, s1), cnt[rows * s1:].view(rows, s2)
+    cnt = torch.empty((rows, s1 + s2), dtype=torch.int32, device=dev)  # keys attended: scan, then sample
     scr = torch.empty((rows, N), dtype=torch.int32, device=dev)
     po = torch.empty((B, Hq, 1, s1 + s2, D), dtype=torch.float32, device=dev)
     plse = torch.empty((B, Hq, 1, s1 + s2), dtype=torch.float32, device=dev)
     st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
     R, M = G, max(16, next_pow2(G))
-    meta = dict(G=G, R=R, W=W, D=D, RWP=max(2, next_pow2(R * W)), HW=not interpret(), num_warps=num_warps)
+    NH, SH = bins(G * 32 * W)
+    meta = dict(G=G, R=R, M=M, W=W, D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH, HW=not interpret(),
+                IEEE=use_ieee(q.dtype), num_warps=num_warps)
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    stride = subsample_stride(max(N - sink - window, 1), sub)
-    kt.tau_kernel[(rows,)](q, proj, ksig, lengths, tau, thu, Hkv, N, *sq, sink, window, topk, stride,
-                           NH=next_pow2(R * 32 * W + 1), BN=1024, CL=32, **meta)
+    n_mid = max(N - sink - window, 1)
+    stride = subsample_stride(n_mid, sub)
+    P = -(-n_mid // (SUB_BLOCK * stride))
+    hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
+    ctr = torch.zeros((2, rows), dtype=torch.int32, device=dev)  # cut programs done, scan programs done
+    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
+    M0P = max(16, next_pow2(m0))
+    pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
+    log2s = scale * 1.4426950408889634
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr[0], cut, pil, *sq, *skv[:3], Hkv, N, sink, window,
+                             topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
+                             CL=32, **meta)
     if upto < 2:
         return None
-    cols = s1 + s2
-    log2s = scale * 1.4426950408889634
-    kt.scan_kernel[(rows, s1)](q, proj, ksig, k, v, lengths, tau, thu, scr, cnt1,
-                               po, plse, *sq, *skv, Hkv, N, cols, sink, window, seed & M32, log2s,
-                               M=M, CB=block_c, BN=block_n, IEEE=use_ieee(q.dtype), **meta)
+    kt.attend_kernel[(rows, s1 + s2)](q, proj, ksig, k, v, lengths, cut, pil, ctr[1], scr, cnt, po, plse, st, *sq,
+                                      *skv, Hkv, N, s1, s2, sink, window, topk, m0, seed & M32, log2s,
+                                      z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
+                                      CB=block_c, BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)), **meta)
     if upto < 3:
-        return None
-    kt.sample_kernel[(rows, s2)](q, proj, ksig, k, v, lengths, tau, thu, cnt2, po, plse, st,
-                                 *sq, *skv, Hkv, N, cols, s1, sink, window, seed & M32, topk, m0, log2s,
-                                 z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
-                                 M=M, M0P=max(16, next_pow2(m0)), SP=max(2, next_pow2(s1)), BN=block_n,
-                                 IEEE=use_ieee(q.dtype), **meta)
-    if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
     merge_partials(po, plse, out)
     if not stats:
         return out
-    return out, dict(rows=st[:, :7], exact_keys=cnt1.sum(1, dtype=torch.int32),
-                     sample_keys=cnt2.sum(1, dtype=torch.int32))
+    return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
+                     sample_keys=cnt[:, s1:].sum(1, dtype=torch.int32))
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
                     delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
-    """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) replace
-    the threshold, tie cut and sample size it would compute (to compare outputs exactly when
-    float32 rounding moves a cut by one); exact (bool tensor [B*Hkv]) likewise. Returns (out [B,Hq,1,D] float64, dict with 'rows'
-    [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys', 'sample_keys', 'd_hat' and 'd'
-    [B, Hq] (estimated and true denominators, same shift))."""
+    """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
+    exact (bool) replace the cut, sample size and exact flag it would compute (to compare
+    outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
+    float64, dict with 'rows' [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys',
+    'sample_keys', and 'd_hat', 'd' [B, Hq]: estimated and true denominators, same shift)."""
     B, Hq, _, D = q.shape
     Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
     G = Hq // Hkv
     dev = q.device
     lengths = torch.full((B,), N, dtype=torch.int32) if lengths is None else lengths.cpu()
     scale = D ** -0.5 if scale is None else float(scale)
-    sc = bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long()
-    stride = subsample_stride(max(N - sink - window, 1), sub)
+    NH, SH = bins(G * 32 * W)
+    sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
+    n_mid_max = max(N - sink - window, 1)
+    stride = subsample_stride(n_mid_max, sub)
+    P = -(-n_mid_max // (SUB_BLOCK * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
     rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
@@ -156,12 +175,12 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         n_mid = max(hi - sink, 0)
         s = sc[row]
         skey, tkey = _row_keys(seed, row)
-        # threshold from the subsample (runs of 32 keys every 32 * stride)
-        lane = torch.arange(1024)
+        # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
+        lane = torch.arange(SUB_BLOCK)
         rel = (lane // 32) * (32 * stride) + lane % 32
-        pos = torch.cat([n0 + rel for n0 in range(sink, max(hi, sink), 1024 * stride)] or [torch.zeros(0).long()])
+        pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
         pos = pos[pos < hi]
-        hc = torch.bincount(s[pos], minlength=G * 32 * W + 1).float()
+        hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
         ge = tot - hc.cumsum(0) + hc
         want = torch.tensor(float(topk), dtype=torch.float32) * tot.float() / float(max(n_mid, 1))
