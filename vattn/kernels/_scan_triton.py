@@ -224,7 +224,7 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j
     x0 = _draw(j2 * BN + j, skey, sink, n_mid)
     any0 = j < tl.where(n_mid > 0, BN, 0)
     ok0 = any0 & ~_taken(_bins(qv, ks, row, b, x0, any0, H, N, G, R, W, RWP, HW, SH, NH), x0, t, tu, tkey)
-    x64 = tl.where(ok0, x0, 0).to(tl.int64)
+    x64 = x0.to(tl.int64) * ok0.to(tl.int64)  # not tl.where: triton 3.x mis-lays that select out here
     kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=ok0[:, None], other=0.0)
     vv0 = tl.load(vb + x64[:, None] * svn + d[None, :], mask=ok0[:, None], other=0.0)
     sc0 = dot_qk(qq, kk, IEEE) * scale_log2
@@ -255,7 +255,7 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j
         ok = ii < lim
         x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
         use = ok & ~_taken(_bins(qv, ks, row, b, x, ok, H, N, G, R, W, RWP, HW, SH, NH), x, t, tu, tkey)
-        x64 = tl.where(use, x, 0).to(tl.int64)
+        x64 = x.to(tl.int64) * use.to(tl.int64)
         kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
         vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
         sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
