@@ -63,7 +63,7 @@ if "checks" in parts:
 
 if "variants" in parts:
     rows = []
-    for B in (1, 8):
+    for B in [int(x) for x in os.environ.get("VB", "1,8").split(",")]:
         N = 131072
         sets = [data(B, N, 10 + i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")

@@ -216,18 +216,9 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j
                  IEEE: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1. The
-    first block is loaded and scored while the row's scan programs still run; the budget
-    waits for them (done[row] = S1: every scan program is dispatched before any sample
-    program, so the wait ends). Returns (m_i, l_i, acc, log2 weight, keys attended)."""
-    d = tl.arange(0, D)
-    j = tl.arange(0, BN)
-    x0 = _draw(j2 * BN + j, skey, sink, n_mid)
-    any0 = j < tl.where(n_mid > 0, BN, 0)
-    ok0 = any0 & ~_taken(_bins(qv, ks, row, b, x0, any0, H, N, G, R, W, RWP, HW, SH, NH), x0, t, tu, tkey)
-    x64 = x0.to(tl.int64) * ok0.to(tl.int64)  # not tl.where: triton 3.x mis-lays that select out here
-    kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=ok0[:, None], other=0.0)
-    vv0 = tl.load(vb + x64[:, None] * svn + d[None, :], mask=ok0[:, None], other=0.0)
-    sc0 = dot_qk(qq, kk, IEEE) * scale_log2
+    budget waits for the row's scan programs (done[row] = S1: every scan program is
+    dispatched before any sample program, so the wait ends). Returns (m_i, l_i, acc, log2
+    weight, keys attended)."""
     seen = tl.atomic_add(done + row, 0, sem="acquire")
     while seen < S1:
         seen = tl.atomic_add(done + row, 0, sem="acquire")
@@ -246,11 +237,11 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
-    use0 = ok0 & (j2 * BN + j < tl.where(exact, 0, total))  # exact rows start again over positions
-    m_i, l_i, acc = online_step(tl.where(use0[None, :], sc0, float("-inf")), vv0, m_i, l_i, acc, IEEE)
-    got = tl.sum(use0.to(tl.int32), 0)
+    got = 0
     lim = tl.where(exact, n_mid, total)
-    for blk in range(tl.where(exact, j2, j2 + S2), tl.cdiv(lim, BN), S2):
+    d = tl.arange(0, D)
+    j = tl.arange(0, BN)
+    for blk in range(j2, tl.cdiv(lim, BN), S2):
         ii = blk * BN + j
         ok = ii < lim
         x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
