@@ -139,11 +139,11 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
 
 
 def scan_stages(row, sets, proj, lengths, p, **kw):
-    """The three-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
-    + attend; + merge), its measured density and denominator error."""
+    """The four-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
+    + scan; + sample; + merge), its measured density and denominator error."""
     from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
     sp = {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
-    for upto, name in ((1, "scan_cut_us"), (2, "scan_attend_us"), (3, "scan_us")):
+    for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
                                                                       upto=upto, **sp, **kw)
                               for i, s in enumerate(sets)])

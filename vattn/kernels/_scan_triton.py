@@ -209,20 +209,14 @@ def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr
 
 
 @triton.jit
-def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
+def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
                  t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
                  M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
                  SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr,
                  IEEE: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
-    top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1. The
-    budget waits for the row's scan programs (done[row] = S1: every scan program is
-    dispatched before any sample program, so the wait ends). Returns (m_i, l_i, acc, log2
-    weight, keys attended)."""
-    seen = tl.atomic_add(done + row, 0, sem="acquire")
-    while seen < S1:
-        seen = tl.atomic_add(done + row, 0, sem="acquire")
-    tl.debug_barrier()
+    top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
+    Returns (m_i, l_i, acc, log2 weight, keys attended)."""
     total, exact, need = _budget(plse, pil, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
     if j2 == 0:
         f = tl.arange(0, 8)
@@ -256,22 +250,12 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, j
     return m_i, l_i, acc, lw2, got
 
 
-@triton.jit(do_not_specialize=["seed"])
-def attend_kernel(q, proj, ks, k, v, lens, cut, pil, done, scr, cnt, po, plse, stats,
-                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
-                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
-    """Programs (row, sp < S1) scan their span of keys (_scan_part) and count themselves done;
-    programs (row, S1 + j) attend their share of the sample (_sample_part), sized once the
-    row's scan is done. Partial column sp of S1 + S2, keys attended cnt[row, sp]."""
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
+@triton.jit
+def _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
+               R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr):
     b = row // H
     L = tl.load(lens + b)
     hi = L - window
-    n_mid = tl.maximum(hi - sink, 0)
     t = tl.load(cut + row * 2)
     tu = tl.load(cut + row * 2 + 1)
     skey, tkey = _keys(seed, row)
@@ -279,15 +263,43 @@ def attend_kernel(q, proj, ks, k, v, lens, cut, pil, done, scr, cnt, po, plse, s
     qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
-    if sp < S1:
-        m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
-                                      H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
-        _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S1 + S2, R, M, D)
-        tl.debug_barrier()  # every thread's partial is stored before the row hears of it
-        tl.atomic_add(done + row, 1, sem="release")
-    else:
-        m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, done, stats, row, b, sp - S1,
-                                             S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2,
-                                             zz, eps2, infl, G, R, M, W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
-        _write_partial(po, plse, acc, m_i, l_i, lw2, row, sp, S1 + S2, R, M, D)
-    tl.store(cnt + row * (S1 + S2) + sp, c)
+    return b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb
+
+
+@triton.jit(do_not_specialize=["seed"])
+def scan_kernel(q, proj, ks, k, v, lens, cut, scr, cnt, po, plse,
+                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
+                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
+                HW: tl.constexpr, IEEE: tl.constexpr):
+    """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
+    attended cnt[row, sp] (row stride S)."""
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
+    m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
+                                  H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
+    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
+    tl.store(cnt + row * S + sp, c)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def sample_kernel(q, proj, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
+                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
+                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
+                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+    """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
+    pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
+    row = tl.program_id(0)
+    j2 = tl.program_id(1)
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
+    n_mid = tl.maximum(hi - sink, 0)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,
+                                         n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G, R, M,
+                                         W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
+    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
+    tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

@@ -1,20 +1,18 @@
-"""vAttention decode on GPU in three launches: cut, attend, merge.
+"""vAttention decode on GPU in four launches: cut, scan, sample, merge.
 
     vattention_scan_decode(q, k, v, ksig, proj, lengths, *, sink, window, topk, m0, eps, delta,
                            seed, stats=False) -> out [B,Hq,1,D] (and a stats dict)
 
-A shorter pipeline than select.vattention_hash_decode (8 launches), for small batches, where
-every launch costs latency that bytes do not explain:
+Fewer launches than select.vattention_hash_decode (8), and no index list between them:
  1. cut: per KV-head row, programs histogram the bit-agreement scores of a subsample of
     the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
     tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
     count varies with the subsample) and scores the pilot (the first m0 draws).
- 2. attend: scan programs score their own span of keys from the signatures, compact the
-    exact keys (sinks, window, taken middle keys) and attend them; sample programs, in the
-    same launch, load and score their first block of draws, wait until their row's scan
-    programs are done (D_F), size the sample and attend the rest of their share. No index
-    list crosses programs.
- 3. merge of the partials (log-sum-exp).
+ 2. scan: programs score their own span of keys from the signatures, compact the exact
+    keys (sinks, window, taken middle keys) and attend them. No index list crosses programs.
+ 3. sample: every program of a row sizes the same sample from D_F (the scan's partials) and
+    the pilot scores, then attends its blocks of the draws.
+ 4. merge of the partials (log-sum-exp).
 The sample: M draws, independent and uniform over the whole middle [sink, L - window); a
 drawn top-k key counts as 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is
 unbiased for a fixed M and needs no list of the residual. M = max over the group's heads of
@@ -85,11 +83,11 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=3):
+                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=4):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + attend, 3 + merge)."""
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -119,21 +117,25 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-    ctr = torch.zeros((2, rows), dtype=torch.int32, device=dev)  # cut programs done, scan programs done
+    ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
     log2s = scale * 1.4426950408889634
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr[0], cut, pil, *sq, *skv[:3], Hkv, N, sink, window,
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, *sq, *skv[:3], Hkv, N, sink, window,
                              topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
                              CL=32, **meta)
     if upto < 2:
         return None
-    kt.attend_kernel[(rows, s1 + s2)](q, proj, ksig, k, v, lengths, cut, pil, ctr[1], scr, cnt, po, plse, st, *sq,
-                                      *skv, Hkv, N, s1, s2, sink, window, topk, m0, seed & M32, log2s,
-                                      z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf),
-                                      CB=block_c, BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)), **meta)
+    kt.scan_kernel[(rows, s1)](q, proj, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
     if upto < 3:
+        return None
+    kt.sample_kernel[(rows, s2)](q, proj, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
+                                 sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
+                                 **meta)
+    if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
     merge_partials(po, plse, out)
