@@ -82,7 +82,7 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil,
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
                sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
@@ -99,6 +99,9 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil,
     hi = L - window
     n_mid = tl.maximum(hi - sink, 0)
     qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    if p == 0:  # the query signature, for the later launches (layout [B, Hq, 1, W])
+        rw = tl.arange(0, RWP)
+        tl.store(qs + row * R * W + rw, qv.to(tl.int32, bitcast=True), mask=rw < R * W)
     lane = tl.arange(0, BN)
     n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
     inr = n < hi
@@ -240,7 +243,7 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1,
         ok = ii < lim
         x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
         use = ok & ~_taken(_bins(qv, ks, row, b, x, ok, H, N, G, R, W, RWP, HW, SH, NH), x, t, tu, tkey)
-        x64 = x.to(tl.int64) * use.to(tl.int64)
+        x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
         kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
         vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
         sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
@@ -251,7 +254,7 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1,
 
 
 @triton.jit
-def _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
+def _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
                R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr):
     b = row // H
     L = tl.load(lens + b)
@@ -259,7 +262,7 @@ def _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, 
     t = tl.load(cut + row * 2)
     tu = tl.load(cut + row * 2 + 1)
     skey, tkey = _keys(seed, row)
-    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
     qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
@@ -267,7 +270,7 @@ def _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, proj, ks, k, v, lens, cut, scr, cnt, po, plse,
+def scan_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                 RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
@@ -276,7 +279,7 @@ def scan_kernel(q, proj, ks, k, v, lens, cut, scr, cnt, po, plse,
     attended cnt[row, sp] (row stride S)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
                                                              skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
     m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
                                   H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
@@ -285,7 +288,7 @@ def scan_kernel(q, proj, ks, k, v, lens, cut, scr, cnt, po, plse,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, proj, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
@@ -295,7 +298,7 @@ def sample_kernel(q, proj, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, proj, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
                                                              skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
     n_mid = tl.maximum(hi - sink, 0)
     m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,

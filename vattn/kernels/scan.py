@@ -121,17 +121,18 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
+    qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, *sq, *skv[:3], Hkv, N, sink, window,
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, qs, *sq, *skv[:3], Hkv, N, sink, window,
                              topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
                              CL=32, **meta)
     if upto < 2:
         return None
-    kt.scan_kernel[(rows, s1)](q, proj, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
+    kt.scan_kernel[(rows, s1)](q, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
                                sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
     if upto < 3:
         return None
-    kt.sample_kernel[(rows, s2)](q, proj, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
                                  sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
                                  **meta)
