@@ -11,7 +11,7 @@ nw = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 BN = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 CB = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
 P, I, F = "*i32", "i32", "fp32"
-common = dict(G=4, R=4, M=16, W=1, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False)
+common = dict(G=4, R=4, M=16, W=1, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False, PDL=int(sys.argv[4]) if len(sys.argv) > 4 else 0)
 
 
 def sig(names, types):

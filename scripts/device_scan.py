@@ -74,10 +74,9 @@ if "variants" in parts:
         rows.append(dict(B=B, name="sdpa", us=sdpa))
         from vattn.kernels.scan import scan_plan
         s1, s2 = scan_plan(B * 8, N, torch.device("cuda"))
-        vars_ = {"default": {}, "bn32": dict(block_n=32), "cb2048": dict(block_c=2048), "w2": dict(num_warps=2),
-                 "w8": dict(num_warps=8), "sub4k": dict(sub=4096), "s1x2": dict(splits=(2 * s1, s2)),
-                 "s2x2": dict(splits=(s1, 2 * s2)), "s2/2": dict(splits=(s1, max(1, s2 // 2))),
-                 "s1/2": dict(splits=(max(1, s1 // 2), s2))}
+        vars_ = {"default": {}, "no pdl": dict(pdl=False), "cb2048": dict(block_c=2048), "w8": dict(num_warps=8),
+                 "s1x2": dict(splits=(2 * s1, s2)), "s2x2": dict(splits=(s1, 2 * s2)),
+                 "s2/2": dict(splits=(s1, max(1, s2 // 2)))}
         for name, kw in vars_.items():
             try:
                 row = dict(B=B, name=name)

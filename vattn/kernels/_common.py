@@ -94,10 +94,14 @@ def _merge_kernel():
     import triton.language as tl
 
     @triton.jit
-    def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
+    def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
+              PDL: tl.constexpr = 0):
         # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
         # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
         # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
+        if PDL:  # launched as a programmatic dependent: wait for the partials' writer
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         r = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, SP)
         d = tl.program_id(1) * DB + tl.arange(0, DB)
@@ -120,11 +124,19 @@ def _merge_kernel():
 
 
 def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, block_d=32, block_s=64,
-                   num_warps=4) -> torch.Tensor:
-    """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous)."""
+                   num_warps=4, pdl=False) -> torch.Tensor:
+    """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous).
+    pdl: launch as a programmatic dependent of the previous kernel (see use_pdl)."""
     S, D = po.shape[-2], po.shape[-1]
     rows = plse.numel() // S
     db = min(block_d, D)
+    extra = dict(PDL=1, launch_pdl=True) if pdl else {}
     _merge_kernel()[(rows, D // db)](po, plse, out, S, D=D, DB=db, SP=max(2, next_pow2(S)),
-                                     SB=min(block_s, max(2, next_pow2(S))), num_warps=num_warps)
+                                     SB=min(block_s, max(2, next_pow2(S))), num_warps=num_warps, **extra)
     return out
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: a launch may start while the previous one drains (Hopper
+    and later, CUDA only; the interpreter has no griddepcontrol)."""
+    return device.type == "cuda" and not interpret() and torch.cuda.get_device_capability(device)[0] >= 9

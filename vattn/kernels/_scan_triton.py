@@ -9,6 +9,7 @@ import triton.language as tl
 from vattn.kernels._bits_triton import popc, popc_hw, qwords, scores  # noqa: F401 (jit globals)
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -86,7 +87,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
                sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
-               BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+               BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
     CL * STRIDE keys of the middle). The last program of a row to finish (counter ctr, zero
     before the launch) sums them into the cut[row] = (tau, thu) and scores the pilot (the
@@ -94,6 +95,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
+    _pdl_wait(PDL)
     b = row // H
     L = tl.load(lens + b)
     hi = L - window
@@ -255,18 +257,31 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1,
 
 @triton.jit
 def _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
-               R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr):
+               R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
+               PDL: tl.constexpr):
+    # Inputs older than the previous launch (q, k, v, lengths) are read before the
+    # programmatic-dependent-launch wait; the cut kernel's outputs (cut, qs) after it.
     b = row // H
     L = tl.load(lens + b)
     hi = L - window
-    t = tl.load(cut + row * 2)
-    tu = tl.load(cut + row * 2 + 1)
     skey, tkey = _keys(seed, row)
-    qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
     qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
+    _pdl_wait(PDL)
+    t = tl.load(cut + row * 2)
+    tu = tl.load(cut + row * 2 + 1)
+    qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
     return b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch (Hopper): wait for the previous launch to finish (its
+    writes visible), then let the next launch start scheduling its programs."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -274,13 +289,13 @@ def scan_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                 RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                HW: tl.constexpr, IEEE: tl.constexpr):
+                HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
     attended cnt[row, sp] (row stride S)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
-                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
     m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
                                   H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
@@ -293,13 +308,13 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                   RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
-                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP)
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
     n_mid = tl.maximum(hi - sink, 0)
     m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,
                                          n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G, R, M,

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
+                                   use_pdl)
 from vattn.kernels.bits import bit_scores_ref, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -83,11 +84,13 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=4):
+                           block_c=1024, block_n=64, splits=None, num_warps=4, upto=4, pdl=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge)."""
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
+    pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
+    previous one: it starts while that one drains and waits in-kernel for its outputs."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -109,8 +112,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
+    pdl = use_pdl(q.device) if pdl is None else pdl
     meta = dict(G=G, R=R, M=M, W=W, D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH, HW=not interpret(),
-                IEEE=use_ieee(q.dtype), num_warps=num_warps)
+                IEEE=use_ieee(q.dtype), num_warps=num_warps, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
@@ -139,7 +143,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    merge_partials(po, plse, out)
+    merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
