@@ -28,8 +28,8 @@ def data(B, N, seed, dtype=torch.bfloat16):
 
 
 def sp_of(N, **kw):
-    p = spec_params(N)
-    return {k: p[k] for k in SP} | kw
+    from vattn.bench.attn_core import scan_params
+    return scan_params(N) | kw
 
 
 def twin_check(B, N, L, seed, **kw):
@@ -74,9 +74,8 @@ if "variants" in parts:
         rows.append(dict(B=B, name="sdpa", us=sdpa))
         from vattn.kernels.scan import scan_plan
         s1, s2 = scan_plan(B * 8, N, torch.device("cuda"))
-        vars_ = {"default": {}, "no pdl": dict(pdl=False), "cb2048": dict(block_c=2048), "w8": dict(num_warps=8),
-                 "s1x2": dict(splits=(2 * s1, s2)), "s2x2": dict(splits=(s1, 2 * s2)),
-                 "s2/2": dict(splits=(s1, max(1, s2 // 2)))}
+        vars_ = {"default": {}, "no pdl": dict(pdl=False), "w8 bn128": dict(num_warps=8, block_n=128),
+                 "w4": dict(num_warps=4), "w8": dict(num_warps=8), "cb1024": dict(block_c=1024)}
         for name, kw in vars_.items():
             try:
                 row = dict(B=B, name=name)

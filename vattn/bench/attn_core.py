@@ -44,12 +44,13 @@ def hbm_ceiling():
     return 2 * nbytes / t_copy / 1e6, nbytes / t_sum / 1e6
 
 
-def spec_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05):
+def spec_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05, reserve=0.03):
     """Split the density budget: fixed keys + hash top-k, the verified sample takes the rest."""
     cap = n  # the old select's slots (the two-pass decode has no cap): never cut the budget
     # The verified sample (with the pilot-variance bound) takes ~3% of the keys at 128K on
-    # random inputs: reserve that, so the measured density stays at or below `density`.
-    topk = max(64, int(density * n) - sink - window - int(0.03 * n) - 256)
+    # random inputs (~4% for the scan pipeline's independent draws): reserve that, so the
+    # measured density stays at or below `density`.
+    topk = max(64, int(density * n) - sink - window - int(reserve * n) - 256)
     return dict(sink=sink, window=window, topk=topk, cap=cap, m0=128, eps=eps, delta=delta)
 
 
@@ -138,11 +139,17 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     return row
 
 
+def scan_params(n, p=None, density=0.10):
+    """The scan pipeline's spec: as spec_params with 4% reserved for its sample."""
+    p = spec_params(n, density, reserve=0.04) | ({k: p[k] for k in ("eps", "delta")} if p else {})
+    return {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
+
+
 def scan_stages(row, sets, proj, lengths, p, **kw):
     """The four-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
     + scan; + sample; + merge), its measured density and denominator error."""
     from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
-    sp = {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
+    sp = scan_params(lengths.shape[0] and int(lengths.max()), p)
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
                                                                       upto=upto, **sp, **kw)
@@ -150,6 +157,7 @@ def scan_stages(row, sets, proj, lengths, p, **kw):
     q, k, v, ks = sets[0][:4]
     out, st = vattention_scan_decode(q, k, v, ks, proj, lengths, stats=True, **sp, **kw)
     row["scan_density"] = scan_density(st, lengths, k.shape[1])
+    row["scan_topk"] = sp["topk"]
     r = st["rows"].cpu()
     row["scan_exact_rows"] = int(r[:, 4].sum())
     row["scan_draws_mean"] = r[:, 1].mean().item()
@@ -236,7 +244,7 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
         bi = torch.arange(q.shape[0], device=q.device)
         ksig[i][bi, :, pos] = sign_bits(k[bi, :, pos], proj)
         return vattention_scan_decode(q, k, v, ksig[i], proj, L, **sp)
-    sp = {k: p[k] for k in ("sink", "window", "topk", "m0", "eps", "delta")}
+    sp = scan_params(ctx)
     for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn), ("scan", scan)):
         us = graph_us([lambda fn=fn: m.step(tok, fn)], warmup=2)
         out[f"{name}_tok_s"] = batch * 1e6 / us
