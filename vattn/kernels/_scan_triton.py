@@ -83,16 +83,15 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def cut_kernel(q, proj, ks, k, lens, hist, pil, pbin, qs,
-               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, STRIDE, seed, m0, scale_log2,
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
+               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PS: tl.constexpr,
+               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
                BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
-    CL * STRIDE keys of the middle; blocks past the middle count nothing) and scores pilot
-    draws [p * PS, (p + 1) * PS) (the first m0 sample draws): pil [rows * R, P * PS] the
-    scores (log2 units), pbin [rows, P * PS] the draws' score bins. Membership needs the cut,
-    which the later launches derive from the histograms (_row_cut): no program waits here."""
+    CL * STRIDE keys of the middle). The last program of a row to finish (counter ctr, zero
+    before the launch) sums them into the cut[row] = (tau, thu) and scores the pilot (the
+    first m0 sample draws; a drawn top-k key scores -inf, it counts as 0): pil [rows * R, M0P]."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -111,27 +110,28 @@ def cut_kernel(q, proj, ks, k, lens, hist, pil, pbin, qs,
     hc = tl.histogram(_bins(qv, ks, row, b, n, inr, H, N, G, R, W, RWP, HW, SH, NH), NH, mask=inr)
     v = tl.arange(0, NH)
     tl.store(hist + (row * P + p) * NH + v, hc)
-    skey, tkey = _keys(seed, row)
-    qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
-    d = tl.arange(0, D)
-    kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
-    i = p * PS + tl.arange(0, PS)
-    pok = i < tl.where(n_mid > 0, m0, 0)
-    xp0 = _draw(i, skey, sink, n_mid)
-    tl.store(pbin + row * P * PS + i, _bins(qv, ks, row, b, xp0, pok, H, N, G, R, W, RWP, HW, SH, NH))
-    kp = tl.load(kb + xp0.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
-    spl = tl.where(pok[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
-    r = tl.arange(0, M)
-    tl.store(pil + (row * R + r)[:, None] * (P * PS) + i[None, :], spl, mask=(r < R)[:, None])
-
-
-@triton.jit
-def _row_cut(hist, row, n_mid, K, P, NH: tl.constexpr, PP: tl.constexpr):
-    """(tau, thu) of a row from the cut kernel's P histograms."""
-    pp = tl.arange(0, PP)
-    v = tl.arange(0, NH)
-    tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0)
-    return _cut(tl.sum(tile, 0), n_mid, K, NH)
+    tl.debug_barrier()
+    done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+    if done == P - 1:
+        pp = tl.arange(0, PP)
+        tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
+                       volatile=True)
+        t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
+        f = tl.arange(0, 2)
+        tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
+        skey, tkey = _keys(seed, row)
+        qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
+        d = tl.arange(0, D)
+        kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
+        i = tl.arange(0, M0P)
+        pok = (i < m0) & (i < tl.where(n_mid > 0, m0, 0))
+        xp0 = _draw(i, skey, sink, n_mid)
+        keep = pok & ~_taken(_bins(qv, ks, row, b, xp0, pok, H, N, G, R, W, RWP, HW, SH, NH), xp0, t, tu, tkey)
+        kp = tl.load(kb + tl.where(keep, xp0, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None],
+                     other=0.0)
+        spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
+        r = tl.arange(0, M)
+        tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None])
 
 
 @triton.jit
@@ -180,19 +180,17 @@ def _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t
 
 
 @triton.jit
-def _budget(plse, pil, pbin, row, S, S1, n_mid, K, m0, zz, eps2, infl, t, tu, skey, tkey, sink, PW,
-            R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr):
+def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+            M0P: tl.constexpr, SP: tl.constexpr):
     """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
-    [0, S1) of plse) and the pilot's scores (pil, row width PW; a drawn top-k key counts as 0),
-    log2 units. total = max over heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the
-    pilot variance times infl, at least m0; exact when that reaches the residual's size
-    (n_mid - K)."""
+    [0, S1) of plse) and the pilot's scores (pil), log2 units. total = max over heads of
+    ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least m0;
+    exact when that reaches the residual's size (n_mid - K)."""
     r = tl.arange(0, M)
     i = tl.arange(0, M0P)
     m = tl.where(n_mid > 0, m0, 0)
     pok = i < m
-    keep = pok & ~_taken(tl.load(pbin + row * PW + i, mask=pok, other=0), _draw(i, skey, sink, n_mid), t, tu, tkey)
-    spl = tl.load(pil + (row * R + r)[:, None] * PW + i[None, :], mask=(r < R)[:, None] & keep[None, :],
+    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & pok[None, :],
                   other=float("-inf"))
     c1 = tl.arange(0, SP)
     pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + c1[None, :],
@@ -216,7 +214,7 @@ def _budget(plse, pil, pbin, row, S, S1, n_mid, K, m0, zz, eps2, infl, t, tu, sk
 
 
 @triton.jit
-def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, pbin, PW, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
+def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
                  t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
                  M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
                  SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr,
@@ -224,8 +222,7 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, pbin, PW, stats, row, 
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
     Returns (m_i, l_i, acc, log2 weight, keys attended)."""
-    total, exact, need = _budget(plse, pil, pbin, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, t, tu, skey, tkey,
-                                 sink, PW, R, M, M0P, SP)
+    total, exact, need = _budget(plse, pil, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
     if j2 == 0:
         f = tl.arange(0, 8)
         vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
@@ -259,9 +256,9 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, pbin, PW, stats, row, 
 
 
 @triton.jit
-def _row_setup(q, qs, lens, hist, P, K, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
+def _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
                R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-               NH: tl.constexpr, PP: tl.constexpr, PDL: tl.constexpr):
+               PDL: tl.constexpr):
     # Inputs older than the previous launch (q, k, v, lengths) are read before the
     # programmatic-dependent-launch wait; the cut kernel's outputs (cut, qs) after it.
     b = row // H
@@ -272,7 +269,8 @@ def _row_setup(q, qs, lens, hist, P, K, k, v, seed, row, H, sqb, sqh, sqt, skb, 
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
     _pdl_wait(PDL)
-    t, tu = _row_cut(hist, row, tl.maximum(hi - sink, 0), K, P, NH, PP)
+    t = tl.load(cut + row * 2)
+    tu = tl.load(cut + row * 2 + 1)
     qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
     return b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb
 
@@ -287,18 +285,17 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, qs, ks, k, v, lens, hist, scr, cnt, po, plse,
-                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, K, P, seed, scale_log2,
+def scan_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
+                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                 RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                PP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+                HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
     attended cnt[row, sp] (row stride S)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, hist, P, K, k, v, seed, row, H, sqb, sqh,
-                                                             sqt, skb, skh, svb, svh, window, sink, R, M, W, D, RWP,
-                                                             NH, PP, PDL)
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
     m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
                                   H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
@@ -306,23 +303,20 @@ def scan_kernel(q, qs, ks, k, v, lens, hist, scr, cnt, po, plse,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, hist, pil, pbin, cnt, po, plse, stats,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-                  H, N, S1, S2, sink, window, K, P, PW, m0, seed, scale_log2, zz, eps2, infl,
+                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                   RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                  M0P: tl.constexpr, SP: tl.constexpr, PP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr,
-                  PDL: tl.constexpr = 0):
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, hist, P, K, k, v, seed, row, H, sqb, sqh,
-                                                             sqt, skb, skh, svb, svh, window, sink, R, M, W, D, RWP,
-                                                             NH, PP, PDL)
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
     n_mid = tl.maximum(hi - sink, 0)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, pbin, PW, stats, row, b, j2, S1,
-                                         S2, sink,
+    m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,
                                          n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G, R, M,
                                          W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)

@@ -5,10 +5,9 @@
 
 Fewer launches than select.vattention_hash_decode (8), and no index list between them:
  1. cut: per KV-head row, programs histogram the bit-agreement scores of a subsample of
-    the middle keys and score a slice of the pilot (the first m0 draws). Each later program
-    turns the row's histograms into the cut (a bin tau and a tie probability, so that about
-    `topk` middle keys are taken: an approximate top-k whose count varies with the
-    subsample).
+    the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
+    tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
+    count varies with the subsample) and scores the pilot (the first m0 draws).
  2. scan: programs score their own span of keys from the signatures, compact the exact
     keys (sinks, window, taken middle keys) and attend them. No index list crosses programs.
  3. sample: every program of a row sizes the same sample from D_F (the scan's partials) and
@@ -43,8 +42,7 @@ def _row_keys(seed, row):
     return key, _mix_ref(key, TIE_SALT)
 
 
-SUB_BLOCK = 1024  # subsample keys per cut program
-PILOT_SLICE = 16  # pilot draws scored per cut program
+SUB_BLOCK = 1024  # subsample keys per budget program
 
 
 def bins(top: int, nh: int = 128):
@@ -123,27 +121,27 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
-    M0P = max(16, next_pow2(m0))
-    P = max(-(-n_mid // (SUB_BLOCK * stride)), M0P // PILOT_SLICE)  # histogram blocks; pilot slices
-    PW = P * PILOT_SLICE
+    P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-    pil = torch.empty(rows * R * PW, dtype=torch.float32, device=dev)
-    pbin = torch.empty(rows * PW, dtype=torch.int32, device=dev)
+    ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
+    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
+    M0P = max(16, next_pow2(m0))
+    pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, pil, pbin, qs, *sq, *skv[:3], Hkv, N, sink, window,
-                             stride, seed & M32, m0, log2s, PS=PILOT_SLICE, BN=SUB_BLOCK, CL=32, **meta)
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, qs, *sq, *skv[:3], Hkv, N, sink, window,
+                             topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
+                             CL=32, **meta)
     if upto < 2:
         return None
-    PP = max(2, next_pow2(P))
-    kt.scan_kernel[(rows, s1)](q, qs, ksig, k, v, lengths, hist, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
-                               sink, window, topk, P, seed & M32, log2s, CB=block_c, BN=block_n, PP=PP, **meta)
+    kt.scan_kernel[(rows, s1)](q, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
     if upto < 3:
         return None
-    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, hist, pil, pbin, cnt, po, plse, st, *sq, *skv, Hkv, N,
-                                 s1, s2, sink, window, topk, P, PW, m0, seed & M32, log2s, z_two_sided(delta) ** 2,
-                                 eps * eps, var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P,
-                                 SP=max(2, next_pow2(s1)), PP=PP, **meta)
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
+                                 sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
+                                 **meta)
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
