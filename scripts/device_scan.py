@@ -32,6 +32,18 @@ def sp_of(N, **kw):
     return scan_params(N) | kw
 
 
+def each(fn, cases):
+    """fn(*case) for every case; a failing case prints its traceback and the rest still run."""
+    rows = []
+    for case in cases:
+        try:
+            rows.append(fn(*case))
+        except Exception:
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def twin_check(B, N, L, seed, **kw):
     q, k, v, proj, ks = data(B, N, seed)
     L = torch.tensor(L, dtype=torch.int32, device="cuda")
@@ -51,13 +63,9 @@ def twin_check(B, N, L, seed, **kw):
 
 
 if "checks" in parts:
-    rows = []
-    for args in ((2, 32768, [32768, 20000], 1, {}), (2, 32768, [32768, 300], 2, dict(eps=1e-4)),
-                 (1, 131072, [131072], 3, {})):
-        try:
-            rows.append(twin_check(*args[:4], **args[4]))
-        except Exception:
-            traceback.print_exc()
+    rows = each(lambda *a: twin_check(*a[:4], **a[4]), ((2, 32768, [32768, 20000], 1, {}),
+                                                        (2, 32768, [32768, 300], 2, dict(eps=1e-4)),
+                                                        (1, 131072, [131072], 3, {})))
     res["checks"] = rows
     print("\nCHECKS (kernel vs float64 twin, bf16)")
     for r in rows:
@@ -97,14 +105,7 @@ if "variants" in parts:
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 if "bench" in parts:
-    rows = []
-    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
-        try:
-            r = bench_config(B, N)
-            rows.append(r)
-        except Exception:
-            traceback.print_exc()
-        torch.cuda.empty_cache()
+    rows = each(lambda B, N: bench_config(B, N), ((1, 131072), (8, 131072), (1, 32768), (8, 32768)))
     res["bench"] = rows
     print("\nBENCH (us per layer)")
     for r in rows:
@@ -165,13 +166,7 @@ if "cov" in parts:
         print(r)
 
 if "e2e" in parts:
-    rows = []
-    for B, ctx in ((1, 32768), (8, 32768), (1, 131072)):
-        try:
-            rows.append(bench_e2e(layers=32, ctx=ctx, batch=B))
-        except Exception:
-            traceback.print_exc()
-        torch.cuda.empty_cache()
+    rows = each(lambda B, ctx: bench_e2e(layers=32, ctx=ctx, batch=B), ((1, 32768), (8, 32768), (1, 131072)))
     res["e2e"] = rows
     print("\nE2E tokens/s (32 layers, random weights)")
     for e in rows:
