@@ -84,19 +84,17 @@ if "variants" in parts:
         s1, s2 = scan_plan(B * 8, N, torch.device("cuda"))
         vars_ = {"default": {}, "no pdl": dict(pdl=False), "w8 bn128": dict(num_warps=8, block_n=128),
                  "w4": dict(num_warps=4), "w8": dict(num_warps=8), "cb1024": dict(block_c=1024)}
-        for name, kw in vars_.items():
-            try:
-                row = dict(B=B, name=name)
-                for upto in ((1, 2, 3, 4) if name == "default" else (4,)):
-                    row[f"us{upto}"] = graph_us([lambda s=s, i=i: vattention_scan_decode(
-                        s[0], s[1], s[2], s[4], s[3], L, seed=i, upto=upto, **p, **kw) for i, s in enumerate(sets)])
-                row["us"] = row["us4"]
-                out, st = vattention_scan_decode(*sets[0][:3], sets[0][4], sets[0][3], L, stats=True, **p, **kw)
-                row["density"] = scan_density(st, L, 8)
-                row["x_sdpa"] = sdpa / row["us"]
-                rows.append(row)
-            except Exception:
-                traceback.print_exc()
+        def variant(name, kw):
+            row = dict(B=B, name=name)
+            for upto in ((1, 2, 3, 4) if name == "default" else (4,)):
+                row[f"us{upto}"] = graph_us([lambda s=s, i=i: vattention_scan_decode(
+                    s[0], s[1], s[2], s[4], s[3], L, seed=i, upto=upto, **p, **kw) for i, s in enumerate(sets)])
+            row["us"] = row["us4"]
+            out, st = vattention_scan_decode(*sets[0][:3], sets[0][4], sets[0][3], L, stats=True, **p, **kw)
+            row["density"] = scan_density(st, L, 8)
+            row["x_sdpa"] = sdpa / row["us"]
+            return row
+        rows += each(variant, vars_.items())
         del sets
         torch.cuda.empty_cache()
     res["variants"] = rows
@@ -128,11 +126,9 @@ if "dense" in parts:
                    dict(num_stages=2, block_n=128), dict(num_stages=2, block_n=128, splits=2 * base),
                    dict(num_stages=2, num_warps=2), dict(num_stages=1), dict(splits=2 * base),
                    dict(num_stages=2, block_n=32)):
-            try:
-                us = graph_us([lambda s=s: dense_decode(*s, L, **kw) for s in sets])
-                rows.append(dict(B=B, cfg=str(kw), us=us, sdpa_us=sdpa, sdpa_over=sdpa / us))
-            except Exception:
-                traceback.print_exc()
+            rows += each(lambda kw: dict(B=B, cfg=str(kw), us=(us := graph_us([lambda s=s: dense_decode(*s, L, **kw)
+                                                                                for s in sets])),
+                                         sdpa_us=sdpa, sdpa_over=sdpa / us), [(kw,)])
         del sets
         torch.cuda.empty_cache()
     res["dense"] = rows
