@@ -91,3 +91,5 @@ def test_scan_decode_bad_inputs():
         vattention_scan_decode(q, k, v, ks.float(), proj)
     with pytest.raises(VattnError, match="m0"):
         vattention_scan_decode(q, k, v, ks, proj, m0=1)
+    with pytest.raises(VattnError, match="head dim"):
+        vattention_scan_decode(q[..., :48], k[..., :48], v[..., :48], ks, proj[:48])

@@ -69,6 +69,8 @@ def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
     if v.shape != k.shape or v.dtype != k.dtype or q.dtype != k.dtype or Hq % Hkv:
         raise VattnError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
                          f"{v.dtype}: k and v must match, share q's dtype, and Hkv must divide Hq")
+    if D not in (16, 32, 64, 128, 256):
+        raise VattnError(f"head dim must be a power of two in 16..256, got {D}")
     if min(sink, window) < 0 or topk < 1 or m0 < 2:
         raise VattnError(f"need sink, window >= 0, topk >= 1 and m0 >= 2, got {sink}, {window}, {topk}, {m0}")
     if lengths is not None and (lengths.shape != (B,) or lengths.dtype != torch.int32):
