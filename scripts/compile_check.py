@@ -37,18 +37,20 @@ def build(fn, sigd, const):
 
 
 cut_names = ("q proj ks k lens hist ctr cut pil qs sqb sqh sqt skb skh skn H N sink window K STRIDE seed m0 "
-             "scale_log2 zz eps2 infl").split()
-cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P] + [I] * 14 + [F] * 4
-att_names = ("q qs ks k v lens cut scr cnt po plse sqb sqh sqt skb skh skn svb svh svn H N S1 S2 sink window "
-             "seed scale_log2").split()
-att_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32"] + [I] * 16 + [F]
-mrg_names = "lens cut pil po plse out stats H S1 S2 sink window K m0 zz eps2 infl".split()
-mrg_types = [P, P, "*fp32", "*fp32", "*fp32", "*bf16", "*fp32"] + [I] * 7 + [F] * 3
+             "scale_log2").split()
+cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P] + [I] * 14 + [F]
+scan_names = ("q qs ks k v lens cut scr cnt po plse sqb sqh sqt skb skh skn svb svh svn H N S1 S sink window "
+              "seed scale_log2").split()
+scan_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32"] + [I] * 16 + [F]
+smp_names = ("q qs ks k v lens cut pil cnt po plse stats sqb sqh sqt skb skh skn svb svh svn H N S1 S2 "
+             "sink window K m0 seed scale_log2 zz eps2 infl").split()
+smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, "*fp32", "*fp32", "*fp32"] + \
+            [I] * 18 + [F] * 4
 for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, BN=1024, CL=32)),
-                       ("attend_kernel", kt.attend_kernel, sig(att_names, att_types), common | dict(CB=CB, BN=BN)),
-                       ("merge_kernel", kt.merge_kernel, sig(mrg_names, mrg_types),
-                        dict(R=4, M=16, D=128, DB=32, M0P=128, SP=128, BN=BN, PDL=common["PDL"]))):
+                       ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
+                       ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),
+                        common | dict(BN=BN, M0P=128, SP=64))):
     try:
         regs, spill, smem = build(fn, s, c)
         print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")

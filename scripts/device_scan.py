@@ -55,8 +55,7 @@ def twin_check(B, N, L, seed, **kw):
                                total=r[:, 1].long(), exact=r[:, 4] > 0, **p)
     return dict(B=B, N=N, eps=p["eps"], tau_eq=bool(torch.equal(r[:, 5], w[:, 5])),
                 thu_maxdiff=(r[:, 6] - w[:, 6]).abs().max().item(),
-                need_maxdiff=(r[:, 3] - w[:, 3]).abs().max().item(), draws_maxdiff=(r[:, 7] - w[:, 7]).abs().max().item(),
-                kept_over_need=(r[:, 1] - r[:, 3]).mean().item(), exact_rows=int(r[:, 4].sum()),
+                total_maxdiff=(r[:, 1] - w[:, 1]).abs().max().item(), exact_rows=int(r[:, 4].sum()),
                 keys_eq=bool(torch.equal(st["exact_keys"].cpu(), rs2["exact_keys"]) and
                              torch.equal(st["sample_keys"].cpu(), rs2["sample_keys"])),
                 err_vs_twin=rel(out, ref), density=scan_density(st, L, 8),
@@ -83,25 +82,23 @@ if "variants" in parts:
         rows.append(dict(B=B, name="sdpa", us=sdpa))
         from vattn.kernels.scan import scan_plan
         s1, s2 = scan_plan(B * 8, N, torch.device("cuda"))
-        vars_ = {"default": {}, "no pdl": dict(pdl=False), "w4": dict(num_warps=4), "w8": dict(num_warps=8),
-                 "s1x2": dict(splits=(2 * s1, s2)), "s2x2": dict(splits=(s1, 2 * s2)),
-                 "s1/2": dict(splits=(max(1, s1 // 2), s2)), "s2/2": dict(splits=(s1, max(1, s2 // 2)))}
+        vars_ = {"default": {}, "no pdl": dict(pdl=False), "w8 bn128": dict(num_warps=8, block_n=128),
+                 "w4": dict(num_warps=4), "w8": dict(num_warps=8), "cb1024": dict(block_c=1024)}
         def variant(name, kw):
             row = dict(B=B, name=name)
-            for upto in ((1, 2, 3) if name == "default" else (3,)):
+            for upto in ((1, 2, 3, 4) if name == "default" else (4,)):
                 row[f"us{upto}"] = graph_us([lambda s=s, i=i: vattention_scan_decode(
                     s[0], s[1], s[2], s[4], s[3], L, seed=i, upto=upto, **p, **kw) for i, s in enumerate(sets)])
-            row["us"] = row["us3"]
+            row["us"] = row["us4"]
             out, st = vattention_scan_decode(*sets[0][:3], sets[0][4], sets[0][3], L, stats=True, **p, **kw)
             row["density"] = scan_density(st, L, 8)
-            row["density_attended"] = scan_density(st, L, 8, read=False)
             row["x_sdpa"] = sdpa / row["us"]
             return row
         rows += each(variant, vars_.items())
         del sets
         torch.cuda.empty_cache()
     res["variants"] = rows
-    print("\nVARIANTS at 128K (us per layer; default also cumulative stages cut / +attend / +merge)")
+    print("\nVARIANTS at 128K (us per layer; default also cumulative stages cut / +scan / +sample / +merge)")
     for r in rows:
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
@@ -113,7 +110,7 @@ if "bench" in parts:
         print(f"B={r['B']} N={r['N']} sdpa={r['sdpa_us']:.1f} dense={r['dense_us']:.1f} old={r['vattn_us']:.1f} "
               f"({r['sdpa_us'] / r['vattn_us']:.2f}x, dens {r['density']:.3f}) scan={r['scan_us']:.1f} "
               f"({r['sdpa_us'] / r['scan_us']:.2f}x, dens {r['scan_density']:.3f}; stages {r['scan_cut_us']:.1f}/"
-              f"{r['scan_attend_us']:.1f}, attended {r['scan_density_attended']:.3f}) exact_rows={r['scan_exact_rows']} "
+              f"{r['scan_scan_us']:.1f}/{r['scan_sample_us']:.1f}) exact_rows={r['scan_exact_rows']} "
               f"err_twin={r.get('scan_err_vs_twin', float('nan')):.1e} "
               f"denom_within_eps={r.get('scan_denom_within_eps', float('nan')):.3f}")
 

@@ -43,18 +43,12 @@ def test_scan_decode_matches_float64_twin(dtype, eps, seed):
     got, want = st["rows"].cpu().double(), rs["rows"]
     assert torch.equal(got[:, [0, 2, 4, 5]], want[:, [0, 2, 4, 5]])  # pilot, n_mid, exact, tau
     assert (got[:, 6] - want[:, 6]).abs().max() <= 2  # tie cut (2^24 units): float32 rounding
-    # need (final budget, with D_F) and draws made (budget with sinks + window only)
-    assert ((got[:, [3, 7]] - want[:, [3, 7]]).abs() <= torch.clamp(want[:, [3, 7]] * 2e-3, min=1)).all()
-    # the merge keeps whole chunks: at least the budget, less than one chunk over, at most the draws
-    live = got[:, 4] == 0
-    assert (got[live, 1] >= torch.maximum(got[live, 3], got[live, 0])).all() and (got[:, 1] <= got[:, 7]).all()
-    assert (got[:, 3] <= got[:, 7] + 1).all()  # D_F >= sinks + window: the final budget is the smaller
+    assert ((got[:, [1, 3]] - want[:, [1, 3]]).abs() <= torch.clamp(want[:, [1, 3]] * 2e-3, min=1)).all()
     # with the kernel's own cuts the twin attends the same keys with the same weights
     ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=got[:, 5].long(), thu=got[:, 6].long(),
                               total=got[:, 1].long(), exact=got[:, 4] > 0, **kw)
     assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"])
     assert torch.equal(st["sample_keys"].cpu(), rs["sample_keys"])
-    assert (st["read_keys"] >= st["sample_keys"]).all()
     assert rel(out, ref) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
     # the approximate top-k takes about topk middle keys (sinks and window are the rest)
     taken = rs["exact_keys"].double() - KW["sink"] - KW["window"]
@@ -71,7 +65,6 @@ def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
     rows = st["rows"].cpu()
     assert (rows[:4, 4] == 1).all() and (rows[4:, 2] == 0).all()  # exact; no middle
     assert torch.equal((st["exact_keys"] + st["sample_keys"]).cpu(), L.cpu().repeat_interleave(2))
-    assert torch.equal(st["read_keys"], st["sample_keys"])
     assert rel(out, dense_decode_ref(q, k, v, L)) < 1e-5
 
 

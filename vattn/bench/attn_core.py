@@ -146,18 +146,17 @@ def scan_params(n, p=None, density=0.10):
 
 
 def scan_stages(row, sets, proj, lengths, p, **kw):
-    """The three-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
-    + attend; + merge), its measured density (keys read) and denominator error."""
+    """The four-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
+    + scan; + sample; + merge), its measured density and denominator error."""
     from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
     sp = scan_params(lengths.shape[0] and int(lengths.max()), p)
-    for upto, name in ((1, "scan_cut_us"), (2, "scan_attend_us"), (3, "scan_us")):
+    for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
                                                                       upto=upto, **sp, **kw)
                               for i, s in enumerate(sets)])
     q, k, v, ks = sets[0][:4]
     out, st = vattention_scan_decode(q, k, v, ks, proj, lengths, stats=True, **sp, **kw)
     row["scan_density"] = scan_density(st, lengths, k.shape[1])
-    row["scan_density_attended"] = scan_density(st, lengths, k.shape[1], read=False)
     row["scan_topk"] = sp["topk"]
     r = st["rows"].cpu()
     row["scan_exact_rows"] = int(r[:, 4].sum())

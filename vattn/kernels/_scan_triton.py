@@ -84,15 +84,14 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
 def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
-               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2, zz, eps2, infl,
+               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
                BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
     CL * STRIDE keys of the middle). The last program of a row to finish (counter ctr, zero
-    before the launch) sums them into the cut (tau, thu), scores the pilot (the first m0
-    sample draws; a drawn top-k key scores -inf, it counts as 0: pil [rows * R, M0P]) and
-    sizes the draws to make before D_F is known: cut[row] = (tau, thu, draws, exact)."""
+    before the launch) sums them into the cut[row] = (tau, thu) and scores the pilot (the
+    first m0 sample draws; a drawn top-k key scores -inf, it counts as 0): pil [rows * R, M0P]."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -119,7 +118,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
                        volatile=True)
         t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
         f = tl.arange(0, 2)
-        tl.store(cut + row * 4 + f, tl.where(f == 0, t, tu))
+        tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
         skey, tkey = _keys(seed, row)
         qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
         d = tl.arange(0, D)
@@ -133,12 +132,6 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
         spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
         r = tl.arange(0, M)
         tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None])
-        # the draws to make before D_F is known: the budget with D_hat = sinks + window + the
-        # pilot's middle, a lower D_hat than D_F's, so at least as many draws as the final budget
-        m_f, s_f = _fixed_mass(qq, kb, skn, L, hi, sink, scale_log2, M, D, 64, IEEE)
-        total, exact, need = _size(spl, m_f[:, None], s_f[:, None], n_mid, K, m0, zz, eps2, infl, R, M)
-        f = tl.arange(0, 2)
-        tl.store(cut + row * 4 + 2 + f, tl.where(f == 0, total, exact.to(tl.int32)))
 
 
 @triton.jit
@@ -187,41 +180,23 @@ def _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t
 
 
 @triton.jit
-def _fixed_mass(qq, kb, skn, L, hi, sink, scale_log2, M: tl.constexpr, D: tl.constexpr, FB: tl.constexpr,
-                IEEE: tl.constexpr):
-    """(max, sum of exp2(s - max)) per head over the sinks [0, min(sink, L)) and the window
-    [max(hi, sink), L), in blocks of FB keys."""
-    d = tl.arange(0, D)
-    ns = tl.minimum(sink, L)
-    lo_w = tl.maximum(hi, sink)
-    nf = ns + tl.maximum(L - lo_w, 0)
-    m_f = tl.full([M], float("-inf"), tl.float32)
-    s_f = tl.zeros([M], tl.float32)
-    for f0 in range(0, nf, FB):
-        f = f0 + tl.arange(0, FB)
-        fok = f < nf
-        pos = tl.where(f < ns, f, lo_w + f - ns)
-        kf = tl.load(kb + pos.to(tl.int64)[:, None] * skn + d[None, :], mask=fok[:, None], other=0.0)
-        sf = tl.where(fok[None, :], dot_qk(qq, kf, IEEE) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_f, tl.max(sf, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_f = s_f * tl.exp2(m_f - m_use) + tl.sum(tl.exp2(sf - m_use[:, None]), 1)
-        m_f = m_new
-    return m_f, s_f
-
-
-@triton.jit
-def _size(spl, fm, fs, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr):
-    """(draws, exact, need): the verified budget from the pilot's scores spl [M, M0P] (-inf
-    where absent or a top-k key, which counts as 0) and the exact mass, given as log2 terms
-    per head: sum_c fs[:, c] * exp2(fm[:, c]). draws = max over heads of
+def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+            M0P: tl.constexpr, SP: tl.constexpr):
+    """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
+    [0, S1) of plse) and the pilot's scores (pil), log2 units. total = max over heads of
     ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least m0;
     exact when that reaches the residual's size (n_mid - K)."""
     r = tl.arange(0, M)
+    i = tl.arange(0, M0P)
     m = tl.where(n_mid > 0, m0, 0)
-    pok = tl.arange(0, spl.shape[1]) < m
-    shift = tl.maximum(tl.maximum(tl.max(spl, 1), tl.max(fm, 1)), -1e30)
-    dfix = tl.sum(fs * tl.exp2(fm - shift[:, None]), 1)
+    pok = i < m
+    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & pok[None, :],
+                  other=float("-inf"))
+    c1 = tl.arange(0, SP)
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + c1[None, :],
+                 mask=(r < R)[:, None] & (c1 < S1)[None, :], other=float("-inf"), volatile=True)
+    shift = tl.maximum(tl.maximum(tl.max(spl, 1), tl.max(pl, 1)), -1e30)
+    dfix = tl.sum(tl.exp2(pl - shift[:, None]), 1)
     xp = tl.where(pok[None, :], tl.exp2(spl - shift[:, None]), 0.0)
     mf = tl.maximum(m, 1).to(tl.float32)
     mean = tl.sum(xp, 1) / mf
@@ -239,26 +214,35 @@ def _size(spl, fm, fs, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.cons
 
 
 @triton.jit
-def _chunk_part(qv, qq, ks, kb, vb, skn, svn, row, b, j2, S2, sink, n_mid, draws, exact, t, tu, skey, tkey, H, N,
-                scale_log2, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
-                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                HW: tl.constexpr, IEEE: tl.constexpr):
-    """Chunk j2 of the draws [0, draws) (chunk_size), unweighted (the merge weights the chunks
-    it keeps); a drawn top-k key counts as 0. Exact rows: chunk j2 of the residual keys.
-    Returns (m_i, l_i, acc, keys attended)."""
-    lim = tl.where(exact, n_mid, draws)
-    c = _chunk(lim, S2, BN)
-    st = j2 * c
-    en = tl.minimum(st + c, lim)
-    d = tl.arange(0, D)
-    j = tl.arange(0, BN)
+def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
+                 t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
+                 M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
+                 SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
+    top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
+    Returns (m_i, l_i, acc, log2 weight, keys attended)."""
+    total, exact, need = _budget(plse, pil, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
+    if j2 == 0:
+        f = tl.arange(0, 8)
+        vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
+        vals = tl.where(f == 1, total.to(tl.float32), vals)
+        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
+        vals = tl.where(f == 3, need, vals)
+        vals = tl.where(f == 4, exact.to(tl.float32), vals)
+        vals = tl.where(f == 5, t.to(tl.float32), vals)
+        vals = tl.where(f == 6, tu.to(tl.float32), vals)
+        tl.store(stats + row * 8 + f, vals)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     got = 0
-    for i0 in range(st, en, BN):
-        ii = i0 + j
-        ok = ii < en
+    lim = tl.where(exact, n_mid, total)
+    d = tl.arange(0, D)
+    j = tl.arange(0, BN)
+    for blk in range(j2, tl.cdiv(lim, BN), S2):
+        ii = blk * BN + j
+        ok = ii < lim
         x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
         use = ok & ~_taken(_bins(qv, ks, row, b, x, ok, H, N, G, R, W, RWP, HW, SH, NH), x, t, tu, tkey)
         x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
@@ -267,13 +251,8 @@ def _chunk_part(qv, qq, ks, kb, vb, skn, svn, row, b, j2, S2, sink, n_mid, draws
         sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
         m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
         got += tl.sum(use.to(tl.int32), 0)
-    return m_i, l_i, acc, got
-
-
-@triton.jit
-def _chunk(lim, S2, BN: tl.constexpr):
-    """Draws per sample program: lim split over S2 programs, whole blocks of BN."""
-    return tl.cdiv(tl.cdiv(lim, S2), BN) * BN
+    lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
+    return m_i, l_i, acc, lw2, got
 
 
 @triton.jit
@@ -290,8 +269,8 @@ def _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, sv
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
     _pdl_wait(PDL)
-    t = tl.load(cut + row * 4)
-    tu = tl.load(cut + row * 4 + 1)
+    t = tl.load(cut + row * 2)
+    tu = tl.load(cut + row * 2 + 1)
     qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
     return b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb
 
@@ -306,92 +285,39 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def attend_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
-                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S2, sink, window, seed, scale_log2,
-                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                  HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-    """Programs (row, sp < S1) scan their span of keys (_scan_part); programs (row, S1 + j)
-    attend chunk j of the row's draws (_chunk_part), at the same time: the draws' number comes
-    from the cut kernel, not from the scan. Partial column sp of S1 + S2, keys attended
-    cnt[row, sp]."""
+def scan_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
+                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
+                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
+                HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+    """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
+    attended cnt[row, sp] (row stride S)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
                                                              skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
-    if sp < S1:
-        m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
-                                      H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
-    else:
-        n_mid = tl.maximum(hi - sink, 0)
-        draws = tl.load(cut + row * 4 + 2)
-        exact = tl.load(cut + row * 4 + 3) > 0
-        m_i, l_i, acc, c = _chunk_part(qv, qq, ks, kb, vb, skn, svn, row, b, sp - S1, S2, sink, n_mid, draws, exact,
-                                       t, tu, skey, tkey, H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, BN, HW,
-                                       IEEE)
-    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S1 + S2, R, M, D)
-    tl.store(cnt + row * (S1 + S2) + sp, c)
+    m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
+                                  H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
+    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
+    tl.store(cnt + row * S + sp, c)
 
 
-@triton.jit
-def merge_kernel(lens, cut, pil, po, plse, out, stats, H, S1, S2, sink, window, K, m0, zz, eps2, infl,
-                 R: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, M0P: tl.constexpr,
-                 SP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = 0):
-    """Program (row, dj): the final budget from D_F (the scan's columns) and the pilot, then the
-    row's output columns [dj * DB, (dj + 1) * DB): the scan's partials and the first u sample
-    chunks, u the fewest whose draws reach the budget, each weighted n_mid / (draws kept).
-    Program (row, 0) writes stats[row] = (pilot, draws kept, n_mid, need, exact, tau, thu,
-    draws made, chunks kept)."""
+@triton.jit(do_not_specialize=["seed"])
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
+                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
+                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
+                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+    """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
+    pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
     row = tl.program_id(0)
-    dj = tl.program_id(1)
-    _pdl_wait(PDL)
-    b = row // H
-    hi = tl.load(lens + b) - window
+    j2 = tl.program_id(1)
+    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
+                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
     n_mid = tl.maximum(hi - sink, 0)
-    draws = tl.load(cut + row * 4 + 2)
-    exact = tl.load(cut + row * 4 + 3) > 0
-    r = tl.arange(0, M)
-    S = S1 + S2
-    c = tl.arange(0, SP)
-    orow = (row * R + r).to(tl.int64)
-    lse = tl.load(plse + orow[:, None] * S + c[None, :], mask=(r < R)[:, None] & (c < S)[None, :],
-                  other=float("-inf"))
-    i = tl.arange(0, M0P)
-    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None], other=float("-inf"))
-    fix = tl.where((c < S1)[None, :], lse, float("-inf"))
-    _, _, need = _size(spl, fix, tl.full([M, SP], 1.0, tl.float32), n_mid, K, m0, zz, eps2, infl, R, M)
-    ch = tl.maximum(_chunk(tl.where(exact, n_mid, draws), S2, BN), BN)
-    u = tl.where(exact, S2, tl.minimum(tl.cdiv(tl.maximum(need, m0.to(tl.float32)).to(tl.int32), ch), S2))
-    kept = tl.where(exact, n_mid, tl.minimum(u * ch, draws))
-    lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(kept, 1).to(tl.float32)))
-    w = tl.where((c < S1)[None, :], lse, tl.where((c - S1 < u)[None, :], lse + lw2, float("-inf")))
-    mx = tl.max(w, 1)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    tot = tl.sum(tl.where(w > float("-inf"), tl.exp2(w - mx[:, None]), 0.0), 1)
-    d = dj * DB + tl.arange(0, DB)
-    acc = tl.zeros([M, DB], tl.float32)
-    for c0 in range(0, S, 8):  # eight columns at a time keep the tile small
-        cc = c0 + tl.arange(0, 8)
-        ok = (r < R)[:, None] & (cc < S)[None, :]
-        lb = tl.load(plse + orow[:, None] * S + cc[None, :], mask=ok, other=float("-inf"))
-        wb = tl.where((cc < S1)[None, :], lb, tl.where((cc - S1 < u)[None, :], lb + lw2, float("-inf")))
-        eb = tl.where(wb > float("-inf"), tl.exp2(wb - mx[:, None]), 0.0)  # a column never seen is never read
-        pv = tl.load(po + (orow[:, None, None] * S + cc[None, :, None]) * D + d[None, None, :],
-                     mask=(eb > 0)[:, :, None], other=0.0)
-        acc += tl.sum(eb[:, :, None] * pv, 1)
-    acc = acc / tl.maximum(tot, 1e-30)[:, None]
-    tl.store(out + orow[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=(r < R)[:, None])
-    if dj == 0:
-        t = tl.load(cut + row * 4)
-        tu = tl.load(cut + row * 4 + 1)
-        f = tl.arange(0, 16)
-        vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
-        vals = tl.where(f == 1, tl.where(n_mid > 0, kept, 0).to(tl.float32), vals)
-        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
-        vals = tl.where(f == 3, need, vals)
-        vals = tl.where(f == 4, exact.to(tl.float32), vals)
-        vals = tl.where(f == 5, t.to(tl.float32), vals)
-        vals = tl.where(f == 6, tu.to(tl.float32), vals)
-        vals = tl.where(f == 7, draws.to(tl.float32), vals)
-        vals = tl.where(f == 8, u.to(tl.float32), vals)
-        tl.store(stats + row * 16 + f, vals, mask=f < 9)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,
+                                         n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G, R, M,
+                                         W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
+    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
+    tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, interpret, next_pow2, target_programs, use_ieee, use_pdl
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
+                                   use_pdl)
 from vattn.kernels.bits import bit_scores_ref, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
 TIE_SALT = 0x68E31DA4
-STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu", "draws", "chunks")
+STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu")
 
 
 def _row_keys(seed, row):
@@ -85,12 +86,11 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=3, pdl=None):
-    """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 9] with
+                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None):
+    """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
-    and by the sample; a key drawn twice counts twice) and 'read_keys' (sample keys read,
-    those of the chunks the merge dropped included). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + attend, 3 + merge).
+    and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
@@ -111,7 +111,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     scr = torch.empty((rows, N), dtype=torch.int32, device=dev)
     po = torch.empty((B, Hq, 1, s1 + s2, D), dtype=torch.float32, device=dev)
     plse = torch.empty((B, Hq, 1, s1 + s2), dtype=torch.float32, device=dev)
-    st = torch.empty((rows, 16), dtype=torch.float32, device=dev)
+    st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
     pdl = use_pdl(q.device) if pdl is None else pdl
@@ -126,32 +126,32 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
     ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
-    cut = torch.empty(rows * 4, dtype=torch.int32, device=dev)
+    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
-    budget = (z_two_sided(delta) ** 2, eps * eps, var_inflation(m0, delta, var_conf))
     kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, qs, *sq, *skv[:3], Hkv, N, sink, window,
-                             topk, stride, seed & M32, m0, log2s, *budget, PP=max(2, next_pow2(P)), M0P=M0P,
-                             BN=SUB_BLOCK, CL=32, **meta)
+                             topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
+                             CL=32, **meta)
     if upto < 2:
         return None
-    kt.attend_kernel[(rows, s1 + s2)](q, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s2,
-                                      sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
+    kt.scan_kernel[(rows, s1)](q, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
     if upto < 3:
         return None
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
+                                 sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
+                                 **meta)
+    if upto < 4:
+        return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    DB = min(32, D)
-    kt.merge_kernel[(rows, D // DB)](lengths, cut, pil, po, plse, out, st, Hkv, s1, s2, sink, window, topk, m0, *budget,
-                                     R=R, M=M, D=D, DB=DB, M0P=M0P, SP=max(2, next_pow2(s1 + s2)), BN=block_n,
-                                     num_warps=4, **({k: v for k, v in meta.items() if k in ("PDL", "launch_pdl")}))
+    merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
-    kept = torch.arange(s2, device=dev)[None, :] < st[:, 8:9]  # the sample chunks the merge kept
-    smp = cnt[:, s1:]
-    return out, dict(rows=st[:, :9], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
-                     sample_keys=(smp * kept).sum(1, dtype=torch.int32), read_keys=smp.sum(1, dtype=torch.int32))
+    return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
+                     sample_keys=cnt[:, s1:].sum(1, dtype=torch.int32))
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
@@ -159,8 +159,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
-    float64, dict with 'rows' [B*Hkv, 8] float64 as the kernel's first 8 stats ('total' the
-    budget's draws: the kernel keeps whole chunks, so pass its total to compare), 'exact_keys',
+    float64, dict with 'rows' [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys',
     'sample_keys', and 'd_hat', 'd' [B, Hq]: estimated and true denominators, same shift)."""
     B, Hq, _, D = q.shape
     Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
@@ -175,7 +174,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     P = -(-n_mid_max // (SUB_BLOCK * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
-    rows = torch.zeros((B * Hkv, 8), dtype=torch.float64)
+    rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
     exact_keys = torch.zeros(B * Hkv, dtype=torch.int32)
     sample_keys = torch.zeros(B * Hkv, dtype=torch.int32)
     d_hat = torch.zeros((B, Hq), dtype=torch.float64)
@@ -220,14 +219,10 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         m = len(i)
         mean = xp.sum(1) / max(m, 1)
         var = ((xp - mean[:, None]) ** 2).sum(1) / max(m - 1, 1) * infl
-        def size(d_exact):
-            dh = d_exact + n_mid * mean
-            b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
-            return float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
-        need = size(dfix)
-        cons = size((e * ((n < L) & ~mid)).sum(1))  # the cut kernel's: sinks and window only
-        draws = (n_mid if cons >= max(n_mid - topk, m) else int(max(cons, m))) if n_mid > 0 else 0
-        ex = n_mid > 0 and cons >= max(n_mid - topk, m)
+        dh = dfix + n_mid * mean
+        b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
+        need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
+        ex = n_mid > 0 and need >= max(n_mid - topk, m)
         ex = ex if exact is None else bool(exact[row])
         tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
         tot_m = tot_m if total is None else int(total[row])
@@ -243,15 +238,13 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         out[b, h * G:(h + 1) * G, 0] = (num + es @ vv[idx]) / den[:, None]
         d_hat[b, h * G:(h + 1) * G] = den
         d_true[b, h * G:(h + 1) * G] = e[:, :L].sum(1)
-        rows[row] = torch.tensor([m, tot_m, n_mid, need, float(ex), t, tu, draws], dtype=torch.float64)
+        rows[row] = torch.tensor([m, tot_m, n_mid, need, float(ex), t, tu], dtype=torch.float64)
         exact_keys[row] = int(fixed.sum())
         sample_keys[row] = len(idx)
     return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true)
 
 
-def scan_density(st, lengths, Hkv, read=True):
-    """Mean over rows of (exact + sample keys) / length; read=True counts every sample key read
-    (dropped chunks included), False only those attended."""
+def scan_density(st, lengths, Hkv):
+    """Mean over rows of (exact + sample keys) / length."""
     L = lengths.float().repeat_interleave(Hkv)
-    smp = st["read_keys"] if read else st["sample_keys"]
-    return ((st["exact_keys"] + smp).float() / L.to(smp.device)).mean().item()
+    return ((st["exact_keys"] + st["sample_keys"]).float() / L.to(st["exact_keys"].device)).mean().item()
