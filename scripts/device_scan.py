@@ -74,7 +74,7 @@ if "checks" in parts:
 if "variants" in parts:
     rows = []
     for B in [int(x) for x in os.environ.get("VB", "1,8").split(",")]:
-        N = 131072
+        N = int(os.environ.get("VN", 131072))
         sets = [data(B, N, 10 + i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
         p = sp_of(N)
@@ -83,7 +83,8 @@ if "variants" in parts:
         from vattn.kernels.scan import scan_plan
         s1, s2 = scan_plan(B * 8, N, torch.device("cuda"))
         vars_ = {"default": {}, "no pdl": dict(pdl=False), "w8 bn128": dict(num_warps=8, block_n=128),
-                 "w4": dict(num_warps=4), "w8": dict(num_warps=8), "cb1024": dict(block_c=1024)}
+                 "w4": dict(num_warps=4), "w8": dict(num_warps=8), "cb1024": dict(block_c=1024),
+                 "s2x2": dict(splits=(s1, 2 * s2)), "s2x4": dict(splits=(s1, 4 * s2))}
         def variant(name, kw):
             row = dict(B=B, name=name)
             for upto in ((1, 2, 3, 4) if name == "default" else (4,)):
@@ -98,7 +99,7 @@ if "variants" in parts:
         del sets
         torch.cuda.empty_cache()
     res["variants"] = rows
-    print("\nVARIANTS at 128K (us per layer; default also cumulative stages cut / +scan / +sample / +merge)")
+    print(f"\nVARIANTS at N={os.environ.get('VN', 131072)} (us per layer; default also cumulative stages cut / +scan / +sample / +merge)")
     for r in rows:
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
