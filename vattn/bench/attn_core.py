@@ -149,7 +149,7 @@ def scan_stages(row, sets, proj, lengths, p, **kw):
     """The four-launch pipeline (kernels/scan.py): whole step, cumulative stage times (cut;
     + scan; + sample; + merge), its measured density and denominator error."""
     from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
-    sp = scan_params(lengths.shape[0] and int(lengths.max()), p)
+    sp = scan_params(sets[0][1].shape[2], p)
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
                                                                       upto=upto, **sp, **kw)

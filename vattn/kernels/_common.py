@@ -139,4 +139,9 @@ def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, b
 def use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch: a launch may start while the previous one drains (Hopper
     and later, CUDA only; the interpreter has no griddepcontrol)."""
-    return device.type == "cuda" and not interpret() and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and not interpret() and _major(device.index or 0) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]

@@ -255,6 +255,17 @@ def _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R: tl.constexpr, 
             SP: tl.constexpr, POOLED: tl.constexpr):
     """The verified budget (_ext_size) from the pilot scores sp [M, M0P] and D_F (the split-KV
     partials of attention pass 1, plse [rows*R, ST] log2 units, columns [0, S1))."""
+    var, dfix, mean = _pilot_moments(sp, plse, row, m, S1, ST, R, M, M0P, SP)
+    r = tl.arange(0, M)
+    return _ext_size(var, dfix + n_r.to(tl.float32) * mean, n_r, m, m0, zz, eps2, infl, r < R, POOLED)
+
+
+@triton.jit
+def _pilot_moments(sp, plse, row, m, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
+                   SP: tl.constexpr):
+    """Per head, with one shift: (variance and mean of exp(s) over the m pilot keys, sp [M, M0P]
+    natural-log scores, -inf for a key that counts as 0; D_F, the exact mass, from the split-KV
+    partials plse [rows*R, ST] log2 units, columns [0, S1))."""
     r = tl.arange(0, M)
     pok = tl.arange(0, M0P) < m
     sc = tl.arange(0, SP)
@@ -267,8 +278,7 @@ def _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R: tl.constexpr, 
     mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
     dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
     var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
-    dhat = dfix + n_r.to(tl.float32) * mean
-    return _ext_size(var, dhat, n_r, m, m0, zz, eps2, infl, r < R, POOLED)
+    return var, dfix, mean
 
 
 @triton.jit

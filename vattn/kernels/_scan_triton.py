@@ -8,7 +8,7 @@ import triton.language as tl
 
 from vattn.kernels._bits_triton import popc, popc_hw, qwords, scores  # noqa: F401 (jit globals)
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
-from vattn.kernels._sample_triton import _mix
+from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
@@ -124,7 +124,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
         d = tl.arange(0, D)
         kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
         i = tl.arange(0, M0P)
-        pok = (i < m0) & (i < tl.where(n_mid > 0, m0, 0))
+        pok = i < tl.where(n_mid > 0, m0, 0)
         xp0 = _draw(i, skey, sink, n_mid)
         keep = pok & ~_taken(_bins(qv, ks, row, b, xp0, pok, H, N, G, R, W, RWP, HW, SH, NH), xp0, t, tu, tkey)
         kp = tl.load(kb + tl.where(keep, xp0, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None],
@@ -189,19 +189,10 @@ def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr
     r = tl.arange(0, M)
     i = tl.arange(0, M0P)
     m = tl.where(n_mid > 0, m0, 0)
-    pok = i < m
-    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & pok[None, :],
+    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & (i < m)[None, :],
                   other=float("-inf"))
-    c1 = tl.arange(0, SP)
-    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + c1[None, :],
-                 mask=(r < R)[:, None] & (c1 < S1)[None, :], other=float("-inf"), volatile=True)
-    shift = tl.maximum(tl.maximum(tl.max(spl, 1), tl.max(pl, 1)), -1e30)
-    dfix = tl.sum(tl.exp2(pl - shift[:, None]), 1)
-    xp = tl.where(pok[None, :], tl.exp2(spl - shift[:, None]), 0.0)
-    mf = tl.maximum(m, 1).to(tl.float32)
-    mean = tl.sum(xp, 1) / mf
-    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
-    var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0) * infl
+    var, dfix, mean = _pilot_moments(spl * 0.6931471805599453, plse, row, m, S1, S, R, M, M0P, SP)
+    var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
     nm = n_mid.to(tl.float32)
     dhat = dfix + nm * mean
     b0 = zz * nm * nm * var / (eps2 * dhat * dhat)

@@ -79,6 +79,17 @@ def _check(qsig, ksig, k, hi, shared):
         raise VattnError(f"k must be >= 1, got {k}")
 
 
+def check_sig_inputs(name, q, k, ksig, proj):
+    """The hash decode pipelines' shared checks: one query row, key signatures of k's shape."""
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    if T != 1:
+        raise VattnError(f"{name} handles one query row (T=1), got T={T}")
+    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
+        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
+
+
 def split_rows(rows: int, n: int, block_n: int, device, most=32) -> tuple[int, int]:
     """(programs per row, keys per program): about 4 programs per SM in all, whole blocks each,
     at most `most` per row (the emit pass reads all of its row's histograms)."""

@@ -86,6 +86,7 @@ def perm_sample(member, lo: int, hi, cap: int, seed: int, *, block=256, walk=24)
     return idx, acc
 
 
+@functools.lru_cache(maxsize=64)  # called per layer and step: no torch op each time
 def z_two_sided(delta: float) -> float:
     """Phi^-1(1 - delta/2), as the CPU reference (methods/sampling.py) uses."""
     if not 0 < delta < 1:

@@ -30,7 +30,7 @@ import torch
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
                                    use_pdl)
-from vattn.kernels.bits import bit_scores_ref, sign_bits
+from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
 TIE_SALT = 0x68E31DA4
@@ -59,13 +59,9 @@ def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
 
 
 def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
-    B, Hq, T, D = q.shape
-    if T != 1:
-        raise VattnError(f"vattention_scan_decode handles one query row (T=1), got T={T}")
-    Hkv, N = k.shape[1], k.shape[2]
-    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
-        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
-                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
+    check_sig_inputs("vattention_scan_decode", q, k, ksig, proj)
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
     if v.shape != k.shape or v.dtype != k.dtype or q.dtype != k.dtype or Hq % Hkv:
         raise VattnError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
                          f"{v.dtype}: k and v must match, share q's dtype, and Hkv must divide Hq")

@@ -30,7 +30,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import check_runnable
-from vattn.kernels.bits import topk_launch
+from vattn.kernels.bits import check_sig_inputs, topk_launch
 from vattn.kernels.sample import budget_emit, check_weights, perm_sample, sample_budget
 from vattn.kernels.sparse import launch_split, plan_splits
 from vattn.kernels._common import merge_partials
@@ -55,12 +55,8 @@ def vattention_hash_select(q, k, ksig, proj, lengths, *, sink=128, window=128, t
     (pilot m, extension ext, residual n_r, raw extension)."""
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    if T != 1:
-        raise VattnError(f"vattention_hash_select handles one query row (T=1), got T={T}")
+    check_sig_inputs("vattention_hash_select", q, k, ksig, proj)
     check_weights(weights)
-    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
-        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
-                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
     check_runnable(q, k, ksig, lengths)
@@ -105,12 +101,8 @@ def vattention_hash_decode(q, k, v, ksig, proj, lengths, *, sink=128, window=128
     The sample has no slot cap (cap is accepted and ignored): ext equals the verified budget."""
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    if T != 1:
-        raise VattnError(f"vattention_hash_decode handles one query row (T=1), got T={T}")
+    check_sig_inputs("vattention_hash_decode", q, k, ksig, proj)
     check_weights(weights)
-    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
-        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
-                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
     if v.shape != k.shape or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise VattnError(f"k and v must match with last-dim stride 1, got {tuple(k.shape)} {tuple(v.shape)}")
     if lengths is None:
