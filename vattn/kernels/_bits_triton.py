@@ -51,24 +51,47 @@ def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
 
 
 @triton.jit
-def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
-           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr):
-    # agreement of BN keys with the R query signatures of this selection row (qv from qwords)
+def sig_words(ks, row, b, n, inr, H, HKV, T, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
+              WP: tl.constexpr):
+    """Raw signature words of keys n of this selection row: [BN] when W == 1, else [BN, WP]
+    (0 outside inr). Apart from `agreement` so a caller can issue the loads a block ahead."""
     h = (row // T) % H
     j = (h * R) // G
     kb = ks + ((b * HKV + j) * N).to(tl.int64) * W
+    if W == 1:
+        return tl.load(kb + n.to(tl.int64), mask=inr, other=0)
+    else:
+        w = tl.arange(0, WP)
+        return tl.load(kb + n.to(tl.int64)[:, None] * W + w[None, :], mask=inr[:, None] & (w < W)[None, :], other=0)
+
+
+@triton.jit
+def agreement(qv, kw, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr):
+    """int32 [BN]: summed over the R query signatures (qv from qwords), the bits each key's
+    signature (kw from sig_words) agrees on."""
     rw = tl.arange(0, RWP)
-    acc = tl.zeros(n.shape, tl.int32)
+    acc = tl.zeros([kw.shape[0]], tl.int32)
     for w in tl.static_range(W):
-        kw = tl.load(kb + n.to(tl.int64) * W + w, mask=inr, other=0)
+        if W == 1:
+            k1 = kw
+        else:
+            k1 = tl.sum(tl.where(tl.arange(0, WP)[None, :] == w, kw, 0), 1)
         for r in tl.static_range(R):
             qw = tl.sum(tl.where(rw == r * W + w, qv, 0), 0)
-            x = qw ^ kw.to(tl.uint32, bitcast=True)
+            x = qw ^ k1.to(tl.uint32, bitcast=True)
             if HW:
                 acc += 32 - popc_hw(x)
             else:
                 acc += 32 - popc(x)
     return acc
+
+
+@triton.jit
+def scores(qv, ks, row, b, n, inr, H, HKV, T, N,
+           G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr):
+    # agreement of BN keys with the R query signatures of this selection row (qv from qwords)
+    WP: tl.constexpr = max(2, triton.next_power_of_2(W))
+    return agreement(qv, sig_words(ks, row, b, n, inr, H, HKV, T, N, G, R, W, WP), R, W, WP, RWP, HW)
 
 
 @triton.jit

@@ -6,7 +6,7 @@ Scores are in the log2 domain, as in the other decode kernels.
 import triton
 import triton.language as tl
 
-from vattn.kernels._bits_triton import popc, popc_hw, qwords, scores  # noqa: F401 (jit globals)
+from vattn.kernels._bits_triton import agreement, popc, popc_hw, qwords, sig_words  # noqa: F401 (jit globals)
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -23,11 +23,28 @@ def _keys(seed, row):
 
 
 @triton.jit
-def _bins(qv, ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr,
-          HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
-    """Histogram bin of each key's bit-agreement score: min(score >> SH, NH - 1)."""
-    s = scores(qv, ks, row, b, n, inr, H, H, 1, N, G, R, W, RWP, HW)
-    return tl.minimum(s >> SH, NH - 1)
+def _words(ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """Raw signature words of keys n (loads apart from their use: issued a block ahead)."""
+    return sig_words(ks, row, b, n, inr, H, H, 1, N, G, R, W, WP)
+
+
+@triton.jit
+def _wbins(qv, kw, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr,
+           SH: tl.constexpr, NH: tl.constexpr):
+    """Histogram bin of each key's bit-agreement score (words kw): min(score >> SH, NH - 1)."""
+    return tl.minimum(agreement(qv, kw, R, W, WP, RWP, HW) >> SH, NH - 1)
+
+
+@triton.jit
+def _bins(qv, ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+          RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
+    return _wbins(qv, _words(ks, row, b, n, inr, H, N, G, R, W, WP), R, W, WP, RWP, HW, SH, NH)
+
+
+@triton.jit
+def _mid(n, end, sink, hi):
+    """Keys n of the span (below end) in the middle [sink, hi)."""
+    return (n < end) & (n >= sink) & (n < hi)
 
 
 @triton.jit
@@ -83,18 +100,21 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
                sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
-               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr, M0P: tl.constexpr,
-               BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+               D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
+               M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
+               IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
-    CL * STRIDE keys of the middle). The last program of a row to finish (counter ctr, zero
-    before the launch) sums them into the cut[row] = (tau, thu) and scores the pilot (the
-    first m0 sample draws; a drawn top-k key scores -inf, it counts as 0): pil [rows * R, M0P]."""
+    CL * STRIDE keys of the middle) and scores pilot draws [p * PC, (p + 1) * PC) (the first m0
+    sample draws): pil [rows * R, M0P] log2 scores, pbin [rows, M0P] their score bins (whether a
+    draw is a top-k key is decided where the cut is known). The last program of a row to
+    finish (counter ctr, zero before the launch) sums the histograms into cut[row] = (tau, thu)."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
+    _stamp(tr, 0, p, TR)
     _pdl_wait(PDL)
     b = row // H
     L = tl.load(lens + b)
@@ -107,11 +127,26 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
     lane = tl.arange(0, BN)
     n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
     inr = n < hi
-    hc = tl.histogram(_bins(qv, ks, row, b, n, inr, H, N, G, R, W, RWP, HW, SH, NH), NH, mask=inr)
+    hc = tl.histogram(_bins(qv, ks, row, b, n, inr, H, N, G, R, W, WP, RWP, HW, SH, NH), NH, mask=inr)
+    # this program's pilot draws: their loads overlap the histogram's
+    skey, tkey = _keys(seed, row)
+    i = p * PC + tl.arange(0, PC)
+    pok = i < tl.where(n_mid > 0, m0, 0)
+    xp = _draw(i, skey, sink, n_mid)
+    d = tl.arange(0, D)
+    kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
+    kp = tl.load(kb + xp.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
+    pb = _bins(qv, ks, row, b, xp, pok, H, N, G, R, W, WP, RWP, HW, SH, NH)
+    spl = dot_qk(_query(q, row, b, H, sqb, sqh, sqt, R, M, D), kp, IEEE) * scale_log2
+    r = tl.arange(0, M)
+    tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None] & pok[None, :])
+    tl.store(pbin + row * M0P + i, pb, mask=pok)
     v = tl.arange(0, NH)
     tl.store(hist + (row * P + p) * NH + v, hc)
+    _stamp(tr, 1, tl.sum(hc, 0) + tl.sum(pb, 0), TR)
     tl.debug_barrier()
     done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+    _stamp(tr, 2, done, TR)
     if done == P - 1:
         pp = tl.arange(0, PP)
         tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
@@ -119,46 +154,44 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, qs,
         t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
         f = tl.arange(0, 2)
         tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
-        skey, tkey = _keys(seed, row)
-        qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
-        d = tl.arange(0, D)
-        kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
-        i = tl.arange(0, M0P)
-        pok = i < tl.where(n_mid > 0, m0, 0)
-        xp0 = _draw(i, skey, sink, n_mid)
-        keep = pok & ~_taken(_bins(qv, ks, row, b, xp0, pok, H, N, G, R, W, RWP, HW, SH, NH), xp0, t, tu, tkey)
-        kp = tl.load(kb + tl.where(keep, xp0, 0).to(tl.int64)[:, None] * skn + d[None, :], mask=keep[:, None],
-                     other=0.0)
-        spl = tl.where(keep[None, :], dot_qk(qq, kp, IEEE) * scale_log2, float("-inf"))
-        r = tl.arange(0, M)
-        tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None])
+        _stamp(tr, 3, t + tu, TR)
 
 
 @triton.jit
-def _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey, H, N, scale_log2,
-               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-               RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-               HW: tl.constexpr, IEEE: tl.constexpr):
-    """Keys [sp * chunk, ...) of the row: compact the exact ones (sinks, window, taken middle
-    keys) into scr, then attend them (weight 0). Returns (m_i, l_i, acc, keys attended)."""
-    chunk = tl.cdiv(tl.cdiv(L, S1), CB) * CB
-    start = sp * chunk
-    end = tl.minimum(start + chunk, L)
+def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink, t, tu, tkey, H, N,
+               scale_log2, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+               D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
+               BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
+    """Keys [start, end) of the row: compact the exact ones (sinks, window, taken middle keys)
+    into scr, then attend them (weight 0). s: the first block's score bins, w_nx: the second
+    block's signature words. Returns (m_i, l_i, acc, keys attended)."""
     sb = scr + row.to(tl.int64) * N + start
     c = 0
-    n = start + tl.arange(0, CB)
-    s_nx = _bins(qv, ks, row, b, n, (n < end) & (n >= sink) & (n < hi), H, N, G, R, W, RWP, HW, SH, NH)
     for n0 in range(start, end, CB):
         n = n0 + tl.arange(0, CB)
-        inr = n < end
-        mid = inr & (n >= sink) & (n < hi)
-        s = s_nx  # the next block's signatures are in flight while this one is compacted
-        nn = n + CB
-        s_nx = _bins(qv, ks, row, b, nn, (nn < end) & (nn >= sink) & (nn < hi), H, N, G, R, W, RWP, HW, SH, NH)
-        sel = (inr & ~mid) | (mid & _taken(s, n, t, tu, tkey))
-        si = sel.to(tl.int32)
-        tl.store(sb + c + tl.cumsum(si, 0) - 1, n, mask=sel)
-        c += tl.sum(si, 0)
+        c = _compact_block(sb, c, n, s, end, hi, sink, t, tu, tkey)
+        s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
+        nn = n + 2 * CB
+        w_nx = _words(ks, row, b, nn, _mid(nn, end, sink, hi), H, N, G, R, W, WP)
+    _stamp(tr, 2, c, TR)
+    m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
+    return m_i, l_i, acc, c
+
+
+@triton.jit
+def _compact_block(sb, c, n, s, end, hi, sink, t, tu, tkey):
+    """Append the exact keys of block n (score bins s) at sb[c, ...); returns the new count."""
+    mid = _mid(n, end, sink, hi)
+    sel = ((n < end) & ~mid) | (mid & _taken(s, n, t, tu, tkey))
+    si = sel.to(tl.int32)
+    tl.store(sb + c + tl.cumsum(si, 0) - 1, n, mask=sel)
+    return c + tl.sum(si, 0)
+
+
+@triton.jit
+def _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Attend the c keys listed at sb (written by this program's threads). Returns (m_i, l_i, acc)."""
     tl.debug_barrier()  # the compacted positions, written by other threads of this program
     d = tl.arange(0, D)
     m_i = tl.full([M], float("-inf"), tl.float32)
@@ -176,21 +209,32 @@ def _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t
         vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
         sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
         m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
-    return m_i, l_i, acc, c
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
-            M0P: tl.constexpr, SP: tl.constexpr):
-    """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
-    [0, S1) of plse) and the pilot's scores (pil), log2 units. total = max over heads of
-    ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least m0;
-    exact when that reaches the residual's size (n_mid - K)."""
+def _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R: tl.constexpr, M: tl.constexpr,
+           M0P: tl.constexpr):
+    """The pilot's log2 scores [M, M0P] (cut kernel outputs, read past L1): -inf past m0 and at
+    draws that are top-k keys (they count as 0)."""
     r = tl.arange(0, M)
     i = tl.arange(0, M0P)
     m = tl.where(n_mid > 0, m0, 0)
-    spl = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & (i < m)[None, :],
-                  other=float("-inf"))
+    pb = tl.load(pbin + row * M0P + i, mask=i < m, other=0, cache_modifier=".cg")
+    keep = (i < m) & ~_taken(pb, _draw(i, skey, sink, n_mid), t, tu, tkey)
+    return tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & keep[None, :],
+                   other=float("-inf"), cache_modifier=".cg")
+
+
+@triton.jit
+def _budget(plse, spl, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+            M0P: tl.constexpr, SP: tl.constexpr):
+    """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
+    [0, S1) of plse) and the pilot's scores (spl, from _pilot), log2 units. total = max over
+    heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least
+    m0; exact when that reaches the residual's size (n_mid - K)."""
+    r = tl.arange(0, M)
+    m = tl.where(n_mid > 0, m0, 0)
     var, dfix, mean = _pilot_moments(spl * 0.6931471805599453, plse, row, m, S1, S, R, M, M0P, SP)
     var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
     nm = n_mid.to(tl.float32)
@@ -205,15 +249,17 @@ def _budget(plse, pil, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr
 
 
 @triton.jit
-def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink, n_mid, K, m0,
-                 t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
-                 M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
-                 SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr,
-                 IEEE: tl.constexpr):
+def _sample_part(qv, spl, x_nx, w_nx, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b, j2, S1, S2, sink, n_mid,
+                 K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
+                 M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
+                 NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr,
+                 HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
-    Returns (m_i, l_i, acc, log2 weight, keys attended)."""
-    total, exact, need = _budget(plse, pil, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
+    x_nx / w_nx: positions and signature words of block j2 as draws. Returns (m_i, l_i, acc,
+    log2 weight, keys attended)."""
+    total, exact, need = _budget(plse, spl, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
+    _stamp(tr, 2, total, TR)
     if j2 == 0:
         f = tl.arange(0, 8)
         vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
@@ -231,14 +277,19 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1,
     lim = tl.where(exact, n_mid, total)
     d = tl.arange(0, D)
     j = tl.arange(0, BN)
+    if exact:  # the residual in position order instead of draws
+        x_nx = sink + j2 * BN + j
+        w_nx = _words(ks, row, b, x_nx, j2 * BN + j < lim, H, N, G, R, W, WP)
     for blk in range(j2, tl.cdiv(lim, BN), S2):
         ii = blk * BN + j
-        ok = ii < lim
-        x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
-        use = ok & ~_taken(_bins(qv, ks, row, b, x, ok, H, N, G, R, W, RWP, HW, SH, NH), x, t, tu, tkey)
+        x = x_nx
+        use = (ii < lim) & ~_taken(_wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH), x, t, tu, tkey)
         x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
         kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
         vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
+        i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
+        x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
+        w_nx = _words(ks, row, b, x_nx, i2 < lim, H, N, G, R, W, WP)
         sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
         m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
         got += tl.sum(use.to(tl.int32), 0)
@@ -247,23 +298,38 @@ def _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1,
 
 
 @triton.jit
-def _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, sink,
-               R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-               PDL: tl.constexpr):
-    # Inputs older than the previous launch (q, k, v, lengths) are read before the
-    # programmatic-dependent-launch wait; the cut kernel's outputs (cut, qs) after it.
+def _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, R: tl.constexpr,
+             M: tl.constexpr, D: tl.constexpr):
+    # Reads only inputs older than the pipeline (q, k, v, lengths): safe before the
+    # programmatic-dependent-launch wait.
     b = row // H
     L = tl.load(lens + b)
-    hi = L - window
     skey, tkey = _keys(seed, row)
     qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
-    _pdl_wait(PDL)
-    t = tl.load(cut + row * 2)
-    tu = tl.load(cut + row * 2 + 1)
-    qv = qwords(q, qs, q, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, False)
-    return b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb
+    return b, L, L - window, skey, tkey, qq, kb, vb
+
+
+@triton.jit
+def _qsig(qs, row, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
+    """The cut kernel's query signature words (read past L1)."""
+    rw = tl.arange(0, RWP)
+    return tl.load(qs + row * R * W + rw, mask=rw < R * W, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _stamp(tr, slot, dep, TR: tl.constexpr):
+    """Trace (TR, GPU only): the global timer in ns, read once `dep` is computed, at
+    tr[program, slot] (int64 [programs, 8]); slot 7 holds the SM id."""
+    if TR:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(tr + pid * 8 + slot, t)
+        if slot == 0:
+            sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+            tl.store(tr + pid * 8 + 7, sm.to(tl.int64))
 
 
 @triton.jit
@@ -276,39 +342,74 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, qs, ks, k, v, lens, cut, scr, cnt, po, plse,
+def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
-                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
+                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
+                TR: tl.constexpr = 0):
     """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
-    attended cnt[row, sp] (row stride S)."""
+    attended cnt[row, sp] (row stride S). Before the wait for the cut it scores its first
+    block with its own query signature and loads the second block's words."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
-                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
-    m_i, l_i, acc, c = _scan_part(qv, qq, ks, kb, vb, skn, svn, scr, row, b, sp, S1, L, hi, sink, t, tu, tkey,
-                                  H, N, scale_log2, G, R, M, W, D, RWP, NH, SH, CB, BN, HW, IEEE)
+    _stamp(tr, 0, sp, TR)
+    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
+                                                window, R, M, D)
+    chunk = tl.cdiv(tl.cdiv(L, S1), CB) * CB
+    start = sp * chunk
+    end = tl.minimum(start + chunk, L)
+    qv0 = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    n = start + tl.arange(0, CB)
+    w0 = _words(ks, row, b, n, _mid(n, end, sink, hi), H, N, G, R, W, WP)
+    s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
+    w_nx = _words(ks, row, b, n + CB, _mid(n + CB, end, sink, hi), H, N, G, R, W, WP)
+    _pdl_wait(PDL)
+    t = tl.load(cut + row * 2)
+    tu = tl.load(cut + row * 2 + 1)
+    qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
+    if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
+        s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
+    _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
+    m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink, t,
+                                  tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE, TR)
+    _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
     tl.store(cnt + row * S + sp, c)
+    _stamp(tr, 4, c, TR)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, cut, pil, cnt, po, plse, stats,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
-                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
-                  RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
+                  TR: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
-    pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2."""
+    pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
+    Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
+    before the scan's programs passed their own wait, so before this launch began) and loads
+    its first block's signature words."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
-    b, L, hi, t, tu, skey, tkey, qv, qq, kb, vb = _row_setup(q, qs, lens, cut, k, v, seed, row, H, sqb, sqh, sqt,
-                                                             skb, skh, svb, svh, window, sink, R, M, W, D, RWP, PDL)
+    _stamp(tr, 0, j2, TR)
+    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
+                                                window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, qq, ks, kb, vb, skn, svn, plse, pil, stats, row, b, j2, S1, S2, sink,
-                                         n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G, R, M,
-                                         W, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE)
+    t = tl.load(cut + row * 2, cache_modifier=".cg")
+    tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
+    qv = _qsig(qs, row, R, W, RWP)
+    spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
+    x_nx = _draw(j2 * BN + tl.arange(0, BN), skey, sink, n_mid)
+    w_nx = _words(ks, row, b, x_nx, x_nx < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
+    _pdl_wait(PDL)
+    _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x_nx, w_nx, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b, j2,
+                                         S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2,
+                                         infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE, TR)
+    _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
+    _stamp(tr, 4, c, TR)

@@ -54,7 +54,10 @@ def _split_kernel():
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
               HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr):
+              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+        if PDL:  # q may come from the previous launch; the merge may start scheduling now
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         b = pid // HKV
@@ -122,10 +125,12 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
     return math.ceil(n / chunk), chunk
 
 
-def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None):
+def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
+                 pdl=False):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages None: 3 for few KV rows, 2 from 32 (H100, 128K: B=8 1468 -> 1404-1406 us, two runs;
-    B=1 stays better at 3: 184.5 vs 187.0)."""
+    B=1 stays better at 3: 184.5 vs 187.0). pdl: programmatic dependent launches (Hopper, see
+    _common.use_pdl)."""
     _check(q, k, v, lengths)
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
@@ -150,6 +155,6 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
         v.stride(0), v.stride(1), v.stride(2),
         Hkv, S, chunk, scale * LOG2E,
         G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    return merge_partials(po, plse, out)
+    return merge_partials(po, plse, out, pdl=pdl)

@@ -83,13 +83,16 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None):
+                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None,
+                           trace=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
-    previous one: it starts while that one drains and waits in-kernel for its outputs."""
+    previous one: it starts while that one drains and waits in-kernel for its outputs.
+    trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
+    program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -114,7 +117,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     pdl = use_pdl(q.device) if pdl is None else pdl
     if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
         num_warps = 8 if rows <= 16 else 4
-    meta = dict(G=G, R=R, M=M, W=W, D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH, HW=not interpret(),
+    meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH, HW=not interpret(),
                 IEEE=use_ieee(q.dtype), num_warps=num_warps, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
@@ -126,18 +129,27 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
+    pbin = torch.empty(rows * M0P, dtype=torch.int32, device=dev)  # the pilot draws' score bins
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, qs, *sq, *skv[:3], Hkv, N, sink, window,
-                             topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)), M0P=M0P, BN=SUB_BLOCK,
-                             CL=32, **meta)
+    tr = {}
+    if trace is not None:
+        tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("cut", P), ("scan", s1),
+                                                                                        ("sample", s2))}
+        trace.update(tr)
+        meta["TR"] = 1
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)),
+                             M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK, CL=32, **meta)
     if upto < 2:
         return None
-    kt.scan_kernel[(rows, s1)](q, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, *sq, *skv, Hkv, N, s1, s1 + s2,
+    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
+                               *skv, Hkv, N, s1, s1 + s2,
                                sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
     if upto < 3:
         return None
-    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, cnt, po, plse, st, *sq, *skv, Hkv, N, s1, s2,
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
+                                 *sq, *skv, Hkv, N, s1, s2,
                                  sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
                                  **meta)

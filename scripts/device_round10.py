@@ -1,0 +1,59 @@
+"""Round 10 GPU run: dense decode with programmatic dependent launch against SDPA (interleaved
+repeats), the scan pipeline's timeline (scripts/trace_scan.py) and its per-layer time.
+Usage: python scripts/device_round10.py [dense,trace,scan,split]"""
+import os
+import sys
+import torch
+from vattn.bench.attn_core import graph_us, scan_params
+from vattn.kernels.decode import dense_decode
+from vattn.kernels.scan import vattention_scan_decode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_scan import data, timeline  # noqa: E402
+
+F = torch.nn.functional
+parts = (sys.argv[1] if len(sys.argv) > 1 else "dense,trace,scan").split(",")
+print(torch.cuda.get_device_name(), torch.__version__)
+
+if "dense" in parts:
+    for B, N in ((1, 131072), (8, 131072), (1, 32768)):
+        sets = [data(B, N, i)[:3] for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        cfgs = {"sdpa": None, "dense": {}, "pdl": dict(pdl=True), "pdl w8": dict(pdl=True, num_warps=8),
+                "pdl bn128 w8": dict(pdl=True, block_n=128, num_warps=8), "pdl st4": dict(pdl=True, num_stages=4)}
+        res = {c: [] for c in cfgs}
+        for rep in range(2):
+            for c, kw in cfgs.items():
+                f = (lambda s: F.scaled_dot_product_attention(*s, enable_gqa=True)) if kw is None else \
+                    (lambda s, kw=kw: dense_decode(*s, L, **kw))
+                res[c].append(graph_us([lambda s=s, f=f: f(s) for s in sets]))
+        base = sum(res["sdpa"]) / 2
+        print(f"\nDENSE B={B} N={N}: " + "; ".join(f"{c} {sum(v) / 2:.1f} us ({base / (sum(v) / 2):.3f})"
+                                                 for c, v in res.items()))
+        del sets
+        torch.cuda.empty_cache()
+
+if "trace" in parts:
+    for B, N in ((1, 131072), (8, 131072)):
+        timeline(B, N)
+
+if "scan" in parts:
+    for B, N in ((1, 131072), (8, 131072)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        sd = graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True) for s in sets])
+        us = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp)
+                       for i, s in enumerate(sets)])
+        print(f"\nSCAN B={B} N={N}: sdpa {sd:.1f} scan {us:.1f} us ({sd / us:.2f}x)")
+        del sets
+        torch.cuda.empty_cache()
+
+if "split" in parts:  # scan programs per row at B=8 128K (scan_plan gives 5 scan, 31 sample)
+    B, N = 8, 131072
+    sets = [data(B, N, i) for i in range(1)]
+    L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+    sp = scan_params(N)
+    for spl in ((5, 31), (8, 31), (11, 31), (16, 31), (8, 16), (8, 48)):
+        us = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[4], s[3], L, seed=i, splits=spl,
+                                                               **sp) for i, s in enumerate(sets)])
+        print(f"SPLIT B={B} N={N} splits={spl}: {us:.1f} us")

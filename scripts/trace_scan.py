@@ -1,0 +1,70 @@
+"""Timeline of the four-launch scan pipeline on GPU, from the kernels' global-timer stamps
+(vattention_scan_decode(trace=...)), replayed in a CUDA graph as the benchmark runs it.
+Usage: python scripts/trace_scan.py [B,N ...]   (default 1,131072 8,131072)
+Prints per kernel: first start / last end (us from the cut's first start), program count,
+SMs used, and per phase the median / p90 / max duration over programs."""
+import sys
+import torch
+from vattn.bench.attn_core import scan_params
+from vattn.kernels.bits import sign_bits
+from vattn.kernels.scan import vattention_scan_decode
+
+PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
+          "scan": ("setup", "compact", "gather", "write"),
+          "sample": ("setup", "budget", "draws", "write")}
+
+
+def data(B, N, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    proj = torch.randn(128, 32, device="cuda", generator=g)
+    return q, k, v, proj, sign_bits(k, proj)
+
+
+def q(x, f):
+    return x.quantile(f).item() if x.numel() else float("nan")
+
+
+def timeline(B, N, **kw):
+    qq, k, v, proj, ks = data(B, N)
+    L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+    sp = scan_params(N)
+    run = lambda tr=None: vattention_scan_decode(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)  # noqa: E731
+    for _ in range(3):
+        run({})
+    torch.cuda.synchronize()
+    tr = {}
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        run(tr)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    t0 = tr["cut"][:, 0].min().item()
+    print(f"\nB={B} N={N} {kw}: us from the cut's first start")
+    for name, ph in PHASES.items():
+        t = tr[name].cpu()
+        ran = t[:, 0] > 0
+        t = t[ran]
+        last = t[:, 1:len(ph) + 1].max(1).values  # the cut's non-last programs skip slot 3
+        start, end = (t[:, 0].min().item() - t0) / 1e3, (last.max().item() - t0) / 1e3
+        print(f"  {name:6s} {start:7.1f} .. {end:7.1f}  programs {len(t)} on {t[:, 7].unique().numel()} SMs; "
+              f"program time median {q((last - t[:, 0]).float() / 1e3, .5):.1f} max {(last - t[:, 0]).max() / 1e3:.1f}"
+              f"; starts after {q((t[:, 0] - t0).float() / 1e3, .5):.1f} (median) {(t[:, 0].max() - t0) / 1e3:.1f} (last)")
+        for i, p in enumerate(ph):
+            a, b = t[:, i], t[:, i + 1]
+            ok = b > 0
+            d = (b[ok] - a[ok]).float() / 1e3
+            print(f"      {p:10s} median {q(d, .5):6.2f}  p90 {q(d, .9):6.2f}  max {d.max().item() if d.numel() else 0:6.2f}"
+                  f"  (n={int(ok.sum())})")
+
+
+if __name__ == "__main__":
+    cases = [tuple(int(x) for x in a.split(",")) for a in sys.argv[1:]] or [(1, 131072), (8, 131072)]
+    for B, N in cases:
+        timeline(B, N)
