@@ -1,6 +1,6 @@
 """Compile the scan kernels for sm_90 on a machine without a GPU (catches Triton compile
 errors before a device call). Prints registers / spills where ptxas runs.
-Usage: python scripts/compile_check.py [num_warps] [BN]"""
+Usage: python scripts/compile_check.py [num_warps] [BN] [CB] [PDL] [TR]"""
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -47,7 +47,14 @@ smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
-for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
+fus_names = ("q proj ks k v lens hist ctr cut pil pbin bins8 scr cnt po plse stats tr sqb sqh sqt skb skh skn svb svh "
+             "svn H N S sink window K m0 seed scale_log2 zz eps2 infl").split()
+fus_types = ["*bf16", "*fp32", P, "*bf16", "*bf16", P, P, P, P, "*fp32", P, "*u8", P, P, "*fp32", "*fp32", "*fp32",
+             "*i64"] + [I] * 17 + [F] * 4
+from vattn.kernels import _fused_triton as kf
+for name, fn, s, c in (("fused_kernel", kf.fused_kernel, sig(fus_names, fus_types),
+                        common | dict(SPP=64, M0P=128, PC=16, CB=CB, BN=BN, PH=0)),
+                       ("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),
@@ -56,4 +63,4 @@ for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
         regs, spill, smem = build(fn, s, c)
         print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
     except Exception as e:
-        print(name, "FAILED:", str(e)[:1500])
+        print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")

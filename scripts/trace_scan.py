@@ -7,11 +7,13 @@ import sys
 import torch
 from vattn.bench.attn_core import scan_params
 from vattn.kernels.bits import sign_bits
+from vattn.kernels.fused import vattention_fused_decode
 from vattn.kernels.scan import vattention_scan_decode
 
 PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
           "scan": ("setup", "compact", "gather", "write"),
-          "sample": ("setup", "budget", "draws", "write")}
+          "sample": ("setup", "budget", "draws", "write"),
+          "fused": ("hist+sync", "exact", "sync", "sample")}
 
 
 def data(B, N, seed=0):
@@ -27,11 +29,11 @@ def q(x, f):
     return x.quantile(f).item() if x.numel() else float("nan")
 
 
-def timeline(B, N, **kw):
+def timeline(B, N, fn=vattention_scan_decode, **kw):
     qq, k, v, proj, ks = data(B, N)
     L = torch.full((B,), N, dtype=torch.int32, device="cuda")
     sp = scan_params(N)
-    run = lambda tr=None: vattention_scan_decode(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)  # noqa: E731
+    run = lambda tr=None: fn(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)  # noqa: E731
     for _ in range(3):
         run({})
     torch.cuda.synchronize()
@@ -45,9 +47,11 @@ def timeline(B, N, **kw):
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
-    t0 = tr["cut"][:, 0].min().item()
-    print(f"\nB={B} N={N} {kw}: us from the cut's first start")
+    t0 = min(t[:, 0].min().item() for t in tr.values())
+    print(f"\nB={B} N={N} {fn.__name__} {kw}: us from the first program's start")
     for name, ph in PHASES.items():
+        if name not in tr:
+            continue
         t = tr[name].cpu()
         ran = t[:, 0] > 0
         t = t[ran]

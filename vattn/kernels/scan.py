@@ -165,7 +165,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
                     delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
-    """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
+    """Float64 twin of vattention_scan_decode (sub=None: the cut from every middle key, as
+    kernels.fused). tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
     float64, dict with 'rows' [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys',
@@ -179,7 +180,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     NH, SH = bins(G * 32 * W)
     sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
     n_mid_max = max(N - sink - window, 1)
-    stride = subsample_stride(n_mid_max, sub)
+    stride = subsample_stride(n_mid_max, sub or 1)
     P = -(-n_mid_max // (SUB_BLOCK * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
@@ -196,10 +197,13 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         s = sc[row]
         skey, tkey = _row_keys(seed, row)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
-        lane = torch.arange(SUB_BLOCK)
-        rel = (lane // 32) * (32 * stride) + lane % 32
-        pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
-        pos = pos[pos < hi]
+        if sub is None:  # every middle key (kernels.fused)
+            pos = torch.arange(sink, max(hi, sink))
+        else:
+            lane = torch.arange(SUB_BLOCK)
+            rel = (lane // 32) * (32 * stride) + lane % 32
+            pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
+            pos = pos[pos < hi]
         hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
         ge = tot - hc.cumsum(0) + hc
