@@ -47,13 +47,13 @@ smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
-fus_names = ("q proj ks k v lens hist ctr cut pil pbin bins8 scr cnt po plse stats tr sqb sqh sqt skb skh skn svb svh "
-             "svn H N S sink window K m0 seed scale_log2 zz eps2 infl").split()
-fus_types = ["*bf16", "*fp32", P, "*bf16", "*bf16", P, P, P, P, "*fp32", P, "*u8", P, P, "*fp32", "*fp32", "*fp32",
-             "*i64"] + [I] * 17 + [F] * 4
+fus_names = ("q proj ks k v lens hist ctr cut pil pbin scr cnt po plse stats out tr sqb sqh sqt skb skh skn svb svh "
+             "svn H N S P STRIDE sink window K m0 seed scale_log2 zz eps2 infl").split()
+fus_types = ["*bf16", "*fp32", P, "*bf16", "*bf16", P, P, P, P, "*fp32", P, P, P, "*fp32", "*fp32", "*fp32", "*bf16",
+             "*i64"] + [I] * 19 + [F] * 4
 from vattn.kernels import _fused_triton as kf
 for name, fn, s, c in (("fused_kernel", kf.fused_kernel, sig(fus_names, fus_types),
-                        common | dict(SPP=64, M0P=128, PC=16, CB=CB, BN=BN, PH=0)),
+                        common | dict(SPP=64, SP2=128, PP=16, M0P=128, PC=16, BH=1024, CL=32, CB=CB, BN=BN, PH=0)),
                        ("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),

@@ -6,8 +6,8 @@ import sys
 import torch
 from vattn.bench.attn_core import graph_us, scan_params
 from vattn.kernels.decode import dense_decode
-from vattn.kernels.fused import fused_decode_ref, vattention_fused_decode
-from vattn.kernels.scan import scan_density, vattention_scan_decode
+from vattn.kernels.fused import vattention_fused_decode
+from vattn.kernels.scan import scan_decode_ref as fused_decode_ref, scan_density, vattention_scan_decode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_scan import data, timeline  # noqa: E402
 
@@ -64,6 +64,7 @@ if "fcheck" in parts:  # the one-launch kernel against its float64 twin (its own
         qq, k, v, proj, ks = data(B, N, 7)
         L = torch.tensor(Ls, dtype=torch.int32, device="cuda")
         sp = scan_params(N) | dict(eps=eps)
+        out0 = vattention_fused_decode(qq, k, v, ks, proj, L, seed=5, **sp)  # counters left at 0 for the next call?
         out, st = vattention_fused_decode(qq, k, v, ks, proj, L, stats=True, seed=5, **sp)
         _, rs = fused_decode_ref(qq, k, v, ks, proj, L, seed=5, **sp)
         r, w = st["rows"].cpu().double(), rs["rows"]
@@ -75,7 +76,8 @@ if "fcheck" in parts:  # the one-launch kernel against its float64 twin (its own
         print(f"FCHECK B={B} N={N} eps={eps} fused={st['fused']} S={st['per_row']} tau_eq="
               f"{torch.equal(r[:, 5], w[:, 5])} thu_maxdiff={(r[:, 6] - w[:, 6]).abs().max().item():.0f} "
               f"total_maxdiff={(r[:, 1] - w[:, 1]).abs().max().item():.0f} exact_rows={int(r[:, 4].sum())} "
-              f"keys_eq={keys} err_vs_twin={err:.2e} density={scan_density(st, L, 8):.3f}")
+              f"keys_eq={keys} err_vs_twin={err:.2e} density={scan_density(st, L, 8):.3f} "
+              f"repeat_equal={torch.equal(out0, out)}")
 
 if "fused" in parts:
     for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
@@ -84,9 +86,13 @@ if "fused" in parts:
         sp = scan_params(N)
         sd = graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True) for s in sets])
         row = [f"sdpa {sd:.1f}"]
-        for name, fn, kw in (("scan", vattention_scan_decode, {}), ("fused", vattention_fused_decode, {}),
-                             ("fused w4 r128", vattention_fused_decode, dict(num_warps=4)),
-                             ("fused w4 r168", vattention_fused_decode, dict(num_warps=4, max_regs=168))):
+        for name, fn, kw in (("scan", vattention_scan_decode, {}), ("scan sb256", vattention_scan_decode,
+                                                                       dict(sub_block=256)),
+                             ("fused", vattention_fused_decode, {}),
+                             ("fused sb256", vattention_fused_decode, dict(sub_block=256)),
+                             ("fused w4 r168", vattention_fused_decode, dict(num_warps=4, max_regs=168)),
+                             ("fused w4 r168 sb256", vattention_fused_decode, dict(num_warps=4, max_regs=168,
+                                                                                   sub_block=256))):
             if B == 1 and "w4" in name:
                 continue
             try:
@@ -104,3 +110,22 @@ if "fused" in parts:
 if "ftrace" in parts:
     for B, N in ((1, 131072), (8, 131072)):
         timeline(B, N, fn=vattention_fused_decode)
+
+if "dense2" in parts:  # splits and tiles at 128K with programmatic dependent launch
+    for B in (1, 8):
+        N = 131072
+        sets = [data(B, N, i)[:3] for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        base = max(1, 264 // (B * 8))
+        cfgs = [None, dict(pdl=True)] + [dict(pdl=True, splits=m * base // 4) for m in (3, 5, 6, 8, 12)] + \
+               [dict(pdl=True, block_n=32, num_stages=3), dict(pdl=True, block_n=32, num_stages=4),
+                dict(pdl=True, num_stages=3), dict(pdl=True, num_warps=2), dict(pdl=True, block_n=128)]
+        res = []
+        for kw in cfgs:
+            f = (lambda s: F.scaled_dot_product_attention(*s, enable_gqa=True)) if kw is None else \
+                (lambda s, kw=kw: dense_decode(*s, L, **kw))
+            res.append((str(kw), graph_us([lambda s=s, f=f: f(s) for s in sets])))
+        sd = res[0][1]
+        print(f"\nDENSE2 B={B} N={N}: " + "; ".join(f"{c} {u:.1f} ({sd / u:.3f})" for c, u in res))
+        del sets
+        torch.cuda.empty_cache()

@@ -1,20 +1,22 @@
 """vAttention decode on GPU in one launch (plus the merge): vattention_fused_decode.
 
-Same estimator and result as scan.vattention_scan_decode, except the cut comes from the
-histogram of every middle key (not a subsample), so about `topk` keys are taken in
-expectation with a smaller spread. Each KV-head row gets S programs; program sp
- 1. scores its span of keys from the signatures (the bins kept as bytes), histograms them,
-    and scores its slice of the pilot;
+The scan pipeline's cut, scan and sample kernels (kernels/scan.py) as three phases of one
+kernel, with the same cut, budget, draws and result (its twin is scan.scan_decode_ref).
+Each KV-head row gets S programs; program sp
+ 1. histograms its share of the subsample, scores its slice of the pilot and the first
+    block of its span;
  2. waits for the row's programs, makes the cut from the row's histograms, compacts its
     span's exact keys (sinks, window, taken) and attends them;
  3. waits again, sizes the sample from D_F (the row's phase-2 partials) and the pilot, and
     attends draw blocks sp, sp + S, ...
-A merge of the 2 S partials per row follows. The waits are spin barriers on a per-row
-counter, so every program must be resident at once: S is the kernel's occupancy times the
-SMs over the rows. Where that is below 1 (many rows), or under the interpreter, the three
-phases run as three launches (fused=False), with the same code.
-Why one launch: at B=1 the four-launch pipeline spends most of its time waiting on the
-slowest program of each launch and on programs that start late (docs/kernel_notes.md, round 10).
+A third wait, then the row's programs merge its 2 S partials. The waits are spin barriers on
+a per-row counter, so every program must be resident at once: S is the kernel's occupancy
+times the SMs over the rows. The counters live on the device between calls (the row's last
+program sets its counter back to 0), so two calls must not run at once on different streams.
+Where S would be below 1 (many rows), or under the interpreter, the three phases run as
+three launches (fused=False) and a merge launch, with the same code.
+Why one launch: the four-launch pipeline waits at each launch for the slowest program of
+the whole grid, and some of its programs start late (docs/kernel_notes.md, round 10).
 """
 from __future__ import annotations
 
@@ -22,14 +24,23 @@ import functools
 
 import torch
 
-from vattn.kernels._common import check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee, use_pdl
-from vattn.kernels.scan import bins, check_scan_inputs, scan_decode_ref
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
+                                   use_pdl)
+from vattn.kernels.scan import SUB_BLOCK, bins, check_scan_inputs, subsample_stride
+
+_CTR = {}
+
+
+def _row_counters(dev, rows):
+    """Spin-barrier counters, zero, kept per device and row count (the kernel leaves them zero).
+    Under graph capture a first one is made per call (a memset in the graph)."""
+    key = (dev.index or 0, rows)
+    if key not in _CTR:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(rows, dtype=torch.int32, device=dev)
+        _CTR[key] = torch.zeros(rows, dtype=torch.int32, device=dev)
+    return _CTR[key]
 from vattn.kernels.sample import M32, var_inflation, z_two_sided
-
-
-def fused_decode_ref(*args, **kw):
-    """Float64 twin: scan_decode_ref with the cut from every middle key (sub=None)."""
-    return scan_decode_ref(*args, sub=None, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +70,8 @@ def fused_capacity(kernel, args, meta, device) -> int:
 
 
 def vattention_fused_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
-                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, block_c=2048,
+                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
+                            sub_block=SUB_BLOCK, block_c=2048,
                             block_n=64, per_row=None, num_warps=8, max_regs=128, fused=None, pdl=None, trace=None):
     """See the module docstring; arguments and stats as scan.vattention_scan_decode. per_row:
     programs per row (default: as many as the GPU holds at once, fused; else two per SM in all).
@@ -84,18 +96,22 @@ def vattention_fused_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, wind
     pdl = use_pdl(dev) if pdl is None else pdl
     fused = (dev.type == "cuda" and not interpret()) if fused is None else fused
     M0P = max(16, next_pow2(m0))
+    n_mid = max(N - sink - window, 1)  # the subsample as the scan's cut kernel takes it
+    stride = subsample_stride(n_mid, sub)
+    P = -(-n_mid // (sub_block * stride))
     meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
-                M0P=M0P, CB=block_c, BN=block_n, HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
+                PP=max(2, next_pow2(P)), BH=sub_block, CL=32, M0P=M0P, CB=block_c, BN=block_n, HW=not interpret(),
+                IEEE=use_ieee(q.dtype), num_warps=num_warps,
                 **({} if interpret() or not max_regs else dict(maxnreg=max_regs)))
 
-    def buffers(S):
+    def buffers(S, fused):
         return dict(
-            hist=torch.empty(rows * S * NH, dtype=torch.int32, device=dev),
-            ctr=torch.zeros(rows, dtype=torch.int32, device=dev),
+            out=torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev),
+            hist=torch.empty(rows * P * NH, dtype=torch.int32, device=dev),
+            ctr=_row_counters(dev, rows) if fused else q.new_empty(1, dtype=torch.int32),
             cut=torch.empty(rows * 2, dtype=torch.int32, device=dev),
             pil=torch.empty(rows * R * M0P, dtype=torch.float32, device=dev),
             pbin=torch.empty(rows * M0P, dtype=torch.int32, device=dev),
-            bins8=torch.empty((rows, N), dtype=torch.uint8, device=dev),
             scr=torch.empty((rows, N), dtype=torch.int32, device=dev),
             cnt=torch.empty((rows, 2 * S), dtype=torch.int32, device=dev),
             po=torch.empty((B, Hq, 1, 2 * S, D), dtype=torch.float32, device=dev),
@@ -103,32 +119,34 @@ def vattention_fused_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, wind
             st=torch.empty((rows, 8), dtype=torch.float32, device=dev))
 
     def args(bf, S, tr):
-        return (q, proj, ksig, k, v, lengths, bf["hist"], bf["ctr"], bf["cut"], bf["pil"], bf["pbin"], bf["bins8"],
-                bf["scr"], bf["cnt"], bf["po"], bf["plse"], bf["st"], tr, q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), Hkv, N, S, sink,
-                window, topk, m0, seed & M32, scale * 1.4426950408889634, z_two_sided(delta) ** 2, eps * eps,
+        return (q, proj, ksig, k, v, lengths, *(bf[n] for n in ("hist", "ctr", "cut", "pil", "pbin", "scr", "cnt", "po",
+                                                                "plse", "st", "out")), tr,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                v.stride(2), Hkv, N, S, P, stride, sink, window, topk, m0, seed & M32, scale * 1.4426950408889634, z_two_sided(delta) ** 2, eps * eps,
                 var_inflation(m0, delta, var_conf))
 
     def sized(S):
-        return dict(SPP=max(2, next_pow2(S)), PC=max(16, next_pow2(-(-M0P // S))))
+        return dict(SPP=max(2, next_pow2(S)), SP2=max(2, next_pow2(2 * S)),
+                    PC=max(16, next_pow2(-(-M0P // S))))
 
     if trace is not None:
         meta["TR"] = 1
     meta |= dict(PDL=1, launch_pdl=True) if pdl else {}
     S = per_row or max(1, -(-target_programs(dev) // rows))
     if fused:  # every program resident at once, or the spin barriers never open
-        probe = buffers(1)
+        probe = buffers(1, False)
         cap = fused_capacity(kt.fused_kernel, args(probe, 1, probe["cnt"]), meta | sized(1) | dict(PH=0), dev)
         fused = cap >= rows and (per_row is None or rows * per_row <= cap)
         S = (per_row or max(1, cap // rows)) if fused else S
-    bf = buffers(S)
+    bf = buffers(S, fused)
     tr = bf["cnt"]
     if trace is not None:
         tr = trace["fused"] = torch.zeros((rows * S, 8), dtype=torch.int64, device=dev)
     for ph in ((0,) if fused else (1, 2, 3)):
         kt.fused_kernel[(rows, S)](*args(bf, S, tr), **meta, **sized(S), PH=ph)
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    merge_partials(bf["po"], bf["plse"], out, pdl=pdl)
+    out = bf["out"]
+    if not fused:
+        merge_partials(bf["po"], bf["plse"], out, pdl=pdl)
     if not stats:
         return out
     cnt = bf["cnt"]

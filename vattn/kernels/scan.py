@@ -42,7 +42,7 @@ def _row_keys(seed, row):
     return key, _mix_ref(key, TIE_SALT)
 
 
-SUB_BLOCK = 1024  # subsample keys per budget program
+SUB_BLOCK = 1024  # subsample keys per cut program (default of sub_block)
 
 
 def bins(top: int, nh: int = 128):
@@ -83,7 +83,7 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None,
+                           sub_block=SUB_BLOCK, block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None,
                            trace=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
@@ -123,7 +123,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
-    P = -(-n_mid // (SUB_BLOCK * stride))
+    P = -(-n_mid // (sub_block * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
     ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
@@ -140,7 +140,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         meta["TR"] = 1
     kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
                              *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)),
-                             M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK, CL=32, **meta)
+                             M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=sub_block, CL=32, **meta)
     if upto < 2:
         return None
     kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
@@ -164,9 +164,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
-    """Float64 twin of vattention_scan_decode (sub=None: the cut from every middle key, as
-    kernels.fused). tau / thu / total (int tensors [B*Hkv]) and
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, sub_block=SUB_BLOCK, tau=None, thu=None,
+                    total=None, exact=None):
+    """Float64 twin of vattention_scan_decode and fused.vattention_fused_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
     float64, dict with 'rows' [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys',
@@ -180,8 +180,8 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     NH, SH = bins(G * 32 * W)
     sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
     n_mid_max = max(N - sink - window, 1)
-    stride = subsample_stride(n_mid_max, sub or 1)
-    P = -(-n_mid_max // (SUB_BLOCK * stride))
+    stride = subsample_stride(n_mid_max, sub)
+    P = -(-n_mid_max // (sub_block * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
     rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
@@ -197,13 +197,10 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         s = sc[row]
         skey, tkey = _row_keys(seed, row)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
-        if sub is None:  # every middle key (kernels.fused)
-            pos = torch.arange(sink, max(hi, sink))
-        else:
-            lane = torch.arange(SUB_BLOCK)
-            rel = (lane // 32) * (32 * stride) + lane % 32
-            pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
-            pos = pos[pos < hi]
+        lane = torch.arange(sub_block)
+        rel = (lane // 32) * (32 * stride) + lane % 32
+        pos = torch.cat([sink + p * sub_block * stride + rel for p in range(P)])
+        pos = pos[pos < hi]
         hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
         ge = tot - hc.cumsum(0) + hc
