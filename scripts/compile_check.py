@@ -11,8 +11,8 @@ nw = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 BN = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 CB = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
 P, I, F = "*i32", "i32", "fp32"
-common = dict(G=4, R=4, M=16, W=1, WP=2, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False, PDL=int(sys.argv[4]) if len(sys.argv) > 4 else 0,
-              TR=int(sys.argv[5]) if len(sys.argv) > 5 else 0)
+common = dict(G=4, R=4, M=16, W=1, WP=2, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False,
+              PDL=int(sys.argv[4]) if len(sys.argv) > 4 else 0, TR=int(sys.argv[5]) if len(sys.argv) > 5 else 0)
 
 
 def sig(names, types):
@@ -47,14 +47,7 @@ smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
-fus_names = ("q proj ks k v lens hist ctr cut pil pbin scr cnt po plse stats out tr sqb sqh sqt skb skh skn svb svh "
-             "svn H N S P STRIDE sink window K m0 seed scale_log2 zz eps2 infl").split()
-fus_types = ["*bf16", "*fp32", P, "*bf16", "*bf16", P, P, P, P, "*fp32", P, P, P, "*fp32", "*fp32", "*fp32", "*bf16",
-             "*i64"] + [I] * 19 + [F] * 4
-from vattn.kernels import _fused_triton as kf
-for name, fn, s, c in (("fused_kernel", kf.fused_kernel, sig(fus_names, fus_types),
-                        common | dict(SPP=64, SP2=128, PP=16, M0P=128, PC=16, BH=1024, CL=32, CB=CB, BN=BN, PH=0)),
-                       ("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
+for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),

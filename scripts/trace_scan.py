@@ -7,13 +7,11 @@ import sys
 import torch
 from vattn.bench.attn_core import scan_params
 from vattn.kernels.bits import sign_bits
-from vattn.kernels.fused import vattention_fused_decode
 from vattn.kernels.scan import vattention_scan_decode
 
 PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
           "scan": ("setup", "compact", "gather", "write"),
-          "sample": ("setup", "budget", "draws", "write"),
-          "fused": ("hist+sync", "exact", "sync", "sample")}
+          "sample": ("setup", "budget", "draws", "write")}
 
 
 def data(B, N, seed=0):
@@ -57,15 +55,16 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
         t = t[ran]
         last = t[:, 1:len(ph) + 1].max(1).values  # the cut's non-last programs skip slot 3
         start, end = (t[:, 0].min().item() - t0) / 1e3, (last.max().item() - t0) / 1e3
+        dur, late = (last - t[:, 0]).float() / 1e3, (t[:, 0] - t0).float() / 1e3
         print(f"  {name:6s} {start:7.1f} .. {end:7.1f}  programs {len(t)} on {t[:, 7].unique().numel()} SMs; "
-              f"program time median {q((last - t[:, 0]).float() / 1e3, .5):.1f} max {(last - t[:, 0]).max() / 1e3:.1f}"
-              f"; starts after {q((t[:, 0] - t0).float() / 1e3, .5):.1f} (median) {(t[:, 0].max() - t0) / 1e3:.1f} (last)")
+              f"program time median {q(dur, .5):.1f} max {dur.max():.1f}; starts after {q(late, .5):.1f} (median) "
+              f"{late.max():.1f} (last)")
         for i, p in enumerate(ph):
             a, b = t[:, i], t[:, i + 1]
             ok = b > 0
             d = (b[ok] - a[ok]).float() / 1e3
-            print(f"      {p:10s} median {q(d, .5):6.2f}  p90 {q(d, .9):6.2f}  max {d.max().item() if d.numel() else 0:6.2f}"
-                  f"  (n={int(ok.sum())})")
+            top = d.max().item() if d.numel() else 0
+            print(f"      {p:10s} median {q(d, .5):6.2f}  p90 {q(d, .9):6.2f}  max {top:6.2f}  (n={int(ok.sum())})")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,7 @@ def load_online(namespace: dict) -> None:
     """Put the shared online-softmax jit functions into a kernel module's globals: jit
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
-    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish,
-                     merge_block=_online.merge_block, load_cg=_online.load_cg)
+    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish)
 
 
 def check_4d(tensors: dict, allowed) -> None:
@@ -93,18 +92,33 @@ def target_programs(device: torch.device) -> int:
 def _merge_kernel():
     import triton
     import triton.language as tl
-    load_online(globals())
 
     @triton.jit
     def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
               PDL: tl.constexpr = 0):
-        # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row. D/DB programs per
-        # row keep the SMs busy at B=1.
+        # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
+        # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
+        # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
         if PDL:  # launched as a programmatic dependent: wait for the partials' writer
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        merge_block(po, plse, out, tl.program_id(0).to(tl.int64), tl.program_id(1) * DB + tl.arange(0, DB), S, D,
-                    DB, SP, SB)
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, SP)
+        d = tl.program_id(1) * DB + tl.arange(0, DB)
+        lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        tot = tl.sum(tl.exp2(lse - m), 0)
+        acc = tl.zeros([DB], tl.float32)
+        for s0 in range(0, S, SB):  # blocks of SB partials keep the tile small
+            sb = s0 + tl.arange(0, SB)
+            lb = tl.load(plse + r * S + sb, mask=sb < S, other=float("-inf"))
+            live = lb > float("-inf")
+            w = tl.where(live, tl.exp2(lb - m), 0.0)
+            o = tl.load(po + r * S * D + sb[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            acc += tl.sum(w[:, None] * o, 0)
+        acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
+        tl.store(out + r * D + d, acc.to(out.dtype.element_ty))
 
     return merge
 

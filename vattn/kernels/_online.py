@@ -38,35 +38,3 @@ def finish(acc, m_i, l_i):
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     return o, lse
-
-
-
-@triton.jit
-def load_cg(p, mask, other, CG: tl.constexpr):
-    """tl.load, past L1 when CG (data written by other programs of the same launch)."""
-    if CG:
-        return tl.load(p, mask=mask, other=other, cache_modifier=".cg")
-    else:
-        return tl.load(p, mask=mask, other=other)
-
-
-@triton.jit
-def merge_block(po, plse, out, r, d, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
-                CG: tl.constexpr = False):
-    """out[r, d] (DB columns) from row r's S partials: po [rows, S, D] f32, plse [rows, S] (log2
-    units). A partial with lse = -inf saw no key and its po may be unwritten: never read."""
-    s = tl.arange(0, SP)
-    lse = load_cg(plse + r * S + s, s < S, float("-inf"), CG)
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    tot = tl.sum(tl.exp2(lse - m), 0)
-    acc = tl.zeros([DB], tl.float32)
-    for s0 in range(0, S, SB):  # blocks of SB partials keep the tile small
-        sb = s0 + tl.arange(0, SB)
-        lb = load_cg(plse + r * S + sb, sb < S, float("-inf"), CG)
-        live = lb > float("-inf")
-        w = tl.where(live, tl.exp2(lb - m), 0.0)
-        o = load_cg(po + r * S * D + sb[:, None] * D + d[None, :], live[:, None], 0.0, CG)
-        acc += tl.sum(w[:, None] * o, 0)
-    acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
-    tl.store(out + r * D + d, acc.to(out.dtype.element_ty))

@@ -262,20 +262,15 @@ def _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R: tl.constexpr, 
 
 @triton.jit
 def _pilot_moments(sp, plse, row, m, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
-                   SP: tl.constexpr, CG: tl.constexpr = False):
+                   SP: tl.constexpr):
     """Per head, with one shift: (variance and mean of exp(s) over the m pilot keys, sp [M, M0P]
     natural-log scores, -inf for a key that counts as 0; D_F, the exact mass, from the split-KV
-    partials plse [rows*R, ST] log2 units, columns [0, S1)). CG: read plse past L1 (written by
-    other programs of the same launch)."""
+    partials plse [rows*R, ST] log2 units, columns [0, S1))."""
     r = tl.arange(0, M)
     pok = tl.arange(0, M0P) < m
     sc = tl.arange(0, SP)
-    pp = plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :]
-    pm = (r < R)[:, None] & (sc < S1)[None, :]
-    if CG:
-        pl = tl.load(pp, mask=pm, other=float("-inf"), cache_modifier=".cg")
-    else:
-        pl = tl.load(pp, mask=pm, other=float("-inf"))
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
+                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
     shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(pl, 1) * 0.6931471805599453), -1e30)
     dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
     xp = tl.where(pok[None, :], tl.exp(sp - shift[:, None]), 0.0)

@@ -235,7 +235,7 @@ def _budget(plse, spl, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr
     m0; exact when that reaches the residual's size (n_mid - K)."""
     r = tl.arange(0, M)
     m = tl.where(n_mid > 0, m0, 0)
-    var, dfix, mean = _pilot_moments(spl * 0.6931471805599453, plse, row, m, S1, S, R, M, M0P, SP, True)
+    var, dfix, mean = _pilot_moments(spl * 0.6931471805599453, plse, row, m, S1, S, R, M, M0P, SP)
     var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
     nm = n_mid.to(tl.float32)
     dhat = dfix + nm * mean

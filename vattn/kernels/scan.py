@@ -42,7 +42,7 @@ def _row_keys(seed, row):
     return key, _mix_ref(key, TIE_SALT)
 
 
-SUB_BLOCK = 1024  # subsample keys per cut program (default of sub_block)
+SUB_BLOCK = 1024  # subsample keys per cut program
 
 
 def bins(top: int, nh: int = 128):
@@ -83,14 +83,16 @@ def scan_plan(rows, n, device, block_n=64):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           sub_block=SUB_BLOCK, block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None):
+                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None, trace=None,
+                           cut_fit=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
+    cut_fit (default: with 8 warps on CUDA) gives the cut kernel 4 warps x 64 registers and the
+    scan 112 registers, so two scan programs fit beside a cut program on one SM and start early.
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
     program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
@@ -117,13 +119,17 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     pdl = use_pdl(q.device) if pdl is None else pdl
     if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
         num_warps = 8 if rows <= 16 else 4
-    meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH, HW=not interpret(),
-                IEEE=use_ieee(q.dtype), num_warps=num_warps, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
+    meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
+                HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
+                **(dict(PDL=1, launch_pdl=True) if pdl else {}))
+    if cut_fit is None:
+        cut_fit = num_warps == 8 and not interpret()
+    fit_cut, fit_scan = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112)) if cut_fit else ({}, {})
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
-    P = -(-n_mid // (sub_block * stride))
+    P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
     ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
@@ -139,13 +145,14 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         trace.update(tr)
         meta["TR"] = 1
     kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
-                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s, PP=max(2, next_pow2(P)),
-                             M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=sub_block, CL=32, **meta)
+                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                             PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK,
+                             CL=32, **(meta | fit_cut))
     if upto < 2:
         return None
     kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
                                *skv, Hkv, N, s1, s1 + s2,
-                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **meta)
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
@@ -164,9 +171,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, sub_block=SUB_BLOCK, tau=None, thu=None,
-                    total=None, exact=None):
-    """Float64 twin of vattention_scan_decode and fused.vattention_fused_decode. tau / thu / total (int tensors [B*Hkv]) and
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
+    """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
     float64, dict with 'rows' [B*Hkv, 7] float64 as the kernel's stats, 'exact_keys',
@@ -181,7 +187,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
     n_mid_max = max(N - sink - window, 1)
     stride = subsample_stride(n_mid_max, sub)
-    P = -(-n_mid_max // (sub_block * stride))
+    P = -(-n_mid_max // (SUB_BLOCK * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
     rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
@@ -197,9 +203,9 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         s = sc[row]
         skey, tkey = _row_keys(seed, row)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
-        lane = torch.arange(sub_block)
+        lane = torch.arange(SUB_BLOCK)
         rel = (lane // 32) * (32 * stride) + lane % 32
-        pos = torch.cat([sink + p * sub_block * stride + rel for p in range(P)])
+        pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
         pos = pos[pos < hi]
         hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
