@@ -39,7 +39,7 @@ if "trace" in parts:
         timeline(B, N)
 
 if "scan" in parts:
-    for B, N in ((1, 131072), (8, 131072)):
+    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
         sets = [data(B, N, i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
         sp = scan_params(N)
@@ -95,3 +95,18 @@ if "fit" in parts:  # the cut kernel small enough that two scan programs start b
         del sets
         torch.cuda.empty_cache()
     timeline(1, 131072, cut_fit=True)
+
+if "sbn" in parts:  # draws per sample block, and the scan's programs per row
+    for B, N in ((1, 131072), (8, 131072)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        row = []
+        for kw in ({}, dict(sample_bn=128), dict(sample_bn=32)) + \
+                  ((dict(splits=(34, 33)), dict(splits=(33, 50))) if B == 1 else (dict(splits=(5, 31)),)):
+            us = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp, **kw)
+                           for i, s in enumerate(sets)])
+            row.append(f"{kw} {us:.1f}")
+        print(f"SBN B={B} N={N}: " + "; ".join(row))
+        del sets
+        torch.cuda.empty_cache()

@@ -61,7 +61,7 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
               f"{late.max():.1f} (last)")
         for i, p in enumerate(ph):
             a, b = t[:, i], t[:, i + 1]
-            ok = b > 0
+            ok = (a > 0) & (b > 0)  # a program that skips a phase leaves its stamps 0
             d = (b[ok] - a[ok]).float() / 1e3
             top = d.max().item() if d.numel() else 0
             print(f"      {p:10s} median {q(d, .5):6.2f}  p90 {q(d, .9):6.2f}  max {top:6.2f}  (n={int(ok.sum())})")

@@ -93,3 +93,5 @@ def test_scan_decode_bad_inputs():
         vattention_scan_decode(q, k, v, ks, proj, m0=1)
     with pytest.raises(VattnError, match="head dim"):
         vattention_scan_decode(q[..., :48], k[..., :48], v[..., :48], ks, proj[:48])
+    with pytest.raises(VattnError, match="sinks and window"):
+        vattention_scan_decode(q, k, v, ks, proj, splits=(1, 4))

@@ -348,35 +348,64 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                 BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                 TR: tl.constexpr = 0):
-    """Program (row, sp) scans its span of keys (_scan_part): partial column sp of S, keys
-    attended cnt[row, sp] (row stride S). Before the wait for the cut it scores its first
-    block with its own query signature and loads the second block's words."""
+    """Program (row, 0) attends the row's sinks and window, which need no cut, without waiting
+    for the cut kernel; program (row, sp > 0) scans span sp - 1 of the row's middle keys
+    (_scan_part). Partial column sp of S, keys attended cnt[row, sp] (row stride S). A span
+    program scores its first block with its own query signature before the wait for the cut,
+    and loads the second block's words."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     _stamp(tr, 0, sp, TR)
     b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
                                                 window, R, M, D)
-    chunk = tl.cdiv(tl.cdiv(L, S1), CB) * CB
-    start = sp * chunk
-    end = tl.minimum(start + chunk, L)
-    qv0 = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
-    n = start + tl.arange(0, CB)
-    w0 = _words(ks, row, b, n, _mid(n, end, sink, hi), H, N, G, R, W, WP)
-    s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
-    w_nx = _words(ks, row, b, n + CB, _mid(n + CB, end, sink, hi), H, N, G, R, W, WP)
-    _pdl_wait(PDL)
-    t = tl.load(cut + row * 2)
-    tu = tl.load(cut + row * 2 + 1)
-    qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
-    if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
-        s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
-    _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
-    m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink, t,
-                                  tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE, TR)
+    if sp == 0:
+        m_i, l_i, acc, c = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
+    else:
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - sink, 0), S1 - 1), CB) * CB
+        start = sink + (sp - 1) * chunk
+        end = tl.minimum(start + chunk, hi)
+        qv0 = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+        n = start + tl.arange(0, CB)
+        w0 = _words(ks, row, b, n, _mid(n, end, sink, hi), H, N, G, R, W, WP)
+        s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
+        w_nx = _words(ks, row, b, n + CB, _mid(n + CB, end, sink, hi), H, N, G, R, W, WP)
+        _pdl_wait(PDL)
+        t = tl.load(cut + row * 2)
+        tu = tl.load(cut + row * 2 + 1)
+        qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
+        if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
+            s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
+        _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
+        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink,
+                                      t, tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
+                                      TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
     tl.store(cnt + row * S + sp, c)
     _stamp(tr, 4, c, TR)
+
+
+@triton.jit
+def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                IEEE: tl.constexpr):
+    """The row's sinks [0, sink) and window [hi, L) (all of [0, L) when they meet), read in
+    position order. Returns (m_i, l_i, acc, keys attended)."""
+    s_end = tl.minimum(sink, L)
+    w_start = tl.maximum(hi, s_end)
+    nf = s_end + L - w_start
+    d = tl.arange(0, D)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for j0 in tl.range(0, nf, BN, num_stages=1):  # not pipelined: its buffers would double the shared memory
+        f = j0 + tl.arange(0, BN)
+        ok = f < nf
+        x = tl.where(f < s_end, f, w_start + f - s_end).to(tl.int64)
+        kk = tl.load(kb + x[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(vb + x[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
+        sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
+        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+    return m_i, l_i, acc, nf
 
 
 @triton.jit(do_not_specialize=["seed"])

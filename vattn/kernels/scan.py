@@ -73,18 +73,21 @@ def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
         raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
 
 
-def scan_plan(rows, n, device, block_n=64):
-    """Programs per row: scan, about two per SM in all; sample, as many, at least 16, and more
+def scan_plan(rows, n, device, block_n=64, num_warps=4):
+    """Programs per row: scan, one for the sinks and window plus spans for about two per SM in
+    all (with 8 warps two programs fill an SM: the sinks-and-window program takes a span's
+    place, so every program starts at once); sample, about two per SM, at least 16, and more
     when the expected draws (~1.5% of n: ~3% in blocks of block_n, two blocks per program) ask
     (H100, B=8 32K: 8 -> 16 per row took the whole step from 157 to 145 us)."""
     tp = target_programs(device)
-    return max(1, -(-tp // rows)), max(16, -(-tp // rows), -(-int(0.015 * n) // block_n))
+    spans = max(1, -(-tp // rows))
+    return max(2, spans + (num_warps != 8)), max(16, -(-tp // rows), -(-int(0.015 * n) // block_n))
 
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
-                           block_c=2048, block_n=64, splits=None, num_warps=None, upto=4, pdl=None, trace=None,
-                           cut_fit=None):
+                           block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
+                           trace=None, cut_fit=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
@@ -107,7 +110,11 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     check_runnable(q, k, v, ksig, lengths)
     rows = B * Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    s1, s2 = splits or scan_plan(rows, N, q.device, block_n)
+    if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
+        num_warps = 8 if rows <= 16 else 4
+    s1, s2 = splits or scan_plan(rows, N, q.device, sample_bn, num_warps)
+    if s1 < 2:
+        raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
     cnt = torch.empty((rows, s1 + s2), dtype=torch.int32, device=dev)  # keys attended: scan, then sample
     scr = torch.empty((rows, N), dtype=torch.int32, device=dev)
@@ -117,8 +124,6 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
     pdl = use_pdl(q.device) if pdl is None else pdl
-    if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
-        num_warps = 8 if rows <= 16 else 4
     meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
                 HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
                 **(dict(PDL=1, launch_pdl=True) if pdl else {}))
@@ -158,7 +163,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
                                  *sq, *skv, Hkv, N, s1, s2,
                                  sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
-                                 var_inflation(m0, delta, var_conf), BN=block_n, M0P=M0P, SP=max(2, next_pow2(s1)),
+                                 var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)),
                                  **meta)
     if upto < 4:
         return None
