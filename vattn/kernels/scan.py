@@ -8,8 +8,9 @@ Fewer launches than select.vattention_hash_decode (8), and no index list between
     the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
     tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
     count varies with the subsample) and scores the pilot (the first m0 draws).
- 2. scan: programs score their own span of keys from the signatures, compact the exact
-    keys (sinks, window, taken middle keys) and attend them. No index list crosses programs.
+ 2. scan: one program per row attends the sinks and window (they need no cut, so it does
+    not wait for it); the others score their own span of the middle from the signatures,
+    compact the taken keys and attend them. No index list crosses programs.
  3. sample: every program of a row sizes the same sample from D_F (the scan's partials) and
     the pilot scores, then attends its blocks of the draws.
  4. merge of the partials (log-sum-exp).
