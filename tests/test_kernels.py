@@ -333,6 +333,9 @@ def test_bad_inputs_raise_vattn_error():
         dense_decode(torch.randn(1, 3, 9, 32), k, k)
     with pytest.raises(VattnError, match="int32"):
         dense_decode(torch.randn(1, 3, 1, 32), k, k, torch.tensor([10]))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # programmatic dependent launch: Hopper GPUs only
+        with pytest.raises(VattnError, match="pdl=True"):
+            dense_decode(torch.randn(1, 3, 1, 32), k, k, pdl=True)
     with pytest.raises(VattnError, match="indices"):
         sparse_decode(torch.randn(1, 3, 1, 32), k, k, torch.zeros(1, 2, 1, 4, dtype=torch.int32),
                       torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, dtype=torch.int32), False)

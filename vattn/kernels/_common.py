@@ -142,6 +142,16 @@ def use_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and not interpret() and _major(device.index or 0) >= 9
 
 
+def resolve_pdl(pdl, device: torch.device) -> bool:
+    """pdl None: use_pdl(device); True where it is not available is an error."""
+    if pdl is None:
+        return use_pdl(device)
+    if pdl and not use_pdl(device):
+        raise VattnError(f"pdl=True needs a CUDA GPU of compute capability 9.0 or newer (got {device}"
+                         f"{', under TRITON_INTERPRET' if interpret() else ''}); pass pdl=None or False")
+    return bool(pdl)
+
+
 @functools.lru_cache(maxsize=None)
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]

@@ -18,7 +18,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
-                                   next_pow2, use_ieee, use_pdl, target_programs)
+                                   next_pow2, use_ieee, resolve_pdl, target_programs)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -150,7 +150,7 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     M = max(16, next_pow2(G * T))
     if num_stages is None:
         num_stages = 2 if B * Hkv >= 32 else 3
-    pdl = use_pdl(q.device) if pdl is None else pdl
+    pdl = resolve_pdl(pdl, q.device)
     _split_kernel()[(B * Hkv, S)](
         q, k, v, lengths, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

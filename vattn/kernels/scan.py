@@ -30,7 +30,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
-                                   use_pdl)
+                                   resolve_pdl)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -124,7 +124,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
-    pdl = use_pdl(q.device) if pdl is None else pdl
+    pdl = resolve_pdl(pdl, q.device)
     meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
                 HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
                 **(dict(PDL=1, launch_pdl=True) if pdl else {}))
@@ -145,6 +145,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
     tr = {}
+    if trace is not None and (dev.type != "cuda" or interpret()):
+        raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
     if trace is not None:
         tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("cut", P), ("scan", s1),
                                                                                         ("sample", s2))}
