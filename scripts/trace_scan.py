@@ -35,17 +35,22 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
     for _ in range(3):
         run({})
     torch.cuda.synchronize()
-    tr = {}
+    tr, tr2 = {}, {}  # two calls in the graph, as the benchmark replays several: the second shows the gap
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
         run(tr)
+        run(tr2)
     torch.cuda.current_stream().wait_stream(s)
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
     t0 = min(t[:, 0].min().item() for t in tr.values())
+    end1 = max(t[:, 1:7].max().item() for t in tr.values())
+    start2 = min(t[t[:, 0] > 0, 0].min().item() for t in tr2.values())
+    print(f"\nnext call (same graph): its first program starts {(start2 - t0) / 1e3:.1f} us after this call's, "
+          f"{(start2 - end1) / 1e3:.1f} us after this call's last stamp (the merge runs in between)")
     print(f"\nB={B} N={N} {fn.__name__} {kw}: us from the first program's start")
     for name, ph in PHASES.items():
         if name not in tr:
