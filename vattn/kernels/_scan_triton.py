@@ -6,7 +6,7 @@ Scores are in the log2 domain, as in the other decode kernels.
 import triton
 import triton.language as tl
 
-from vattn.kernels._bits_triton import agreement, popc, popc_hw, qwords, sig_words  # noqa: F401 (jit globals)
+from vattn.kernels._bits_triton import agreement, qwords, sig_words
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
