@@ -68,25 +68,6 @@ def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
     assert rel(out, dense_decode_ref(q, k, v, L)) < 1e-5
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_scan_candidates_before_the_cut_change_nothing(aligned):
-    # spans of <= 2 blocks keep candidates before the cut (spec); the keys and output must be
-    # those of the full compaction. aligned: the first span holds every top-k key, more than
-    # its candidates, so the kernel must fall back to the full compaction there
-    q, k, v, proj, ks = inputs(6, B=1, Hkv=1, Hq=4, N=2048)
-    kw = KW | dict(topk=400)
-    if aligned:  # 504 keys near the queries, spread a little: the top 400 lie in the first span
-        k[0, 0, 16:520] = q[0, :, 0].mean(0) + torch.linspace(0.05, 0.6, 504)[:, None] * k[0, 0, 16:520]
-        ks = sign_bits(k, proj)
-    run = dict(splits=(5, 4), block_c=256, block_n=32, eps=0.1, delta=0.1, **kw)
-    a, sa = vattention_scan_decode(q, k, v, ks, proj, None, stats=True, spec=True, **run)
-    b, sb = vattention_scan_decode(q, k, v, ks, proj, None, stats=True, spec=False, **run)
-    assert torch.equal(sa["exact_keys"], sb["exact_keys"]) and torch.equal(a, b)
-    ref, _ = scan_decode_ref(q, k, v, ks, proj, None, eps=0.1, delta=0.1, **kw, tau=sa["rows"][:, 5].long(),
-                             thu=sa["rows"][:, 6].long(), total=sa["rows"][:, 1].long(), exact=sa["rows"][:, 4] > 0)
-    assert rel(a, ref) < 1e-5
-
-
 def test_scan_estimator_is_unbiased_for_a_fixed_sample_size():
     # independent draws over the whole middle, drawn top-k keys counted as 0: E[D_hat] = D
     q, k, v, proj, ks = inputs(7, B=1, Hkv=1, Hq=4, N=1024)

@@ -158,12 +158,14 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
 
 
 @triton.jit
-def _compact_span(qv, s, w_nx, ks, sb, row, b, start, end, hi, sink, t, tu, tkey, H, N, G: tl.constexpr,
-                  R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr,
-                  SH: tl.constexpr, CB: tl.constexpr, HW: tl.constexpr):
-    """Keys [start, end) of the row: the exact ones (sinks, window, taken middle keys) appended
-    at sb in position order. s: the first block's score bins, w_nx: the second block's
-    signature words. Returns their count."""
+def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink, t, tu, tkey, H, N,
+               scale_log2, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+               D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
+               BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
+    """Keys [start, end) of the row: compact the exact ones (sinks, window, taken middle keys)
+    into scr, then attend them (weight 0). s: the first block's score bins, w_nx: the second
+    block's signature words. Returns (m_i, l_i, acc, keys attended)."""
+    sb = scr + row.to(tl.int64) * N + start
     c = 0
     for n0 in range(start, end, CB):
         n = n0 + tl.arange(0, CB)
@@ -171,7 +173,9 @@ def _compact_span(qv, s, w_nx, ks, sb, row, b, start, end, hi, sink, t, tu, tkey
         s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
         nn = n + 2 * CB
         w_nx = _words(ks, row, b, nn, _mid(nn, end, sink, hi), H, N, G, R, W, WP)
-    return c
+    _stamp(tr, 2, c, TR)
+    m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
+    return m_i, l_i, acc, c
 
 
 @triton.jit
@@ -338,20 +342,17 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cand, cnt, po, plse, tr,
-                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, K, seed, scale_log2,
+def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
+                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                 BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                TR: tl.constexpr = 0, SPEC: tl.constexpr = 0):
+                TR: tl.constexpr = 0):
     """Program (row, 0) attends the row's sinks and window, which need no cut, without waiting
     for the cut kernel; program (row, sp > 0) scans span sp - 1 of the row's middle keys
     (_scan_part). Partial column sp of S, keys attended cnt[row, sp] (row stride S). A span
     program scores its first block with its own query signature before the wait for the cut,
-    and loads the second block's words. SPEC (spans of at most two blocks): it scores both
-    before the wait, and keeps the keys at or above a bin low enough for about twice its share
-    of the top-k as candidates (cand); once the cut is known it compacts only those, unless the
-    cut fell below that bin (then the whole span, as without SPEC)."""
+    and loads the second block's words."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     _stamp(tr, 0, sp, TR)
@@ -368,70 +369,20 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cand, cnt, po, plse, tr,
         w0 = _words(ks, row, b, n, _mid(n, end, sink, hi), H, N, G, R, W, WP)
         s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
         w_nx = _words(ks, row, b, n + CB, _mid(n + CB, end, sink, hi), H, N, G, R, W, WP)
-        tg = NH  # no candidates: t < tg, the whole span is compacted
-        cb = cand + row.to(tl.int64) * N + start
-        ncand = 0
-        if SPEC:
-            tg, ncand = _candidates(cb, s, _wbins(qv0, w_nx, R, W, WP, RWP, HW, SH, NH), n, n + CB,
-                                    _mid(n, end, sink, hi), _mid(n + CB, end, sink, hi), K, hi - sink, NH)
         _pdl_wait(PDL)
         t = tl.load(cut + row * 2)
         tu = tl.load(cut + row * 2 + 1)
         qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
         if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
             s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
-            tg = NH
         _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
-        sb = scr + row.to(tl.int64) * N + start
-        if t >= tg:  # every taken key is a candidate
-            c = _filter(cb, ncand, sb, t, tu, tkey, CB)
-        else:
-            c = _compact_span(qv, s, w_nx, ks, sb, row, b, start, end, hi, sink, t, tu, tkey, H, N, G, R, W, WP, RWP,
-                              NH, SH, CB, HW)
-        _stamp(tr, 2, c, TR)
-        m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
+        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink,
+                                      t, tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
+                                      TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
     tl.store(cnt + row * S + sp, c)
     _stamp(tr, 4, c, TR)
-
-
-@triton.jit
-def _candidates(cb, s0, s1, n0, n1, mid0, mid1, K, n_mid, NH: tl.constexpr):
-    """Before the cut: from a span's two blocks of score bins (s0 at keys n0, s1 at n1, middle
-    keys mid0 / mid1), the highest bin tg with at least twice the span's share of the top-k
-    (plus 64) at or above it; those keys packed (position << 8 | bin), in position order, at cb.
-    Returns (tg, count)."""
-    hc = tl.histogram(s0, NH, mask=mid0) + tl.histogram(s1, NH, mask=mid1)
-    tot = tl.sum(hc, 0)
-    ge = tot - tl.cumsum(hc, 0) + hc  # keys with bin >= v
-    want = 2.0 * K.to(tl.float32) * tot.to(tl.float32) / tl.maximum(n_mid, 1).to(tl.float32) + 64.0
-    tg = tl.maximum(tl.sum((ge.to(tl.float32) >= want).to(tl.int32), 0) - 1, 0)
-    a = mid0 & (s0 >= tg)
-    ai = a.to(tl.int32)
-    tl.store(cb + tl.cumsum(ai, 0) - 1, (n0 << 8) | s0, mask=a)
-    c0 = tl.sum(ai, 0)
-    a = mid1 & (s1 >= tg)
-    ai = a.to(tl.int32)
-    tl.store(cb + c0 + tl.cumsum(ai, 0) - 1, (n1 << 8) | s1, mask=a)
-    return tg, c0 + tl.sum(ai, 0)
-
-
-@triton.jit
-def _filter(cb, ncand, sb, t, tu, tkey, CB: tl.constexpr):
-    """After the cut: the taken keys among the ncand candidates at cb, appended at sb in
-    position order (the order the full compaction gives). Returns their count."""
-    tl.debug_barrier()  # the candidates, written by other threads of this program
-    c = 0
-    for e0 in range(0, ncand, CB):
-        e = e0 + tl.arange(0, CB)
-        ok = e < ncand
-        pk = tl.load(cb + e, mask=ok, other=0)
-        sel = ok & _taken(pk & 255, pk >> 8, t, tu, tkey)
-        si = sel.to(tl.int32)
-        tl.store(sb + c + tl.cumsum(si, 0) - 1, pk >> 8, mask=sel)
-        c += tl.sum(si, 0)
-    return c
 
 
 @triton.jit

@@ -88,15 +88,13 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, spec=None):
+                           trace=None, cut_fit=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
-    spec (default: when the scan's spans are at most two blocks of block_c) keeps candidate keys
-    before the cut is known (scan_kernel, SPEC).
     cut_fit (default: with 8 warps on CUDA) gives the cut kernel 4 warps x 64 registers and the
     scan 112 registers, so two scan programs fit beside a cut program on one SM and start early.
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
@@ -160,12 +158,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                              CL=32, **(meta | fit_cut))
     if upto < 2:
         return None
-    # spans of at most two blocks keep candidates before the cut (positions packed with 8-bit bins)
-    spec = -(-(-(-n_mid // (s1 - 1))) // block_c) <= 2 and N < 2 ** 23 if spec is None else spec
-    cand = torch.empty((rows, N), dtype=torch.int32, device=dev) if spec else scr
-    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cand, cnt, po, plse, tr.get("scan", cnt),
-                               *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, topk, seed & M32, log2s, CB=block_c,
-                               BN=block_n, SPEC=int(spec), **(meta | fit_scan))
+    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
+                               *skv, Hkv, N, s1, s1 + s2,
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
