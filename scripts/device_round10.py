@@ -1,6 +1,6 @@
 """Round 10 GPU run: dense decode with programmatic dependent launch against SDPA (interleaved
 repeats), the scan pipeline's timeline (scripts/trace_scan.py) and its per-layer time.
-Usage: python scripts/device_round10.py [dense,trace,scan,split,dense2,fit]   (comma list)
+Usage: python scripts/device_round10.py [dense,trace,scan,split,dense2,fit,merge]   (comma list)
 The one-launch variant with per-row spin barriers (kernels/fused.py, parts fcheck,fused,ftrace)
 was measured at commit 9ea320d and removed (docs/kernel_notes.md, round 10)."""
 import os
@@ -108,5 +108,28 @@ if "sbn" in parts:  # draws per sample block, and the scan's programs per row
                            for i, s in enumerate(sets)])
             row.append(f"{kw} {us:.1f}")
         print(f"SBN B={B} N={N}: " + "; ".join(row))
+        del sets
+        torch.cuda.empty_cache()
+
+if "merge" in parts:  # the merge's share of the scan step, and its tile shapes on the scan's partials
+    from vattn.kernels._common import merge_partials
+    for B, N in ((1, 131072), (8, 131072)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        row = []
+        for upto in (3, 4):
+            us = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[4], s[3], L, seed=i, upto=upto,
+                                                                   **sp) for i, s in enumerate(sets)])
+            row.append(f"upto={upto} {us:.1f}")
+        S = 66 if B == 1 else 36
+        po = torch.randn(B, 32, 1, S, 128, device="cuda")
+        plse = torch.randn(B, 32, 1, S, device="cuda")
+        out = torch.empty(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        for kw in ({}, dict(block_s=128), dict(block_d=16), dict(block_d=16, block_s=128), dict(block_d=64),
+                   dict(num_warps=2), dict(block_d=128, block_s=128, num_warps=8)):
+            us = graph_us([lambda kw=kw: merge_partials(po, plse, out, pdl=True, **kw)])
+            row.append(f"merge {kw} {us:.2f}")
+        print(f"MERGE B={B} N={N}: " + "; ".join(row))
         del sets
         torch.cuda.empty_cache()
