@@ -48,7 +48,7 @@ smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
 for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
-                        common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32)),
+                        common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),
                         common | dict(BN=BN, M0P=128, SP=64))):

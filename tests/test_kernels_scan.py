@@ -68,6 +68,24 @@ def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
     assert rel(out, dense_decode_ref(q, k, v, L)) < 1e-5
 
 
+def test_scan_decode_writes_the_newest_keys_signature():
+    # update_sig: the cut kernel writes each row's newest signature (a decoder appends one key
+    # per step); that key is in the window, so this step's output does not depend on it
+    q, k, v, proj, ks = inputs(8)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    stale = ks.clone()
+    stale[0, :, 2047] = 12345
+    stale[1, :, 1499] = -7
+    out = vattention_scan_decode(q, k, v, ks, proj, L, eps=0.1, delta=0.1, **RUN, **KW)
+    got = vattention_scan_decode(q, k, v, stale, proj, L, eps=0.1, delta=0.1, update_sig=True, **RUN, **KW)
+    assert torch.equal(stale, ks) and torch.equal(got, out)
+    with pytest.raises(VattnError, match="window >= 1"):
+        vattention_scan_decode(q, k, v, ks, proj, L, update_sig=True, **RUN, **(KW | dict(window=0)))
+    with pytest.raises(VattnError, match="contiguous ksig"):
+        vattention_scan_decode(q, k, v, ks.transpose(1, 2).contiguous().transpose(1, 2), proj, L, update_sig=True,
+                               **RUN, **KW)
+
+
 def test_scan_estimator_is_unbiased_for_a_fixed_sample_size():
     # independent draws over the whole middle, drawn top-k keys counted as 0: E[D_hat] = D
     q, k, v, proj, ks = inputs(7, B=1, Hkv=1, Hq=4, N=1024)

@@ -239,11 +239,8 @@ def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10, steps=1):
         return vattention_hash_decode(q, k, v, ksig[i], proj, L, **p)
     tok = torch.zeros(batch, dtype=torch.long, device="cuda")
     out = dict(layers=layers, ctx=ctx, batch=batch)
-    def scan(i, q, k, v, L):
-        pos = (L - 1).long()
-        bi = torch.arange(q.shape[0], device=q.device)
-        ksig[i][bi, :, pos] = sign_bits(k[bi, :, pos], proj)
-        return vattention_scan_decode(q, k, v, ksig[i], proj, L, **sp)
+    def scan(i, q, k, v, L):  # its cut kernel writes the new key's signature (update_sig)
+        return vattention_scan_decode(q, k, v, ksig[i], proj, L, update_sig=True, **sp)
     sp = scan_params(ctx)
     for name, fn in (("sdpa", sdpa), ("dense", dense), ("vattn", vattn), ("scan", scan)):
         us = graph_us([lambda fn=fn: m.step(tok, fn)], warmup=2)

@@ -105,7 +105,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
                M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
-               IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0):
+               IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, UPD: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
     CL * STRIDE keys of the middle) and scores pilot draws [p * PC, (p + 1) * PC) (the first m0
     sample draws): pil [rows * R, M0P] log2 scores, pbin [rows, M0P] their score bins (whether a
@@ -124,6 +124,9 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     if p == 0:  # the query signature, for the later launches (layout [B, Hq, 1, W])
         rw = tl.arange(0, RWP)
         tl.store(qs + row * R * W + rw, qv.to(tl.int32, bitcast=True), mask=rw < R * W)
+        if UPD:  # the newest key's signature: in the window now, so no launch of this step reads it
+            if L > 0:
+                _key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
     lane = tl.arange(0, BN)
     n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
     inr = n < hi
@@ -155,6 +158,19 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
         f = tl.arange(0, 2)
         tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
         _stamp(tr, 3, t + tu, TR)
+
+
+@triton.jit
+def _key_sig(k, proj, ks, b, h, pos, skb, skh, skn, H, N, W: tl.constexpr, D: tl.constexpr):
+    """Write the signature of key pos of (b, h) into ks [B, H, N, W], as bits.sign_bits: bit c of
+    word w is the sign of k . proj[:, 32 w + c]."""
+    d = tl.arange(0, D)
+    c = tl.arange(0, 32)
+    kv = tl.load(k + b.to(tl.int64) * skb + h.to(tl.int64) * skh + pos.to(tl.int64) * skn + d).to(tl.float32)
+    for w in tl.static_range(W):
+        dot = tl.sum(kv[:, None] * tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :]), 0)
+        word = tl.sum((dot > 0).to(tl.uint32) << c.to(tl.uint32), 0)
+        tl.store(ks + ((b * H + h) * N + pos).to(tl.int64) * W + w, word.to(tl.int32, bitcast=True))
 
 
 @triton.jit

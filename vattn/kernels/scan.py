@@ -88,7 +88,7 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None):
+                           trace=None, cut_fit=None, update_sig=False):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
@@ -97,6 +97,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     previous one: it starts while that one drains and waits in-kernel for its outputs.
     block_c: keys per compaction block; block_n: keys per gather tile in the scan; sample_bn:
     draws per block in the sample (H100 B=1 128K: 64 beat 32 and 128, 56.1 vs 60.3 / 61.4 us).
+    update_sig: the cut kernel also writes the signature of each row's newest key (position
+    length - 1) into ksig, in place (ksig contiguous, window >= 1: that key is exact this step),
+    so a decoder need not call sign_bits per layer and step.
     cut_fit (default: with 8 warps on CUDA) gives the cut kernel 4 warps x 64 registers and the
     scan 112 registers, so two scan programs fit beside a cut program on one SM and start early.
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
@@ -108,6 +111,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     G = Hq // Hkv
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
+    if update_sig and (window < 1 or not ksig.is_contiguous()):
+        raise VattnError(f"update_sig writes ksig in place for the newest key, which must lie in the window: it "
+                         f"needs window >= 1 (got {window}) and a contiguous ksig (strides {tuple(ksig.stride())})")
     q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
     proj = proj.float().contiguous()
     check_runnable(q, k, v, ksig, lengths)
@@ -157,7 +163,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
                              *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
                              PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK,
-                             CL=32, **(meta | fit_cut))
+                             CL=32, UPD=int(update_sig), **(meta | fit_cut))
     if upto < 2:
         return None
     kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
