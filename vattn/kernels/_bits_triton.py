@@ -26,6 +26,13 @@ def popc(x):
 
 
 @triton.jit
+def sign_word(x, p):
+    """uint32: bit c is the sign of x . p[:, c] (x [D] f32, p [D, 32] one word's projection)."""
+    c = tl.arange(0, 32)
+    return tl.sum((tl.sum(x[:, None] * p, 0) > 0).to(tl.uint32) << c.to(tl.uint32), 0)
+
+
+@triton.jit
 def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
            R: tl.constexpr, W: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, FUSEQ: tl.constexpr):
     """uint32 [RWP]: word w of the signature of query head h*R + r at slot r*W + w."""
@@ -40,9 +47,7 @@ def qwords(q, qs, proj, row, b, H, T, sqb, sqh, sqt,
             p = tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :])
             for r in tl.static_range(R):
                 qv = tl.load(q + b.to(tl.int64) * sqb + (h * R + r) * sqh + t * sqt + d).to(tl.float32)
-                dot = tl.sum(qv[:, None] * p, 0)
-                word = tl.sum((dot > 0).to(tl.uint32) << c.to(tl.uint32), 0)
-                out = tl.where(rw == r * W + w, word, out)
+                out = tl.where(rw == r * W + w, sign_word(qv, p), out)
         return out
     else:
         ok = rw < R * W

@@ -6,7 +6,7 @@ Scores are in the log2 domain, as in the other decode kernels.
 import triton
 import triton.language as tl
 
-from vattn.kernels._bits_triton import agreement, qwords, sig_words
+from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
 from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -39,12 +39,6 @@ def _wbins(qv, kw, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.c
 def _bins(qv, ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
           RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
     return _wbins(qv, _words(ks, row, b, n, inr, H, N, G, R, W, WP), R, W, WP, RWP, HW, SH, NH)
-
-
-@triton.jit
-def _mid(n, end, sink, hi):
-    """Keys n of the span (below end) in the middle [sink, hi)."""
-    return (n < end) & (n >= sink) & (n < hi)
 
 
 @triton.jit
@@ -168,37 +162,36 @@ def _key_sig(k, proj, ks, b, h, pos, skb, skh, skn, H, N, W: tl.constexpr, D: tl
     c = tl.arange(0, 32)
     kv = tl.load(k + b.to(tl.int64) * skb + h.to(tl.int64) * skh + pos.to(tl.int64) * skn + d).to(tl.float32)
     for w in tl.static_range(W):
-        dot = tl.sum(kv[:, None] * tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :]), 0)
-        word = tl.sum((dot > 0).to(tl.uint32) << c.to(tl.uint32), 0)
+        word = sign_word(kv, tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :]))
         tl.store(ks + ((b * H + h) * N + pos).to(tl.int64) * W + w, word.to(tl.int32, bitcast=True))
 
 
 @triton.jit
-def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink, t, tu, tkey, H, N,
+def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, t, tu, tkey, H, N,
                scale_log2, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
-    """Keys [start, end) of the row: compact the exact ones (sinks, window, taken middle keys)
-    into scr, then attend them (weight 0). s: the first block's score bins, w_nx: the second
-    block's signature words. Returns (m_i, l_i, acc, keys attended)."""
+    """Middle keys [start, end) of the row: compact the taken ones into scr, then attend them
+    (weight 0). s: the first block's score bins, w_nx: the second block's signature words.
+    Returns (m_i, l_i, acc, keys attended)."""
     sb = scr + row.to(tl.int64) * N + start
     c = 0
     for n0 in range(start, end, CB):
         n = n0 + tl.arange(0, CB)
-        c = _compact_block(sb, c, n, s, end, hi, sink, t, tu, tkey)
+        c = _compact_block(sb, c, n, s, end, t, tu, tkey)
         s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
         nn = n + 2 * CB
-        w_nx = _words(ks, row, b, nn, _mid(nn, end, sink, hi), H, N, G, R, W, WP)
+        w_nx = _words(ks, row, b, nn, nn < end, H, N, G, R, W, WP)
     _stamp(tr, 2, c, TR)
     m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
     return m_i, l_i, acc, c
 
 
 @triton.jit
-def _compact_block(sb, c, n, s, end, hi, sink, t, tu, tkey):
-    """Append the exact keys of block n (score bins s) at sb[c, ...); returns the new count."""
-    mid = _mid(n, end, sink, hi)
-    sel = ((n < end) & ~mid) | (mid & _taken(s, n, t, tu, tkey))
+def _compact_block(sb, c, n, s, end, t, tu, tkey):
+    """Append the taken keys of block n (score bins s, all middle keys) at sb[c, ...); returns
+    the new count."""
+    sel = (n < end) & _taken(s, n, t, tu, tkey)
     si = sel.to(tl.int32)
     tl.store(sb + c + tl.cumsum(si, 0) - 1, n, mask=sel)
     return c + tl.sum(si, 0)
@@ -382,9 +375,9 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         end = tl.minimum(start + chunk, hi)
         qv0 = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
         n = start + tl.arange(0, CB)
-        w0 = _words(ks, row, b, n, _mid(n, end, sink, hi), H, N, G, R, W, WP)
+        w0 = _words(ks, row, b, n, n < end, H, N, G, R, W, WP)
         s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
-        w_nx = _words(ks, row, b, n + CB, _mid(n + CB, end, sink, hi), H, N, G, R, W, WP)
+        w_nx = _words(ks, row, b, n + CB, n + CB < end, H, N, G, R, W, WP)
         _pdl_wait(PDL)
         t = tl.load(cut + row * 2)
         tu = tl.load(cut + row * 2 + 1)
@@ -392,7 +385,7 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
             s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
         _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
-        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, hi, sink,
+        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end,
                                       t, tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
                                       TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)

@@ -114,6 +114,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if update_sig and (window < 1 or not ksig.is_contiguous()):
         raise VattnError(f"update_sig writes ksig in place for the newest key, which must lie in the window: it "
                          f"needs window >= 1 (got {window}) and a contiguous ksig (strides {tuple(ksig.stride())})")
+    if trace is not None and (q.device.type != "cuda" or interpret()):
+        raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
     q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
     proj = proj.float().contiguous()
     check_runnable(q, k, v, ksig, lengths)
@@ -153,8 +155,6 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
     tr = {}
-    if trace is not None and (dev.type != "cuda" or interpret()):
-        raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
     if trace is not None:
         tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("cut", P), ("scan", s1),
                                                                                         ("sample", s2))}
