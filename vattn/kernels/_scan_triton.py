@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
+from vattn.kernels._online import dot_qk, finish, merge_rows, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -258,14 +258,29 @@ def _budget(plse, spl, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr
 
 
 @triton.jit
-def _sample_part(qv, spl, x_nx, w_nx, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b, j2, S1, S2, sink, n_mid,
-                 K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl, G: tl.constexpr, R: tl.constexpr,
-                 M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr,
-                 NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr, M0P: tl.constexpr, SP: tl.constexpr,
-                 HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
+def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+               RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr, D: tl.constexpr):
+    """(use, keys, values) of draws x (signature words w): used where ok and not a top-k key."""
+    use = ok & ~_taken(_wbins(qv, w, R, W, WP, RWP, HW, SH, NH), x, t, tu, tkey)
+    x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
+    d = tl.arange(0, D)
+    kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
+    vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
+    return use, kk, vv
+
+
+@triton.jit
+def _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b,
+                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl,
+                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
+                 M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr,
+                 TR: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
-    x_nx / w_nx: positions and signature words of block j2 as draws. Returns (m_i, l_i, acc,
+    x0 / w0, x1 / w1: positions and signature words of blocks j2 and j2 + S2 as draws.
+    (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept when every draw of it
+    is in the sample, else dropped and the block attended again. Returns (m_i, l_i, acc,
     log2 weight, keys attended)."""
     total, exact, need = _budget(plse, spl, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
     _stamp(tr, 2, total, TR)
@@ -279,23 +294,22 @@ def _sample_part(qv, spl, x_nx, w_nx, qq, ks, kb, vb, skn, svn, plse, stats, tr,
         vals = tl.where(f == 5, t.to(tl.float32), vals)
         vals = tl.where(f == 6, tu.to(tl.float32), vals)
         tl.store(stats + row * 8 + f, vals)
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
-    got = 0
+    pre = (PRE != 0) & ~exact & (j2 * BN + BN <= total)
+    m_i = tl.where(pre, m_i, float("-inf"))
+    l_i = tl.where(pre, l_i, 0.0)
+    acc = tl.where(pre, acc, 0.0)
+    got = tl.where(pre, got, 0)
     lim = tl.where(exact, n_mid, total)
-    d = tl.arange(0, D)
     j = tl.arange(0, BN)
+    x_nx = tl.where(pre, x1, x0)
+    w_nx = tl.where(pre, w1, w0)
     if exact:  # the residual in position order instead of draws
         x_nx = sink + j2 * BN + j
         w_nx = _words(ks, row, b, x_nx, j2 * BN + j < lim, H, N, G, R, W, WP)
-    for blk in range(j2, tl.cdiv(lim, BN), S2):
+    for blk in range(tl.where(pre, j2 + S2, j2), tl.cdiv(lim, BN), S2):
         ii = blk * BN + j
-        x = x_nx
-        use = (ii < lim) & ~_taken(_wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH), x, t, tu, tkey)
-        x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
-        kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
-        vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
+        use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < lim, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW, SH,
+                                 NH, D)
         i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
         x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
         w_nx = _words(ks, row, b, x_nx, i2 < lim, H, N, G, R, W, WP)
@@ -418,18 +432,21 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr, ctr, out,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                  TR: tl.constexpr = 0):
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, MERGE: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
-    its first block's signature words."""
+    its first block's signature words; with PRE it also attends that block's draws (the
+    draws' positions do not depend on the budget) and loads the next block's words.
+    MERGE: the row's last program to finish (counter ctr[row], zero before the launch) merges
+    all S1 + S2 columns of its R heads into out [B, Hq, 1, D]."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
@@ -440,14 +457,36 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
     qv = _qsig(qs, row, R, W, RWP)
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
-    x_nx = _draw(j2 * BN + tl.arange(0, BN), skey, sink, n_mid)
-    w_nx = _words(ks, row, b, x_nx, x_nx < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
+    j = tl.arange(0, BN)
+    x0 = _draw(j2 * BN + j, skey, sink, n_mid)
+    w0 = _words(ks, row, b, x0, x0 < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    c0 = 0
+    x1, w1 = x0, w0
+    if PRE:
+        use, kk, vv = _draw_tile(qv, x0, w0, x0 < sink + n_mid, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
+                                 SH, NH, D)
+        x1 = _draw(j2 * BN + S2 * BN + j, skey, sink, n_mid)
+        w1 = _words(ks, row, b, x1, x1 < sink + n_mid, H, N, G, R, W, WP)
+        sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
+        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        c0 = tl.sum(use.to(tl.int32), 0)
     _pdl_wait(PDL)
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x_nx, w_nx, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b, j2,
-                                         S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2,
-                                         infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW, IEEE, TR)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn, svn, plse,
+                                         stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N,
+                                         scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW,
+                                         IEEE, PRE, TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     _stamp(tr, 4, c, TR)
+    if MERGE:
+        tl.debug_barrier()
+        done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+        if done == S2 - 1:
+            r = tl.arange(0, M)
+            merge_rows(po, plse, out, (row * R + r).to(tl.int64), r < R, S1 + S2, M, D, 4)
+            _stamp(tr, 5, done, TR)

@@ -88,11 +88,12 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, update_sig=False):
+                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, fuse_merge=True):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge; with
+    fuse_merge the sample launch merges, so 3 returns the output as 4 does).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
     block_c: keys per compaction block; block_n: keys per gather tile in the scan; sample_bn:
@@ -102,6 +103,11 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     so a decoder need not call sign_bits per layer and step.
     cut_fit (default: with 8 warps on CUDA) gives the cut kernel 4 warps x 64 registers and the
     scan 112 registers, so two scan programs fit beside a cut program on one SM and start early.
+    pre_draw (default: with 8 warps): each sample program attends its first block of draws
+    before waiting for the scan (positions do not depend on the budget; dropped and redone when
+    the budget ends inside it). It holds that block's state across the wait: 128 registers at
+    8 warps (capped), 255 at 4, so not with 4 warps by default.
+    fuse_merge: the sample kernel's last program per row merges the partials (three launches).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
     program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
@@ -141,13 +147,16 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if cut_fit is None:
         cut_fit = num_warps == 8 and not interpret()
     fit_cut, fit_scan = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112)) if cut_fit else ({}, {})
+    if pre_draw is None:
+        pre_draw = num_warps == 8
+    fit_sample = dict(maxnreg=128) if pre_draw and num_warps == 8 and not interpret() else {}  # 2 per SM
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-    ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
+    ctr = torch.zeros(2 * rows, dtype=torch.int32, device=dev)  # cut, then sample programs done per row
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
@@ -171,15 +180,16 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
-                                 *sq, *skv, Hkv, N, s1, s2,
+                                 ctr[rows:], out, *sq, *skv, Hkv, N, s1, s2,
                                  sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)),
-                                 **meta)
-    if upto < 4:
+                                 PRE=int(pre_draw), MERGE=int(fuse_merge), **(meta | fit_sample))
+    if upto < 4 and not fuse_merge:
         return None
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    merge_partials(po, plse, out, pdl=pdl)
+    if not fuse_merge:
+        merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),

@@ -1,0 +1,55 @@
+"""Round 11 GPU run: the sample kernel's early block (pre_draw) and the merge inside the sample
+launch (fuse_merge), each on and off: same keys and outputs on GPU, per-layer times against
+SDPA (interleaved repeats), and the timeline (scripts/trace_scan.py).
+Usage: python scripts/device_round11.py [eq,var,trace]   (comma list)"""
+import os
+import sys
+import torch
+from vattn.bench.attn_core import graph_us, rel, scan_params
+from vattn.kernels.scan import vattention_scan_decode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_scan import data, timeline  # noqa: E402
+
+F = torch.nn.functional
+parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
+print(torch.cuda.get_device_name(), torch.__version__)
+VARS = {"plain": dict(pre_draw=False, fuse_merge=False), "pre": dict(pre_draw=True, fuse_merge=False),
+        "fuse": dict(pre_draw=False, fuse_merge=True), "both": dict(pre_draw=True, fuse_merge=True)}
+
+if "eq" in parts:
+    for B, N, L in ((1, 131072, [131072]), (8, 131072, None), (2, 32768, [32768, 3000])):
+        q, k, v, proj, ks = data(B, N, 5)
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda") if L is None else \
+            torch.tensor(L, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        base, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **sp, **VARS["plain"])
+        row = []
+        for name, kw in VARS.items():
+            out, s2 = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **sp, **kw)
+            same = torch.equal(s2["sample_keys"], st["sample_keys"]) and torch.equal(s2["rows"], st["rows"]) \
+                and torch.equal(s2["exact_keys"], st["exact_keys"])
+            row.append(f"{name}: keys {'same' if same else 'DIFFER'} rel {rel(out, base):.2e}")
+        print(f"EQ B={B} N={N} totals {st['rows'][:, 1].min().item():.0f}..{st['rows'][:, 1].max().item():.0f}: "
+              + "; ".join(row))
+
+if "var" in parts:
+    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        res = {n: [] for n in ["sdpa"] + list(VARS)}
+        for rep in range(2):
+            res["sdpa"].append(graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True)
+                                         for s in sets]))
+            for name, kw in VARS.items():
+                res[name].append(graph_us([lambda s=s, i=i, kw=kw: vattention_scan_decode(
+                    s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp, **kw) for i, s in enumerate(sets)]))
+        sd = sum(res["sdpa"]) / 2
+        print(f"VAR B={B} N={N}: " + "; ".join(f"{n} {sum(v) / 2:.1f} us ({sd / (sum(v) / 2):.2f}x) "
+                                               f"[{', '.join(f'{x:.1f}' for x in v)}]" for n, v in res.items()))
+        del sets
+        torch.cuda.empty_cache()
+
+if "trace" in parts:
+    for B, N in ((1, 131072), (8, 131072)):
+        timeline(B, N)
