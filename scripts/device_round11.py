@@ -1,7 +1,8 @@
 """Round 11 GPU run: the sample kernel's early block (pre_draw) and the merge inside the sample
-launch (fuse_merge), each on and off: same keys and outputs on GPU, per-layer times against
-SDPA (interleaved repeats), and the timeline (scripts/trace_scan.py).
-Usage: python scripts/device_round11.py [eq,var,trace]   (comma list)"""
+launch (fuse_merge, measured at commit 5c4bd0d and removed), each on and off: same keys and
+outputs on GPU, per-layer times against SDPA (interleaved repeats), the timeline
+(scripts/trace_scan.py); `carve`: the shared-memory carveout and programs per row.
+Usage: python scripts/device_round11.py [eq,var,trace,carve]   (comma list)"""
 import os
 import sys
 import torch
@@ -13,8 +14,7 @@ from trace_scan import data, timeline  # noqa: E402
 F = torch.nn.functional
 parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
 print(torch.cuda.get_device_name(), torch.__version__)
-VARS = {"plain": dict(pre_draw=False, fuse_merge=False), "pre": dict(pre_draw=True, fuse_merge=False),
-        "fuse": dict(pre_draw=False, fuse_merge=True), "both": dict(pre_draw=True, fuse_merge=True)}
+VARS = {"plain": dict(pre_draw=False), "pre": dict(pre_draw=True)}
 
 if "eq" in parts:
     for B, N, L in ((1, 131072, [131072]), (8, 131072, None), (2, 32768, [32768, 3000])):
@@ -53,3 +53,27 @@ if "var" in parts:
 if "trace" in parts:
     for B, N in ((1, 131072), (8, 131072)):
         timeline(B, N)
+
+if "carve" in parts:
+    for B, N in ((1, 131072), (1, 32768), (8, 131072)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        cfg = {"default": {}, "carve100": dict(carveout=100)}
+        if B == 1:
+            for spl in ((25, 41), (17, 49), (33, 48)):
+                cfg[f"splits{spl}"] = dict(splits=spl)
+                cfg[f"carve100 splits{spl}"] = dict(splits=spl, carveout=100)
+        res = {n: [] for n in ["sdpa"] + list(cfg)}
+        for rep in range(2):
+            res["sdpa"].append(graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True)
+                                         for s in sets]))
+            for name, kw in cfg.items():
+                res[name].append(graph_us([lambda s=s, i=i, kw=kw: vattention_scan_decode(
+                    s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp, **kw) for i, s in enumerate(sets)]))
+        sd = sum(res["sdpa"]) / 2
+        print(f"CARVE B={B} N={N}: " + "; ".join(f"{n} {sum(v) / 2:.1f} us ({sd / (sum(v) / 2):.2f}x) "
+                                                 f"[{', '.join(f'{x:.1f}' for x in v)}]" for n, v in res.items()))
+        del sets
+        torch.cuda.empty_cache()
+    timeline(1, 131072, carveout=100)

@@ -11,7 +11,7 @@ from vattn.kernels.scan import vattention_scan_decode
 
 PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
           "scan": ("setup", "compact", "gather", "write"),
-          "sample": ("setup", "budget", "draws", "write", "merge")}  # merge: the row's last program (fuse_merge)
+          "sample": ("setup", "budget", "draws", "write")}
 
 
 def data(B, N, seed=0):

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import dot_qk, finish, merge_rows, online_step  # noqa: F401
+from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -432,21 +432,19 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr, ctr, out,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, MERGE: tl.constexpr = 0):
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
     its first block's signature words; with PRE it also attends that block's draws (the
-    draws' positions do not depend on the budget) and loads the next block's words.
-    MERGE: the row's last program to finish (counter ctr[row], zero before the launch) merges
-    all S1 + S2 columns of its R heads into out [B, Hq, 1, D]."""
+    draws' positions do not depend on the budget) and loads the next block's words."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
@@ -483,10 +481,3 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     _stamp(tr, 4, c, TR)
-    if MERGE:
-        tl.debug_barrier()
-        done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
-        if done == S2 - 1:
-            r = tl.arange(0, M)
-            merge_rows(po, plse, out, (row * R + r).to(tl.int64), r < R, S1 + S2, M, D, 4)
-            _stamp(tr, 5, done, TR)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, target_programs, use_ieee,
-                                   resolve_pdl)
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, prefer_carveout,
+                                   target_programs, use_ieee, resolve_pdl)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -88,12 +88,11 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, fuse_merge=True):
+                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge; with
-    fuse_merge the sample launch merges, so 3 returns the output as 4 does).
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
     block_c: keys per compaction block; block_n: keys per gather tile in the scan; sample_bn:
@@ -107,7 +106,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     before waiting for the scan (positions do not depend on the budget; dropped and redone when
     the budget ends inside it). It holds that block's state across the wait: 128 registers at
     8 warps (capped), 255 at 4, so not with 4 warps by default.
-    fuse_merge: the sample kernel's last program per row merges the partials (three launches).
+    carveout (GPU): percent of the L1/shared split each of the three kernels asks the driver
+    for (None: the driver's choice).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
     program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
@@ -156,7 +156,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-    ctr = torch.zeros(2 * rows, dtype=torch.int32, device=dev)  # cut, then sample programs done per row
+    ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
@@ -169,27 +169,30 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                                                                         ("sample", s2))}
         trace.update(tr)
         meta["TR"] = 1
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+    ck = kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
                              *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
                              PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK,
                              CL=32, UPD=int(update_sig), **(meta | fit_cut))
     if upto < 2:
         return None
-    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
+    sk = kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
                                *skv, Hkv, N, s1, s1 + s2,
                                sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt),
-                                 ctr[rows:], out, *sq, *skv, Hkv, N, s1, s2,
+    ks3 = [ck, sk]
+    ks3.append(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                 tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2,
                                  sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)),
-                                 PRE=int(pre_draw), MERGE=int(fuse_merge), **(meta | fit_sample))
-    if upto < 4 and not fuse_merge:
+                                 PRE=int(pre_draw), **(meta | fit_sample)))
+    if carveout is not None:
+        for kern in ks3:
+            prefer_carveout(kern, carveout)
+    if upto < 4:
         return None
-    if not fuse_merge:
-        merge_partials(po, plse, out, pdl=pdl)
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
