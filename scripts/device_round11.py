@@ -1,5 +1,5 @@
 """Round 11 GPU run: the sample kernel's early block (pre_draw) and the merge inside the sample
-launch (fuse_merge, measured at commit 5c4bd0d and removed), each on and off: same keys and
+launch (fuse_merge, measured at commit 52a980c and removed), each on and off: same keys and
 outputs on GPU, per-layer times against SDPA (interleaved repeats), the timeline
 (scripts/trace_scan.py); `carve`: the shared-memory carveout and programs per row.
 Usage: python scripts/device_round11.py [eq,var,trace,carve]   (comma list)"""
