@@ -77,27 +77,3 @@ if "carve" in parts:
         del sets
         torch.cuda.empty_cache()
     timeline(1, 131072, carveout=100)
-
-if "dense" in parts:  # cache hints on the dense kernel's K/V loads (streamed once: L2 need not keep them)
-    from vattn.kernels.decode import dense_decode
-    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
-        sets = [data(B, N, i)[:3] for i in range(max(1, 4 // B))]
-        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
-        cfgs = {"sdpa": None, "dense": {}, "evict_first": dict(loads=("", "evict_first")),
-                "cg": dict(loads=(".cg", "")), "cg evict_first": dict(loads=(".cg", "evict_first")),
-                "cv": dict(loads=(".cv", ""))}
-        res = {c: [] for c in cfgs}
-        for rep in range(2):
-            for c, kw in cfgs.items():
-                f = (lambda s: F.scaled_dot_product_attention(*s, enable_gqa=True)) if kw is None else \
-                    (lambda s, kw=kw: dense_decode(*s, L, **kw))
-                res[c].append(graph_us([lambda s=s, f=f: f(s) for s in sets]))
-        base = sum(res["sdpa"]) / 2
-        print(f"DENSE B={B} N={N}: " + "; ".join(f"{c} {sum(v) / 2:.1f} us ({base / (sum(v) / 2):.3f})"
-                                                 for c, v in res.items()))
-        ref = dense_decode(*sets[0], L)
-        for c, kw in cfgs.items():
-            if kw:
-                assert torch.equal(dense_decode(*sets[0], L, **kw), ref), c
-        del sets
-        torch.cuda.empty_cache()

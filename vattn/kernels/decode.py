@@ -54,8 +54,7 @@ def _split_kernel():
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
               HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0, CM: tl.constexpr = "",
-              EV: tl.constexpr = ""):
+              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:  # q may come from the previous launch; the merge may start scheduling now
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -83,10 +82,8 @@ def _split_kernel():
         for n0 in range(start, end, BN):
             n = n0 + tl.arange(0, BN)
             nm = n < end
-            kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0,
-                         cache_modifier=CM, eviction_policy=EV)
-            vv = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0,
-                         cache_modifier=CM, eviction_policy=EV)
+            kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
+            vv = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0)
             s = dot_qk(qq, kk, IEEE)
             s = tl.where(n[None, :] < lim[:, None], s * scale_log2, float("-inf"))
             m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
@@ -129,13 +126,12 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
 
 
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
-                 pdl=None, loads=("", "")):
+                 pdl=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages None: 3 for few KV rows, 2 from 32 (H100, 128K: B=8 1468 -> 1404-1406 us, two runs;
     B=1 stays better at 3: 184.5 vs 187.0). pdl (default: on Hopper, _common.use_pdl): the split
     and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
-    SDPA; B=1 32K 1.006 -> 1.028). loads: (cache modifier, eviction policy) of the K/V loads,
-    as tl.load takes them (e.g. (".cg", "evict_first"))."""
+    SDPA; B=1 32K 1.006 -> 1.028)."""
     _check(q, k, v, lengths)
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
@@ -160,7 +156,7 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hkv, S, chunk, scale * LOG2E,
-        G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype), CM=loads[0], EV=loads[1],
+        G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     return merge_partials(po, plse, out, pdl=pdl)
