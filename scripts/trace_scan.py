@@ -9,7 +9,7 @@ from vattn.bench.attn_core import scan_params
 from vattn.kernels.bits import sign_bits
 from vattn.kernels.scan import vattention_scan_decode
 
-PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
+PHASES = {"cut": ("wait+hist",),
           "scan": ("setup", "compact", "gather", "write"),
           "sample": ("setup", "budget", "draws", "write")}
 
