@@ -59,10 +59,11 @@ if "carve" in parts:
         sets = [data(B, N, i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
         sp = scan_params(N)
-        # programs per row (splits (25, 41), (17, 49), (33, 48)) were measured with the same
-        # script at f429aef: all slower at 128K (56.6-57.7 against 53.3 us)
-        cfg = {"default": {}, "carve100": dict(carveout=100), "carve72": dict(carveout=72),
-               "plain": dict(pre_draw=False)}
+        cfg = {"default": {}, "carve100": dict(carveout=100)}
+        if B == 1:
+            for spl in ((25, 41), (17, 49), (33, 48)):
+                cfg[f"splits{spl}"] = dict(splits=spl)
+                cfg[f"carve100 splits{spl}"] = dict(splits=spl, carveout=100)
         res = {n: [] for n in ["sdpa"] + list(cfg)}
         for rep in range(2):
             res["sdpa"].append(graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True)

@@ -9,7 +9,7 @@ from vattn.bench.attn_core import scan_params
 from vattn.kernels.bits import sign_bits
 from vattn.kernels.scan import vattention_scan_decode
 
-PHASES = {"cut": ("wait+hist",),
+PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
           "scan": ("setup", "compact", "gather", "write"),
           "sample": ("setup", "budget", "draws", "write")}
 

@@ -72,18 +72,6 @@ def _cut(hc, n_mid, K, NH: tl.constexpr):
 
 
 @triton.jit
-def _row_cut(hist, row, P, n_mid, K, NH: tl.constexpr, PP: tl.constexpr):
-    """(tau, thu) of a row from the P subsample histograms the cut kernel stored (read past L1):
-    each later program sums them itself, which costs one small load and spares the cut kernel
-    a counter, a last program and the memset of the counters."""
-    pp = tl.arange(0, PP)
-    v = tl.arange(0, NH)
-    tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
-                   cache_modifier=".cg")
-    return _cut(tl.sum(tile, 0), tl.maximum(n_mid, 0), K, NH)
-
-
-@triton.jit
 def _write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
     # partials [rows * R, S, D] / [rows * R, S]; a program that saw no key writes only lse = -inf.
     # lw2: the log2 weight shared by every key of the partial
@@ -106,17 +94,17 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def cut_kernel(q, proj, ks, k, lens, hist, pil, pbin, qs, tr,
-               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, STRIDE, seed, m0, scale_log2,
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
+               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-               D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr,
+               D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
                M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
                IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, UPD: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
     CL * STRIDE keys of the middle) and scores pilot draws [p * PC, (p + 1) * PC) (the first m0
     sample draws): pil [rows * R, M0P] log2 scores, pbin [rows, M0P] their score bins (whether a
-    draw is a top-k key is decided where the cut is known). The later launches sum a row's
-    histograms into its cut themselves (_row_cut): no counter, no last program, no memset."""
+    draw is a top-k key is decided where the cut is known). The last program of a row to
+    finish (counter ctr, zero before the launch) sums the histograms into cut[row] = (tau, thu)."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -153,6 +141,17 @@ def cut_kernel(q, proj, ks, k, lens, hist, pil, pbin, qs, tr,
     v = tl.arange(0, NH)
     tl.store(hist + (row * P + p) * NH + v, hc)
     _stamp(tr, 1, tl.sum(hc, 0) + tl.sum(pb, 0), TR)
+    tl.debug_barrier()
+    done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
+    _stamp(tr, 2, done, TR)
+    if done == P - 1:
+        pp = tl.arange(0, PP)
+        tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
+                       volatile=True)
+        t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
+        f = tl.arange(0, 2)
+        tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
+        _stamp(tr, 3, t + tu, TR)
 
 
 @triton.jit
@@ -366,11 +365,11 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, proj, qs, ks, k, v, lens, hist, scr, cnt, po, plse, tr,
-                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, K, P, seed, scale_log2,
+def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
+                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
-                BN: tl.constexpr, PP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
+                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                 TR: tl.constexpr = 0):
     """Program (row, 0) attends the row's sinks and window, which need no cut, without waiting
     for the cut kernel; program (row, sp > 0) scans span sp - 1 of the row's middle keys
@@ -394,7 +393,8 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, hist, scr, cnt, po, plse, tr,
         s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
         w_nx = _words(ks, row, b, n + CB, n + CB < end, H, N, G, R, W, WP)
         _pdl_wait(PDL)
-        t, tu = _row_cut(hist, row, P, hi - sink, K, NH, PP)
+        t = tl.load(cut + row * 2)
+        tu = tl.load(cut + row * 2 + 1)
         qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
         if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
             s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
@@ -432,13 +432,13 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, hist, pil, pbin, cnt, po, plse, stats, tr,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-                  H, N, S1, S2, sink, window, K, P, m0, seed, scale_log2, zz, eps2, infl,
+                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                  M0P: tl.constexpr, SP: tl.constexpr, PP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr,
-                  PDL: tl.constexpr = 0, TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
+                  M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
@@ -451,7 +451,8 @@ def sample_kernel(q, qs, ks, k, v, lens, hist, pil, pbin, cnt, po, plse, stats, 
     b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
                                                 window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
-    t, tu = _row_cut(hist, row, P, n_mid, K, NH, PP)
+    t = tl.load(cut + row * 2, cache_modifier=".cg")
+    tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
     qv = _qsig(qs, row, R, W, RWP)
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
     j = tl.arange(0, BN)

@@ -5,9 +5,9 @@
 
 Fewer launches than select.vattention_hash_decode (8), and no index list between them:
  1. cut: per KV-head row, programs histogram the bit-agreement scores of a subsample of
-    the middle keys and score the pilot (the first m0 draws). Each later program sums its
-    row's histograms into the cut itself (a bin tau and a tie probability, so that about
-    `topk` middle keys are taken: an approximate top-k whose count varies with the subsample).
+    the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
+    tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
+    count varies with the subsample) and scores the pilot (the first m0 draws).
  2. scan: one program per row attends the sinks and window (they need no cut, so it does
     not wait for it); the others score their own span of the middle from the signatures,
     compact the taken keys and attend them. No index list crosses programs.
@@ -155,8 +155,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
-    PP = max(2, next_pow2(P))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
+    ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
+    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
     pbin = torch.empty(rows * M0P, dtype=torch.int32, device=dev)  # the pilot draws' score bins
@@ -168,23 +169,26 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                                                                         ("sample", s2))}
         trace.update(tr)
         meta["TR"] = 1
-    carve = (lambda kern: prefer_carveout(kern, carveout)) if carveout is not None else (lambda kern: None)
-    carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, pil, pbin, qs, tr.get("cut", pbin), *sq,
-                                   *skv[:3], Hkv, N, sink, window, stride, seed & M32, m0, log2s, M0P=M0P,
-                                   PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK, CL=32, UPD=int(update_sig),
-                                   **(meta | fit_cut)))
+    ck = kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                             PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK,
+                             CL=32, UPD=int(update_sig), **(meta | fit_cut))
     if upto < 2:
         return None
-    carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, hist, scr, cnt, po, plse, tr.get("scan", cnt),
-                                     *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, topk, P, seed & M32, log2s,
-                                     CB=block_c, BN=block_n, PP=PP, **(meta | fit_scan)))
+    sk = kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
+                               *skv, Hkv, N, s1, s1 + s2,
+                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
-    carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, hist, pil, pbin, cnt, po, plse, st,
-                                       tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, P, m0,
-                                       seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
-                                       var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
-                                       SP=max(2, next_pow2(s1)), PP=PP, PRE=int(pre_draw), **(meta | fit_sample)))
+    ks3 = [ck, sk]
+    ks3.append(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                 tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2,
+                                 sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)),
+                                 PRE=int(pre_draw), **(meta | fit_sample)))
+    if carveout is not None:
+        for kern in ks3:
+            prefer_carveout(kern, carveout)
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
