@@ -2,11 +2,11 @@
 launch (fuse_merge, measured at commit 52a980c and removed), each on and off: same keys and
 outputs on GPU, per-layer times against SDPA (interleaved repeats), the timeline
 (scripts/trace_scan.py); `carve`: the shared-memory carveout and programs per row.
-Usage: python scripts/device_round11.py [eq,var,trace,carve]   (comma list)"""
+Usage: python scripts/device_round11.py [eq,var,trace,carve,cold]   (comma list)"""
 import os
 import sys
 import torch
-from vattn.bench.attn_core import graph_us, rel, scan_params
+from vattn.bench.attn_core import graph_us, l2_flusher, rel, scan_params
 from vattn.kernels.scan import vattention_scan_decode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_scan import data, timeline  # noqa: E402
@@ -77,3 +77,24 @@ if "carve" in parts:
         del sets
         torch.cuda.empty_cache()
     timeline(1, 131072, carveout=100)
+
+if "cold" in parts:  # each call after a 256 MiB read (cold L2, as in a decoder): flush time subtracted
+    from vattn.kernels.decode import dense_decode
+    fl = l2_flusher()
+    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        fns = {"sdpa": lambda s, i: F.scaled_dot_product_attention(*s[:3], enable_gqa=True),
+               "dense": lambda s, i: dense_decode(*s[:3], L),
+               **{f"scan {n}": (lambda s, i, kw=kw: vattention_scan_decode(s[0], s[1], s[2], s[4], s[3], L, seed=i,
+                                                                          **sp, **kw)) for n, kw in VARS.items()}}
+        row = []
+        for name, fn in fns.items():
+            calls = [lambda s=s, i=i, fn=fn: fn(s, i) for i, s in enumerate(sets)]
+            row.append((name, graph_us(calls), graph_us(calls, flush=fl)))
+        sd = row[0][1:]
+        print(f"COLD B={B} N={N}: " + "; ".join(f"{n} hot {h:.1f} ({sd[0] / h:.2f}x) cold {c:.1f} ({sd[1] / c:.2f}x)"
+                                                for n, h, c in row))
+        del sets
+        torch.cuda.empty_cache()

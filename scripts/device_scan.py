@@ -111,7 +111,10 @@ if "bench" in parts:
         print(f"B={r['B']} N={r['N']} sdpa={r['sdpa_us']:.1f} dense={r['dense_us']:.1f} old={r['vattn_us']:.1f} "
               f"({r['sdpa_us'] / r['vattn_us']:.2f}x, dens {r['density']:.3f}) scan={r['scan_us']:.1f} "
               f"({r['sdpa_us'] / r['scan_us']:.2f}x, dens {r['scan_density']:.3f}; stages {r['scan_cut_us']:.1f}/"
-              f"{r['scan_scan_us']:.1f}/{r['scan_sample_us']:.1f}) exact_rows={r['scan_exact_rows']} "
+              f"{r['scan_scan_us']:.1f}/{r['scan_sample_us']:.1f}) cold L2: sdpa={r['sdpa_cold_us']:.1f} "
+              f"dense={r['dense_cold_us']:.1f} scan={r['scan_cold_us']:.1f} "
+              f"({r['sdpa_cold_us'] / r['scan_cold_us']:.2f}x) "
+              f"exact_rows={r['scan_exact_rows']} "
               f"err_twin={r.get('scan_err_vs_twin', float('nan')):.1e} "
               f"denom_within_eps={r.get('scan_denom_within_eps', float('nan')):.3f}")
 

@@ -44,14 +44,16 @@ def attention(ctx: typer.Context,
     t = Table(title=f"decode attention per layer, {info['device']}, {info['date']}, Hq 32 Hkv 8 d 128 bf16; "
                     f"HBM ceiling {ceiling:.0f} GB/s (copy {copy_gbs:.0f}, read {read_gbs:.0f})")
     for c in ("B", "N", "SDPA us", "dense us", "SDPA/dense", "dense %BW", "select us", "sparse us",
-              "vattn us", "SDPA/vattn", "density", "capped", "scan us", "SDPA/scan", "scan density", "err dense"):
+              "vattn us", "SDPA/vattn", "density", "capped", "scan us", "SDPA/scan", "scan density",
+              "cold L2: SDPA us", "scan us", "SDPA/scan", "err dense"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["B"]), str(r["N"]), f"{r['sdpa_us']:.1f}", f"{r['dense_us']:.1f}",
                   f"{r['sdpa_us'] / r['dense_us']:.2f}", f"{r['dense_pct_bw']:.0f}%", f"{r['select_us']:.1f}",
                   f"{r['sparse_us']:.1f}", f"{r['vattn_us']:.1f}", f"{r['sdpa_us'] / r['vattn_us']:.2f}x",
                   f"{r['density']:.3f}", f"{r['capped_rows']}/{r['rows']}", f"{r['scan_us']:.1f}",
-                  f"{r['sdpa_us'] / r['scan_us']:.2f}x", f"{r['scan_density']:.3f}",
+                  f"{r['sdpa_us'] / r['scan_us']:.2f}x", f"{r['scan_density']:.3f}", f"{r['sdpa_cold_us']:.1f}",
+                  f"{r['scan_cold_us']:.1f}", f"{r['sdpa_cold_us'] / r['scan_cold_us']:.2f}x",
                   f"{r.get('dense_err', float('nan')):.1e}")
     con.print(t)
     result = dict(info=info, hbm_copy_gbs=copy_gbs, hbm_read_gbs=read_gbs, rows=rows)

@@ -14,23 +14,40 @@ import torch
 SHAPE = dict(hq=32, hkv=8, d=128)  # Llama-3-8B attention
 
 
-def graph_us(fns, warmup=3):
-    """Median microseconds per call of fns (a list rotated through, so inputs beat the L2)."""
-    import triton
+def graph_us(fns, warmup=3, flush=None):
+    """Median microseconds per call of fns (a list rotated through, so inputs beat the L2).
+    flush (e.g. l2_flusher()): run before every call and its own time subtracted, so each call
+    starts with a cold L2 as a layer does in a decoder (its weights pass through L2 between
+    two attention calls)."""
     for _ in range(warmup):
         for f in fns:
             f()
+    if flush is None:
+        return _replay_ms(fns) * 1e3 / len(fns)
+    both = _replay_ms([g for f in fns for g in (flush, f)])
+    return (both - _replay_ms([flush] * len(fns))) * 1e3 / len(fns)
+
+
+def _replay_ms(calls):
+    """Median ms of one replay of a CUDA graph holding calls in order."""
+    import triton
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         with torch.cuda.graph(g, stream=s):
-            for f in fns:
+            for f in calls:
                 f()
     torch.cuda.current_stream().wait_stream(s)
-    ms = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
-    return ms * 1e3 / len(fns)
+    return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+
+
+def l2_flusher(mib=256):
+    """A call that reads `mib` MiB (several times the L2): what was cached before it is gone."""
+    buf = torch.ones(mib * 2 ** 18, dtype=torch.float32, device="cuda")
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(buf, out=out)
 
 
 def hbm_ceiling():
@@ -101,6 +118,10 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     row["sdpa_us"] = graph_us([lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], enable_gqa=True)
                                for s in sets])
     row["dense_us"] = graph_us([lambda s=s: dense_decode(s[0], s[1], s[2], lengths) for s in sets])
+    cold = l2_flusher()  # the same calls, each after a read that evicts the L2
+    row["sdpa_cold_us"] = graph_us([lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], enable_gqa=True)
+                                    for s in sets], flush=cold)
+    row["dense_cold_us"] = graph_us([lambda s=s: dense_decode(s[0], s[1], s[2], lengths) for s in sets], flush=cold)
     # whole vAttention step: top-k (3 ops), sample, attention pass 1 (sink+window+top-k), budget +
     # assembly (D_F from pass 1), attention pass 2 (pilot + extension), merge
     row["vattn_us"] = graph_us([lambda s=s: vattention_hash_decode(s[0], s[1], s[2], s[3], proj, lengths, **p)
@@ -154,6 +175,9 @@ def scan_stages(row, sets, proj, lengths, p, **kw):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths, seed=i,
                                                                       upto=upto, **sp, **kw)
                               for i, s in enumerate(sets)])
+    row["scan_cold_us"] = graph_us([lambda s=s, i=i: vattention_scan_decode(s[0], s[1], s[2], s[3], proj, lengths,
+                                                                           seed=i, **sp, **kw)
+                                    for i, s in enumerate(sets)], flush=l2_flusher())
     q, k, v, ks = sets[0][:4]
     out, st = vattention_scan_decode(q, k, v, ks, proj, lengths, stats=True, **sp, **kw)
     row["scan_density"] = scan_density(st, lengths, k.shape[1])
