@@ -43,11 +43,11 @@ def _replay_ms(calls):
     return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
 
 
-def l2_flusher(mib=256):
+def l2_flusher(mib=256, device="cuda"):
     """A call that reads `mib` MiB (several times the L2): what was cached before it is gone."""
-    buf = torch.ones(mib * 2 ** 18, dtype=torch.float32, device="cuda")
-    out = torch.empty((), dtype=torch.float32, device="cuda")
-    return lambda: torch.sum(buf, out=out)
+    buf = torch.ones(mib * 2 ** 18, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    return lambda: torch.sum(buf, dim=0, out=out)
 
 
 def hbm_ceiling():
