@@ -32,50 +32,46 @@ if "eq" in parts:
         print(f"EQ B={B} N={N} totals {st['rows'][:, 1].min().item():.0f}..{st['rows'][:, 1].max().item():.0f}: "
               + "; ".join(row))
 
-if "var" in parts:
-    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
+def compare(tag, shapes, cfgs):
+    """Per-layer us of SDPA and each scan config (kwargs), two interleaved repeats per shape."""
+    for B, N in shapes:
         sets = [data(B, N, i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
         sp = scan_params(N)
-        res = {n: [] for n in ["sdpa"] + list(VARS)}
+        c = cfgs(B)
+        res = {n: [] for n in ["sdpa"] + list(c)}
         for rep in range(2):
             res["sdpa"].append(graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True)
                                          for s in sets]))
-            for name, kw in VARS.items():
+            for name, kw in c.items():
                 res[name].append(graph_us([lambda s=s, i=i, kw=kw: vattention_scan_decode(
                     s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp, **kw) for i, s in enumerate(sets)]))
         sd = sum(res["sdpa"]) / 2
-        print(f"VAR B={B} N={N}: " + "; ".join(f"{n} {sum(v) / 2:.1f} us ({sd / (sum(v) / 2):.2f}x) "
+        print(f"{tag} B={B} N={N}: " + "; ".join(f"{n} {sum(v) / 2:.1f} us ({sd / (sum(v) / 2):.2f}x) "
                                                f"[{', '.join(f'{x:.1f}' for x in v)}]" for n, v in res.items()))
         del sets
         torch.cuda.empty_cache()
+
+
+if "var" in parts:
+    compare("VAR", ((1, 131072), (8, 131072), (1, 32768), (8, 32768)), lambda B: VARS)
 
 if "trace" in parts:
     for B, N in ((1, 131072), (8, 131072)):
         timeline(B, N)
 
+
+def carve_cfgs(B):
+    cfg = {"default": {}, "carve100": dict(carveout=100)}
+    if B == 1:
+        for spl in ((25, 41), (17, 49), (33, 48)):
+            cfg[f"splits{spl}"] = dict(splits=spl)
+            cfg[f"carve100 splits{spl}"] = dict(splits=spl, carveout=100)
+    return cfg
+
+
 if "carve" in parts:
-    for B, N in ((1, 131072), (1, 32768), (8, 131072)):
-        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
-        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
-        sp = scan_params(N)
-        cfg = {"default": {}, "carve100": dict(carveout=100)}
-        if B == 1:
-            for spl in ((25, 41), (17, 49), (33, 48)):
-                cfg[f"splits{spl}"] = dict(splits=spl)
-                cfg[f"carve100 splits{spl}"] = dict(splits=spl, carveout=100)
-        res = {n: [] for n in ["sdpa"] + list(cfg)}
-        for rep in range(2):
-            res["sdpa"].append(graph_us([lambda s=s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True)
-                                         for s in sets]))
-            for name, kw in cfg.items():
-                res[name].append(graph_us([lambda s=s, i=i, kw=kw: vattention_scan_decode(
-                    s[0], s[1], s[2], s[4], s[3], L, seed=i, **sp, **kw) for i, s in enumerate(sets)]))
-        sd = sum(res["sdpa"]) / 2
-        print(f"CARVE B={B} N={N}: " + "; ".join(f"{n} {sum(v) / 2:.1f} us ({sd / (sum(v) / 2):.2f}x) "
-                                                 f"[{', '.join(f'{x:.1f}' for x in v)}]" for n, v in res.items()))
-        del sets
-        torch.cuda.empty_cache()
+    compare("CARVE", ((1, 131072), (1, 32768), (8, 131072)), carve_cfgs)
     timeline(1, 131072, carveout=100)
 
 if "cold" in parts:  # each call after a 256 MiB read (cold L2, as in a decoder): flush time subtracted
