@@ -130,6 +130,8 @@ def test_scan_decode_bad_inputs():
         vattention_scan_decode(q[..., :48], k[..., :48], v[..., :48], ks, proj[:48])
     with pytest.raises(VattnError, match="sinks and window"):
         vattention_scan_decode(q, k, v, ks, proj, splits=(1, 4))
+    with pytest.raises(VattnError, match="percent"):
+        vattention_scan_decode(q, k, v, ks, proj, carveout=150)
     if DEV == "cpu":  # the timeline and programmatic dependent launch need a GPU
         with pytest.raises(VattnError, match="global timer"):
             vattention_scan_decode(q, k, v, ks, proj, trace={})

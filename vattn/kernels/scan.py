@@ -120,6 +120,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if update_sig and (window < 1 or not ksig.is_contiguous()):
         raise VattnError(f"update_sig writes ksig in place for the newest key, which must lie in the window: it "
                          f"needs window >= 1 (got {window}) and a contiguous ksig (strides {tuple(ksig.stride())})")
+    if carveout is not None and not (isinstance(carveout, int) and 0 <= carveout <= 100):
+        raise VattnError(f"carveout={carveout!r}: give the shared-memory share in percent, an int in 0..100, or None")
     if trace is not None and (q.device.type != "cuda" or interpret()):
         raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
     q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
