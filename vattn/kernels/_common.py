@@ -58,8 +58,7 @@ def load_online(namespace: dict) -> None:
     """Put the shared online-softmax jit functions into a kernel module's globals: jit
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
-    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish,
-                     merge_rows=_online.merge_rows)
+    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish)
 
 
 def check_4d(tensors: dict, allowed) -> None:

@@ -38,33 +38,3 @@ def finish(acc, m_i, l_i):
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     return o, lse
-
-
-@triton.jit
-def merge_rows(po, plse, out, r, ok, S, M: tl.constexpr, D: tl.constexpr, SB: tl.constexpr):
-    """Merge the S partial columns of output rows r [M] (int64, mask ok) into out [rows, D]:
-    partials po [rows, S, D] f32 and plse [rows, S] (log2 units) written by other programs of
-    this launch before an acq_rel atomic (volatile loads: not from L1). A column with lse = -inf
-    saw no key and its po is not read."""
-    d = tl.arange(0, D)
-    mx = tl.full([M], float("-inf"), tl.float32)
-    for c0 in range(0, S, SB):
-        cc = c0 + tl.arange(0, SB)
-        ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=ok[:, None] & (cc < S)[None, :],
-                     other=float("-inf"), volatile=True)
-        mx = tl.maximum(mx, tl.max(ll, 1))
-    mu = tl.where(mx == float("-inf"), 0.0, mx)
-    den = tl.zeros([M], tl.float32)
-    num = tl.zeros([M, D], tl.float32)
-    for c0 in range(0, S, SB):
-        cc = c0 + tl.arange(0, SB)
-        ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=ok[:, None] & (cc < S)[None, :],
-                     other=float("-inf"), volatile=True)
-        live = ll > float("-inf")
-        wt = tl.where(live, tl.exp2(ll - mu[:, None]), 0.0)
-        pp = tl.load(po + (r[:, None, None] * S + cc[None, :, None]) * D + d[None, None, :],
-                     mask=live[:, :, None], other=0.0, volatile=True)
-        den += tl.sum(wt, 1)
-        num += tl.sum(wt[:, :, None] * pp, 1)
-    res = num / tl.maximum(den, 1e-30)[:, None]
-    tl.store(out + r[:, None] * D + d[None, :], res.to(out.dtype.element_ty), mask=ok[:, None])

@@ -171,26 +171,23 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                                                                         ("sample", s2))}
         trace.update(tr)
         meta["TR"] = 1
-    ck = kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
-                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
-                             PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))), BN=SUB_BLOCK,
-                             CL=32, UPD=int(update_sig), **(meta | fit_cut))
+    carve = (lambda kern: prefer_carveout(kern, carveout)) if carveout is not None else (lambda kern: None)
+    carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+                                   *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                                   PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
+                                   BN=SUB_BLOCK, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
     if upto < 2:
         return None
-    sk = kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt), *sq,
-                               *skv, Hkv, N, s1, s1 + s2,
-                               sink, window, seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan))
+    carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
+                                     *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
+                                     BN=block_n, **(meta | fit_scan)))
     if upto < 3:
         return None
-    ks3 = [ck, sk]
-    ks3.append(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
-                                 tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2,
-                                 sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
-                                 var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)),
-                                 PRE=int(pre_draw), **(meta | fit_sample)))
-    if carveout is not None:
-        for kern in ks3:
-            prefer_carveout(kern, carveout)
+    carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                       tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
+                                       seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                       var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
+                                       SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample)))
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)

@@ -130,7 +130,27 @@ def _split_kernel():
             tl.debug_barrier()
             if done == tl.num_programs(1) - 1:
                 tl.store(ctr + row, 0)
-                merge_rows(po, plse, out, r, m_ok, S, M, D, SB)
+                mx = tl.full([M], float("-inf"), tl.float32)
+                for c0 in range(0, S, SB):
+                    cc = c0 + tl.arange(0, SB)
+                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
+                                 other=float("-inf"), volatile=True)
+                    mx = tl.maximum(mx, tl.max(ll, 1))
+                mu = tl.where(mx == float("-inf"), 0.0, mx)
+                den = tl.zeros([M], tl.float32)
+                num = tl.zeros([M, D], tl.float32)
+                for c0 in range(0, S, SB):
+                    cc = c0 + tl.arange(0, SB)
+                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
+                                 other=float("-inf"), volatile=True)
+                    live = ll > float("-inf")
+                    wt = tl.where(live, tl.exp2(ll - mu[:, None]), 0.0)
+                    pp = tl.load(po + (r[:, None, None] * S + cc[None, :, None]) * D + d[None, None, :],
+                                 mask=live[:, :, None], other=0.0, volatile=True)
+                    den += tl.sum(wt, 1)
+                    num += tl.sum(wt[:, :, None] * pp, 1)
+                res = num / tl.maximum(den, 1e-30)[:, None]
+                tl.store(out + r[:, None] * D + d[None, :], res.to(out.dtype.element_ty), mask=m_ok[:, None])
 
     return split
 
