@@ -7,6 +7,7 @@ attention timed apart and together), plus the measured HBM ceiling.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 
 import torch
@@ -43,6 +44,7 @@ def _replay_ms(calls):
     return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
 
 
+@functools.lru_cache(maxsize=4)  # one buffer per size and device for the whole run
 def l2_flusher(mib=256, device="cuda"):
     """A call that reads `mib` MiB (several times the L2): what was cached before it is gone."""
     buf = torch.ones(mib * 2 ** 18, dtype=torch.float32, device=device)

@@ -58,7 +58,8 @@ def load_online(namespace: dict) -> None:
     """Put the shared online-softmax jit functions into a kernel module's globals: jit
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
-    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish)
+    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish,
+                     pdl_wait=_online.pdl_wait)
 
 
 def check_4d(tensors: dict, allowed) -> None:
@@ -93,15 +94,15 @@ def _merge_kernel():
     import triton
     import triton.language as tl
 
+    load_online(globals())
+
     @triton.jit
     def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
               PDL: tl.constexpr = 0):
         # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
         # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
         # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
-        if PDL:  # launched as a programmatic dependent: wait for the partials' writer
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(PDL)  # launched as a programmatic dependent: wait for the partials' writer
         r = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, SP)
         d = tl.program_id(1) * DB + tl.arange(0, DB)

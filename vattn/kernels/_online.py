@@ -38,3 +38,28 @@ def finish(acc, m_i, l_i):
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     return o, lse
+
+
+@triton.jit
+def kv_rows(kb, vb, skn, svn, x64, ok, D: tl.constexpr):
+    """Key and value rows x64 (int64 positions; rows outside ok are not read, as 0)."""
+    d = tl.arange(0, D)
+    kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
+    vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
+    return kk, vv
+
+
+@triton.jit
+def attend_rows(qq, kk, vv, ok, scale_log2, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold the rows of a gathered tile that are in ok into (m_i, l_i, acc)."""
+    sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
+    return online_step(sc, vv, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch (Hopper): wait for the previous launch to finish (its
+    writes visible), then let the next launch start scheduling its programs."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -7,9 +7,8 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import dot_qk, finish, online_step  # noqa: F401
+from vattn.kernels._online import attend_rows, dot_qk, finish, kv_rows, online_step, pdl_wait  # noqa: F401
 from vattn.kernels._sample_triton import _mix, _pilot_moments
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -109,7 +108,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     p = tl.program_id(1)
     P = tl.num_programs(1)
     _stamp(tr, 0, p, TR)
-    _pdl_wait(PDL)
+    pdl_wait(PDL)
     b = row // H
     L = tl.load(lens + b)
     hi = L - window
@@ -202,7 +201,6 @@ def _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M: tl.constexpr, D: tl.cons
             IEEE: tl.constexpr):
     """Attend the c keys listed at sb (written by this program's threads). Returns (m_i, l_i, acc)."""
     tl.debug_barrier()  # the compacted positions, written by other threads of this program
-    d = tl.arange(0, D)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -213,11 +211,8 @@ def _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M: tl.constexpr, D: tl.cons
         jj = j0 + BN + j
         ix_nx = tl.load(sb + jj, mask=jj < c, other=-1)
         ok = ix >= 0
-        ix64 = tl.where(ok, ix, 0).to(tl.int64)
-        kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
-        vv = tl.load(vb + ix64[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
-        sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        kk, vv = kv_rows(kb, vb, skn, svn, tl.where(ok, ix, 0).to(tl.int64), ok, D)
+        m_i, l_i, acc = attend_rows(qq, kk, vv, ok, scale_log2, m_i, l_i, acc, IEEE)
     return m_i, l_i, acc
 
 
@@ -262,10 +257,8 @@ def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: 
                RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr, D: tl.constexpr):
     """(use, keys, values) of draws x (signature words w): used where ok and not a top-k key."""
     use = ok & ~_taken(_wbins(qv, w, R, W, WP, RWP, HW, SH, NH), x, t, tu, tkey)
-    x64 = x.to(tl.int64)  # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
-    d = tl.arange(0, D)
-    kk = tl.load(kb + x64[:, None] * skn + d[None, :], mask=use[:, None], other=0.0)
-    vv = tl.load(vb + x64[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
+    # masked lanes are not read (zeroing them trips a triton 3.6 layout pass)
+    kk, vv = kv_rows(kb, vb, skn, svn, x.to(tl.int64), use, D)
     return use, kk, vv
 
 
@@ -313,8 +306,7 @@ def _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, sk
         i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
         x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
         w_nx = _words(ks, row, b, x_nx, i2 < lim, H, N, G, R, W, WP)
-        sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         got += tl.sum(use.to(tl.int32), 0)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
     return m_i, l_i, acc, lw2, got
@@ -355,15 +347,6 @@ def _stamp(tr, slot, dep, TR: tl.constexpr):
             tl.store(tr + pid * 8 + 7, sm.to(tl.int64))
 
 
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr):
-    """With programmatic dependent launch (Hopper): wait for the previous launch to finish (its
-    writes visible), then let the next launch start scheduling its programs."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
 @triton.jit(do_not_specialize=["seed"])
 def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
@@ -392,7 +375,7 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         w0 = _words(ks, row, b, n, n < end, H, N, G, R, W, WP)
         s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
         w_nx = _words(ks, row, b, n + CB, n + CB < end, H, N, G, R, W, WP)
-        _pdl_wait(PDL)
+        pdl_wait(PDL)
         t = tl.load(cut + row * 2)
         tu = tl.load(cut + row * 2 + 1)
         qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
@@ -416,7 +399,6 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
     s_end = tl.minimum(sink, L)
     w_start = tl.maximum(hi, s_end)
     nf = s_end + L - w_start
-    d = tl.arange(0, D)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -424,10 +406,8 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
         f = j0 + tl.arange(0, BN)
         ok = f < nf
         x = tl.where(f < s_end, f, w_start + f - s_end).to(tl.int64)
-        kk = tl.load(kb + x[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
-        vv = tl.load(vb + x[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
-        sc = tl.where(ok[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        kk, vv = kv_rows(kb, vb, skn, svn, x, ok, D)
+        m_i, l_i, acc = attend_rows(qq, kk, vv, ok, scale_log2, m_i, l_i, acc, IEEE)
     return m_i, l_i, acc, nf
 
 
@@ -468,10 +448,9 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
                                  SH, NH, D)
         x1 = _draw(j2 * BN + S2 * BN + j, skey, sink, n_mid)
         w1 = _words(ks, row, b, x1, x1 < sink + n_mid, H, N, G, R, W, WP)
-        sc = tl.where(use[None, :], dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
-    _pdl_wait(PDL)
+    pdl_wait(PDL)
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
     m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn, svn, plse,
                                          stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N,

@@ -55,9 +55,7 @@ def _split_kernel():
               HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
               BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-        if PDL:  # q may come from the previous launch; the merge may start scheduling now
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(PDL)  # q may come from the previous launch; the merge may start scheduling now
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         b = pid // HKV
