@@ -1,0 +1,54 @@
+"""Round 12 GPU run: the one-launch pipeline (vattention_scan_decode(fused=True)) against the
+four launches: same choices and keys on GPU, per-layer times against SDPA (interleaved
+repeats), and its timeline (scripts/trace_scan.py).
+Usage: python scripts/device_round12.py [eq,var,trace]   (comma list)"""
+import os
+import sys
+import torch
+from vattn.bench.attn_core import rel, scan_params
+from vattn.kernels.scan import vattention_scan_decode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_round11 import compare  # noqa: E402
+from trace_scan import data, timeline  # noqa: E402
+
+parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
+
+
+def fused_cfgs(B):
+    if B == 1:
+        return {"4 launches": {}, "fused 33": dict(fused=True, splits=(33, 33)),
+                "fused 33 no pre": dict(fused=True, splits=(33, 33), pre_draw=False),
+                "fused 24": dict(fused=True, splits=(24, 24)), "fused 16": dict(fused=True, splits=(16, 16)),
+                "fused 16 uncapped": dict(fused=True, splits=(16, 16), maxnreg=0)}
+    return {"4 launches": {}, "fused 4 w8": dict(fused=True, splits=(4, 4), num_warps=8),
+            "fused 4 w4": dict(fused=True, splits=(4, 4), num_warps=4, pre_draw=False)}
+
+
+if "eq" in parts:
+    for B, N, L, kw in ((1, 131072, [131072], dict(splits=(33, 33))), (1, 131072, [131072], dict(splits=(16, 16))),
+                        (8, 131072, None, dict(splits=(4, 4), num_warps=8)), (2, 32768, [32768, 3000], {})):
+        q, k, v, proj, ks = data(B, N, 5)
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda") if L is None else \
+            torch.tensor(L, dtype=torch.int32, device="cuda")
+        sp = scan_params(N)
+        base, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **sp)
+        try:
+            out, s2 = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, fused=True, **sp, **kw)
+        except Exception as e:  # noqa: BLE001 (a report line, then the next shape)
+            print(f"EQ B={B} N={N} {kw}: {type(e).__name__}: {e}")
+            continue
+        a, b = st["rows"].cpu(), s2["rows"].cpu()
+        same_cut = torch.equal(a[:, [0, 2, 5, 6]], b[:, [0, 2, 5, 6]])
+        dtot = (a[:, 1] - b[:, 1]).abs().max().item()
+        keys = torch.equal(st["exact_keys"], s2["exact_keys"]) and torch.equal(st["sample_keys"], s2["sample_keys"])
+        print(f"EQ B={B} N={N} {kw}: cut {'same' if same_cut else 'DIFFERS'}, totals {a[:, 1].min():.0f}.."
+              f"{a[:, 1].max():.0f} max diff {dtot:.0f}, keys {'same' if keys else 'differ'}, "
+              f"exact rows {int(b[:, 4].sum())}, rel to 4 launches {rel(out, base):.2e}")
+
+if "var" in parts:
+    compare("VAR", ((1, 131072), (1, 32768), (8, 131072)), fused_cfgs)
+
+if "trace" in parts:
+    timeline(1, 131072)
+    timeline(1, 131072, fused=True, splits=(33, 33))
+    timeline(1, 131072, fused=True, splits=(16, 16))
