@@ -1,11 +1,13 @@
 """Round 12 GPU run: the one-launch pipeline (vattention_scan_decode(fused=True)) against the
 four launches: same choices and keys on GPU, per-layer times against SDPA (interleaved
 repeats), and its timeline (scripts/trace_scan.py).
-Usage: python scripts/device_round12.py [eq,var,trace]   (comma list)"""
+`dense`: the dense kernel with and without its early first tile, against SDPA.
+Usage: python scripts/device_round12.py [eq,var,trace,dense]   (comma list)"""
 import os
 import sys
 import torch
-from vattn.bench.attn_core import rel, scan_params
+from vattn.bench.attn_core import graph_us, rel, scan_params
+from vattn.kernels.decode import dense_decode
 from vattn.kernels.scan import vattention_scan_decode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_round11 import compare  # noqa: E402
@@ -17,7 +19,7 @@ parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
 def fused_cfgs(B):
     if B == 1:
         return {"4 launches": {}, "fused 33": dict(fused=True, splits=(33, 33)),
-                "fused 33 no pre": dict(fused=True, splits=(33, 33), pre_draw=False),
+                "fused 33 pre": dict(fused=True, splits=(33, 33), pre_draw=True),
                 "fused 24": dict(fused=True, splits=(24, 24)), "fused 16": dict(fused=True, splits=(16, 16)),
                 "fused 16 uncapped": dict(fused=True, splits=(16, 16), maxnreg=0)}
     return {"4 launches": {}, "fused 4 w8": dict(fused=True, splits=(4, 4), num_warps=8),
@@ -52,3 +54,22 @@ if "trace" in parts:
     timeline(1, 131072)
     timeline(1, 131072, fused=True, splits=(33, 33))
     timeline(1, 131072, fused=True, splits=(16, 16))
+
+if "dense" in parts:
+    F = torch.nn.functional
+    for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
+        sets = [data(B, N, i) for i in range(max(1, 4 // B))]
+        L = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        a, b = dense_decode(*sets[0][:3], L), dense_decode(*sets[0][:3], L, early=True)
+        fns = {"sdpa": lambda s: F.scaled_dot_product_attention(*s[:3], enable_gqa=True),
+               "dense": lambda s: dense_decode(*s[:3], L), "early": lambda s: dense_decode(*s[:3], L, early=True)}
+        res = {n: [] for n in fns}
+        for rep in range(3):
+            for n, fn in fns.items():
+                res[n].append(graph_us([lambda s=s, fn=fn: fn(s) for s in sets]))
+        sd = sum(res["sdpa"]) / 3
+        print(f"DENSE B={B} N={N} early==plain {torch.equal(a, b)}: " + "; ".join(
+            f"{n} {sum(v) / 3:.1f} us (SDPA/x {sd / (sum(v) / 3):.3f}) [{', '.join(f'{x:.1f}' for x in v)}]"
+            for n, v in res.items()))
+        del sets
+        torch.cuda.empty_cache()

@@ -12,7 +12,8 @@ Program (row, j) of S: phase 0 histograms subsample blocks j, j + S, ... into th
 shared histogram and scores pilot draws [j * PC, (j + 1) * PC); phase 1 takes the cut,
 compacts and attends span j of the middle: partial column j of 2S + 1 (program S - 1 also
 attends the sinks and window, column S); phase 2 sizes the sample from columns [0, S] and
-attends blocks j, j + S, ... of the draws: column S + 1 + j. The merge is a separate launch.
+attends blocks j, j + S, ... of the draws: column S + 1 + j; phase 3, once every column is
+written, merges them: program j < R * D / DB one head's DB output columns.
 """
 import triton
 import triton.language as tl
@@ -55,17 +56,18 @@ def _span_head(qv, ks, row, b, start, end, H, N, G: tl.constexpr, R: tl.constexp
 
 
 @triton.jit(do_not_specialize=["seed"])
-def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, stats, tr, tr2,
+def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, out, stats, tr, tr2,
                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S, sink, window, K, STRIDE, P, seed, m0,
                  scale_log2, zz, eps2, infl,
                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, M0P: tl.constexpr,
                  PC: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
-                 SBN: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PHASES: tl.constexpr = 7,
+                 SBN: tl.constexpr, SP: tl.constexpr, DB: tl.constexpr, SP2: tl.constexpr, HW: tl.constexpr,
+                 IEEE: tl.constexpr, PHASES: tl.constexpr = 15,
                  SPIN: tl.constexpr = 1, PRE: tl.constexpr = 0, PDL: tl.constexpr = 0, TR: tl.constexpr = 0,
                  UPD: tl.constexpr = 0):
-    """See the module docstring. sync int32 [rows, 2 + NH], zero before the launch: the two
-    barriers' arrival counts, then the row's histogram. Trace stamps (TR) as the scan kernel's
+    """See the module docstring. sync int32 [rows, 3 + NH], zero before the launch: the three
+    barriers' arrival counts, then the row's histogram. out [B, Hq, 1, D] (contiguous). Trace stamps (TR) as the scan kernel's
     in tr (0 start, 1 cut known, 2 compacted, 3-4 column written) and the sample kernel's in
     tr2 (0 phase start, 1 the scan columns complete, 2 budget, 3-4 column written)."""
     row = tl.program_id(0)
@@ -76,7 +78,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, s
                                                 window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
     qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
-    ctr = sync + row * (2 + NH)
+    ctr = sync + row * (3 + NH)
     chunk = tl.cdiv(tl.cdiv(n_mid, S), CB) * CB
     start = sink + j * chunk
     end = tl.minimum(start + chunk, hi)
@@ -84,7 +86,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, s
         if UPD:  # the newest key's signature: in the window now, so this launch does not read it
             if (j == 0) & (L > 0):
                 _key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
-        _cut_share(qv, qq, ks, kb, skn, ctr + 2, pil, pbin, row, b, j, S, hi, sink, n_mid, P, STRIDE, skey, m0,
+        _cut_share(qv, qq, ks, kb, skn, ctr + 3, pil, pbin, row, b, j, S, hi, sink, n_mid, P, STRIDE, skey, m0,
                    scale_log2, H, N, G, R, M, W, WP, D, RWP, NH, SH, M0P, PC, SB, CL, HW, IEEE)
         _arrive(ctr)
     if (PHASES & 2) != 0:
@@ -93,7 +95,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, s
             mf, lf, af, nf = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
             _column(po, plse, cnt, tr, af, mf, lf, 0.0, nf, row, S, 2 * S + 1, R, M, D, 0)
         _wait(ctr, S, SPIN)
-        t, tu = _row_cut(ctr + 2, n_mid, K, NH)
+        t, tu = _row_cut(ctr + 3, n_mid, K, NH)
         _stamp(tr, 1, t + tu, TR)
         m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, t, tu,
                                       tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE, TR)
@@ -102,7 +104,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, s
     if (PHASES & 4) != 0:
         _stamp(tr2, 0, j, TR)
         if (PHASES & 2) == 0:
-            t, tu = _row_cut(ctr + 2, n_mid, K, NH)
+            t, tu = _row_cut(ctr + 3, n_mid, K, NH)
         spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
         x0, w0, x1, w1, m_i, l_i, acc, c0 = _sample_head(qv, qq, ks, kb, vb, skn, svn, row, b, j, S, sink, n_mid, t,
                                                          tu, skey, tkey, scale_log2, H, N, G, R, M, W, WP, D, RWP,
@@ -114,6 +116,11 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, s
                                              H, N, scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, SBN,
                                              M0P, SP, HW, IEEE, PRE, TR)
         _column(po, plse, cnt, tr2, acc, m_i, l_i, lw2, c, row, S + 1 + j, 2 * S + 1, R, M, D, TR)
+        _arrive(ctr + 2)
+    if (PHASES & 8) != 0:  # programs j < R * D / DB merge one head's slice of DB output columns
+        if j < R * (D // DB):
+            _wait(ctr + 2, S, SPIN)
+            _merge_slice(po, plse, out, row * R + j // (D // DB), (j % (D // DB)) * DB, 2 * S + 1, D, DB, SP2)
 
 
 @triton.jit
@@ -141,3 +148,21 @@ def _cut_share(qv, qq, ks, kb, skn, hrow, pil, pbin, row, b, j, S, hi, sink, n_m
     r = tl.arange(0, M)
     tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None] & pok[None, :])
     tl.store(pbin + row * M0P + i, pb, mask=pok)
+
+
+@triton.jit
+def _merge_slice(po, plse, out, r, d0, S2, D: tl.constexpr, DB: tl.constexpr, SP2: tl.constexpr):
+    """Output row r (of [B * Hq, D]), columns [d0, d0 + DB), from its S2 partials (po
+    [rows * R, S2, D] f32, plse [rows * R, S2] log2 units; a partial with lse -inf saw no key
+    and may be unwritten: not read). A row with no key gives 0."""
+    c = tl.arange(0, SP2)
+    d = d0 + tl.arange(0, DB)
+    r64 = r.to(tl.int64)
+    lse = tl.load(plse + r64 * S2 + c, mask=c < S2, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    live = lse > float("-inf")
+    w = tl.where(live, tl.exp2(lse - m), 0.0)
+    o = tl.load(po + (r64 * S2 + c)[:, None] * D + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+    acc = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(out + r64 * D + d, acc.to(out.dtype.element_ty))
