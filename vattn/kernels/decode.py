@@ -54,42 +54,30 @@ def _split_kernel():
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
               HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0, EARLY: tl.constexpr = 0):
+              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+        pdl_wait(PDL)  # q may come from the previous launch; the merge may start scheduling now
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         b = pid // HKV
         j = pid % HKV
-        d = tl.arange(0, D)
-        b64 = b.to(tl.int64)
-        kb = k + b64 * skb + j.to(tl.int64) * skh
-        vb = v + b64 * svb + j.to(tl.int64) * svh
-        start = sp * chunk
-        if EARLY:  # the first tile's loads go out before the wait (see dense_decode's early)
-            L = tl.load(lens + b)
-            n = start + tl.arange(0, BN)
-            nm = n < tl.minimum(start + chunk, L)
-            kk0 = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
-            vv0 = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0)
-        pdl_wait(PDL)  # q may come from the previous launch; the merge may start scheduling now
         rows = tl.arange(0, M)
         g = rows // T
         t = rows % T
         row_ok = rows < G * T
+        d = tl.arange(0, D)
+        b64 = b.to(tl.int64)
         qp = q + b64 * sqb + (j * G + g)[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :]
         qq = tl.load(qp, mask=row_ok[:, None], other=0.0)
-        if not EARLY:
-            L = tl.load(lens + b)
+        L = tl.load(lens + b)
         lim = L - T + 1 + t  # causal limit per row
+        start = sp * chunk
         end = tl.minimum(start + chunk, L)
+        kb = k + b64 * skb + j.to(tl.int64) * skh
+        vb = v + b64 * svb + j.to(tl.int64) * svh
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
         acc = tl.zeros([M, D], tl.float32)
-        first = start
-        if EARLY:
-            s = tl.where(n[None, :] < lim[:, None], dot_qk(qq, kk0, IEEE) * scale_log2, float("-inf"))
-            m_i, l_i, acc = online_step(s, vv0, m_i, l_i, acc, IEEE)
-            first = start + BN
-        for n0 in range(first, end, BN):
+        for n0 in range(start, end, BN):
             n = n0 + tl.arange(0, BN)
             nm = n < end
             kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
@@ -136,16 +124,12 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
 
 
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
-                 pdl=None, early=False):
+                 pdl=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages None: 3 for few KV rows, 2 from 32 (H100, 128K: B=8 1468 -> 1404-1406 us, two runs;
     B=1 stays better at 3: 184.5 vs 187.0). pdl (default: on Hopper, _common.use_pdl): the split
     and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
-    SDPA; B=1 32K 1.006 -> 1.028).
-    early (with pdl): each program loads its first tile of K/V (and the lengths) before waiting
-    for the previous launch, so those loads overlap its tail. Only where the launch just before
-    this one writes neither the lengths nor K/V rows below them (a cache append two launches
-    back is fine); q is read after the wait."""
+    SDPA; B=1 32K 1.006 -> 1.028)."""
     _check(q, k, v, lengths)
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
@@ -170,7 +154,7 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hkv, S, chunk, scale * LOG2E,
-        G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype), EARLY=int(early),
+        G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     return merge_partials(po, plse, out, pdl=pdl)
