@@ -2,7 +2,9 @@
 four launches: same choices and keys on GPU, per-layer times against SDPA (interleaved
 repeats), and its timeline (scripts/trace_scan.py).
 `dense`: the dense kernel with and without its early first tile, against SDPA.
-Usage: python scripts/device_round12.py [eq,var,trace,dense]   (comma list)"""
+`path`: the one launch's critical path (every stamp as us from the first start); `sweep`:
+its block sizes and programs per row at B=1 128K.
+Usage: python scripts/device_round12.py [eq,var,trace,dense,path,sweep]   (comma list)"""
 import os
 import sys
 import torch
@@ -73,3 +75,24 @@ if "dense" in parts:
             for n, v in res.items()))
         del sets
         torch.cuda.empty_cache()
+
+if "path" in parts:
+    for S in (33, 16):
+        tr, t0 = timeline(1, 131072, fused=True, splits=(S, S))
+        marks = (("scan", 0, "start"), ("scan", 5, "past PDL wait"), ("scan", 6, "phase 0 done"),
+                 ("scan", 1, "cut known"), ("scan", 2, "compacted"), ("scan", 4, "scan column written"),
+                 ("sample", 1, "all scan columns in"), ("sample", 2, "budget"), ("sample", 4, "sample column written"),
+                 ("sample", 5, "merge may start"), ("sample", 6, "merge written"))
+        print(f"PATH fused S={S}: stamp, us from the first start: median / max over programs")
+        for name, slot, what in marks:
+            t = tr[name][:, slot].cpu()
+            t = (t[t > 0] - t0).double() / 1e3
+            print(f"  {what:24s} {t.median().item():6.1f} / {t.max().item():6.1f}  (n={t.numel()})")
+
+if "sweep" in parts:
+    base = dict(fused=True, splits=(33, 33))
+    compare("SWEEP", ((1, 131072),), lambda B: {
+        "4 launches": {}, "fused 33": base, "S 30": base | dict(splits=(30, 30)),
+        "sample_bn 32": base | dict(sample_bn=32), "sample_bn 128": base | dict(sample_bn=128),
+        "block_n 32": base | dict(block_n=32), "block_n 128": base | dict(block_n=128),
+        "block_c 1024": base | dict(block_c=1024), "block_c 4096": base | dict(block_c=4096)})

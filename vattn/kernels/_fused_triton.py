@@ -67,13 +67,15 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
                  SPIN: tl.constexpr = 1, PRE: tl.constexpr = 0, PDL: tl.constexpr = 0, TR: tl.constexpr = 0,
                  UPD: tl.constexpr = 0):
     """See the module docstring. sync int32 [rows, 3 + NH], zero before the launch: the three
-    barriers' arrival counts, then the row's histogram. out [B, Hq, 1, D] (contiguous). Trace stamps (TR) as the scan kernel's
-    in tr (0 start, 1 cut known, 2 compacted, 3-4 column written) and the sample kernel's in
-    tr2 (0 phase start, 1 the scan columns complete, 2 budget, 3-4 column written)."""
+    barriers' arrival counts, then the row's histogram. out [B, Hq, 1, D] (contiguous). Trace
+    stamps (TR) as the scan kernel's in tr (0 start, 1 cut known, 2 compacted, 3-4 column
+    written; 5 past the PDL wait, 6 phase 0 done) and the sample kernel's in tr2 (0 phase start,
+    1 the scan columns complete, 2 budget, 3-4 column written; 5-6 merge start, end)."""
     row = tl.program_id(0)
     j = tl.program_id(1)
     _stamp(tr, 0, j, TR)
     pdl_wait(PDL)  # q may come from the launch before
+    _stamp(tr, 5, j, TR)
     b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
                                                 window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
@@ -89,6 +91,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
         _cut_share(qv, qq, ks, kb, skn, ctr + 3, pil, pbin, row, b, j, S, hi, sink, n_mid, P, STRIDE, skey, m0,
                    scale_log2, H, N, G, R, M, W, WP, D, RWP, NH, SH, M0P, PC, SB, CL, HW, IEEE)
         _arrive(ctr)
+        _stamp(tr, 6, j, TR)
     if (PHASES & 2) != 0:
         s, w_nx = _span_head(qv, ks, row, b, start, end, H, N, G, R, W, WP, RWP, HW, SH, NH, CB)
         if j == S - 1:  # the sinks and window need no cut: attended while the others arrive
@@ -120,7 +123,9 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
     if (PHASES & 8) != 0:  # programs j < R * D / DB merge one head's slice of DB output columns
         if j < R * (D // DB):
             _wait(ctr + 2, S, SPIN)
+            _stamp(tr2, 5, j, TR)
             _merge_slice(po, plse, out, row * R + j // (D // DB), (j % (D // DB)) * DB, 2 * S + 1, D, DB, SP2)
+            _stamp(tr2, 6, j, TR)
 
 
 @triton.jit
