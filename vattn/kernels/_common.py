@@ -137,6 +137,25 @@ def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, b
     return out
 
 
+_ZEROED: dict = {}
+
+
+def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
+    """int32 [n] of zeros for kernels that count with atomics and zero what they used before
+    they exit: one buffer per device, so a call needs no memset (in a CUDA graph a memset node
+    between two kernels also cuts their programmatic dependent launch). Calls on one device
+    share it: do not run two at once on different streams. Made under graph capture, the
+    zeros would only exist once the graph replays, so there a fresh buffer joins the graph."""
+    key = str(device)
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        buf = _ZEROED[key] = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel())), dtype=torch.int32,
+                                         device=device)
+    return buf[:n]
+
+
 def use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch: a launch may start while the previous one drains (Hopper
     and later, CUDA only; the interpreter has no griddepcontrol)."""

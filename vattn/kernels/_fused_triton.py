@@ -66,8 +66,8 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
                  IEEE: tl.constexpr, PHASES: tl.constexpr = 15,
                  SPIN: tl.constexpr = 1, PRE: tl.constexpr = 0, PDL: tl.constexpr = 0, TR: tl.constexpr = 0,
                  UPD: tl.constexpr = 0):
-    """See the module docstring. sync int32 [rows, 3 + NH], zero before the launch: the three
-    barriers' arrival counts, then the row's histogram. out [B, Hq, 1, D] (contiguous). Trace
+    """See the module docstring. sync int32 [rows, 4 + NH], zero before the launch and left
+    zero: the three barriers' arrival counts, the merge programs done, the row's histogram. out [B, Hq, 1, D] (contiguous). Trace
     stamps (TR) as the scan kernel's in tr (0 start, 1 cut known, 2 compacted, 3-4 column
     written; 5 past the PDL wait, 6 phase 0 done) and the sample kernel's in tr2 (0 phase start,
     1 the scan columns complete, 2 budget, 3-4 column written; 5-6 merge start, end)."""
@@ -80,7 +80,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
                                                 window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
     qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
-    ctr = sync + row * (3 + NH)
+    ctr = sync + row * (4 + NH)
     chunk = tl.cdiv(tl.cdiv(n_mid, S), CB) * CB
     start = sink + j * chunk
     end = tl.minimum(start + chunk, hi)
@@ -88,7 +88,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
         if UPD:  # the newest key's signature: in the window now, so this launch does not read it
             if (j == 0) & (L > 0):
                 _key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
-        _cut_share(qv, qq, ks, kb, skn, ctr + 3, pil, pbin, row, b, j, S, hi, sink, n_mid, P, STRIDE, skey, m0,
+        _cut_share(qv, qq, ks, kb, skn, ctr + 4, pil, pbin, row, b, j, S, hi, sink, n_mid, P, STRIDE, skey, m0,
                    scale_log2, H, N, G, R, M, W, WP, D, RWP, NH, SH, M0P, PC, SB, CL, HW, IEEE)
         _arrive(ctr)
         _stamp(tr, 6, j, TR)
@@ -98,7 +98,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
             mf, lf, af, nf = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
             _column(po, plse, cnt, tr, af, mf, lf, 0.0, nf, row, S, 2 * S + 1, R, M, D, 0)
         _wait(ctr, S, SPIN)
-        t, tu = _row_cut(ctr + 3, n_mid, K, NH)
+        t, tu = _row_cut(ctr + 4, n_mid, K, NH)
         _stamp(tr, 1, t + tu, TR)
         m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, t, tu,
                                       tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE, TR)
@@ -107,7 +107,7 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
     if (PHASES & 4) != 0:
         _stamp(tr2, 0, j, TR)
         if (PHASES & 2) == 0:
-            t, tu = _row_cut(ctr + 3, n_mid, K, NH)
+            t, tu = _row_cut(ctr + 4, n_mid, K, NH)
         spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
         x0, w0, x1, w1, m_i, l_i, acc, c0 = _sample_head(qv, qq, ks, kb, vb, skn, svn, row, b, j, S, sink, n_mid, t,
                                                          tu, skey, tkey, scale_log2, H, N, G, R, M, W, WP, D, RWP,
@@ -126,6 +126,11 @@ def fused_kernel(q, proj, ks, k, v, lens, sync, pil, pbin, scr, cnt, po, plse, o
             _stamp(tr2, 5, j, TR)
             _merge_slice(po, plse, out, row * R + j // (D // DB), (j % (D // DB)) * DB, 2 * S + 1, D, DB, SP2)
             _stamp(tr2, 6, j, TR)
+            tl.debug_barrier()
+            if tl.atomic_add(ctr + 3, 1, sem="acq_rel") == tl.minimum(S, R * (D // DB)) - 1:
+                # every program of the row is past its last read of sync: zero it for the next call
+                tl.store(ctr + tl.arange(0, 4), tl.zeros([4], tl.int32))
+                tl.store(ctr + 4 + tl.arange(0, NH), tl.zeros([NH], tl.int32))
 
 
 @triton.jit

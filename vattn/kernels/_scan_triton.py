@@ -103,7 +103,8 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     CL * STRIDE keys of the middle) and scores pilot draws [p * PC, (p + 1) * PC) (the first m0
     sample draws): pil [rows * R, M0P] log2 scores, pbin [rows, M0P] their score bins (whether a
     draw is a top-k key is decided where the cut is known). The last program of a row to
-    finish (counter ctr, zero before the launch) sums the histograms into cut[row] = (tau, thu)."""
+    finish (counter ctr, zero before the launch, left zero) sums the histograms into cut[row] =
+    (tau, thu)."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -150,6 +151,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
         t, tu = _cut(tl.sum(tile, 0), n_mid, K, NH)
         f = tl.arange(0, 2)
         tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
+        tl.store(ctr + row, 0)  # every program has counted: zero again for the next call (no memset)
         _stamp(tr, 3, t + tu, TR)
 
 

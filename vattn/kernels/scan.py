@@ -30,7 +30,8 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, prefer_carveout,
-                                   resident_per_sm, sm_count, target_programs, use_ieee, resolve_pdl)
+                                   resident_per_sm, sm_count, target_programs, use_ieee, resolve_pdl,
+                                   zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -189,7 +190,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     if fused:  # cut, scan and sample in one launch
         from vattn.kernels import _fused_triton as kf
-        sync = torch.zeros((rows, 3 + NH), dtype=torch.int32, device=dev)  # barrier counts, histogram
+        sync = zeroed_counters(rows * (4 + NH), dev)  # barrier counts, histogram; left zero
         out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
         args = (q, proj, ksig, k, v, lengths, sync, pil, pbin, scr, cnt, po, plse, out, st, tr.get("scan", sync),
                 tr.get("sample", sync), *sq, *skv, Hkv, N, s2, sink, window, topk, stride, P, seed & M32, m0, log2s,
@@ -213,7 +214,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                 fused = False
     if not fused:
         hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-        ctr = torch.zeros(rows, dtype=torch.int32, device=dev)  # cut programs done per row
+        ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
         cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
         qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
         if trace is not None:
