@@ -21,8 +21,6 @@ parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
 def fused_cfgs(B):
     if B == 1:
         return {"4 launches": {}, "fused 33": dict(fused=True, splits=(33, 33)),
-                "fused 33 pre": dict(fused=True, splits=(33, 33), pre_draw=True),
-                "fused 24": dict(fused=True, splits=(24, 24)), "fused 16": dict(fused=True, splits=(16, 16)),
                 "fused 16 uncapped": dict(fused=True, splits=(16, 16), maxnreg=0)}
     return {"4 launches": {}, "fused 4 w8": dict(fused=True, splits=(4, 4), num_warps=8),
             "fused 4 w4": dict(fused=True, splits=(4, 4), num_warps=4, pre_draw=False)}
@@ -48,9 +46,11 @@ if "eq" in parts:
         print(f"EQ B={B} N={N} {kw}: cut {'same' if same_cut else 'DIFFERS'}, totals {a[:, 1].min():.0f}.."
               f"{a[:, 1].max():.0f} max diff {dtot:.0f}, keys {'same' if keys else 'differ'}, "
               f"exact rows {int(b[:, 4].sum())}, rel to 4 launches {rel(out, base):.2e}")
+    from vattn.kernels._common import _ZEROED
+    print("EQ counters left zero:", {k: int(v.abs().sum()) for k, v in _ZEROED.items()})
 
 if "var" in parts:
-    compare("VAR", ((1, 131072), (1, 32768), (8, 131072)), fused_cfgs)
+    compare("VAR", ((1, 131072), (1, 32768), (8, 131072), (8, 32768)), fused_cfgs)
 
 if "trace" in parts:
     timeline(1, 131072)
@@ -77,7 +77,8 @@ if "dense" in parts:
         torch.cuda.empty_cache()
 
 if "path" in parts:
-    for S in (33, 16):
+    timeline(1, 131072)
+    for S in (33,):
         tr, t0 = timeline(1, 131072, fused=True, splits=(S, S))
         marks = (("scan", 0, "start"), ("scan", 5, "past PDL wait"), ("scan", 6, "phase 0 done"),
                  ("scan", 1, "cut known"), ("scan", 2, "compacted"), ("scan", 4, "scan column written"),
