@@ -5,7 +5,6 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vattn.kernels import _fused_triton as kf
 from vattn.kernels import _scan_triton as kt
 
 nw = int(sys.argv[1]) if len(sys.argv) > 1 else 4
@@ -48,13 +47,7 @@ smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
-fused_names = ("q proj ks k v lens sync pil pbin scr cnt po plse out stats tr tr2 sqb sqh sqt skb skh skn svb svh svn H N S "
-               "sink window K STRIDE P seed m0 scale_log2 zz eps2 infl").split()
-fused_types = ["*bf16", "*fp32", P, "*bf16", "*bf16", P, P, "*fp32", P, P, P, "*fp32", "*fp32", "*bf16", "*fp32", "*i64",
-               "*i64"] + [I] * 19 + [F] * 4
-for name, fn, s, c in (("fused_kernel", kf.fused_kernel, sig(fused_names, fused_types),
-                        common | dict(M0P=128, PC=16, SB=1024, CL=32, CB=CB, BN=BN, SBN=BN, SP=64, DB=16, SP2=128, PRE=0, UPD=1, PHASES=15, SPIN=1)),
-                       ("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
+for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),

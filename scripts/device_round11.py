@@ -13,8 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_scan import data, timeline  # noqa: E402
 
 F = torch.nn.functional
-parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",")
-print(torch.cuda.get_device_name(), torch.__version__)
+parts = (sys.argv[1] if len(sys.argv) > 1 else "eq,var,trace").split(",") if __name__ == "__main__" else []
+if parts:
+    print(torch.cuda.get_device_name(), torch.__version__)
 VARS = {"plain": dict(pre_draw=False), "pre": dict(pre_draw=True)}
 
 if "eq" in parts:

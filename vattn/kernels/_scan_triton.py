@@ -387,7 +387,10 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end,
                                       t, tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
                                       TR)
-    _column(po, plse, cnt, tr, acc, m_i, l_i, 0.0, c, row, sp, S, R, M, D, TR)
+    _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
+    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
+    tl.store(cnt + row * S + sp, c)
+    _stamp(tr, 4, c, TR)
 
 
 @triton.jit
@@ -434,26 +437,6 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
     qv = _qsig(qs, row, R, W, RWP)
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
-    x0, w0, x1, w1, m_i, l_i, acc, c0 = _sample_head(qv, qq, ks, kb, vb, skn, svn, row, b, j2, S2, sink, n_mid, t,
-                                                     tu, skey, tkey, scale_log2, H, N, G, R, M, W, WP, D, RWP, HW,
-                                                     SH, NH, BN, IEEE, PRE)
-    pdl_wait(PDL)
-    _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn, svn, plse,
-                                         stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N,
-                                         scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW,
-                                         IEEE, PRE, TR)
-    _column(po, plse, cnt, tr, acc, m_i, l_i, lw2, c, row, S1 + j2, S1 + S2, R, M, D, TR)
-
-
-@triton.jit
-def _sample_head(qv, qq, ks, kb, vb, skn, svn, row, b, j2, S2, sink, n_mid, t, tu, skey, tkey, scale_log2, H, N,
-                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                 D: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr,
-                 BN: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr):
-    """What a sample program can do before the budget is known: positions and signature words
-    of its blocks j2 and j2 + S2 of draws, and with PRE block j2 attended (see _sample_part).
-    Returns (x0, w0, x1, w1, m_i, l_i, acc, keys attended)."""
     j = tl.arange(0, BN)
     x0 = _draw(j2 * BN + j, skey, sink, n_mid)
     w0 = _words(ks, row, b, x0, x0 < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
@@ -469,14 +452,13 @@ def _sample_head(qv, qq, ks, kb, vb, skn, svn, row, b, j2, S2, sink, n_mid, t, t
         w1 = _words(ks, row, b, x1, x1 < sink + n_mid, H, N, G, R, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
-    return x0, w0, x1, w1, m_i, l_i, acc, c0
-
-
-@triton.jit
-def _column(po, plse, cnt, tr, acc, m_i, l_i, lw2, c, row, col, S, R: tl.constexpr, M: tl.constexpr,
-            D: tl.constexpr, TR: tl.constexpr):
-    """Partial column col of S and its keys attended (cnt [rows, S]), with trace stamps 3 and 4."""
+    pdl_wait(PDL)
+    _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn, svn, plse,
+                                         stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N,
+                                         scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW,
+                                         IEEE, PRE, TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
-    _write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R, M, D)
-    tl.store(cnt + row * S + col, c)
+    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
+    tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     _stamp(tr, 4, c, TR)

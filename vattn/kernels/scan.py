@@ -30,8 +30,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, prefer_carveout,
-                                   resident_per_sm, sm_count, target_programs, use_ieee, resolve_pdl,
-                                   zeroed_counters)
+                                   target_programs, use_ieee, resolve_pdl, zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -89,8 +88,7 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None, fused=None,
-                           maxnreg=None):
+                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
@@ -110,15 +108,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     8 warps (capped), 255 at 4, so not with 4 warps by default.
     carveout (GPU): percent of the L1/shared split each of the three kernels asks the driver
     for (None: the driver's choice).
-    fused: cut, scan and sample in one launch (_fused_triton: S programs per row, each a span of
-    the scan and every S-th block of the draws, phases parted by per-row barriers; splits=(S, S)
-    or None for as many as the GPU holds at once). Same choices and keys as the four launches.
-    The interpreter runs its three phases as three launches.
-    maxnreg: register cap of the sample or fused kernel (None: 128 with pre_draw or fused at 8
-    warps, so two programs share an SM; 0: none).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
-    program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py;
-    fused: 'scan' and 'sample' of the one kernel)."""
+    program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -140,18 +131,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     scale = D ** -0.5 if scale is None else float(scale)
     if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
         num_warps = 8 if rows <= 16 else 4
-    fused_asked = bool(fused)
-    if fused is None:
-        fused = False
-    if fused:
-        s2 = splits[0] if splits else max(1, target_programs(q.device) // rows)
-        if splits and (splits[0] != splits[1] or s2 < 1):
-            raise VattnError(f"fused=True runs S programs per row for both the scan and the sample: give splits=(S, S) "
-                             f"with S >= 1, got {splits}")
-        s1 = s2 + 1  # spans, then the sinks and window
-    else:
-        s1, s2 = splits or scan_plan(rows, N, q.device, sample_bn, num_warps)
-    if s1 < 2 and not fused:
+    s1, s2 = splits or scan_plan(rows, N, q.device, sample_bn, num_warps)
+    if s1 < 2:
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
     cnt = torch.empty((rows, s1 + s2), dtype=torch.int32, device=dev)  # keys attended: scan, then sample
@@ -168,79 +149,49 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if cut_fit is None:
         cut_fit = num_warps == 8 and not interpret()
     fit_cut, fit_scan = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112)) if cut_fit else ({}, {})
-    if pre_draw is None:  # fused, H100 B=1 128K: 57.1 us with, 52.9 without (round 12)
-        pre_draw = num_warps == 8 and not fused
-    if maxnreg is None:  # 2 programs per SM at 8 warps
-        maxnreg = 128 if (pre_draw or fused) and num_warps == 8 else 0
-    fit_sample = dict(maxnreg=maxnreg) if maxnreg and not interpret() else {}
+    if pre_draw is None:
+        pre_draw = num_warps == 8
+    fit_sample = dict(maxnreg=128) if pre_draw and num_warps == 8 and not interpret() else {}  # 2 per SM
     sq = (q.stride(0), q.stride(1), q.stride(2))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
+    hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
+    ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
+    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
     pbin = torch.empty(rows * M0P, dtype=torch.int32, device=dev)  # the pilot draws' score bins
+    qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
     tr = {}
     if trace is not None:
-        tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("scan", s1), ("sample", s2))}
+        tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("cut", P), ("scan", s1),
+                                                                                        ("sample", s2))}
+        trace.update(tr)
         meta["TR"] = 1
     carve = (lambda kern: prefer_carveout(kern, carveout)) if carveout is not None else (lambda kern: None)
-    zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
-    if fused:  # cut, scan and sample in one launch
-        from vattn.kernels import _fused_triton as kf
-        sync = zeroed_counters(rows * (4 + NH), dev)  # barrier counts, histogram; left zero
-        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-        args = (q, proj, ksig, k, v, lengths, sync, pil, pbin, scr, cnt, po, plse, out, st, tr.get("scan", sync),
-                tr.get("sample", sync), *sq, *skv, Hkv, N, s2, sink, window, topk, stride, P, seed & M32, m0, log2s,
-                zz, eps * eps, infl)
-        kw = dict(M0P=M0P, PC=max(16, next_pow2(-(-M0P // s2))), SB=SUB_BLOCK, CL=32, CB=block_c, BN=block_n,
-                  SBN=sample_bn, SP=max(2, next_pow2(s1)), DB=min(D, next_pow2(-(-G * D // s2))),
-                  SP2=next_pow2(s1 + s2), UPD=int(update_sig), **meta)
-        if interpret():  # programs run one after another: a barrier would never open
-            for ph in (1, 2, 4, 8):
-                kf.fused_kernel[(rows, s2)](*args, PHASES=ph, SPIN=0, **kw)
-        else:
-            kw |= dict(PRE=int(pre_draw), **fit_sample)
-            fit = resident_per_sm(kf.fused_kernel.warmup(*args, grid=(rows, s2), **kw), num_warps) * sm_count(
-                dev.index or 0)
-            if rows * s2 <= fit:
-                carve(kf.fused_kernel[(rows, s2)](*args, **kw))
-            elif fused_asked:
-                raise VattnError(f"fused=True needs all {rows} x {s2} programs on the GPU at once and it holds {fit}: "
-                                 f"pass splits=(S, S) with S <= {fit // rows}, or fused=False")
-            else:  # the four launches with the same programs
-                fused = False
-    if not fused:
-        hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-        ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
-        cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
-        qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
-        if trace is not None:
-            tr["cut"] = torch.zeros((rows * P, 8), dtype=torch.int64, device=dev)
-        carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr),
-                                       *sq, *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
-                                       PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
-                                       BN=SUB_BLOCK, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
-        if upto < 2:
-            return None
-        carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse,
-                                         tr.get("scan", cnt), *sq, *skv, Hkv, N, s1, s1 + s2, sink, window,
-                                         seed & M32, log2s, CB=block_c, BN=block_n, **(meta | fit_scan)))
-        if upto < 3:
-            return None
-        carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
-                                           tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
-                                           seed & M32, log2s, zz, eps * eps, infl, BN=sample_bn, M0P=M0P,
-                                           SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample)))
-    if trace is not None:
-        trace.update(tr)
+    carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+                                   *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                                   PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
+                                   BN=SUB_BLOCK, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
+    if upto < 2:
+        return None
+    carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
+                                     *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
+                                     BN=block_n, **(meta | fit_scan)))
+    if upto < 3:
+        return None
+    carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                       tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
+                                       seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                       var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
+                                       SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample)))
     if upto < 4:
         return None
-    if not fused:
-        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-        merge_partials(po, plse, out, pdl=pdl)
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
