@@ -73,6 +73,19 @@ def test_scan_decode_early_draws_change_nothing(eps):
     assert rel(got, out) < 1e-6
 
 
+def test_scan_decode_leaves_its_counters_zero():
+    # the cut kernel's per-row counter is zeroed by the program that used it last (no memset per
+    # call): a second call must find it zero and give the same cut, sample and output
+    from vattn.kernels._common import _ZEROED
+    q, k, v, proj, ks = inputs(4)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=0.2, delta=0.1, seed=4, stats=True, **RUN, **KW)
+    a, sa = vattention_scan_decode(q, k, v, ks, proj, L, **kw)
+    assert all(int(b.abs().sum()) == 0 for b in _ZEROED.values())
+    b, sb = vattention_scan_decode(q, k, v, ks, proj, L, **kw)
+    assert torch.equal(sa["rows"], sb["rows"]) and torch.equal(a, b)
+
+
 def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
     # a tiny eps asks for more draws than the residual holds: every row attends it exactly, so
     # the output is dense attention; the 40-key row has no middle at all
