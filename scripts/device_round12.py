@@ -4,7 +4,7 @@ kernel with per-row barriers) was removed after it; it ran from commit 3a7d46a t
 `zero`: the scan pipeline's counters are left zero by its kernels (no memset per call): the
 buffer is zero after calls and two calls give the same output; `var`: per-layer times against
 SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
-Usage: python scripts/device_round12.py [zero,var,trace,dense]   (comma list)"""
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2]   (comma list)"""
 import os
 import sys
 import torch
@@ -35,11 +35,18 @@ if "var" in parts:
 if "trace" in parts:
     timeline(1, 131072)
 
-if "dense" in parts:
-    cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 49 st2": dict(splits=49, num_stages=2),
-                "splits 66": dict(splits=66), "splits 33 st4": dict(num_stages=4)},
-            8: {"default": {}, "splits 4": dict(splits=4), "splits 6": dict(splits=6),
-                "splits 4 st3": dict(splits=4, num_stages=3), "splits 8": dict(splits=8), "splits 12": dict(splits=12)}}
+if "dense" in parts or "dense2" in parts:
+    if "dense2" in parts:  # second sweep, around the first one's best (round12_dense.log)
+        cfgs = {1: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (8, 12, 16, 20, 24)},
+                    "splits 16 bn128": dict(splits=16, block_n=128)},
+                8: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (2, 3, 4)},
+                    "splits 3 bn128": dict(splits=3, block_n=128)}}
+    else:
+        cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 49 st2": dict(splits=49, num_stages=2),
+                    "splits 66": dict(splits=66), "splits 33 st4": dict(num_stages=4)},
+                8: {"default": {}, "splits 4": dict(splits=4), "splits 6": dict(splits=6),
+                    "splits 4 st3": dict(splits=4, num_stages=3), "splits 8": dict(splits=8),
+                    "splits 12": dict(splits=12)}}
     for B, N in ((1, 131072), (8, 131072), (1, 32768), (8, 32768)):
         sets = [data(B, N, i) for i in range(max(1, 4 // B))]
         L = torch.full((B,), N, dtype=torch.int32, device="cuda")
