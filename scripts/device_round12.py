@@ -4,11 +4,11 @@ kernel with per-row barriers) was removed after it; it ran from commit 3a7d46a t
 `zero`: the scan pipeline's counters are left zero by its kernels (no memset per call): the
 buffer is zero after calls and two calls give the same output; `var`: per-layer times against
 SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
-Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense3]   (comma list)"""
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2]   (comma list)"""
 import os
 import sys
 import torch
-from vattn.bench.attn_core import graph_us, rel, scan_params
+from vattn.bench.attn_core import graph_us, scan_params
 from vattn.kernels._common import _ZEROED
 from vattn.kernels.decode import dense_decode
 from vattn.kernels.scan import vattention_scan_decode
@@ -35,19 +35,8 @@ if "var" in parts:
 if "trace" in parts:
     timeline(1, 131072)
 
-if "dense" in parts or "dense2" in parts or "dense3" in parts:
-    if "dense3" in parts:  # the merge inside the split launch, with the two sweeps' best splits
-        cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "fuse": dict(fuse_merge=True),
-                    "splits 16 fuse": dict(splits=16, fuse_merge=True)},
-                8: {"default": {}, "splits 4": dict(splits=4), "fuse": dict(fuse_merge=True),
-                    "splits 4 fuse": dict(splits=4, fuse_merge=True)}}
-        for B, N in ((1, 131072), (8, 32768)):
-            q, k, v = data(B, N, 9)[:3]
-            L = torch.tensor([N - 3 * i for i in range(B)], dtype=torch.int32, device="cuda")
-            ref = dense_decode(q, k, v, L)
-            print(f"DENSE3 B={B} N={N} ragged: fused merge rel {rel(dense_decode(q, k, v, L, fuse_merge=True), ref):.1e}, "
-                  f"splits 16/4 fused rel {rel(dense_decode(q, k, v, L, splits=16 if B == 1 else 4, fuse_merge=True), ref):.1e}")
-    elif "dense2" in parts:  # second sweep, around the first one's best (round12_dense.log)
+if "dense" in parts or "dense2" in parts:
+    if "dense2" in parts:  # second sweep, around the first one's best (round12_dense.log)
         cfgs = {1: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (8, 12, 16, 20, 24)},
                     "splits 16 bn128": dict(splits=16, block_n=128)},
                 8: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (2, 3, 4)},

@@ -18,7 +18,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
-                                   next_pow2, use_ieee, resolve_pdl, target_programs, zeroed_counters)
+                                   next_pow2, use_ieee, resolve_pdl, target_programs)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,11 +50,11 @@ def _split_kernel():
     load_online(globals())
 
     @triton.jit
-    def split(q, k, v, lens, po, plse, out, ctr,
+    def split(q, k, v, lens, po, plse,
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
               HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0, FUSE: tl.constexpr = 0):
+              BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
         pdl_wait(PDL)  # q may come from the previous launch; the merge may start scheduling now
         pid = tl.program_id(0)
         sp = tl.program_id(1)
@@ -90,26 +90,6 @@ def _split_kernel():
         r = (b64 * HKV * G + j * G + g) * T + t
         tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=row_ok[:, None])
         tl.store(plse + r * S + sp, lse, mask=row_ok)
-        if FUSE:  # the row's last program to finish merges its S partials (ctr zero, left zero)
-            tl.debug_barrier()  # every thread's partial stored before the count
-            if tl.atomic_add(ctr + pid, 1, sem="acq_rel") == S - 1:
-                tl.store(ctr + pid, 0)
-                m = tl.full([M], float("-inf"), tl.float32)
-                for c in range(0, S):
-                    m = tl.maximum(m, tl.load(plse + r * S + c, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-                m = tl.where(m == float("-inf"), 0.0, m)
-                tot = tl.zeros([M], tl.float32)
-                acc = tl.zeros([M, D], tl.float32)
-                for c in range(0, S):
-                    lc = tl.load(plse + r * S + c, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    live = lc > float("-inf")  # a split past the length saw no key: po unwritten
-                    w = tl.exp2(lc - m)  # 0 for a split that saw no key
-                    oc = tl.load(po + (r[:, None] * S + c) * D + d[None, :], mask=(row_ok & live)[:, None], other=0.0,
-                                 cache_modifier=".cg")
-                    tot += w
-                    acc += w[:, None] * oc
-                res = acc / tl.maximum(tot, 1e-30)[:, None]
-                tl.store(out + r[:, None] * D + d[None, :], res.to(out.dtype.element_ty), mask=row_ok[:, None])
 
     return split
 
@@ -144,13 +124,12 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
 
 
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
-                 pdl=None, fuse_merge=False):
+                 pdl=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages None: 3 for few KV rows, 2 from 32 (H100, 128K: B=8 1468 -> 1404-1406 us, two runs;
     B=1 stays better at 3: 184.5 vs 187.0). pdl (default: on Hopper, _common.use_pdl): the split
     and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
-    SDPA; B=1 32K 1.006 -> 1.028). fuse_merge: no merge launch; the last program of each KV
-    row to finish merges the row's partials (counted on _common.zeroed_counters)."""
+    SDPA; B=1 32K 1.006 -> 1.028)."""
     _check(q, k, v, lengths)
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
@@ -170,14 +149,12 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     if num_stages is None:
         num_stages = 2 if B * Hkv >= 32 else 3
     pdl = resolve_pdl(pdl, q.device)
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    ctr = zeroed_counters(B * Hkv, q.device) if fuse_merge else out
     _split_kernel()[(B * Hkv, S)](
-        q, k, v, lengths, po, plse, out, ctr,
+        q, k, v, lengths, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         Hkv, S, chunk, scale * LOG2E,
         G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
-        FUSE=int(fuse_merge), num_warps=num_warps, num_stages=num_stages,
-        **(dict(PDL=1, launch_pdl=True) if pdl else {}))
-    return out if fuse_merge else merge_partials(po, plse, out, pdl=pdl)
+        num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    return merge_partials(po, plse, out, pdl=pdl)
