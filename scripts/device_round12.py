@@ -4,7 +4,9 @@ kernel with per-row barriers) was removed after it; it ran from commit 3a7d46a t
 `zero`: the scan pipeline's counters are left zero by its kernels (no memset per call): the
 buffer is zero after calls and two calls give the same output; `var`: per-layer times against
 SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
-Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2]   (comma list)"""
+The merge inside the dense kernel (the row's last program merges) was tried and removed:
+round12_dense3.log (B=1 128K 181.8 -> 188.4 us at 16 splits).
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4]   (comma list)"""
 import os
 import sys
 import torch
@@ -35,8 +37,13 @@ if "var" in parts:
 if "trace" in parts:
     timeline(1, 131072)
 
-if "dense" in parts or "dense2" in parts:
-    if "dense2" in parts:  # second sweep, around the first one's best (round12_dense.log)
+if "dense" in parts or "dense2" in parts or "dense4" in parts:
+    if "dense4" in parts:  # one program per SM with deeper pipelines
+        cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 16 st4": dict(splits=16, num_stages=4)},
+                8: {"default": {}, "splits 4": dict(splits=4), "splits 2 st3": dict(splits=2, num_stages=3),
+                    "splits 2 st4": dict(splits=2, num_stages=4),
+                    "splits 2 st4 bn32": dict(splits=2, num_stages=4, block_n=32)}}
+    elif "dense2" in parts:  # second sweep, around the first one's best (round12_dense.log)
         cfgs = {1: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (8, 12, 16, 20, 24)},
                     "splits 16 bn128": dict(splits=16, block_n=128)},
                 8: {"default": {}, **{f"splits {s}": dict(splits=s) for s in (2, 3, 4)},
