@@ -18,7 +18,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
-                                   next_pow2, use_ieee, resolve_pdl, target_programs)
+                                   next_pow2, use_ieee, resolve_pdl, sm_count)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -117,8 +117,11 @@ def _check(q, k, v, lengths):
 
 
 def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
-    """(splits, chunk): enough programs to fill the GPU, each chunk a multiple of bn."""
-    want = max(1, min(math.ceil(target_programs(device) / max(programs, 1)), math.ceil(n / bn)))
+    """(splits, chunk): one program per SM in all (as many splits as fit), each chunk a multiple
+    of bn. H100 128K, round 12: B=1 16 splits 182.5 us against 183.3 at 33 (two per SM), B=8 2
+    splits 1382.5 against 1404.2 at 5; fewer programs than SMs, or uneven ones, cost more."""
+    slots = sm_count(device.index or 0) if device.type == "cuda" else 8
+    want = max(1, min(slots // max(programs, 1), math.ceil(n / bn)))
     chunk = math.ceil(math.ceil(n / want) / bn) * bn
     return math.ceil(n / chunk), chunk
 
@@ -126,8 +129,8 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
                  pdl=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
-    num_stages None: 3 for few KV rows, 2 from 32 (H100, 128K: B=8 1468 -> 1404-1406 us, two runs;
-    B=1 stays better at 3: 184.5 vs 187.0). pdl (default: on Hopper, _common.use_pdl): the split
+    num_stages None: 3 (one program per SM keeps three tiles of K and V in flight; H100 B=8 128K
+    at 2 splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, _common.use_pdl): the split
     and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
     SDPA; B=1 32K 1.006 -> 1.028)."""
     _check(q, k, v, lengths)
@@ -147,7 +150,7 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
     M = max(16, next_pow2(G * T))
     if num_stages is None:
-        num_stages = 2 if B * Hkv >= 32 else 3
+        num_stages = 3
     pdl = resolve_pdl(pdl, q.device)
     _split_kernel()[(B * Hkv, S)](
         q, k, v, lengths, po, plse,
