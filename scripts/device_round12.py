@@ -6,11 +6,11 @@ buffer is zero after calls and two calls give the same output; `var`: per-layer 
 SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
 The merge inside the dense kernel (the row's last program merges) was tried and removed:
 round12_dense3.log (B=1 128K 181.8 -> 188.4 us at 16 splits).
-Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4]   (comma list)"""
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4,dense5]   (comma list)"""
 import os
 import sys
 import torch
-from vattn.bench.attn_core import graph_us, scan_params
+from vattn.bench.attn_core import graph_us, rel, scan_params
 from vattn.kernels._common import _ZEROED
 from vattn.kernels.decode import dense_decode
 from vattn.kernels.scan import vattention_scan_decode
@@ -37,8 +37,16 @@ if "var" in parts:
 if "trace" in parts:
     timeline(1, 131072)
 
-if "dense" in parts or "dense2" in parts or "dense4" in parts:
-    if "dense4" in parts:  # one program per SM with deeper pipelines
+if "dense" in parts or "dense2" in parts or "dense4" in parts or "dense5" in parts:
+    if "dense5" in parts:  # KV rows end to end: exactly one program per SM (the new default)
+        cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 33": dict(splits=33)},
+                8: {"default": {}, "splits 2": dict(splits=2), "splits 5": dict(splits=5)}}
+        from vattn.kernels.decode import dense_decode_ref
+        for B, N, L in ((2, 32768, [32768, 20001]), (1, 131072, [131072]), (3, 8192, [8192, 77, 5000])):
+            q, k, v = data(B, N, 11)[:3]
+            L = torch.tensor(L, dtype=torch.int32, device="cuda")
+            print(f"DENSE5 B={B} N={N} L={L.tolist()}: rel to float32 torch {rel(dense_decode(q, k, v, L), dense_decode_ref(q, k, v, L)):.1e}")
+    elif "dense4" in parts:  # one program per SM with deeper pipelines
         cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 16 st4": dict(splits=16, num_stages=4)},
                 8: {"default": {}, "splits 4": dict(splits=4), "splits 2 st3": dict(splits=2, num_stages=3),
                     "splits 2 st4": dict(splits=2, num_stages=4),
