@@ -38,7 +38,7 @@ if "trace" in parts:
     timeline(1, 131072)
 
 if "dense" in parts or "dense2" in parts or "dense4" in parts or "dense5" in parts:
-    if "dense5" in parts:  # KV rows end to end: exactly one program per SM (the new default)
+    if "dense5" in parts:  # measured with the KV rows end to end (commit a786dd9, removed after it)
         cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 33": dict(splits=33)},
                 8: {"default": {}, "splits 2": dict(splits=2), "splits 5": dict(splits=5)}}
         from vattn.kernels.decode import dense_decode_ref

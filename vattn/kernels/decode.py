@@ -5,10 +5,9 @@
     lengths  int32 [B]       valid keys per batch row (None = N)
     returns  [B, Hq, T, D]   in q.dtype; softmax accumulated in float32
 
-Design (RESEARCH.md section 4): split-KV with the KV rows laid end to end, one program per SM
-(plan_splits). A program holds the G query heads of a GQA group times the T rows in the M dim
-of tl.dot, walks its range of keys with an online softmax, and writes a partial output plus
-its log-sum-exp for each KV row the range touches; a second kernel merges.
+Design (RESEARCH.md section 4): grid (B * Hkv, splits). One program holds the G query heads
+of a GQA group times the T rows in the M dim of tl.dot, walks its slice of keys with an
+online softmax, and writes a partial output plus its log-sum-exp; a second kernel merges.
 """
 from __future__ import annotations
 
@@ -53,55 +52,44 @@ def _split_kernel():
     @triton.jit
     def split(q, k, v, lens, po, plse,
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-              HKV, N, S, chunk, total, scale_log2,
+              HKV, S, chunk, scale_log2,
               G: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
               BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-        # Program p takes keys [p * chunk, (p + 1) * chunk) of all KV rows laid end to end (row
-        # r's keys at r * N ...), so the programs can number exactly one per SM: a range that
-        # crosses into the next row gives a partial for each row. Row r's partials are columns
-        # p - first(r) of S; its last program sets the columns past its own to lse = -inf.
         pdl_wait(PDL)  # q may come from the previous launch; the merge may start scheduling now
-        p = tl.program_id(0)
-        g0 = p.to(tl.int64) * chunk
-        g1 = tl.minimum(g0 + chunk, total)
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid // HKV
+        j = pid % HKV
         rows = tl.arange(0, M)
         g = rows // T
         t = rows % T
         row_ok = rows < G * T
         d = tl.arange(0, D)
-        for row in range(g0 // N, (g1 - 1) // N + 1):
-            b = row // HKV
-            j = row % HKV
-            b64 = b.to(tl.int64)
-            qp = q + b64 * sqb + (j * G + g)[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :]
-            qq = tl.load(qp, mask=row_ok[:, None], other=0.0)
-            L = tl.load(lens + b)
-            lim = L - T + 1 + t  # causal limit per row
-            start = (tl.maximum(g0, row * N) - row * N).to(tl.int32)
-            end = tl.minimum((tl.minimum(g1, row * N + N) - row * N).to(tl.int32), L)
-            lim = tl.minimum(lim, end)  # a range may end inside a tile (where the next row begins)
-            kb = k + b64 * skb + j.to(tl.int64) * skh
-            vb = v + b64 * svb + j.to(tl.int64) * svh
-            m_i = tl.full([M], float("-inf"), tl.float32)
-            l_i = tl.zeros([M], tl.float32)
-            acc = tl.zeros([M, D], tl.float32)
-            for n0 in range(start, end, BN):
-                n = n0 + tl.arange(0, BN)
-                nm = n < end
-                kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
-                vv = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0)
-                s = dot_qk(qq, kk, IEEE)
-                s = tl.where(n[None, :] < lim[:, None], s * scale_log2, float("-inf"))
-                m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
-            o, lse = finish(acc, m_i, l_i)
-            # partial layout [B, Hq, T, S, D]: row (b, h = j*G + g, t)
-            r = (b64 * HKV * G + j * G + g) * T + t
-            col = (p - row * N // chunk).to(tl.int32)
-            tl.store(po + (r[:, None] * S + col) * D + d[None, :], o, mask=row_ok[:, None])
-            tl.store(plse + r * S + col, lse, mask=row_ok)
-            if p == (row * N + N - 1) // chunk:  # the row's last program
-                for c in range(col + 1, S):
-                    tl.store(plse + r * S + c, tl.full([M], float("-inf"), tl.float32), mask=row_ok)
+        b64 = b.to(tl.int64)
+        qp = q + b64 * sqb + (j * G + g)[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :]
+        qq = tl.load(qp, mask=row_ok[:, None], other=0.0)
+        L = tl.load(lens + b)
+        lim = L - T + 1 + t  # causal limit per row
+        start = sp * chunk
+        end = tl.minimum(start + chunk, L)
+        kb = k + b64 * skb + j.to(tl.int64) * skh
+        vb = v + b64 * svb + j.to(tl.int64) * svh
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        for n0 in range(start, end, BN):
+            n = n0 + tl.arange(0, BN)
+            nm = n < end
+            kk = tl.load(kb + n[:, None].to(tl.int64) * skn + d[None, :], mask=nm[:, None], other=0.0)
+            vv = tl.load(vb + n[:, None].to(tl.int64) * svn + d[None, :], mask=nm[:, None], other=0.0)
+            s = dot_qk(qq, kk, IEEE)
+            s = tl.where(n[None, :] < lim[:, None], s * scale_log2, float("-inf"))
+            m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
+        o, lse = finish(acc, m_i, l_i)
+        # partial layout [B, Hq, T, S, D]: row (b, h = j*G + g, t)
+        r = (b64 * HKV * G + j * G + g) * T + t
+        tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=row_ok[:, None])
+        tl.store(plse + r * S + sp, lse, mask=row_ok)
 
     return split
 
@@ -129,13 +117,13 @@ def _check(q, k, v, lengths):
 
 
 def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
-    """(chunk, programs) for `programs` KV rows of n keys laid end to end: one program per SM
-    (chunk a multiple of bn), or one per row when there are more rows than SMs. H100 128K,
-    round 12: B=1 16 splits per row (128 programs) 182.5 us against 183.3 at 33 (two per SM),
-    B=8 2 splits 1382.5 against 1404.2 at 5; fewer programs than SMs, or uneven ones, cost more."""
+    """(splits, chunk): one program per SM in all (as many splits as fit), each chunk a multiple
+    of bn. H100 128K, round 12: B=1 16 splits 182.5 us against 183.3 at 33 (two per SM), B=8 2
+    splits 1382.5 against 1404.2 at 5; fewer programs than SMs, or uneven ones, cost more."""
     slots = sm_count(device.index or 0) if device.type == "cuda" else 8
-    chunk = max(bn, math.ceil(math.ceil(programs * n / max(slots, programs)) / bn) * bn)
-    return chunk, math.ceil(programs * n / chunk)
+    want = max(1, min(slots // max(programs, 1), math.ceil(n / bn)))
+    chunk = math.ceil(math.ceil(n / want) / bn) * bn
+    return math.ceil(n / chunk), chunk
 
 
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
@@ -154,22 +142,21 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int32, device=q.device)
     if splits is None:
-        chunk, P = plan_splits(B * Hkv, N, block_n, q.device)
-    else:  # splits per row: chunks of about N / splits keys
+        S, chunk = plan_splits(B * Hkv, N, block_n, q.device)
+    else:
         chunk = math.ceil(math.ceil(N / splits) / block_n) * block_n
-        P = math.ceil(B * Hkv * N / chunk)
-    S = math.ceil(N / chunk) + 1  # partial columns per row: a row meets at most this many programs
+        S = math.ceil(N / chunk)
     po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
     M = max(16, next_pow2(G * T))
     if num_stages is None:
         num_stages = 3
     pdl = resolve_pdl(pdl, q.device)
-    _split_kernel()[(P,)](
+    _split_kernel()[(B * Hkv, S)](
         q, k, v, lengths, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        Hkv, N, S, chunk, B * Hkv * N, scale * LOG2E,
+        Hkv, S, chunk, scale * LOG2E,
         G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
