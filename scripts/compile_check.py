@@ -43,15 +43,15 @@ cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, "*i64"] + 
 scan_names = ("q proj qs ks k v lens cut scr cnt po plse tr sqb sqh sqt skb skh skn svb svh svn H N S1 S sink window "
               "seed scale_log2").split()
 scan_types = ["*bf16", "*fp32", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32", "*i64"] + [I] * 16 + [F]
-smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr out sync sqb sqh sqt skb skh skn svb svh svn H N S1 S2 "
+smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb skh skn svb svh svn H N S1 S2 "
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
-smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64", "*bf16", P] + \
+smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
             [I] * 18 + [F] * 4
 for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),
-                        common | dict(BN=BN, M0P=128, SP=64, PRE=1, MERGE=1, SPIN=1, DB=16, SP2=128))):
+                        common | dict(BN=BN, M0P=128, SP=64, PRE=1))):
     try:
         regs, spill, smem = build(fn, s, c)
         print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")

@@ -86,18 +86,6 @@ def test_scan_decode_leaves_its_counters_zero():
     assert torch.equal(sa["rows"], sb["rows"]) and torch.equal(a, b)
 
 
-def test_scan_decode_merge_in_the_sample_launch_equals_the_merge_launch():
-    # merge (default with 8 warps): the sample launch merges the partials itself; under the
-    # interpreter its last program merges every slice of the output, on a GPU each of the first
-    # programs one slice. The ragged second batch row leaves some of its sample columns empty
-    q, k, v, proj, ks = inputs(6, B=2)
-    L = torch.tensor([2048, 700], dtype=torch.int32, device=DEV)
-    kw = dict(eps=0.2, delta=0.1, seed=6, splits=(3, 16), block_c=256, block_n=32, sample_bn=16, **KW)
-    a = vattention_scan_decode(q, k, v, ks, proj, L, merge=True, **kw)  # 16 slices of 16 columns
-    b = vattention_scan_decode(q, k, v, ks, proj, L, merge=False, **kw)
-    assert torch.isfinite(a).all() and rel(a, b) < 1e-6
-
-
 def test_scan_decode_exact_fallback_and_short_rows_equal_dense():
     # a tiny eps asks for more draws than the residual holds: every row attends it exactly, so
     # the output is dense attention; the 40-key row has no middle at all

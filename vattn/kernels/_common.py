@@ -178,32 +178,7 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-_CARVED: dict = {}  # libcuda, and what was set or asked per function
-
-
-def _libcuda():
-    import ctypes
-    if "lib" not in _CARVED:
-        _CARVED["lib"] = ctypes.CDLL("libcuda.so.1")
-    return _CARVED["lib"]
-
-
-def resident_per_sm(kernel, num_warps: int) -> int:
-    """Programs of a compiled Triton kernel (from JITFunction.warmup) that one SM holds at once,
-    as the driver computes it (registers, shared memory, threads)."""
-    import ctypes
-    if hasattr(kernel, "_init_handles"):
-        kernel._init_handles()
-    key = ("resident", kernel.function, num_warps)
-    if key not in _CARVED:
-        n = ctypes.c_int(0)
-        err = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(n), ctypes.c_void_p(kernel.function), ctypes.c_int(32 * num_warps),
-            ctypes.c_size_t(kernel.metadata.shared))
-        if err:
-            raise VattnError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {err}")
-        _CARVED[key] = n.value
-    return _CARVED[key]
+_CARVED: dict = {}
 
 
 def prefer_carveout(kernel, percent: int) -> None:
@@ -216,7 +191,9 @@ def prefer_carveout(kernel, percent: int) -> None:
     if not isinstance(fn, int) or _CARVED.get(fn) == percent:
         return
     import ctypes
-    err = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(fn), 9, ctypes.c_int(int(percent)))
+    if "lib" not in _CARVED:
+        _CARVED["lib"] = ctypes.CDLL("libcuda.so.1")
+    err = _CARVED["lib"].cuFuncSetAttribute(ctypes.c_void_p(fn), 9, ctypes.c_int(int(percent)))
     if err:
         raise VattnError(f"cuFuncSetAttribute(carveout={percent}) failed with CUresult {err}: pass a percent in 0..100")
     _CARVED[fn] = percent

@@ -414,23 +414,19 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr, out, sync,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
                   sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
                   G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, MERGE: tl.constexpr = 0, SPIN: tl.constexpr = 1,
-                  DB: tl.constexpr = 16, SP2: tl.constexpr = 2):
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
     its first block's signature words; with PRE it also attends that block's draws (the
-    draws' positions do not depend on the budget) and loads the next block's words.
-    MERGE: the row's output is merged here, out [B, Hq, 1, D], counted on sync [rows, 2] (zero
-    before, left zero): with SPIN, programs j < R * D / DB wait for the row's S2 programs and
-    merge DB output columns of one head each (no merge launch)."""
+    draws' positions do not depend on the budget) and loads the next block's words."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
@@ -466,44 +462,3 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     _stamp(tr, 4, c, TR)
-    if MERGE:  # the row's merge, once its S2 programs have written their columns
-        ctr = sync + row * 2
-        tl.debug_barrier()  # every thread's stores are issued before the release
-        done = tl.atomic_add(ctr, 1, sem="acq_rel")
-        NS = R * (D // DB)  # output slices: one head's DB columns each
-        if SPIN:  # programs j2 < NS each merge a slice (all programs are resident: scan.py checks)
-            if j2 < NS:
-                c2 = tl.atomic_add(ctr, 0, sem="acquire")
-                while c2 < S2:
-                    c2 = tl.atomic_add(ctr, 0, sem="acquire")
-                tl.debug_barrier()
-                _stamp(tr, 5, c2, TR)
-                _merge_slice(po, plse, out, row * R + j2 // (D // DB), (j2 % (D // DB)) * DB, S1 + S2, D, DB, SP2)
-                tl.debug_barrier()
-                _stamp(tr, 6, c2, TR)
-                if tl.atomic_add(ctr + 1, 1, sem="acq_rel") == tl.minimum(S2, NS) - 1:
-                    tl.store(ctr + tl.arange(0, 2), tl.zeros([2], tl.int32))  # left zero for the next call
-        else:  # one program after another (the interpreter): the last to finish merges every slice
-            if done == S2 - 1:
-                for sl in range(0, NS):
-                    _merge_slice(po, plse, out, row * R + sl // (D // DB), (sl % (D // DB)) * DB, S1 + S2, D, DB,
-                                 SP2)
-                tl.store(ctr + tl.arange(0, 2), tl.zeros([2], tl.int32))
-
-
-@triton.jit
-def _merge_slice(po, plse, out, r, d0, S, D: tl.constexpr, DB: tl.constexpr, SP2: tl.constexpr):
-    """Output row r (of [B * Hq, D]), columns [d0, d0 + DB), from its S partials (po
-    [rows * R, S, D] f32, plse [rows * R, S] log2 units, written in this launch: read past L1;
-    a partial with lse -inf saw no key and may be unwritten: not read). No key gives 0."""
-    c = tl.arange(0, SP2)
-    d = d0 + tl.arange(0, DB)
-    r64 = r.to(tl.int64)
-    lse = tl.load(plse + r64 * S + c, mask=c < S, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    live = lse > float("-inf")
-    w = tl.exp2(lse - m)
-    o = tl.load(po + (r64 * S + c)[:, None] * D + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
-    acc = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(out + r64 * D + d, acc.to(out.dtype.element_ty))

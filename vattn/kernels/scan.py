@@ -13,8 +13,7 @@ Fewer launches than select.vattention_hash_decode (8), and no index list between
     compact the taken keys and attend them. No index list crosses programs.
  3. sample: every program of a row sizes the same sample from D_F (the scan's partials) and
     the pilot scores, then attends its blocks of the draws.
- 4. merge of the partials (log-sum-exp): inside the sample launch where the GPU holds all its
-    programs at once (merge=None), else a launch of its own.
+ 4. merge of the partials (log-sum-exp).
 The sample: M draws, independent and uniform over the whole middle [sink, L - window); a
 drawn top-k key counts as 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is
 unbiased for a fixed M and needs no list of the residual. M = max over the group's heads of
@@ -31,8 +30,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, prefer_carveout,
-                                   resident_per_sm, sm_count, target_programs, use_ieee, resolve_pdl,
-                                   zeroed_counters)
+                                   target_programs, use_ieee, resolve_pdl, zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -90,12 +88,11 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None, merge=None):
+                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
-    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample (and the merge when it
-    is in the sample launch), 4 + merge).
+    and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
     block_c: keys per compaction block; block_n: keys per gather tile in the scan; sample_bn:
@@ -111,13 +108,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     8 warps (capped), 255 at 4, so not with 4 warps by default.
     carveout (GPU): percent of the L1/shared split each of the three kernels asks the driver
     for (None: the driver's choice).
-    merge (default: with 8 warps, where the GPU holds every sample program at once): the sample
-    launch merges the partials itself, slices of the output by the row's first programs once
-    all its programs have written (no merge launch; H100 B=1 128K: see kernel notes round 12).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
     program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
-    asked = bool(merge)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
     Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
@@ -165,8 +158,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (SUB_BLOCK * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
-    zc = zeroed_counters(3 * rows, dev)  # cut programs done, then the merge's two counts, per row; left zero
-    ctr = zc[:rows]
+    ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
     M0P = max(16, next_pow2(m0))
     pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
@@ -191,27 +183,15 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                      BN=block_n, **(meta | fit_scan)))
     if upto < 3:
         return None
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    DB = min(D, next_pow2(-(-R * D // s2)))  # the in-kernel merge: R * D / DB <= s2 slices
-    args = (q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tr.get("sample", cnt), out, zc[rows:],
-            *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0, seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
-            var_inflation(m0, delta, var_conf))
-    kw = dict(BN=sample_bn, M0P=M0P, SP=max(2, next_pow2(s1)), PRE=int(pre_draw), DB=DB, SP2=next_pow2(s1 + s2),
-              SPIN=int(not interpret()), **(meta | fit_sample))
-    if merge is None:
-        merge = num_warps == 8
-    if merge and not interpret():  # its waits need every program of a row on the GPU at once
-        fit = resident_per_sm(kt.sample_kernel.warmup(*args, grid=(rows, s2), MERGE=1, **kw), kw["num_warps"])
-        if rows * s2 > fit * sm_count(dev.index or 0):
-            if asked:
-                raise VattnError(f"merge=True needs all {rows} x {s2} sample programs on the GPU at once, it holds "
-                                 f"{fit * sm_count(dev.index or 0)}: pass merge=None or False, or fewer splits")
-            merge = False
-    carve(kt.sample_kernel[(rows, s2)](*args, MERGE=int(merge), **kw))
+    carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                       tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
+                                       seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                       var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
+                                       SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample)))
     if upto < 4:
         return None
-    if not merge:
-        merge_partials(po, plse, out, pdl=pdl)
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out, pdl=pdl)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
