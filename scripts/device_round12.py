@@ -6,7 +6,7 @@ buffer is zero after calls and two calls give the same output; `var`: per-layer 
 SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
 The merge inside the dense kernel (the row's last program merges) was tried and removed:
 round12_dense3.log (B=1 128K 181.8 -> 188.4 us at 16 splits).
-Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4,dense5,merge]   (comma list)"""
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4,dense5,dense6,merge]   (comma list)"""
 import os
 import sys
 import torch
@@ -37,8 +37,13 @@ if "var" in parts:
 if "trace" in parts:
     timeline(1, 131072)
 
-if "dense" in parts or "dense2" in parts or "dense4" in parts or "dense5" in parts:
-    if "dense5" in parts:  # measured with the KV rows end to end (commit a786dd9, removed after it)
+if "dense" in parts or "dense2" in parts or "dense4" in parts or "dense5" in parts or "dense6" in parts:
+    if "dense6" in parts:  # one program per SM: warps and tile shapes
+        cfgs = {1: {"default": {}, "8 warps": dict(num_warps=8), "bn32 st4": dict(block_n=32, num_stages=4),
+                    "bn128 st2": dict(block_n=128, num_stages=2), "bn32 st6": dict(block_n=32, num_stages=6)},
+                8: {"default": {}, "8 warps": dict(num_warps=8), "bn32 st4": dict(block_n=32, num_stages=4),
+                    "bn128 st2": dict(block_n=128, num_stages=2)}}
+    elif "dense5" in parts:  # measured with the KV rows end to end (commit a786dd9, removed after it)
         cfgs = {1: {"default": {}, "splits 16": dict(splits=16), "splits 33": dict(splits=33)},
                 8: {"default": {}, "splits 2": dict(splits=2), "splits 5": dict(splits=5)}}
         from vattn.kernels.decode import dense_decode_ref
