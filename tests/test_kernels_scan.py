@@ -81,9 +81,20 @@ def test_scan_decode_leaves_its_counters_zero():
     L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
     kw = dict(eps=0.2, delta=0.1, seed=4, stats=True, **RUN, **KW)
     a, sa = vattention_scan_decode(q, k, v, ks, proj, L, **kw)
-    assert all(int(b.abs().sum()) == 0 for b in _ZEROED.values())
+    assert all(int(b.abs().sum()) == 0 for bufs in _ZEROED.values() for b in bufs)
     b, sb = vattention_scan_decode(q, k, v, ks, proj, L, **kw)
     assert torch.equal(sa["rows"], sb["rows"]) and torch.equal(a, b)
+
+
+def test_zeroed_counters_grow_without_freeing_what_a_graph_may_hold():
+    from vattn.kernels._common import _ZEROED, zeroed_counters
+    # a request past the largest buffer so far makes a new one; the old stays held
+    small = zeroed_counters(3, torch.device("cpu"))
+    n = max(b.numel() for b in _ZEROED["cpu"]) + 1
+    big = zeroed_counters(n, torch.device("cpu"))
+    assert big.numel() == n and not int(big.abs().sum()) and big.data_ptr() != small.data_ptr()
+    held = _ZEROED["cpu"]
+    assert any(b.data_ptr() == small.data_ptr() for b in held) and held[-1].data_ptr() == big.data_ptr()
 
 
 def test_scan_decode_exact_fallback_and_short_rows_equal_dense():

@@ -148,13 +148,12 @@ def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
     under graph capture, its zeros would exist only once the graph replays, so there a fresh
     buffer joins the graph instead."""
     key = str(device)
-    buf = _ZEROED.get(key)
-    if buf is None or buf.numel() < n:
+    bufs = _ZEROED.setdefault(key, [])  # older, smaller ones are kept: a captured graph may use them
+    if not bufs or bufs[-1].numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return torch.zeros(n, dtype=torch.int32, device=device)
-        buf = _ZEROED[key] = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel())), dtype=torch.int32,
-                                         device=device)
-    return buf[:n]
+        bufs.append(torch.zeros(max(n, 2 * (bufs[-1].numel() if bufs else 0)), dtype=torch.int32, device=device))
+    return bufs[-1][:n]
 
 
 def use_pdl(device: torch.device) -> bool:
