@@ -3,10 +3,11 @@ kernel with per-row barriers) was removed after it; it ran from commit 3a7d46a t
 (docs/kernel_notes.md round 12). What stays:
 `zero`: the scan pipeline's counters are left zero by its kernels (no memset per call): the
 buffer is zero after calls and two calls give the same output; `var`: per-layer times against
-SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA.
+SDPA; `trace`: the timeline; `dense`: the dense kernel's splits and stages against SDPA. The
+merge inside the sample launch was measured by a `merge` part at commit 9b7a629 (removed).
 The merge inside the dense kernel (the row's last program merges) was tried and removed:
 round12_dense3.log (B=1 128K 181.8 -> 188.4 us at 16 splits).
-Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4,dense5,dense6,merge]   (comma list)"""
+Usage: python scripts/device_round12.py [zero,var,trace,dense,dense2,dense4,dense5,dense6]   (comma list)"""
 import os
 import sys
 import torch
@@ -82,16 +83,3 @@ if "dense" in parts or "dense2" in parts or "dense4" in parts or "dense5" in par
             for n, v in res.items()))
         del sets
         torch.cuda.empty_cache()
-
-if "merge" in parts:  # measured at commit 9b7a629 (the merge inside the sample launch, removed after it)
-    for B, N, L in ((1, 131072, [131072]), (1, 32768, [30001])):  # (B=2: 16 x 17 programs do not fit)
-        q, k, v, proj, ks = data(B, N, 5)
-        L = torch.tensor(L, dtype=torch.int32, device="cuda")
-        a, sa = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, merge=True, **scan_params(N))
-        b, sb = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, merge=False, **scan_params(N))
-        same = torch.equal(sa["rows"], sb["rows"]) and torch.equal(sa["sample_keys"], sb["sample_keys"])
-        print(f"MERGE B={B} N={N}: keys {'same' if same else 'DIFFER'}, rel {rel(a, b):.1e}, counters left zero "
-              f"{all(int(x.abs().sum()) == 0 for xs in _ZEROED.values() for x in xs)}")
-    compare("MERGE", ((1, 131072), (1, 32768), (8, 131072)), lambda B: {
-        "merge launch": dict(merge=False), "default": {}})
-    timeline(1, 131072)

@@ -70,7 +70,6 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
             d = (b[ok] - a[ok]).float() / 1e3
             top = d.max().item() if d.numel() else 0
             print(f"      {p:10s} median {q(d, .5):6.2f}  p90 {q(d, .9):6.2f}  max {top:6.2f}  (n={int(ok.sum())})")
-    return tr, t0
 
 
 if __name__ == "__main__":

@@ -126,12 +126,12 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
     return math.ceil(n / chunk), chunk
 
 
-def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=None, splits=None,
+def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=3, splits=None,
                  pdl=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
-    num_stages None: 3 (one program per SM keeps three tiles of K and V in flight; H100 B=8 128K
-    at 2 splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, _common.use_pdl): the split
-    and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
+    num_stages 3: one program per SM keeps three tiles of K and V in flight (H100 B=8 128K at 2
+    splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, _common.use_pdl): the
+    split and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
     SDPA; B=1 32K 1.006 -> 1.028)."""
     _check(q, k, v, lengths)
     check_runnable(q, k, v)
@@ -149,8 +149,6 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
     M = max(16, next_pow2(G * T))
-    if num_stages is None:
-        num_stages = 3
     pdl = resolve_pdl(pdl, q.device)
     _split_kernel()[(B * Hkv, S)](
         q, k, v, lengths, po, plse,

@@ -21,7 +21,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_runnable, merge_partials,
-                                   next_pow2, target_programs, use_ieee)
+                                   next_pow2, target_programs, use_ieee, zeroed_counters)
 from vattn.kernels.decode import FLOATS
 
 
@@ -194,7 +194,7 @@ def launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, 
     H, K = indices.shape[1], indices.shape[3]
     R = G if shared else 1
     fuse = out is not None  # merge every column of plse into out in the last program per row
-    ctr = torch.zeros((B * H * T,), dtype=torch.int32, device=q.device) if fuse else None
+    ctr = zeroed_counters(B * H * T, q.device) if fuse else None  # the last program leaves it zero
     _split_kernel()[(B * H * T, S)](
         q, k, v, indices, log_weights, count, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
