@@ -1,5 +1,6 @@
 """vattn.models: resolution of the embedded model, HF dirs and .gguf files; clear errors."""
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,35 @@ def test_embedded_model():
         ("llama", 30, 9, 3)
     assert model.dtype == torch.float32 and tok.pad_token is not None
     assert load_model() == (model, tok)
+
+
+class _Unsaveable:
+    """Stands in for a model or tokenizer whose save runs out of disk part way."""
+    def __init__(self, config=None):
+        self.config = config or type("Cfg", (), {})()
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: No space left on device (os error 28)")
+
+
+def test_gguf_cache_key_is_the_content_not_the_path(tmp_path, monkeypatch):
+    import vattn.models as m
+    monkeypatch.setenv("VATTN_CACHE_DIR", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a.gguf", tmp_path / "b" / "a.gguf", tmp_path / "c" / "a.gguf"
+    b.parent.mkdir(), c.parent.mkdir()
+    a.write_bytes(b"same bytes"), b.write_bytes(b"same bytes"), c.write_bytes(b"other bytes")
+    assert m._converted_dir(a) == m._converted_dir(b) != m._converted_dir(c)
+
+
+def test_full_disk_keeps_the_model_and_leaves_no_partial_cache(tmp_path, monkeypatch, caplog):
+    import vattn.models as m
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VATTN_CACHE_DIR", str(cache))
+    (tmp_path / "x.gguf").write_bytes(b"weights")
+    model, tok = _Unsaveable(), _Unsaveable()
+    monkeypatch.setattr(m, "_from_pretrained", lambda *a: (model, tok))
+    with caplog.at_level("WARNING", logger="vattn.models"):
+        assert m._load_gguf(tmp_path, "x.gguf", disk_cache=True) == (model, tok)
+    assert "VATTN_CACHE_DIR" in caplog.text
+    assert list((cache / "models").iterdir()) == []  # the partial save was removed

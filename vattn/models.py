@@ -6,7 +6,7 @@
 
 Nothing is downloaded: the hub is set offline and every load is local_files_only.
 Loading a GGUF dequantizes it, which takes tens of seconds on a small CPU, so the
-dequantized model is saved once as a plain HF directory under $VATTN_CACHE_DIR
+dequantized model is saved once (keyed by the file's content) as a plain HF directory under $VATTN_CACHE_DIR
 (default ~/.cache/vattn/models) and loaded from there after; loaded models are also
 cached per process.
 """
@@ -109,9 +109,14 @@ def cache_dir() -> Path:
 
 
 def _converted_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    tag = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / f"{gguf_path.stem}-{tag}"
+    # Keyed by content, not path: every fresh clone or venv holds its own copy of the
+    # same file, and a path key left one 0.5 GB entry per copy on the disk.
+    import transformers
+    h = hashlib.sha1(transformers.__version__.encode())
+    with open(gguf_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return cache_dir() / f"{gguf_path.stem}-{h.hexdigest()[:12]}"
 
 
 def _from_pretrained(folder: Path, gguf: str | None, dtype):
@@ -132,29 +137,35 @@ def _from_pretrained(folder: Path, gguf: str | None, dtype):
 def _load_gguf(folder: Path, gguf: str, disk_cache: bool):
     """Dequantize a GGUF once; later loads read the saved float32 HF directory."""
     path = folder / gguf
+    if not disk_cache:
+        return _from_pretrained(folder, gguf, torch.float32)
     done = _converted_dir(path)
-    if disk_cache and (done / "config.json").is_file():
+    if (done / "config.json").is_file():
         return _from_pretrained(done, None, torch.float32)
     log.info("dequantizing %s (once; cached under %s)", path, done.parent)
     model, tok = _from_pretrained(folder, gguf, torch.float32)
-    if not disk_cache:
-        return model, tok
     # The weights are plain float32 now; drop the GGUF marker so save_pretrained accepts them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    tmp = None
     try:
         done.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=done.parent, prefix=".tmp-"))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(done)  # atomic: a concurrent loader sees all or nothing
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-    except OSError as e:
-        log.warning("cannot cache the dequantized model under %s: %s", done.parent, e)
-        return model, tok
+        tmp.rename(done)  # atomic: a concurrent loader sees all or nothing
+        tmp = None
+    except Exception as e:  # a full disk raises safetensors' own error, not OSError
+        if (done / "config.json").is_file():
+            log.info("another process cached %s first", done)
+        else:
+            log.warning("cannot cache the dequantized model under %s (%s); using it from memory. "
+                        "Free some disk or set VATTN_CACHE_DIR to a roomier place.", done.parent, e)
+            return model, tok
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save must not eat the disk
     return _from_pretrained(done, None, torch.float32)
 
 
