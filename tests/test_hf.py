@@ -137,7 +137,9 @@ def test_metrics_records_and_jsonl(models, tmp_path):
     p.write_jsonl(tmp_path / "m.jsonl")
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == len(p.records)
     p.reset_metrics()
-    assert p.summary() == {"density": None, "error": None, "recall": None, "calls": 0}
+    s = p.summary()
+    assert {k: s[k] for k in ("density", "error", "recall", "calls")} == {"density": None, "error": None, "recall": None, "calls": 0}
+    assert s["never_ran"].startswith("the spec never ran: ")
 
 
 def test_density_without_metrics_and_set_spec(models):

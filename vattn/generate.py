@@ -19,7 +19,7 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary"}."""
     import torch
 
-    from vattn.hf import patch
+    from vattn.hf import cache_keyword, patch
     from vattn.models import context_length, load_model, resolve_device, resolve_dtype
     from vattn.spec import parse
 
@@ -57,8 +57,13 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
         with torch.no_grad():
             out = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                do_sample=False, pad_token_id=tok.pad_token_id, streamer=clock,
-                               past_key_values=kv)
+                               **({} if kv is None else {cache_keyword(mdl): kv}))
         seconds = time.perf_counter() - start
+        if not parsed.is_dense:
+            p.check_ran()
+            if p.sequences != 1:  # method state and sampling seed must live for the whole generation
+                raise VattnError(f"method state was rebuilt {p.sequences} times in one generation; "
+                                 "vattn lost track of the cache (report this transformers version)")
         if metrics_out is not None:
             p.write_jsonl(metrics_out)
         summary = p.summary()

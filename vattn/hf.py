@@ -58,6 +58,35 @@ def _attention_modules(model) -> list:
             if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower()]
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 says `cache`, earlier ones the latter
+
+
+def find_cache(args, kwargs):
+    """The KV cache a decoder forward was given, under either keyword or as any positional
+    Cache argument; None when it has none."""
+    for key in CACHE_KEYWORDS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    from transformers.cache_utils import Cache
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Cache)), None)
+
+
+def cache_keyword(model) -> str:
+    """The keyword this model's forward takes its cache by (no deprecation warning)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in CACHE_KEYWORDS if k in params), "past_key_values")
+
+
+def output_cache(out):
+    """The cache a model's output carries (`cache` or `past_key_values` by version)."""
+    for key in CACHE_KEYWORDS:
+        c = getattr(out, key, None)
+        if c is not None:
+            return c
+    return None
+
+
 def _decoder(model):
     """The module that owns the decoder layers (its forward sees past_key_values)."""
     for m in model.modules():
@@ -141,6 +170,8 @@ class Patch:
         self._gens: dict = {}
         self._offset = None  # cache length before the current forward (set by the hook)
         self._last_offset = -1
+        self._checked = False
+        self.sequences = 0  # sequences started (method state and generator reset at each)
         self._modules = _attention_modules(model)
         if not self._modules:
             raise VattnError(f"{type(model).__name__} has no attention modules with a layer_idx; "
@@ -172,15 +203,29 @@ class Patch:
         self._density.clear()
 
     def summary(self) -> dict:
-        """Means over sparse calls: density (always), error and recall (metrics=True)."""
+        """Means over sparse calls: density (always), error and recall (metrics=True);
+        `never_ran` is None, or why no call since the last reset_metrics() used the spec."""
         dens = [float(d) for d in self._density]
         out = {"density": sum(dens) / len(dens) if dens else None, "error": None, "recall": None,
-               "calls": len(dens)}
+               "calls": len(dens), "never_ran": None if dens else self._never_ran()}
         errs = [r["error"] for r in self.records]
         if errs:
             out["error"] = sum(errs) / len(errs)
             out["recall"] = sum(r["recall"] for r in self.records) / len(errs)
         return out
+
+    def check_ran(self):
+        """Raise VattnError when no attention call used the spec since the last
+        reset_metrics(): a number measured then would be a dense one under a sparse name."""
+        if not self._density:
+            raise VattnError(self._never_ran())
+
+    def _never_ran(self) -> str:
+        why = ("p.sparse is False" if not self.sparse else
+               f"no query reached sparse_from={self.sparse_from}" if self.sparse_from is not None else
+               "the model made no attention call through vattn")
+        return (f"the spec never ran: {self.spec} made no sparse attention call ({why}; "
+                f"{self.sequences} sequence(s) seen)")
 
     def write_jsonl(self, path):
         path = Path(path)
@@ -209,16 +254,47 @@ class Patch:
 
     # -- internals ----------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(args, kwargs)
         try:
             offset = int(cache.get_seq_length()) if cache is not None else 0
         except (AttributeError, TypeError):
-            offset = None
-        if offset is not None and (offset == 0 or offset < self._last_offset):
+            offset = None  # a cache we cannot ask: the first attention call tells
+        self._offset = offset
+        self._checked = False
+        if offset is not None:
+            self._start_forward(offset)
+
+    def _start_forward(self, offset: int):
+        if offset == 0 or offset < self._last_offset:
             self.states.clear()  # a new sequence: methods start from scratch, reproducibly
             self._gens.clear()
-        self._offset = offset
-        self._last_offset = -1 if offset is None else offset
+            self.sequences += 1
+        self._last_offset = offset
+
+    def _check_offset(self, q, k, mask, kwargs):
+        """Once per forward, at the first full-attention layer: the cache position the hook
+        read must be the one the attention call sees (keys before this call's queries).
+        A mismatch means we lost track of the cache: sparse_from, method state and the
+        sampling seed would all be wrong, so it is an error, not a silent dense run."""
+        if self._checked or kwargs.get("sliding_window") is not None:
+            return
+        self._checked = True
+        t, n = q.shape[2], k.shape[2]
+        if mask is None:
+            seen = n - t
+        else:
+            last = mask[:, 0, -1, :n]
+            last = last if last.dtype == torch.bool else last == 0
+            pos = torch.arange(n, device=last.device)
+            seen = int(torch.where(last, pos + 1, 0).amax()) - t
+        if self._offset is None:
+            self._offset = seen
+            self._start_forward(seen)
+        elif seen != self._offset:
+            import transformers
+            raise VattnError(f"vattn lost track of the cache: the model's cache holds {self._offset} tokens but "
+                             f"the attention call sees {seen} earlier keys (transformers {transformers.__version__}); "
+                             "pass the cache as `cache=`/`past_key_values=` or report this version")
 
     def _generator(self, device):
         key = str(device)
@@ -228,6 +304,7 @@ class Patch:
 
     def forward(self, module, q, k, v, mask, dropout, scaling, **kwargs):
         layer = module.layer_idx
+        self._check_offset(q, k, mask, kwargs)
         spec = self.spec_for(layer) if self.sparse else None
         b, _, t, d = q.shape
         n = k.shape[2]

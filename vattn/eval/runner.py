@@ -23,6 +23,7 @@ import torch
 from vattn.errors import VattnError
 from vattn.eval import scoring
 from vattn.eval.tasks import Sample, load_jsonl, make_sample
+from vattn.hf import cache_keyword, patch
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,7 @@ def _fallback_load(name_or_path=None, device="cpu", dtype=None):
 
 
 def make_patch(model):
-    """A vattn.hf Patch with metrics on, or None when the integration is not installed."""
-    try:
-        from vattn.hf import patch
-    except ModuleNotFoundError as e:
-        if e.name != "vattn.hf":
-            raise
-        log.warning("vattn.hf is not available: only the 'dense' spec can run")
-        return None
+    """A vattn.hf Patch with metrics on, routing nothing until a spec is set."""
     p = patch(model, "dense", metrics=True)
     p.sparse = False
     return p
@@ -156,6 +150,7 @@ class Evaluator:
         self.model, self.tok, self.model_name = model, tokenizer, model_name
         self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
         self.patch = make_patch(model)
+        self.cache_kw = cache_keyword(model)
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -186,20 +181,16 @@ class Evaluator:
     @torch.no_grad()
     def prefill(self, ctx_ids: torch.Tensor):
         from transformers import DynamicCache
-        if self.patch is not None:
-            self.patch.sparse = False
         cache = DynamicCache()
-        self.model(input_ids=ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.patch.sparse = False
+        self.model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         return cache
 
     def _use(self, spec: str) -> bool:
         """Route attention for `spec`; False means plain dense (no patch involved)."""
         if spec == "dense":
-            if self.patch is not None:
-                self.patch.sparse = False
+            self.patch.sparse = False
             return False
-        if self.patch is None:
-            raise VattnError(f"spec {spec!r} needs vattn.hf, which is not installed; run with --specs dense")
         self.patch.set_spec(spec)
         self.patch.reset_metrics()
         self.patch.sparse = True
@@ -207,8 +198,8 @@ class Evaluator:
 
     def _greedy(self, cache, query_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Feed the query, then greedy-decode up to max_new_tokens (stops at EOS)."""
-        out, logits = [], self.model(input_ids=query_ids, past_key_values=cache, use_cache=True,
-                                     logits_to_keep=1).logits
+        out, logits = [], self.model(input_ids=query_ids, use_cache=True, logits_to_keep=1,
+                                     **{self.cache_kw: cache}).logits
         for _ in range(max_new_tokens):
             tok = int(logits[0, -1].argmax())
             if tok in self.eos:
@@ -216,8 +207,8 @@ class Evaluator:
             out.append(tok)
             if len(out) == max_new_tokens:
                 break
-            logits = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits
+            logits = self.model(input_ids=torch.tensor([[tok]], device=self.device), use_cache=True,
+                                logits_to_keep=1, **{self.cache_kw: cache}).logits
         return out
 
     @torch.no_grad()
@@ -228,6 +219,7 @@ class Evaluator:
         out = self._greedy(cache, query_ids, max_new_tokens)
         metrics = {"density": 1.0, "error": 0.0, "recall": 1.0}
         if sparse:
+            self.patch.check_ran()
             summary = self.patch.summary()
             metrics = {k: summary.get(k) for k in ("density", "error", "recall")}
             self.patch.sparse = False

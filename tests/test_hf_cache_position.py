@@ -1,0 +1,88 @@
+"""vattn.hf follows the cache position under every transformers cache keyword, and a
+sparse spec that never ran (or lost track of the cache) is an error, not a dense result."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from vattn import hf
+from vattn.errors import VattnError
+from vattn.hf import cache_keyword, output_cache, patch
+from vattn.methods import base
+
+SPEC = "sink(2)+window(3)+quest(0.3,page=4)"  # stateful: page bounds live in p.states
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def ids(n=24, seed=3):
+    return torch.randint(4, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_generate_with_sparse_from_runs_the_spec_once_per_sequence(model):
+    x = ids()
+    with patch(model, SPEC, sparse_from=x.shape[1]) as p, torch.no_grad():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    s = p.summary()
+    assert s["calls"] == 3 * 5 and s["never_ran"] is None  # 3 layers x 5 decode steps
+    assert 0 < s["density"] < 1
+    assert p.sequences == 1  # state and generator built once for the whole generation
+    assert sorted(p.states) == [0, 1, 2] and all(p.states[i] for i in p.states)
+
+
+@pytest.mark.parametrize("keyword", hf.CACHE_KEYWORDS)
+def test_each_cache_keyword_keeps_state_across_steps(model, keyword, monkeypatch):
+    """Prefill, then decode steps passing the cache by `keyword`: quest's page bounds are
+    built once and then only extended (never rebuilt from page 0), and records carry the
+    true positions."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from vattn.methods import quest
+    if keyword == "cache" and keyword not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers takes no `cache=` (older than 5.24)")
+    built = []
+    real = quest.page_minmax
+    monkeypatch.setattr(quest, "page_minmax", lambda ctx, page, lo, n: built.append(lo) or real(ctx, page, lo, n))
+    x = ids()
+    with patch(model, SPEC, metrics=True) as p, torch.no_grad():
+        p.sparse = False
+        out = model(x, use_cache=True, **{keyword: DynamicCache()})
+        p.sparse = True
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            out = model(nxt, use_cache=True, **{keyword: output_cache(out)})
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert p.sequences == 1
+    assert [r["pos"] for r in p.records if r["layer"] == 0] == [24, 25, 26, 27]
+    assert built.count(0) == 3  # one build per layer at the first sparse step, then extensions
+    assert len(built) == 3 * 4 and all(lo > 0 for lo in built[3:])
+
+
+def test_lost_cache_is_an_error(model, monkeypatch):
+    """If the hook cannot see the cache (a transformers that renames the keyword again),
+    the first attention call notices the mismatch and refuses to go on."""
+    monkeypatch.setattr(hf, "find_cache", lambda args, kwargs: None)
+    x = ids()
+    with patch(model, SPEC, sparse_from=x.shape[1]), torch.no_grad():
+        with pytest.raises(VattnError, match="lost track of the cache"):
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)
+
+
+def test_check_ran_and_summary_say_when_the_spec_never_ran(model):
+    x = ids()
+    with patch(model, SPEC, sparse_from=100) as p, torch.no_grad():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    s = p.summary()
+    assert s["calls"] == 0 and "the spec never ran" in s["never_ran"] and "sparse_from=100" in s["never_ran"]
+    with pytest.raises(VattnError, match="the spec never ran"):
+        p.check_ran()
+
+
+def test_cache_keyword_matches_the_installed_transformers(model):
+    import inspect
+    assert cache_keyword(model) in inspect.signature(model.forward).parameters
