@@ -46,6 +46,7 @@ def test_generate_dense_equals_plain_generate(tiny_dir, tmp_path):
     (["--spec", "verified(eps=1.5)"], "eps must be in"),
     (["-n", "40"], "context is 64 tokens"),
     (["--dtype", "float8"], "unknown dtype"),
+    (["--spec", "oracle-topk", "-n", "1"], "the spec never ran"),
 ])
 def test_generate_errors(tiny_dir, args, message):
     r = runner.invoke(app, [PROMPT, "--model", str(tiny_dir), *args])

@@ -31,6 +31,9 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
         raise VattnError(f"--cache must be dynamic or vmem, got {cache!r}")
     if max_new_tokens < 1:
         raise VattnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens == 1 and not parsed.is_dense:
+        raise VattnError("the spec never ran: with --max-new-tokens 1 the only new token comes from the dense "
+                         "prefill; ask for 2 or more tokens")
     if not prompt or not prompt.strip():
         raise VattnError("the prompt is empty: give it as an argument or with --file")
     mdl, tok = load_model(model, device=device, dtype=dtype)
