@@ -2,16 +2,49 @@
 
     out, sel = vattn.sparse_attention(q, k, v, "vattention")
 """
-from vattn.attend import attend, dense_attend
+import sys as _sys
+import types as _types
+
 from vattn.errors import VattnError
-from vattn.selection import Selection
-from vattn.spec import PRESETS, Spec, parse, select
 
 __version__ = "0.1.0"
+
+# Torch-using names load on first use, so `vattn --help` and `import vattn.cli` stay fast.
+_LAZY = {"dense_attend": "vattn.attend", "Selection": "vattn.selection",
+         "PRESETS": "vattn.spec", "Spec": "vattn.spec", "context": "vattn.spec", "parse": "vattn.spec",
+         "select": "vattn.spec"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vattn' has no attribute {name!r}")
+
+
+class _Package(_types.ModuleType):
+    """`vattn.attend` stays the function after the submodule vattn.attend is imported
+    (the import system sets each submodule as an attribute of its package)."""
+
+    @property
+    def attend(self):
+        from vattn.attend import attend
+        return attend
+
+    @attend.setter
+    def attend(self, value):
+        pass
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def sparse_attention(q, k, v, spec, lengths=None, seed=None, starts=None, scale=None):
     """Select keys with `spec` and attend them: returns (output [B, Hq, T, D], Selection)."""
+    from vattn.attend import attend
+    from vattn.spec import select
     sel = select(spec, q, k, v, lengths=lengths, starts=starts, scale=scale, seed=seed)
     return attend(q, k, v, sel, scale=scale), sel
 
