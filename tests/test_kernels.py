@@ -21,6 +21,7 @@ from vattn.kernels.sample import (_feistel_ref, capped_rows, perm_sample, perm_s
                                   var_inflation, verified_ext_ref)
 from vattn.kernels.select import attended, vattention_hash_decode, vattention_hash_select
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
+from vattn.selection import Selection
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -29,6 +30,14 @@ DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def on(*xs):
+    return [x.to(DEV) for x in xs]
+
+
+def cpu(sel):
+    return Selection(sel.indices.cpu(), sel.log_weights.cpu(), sel.count.cpu(), sel.shared)
 
 
 @pytest.mark.parametrize("dtype,T,G", [(torch.float32, 1, 4), (torch.bfloat16, 1, 4),
@@ -59,7 +68,7 @@ def test_sparse_decode(shared, dtype):
     idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B * H * T)]).view(B, H, T, K)
     idx = torch.where(torch.arange(K) < count[..., None], idx, -1).to(torch.int32)
     lw = torch.randn(B, H, T, K, generator=g)
-    args = [x.to(DEV) for x in (q, k, v, idx, lw, count)]
+    args = on(q, k, v, idx, lw, count)
     out = sparse_decode(*args, shared, block_n=16)
     ref = sparse_decode_ref(*args, shared)
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -70,7 +79,8 @@ def test_sparse_full_selection_equals_dense():
     B, Hq, Hkv, N, D = 1, 4, 2, 64, 16
     q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, 1), (Hkv, N), (Hkv, N)))
     idx = torch.randperm(N, generator=g).int().view(1, 1, 1, N).expand(B, Hkv, 1, N).contiguous()
-    out = sparse_decode(q, k, v, idx, torch.zeros(B, Hkv, 1, N), torch.full((B, Hkv, 1), N, dtype=torch.int32), True)
+    out = sparse_decode(*on(q, k, v, idx, torch.zeros(B, Hkv, 1, N), torch.full((B, Hkv, 1), N, dtype=torch.int32)),
+                        True).cpu()
     assert rel(out, dense_decode_ref(q, k, v)) < 1e-5
 
 
@@ -87,7 +97,8 @@ def test_bit_topk(shared, W, cache, Hq, most):
     ks = sign_bits(torch.randn(B, Hkv, N, D, generator=g), proj)
     lo, hi = 4, torch.tensor([390, 30], dtype=torch.int32)
     ks[:, 0, 5:9] = qs[:, 0, 0:1]  # keys at the top score (all bits agree with head 0)
-    idx, cnt, member = bit_topk(qs, ks, k, lo, hi, shared, block_n=128, cache=cache, most=most)
+    idx, cnt, member = (x.cpu() for x in bit_topk(*on(qs, ks), k, lo, hi.to(DEV), shared, block_n=128, cache=cache,
+                                                   most=most))
     ridx, rcnt = bit_topk_ref(qs, ks, k, lo, hi, shared)
     s = bit_scores_ref(qs, ks, shared).view(-1, N)
     assert torch.equal(cnt, rcnt)
@@ -106,7 +117,7 @@ def test_bit_topk(shared, W, cache, Hq, most):
 def test_perm_sample_matches_ref_and_is_without_replacement():
     member = (torch.rand(2, 2, 1, 500, generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.uint8)
     hi = torch.tensor([480, 77], dtype=torch.int32)
-    idx, acc = perm_sample(member, 10, hi, 300, seed=99, block=128)
+    idx, acc = (x.cpu() for x in perm_sample(member.to(DEV), 10, hi.to(DEV), 300, seed=99, block=128))
     ridx, racc = perm_sample_ref(member, 10, hi, 300, seed=99)
     assert torch.equal(idx, ridx) and torch.equal(acc, racc)
     for r in range(4):
@@ -122,7 +133,7 @@ def test_quest_scores_bound():
     q, k = torch.randn(2, 4, 2, 32, generator=g), torch.randn(2, 2, 100, 32, generator=g)
     lengths = torch.tensor([100, 37], dtype=torch.int32)
     pmin, pmax = page_bounds(k, lengths, 16)
-    u = quest_scores(q, pmin, pmax, block_p=16)
+    u = quest_scores(*on(q, pmin, pmax), block_p=16).cpu()
     assert rel(u, quest_scores_ref(q, pmin, pmax)) < 1e-5
     s = torch.einsum("bhtd,bhnd->bhtn", q, k.repeat_interleave(2, 1))[0, ..., :96].reshape(4, 2, 6, 16)
     assert (s.amax(-1) <= u[0, ..., :6] + 1e-4).all()
@@ -136,8 +147,8 @@ def test_vattention_hash_select_pipeline():
     v = torch.randn(B, Hkv, N, D, generator=g) + 1
     proj = torch.randn(D, 32, generator=g)
     lengths = torch.tensor([1500, 1100], dtype=torch.int32)
-    sel = vattention_hash_select(q, k, sign_bits(k, proj), proj, lengths, sink=16, window=16, topk=64,
-                                 cap=512, m0=32, eps=0.1, delta=0.1)
+    sel = cpu(vattention_hash_select(*on(q, k, sign_bits(k, proj), proj, lengths), sink=16, window=16, topk=64,
+                                     cap=512, m0=32, eps=0.1, delta=0.1))
     ok = sel.valid() & (sel.indices >= 0)
     assert (sel.indices[ok] < lengths.view(B, 1, 1, 1).expand_as(sel.indices)[ok]).all()
     live = ok & torch.isfinite(sel.log_weights)  # rejected sample slots carry -inf weight
@@ -145,9 +156,10 @@ def test_vattention_hash_select_pipeline():
         row = row[m]
         assert len(set(row.tolist())) == len(row)  # no key counted twice
     assert (attended(sel) >= 16 + 16 + 64 + 32).all()
-    out = sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True)
-    assert rel(out, sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True)) < 1e-5
-    assert rel(out, dense_decode_ref(q, k, v, lengths)) < 0.3
+    args = on(q, k, v, sel.indices, sel.log_weights, sel.count)
+    out = sparse_decode(*args, True)
+    assert rel(out, sparse_decode_ref(*args, True)) < 1e-5
+    assert rel(out.cpu(), dense_decode_ref(q, k, v, lengths)) < 0.3
 
 
 def check_sample_weights(lw, F0, top_n, m, ext, n_r, weights):
@@ -171,8 +183,9 @@ def test_fused_select_rows_match_references(dtype, eps, weights):
     proj = torch.randn(D, 32, generator=g)
     lengths = torch.tensor([N, 90], dtype=torch.int32)  # row 2: residual smaller than the budget
     ksig = sign_bits(k, proj)
-    sel, st = vattention_hash_select(q, k, ksig, proj, lengths, sink=sink, window=window, topk=topk, cap=cap,
+    sel, st = vattention_hash_select(*on(q, k, ksig, proj, lengths), sink=sink, window=window, topk=topk, cap=cap,
                                      m0=m0, eps=eps, delta=0.1, seed=3, stats=True, block_n=128, weights=weights)
+    sel, st = cpu(sel), st.cpu()
     hi = lengths - window
     s = bit_scores_ref(sign_bits(q, proj), ksig, True).view(B * Hkv, N)
     F0 = sink + window
@@ -202,8 +215,9 @@ def test_fused_select_rows_match_references(dtype, eps, weights):
         assert abs(float(st[r, 3]) - ref_b) <= max(1, 0.002 * ref_b)
         saw_partial |= 1 < ext < n_r - m
     assert saw_partial  # the budget was not trivially 1 or exact everywhere
-    out = sparse_decode(q, k, k, sel.indices, sel.log_weights, sel.count, True)
-    assert rel(out, sparse_decode_ref(q, k, k, sel.indices, sel.log_weights, sel.count, True)) < 1e-2
+    args = on(q, k, k, sel.indices, sel.log_weights, sel.count)
+    out = sparse_decode(*args, True)
+    assert rel(out, sparse_decode_ref(*args, True)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype,eps,seed,weights,var_conf", [(torch.float32, 0.3, 5, "pooled", -1.0),
@@ -225,8 +239,9 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights, var_
     ksig = sign_bits(k, proj)
     kw = dict(sink=sink, window=window, topk=topk, m0=m0, eps=eps, delta=0.1, seed=seed, block_n=128,
               weights=weights, var_conf=var_conf)
-    out, sel, st = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
-                                          attn_block=16, **kw)
+    qd, kd, vd, sd, pd, ld = on(q, k, v, ksig, proj, lengths)
+    out, sel, st = vattention_hash_decode(qd, kd, vd, sd, pd, ld, stats=True, selection=True, attn_block=16, **kw)
+    out, sel, st = out.cpu(), cpu(sel), st.cpu()
     hi = lengths - window
     F0 = sink + window
     assert not capped_rows(st, weights).any()
@@ -266,14 +281,15 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights, var_
     assert saw_partial
     ref = sparse_decode_ref(q, k, v, sel.indices, sel.log_weights, sel.count, True)
     assert torch.isfinite(out).all() and rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    assert torch.equal(out, vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, **kw))  # no pad
+    assert torch.equal(out, vattention_hash_decode(qd, kd, vd, sd, pd, ld, attn_block=16, **kw).cpu())  # no pad
     # the multi-program sample (block counts + prefix scatter) equals the serial draw, also when the
     # counted blocks fall short (margin 0: the last counted block draws on serially); poisoned outputs
     variants = (dict(par=False), dict(block_p=16, margin=0.0, extra=0), dict(block_p=16, programs=3)) \
         if (dtype, weights) == (torch.float32, "pooled") else (dict(block_p=32, margin=0.5, extra=1, programs=2),)
     for skw in variants:
-        o2, sel2, st2 = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
+        o2, sel2, st2 = vattention_hash_decode(qd, kd, vd, sd, pd, ld, stats=True, selection=True,
                                                attn_block=16, sample_kw=skw, **kw)
+        o2, sel2, st2 = o2.cpu(), cpu(sel2), st2.cpu()
         assert torch.equal(sel2.count, sel.count) and torch.equal(st2, st), skw
         for r in range(B * Hkv):
             c = int(sel.count.view(-1)[r])
@@ -281,16 +297,18 @@ def test_hash_decode_two_pass_includes_topk_mass(dtype, eps, seed, weights, var_
             assert torch.equal(sel2.log_weights.view(B * Hkv, -1)[r, :c], sel.log_weights.view(B * Hkv, -1)[r, :c])
         assert torch.equal(o2, out), skw
     # merge folded into pass 2 (last program per row, atomic counter) vs the separate merge kernel
-    o3 = vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, fuse_merge=True, **kw)
+    o3 = vattention_hash_decode(qd, kd, vd, sd, pd, ld, attn_block=16, fuse_merge=True, **kw).cpu()
     assert rel(o3, out) < 1e-6 and torch.isfinite(o3).all()
     # its counters live on the shared zeroed buffer: the last program leaves them zero for the next call
-    assert torch.equal(vattention_hash_decode(q, k, v, ksig, proj, lengths, attn_block=16, fuse_merge=True, **kw), o3)
+    assert torch.equal(vattention_hash_decode(qd, kd, vd, sd, pd, ld, attn_block=16, fuse_merge=True, **kw).cpu(), o3)
     # D_F with top-k is larger than with sinks + window only: the budget can only shrink
-    _, st_old = vattention_hash_select(q, k, ksig, proj, lengths, cap=N, stats=True, **kw)
+    _, st_old = vattention_hash_select(qd, kd, sd, pd, ld, cap=N, stats=True, **kw)
+    st_old = st_old.cpu()
     assert (st[:, 3] <= st_old[:, 3] + 1).all() and (st[:, 3] < st_old[:, 3]).any()
     if var_conf != 0.0:  # the variance bound only raises the budget
-        _, _, st_off = vattention_hash_decode(q, k, v, ksig, proj, lengths, stats=True, selection=True,
+        _, _, st_off = vattention_hash_decode(qd, kd, vd, sd, pd, ld, stats=True, selection=True,
                                               attn_block=16, **dict(kw, var_conf=0.0))
+        st_off = st_off.cpu()
         assert (st[:, 3] >= st_off[:, 3]).all() and (st[:, 3] > st_off[:, 3]).any()
 
 
@@ -315,8 +333,9 @@ def test_short_pilot_asks_for_the_whole_residual():
     q, k = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
     proj = torch.randn(D, 32, generator=g)
     ksig = sign_bits(k, proj)
-    sel, st = vattention_hash_select(q, k, ksig, proj, None, sink=8, window=8, topk=32, cap=12, m0=16, eps=0.3,
+    sel, st = vattention_hash_select(*on(q, k, ksig, proj), None, sink=8, window=8, topk=32, cap=12, m0=16, eps=0.3,
                                      delta=0.1, stats=True, block_n=128)
+    sel, st = cpu(sel), st.cpu()
     assert capped_rows(st).all()
     for r in range(Hkv):
         m, ext, n_r = (int(x) for x in st[r, :3])
@@ -347,3 +366,24 @@ def test_bad_inputs_raise_vattn_error():
     with pytest.raises(VattnError, match="pooled"):
         vattention_hash_decode(torch.zeros(1, 4, 1, 32), k, k, torch.zeros(1, 3, 10, 1, dtype=torch.int32),
                                torch.zeros(32, 32), None, weights="pool")
+
+
+def test_interpreter_compat_squeezes_loop_bounds(monkeypatch):
+    # triton < 3.7's interpreter turns a tensor loop bound into int(array of shape (1,)), which
+    # NumPy 2.4 refuses; the shim gives tensors an __index__ that squeezes first
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as ti
+    from vattn.kernels import _common
+    seen = {}
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            seen[name] = (obj, value)
+
+    monkeypatch.setattr(ti, "_patch_lang", lambda fn: Scope())
+    _common._interpreter_compat.__wrapped__()
+    ti._patch_lang(None)
+    obj, index = seen["__index__"]
+    bound = type("Bound", (), {"handle": type("Handle", (), {"data": np.array([7], dtype=np.int32)})()})()
+    assert obj is tl.core.tensor and index(bound) == 7

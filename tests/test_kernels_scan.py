@@ -161,3 +161,20 @@ def test_scan_decode_bad_inputs():
             vattention_scan_decode(q, k, v, ks, proj, trace={})
         with pytest.raises(VattnError, match="pdl=True"):
             vattention_scan_decode(q, k, v, ks, proj, pdl=True)
+
+
+def test_scan_decode_smaller_cut_programs_match_the_twin():
+    # sub_block only parts the same subsample among more cut programs (31 per row here, the
+    # pilot spread over two): their histograms and the pilot must still add up to the twin's
+    q, k, v, proj, ks = inputs(9)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=0.2, delta=0.1, seed=9, **(KW | dict(sub=1024)))
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, sub_block=64, **RUN, **kw)
+    r = st["rows"].cpu().double()
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, sub_block=64, **kw)
+    assert torch.equal(r[:, 5], rs["rows"][:, 5]) and (r[:, 6] - rs["rows"][:, 6]).abs().max() <= 8
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, sub_block=64, tau=r[:, 5].long(), thu=r[:, 6].long(),
+                              total=r[:, 1].long(), exact=r[:, 4] > 0, **kw)
+    assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"]) and rel(out, ref) < 1e-5
+    with pytest.raises(VattnError, match="power of two >= 32"):
+        vattention_scan_decode(q, k, v, ks, proj, L, sub_block=48, **RUN, **kw)

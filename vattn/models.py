@@ -6,9 +6,9 @@
 
 Nothing is downloaded: the hub is set offline and every load is local_files_only.
 Loading a GGUF dequantizes it, which takes tens of seconds on a small CPU, so the
-dequantized model is saved once (keyed by the file's content) as a plain HF directory under $VATTN_CACHE_DIR
-(default ~/.cache/vattn/models) and loaded from there after; loaded models are also
-cached per process.
+dequantized model is saved once, keyed by the file's content, as a plain HF directory
+under $VATTN_CACHE_DIR (default ~/.cache/vattn/models) and loaded from there after;
+loaded models are also cached per process.
 """
 from __future__ import annotations
 

@@ -33,10 +33,34 @@ def triton_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_compat() -> None:
+    """Triton's interpreter before 3.7 reads a loop bound as int(array of shape (1,)), which
+    NumPy 2.4 refuses ('only 0-dimensional arrays...'); later ones squeeze it first. Give the
+    older interpreter the same __index__ (e.g. the triton 3.6 that torch 2.11 pins)."""
+    try:
+        import triton.language as tl
+        import triton.runtime.interpreter as ti
+    except Exception:
+        return
+    orig = getattr(ti, "_patch_lang", None)
+    if orig is None:
+        return
+
+    def patch_lang(fn):
+        scope = orig(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        return scope
+
+    ti._patch_lang = patch_lang
+
+
 def check_runnable(*tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     if not triton_available():
         raise VattnError("triton is not installed: use the torch reference (*_ref) or `pip install triton`")
+    if interpret():
+        _interpreter_compat()
     for t in tensors:
         if t.device.type != "cuda" and not interpret():
             raise VattnError(f"tensor on {t.device}: the Triton kernels need CUDA tensors "
@@ -59,7 +83,7 @@ def load_online(namespace: dict) -> None:
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
     namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish,
-                     pdl_wait=_online.pdl_wait)
+                     pdl_wait=_online.pdl_wait, _stamp=_online._stamp)
 
 
 def check_4d(tensors: dict, allowed) -> None:
@@ -97,43 +121,60 @@ def _merge_kernel():
     load_online(globals())
 
     @triton.jit
-    def merge(po, plse, out, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
-              PDL: tl.constexpr = 0):
+    def merge(po, plse, out, tr, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
+              PDL: tl.constexpr = 0, TR: tl.constexpr = 0):
         # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
         # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
         # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
+        # The lse are loaded once where one block holds them (SB == SP); smaller SB blocks keep
+        # a tile small for large S.
+        _stamp(tr, 0, tl.program_id(1), TR)
         pdl_wait(PDL)  # launched as a programmatic dependent: wait for the partials' writer
         r = tl.program_id(0).to(tl.int64)
-        s = tl.arange(0, SP)
         d = tl.program_id(1) * DB + tl.arange(0, DB)
+        s = tl.arange(0, SP)
         lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
         m = tl.max(lse, 0)
+        _stamp(tr, 1, m.to(tl.int32), TR)
         m = tl.where(m == float("-inf"), 0.0, m)
         tot = tl.sum(tl.exp2(lse - m), 0)
         acc = tl.zeros([DB], tl.float32)
-        for s0 in range(0, S, SB):  # blocks of SB partials keep the tile small
+        for s0 in range(0, S, SB):
             sb = s0 + tl.arange(0, SB)
-            lb = tl.load(plse + r * S + sb, mask=sb < S, other=float("-inf"))
+            lb = tl.load(plse + r * S + sb, mask=sb < S, other=float("-inf")) if SB < SP else lse
             live = lb > float("-inf")
-            w = tl.where(live, tl.exp2(lb - m), 0.0)
             o = tl.load(po + r * S * D + sb[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-            acc += tl.sum(w[:, None] * o, 0)
+            acc += tl.sum(tl.where(live[:, None], tl.exp2(lb - m)[:, None] * o, 0.0), 0)
         acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
         tl.store(out + r * D + d, acc.to(out.dtype.element_ty))
+        _stamp(tr, 2, tl.sum(acc, 0).to(tl.int32), TR)
 
     return merge
 
 
-def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, block_d=32, block_s=64,
-                   num_warps=4, pdl=False) -> torch.Tensor:
+MERGE_BLOCK_D = 32  # output columns per merge program
+
+
+def merge_programs(rows: int, D: int, block_d: int = MERGE_BLOCK_D) -> int:
+    """Programs of one merge_partials launch over `rows` output rows of width D."""
+    return rows * (D // min(block_d, D))
+
+
+def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, block_d=MERGE_BLOCK_D, block_s=128,
+                   num_warps=4, pdl=False, trace=None) -> torch.Tensor:
     """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous).
-    pdl: launch as a programmatic dependent of the previous kernel (see use_pdl)."""
+    pdl: launch as a programmatic dependent of the previous kernel (see use_pdl).
+    trace (GPU): int64 [merge_programs(rows, D), 8] filled with global-timer stamps (start,
+    after the wait, end)."""
     S, D = po.shape[-2], po.shape[-1]
     rows = plse.numel() // S
     db = min(block_d, D)
     extra = dict(PDL=1, launch_pdl=True) if pdl else {}
-    _merge_kernel()[(rows, D // db)](po, plse, out, S, D=D, DB=db, SP=max(2, next_pow2(S)),
-                                     SB=min(block_s, max(2, next_pow2(S))), num_warps=num_warps, **extra)
+    if trace is not None:
+        extra["TR"] = 1
+    _merge_kernel()[(rows, D // db)](po, plse, out, out if trace is None else trace, S, D=D, DB=db,
+                                     SP=max(2, next_pow2(S)), SB=min(block_s, max(2, next_pow2(S))),
+                                     num_warps=num_warps, **extra)
     return out
 
 

@@ -63,3 +63,17 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _stamp(tr, slot, dep, TR: tl.constexpr):
+    """Trace (TR, GPU only): the global timer in ns, read once `dep` is computed, at
+    tr[program, slot] (int64 [programs, 8]); slot 7 holds the SM id."""
+    if TR:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(tr + pid * 8 + slot, t)
+        if slot == 0:
+            sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+            tl.store(tr + pid * 8 + 7, sm.to(tl.int64))

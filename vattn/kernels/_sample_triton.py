@@ -261,24 +261,41 @@ def _budget(sp, plse, row, m, m0, n_r, zz, eps2, infl, S1, ST, R: tl.constexpr, 
 
 
 @triton.jit
+def _pilot_stats(sp, m, M0P: tl.constexpr):
+    """Per head, with the pilot's own shift: (shift, mean, variance) of exp(s - shift) over the
+    m pilot keys, sp [M, M0P] natural-log scores, -inf for a key that counts as 0. Needs no
+    partial, so a kernel can take it before waiting for them."""
+    pok = tl.arange(0, M0P) < m
+    pshift = tl.maximum(tl.max(sp, 1), -1e30)
+    xp = tl.where(pok[None, :], tl.exp(sp - pshift[:, None]), 0.0)
+    mf = m.to(tl.float32)
+    mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
+    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
+    return pshift, mean, tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
+
+
+@triton.jit
+def _moments(pshift, mean, var, plse, row, S1, ST, R: tl.constexpr, M: tl.constexpr, SP: tl.constexpr):
+    """(variance, D_F, mean) on one shift per head: the pilot's stats (_pilot_stats) rescaled,
+    D_F the exact mass from the split-KV partials plse [rows*R, ST] log2 units, columns [0, S1)."""
+    r = tl.arange(0, M)
+    sc = tl.arange(0, SP)
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
+                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
+    shift = tl.maximum(pshift, tl.maximum(tl.max(pl, 1) * 0.6931471805599453, -1e30))
+    dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
+    f = tl.exp(pshift - shift)
+    return var * f * f, dfix, mean * f
+
+
+@triton.jit
 def _pilot_moments(sp, plse, row, m, S1, ST, R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr,
                    SP: tl.constexpr):
     """Per head, with one shift: (variance and mean of exp(s) over the m pilot keys, sp [M, M0P]
     natural-log scores, -inf for a key that counts as 0; D_F, the exact mass, from the split-KV
     partials plse [rows*R, ST] log2 units, columns [0, S1))."""
-    r = tl.arange(0, M)
-    pok = tl.arange(0, M0P) < m
-    sc = tl.arange(0, SP)
-    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
-                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
-    shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(pl, 1) * 0.6931471805599453), -1e30)
-    dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
-    xp = tl.where(pok[None, :], tl.exp(sp - shift[:, None]), 0.0)
-    mf = m.to(tl.float32)
-    mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
-    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
-    var = tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
-    return var, dfix, mean
+    pshift, mean, var = _pilot_stats(sp, m, M0P)
+    return _moments(pshift, mean, var, plse, row, S1, ST, R, M, SP)
 
 
 @triton.jit

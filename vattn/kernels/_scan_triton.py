@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import attend_rows, dot_qk, finish, kv_rows, online_step, pdl_wait  # noqa: F401
-from vattn.kernels._sample_triton import _mix, _pilot_moments
+from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_step, pdl_wait  # noqa: F401
+from vattn.kernels._sample_triton import _mix, _moments, _pilot_stats
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -233,15 +233,16 @@ def _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R: tl.constexpr, 
 
 
 @triton.jit
-def _budget(plse, spl, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
-            M0P: tl.constexpr, SP: tl.constexpr):
+def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+            SP: tl.constexpr):
     """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
-    [0, S1) of plse) and the pilot's scores (spl, from _pilot), log2 units. total = max over
+    [0, S1) of plse) and the pilot's stats (ps, pm, pv: _pilot_stats of _pilot's scores, taken
+    before the wait for the scan). total = max over
     heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least
     m0; exact when that reaches the residual's size (n_mid - K)."""
     r = tl.arange(0, M)
     m = tl.where(n_mid > 0, m0, 0)
-    var, dfix, mean = _pilot_moments(spl * 0.6931471805599453, plse, row, m, S1, S, R, M, M0P, SP)
+    var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
     var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
     nm = n_mid.to(tl.float32)
     dhat = dfix + nm * mean
@@ -265,7 +266,7 @@ def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: 
 
 
 @triton.jit
-def _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b,
+def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b,
                  j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl,
                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
@@ -277,7 +278,7 @@ def _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, sk
     (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept when every draw of it
     is in the sample, else dropped and the block attended again. Returns (m_i, l_i, acc,
     log2 weight, keys attended)."""
-    total, exact, need = _budget(plse, spl, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, M0P, SP)
+    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, SP)
     _stamp(tr, 2, total, TR)
     if j2 == 0:
         f = tl.arange(0, 8)
@@ -333,20 +334,6 @@ def _qsig(qs, row, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
     """The cut kernel's query signature words (read past L1)."""
     rw = tl.arange(0, RWP)
     return tl.load(qs + row * R * W + rw, mask=rw < R * W, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _stamp(tr, slot, dep, TR: tl.constexpr):
-    """Trace (TR, GPU only): the global timer in ns, read once `dep` is computed, at
-    tr[program, slot] (int64 [programs, 8]); slot 7 holds the SM id."""
-    if TR:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
-                                      is_pure=False, pack=1)
-        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(tr + pid * 8 + slot, t)
-        if slot == 0:
-            sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-            tl.store(tr + pid * 8 + 7, sm.to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -437,6 +424,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
     qv = _qsig(qs, row, R, W, RWP)
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
+    ps, pm, pv = _pilot_stats(spl * 0.6931471805599453, tl.where(n_mid > 0, m0, 0), M0P)
     j = tl.arange(0, BN)
     x0 = _draw(j2 * BN + j, skey, sink, n_mid)
     w0 = _words(ks, row, b, x0, x0 < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
@@ -454,10 +442,10 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
         c0 = tl.sum(use.to(tl.int32), 0)
     pdl_wait(PDL)
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, spl, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn, svn, plse,
-                                         stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N,
-                                         scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN, M0P, SP, HW,
-                                         IEEE, PRE, TR)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
+                                         svn, plse, stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
+                                         tkey, H, N, scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN,
+                                         M0P, SP, HW, IEEE, PRE, TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, interpret, merge_partials, next_pow2, prefer_carveout,
-                                   target_programs, use_ieee, resolve_pdl, zeroed_counters)
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
+                                   prefer_carveout, target_programs, use_ieee, resolve_pdl, zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
 from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
 
@@ -43,7 +43,7 @@ def _row_keys(seed, row):
     return key, _mix_ref(key, TIE_SALT)
 
 
-SUB_BLOCK = 1024  # subsample keys per cut program
+SUB_BLOCK = 512  # subsample keys per cut program (H100 B=1 128K: 512 of 4096 beat 1024 of 8192, round 13)
 
 
 def bins(top: int, nh: int = 128):
@@ -86,7 +86,8 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
-                           eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=8192,
+                           eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
+                           sub_block=SUB_BLOCK,
                            block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
                            trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
@@ -95,6 +96,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
     previous one: it starts while that one drains and waits in-kernel for its outputs.
+    sub: keys in the cut's subsample (runs of 32 spread over the middle); sub_block: subsample
+    keys per cut program.
     block_c: keys per compaction block; block_n: keys per gather tile in the scan; sample_bn:
     draws per block in the sample (H100 B=1 128K: 64 beat 32 and 128, 56.1 vs 60.3 / 61.4 us).
     update_sig: the cut kernel also writes the signature of each row's newest key (position
@@ -108,8 +111,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     8 warps (capped), 255 at 4, so not with 4 warps by default.
     carveout (GPU): percent of the L1/shared split each of the three kernels asks the driver
     for (None: the driver's choice).
-    trace (a dict, GPU only): filled with 'cut', 'scan', 'sample' int64 [programs, 8], each
-    program's global-timer stamps in ns at its phase ends (slot 7: SM id; see scripts/trace_scan.py)."""
+    trace (a dict, GPU only): filled with 'cut', 'scan', 'sample', 'merge' int64 [programs, 8],
+    each program's global-timer stamps in ns at its phase ends (slot 7: SM id; see
+    scripts/trace_scan.py); tables already there are reused, so no memset joins a captured graph."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
@@ -120,6 +124,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if update_sig and (window < 1 or not ksig.is_contiguous()):
         raise VattnError(f"update_sig writes ksig in place for the newest key, which must lie in the window: it "
                          f"needs window >= 1 (got {window}) and a contiguous ksig (strides {tuple(ksig.stride())})")
+    if sub_block < 32 or sub_block & (sub_block - 1):
+        raise VattnError(f"sub_block={sub_block}: the cut's programs histogram runs of 32 keys; "
+                         "give a power of two >= 32")
     if carveout is not None and not (isinstance(carveout, int) and 0 <= carveout <= 100):
         raise VattnError(f"carveout={carveout!r}: give the shared-memory share in percent, an int in 0..100, or None")
     if trace is not None and (q.device.type != "cuda" or interpret()):
@@ -156,7 +163,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
-    P = -(-n_mid // (SUB_BLOCK * stride))
+    P = -(-n_mid // (sub_block * stride))
     hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
     ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
     cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
@@ -166,16 +173,18 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
     tr = {}
-    if trace is not None:
-        tr = {n: torch.zeros((rows * g, 8), dtype=torch.int64, device=dev) for n, g in (("cut", P), ("scan", s1),
-                                                                                        ("sample", s2))}
-        trace.update(tr)
+    if trace is not None:  # tables already in trace are reused: no memset inside a captured graph
+        for n, progs in (("cut", rows * P), ("scan", rows * s1), ("sample", rows * s2),
+                         ("merge", merge_programs(B * Hq, D))):
+            if n not in trace or trace[n].shape != (progs, 8):
+                trace[n] = torch.zeros((progs, 8), dtype=torch.int64, device=dev)
+            tr[n] = trace[n]
         meta["TR"] = 1
     carve = (lambda kern: prefer_carveout(kern, carveout)) if carveout is not None else (lambda kern: None)
     carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
                                    *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
                                    PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
-                                   BN=SUB_BLOCK, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
+                                   BN=sub_block, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
     if upto < 2:
         return None
     carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
@@ -191,7 +200,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    merge_partials(po, plse, out, pdl=pdl)
+    merge_partials(po, plse, out, pdl=pdl, trace=tr.get("merge"))
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
@@ -199,7 +208,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=8192, tau=None, thu=None, total=None, exact=None):
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=4096, sub_block=SUB_BLOCK, tau=None, thu=None,
+                    total=None, exact=None):
     """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
@@ -215,7 +225,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
     n_mid_max = max(N - sink - window, 1)
     stride = subsample_stride(n_mid_max, sub)
-    P = -(-n_mid_max // (SUB_BLOCK * stride))
+    P = -(-n_mid_max // (sub_block * stride))
     zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
     rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
@@ -231,9 +241,9 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         s = sc[row]
         skey, tkey = _row_keys(seed, row)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
-        lane = torch.arange(SUB_BLOCK)
+        lane = torch.arange(sub_block)
         rel = (lane // 32) * (32 * stride) + lane % 32
-        pos = torch.cat([sink + p * SUB_BLOCK * stride + rel for p in range(P)])
+        pos = torch.cat([sink + p * sub_block * stride + rel for p in range(P)])
         pos = pos[pos < hi]
         hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
