@@ -227,3 +227,84 @@ def test_background_grow_and_errors(device):
     with pytest.raises(VattnError, match="layout"):
         KVCache(1, 1, 8, 1, 8, layout="nope")
     kv.close()
+
+
+# ---------------------------------------------------------------- issue 16: failures change nothing
+def _two_cached(device):
+    """A cache with a budget of 2 one-token requests: slot a live, slot b freed (pages cached),
+    slot c allocated and empty."""
+    probe = make(device)
+    p1 = len(probe._pages_for(1))
+    probe.close()
+    kv = make(device, slots=3, ahead_tokens=0, budget_pages=lambda kv: 2 * p1)
+    a, b, c = kv.alloc(), kv.alloc(), kv.alloc()
+    kv.grow([a], 1)
+    kv.grow([b], 1)
+    kv.free(b)
+    return kv, a, b, c
+
+
+def _snapshot(kv):
+    return (kv.stats(), [set(m) for m in kv._mapped], list(kv._freed_order), kv.range.mapped)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_failed_grow_over_budget_changes_nothing(device):
+    kv, a, b, c = _two_cached(device)
+    before = _snapshot(kv)
+    with pytest.raises(VattnOutOfMemory, match="budget"):
+        kv.grow([c], kv.N)  # more than the budget even after reclaiming b's cached pages
+    assert _snapshot(kv) == before
+    assert kv.stats().pages_cached > 0  # b's pages are still there for its next request
+    kv.grow([c], 1)  # what fits still works (reclaims b's pages now)
+    kv.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_failed_grow_on_full_device_changes_nothing(device, monkeypatch):
+    kv, a, b, c = _two_cached(device)
+    deny = set(kv._granules(c, kv._pages_for(1)))
+    real = kv.range.map
+
+    def full_for_c(granules):  # the device refuses c's memory, even after the cache gives back b's pages
+        if deny & set(granules):
+            raise VattnOutOfMemory("device full (test)")
+        return real(granules)
+
+    monkeypatch.setattr(kv.range, "map", full_for_c)
+    kv._budget_pages = None  # only the device limit applies
+    before = _snapshot(kv)
+    with pytest.raises(VattnOutOfMemory, match="device full"):
+        kv.grow([c], 1)
+    assert _snapshot(kv) == before
+    kv.close()
+
+
+def test_slot_arguments_are_checked():
+    kv = make("cpu", slots=4)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(VattnError, match="count must be an int >= 1"):
+            kv.alloc(bad)
+    with pytest.raises(VattnError, match="consecutive free slots"):
+        kv.alloc(5)
+    s = kv.alloc(2)
+    with pytest.raises(VattnError, match=r"slot 99 does not exist: slots are 0\.\.3 \(num_slots=4\); allocated now: \[0, 1\]"):
+        kv.free(99)
+    with pytest.raises(VattnError, match="slot -1 does not exist"):
+        kv.free(-1)
+    with pytest.raises(VattnError, match="slot 2 is not allocated"):
+        kv.free(s + 1, 2)  # slots 1 and 2: 2 is free, so nothing is freed
+    assert kv.stats().slots_in_use == 2
+    with pytest.raises(VattnError, match="count must be an int >= 1"):
+        kv.free(s, 0)
+    with pytest.raises(VattnError, match="slot 7 does not exist"):
+        kv.grow([7], 1)
+    with pytest.raises(VattnError, match="slot -2 does not exist"):
+        kv.grow([-2], 1)
+    with pytest.raises(VattnError, match="list or range"):
+        kv.grow(0, 1)
+    with pytest.raises(VattnError, match="n must be an int >= 0"):
+        kv.grow([s], -1)
+    kv.free(s, 2)
+    assert kv.stats().slots_in_use == 0
+    kv.close()

@@ -42,11 +42,32 @@ _sys.modules[__name__].__class__ = _Package
 
 
 def sparse_attention(q, k, v, spec, lengths=None, seed=None, starts=None, scale=None):
-    """Select keys with `spec` and attend them: returns (output [B, Hq, T, D], Selection)."""
+    """Select keys with `spec` and attend them: returns (output [B, Hq, T, D], Selection).
+
+    q [B, Hq, T, D]; k, v [B, Hkv, N, D] (float32/16, bfloat16 or float64; Hq a multiple
+    of Hkv). lengths, starts: int tensors [B] with 0 <= starts <= lengths <= N (default N
+    and 0); scale: a positive finite number (default 1/sqrt(D)); seed: an int. B, T or N
+    may be 0: the output is then empty or zeros. Bad input raises VattnError.
+
+    Non-finite inputs are not checked (a check costs a host sync on GPU); they propagate
+    as in exact attention: a row with keys whose q holds NaN/inf gives NaN, and so does a
+    row that attends a non-finite key or value. A non-finite key the selection leaves out
+    does not reach the output (exact attention would give NaN there). A row with no keys
+    gives zeros.
+    """
+    import torch
+
     from vattn.attend import attend
-    from vattn.spec import select
-    sel = select(spec, q, k, v, lengths=lengths, starts=starts, scale=scale, seed=seed)
-    return attend(q, k, v, sel, scale=scale), sel
+    from vattn.spec import context, parse
+    spec = parse(spec)
+    ctx = context(q, k, v, lengths=lengths, starts=starts, scale=scale, seed=seed)
+    sel = spec.select(ctx)
+    out = attend(q, k, v, sel, scale=ctx.scale)
+    # A part may choose no key for a non-finite query row (its scores rank nothing);
+    # exact attention gives NaN there, so do we. No host sync: elementwise only.
+    live = (ctx.ends > ctx.starts[:, None])[:, None, :, None]  # [B, 1, T, 1]
+    bad = ~torch.isfinite(q).all(-1, keepdim=True) & live
+    return out.masked_fill(bad, float("nan")), sel
 
 
 def patch(model, spec, **kwargs):

@@ -5,10 +5,14 @@ Hq = G * Hkv (grouped-query attention). Rows may be ragged: `lengths` [B] counts
 batch row's keys (they end at lengths - 1; with left padding, `starts` [B] is the first
 valid key). With T > 1 the rows are causal: row t sees keys < lengths - T + 1 + t.
 Softmax is accumulated in float32 whatever the input dtype; the output has q's dtype.
+A row with no keys gives zeros. Inputs are not checked for NaN/inf (that costs a host
+sync on a GPU): as in exact attention, a non-finite score, key or value that a row
+attends makes that row's output NaN/inf.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -26,8 +30,12 @@ def check_qkv(q, k, v):
         if x.dim() != 4:
             raise VattnError(f"{name} must have 4 dims [B, H, T|N, D], got shape {tuple(x.shape)}")
         if x.dtype not in FLOATS:
-            raise VattnError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+            raise VattnError(f"{name} must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
     b, hq, t, d = q.shape
+    if hq == 0:
+        raise VattnError(f"q must have at least one query head [B, Hq >= 1, T, D], got shape {tuple(q.shape)}")
+    if d == 0:
+        raise VattnError(f"the head dim D must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise VattnError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != b or k.shape[3] != d:
@@ -40,22 +48,56 @@ def check_qkv(q, k, v):
     return b, hq, t, d, hkv, n
 
 
+def _bounds(name, x, b, device):
+    """lengths/starts: an integer tensor (or list of ints) of shape [B] -> int64 [B] on device."""
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in x):
+            raise VattnError(f"{name} must be ints, one per batch row, got {x!r}")
+        x = torch.tensor(x, dtype=torch.long).reshape(len(x))
+    if not isinstance(x, torch.Tensor):
+        raise VattnError(f"{name} must be an int tensor [B={b}], got {type(x).__name__} {x!r}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise VattnError(f"{name} must be an int tensor [B={b}] (e.g. torch.long), got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != b:
+        raise VattnError(f"{name} must have one entry per batch row ({b}): shape [{b}], got {tuple(x.shape)}")
+    return x.to(device=device, dtype=torch.long)
+
+
 def row_bounds(b, t, n, lengths=None, starts=None, device=None):
-    """starts int64 [B] and ends int64 [B, T] (one past each row's last allowed key)."""
+    """starts int64 [B] and ends int64 [B, T] (one past each row's last allowed key).
+
+    lengths, starts: int tensors [B] with 0 <= starts <= lengths <= N (default N and 0).
+    """
     if lengths is None:
         lengths = torch.full((b,), n, dtype=torch.long, device=device)
-    lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
-    if lengths.shape[0] != b:
-        raise VattnError(f"lengths must have one entry per batch row ({b}), got {lengths.shape[0]}")
+    lengths = _bounds("lengths", lengths, b, device)
     if bool((lengths > n).any()) or bool((lengths < 0).any()):
         raise VattnError(f"lengths must be in [0, N={n}], got {lengths.tolist()}")
     if starts is None:
         starts = torch.zeros(b, dtype=torch.long, device=device)
-    starts = torch.as_tensor(starts, device=device).long().reshape(-1)
-    if starts.shape[0] != b or bool((starts < 0).any()) or bool((starts > lengths).any()):
-        raise VattnError(f"starts must be [B={b}] with 0 <= start <= length, got {starts.tolist()}")
+    starts = _bounds("starts", starts, b, device)
+    if bool((starts < 0).any()) or bool((starts > lengths).any()):
+        raise VattnError(f"starts must be [B={b}] with 0 <= start <= length, got starts {starts.tolist()} "
+                         f"and lengths {lengths.tolist()}")
     ends = lengths[:, None] - t + 1 + torch.arange(t, device=device)
     return starts, ends.clamp(min=0)
+
+
+def check_scale(scale, d: int) -> float:
+    """The softmax scale: a positive finite number; None means 1/sqrt(d)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
+            math.isfinite(scale) and scale > 0):
+        raise VattnError(f"scale must be a positive finite number (default 1/sqrt(D)), got {scale!r}")
+    return float(scale)
+
+
+def softmax_rows(s: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; rows where `live` is False (no keys) give zeros.
+
+    Not nan_to_num: a NaN/inf from the inputs must stay visible, as in exact attention."""
+    return torch.softmax(s, -1).masked_fill(~live, 0.0)
 
 
 def gather_kv(k, v, idx, group):
@@ -79,7 +121,9 @@ def attend(q, k, v, sel: Selection, scale: float | None = None) -> torch.Tensor:
         kind = "KV" if sel.shared else "query"
         raise VattnError(f"selection shape {tuple(sel.indices.shape)} does not match "
                          f"[B={b}, {kind} heads={h}, T={t}, K]")
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = check_scale(scale, d)
+    if q.numel() == 0 or sel.indices.shape[-1] == 0:
+        return torch.zeros_like(q)  # no rows, or no row attends a key
     if q.is_cuda and kernel_fits(q, k, v):
         from vattn.kernels import sparse as ks
         return ks.sparse_decode(q, k, v, sel.indices.int(), sel.log_weights.float(), sel.count.int(),
@@ -105,10 +149,11 @@ def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     if dense_is_cheaper(h, idx.shape[-1], hkv, k.shape[2], q.device):
         return attend_scattered(q, k, v, sel, scale)
     kk, vv = gather_kv(k, v, idx, 1 if sel.shared else g)
+    vv = vv.masked_fill(~ok[..., None], 0.0)  # padding entries alias key 0: p = 0 must not meet a NaN
     qf = q.float().reshape(b, h, hq // h, t, d)  # query heads grouped by selection head
     s = torch.einsum("bhgtd,bhtkd->bhgtk", qf, kk) * scale + sel.log_weights[:, :, None]
     s = s.masked_fill(~ok[:, :, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no keys gives zeros
+    p = softmax_rows(s, ok[:, :, None].any(-1, keepdim=True))  # a row with no keys gives zeros
     out = torch.einsum("bhgtk,bhtkd->bhgtd", p, vv)
     return out.reshape(b, hq, t, d).to(q.dtype)
 
@@ -148,14 +193,31 @@ def attend_scattered(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     idx, lw, ok = (per_query_head(x, sel.shared, hkv, g)
                    for x in (sel.indices.long().clamp(min=0), sel.log_weights, sel.valid()))
     ss = (torch.gather(s, -1, idx) + lw).masked_fill(~ok, float("-inf"))
-    p = torch.softmax(ss, -1).nan_to_num(0.0)
-    return weighted_values(p, idx, v).reshape(b, hq, t, d).to(q.dtype)
+    p = softmax_rows(ss, ok.any(-1, keepdim=True))
+    vf, bad = finite_values(v)
+    out = weighted_values(p, idx, vf)
+    # A non-finite value reaches the rows that attend it, and only those.
+    hit = (torch.gather(bad[:, :, None, None].expand(b, hkv, g, t, n), -1, idx) & ok).any(-1, keepdim=True)
+    return out.masked_fill(hit, float("nan")).reshape(b, hq, t, d).to(q.dtype)
+
+
+def finite_values(v: torch.Tensor):
+    """(v in float32 with non-finite rows zeroed, bool [B, Hkv, N]: which rows were not finite).
+
+    P @ V over all keys multiplies keys a row does not attend by p = 0, and 0 * NaN is NaN:
+    the zeroed copy keeps such a key out of rows that do not attend it."""
+    vf = v.float()
+    bad = ~torch.isfinite(vf).all(-1)
+    return vf.masked_fill(bad[..., None], 0.0), bad
 
 
 def dense_attend(q, k, v, lengths=None, starts=None, scale=None) -> torch.Tensor:
-    """Exact attention in float32 (the reference): [B, Hq, T, D] in q.dtype."""
+    """Exact attention in float32 (the reference): [B, Hq, T, D] in q.dtype.
+
+    A row with no keys gives zeros; a row whose q, or a key or value it attends, is not
+    finite gives NaN/inf (keys outside its [starts, ends) range do not reach it)."""
     b, hq, t, d, hkv, n = check_qkv(q, k, v)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = check_scale(scale, d)
     starts, ends = row_bounds(b, t, n, lengths, starts, q.device)
     g = hq // hkv
     qf = q.float().reshape(b, hkv, g * t, d)
@@ -163,6 +225,9 @@ def dense_attend(q, k, v, lengths=None, starts=None, scale=None) -> torch.Tensor
     pos = torch.arange(n, device=q.device)
     allowed = (pos >= starts[:, None, None]) & (pos < ends[:, :, None])  # [B, T, N]
     s = s.masked_fill(~allowed[:, None, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    out = torch.matmul(p.reshape(b, hkv, g * t, n), v.float())
+    p = softmax_rows(s, allowed.any(-1, keepdim=True)[:, None, None])
+    vf, bad = finite_values(v)
+    out = torch.matmul(p.reshape(b, hkv, g * t, n), vf).reshape(b, hkv, g, t, d)
+    hit = (allowed.float()[:, None] @ bad.float()[..., None]) > 0  # [B, Hkv, T, 1]: attends a bad value
+    out = out.masked_fill(hit[:, :, None], float("nan"))
     return out.reshape(b, hq, t, d).to(q.dtype)

@@ -140,9 +140,14 @@ class KVCache:
         for g, n in _runs(self._granules(slot, pages)):
             flat[g * self.G:(g + n) * self.G].zero_()
 
-    def _reclaim(self, pages: int, keep: set[int]) -> int:
-        """Unmap up to `pages` pages from freed slots (oldest first, not in `keep`); returns count."""
-        done = 0
+    def _reclaimable(self, keep: set[int]) -> int:
+        """Pages that freed slots (not in `keep`) hold and `_reclaim` may unmap."""
+        return sum(len(self._mapped[s]) for s in self._freed_order if s not in keep and not self._in_use[s])
+
+    def _reclaim(self, pages: int, keep: set[int]) -> dict[int, list[int]]:
+        """Unmap up to `pages` pages from freed slots (oldest first, not in `keep`);
+        returns {slot: pages unmapped}."""
+        done, taken = 0, {}
         for slot in list(self._freed_order):
             if done >= pages:
                 break
@@ -151,38 +156,78 @@ class KVCache:
             take = sorted(self._mapped[slot], reverse=True)[:pages - done]
             self.range.unmap(self._granules(slot, take))
             self._mapped[slot].difference_update(take)
+            taken[slot] = take
             done += len(take)
             if not self._mapped[slot]:
                 self._freed_order.remove(slot)
-        return done
+        return taken
+
+    def _restore(self, taken: dict[int, list[int]], order: list[int]) -> None:
+        """Map back pages `_reclaim` took (a failed grow changes nothing). Best effort: if the
+        device refuses, those cached pages stay given back (they held no live tokens)."""
+        if not taken:
+            return
+        try:
+            self.range.map([g for s, p in taken.items() for g in self._granules(s, p)])
+        except VattnOutOfMemory:
+            log.warning("KV cache: %d cached pages given back during a failed grow could not be mapped again",
+                        sum(len(p) for p in taken.values()))
+            return
+        for s, p in taken.items():
+            self._mapped[s].update(p)
+        self._freed_order[:] = [s for s in order if self._mapped[s] and not self._in_use[s]]
 
     def _ensure(self, slots, want: dict[int, set[int]]) -> None:
-        """Map `want[slot]` pages for each slot, reclaiming if the budget requires; all or nothing."""
+        """Map `want[slot]` pages for each slot, reclaiming if the budget requires; all or nothing:
+        on VattnOutOfMemory no page is mapped or unmapped (freed slots keep their cached pages)."""
         need = sum(len(p) for p in want.values())
         if need == 0:
             return
+        order = list(self._freed_order)
+        taken: dict[int, list[int]] = {}
         if self._budget_pages is not None:
             over = self._pages_mapped() + need - self._budget_pages
-            if over > 0 and self._reclaim(over, set(slots)) < over:
+            if over > 0 and self._reclaimable(set(slots)) < over:  # check before unmapping anything
                 raise VattnOutOfMemory(
                     f"KV cache budget exhausted: slots {sorted(want)} need {_mib(need * self.page_bytes)} more, "
                     f"{_mib(self._pages_mapped() * self.page_bytes)} of the {_mib(self.budget_bytes)} budget is "
                     "mapped by live requests; free requests or raise budget_bytes")
+            if over > 0:
+                taken = self._reclaim(over, set(slots))
         granules = [g for s, p in want.items() for g in self._granules(s, p)]
         try:
-            self.range.map(granules)
+            try:
+                self.range.map(granules)
+            except VattnOutOfMemory:
+                # Device is full: give back every cached page, then try once more.
+                for s, p in self._reclaim(self._pages_mapped(), set(slots)).items():
+                    taken[s] = taken.get(s, []) + p
+                self.range.map(granules)
         except VattnOutOfMemory:
-            # Device is full: give back every cached page, then try once more.
-            self._reclaim(self._pages_mapped(), set(slots))
-            self.range.map(granules)
+            self._restore(taken, order)
+            raise
         for s, p in want.items():
             self._mapped[s].update(p)
             if self.scrub and self.device.type == "cuda":
                 self._zero(s, p)  # fresh device memory is not promised to be zero
 
     # ---------------------------------------------------------------- slots
+    def _slot_error(self, what: str) -> VattnError:
+        used = [s for s in range(self.S) if self._in_use[s]]
+        return VattnError(f"{what}: slots are 0..{self.S - 1} (num_slots={self.S}); allocated now: {used}")
+
+    def _check_slots(self, slots, allocated: bool = True) -> None:
+        """Every slot an int in [0, num_slots) and (if `allocated`) in use; else a VattnError naming them."""
+        for s in slots:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.S:
+                raise self._slot_error(f"slot {s!r} does not exist")
+            if allocated and not self._in_use[s]:
+                raise self._slot_error(f"slot {s} is not allocated; call alloc() first")
+
     def alloc(self, count: int = 1) -> int:
         """Take `count` consecutive free slots (preferring ones whose pages are still mapped); returns the first."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise VattnError(f"alloc(count): count must be an int >= 1 (slots to take), got {count!r}")
         with self._lock:
             best, best_pages = None, -1
             for s in range(self.S - count + 1):
@@ -206,10 +251,13 @@ class KVCache:
     def free(self, start: int, count: int = 1) -> None:
         """End the requests in slots [start, start+count); their pages stay mapped until needed elsewhere."""
         self.sync()
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise VattnError(f"free(start, count): count must be an int >= 1, got {count!r}")
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise self._slot_error(f"free(start): start must be an int, got {start!r}")
         with self._lock:
+            self._check_slots(range(start, start + count))  # all checked before any is freed
             for s in range(start, start + count):
-                if not self._in_use[s]:
-                    raise VattnError(f"slot {s} is not allocated")
                 self._in_use[s] = False
                 self._length[s] = 0
                 if self._mapped[s]:
@@ -218,18 +266,28 @@ class KVCache:
     def grow(self, slots, n: int) -> None:
         """Make tokens [0, n) of each slot writable, mapping `ahead_tokens` more when the budget allows.
 
-        Raises VattnOutOfMemory (a VattnError) when even n tokens do not fit; nothing changes then.
+        Raises VattnOutOfMemory (a VattnError) when even n tokens do not fit; nothing changes then:
+        no page is mapped, and freed slots keep their cached pages (on the device-full path they
+        are mapped back; should the device refuse even that, a warning is logged).
         """
         self.sync()
-        self._grow(list(slots), n)
+        self._grow(self._slot_list(slots), n)
+
+    def _slot_list(self, slots) -> list[int]:
+        if isinstance(slots, int):
+            raise VattnError(f"slots must be a list or range of slot ids, e.g. [{slots}], got {slots!r}")
+        try:
+            return list(slots)
+        except TypeError:
+            raise VattnError(f"slots must be a list or range of slot ids, got {slots!r}") from None
 
     def _grow(self, slots: list[int], n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise VattnError(f"grow(slots, n): n must be an int >= 0 (tokens), got {n!r}")
         if n > self.N:
             raise VattnError(f"sequence length {n} exceeds max_len {self.N}; build the cache with a larger max_len")
         with self._lock:
-            for s in slots:
-                if not self._in_use[s]:
-                    raise VattnError(f"slot {s} is not allocated; call alloc() first")
+            self._check_slots(slots)
             must = {s: self._pages_for(n) - self._mapped[s] for s in slots}
             ahead = {s: self._pages_for(min(n + self.ahead, self.N)) - self._mapped[s] for s in slots}
             try:
@@ -244,7 +302,7 @@ class KVCache:
         if self._pool is None:
             return self.grow(slots, n)
         self.sync()
-        self._pending = self._pool.submit(self._grow, list(slots), n)
+        self._pending = self._pool.submit(self._grow, self._slot_list(slots), n)
 
     def sync(self) -> None:
         """Wait for background mapping; re-raises its error."""
@@ -256,7 +314,8 @@ class KVCache:
         """Unmap every page held by freed slots now; returns the bytes given back."""
         self.sync()
         with self._lock:
-            return self._reclaim(self._pages_mapped(), set()) * self.page_bytes
+            taken = self._reclaim(self._pages_mapped(), set())
+            return sum(len(p) for p in taken.values()) * self.page_bytes
 
     def length(self, slot: int) -> int:
         return self._length[slot]

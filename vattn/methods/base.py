@@ -16,6 +16,22 @@ from vattn.selection import Selection
 
 PARTS: dict[str, type] = {}
 
+# The largest integer a spec may hold: key positions and counts are int32 in a Selection,
+# so no row can hold more keys, and a larger number is a typo, not a budget.
+MAX_INT = 2**31 - 1
+
+# Parts whose keys carry non-zero log-weights: a sample whose weights stand for the mass
+# of every key no earlier part chose (the residual). A part says so with a class
+# attribute `estimates = True`; the sampling parts of sampling.py are listed here until
+# that file declares it.
+ESTIMATING = {"uniform", "verified"}
+
+
+def estimates(part) -> bool:
+    """Whether `part` estimates the residual's mass from a sample (weighted keys), so that
+    no part may follow it: a later part would count keys the sample already stands for."""
+    return bool(getattr(part, "estimates", False)) or getattr(part, "name", None) in ESTIMATING
+
 
 def register(name: str):
     """Class decorator: make a part usable by name in spec strings."""
@@ -159,12 +175,12 @@ def check_range(part: str, param: str, value, lo, hi, lo_open=False, hi_open=Fal
 
 
 def check_size(part: str, param: str, value):
-    """Sizes: an int count >= 0, or a float fraction in (0, 1]."""
-    msg = (f"{part}: {param} must be a count (an integer >= 0, e.g. 128) or a fraction "
-           f"in (0, 1] (e.g. 0.05), got {value!r}")
+    """Sizes: an int count in [0, MAX_INT], or a float fraction in (0, 1]."""
+    msg = (f"{part}: {param} must be a count (an integer >= 0, e.g. 128, at most {MAX_INT} = 2**31 - 1 "
+           f"as key positions are int32) or a fraction in (0, 1] (e.g. 0.05), got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise VattnError(msg)
-    if isinstance(value, int) and value < 0:
+    if isinstance(value, int) and not 0 <= value <= MAX_INT:
         raise VattnError(msg)
     if isinstance(value, float) and not (0.0 < value <= 1.0):
         raise VattnError(msg)

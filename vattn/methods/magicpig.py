@@ -74,6 +74,7 @@ class MagicPIG:
     """Keys whose SimHash codes collide with the query's in >= 2 of L tables of K bits,
     each weighted by its inverse inclusion probability. dense_layers: layers below this
     index attend every key (the paper keeps the first two dense)."""
+    estimates = True  # weighted keys stand for the residual: no part may follow (base.estimates)
     K: int = 10
     L: int = 150
     seed: int = 0
