@@ -51,9 +51,10 @@ def sparse_attention(q, k, v, spec, lengths=None, seed=None, starts=None, scale=
 
     Non-finite inputs are not checked (a check costs a host sync on GPU); they propagate
     as in exact attention: a row with keys whose q holds NaN/inf gives NaN, and so does a
-    row that attends a non-finite key or value. A non-finite key the selection leaves out
-    does not reach the output (exact attention would give NaN there). A row with no keys
-    gives zeros.
+    row that attends a non-finite key or value (on the CPU reference path; the CUDA sparse
+    kernel was seen to skip an attended NaN key on an H200). A non-finite key the
+    selection leaves out does not reach the output (exact attention would give NaN
+    there). A row with no keys gives zeros.
     """
     import torch
 
