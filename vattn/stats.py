@@ -1,0 +1,74 @@
+"""The statistics of the verified guarantee, in one place (see docs/guarantee.md).
+
+z quantile, chi-square quantile, the pilot variance's upper confidence bound, the
+finite-population budget and the heavy-key threshold. Torch only, float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def z_two_sided(delta: float) -> float:
+    """z with P(|Z| > z) = delta for a standard normal Z."""
+    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
+
+
+def chi2_quantile(k: torch.Tensor, p: float, iters: int = 30) -> torch.Tensor:
+    """x with P(chi2_k <= x) = p, per element of k (real degrees of freedom).
+
+    Bisection on the exact CDF inside a bracket around the Wilson-Hilferty value (which
+    is within a few percent for k >= 1), so few steps reach ~1e-6 relative precision.
+    """
+    k = k.double()
+    z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+    c = 2.0 / (9.0 * k)
+    wh = k * (1 - c + z * torch.sqrt(c)).clamp(min=0.05) ** 3
+    lo, hi = 0.5 * wh, 1.5 * wh + 1.0
+    # Far tails can leave the bracket: widen those elements to a safe one.
+    lo = torch.where(torch.special.gammainc(k / 2, lo / 2) > p, torch.zeros_like(lo), lo)
+    wide = k + 30.0 * torch.sqrt(2.0 * k) + 60.0
+    hi = torch.where(torch.special.gammainc(k / 2, hi / 2) < p, wide, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = torch.special.gammainc(k / 2, mid / 2) < p
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return hi
+
+
+def var_inflation(cnt: torch.Tensor, conf: float) -> torch.Tensor | float:
+    """Factor from a sample variance of cnt values to its normal-theory upper confidence
+    bound at confidence conf: (cnt - 1) / chi2_{cnt-1}^{-1}(1 - conf). conf = 0: 1 (plug-in)."""
+    if conf == 0:
+        return 1.0
+    dof = (cnt.double() - 1).clamp(min=1)
+    return dof / chi2_quantile(dof, 1.0 - conf)
+
+
+def budget_from_b0(b0: torch.Tensor, n_r: torch.Tensor) -> torch.Tensor:
+    """Smallest b with b0 * (n_r - b) / (n_r - 1) <= b (variance with the finite-population
+    correction), i.e. b = b0 n_r / (n_r - 1 + b0)."""
+    nr = n_r.double()
+    b = torch.where(torch.isinf(b0), nr, b0 * nr / (nr - 1 + b0).clamp(min=1e-30))
+    return torch.ceil(b.nan_to_num(0.0) - 1e-9).long()
+
+
+def heavy_threshold(eps: float, delta: float, m0: torch.Tensor, n_r: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """Attention probability above which a residual key is taken exactly instead of sampled.
+
+    A key of probability p left to a uniform sample of size m from n_r keys moves the
+    estimate of D by p D (n_r/m - 1) when drawn and by -p D when not: its own standard
+    deviation is p D sqrt(n_r/m - 1). Requiring it to be at most c * eps D / z at the
+    smallest sample the budget can choose (m = m0, the pilot) gives
+
+        gamma = c * eps / (z * sqrt(n_r / m0 - 1)),
+
+    so that no single key left to the sample can by itself spend more than c^2 of the
+    variance the budget allows, and a key the pilot does not see cannot hide more than
+    that from the budget. Rows with n_r <= m0 are sampled whole: gamma = inf.
+    """
+    z = z_two_sided(delta)
+    ratio = (n_r.double() / m0.double().clamp(min=1) - 1).clamp(min=0)
+    gamma = c * eps / (z * ratio.sqrt()).clamp(min=1e-300)
+    return torch.where(ratio > 0, gamma, torch.full_like(gamma, float("inf")))
