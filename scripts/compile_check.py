@@ -11,7 +11,7 @@ nw = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 BN = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 CB = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
 P, I, F = "*i32", "i32", "fp32"
-common = dict(G=4, R=4, M=16, W=1, WP=2, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False,
+common = dict(R=4, M=16, W=1, WP=2, D=128, RWP=4, NH=128, SH=0, HW=True, IEEE=False,
               PDL=int(sys.argv[4]) if len(sys.argv) > 4 else 0, TR=int(sys.argv[5]) if len(sys.argv) > 5 else 0)
 
 
@@ -21,7 +21,7 @@ def sig(names, types):
 
 def build(fn, sigd, const):
     # pointers and strides divisible by 16, as the launcher specialises them at real shapes
-    div = {"sqb", "sqh", "sqt", "skb", "skh", "skn", "svb", "svh", "svn", "N"}
+    div = {"sqb", "sqh", "skb", "skh", "skn", "svb", "svh", "svn", "N"}
     names = list(sigd)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sigd[n].startswith("*") or n in div}
@@ -37,16 +37,16 @@ def build(fn, sigd, const):
     return (m.group(1) if m else "?"), (sp.group(1) if sp else "?"), k.metadata.shared
 
 
-cut_names = ("q proj ks k lens hist ctr cut pil pbin qs tr sqb sqh sqt skb skh skn H N sink window K STRIDE seed m0 "
+cut_names = ("q proj ks k lens hist ctr cut pil pbin qs tr sqb sqh skb skh skn H N sink window K STRIDE seed m0 "
              "scale_log2").split()
-cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, "*i64"] + [I] * 14 + [F]
-scan_names = ("q proj qs ks k v lens cut scr cnt po plse tr sqb sqh sqt skb skh skn svb svh svn H N S1 S sink window "
+cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, "*i64"] + [I] * 13 + [F]
+scan_names = ("q proj qs ks k v lens cut scr cnt po plse tr sqb sqh skb skh skn svb svh svn H N S1 S sink window "
               "seed scale_log2").split()
-scan_types = ["*bf16", "*fp32", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32", "*i64"] + [I] * 16 + [F]
-smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh sqt skb skh skn svb svh svn H N S1 S2 "
+scan_types = ["*bf16", "*fp32", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32", "*i64"] + [I] * 15 + [F]
+smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh skb skh skn svb svh svn H N S1 S2 "
              "sink window K m0 seed scale_log2 zz eps2 infl").split()
 smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
-            [I] * 18 + [F] * 4
+            [I] * 17 + [F] * 4
 for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),

@@ -15,7 +15,7 @@ from helpers import rel
 from vattn.errors import VattnError
 from vattn.kernels.bits import sign_bits
 from vattn.kernels.decode import dense_decode_ref
-from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
+from vattn.kernels.scan import scan_decode_ref, scan_density, var_inflation, vattention_scan_decode
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -58,17 +58,17 @@ def test_scan_decode_matches_float64_twin(dtype, eps, seed):
 
 @pytest.mark.parametrize("eps", [0.1, 0.3])
 def test_scan_decode_early_draws_change_nothing(eps):
-    # pre_draw (each sample program's first block attended before the budget is known) against
-    # the plain order. eps 0.3 sizes samples of 37..145 draws for 4 programs x 32: some programs
-    # keep their early block, others must drop it (a draw past the total would change
-    # sample_keys); eps 0.1 makes one row exact (the early block is dropped)
+    # with 8 warps each sample program attends its first block before the budget is known; with
+    # 4 it waits (the plain order). eps 0.3 sizes samples of 37..145 draws for 4 programs x 32:
+    # some programs keep their early block, others must drop it (a draw past the total would
+    # change sample_keys); eps 0.1 makes one row exact (the early block is dropped)
     q, k, v, proj, ks = inputs(3)
     L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
     kw = dict(eps=eps, delta=0.1, seed=3, sample_bn=32, stats=True, **RUN, **KW)
-    out, st = vattention_scan_decode(q, k, v, ks, proj, L, pre_draw=True, **kw)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, num_warps=8, **kw)
     totals = st["rows"][:, 1].cpu()
     assert ((totals % 32 != 0) & (totals < 4 * 32)).any() or (st["rows"][:, 4] > 0).any()
-    got, sg = vattention_scan_decode(q, k, v, ks, proj, L, pre_draw=False, **kw)
+    got, sg = vattention_scan_decode(q, k, v, ks, proj, L, num_warps=4, **kw)
     assert torch.equal(sg["sample_keys"], st["sample_keys"]) and torch.equal(sg["rows"], st["rows"])
     assert rel(got, out) < 1e-6
 
@@ -154,8 +154,6 @@ def test_scan_decode_bad_inputs():
         vattention_scan_decode(q[..., :48], k[..., :48], v[..., :48], ks, proj[:48])
     with pytest.raises(VattnError, match="sinks and window"):
         vattention_scan_decode(q, k, v, ks, proj, splits=(1, 4))
-    with pytest.raises(VattnError, match="percent"):
-        vattention_scan_decode(q, k, v, ks, proj, carveout=150)
     if DEV == "cpu":  # the timeline and programmatic dependent launch need a GPU
         with pytest.raises(VattnError, match="global timer"):
             vattention_scan_decode(q, k, v, ks, proj, trace={})
@@ -178,3 +176,36 @@ def test_scan_decode_smaller_cut_programs_match_the_twin():
     assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"]) and rel(out, ref) < 1e-5
     with pytest.raises(VattnError, match="power of two >= 32"):
         vattention_scan_decode(q, k, v, ks, proj, L, sub_block=48, **RUN, **kw)
+
+
+def test_scan_decode_two_word_signatures_match_the_twin():
+    # W = 2 signature words per key (64 bits): agreement sums both words, the bins widen
+    g = torch.Generator().manual_seed(10)
+    q, k, v, _, _ = inputs(10)
+    proj = torch.randn(64, 64, generator=g).to(DEV)
+    ks = sign_bits(k, proj)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=0.2, delta=0.1, seed=10, **KW)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **kw)
+    r = st["rows"].cpu().double()
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, **kw)
+    assert torch.equal(r[:, 5], rs["rows"][:, 5]) and (r[:, 6] - rs["rows"][:, 6]).abs().max() <= 8
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=r[:, 5].long(), thu=r[:, 6].long(),
+                              total=r[:, 1].long(), exact=r[:, 4] > 0, **kw)
+    assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"]) and rel(out, ref) < 1e-5
+
+
+def test_var_inflation_is_the_chi_square_bound():
+    # (m0 - 1) / x with P(chi2_{m0-1} <= x) = 1 - conf; it falls as the pilot grows (so a smaller
+    # pilot may not borrow the configured size's factor); var_conf 0 is the plug-in variance
+    for m0, delta, vc in ((128, 0.05, -1.0), (16, 0.1, 0.9), (2, 0.5, -1.0)):
+        conf = 1 - delta / 2 if vc == -1.0 else vc
+        x = (m0 - 1) / var_inflation(m0, delta, vc)
+        cdf = torch.special.gammainc(torch.tensor((m0 - 1) / 2, dtype=torch.float64),
+                                     torch.tensor(x / 2, dtype=torch.float64)).item()
+        assert abs(cdf - (1 - conf)) < 1e-9
+    assert var_inflation(64, 0.2, 0.0) == 1.0
+    f = [var_inflation(m, 0.05) for m in (8, 16, 64, 128, 1024)]
+    assert all(a > b > 1 for a, b in zip(f, f[1:]))
+    with pytest.raises(VattnError, match="var_conf"):
+        var_inflation(128, 0.05, 1.5)

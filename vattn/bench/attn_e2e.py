@@ -1,7 +1,7 @@
 """End-to-end decode tokens/s for a random-weight Llama-3-8B-shaped decoder (plain torch).
 
-Per layer: RMSNorm, q/k/v projections, RoPE, attention over a pre-filled KV cache (dense
-kernel, SDPA, or vAttention selection + sparse kernel), o projection, SwiGLU MLP. Weights are
+Per layer: RMSNorm, q/k/v projections, RoPE, attention over a pre-filled KV cache (SDPA, our
+dense kernel, or the vAttention scan pipeline), o projection, SwiGLU MLP. Weights are
 random bf16; the cache holds random keys (prefill is not timed). One decode step per graph replay.
 """
 from __future__ import annotations

@@ -216,24 +216,3 @@ def resolve_pdl(pdl, device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
-
-
-_CARVED: dict = {}
-
-
-def prefer_carveout(kernel, percent: int) -> None:
-    """Ask the driver to run a compiled Triton kernel (what a launch returns) with `percent` of
-    the SM's L1/shared split as shared memory (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT).
-    Why: an SM holds programs of several kernels only under one split; a small kernel that gets
-    a small split can keep the next kernel's programs (70 KB each) off its SM until it drains.
-    Applies from the next launch; a no-op without a CUDA function handle (the interpreter)."""
-    fn = getattr(kernel, "function", None)
-    if not isinstance(fn, int) or _CARVED.get(fn) == percent:
-        return
-    import ctypes
-    if "lib" not in _CARVED:
-        _CARVED["lib"] = ctypes.CDLL("libcuda.so.1")
-    err = _CARVED["lib"].cuFuncSetAttribute(ctypes.c_void_p(fn), 9, ctypes.c_int(int(percent)))
-    if err:
-        raise VattnError(f"cuFuncSetAttribute(carveout={percent}) failed with CUresult {err}: pass a percent in 0..100")
-    _CARVED[fn] = percent

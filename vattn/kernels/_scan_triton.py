@@ -8,9 +8,17 @@ import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
 from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_step, pdl_wait  # noqa: F401
-from vattn.kernels._sample_triton import _mix, _moments, _pilot_stats
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
+
+
+@triton.jit
+def _mix(x, key):
+    """uint32 keyed hash of x, as scan._mix_ref."""
+    x = (x ^ key) * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x2C1B3C6D
+    return x ^ (x >> 13)
 
 
 @triton.jit
@@ -22,12 +30,6 @@ def _keys(seed, row):
 
 
 @triton.jit
-def _words(ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """Raw signature words of keys n (loads apart from their use: issued a block ahead)."""
-    return sig_words(ks, row, b, n, inr, H, H, 1, N, G, R, W, WP)
-
-
-@triton.jit
 def _wbins(qv, kw, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.constexpr, HW: tl.constexpr,
            SH: tl.constexpr, NH: tl.constexpr):
     """Histogram bin of each key's bit-agreement score (words kw): min(score >> SH, NH - 1)."""
@@ -35,9 +37,9 @@ def _wbins(qv, kw, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.c
 
 
 @triton.jit
-def _bins(qv, ks, row, b, n, inr, H, N, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-          RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
-    return _wbins(qv, _words(ks, row, b, n, inr, H, N, G, R, W, WP), R, W, WP, RWP, HW, SH, NH)
+def _bins(qv, ks, row, n, inr, N, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RWP: tl.constexpr,
+          HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr):
+    return _wbins(qv, sig_words(ks, row, n, inr, N, W, WP), R, W, WP, RWP, HW, SH, NH)
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def _write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R: tl.constexpr, M
 
 
 @triton.jit
-def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
+def _query(q, row, b, H, sqb, sqh, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
     r = tl.arange(0, M)
     d = tl.arange(0, D)
     h = row % H
@@ -94,8 +96,8 @@ def _query(q, row, b, H, sqb, sqh, sqt, R: tl.constexpr, M: tl.constexpr, D: tl.
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
 def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
-               sqb, sqh, sqt, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
-               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+               sqb, sqh, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
+               R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
                M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
                IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, UPD: tl.constexpr = 0):
@@ -114,7 +116,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     L = tl.load(lens + b)
     hi = L - window
     n_mid = tl.maximum(hi - sink, 0)
-    qv = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+    qv = qwords(q, proj, row, b, H, sqb, sqh, R, W, D, RWP)
     if p == 0:  # the query signature, for the later launches (layout [B, Hq, 1, W])
         rw = tl.arange(0, RWP)
         tl.store(qs + row * R * W + rw, qv.to(tl.int32, bitcast=True), mask=rw < R * W)
@@ -124,7 +126,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     lane = tl.arange(0, BN)
     n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
     inr = n < hi
-    hc = tl.histogram(_bins(qv, ks, row, b, n, inr, H, N, G, R, W, WP, RWP, HW, SH, NH), NH, mask=inr)
+    hc = tl.histogram(_bins(qv, ks, row, n, inr, N, R, W, WP, RWP, HW, SH, NH), NH, mask=inr)
     # this program's pilot draws: their loads overlap the histogram's
     skey, tkey = _keys(seed, row)
     i = p * PC + tl.arange(0, PC)
@@ -133,8 +135,8 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     d = tl.arange(0, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     kp = tl.load(kb + xp.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
-    pb = _bins(qv, ks, row, b, xp, pok, H, N, G, R, W, WP, RWP, HW, SH, NH)
-    spl = dot_qk(_query(q, row, b, H, sqb, sqh, sqt, R, M, D), kp, IEEE) * scale_log2
+    pb = _bins(qv, ks, row, xp, pok, N, R, W, WP, RWP, HW, SH, NH)
+    spl = dot_qk(_query(q, row, b, H, sqb, sqh, R, M, D), kp, IEEE) * scale_log2
     r = tl.arange(0, M)
     tl.store(pil + (row * R + r)[:, None] * M0P + i[None, :], spl, mask=(r < R)[:, None] & pok[None, :])
     tl.store(pbin + row * M0P + i, pb, mask=pok)
@@ -168,8 +170,8 @@ def _key_sig(k, proj, ks, b, h, pos, skb, skh, skn, H, N, W: tl.constexpr, D: tl
 
 
 @triton.jit
-def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end, t, tu, tkey, H, N,
-               scale_log2, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, start, end, t, tu, tkey, N,
+               scale_log2, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
     """Middle keys [start, end) of the row: compact the taken ones into scr, then attend them
@@ -182,7 +184,7 @@ def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, en
         c = _compact_block(sb, c, n, s, end, t, tu, tkey)
         s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
         nn = n + 2 * CB
-        w_nx = _words(ks, row, b, nn, nn < end, H, N, G, R, W, WP)
+        w_nx = sig_words(ks, row, nn, nn < end, N, W, WP)
     _stamp(tr, 2, c, TR)
     m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
     return m_i, l_i, acc, c
@@ -233,6 +235,34 @@ def _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R: tl.constexpr, 
 
 
 @triton.jit
+def _pilot_stats(sp, m, M0P: tl.constexpr):
+    """Per head, with the pilot's own shift: (shift, mean, variance) of exp(s - shift) over the
+    m pilot keys, sp [M, M0P] natural-log scores, -inf for a key that counts as 0. Needs no
+    partial, so a kernel can take it before waiting for them."""
+    pok = tl.arange(0, M0P) < m
+    pshift = tl.maximum(tl.max(sp, 1), -1e30)
+    xp = tl.where(pok[None, :], tl.exp(sp - pshift[:, None]), 0.0)
+    mf = m.to(tl.float32)
+    mean = tl.sum(xp, 1) / tl.maximum(mf, 1.0)
+    dev_ = tl.where(pok[None, :], xp - mean[:, None], 0.0)
+    return pshift, mean, tl.sum(dev_ * dev_, 1) / tl.maximum(mf - 1.0, 1.0)
+
+
+@triton.jit
+def _moments(pshift, mean, var, plse, row, S1, ST, R: tl.constexpr, M: tl.constexpr, SP: tl.constexpr):
+    """(variance, D_F, mean) on one shift per head: the pilot's stats (_pilot_stats) rescaled,
+    D_F the exact mass from the split-KV partials plse [rows*R, ST] log2 units, columns [0, S1)."""
+    r = tl.arange(0, M)
+    sc = tl.arange(0, SP)
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * ST + sc[None, :],
+                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
+    shift = tl.maximum(pshift, tl.maximum(tl.max(pl, 1) * 0.6931471805599453, -1e30))
+    dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
+    f = tl.exp(pshift - shift)
+    return var * f * f, dfix, mean * f
+
+
+@triton.jit
 def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
             SP: tl.constexpr):
     """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
@@ -266,12 +296,11 @@ def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: 
 
 
 @triton.jit
-def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row, b,
-                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, H, N, scale_log2, zz, eps2, infl,
-                 G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row,
+                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, N, scale_log2, zz, eps2, infl,
+                 R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                 M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr,
-                 TR: tl.constexpr):
+                 SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr, TR: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
     x0 / w0, x1 / w1: positions and signature words of blocks j2 and j2 + S2 as draws.
@@ -301,14 +330,14 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
     w_nx = tl.where(pre, w1, w0)
     if exact:  # the residual in position order instead of draws
         x_nx = sink + j2 * BN + j
-        w_nx = _words(ks, row, b, x_nx, j2 * BN + j < lim, H, N, G, R, W, WP)
+        w_nx = sig_words(ks, row, x_nx, j2 * BN + j < lim, N, W, WP)
     for blk in range(tl.where(pre, j2 + S2, j2), tl.cdiv(lim, BN), S2):
         ii = blk * BN + j
         use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < lim, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW, SH,
                                  NH, D)
         i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
         x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
-        w_nx = _words(ks, row, b, x_nx, i2 < lim, H, N, G, R, W, WP)
+        w_nx = sig_words(ks, row, x_nx, i2 < lim, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         got += tl.sum(use.to(tl.int32), 0)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
@@ -316,14 +345,14 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
 
 
 @triton.jit
-def _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh, window, R: tl.constexpr,
+def _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh, window, R: tl.constexpr,
              M: tl.constexpr, D: tl.constexpr):
     # Reads only inputs older than the pipeline (q, k, v, lengths): safe before the
     # programmatic-dependent-launch wait.
     b = row // H
     L = tl.load(lens + b)
     skey, tkey = _keys(seed, row)
-    qq = _query(q, row, b, H, sqb, sqh, sqt, R, M, D)
+    qq = _query(q, row, b, H, sqb, sqh, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh
     return b, L, L - window, skey, tkey, qq, kb, vb
@@ -338,8 +367,8 @@ def _qsig(qs, row, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
-                sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
-                G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                sqb, sqh, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
+                R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                 BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                 TR: tl.constexpr = 0):
@@ -351,7 +380,7 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
     row = tl.program_id(0)
     sp = tl.program_id(1)
     _stamp(tr, 0, sp, TR)
-    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
+    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
     if sp == 0:
         m_i, l_i, acc, c = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
@@ -359,11 +388,11 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - sink, 0), S1 - 1), CB) * CB
         start = sink + (sp - 1) * chunk
         end = tl.minimum(start + chunk, hi)
-        qv0 = qwords(q, q, proj, row, b, H, 1, sqb, sqh, sqt, R, W, D, RWP, True)
+        qv0 = qwords(q, proj, row, b, H, sqb, sqh, R, W, D, RWP)
         n = start + tl.arange(0, CB)
-        w0 = _words(ks, row, b, n, n < end, H, N, G, R, W, WP)
+        w0 = sig_words(ks, row, n, n < end, N, W, WP)
         s = _wbins(qv0, w0, R, W, WP, RWP, HW, SH, NH)
-        w_nx = _words(ks, row, b, n + CB, n + CB < end, H, N, G, R, W, WP)
+        w_nx = sig_words(ks, row, n + CB, n + CB < end, N, W, WP)
         pdl_wait(PDL)
         t = tl.load(cut + row * 2)
         tu = tl.load(cut + row * 2 + 1)
@@ -371,8 +400,8 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
             s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
         _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
-        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, b, start, end,
-                                      t, tu, tkey, H, N, scale_log2, G, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
+        m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, start, end,
+                                      t, tu, tkey, N, scale_log2, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
                                       TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
@@ -402,9 +431,9 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 @triton.jit(do_not_specialize=["seed"])
 def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
-                  sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
+                  sqb, sqh, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
-                  G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                  R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                   TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
@@ -417,7 +446,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
-    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, sqt, skb, skh, svb, svh,
+    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
     n_mid = tl.maximum(hi - sink, 0)
     t = tl.load(cut + row * 2, cache_modifier=".cg")
@@ -427,7 +456,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     ps, pm, pv = _pilot_stats(spl * 0.6931471805599453, tl.where(n_mid > 0, m0, 0), M0P)
     j = tl.arange(0, BN)
     x0 = _draw(j2 * BN + j, skey, sink, n_mid)
-    w0 = _words(ks, row, b, x0, x0 < sink + n_mid, H, N, G, R, W, WP)  # none when there is no middle
+    w0 = sig_words(ks, row, x0, x0 < sink + n_mid, N, W, WP)  # none when there is no middle
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -437,15 +466,15 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
         use, kk, vv = _draw_tile(qv, x0, w0, x0 < sink + n_mid, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
                                  SH, NH, D)
         x1 = _draw(j2 * BN + S2 * BN + j, skey, sink, n_mid)
-        w1 = _words(ks, row, b, x1, x1 < sink + n_mid, H, N, G, R, W, WP)
+        w1 = sig_words(ks, row, x1, x1 < sink + n_mid, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
     pdl_wait(PDL)
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
     m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
-                                         svn, plse, stats, tr, row, b, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
-                                         tkey, H, N, scale_log2, zz, eps2, infl, G, R, M, W, WP, D, RWP, NH, SH, BN,
-                                         M0P, SP, HW, IEEE, PRE, TR)
+                                         svn, plse, stats, tr, row, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
+                                         tkey, N, scale_log2, zz, eps2, infl, R, M, W, WP, D, RWP, NH, SH, BN, SP,
+                                         HW, IEEE, PRE, TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

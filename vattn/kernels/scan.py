@@ -3,7 +3,7 @@
     vattention_scan_decode(q, k, v, ksig, proj, lengths, *, sink, window, topk, m0, eps, delta,
                            seed, stats=False) -> out [B,Hq,1,D] (and a stats dict)
 
-Fewer launches than select.vattention_hash_decode (8), and no index list between them:
+No index list crosses launches:
  1. cut: per KV-head row, programs histogram the bit-agreement scores of a subsample of
     the middle keys; the last one to finish turns the histogram into a cut (a bin tau and a
     tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
@@ -18,24 +18,35 @@ The sample: M draws, independent and uniform over the whole middle [sink, L - wi
 drawn top-k key counts as 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is
 unbiased for a fixed M and needs no list of the residual. M = max over the group's heads of
 ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot's variance (members as 0) raised to its
-upper confidence bound (sample.var_inflation), D_hat = D_F + n_mid * pilot mean, D_F the
+upper confidence bound (var_inflation), D_hat = D_F + n_mid * pilot mean, D_F the
 exact mass of sinks, window and taken keys. M >= m0; when M reaches the residual's size
 (n_mid - topk) the residual is attended exactly instead.
-Mode is denominator (as the other GPU pipeline). Positions and ties come from keyed hashes of
-the key position (seed, row), so `scan_decode_ref` reproduces every choice in float64.
+Mode is denominator. Positions and ties come from keyed hashes of the key position (seed,
+row), so `scan_decode_ref` reproduces every choice in float64.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
-                                   prefer_carveout, target_programs, use_ieee, resolve_pdl, zeroed_counters)
-from vattn.kernels.bits import bit_scores_ref, check_sig_inputs, sign_bits
-from vattn.kernels.sample import M32, _mix_ref, var_inflation, z_two_sided
+                                   target_programs, use_ieee, resolve_pdl, zeroed_counters)
+from vattn.kernels.bits import bit_scores_ref, sign_bits
 
+M32 = 0xFFFFFFFF
 TIE_SALT = 0x68E31DA4
 STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact", "tau", "thu")
+
+
+def _mix_ref(x, key):
+    """uint32 keyed hash (ints or int64 tensors), as _scan_triton._mix."""
+    x = ((x ^ key) * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & M32
+    return x ^ (x >> 13)
 
 
 def _row_keys(seed, row):
@@ -59,10 +70,49 @@ def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
     return max(1, n_mid_max // max(sub, run))
 
 
+@functools.lru_cache(maxsize=64)  # called per layer and step: no torch op each time
+def z_two_sided(delta: float) -> float:
+    """Phi^-1(1 - delta/2), the two-sided normal quantile of the guarantee."""
+    if not 0 < delta < 1:
+        raise VattnError(f"delta must be in (0, 1), got {delta}")
+    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
+
+
+def _chi2_quantile(dof: float, p: float) -> float:
+    """x with P(chi2_dof <= x) = p, by bisection on the exact CDF."""
+    lo, hi = 0.0, dof + 30.0 * math.sqrt(2.0 * dof) + 60.0
+    k = torch.tensor(dof / 2, dtype=torch.float64)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if torch.special.gammainc(k, torch.tensor(mid / 2, dtype=torch.float64)) < p else (lo, mid)
+    return hi
+
+
+@functools.lru_cache(maxsize=64)
+def var_inflation(m0: int, delta: float, var_conf: float = -1.0) -> float:
+    """Factor from the pilot's sample variance (m0 keys) to its normal-theory upper confidence
+    bound, (m0 - 1) / chi2_{m0-1}^{-1}(1 - conf), conf = 1 - delta/2 (var_conf=-1) or var_conf;
+    var_conf=0: 1 (plug-in). The CPU verified part's factor. Host arithmetic only, cached: no
+    device work, so calls stay graph-capturable."""
+    if var_conf != -1.0 and not 0.0 <= var_conf < 1.0:
+        raise VattnError(f"var_conf must be -1 (1 - delta/2), 0 (off) or in (0, 1), got {var_conf}")
+    if not 0 < delta < 1:
+        raise VattnError(f"delta must be in (0, 1), got {delta}")
+    conf = 1.0 - delta / 2 if var_conf == -1.0 else var_conf
+    if conf == 0.0:
+        return 1.0
+    dof = float(max(m0 - 1, 1))
+    return dof / _chi2_quantile(dof, 1.0 - conf)
+
+
 def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
-    check_sig_inputs("vattention_scan_decode", q, k, ksig, proj)
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    if T != 1:
+        raise VattnError(f"vattention_scan_decode handles one query row (T=1), got T={T}")
+    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
+        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+                         f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
     if v.shape != k.shape or v.dtype != k.dtype or q.dtype != k.dtype or Hq % Hkv:
         raise VattnError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
                          f"{v.dtype}: k and v must match, share q's dtype, and Hkv must divide Hq")
@@ -87,9 +137,8 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
-                           sub_block=SUB_BLOCK,
-                           block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None, upto=4, pdl=None,
-                           trace=None, cut_fit=None, update_sig=False, pre_draw=None, carveout=None):
+                           sub_block=SUB_BLOCK, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
+                           upto=4, pdl=None, trace=None, update_sig=False):
     """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
@@ -103,14 +152,12 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     update_sig: the cut kernel also writes the signature of each row's newest key (position
     length - 1) into ksig, in place (ksig contiguous, window >= 1: that key is exact this step),
     so a decoder need not call sign_bits per layer and step.
-    cut_fit (default: with 8 warps on CUDA) gives the cut kernel 4 warps x 64 registers and the
-    scan 112 registers, so two scan programs fit beside a cut program on one SM and start early.
-    pre_draw (default: with 8 warps): each sample program attends its first block of draws
-    before waiting for the scan (positions do not depend on the budget; dropped and redone when
-    the budget ends inside it). It holds that block's state across the wait: 128 registers at
-    8 warps (capped), 255 at 4, so not with 4 warps by default.
-    carveout (GPU): percent of the L1/shared split each of the three kernels asks the driver
-    for (None: the driver's choice).
+    num_warps (default 8 up to 16 KV rows, else 4): with 8 warps on CUDA the cut kernel gets 4
+    warps x 64 registers and the scan 112 registers, so two scan programs fit beside a cut
+    program on one SM and start early; and each sample program attends its first block of
+    draws before waiting for the scan (positions do not depend on the budget; dropped and redone
+    when the budget ends inside it), holding that block's state across the wait in 128
+    registers (255 at 4 warps, so not with 4 warps).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample', 'merge' int64 [programs, 8],
     each program's global-timer stamps in ns at its phase ends (slot 7: SM id; see
     scripts/trace_scan.py); tables already there are reused, so no memset joins a captured graph."""
@@ -127,8 +174,6 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if sub_block < 32 or sub_block & (sub_block - 1):
         raise VattnError(f"sub_block={sub_block}: the cut's programs histogram runs of 32 keys; "
                          "give a power of two >= 32")
-    if carveout is not None and not (isinstance(carveout, int) and 0 <= carveout <= 100):
-        raise VattnError(f"carveout={carveout!r}: give the shared-memory share in percent, an int in 0..100, or None")
     if trace is not None and (q.device.type != "cuda" or interpret()):
         raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
     q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
@@ -150,16 +195,14 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
     pdl = resolve_pdl(pdl, q.device)
-    meta = dict(G=G, R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
+    meta = dict(R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
                 HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
                 **(dict(PDL=1, launch_pdl=True) if pdl else {}))
-    if cut_fit is None:
-        cut_fit = num_warps == 8 and not interpret()
-    fit_cut, fit_scan = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112)) if cut_fit else ({}, {})
-    if pre_draw is None:
-        pre_draw = num_warps == 8
-    fit_sample = dict(maxnreg=128) if pre_draw and num_warps == 8 and not interpret() else {}  # 2 per SM
-    sq = (q.stride(0), q.stride(1), q.stride(2))
+    pre_draw = num_warps == 8
+    fit = num_warps == 8 and not interpret()  # register caps: two scan programs beside a cut one, 2 sample per SM
+    fit_cut, fit_scan, fit_sample = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112), dict(maxnreg=128)) if fit \
+        else ({}, {}, {})
+    sq = (q.stride(0), q.stride(1))
     skv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
@@ -180,23 +223,22 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                 trace[n] = torch.zeros((progs, 8), dtype=torch.int64, device=dev)
             tr[n] = trace[n]
         meta["TR"] = 1
-    carve = (lambda kern: prefer_carveout(kern, carveout)) if carveout is not None else (lambda kern: None)
-    carve(kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
-                                   *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
-                                   PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
-                                   BN=sub_block, CL=32, UPD=int(update_sig), **(meta | fit_cut)))
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                             PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
+                             BN=sub_block, CL=32, UPD=int(update_sig), **(meta | fit_cut))
     if upto < 2:
         return None
-    carve(kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
-                                     *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
-                                     BN=block_n, **(meta | fit_scan)))
+    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
+                               *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
+                               BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
-    carve(kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
-                                       tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
-                                       seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
-                                       var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
-                                       SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample)))
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+                                 tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
+                                 seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
+                                 SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample))
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)

@@ -21,7 +21,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_runnable, merge_partials,
-                                   next_pow2, target_programs, use_ieee, zeroed_counters)
+                                   next_pow2, target_programs, use_ieee)
 from vattn.kernels.decode import FLOATS
 
 
@@ -58,14 +58,11 @@ def _split_kernel():
     @triton.jit
     def split(q, k, v, idx, lw, cnt, po, plse,
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-              H, HKV, T, S, K, chunk, scale_log2, tcnt, off, s_off,
+              H, HKV, T, S, K, scale_log2,
               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-              BN: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, DYN: tl.constexpr = 0,
-              FUSE: tl.constexpr = 0, ctr=None, out=None, SB: tl.constexpr = 4):
-        # FUSE: the last program of a row to finish (atomic counter ctr[row], zero before the
-        # launch, reset here) merges all S partial columns of its R heads into out [B,Hq,T,D].
-        # MODE 0: slots [0, cnt[row]); 1: [0, off + tcnt[row]) (the exact part of a vAttention
-        # row, weight 0); 2: [off + tcnt[row], cnt[row]) (its sample). Partials go to column s_off + sp of S.
+              BN: tl.constexpr, IEEE: tl.constexpr):
+        # Program (row, sp) attends its share of slots [0, cnt[row]) of one selection row (the
+        # row's count split evenly over the S programs) and writes partial column sp.
         # R query heads share this program's selection row: R = G if shared else 1.
         row = tl.program_id(0)  # (b, h, t) of the selection
         sp = tl.program_id(1)
@@ -81,19 +78,9 @@ def _split_kernel():
         d = tl.arange(0, D)
         qq = tl.load(q + b64 * sqb + (hq0 + m)[:, None].to(tl.int64) * sqh + t * sqt + d[None, :],
                      mask=m_ok[:, None], other=0.0)
-        if MODE == 0:
-            beg = 0
-            c = tl.load(cnt + row)
-        elif MODE == 1:
-            beg = 0
-            c = off + tl.load(tcnt + row)
-        else:
-            beg = off + tl.load(tcnt + row)
-            c = tl.load(cnt + row)
-        if DYN:  # split this row's live range evenly over the row's programs
-            nsp = tl.num_programs(1)
-            chunk = tl.cdiv(tl.cdiv(tl.maximum(c - beg, 0), nsp), BN) * BN
-        start = beg + sp * chunk
+        c = tl.load(cnt + row)
+        chunk = tl.cdiv(tl.cdiv(c, S), BN) * BN
+        start = sp * chunk
         end = tl.minimum(start + chunk, c)
         kb = k + b64 * skb + j.to(tl.int64) * skh
         vb = v + b64 * svb + j.to(tl.int64) * svh
@@ -103,15 +90,14 @@ def _split_kernel():
         acc = tl.zeros([M, D], tl.float32)
         n = start + tl.arange(0, BN)
         ix_nx = tl.load(idx + sel + n, mask=n < end, other=-1)
-        w_nx = tl.load(lw + sel + n, mask=(n < end) & (MODE != 1), other=0.0)
+        w_nx = tl.load(lw + sel + n, mask=n < end, other=0.0)
         for n0 in range(start, end, BN):
             # this block's indices and weights were loaded one iteration ahead: the gathers below
             # wait for one memory round trip, not two
             n = n0 + BN + tl.arange(0, BN)
             ix, w = ix_nx, w_nx * 1.4426950408889634
             ix_nx = tl.load(idx + sel + n, mask=n < end, other=-1)
-            # MODE 1: exact keys (sinks, window, top-k), weight 0: their lw is not read
-            w_nx = tl.load(lw + sel + n, mask=(n < end) & (MODE != 1), other=0.0)
+            w_nx = tl.load(lw + sel + n, mask=n < end, other=0.0)
             ok = ix >= 0
             ix64 = tl.where(ok, ix, 0).to(tl.int64)
             kk = tl.load(kb + ix64[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
@@ -122,35 +108,8 @@ def _split_kernel():
         o, lse = finish(acc, m_i, l_i)
         r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, S, D]
         # a program that saw no key writes only lse = -inf (the merge never reads its po)
-        tl.store(po + (r[:, None] * S + s_off + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
-        tl.store(plse + r * S + s_off + sp, lse, mask=m_ok)
-        if FUSE:
-            tl.debug_barrier()
-            done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
-            tl.debug_barrier()
-            if done == tl.num_programs(1) - 1:
-                tl.store(ctr + row, 0)
-                mx = tl.full([M], float("-inf"), tl.float32)
-                for c0 in range(0, S, SB):
-                    cc = c0 + tl.arange(0, SB)
-                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
-                                 other=float("-inf"), volatile=True)
-                    mx = tl.maximum(mx, tl.max(ll, 1))
-                mu = tl.where(mx == float("-inf"), 0.0, mx)
-                den = tl.zeros([M], tl.float32)
-                num = tl.zeros([M, D], tl.float32)
-                for c0 in range(0, S, SB):
-                    cc = c0 + tl.arange(0, SB)
-                    ll = tl.load(plse + r[:, None] * S + cc[None, :], mask=m_ok[:, None] & (cc < S)[None, :],
-                                 other=float("-inf"), volatile=True)
-                    live = ll > float("-inf")
-                    wt = tl.where(live, tl.exp2(ll - mu[:, None]), 0.0)
-                    pp = tl.load(po + (r[:, None, None] * S + cc[None, :, None]) * D + d[None, None, :],
-                                 mask=live[:, :, None], other=0.0, volatile=True)
-                    den += tl.sum(wt, 1)
-                    num += tl.sum(wt[:, :, None] * pp, 1)
-                res = num / tl.maximum(den, 1e-30)[:, None]
-                tl.store(out + r[:, None] * D + d[None, :], res.to(out.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
+        tl.store(plse + r * S + sp, lse, mask=m_ok)
 
     return split
 
@@ -177,31 +136,12 @@ def _check(q, k, v, indices, log_weights, count, shared):
 
 
 def plan_splits(rows, K, block_n, device, splits=None):
-    """(chunk, S): programs per row S, each over `chunk` slots (a multiple of block_n)."""
+    """Programs per row S: about two waves over the SMs in all (splits overrides), each over a
+    whole number of block_n slots of a full row."""
     want = splits or math.ceil(target_programs(device) / rows)
     want = max(1, min(want, math.ceil(max(K, 1) / block_n)))
     chunk = math.ceil(math.ceil(max(K, 1) / want) / block_n) * block_n
-    return chunk, math.ceil(max(K, 1) / chunk)
-
-
-def launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, chunk, S, *, mode=0,
-                 tcnt=None, off=0, s_off=0, block_n=64, num_warps=4, num_stages=3, dyn=False, out=None):
-    """One split-KV launch writing partials po [B,Hq,T,S_tot,D] / plse [B,Hq,T,S_tot] at columns
-    [s_off, s_off + S) (mode: see the kernel). Inputs must be contiguous."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    H, K = indices.shape[1], indices.shape[3]
-    R = G if shared else 1
-    fuse = out is not None  # merge every column of plse into out in the last program per row
-    ctr = zeroed_counters(B * H * T, q.device) if fuse else None  # the last program leaves it zero
-    _split_kernel()[(B * H * T, S)](
-        q, k, v, indices, log_weights, count, po, plse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        H, Hkv, T, plse.shape[-1], K, chunk, scale * LOG2E, count if tcnt is None else tcnt, off, s_off,
-        G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype), MODE=mode, DYN=dyn,
-        FUSE=fuse, ctr=ctr, out=out, num_warps=num_warps, num_stages=num_stages)
+    return math.ceil(max(K, 1) / chunk)
 
 
 def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
@@ -210,16 +150,23 @@ def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
     _check(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
     B, Hq, T, D = q.shape
-    H = indices.shape[1]
-    K = indices.shape[3]
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    H, K = indices.shape[1], indices.shape[3]
+    R = G if shared else 1
     scale = D ** -0.5 if scale is None else float(scale)
     indices, log_weights, count = indices.contiguous(), log_weights.contiguous(), count.contiguous()
-    chunk, S = plan_splits(B * H * T, K, block_n, q.device, splits)
+    S = plan_splits(B * H * T, K, block_n, q.device, splits)
     po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
     # programs split each row's count evenly (chunks in-kernel), so wide rows with a short count
     # (a Selection padded to its full width) keep every program busy
-    launch_split(q, k, v, indices, log_weights, count, po, plse, shared, scale, chunk, S, block_n=block_n,
-                 num_warps=num_warps, num_stages=num_stages, dyn=True)
+    _split_kernel()[(B * H * T, S)](
+        q, k, v, indices, log_weights, count, po, plse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        H, Hkv, T, S, K, scale * LOG2E,
+        G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype),
+        num_warps=num_warps, num_stages=num_stages)
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     return merge_partials(po, plse, out)
