@@ -138,7 +138,8 @@ def test_metrics_records_and_jsonl(models, tmp_path):
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == len(p.records)
     p.reset_metrics()
     s = p.summary()
-    assert {k: s[k] for k in ("density", "error", "recall", "calls")} == {"density": None, "error": None, "recall": None, "calls": 0}
+    assert {k: s[k] for k in ("density", "error", "recall", "calls", "path")} == {
+        "density": None, "error": None, "recall": None, "calls": 0, "path": "reference"}
     assert s["never_ran"].startswith("the spec never ran: ")
 
 

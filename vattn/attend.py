@@ -11,6 +11,7 @@ attends makes that row's output NaN/inf.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 
@@ -18,6 +19,9 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.selection import Selection
+
+log = logging.getLogger(__name__)
+_SAID: set = set()
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -124,19 +128,31 @@ def attend(q, k, v, sel: Selection, scale: float | None = None) -> torch.Tensor:
     scale = check_scale(scale, d)
     if q.numel() == 0 or sel.indices.shape[-1] == 0:
         return torch.zeros_like(q)  # no rows, or no row attends a key
-    if q.is_cuda and kernel_fits(q, k, v):
-        from vattn.kernels import sparse as ks
-        return ks.sparse_decode(q, k, v, sel.indices.int(), sel.log_weights.float(), sel.count.int(),
-                                sel.shared, scale)
+    if q.is_cuda:
+        why = kernel_misfit(q, k, v)
+        if why is None:
+            from vattn.kernels import sparse as ks
+            return ks.sparse_decode(q, k, v, sel.indices.int(), sel.log_weights.float(), sel.count.int(),
+                                    sel.shared, scale)
+        if why not in _SAID:  # a GPU run on the torch path is said, once per reason
+            _SAID.add(why)
+            log.warning("attend on CUDA runs the torch path, not the Triton sparse kernel: %s", why)
     return attend_torch(q, k, v, sel, scale)
 
 
-def kernel_fits(q, k, v) -> bool:
-    """Whether the Triton sparse kernel takes these inputs; otherwise the torch path runs."""
+def kernel_misfit(q, k, v) -> str | None:
+    """None when the Triton sparse kernel takes these inputs, else why not (the torch path runs)."""
     from vattn.kernels._common import triton_available
     d = q.shape[-1]
-    return (triton_available() and d in (16, 32, 64, 128, 256) and q.dtype == k.dtype == v.dtype
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+    if not triton_available():
+        return "triton is not installed (pip install 'vattn[gpu]')"
+    if d not in (16, 32, 64, 128, 256):
+        return f"head dim {d} is not one of 16, 32, 64, 128, 256"
+    if not q.dtype == k.dtype == v.dtype:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        return "the head dim of q, k or v is not contiguous"
+    return None
 
 
 def attend_torch(q, k, v, sel: Selection, scale: float) -> torch.Tensor:

@@ -48,9 +48,14 @@ def _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs):
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The function registered as "vattn": returns (out [B, T, Hq, D], None)."""
     p = _PATCHES.get(module)
-    if p is None:  # a module this process never patched (e.g. a copied model): stay exact
-        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+    if p is None:  # attn_implementation="vattn" without a patch (or a copy of a patched model)
+        raise VattnError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs with "
+                         'attn_implementation="vattn" but is not patched: call vattn.patch(model, spec) '
+                         "on this model first (it chooses the spec; a copied model needs its own patch)")
     return p.forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+
+
+_register()  # from_pretrained(..., attn_implementation="vattn") resolves once vattn.hf is imported
 
 
 def _attention_modules(model) -> list:
@@ -207,7 +212,8 @@ class Patch:
         `never_ran` is None, or why no call since the last reset_metrics() used the spec."""
         dens = [float(d) for d in self._density]
         out = {"density": sum(dens) / len(dens) if dens else None, "error": None, "recall": None,
-               "calls": len(dens), "never_ran": None if dens else self._never_ran()}
+               "calls": len(dens), "never_ran": None if dens else self._never_ran(),
+               "path": "reference"}  # methods -> Selection -> attend on every device (no fused plan yet)
         errs = [r["error"] for r in self.records]
         if errs:
             out["error"] = sum(errs) / len(errs)
