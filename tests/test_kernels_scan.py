@@ -203,7 +203,7 @@ def test_var_inflation_is_the_chi_square_bound():
         x = (m0 - 1) / var_inflation(m0, delta, vc)
         cdf = torch.special.gammainc(torch.tensor((m0 - 1) / 2, dtype=torch.float64),
                                      torch.tensor(x / 2, dtype=torch.float64)).item()
-        assert abs(cdf - (1 - conf)) < 1e-9
+        assert abs(cdf - (1 - conf)) < 1e-5
     assert var_inflation(64, 0.2, 0.0) == 1.0
     f = [var_inflation(m, 0.05) for m in (8, 16, 64, 128, 1024)]
     assert all(a > b > 1 for a, b in zip(f, f[1:]))

@@ -27,10 +27,10 @@ row), so `scan_decode_ref` reproduces every choice in float64.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
+from vattn import stats
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
                                    target_programs, use_ieee, resolve_pdl, zeroed_counters)
@@ -72,37 +72,23 @@ def subsample_stride(n_mid_max: int, sub: int, run: int = 32) -> int:
 
 @functools.lru_cache(maxsize=64)  # called per layer and step: no torch op each time
 def z_two_sided(delta: float) -> float:
-    """Phi^-1(1 - delta/2), the two-sided normal quantile of the guarantee."""
+    """Phi^-1(1 - delta/2) (stats.z_two_sided), checked and cached."""
     if not 0 < delta < 1:
         raise VattnError(f"delta must be in (0, 1), got {delta}")
-    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - delta, dtype=torch.float64)).item()
-
-
-def _chi2_quantile(dof: float, p: float) -> float:
-    """x with P(chi2_dof <= x) = p, by bisection on the exact CDF."""
-    lo, hi = 0.0, dof + 30.0 * math.sqrt(2.0 * dof) + 60.0
-    k = torch.tensor(dof / 2, dtype=torch.float64)
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if torch.special.gammainc(k, torch.tensor(mid / 2, dtype=torch.float64)) < p else (lo, mid)
-    return hi
+    return stats.z_two_sided(delta)
 
 
 @functools.lru_cache(maxsize=64)
 def var_inflation(m0: int, delta: float, var_conf: float = -1.0) -> float:
     """Factor from the pilot's sample variance (m0 keys) to its normal-theory upper confidence
-    bound, (m0 - 1) / chi2_{m0-1}^{-1}(1 - conf), conf = 1 - delta/2 (var_conf=-1) or var_conf;
-    var_conf=0: 1 (plug-in). The CPU verified part's factor. Host arithmetic only, cached: no
-    device work, so calls stay graph-capturable."""
+    bound (stats.var_inflation) at conf = 1 - delta/2 (var_conf=-1) or var_conf; var_conf=0: 1
+    (plug-in). Host arithmetic only, cached: no device work, so calls stay graph-capturable."""
     if var_conf != -1.0 and not 0.0 <= var_conf < 1.0:
         raise VattnError(f"var_conf must be -1 (1 - delta/2), 0 (off) or in (0, 1), got {var_conf}")
     if not 0 < delta < 1:
         raise VattnError(f"delta must be in (0, 1), got {delta}")
     conf = 1.0 - delta / 2 if var_conf == -1.0 else var_conf
-    if conf == 0.0:
-        return 1.0
-    dof = float(max(m0 - 1, 1))
-    return dof / _chi2_quantile(dof, 1.0 - conf)
+    return 1.0 if conf == 0.0 else float(stats.var_inflation(torch.tensor([float(m0)]), conf).item())
 
 
 def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
