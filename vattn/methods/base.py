@@ -20,17 +20,10 @@ PARTS: dict[str, type] = {}
 # so no row can hold more keys, and a larger number is a typo, not a budget.
 MAX_INT = 2**31 - 1
 
-# Parts whose keys carry non-zero log-weights: a sample whose weights stand for the mass
-# of every key no earlier part chose (the residual). A part says so with a class
-# attribute `estimates = True`; the sampling parts of sampling.py are listed here until
-# that file declares it.
-ESTIMATING = {"uniform", "verified"}
-
-
 def estimates(part) -> bool:
     """Whether `part` estimates the residual's mass from a sample (weighted keys), so that
     no part may follow it: a later part would count keys the sample already stands for."""
-    return bool(getattr(part, "estimates", False)) or getattr(part, "name", None) in ESTIMATING
+    return bool(getattr(part, "estimates", False))  # a class attribute of the sampling parts
 
 
 def register(name: str):

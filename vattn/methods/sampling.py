@@ -52,6 +52,7 @@ def add_sample(out: Builder, idx: torch.Tensor, b: torch.Tensor, n_r: torch.Tens
 @dataclass
 class Uniform:
     """A uniform sample of the residual: rate is a count or a fraction of the row length."""
+    estimates = True  # weighted keys stand for the residual: no part may follow (base.estimates)
     rate: int | float = 0.05
 
     def __post_init__(self):
@@ -74,6 +75,7 @@ class Verified:
     error of the softmax denominator (the paper's relaxation). share="kv": one sample per
     KV head, sized for the neediest query head of its group.
     """
+    estimates = True
     eps: float = 0.05
     delta: float = 0.05
     base_rate: float = 0.02
