@@ -176,6 +176,7 @@ class Patch:
         self._offset = None  # cache length before the current forward (set by the hook)
         self._last_offset = -1
         self._checked = False
+        self._step_bounds = {}
         self.sequences = 0  # sequences started (method state and generator reset at each)
         self._modules = _attention_modules(model)
         if not self._modules:
@@ -267,6 +268,7 @@ class Patch:
             offset = None  # a cache we cannot ask: the first attention call tells
         self._offset = offset
         self._checked = False
+        self._step_bounds = {}  # per forward: row bounds by mask (see _bounds)
         if offset is not None:
             self._start_forward(offset)
 
@@ -302,6 +304,14 @@ class Patch:
                              f"the attention call sees {seen} earlier keys (transformers {transformers.__version__}); "
                              "pass the cache as `cache=`/`past_key_values=` or report this version")
 
+    def _bounds(self, mask, b, t, n, window, device):
+        """bounds_from_mask once per forward: every layer given the same mask (and window)
+        has the same rows, so the mask is read (and checked) once, not once per layer."""
+        key = (id(mask), b, t, n, window, str(device))
+        if key not in self._step_bounds:
+            self._step_bounds[key] = (mask, bounds_from_mask(mask, b, t, n, window, device))  # mask kept: id stays valid
+        return self._step_bounds[key][1]
+
     def _generator(self, device):
         key = str(device)
         if key not in self._gens:
@@ -328,7 +338,7 @@ class Patch:
         if kwargs.get("softcap") is not None:
             raise VattnError("vattn does not support attention logit soft-capping (softcap)")
         scale = scaling if scaling is not None else d ** -0.5
-        starts, ends = bounds_from_mask(mask, b, t, n, kwargs.get("sliding_window"), q.device)
+        starts, ends = self._bounds(mask, b, t, n, kwargs.get("sliding_window"), q.device)
         out = []
         if first_sparse > 0:  # rows before the boundary: dense, with the mask they had
             pos = torch.arange(n, device=q.device)
