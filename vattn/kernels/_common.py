@@ -82,8 +82,8 @@ def load_online(namespace: dict) -> None:
     """Put the shared online-softmax jit functions into a kernel module's globals: jit
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
-    namespace.update(dot_qk=_online.dot_qk, online_step=_online.online_step, finish=_online.finish,
-                     pdl_wait=_online.pdl_wait, _stamp=_online._stamp)
+    namespace.update(dot_qk=_online.dot_qk, online_init=_online.online_init, online_step=_online.online_step,
+                     finish=_online.finish, pdl_wait=_online.pdl_wait, _stamp=_online._stamp)
 
 
 def check_4d(tensors: dict, allowed) -> None:

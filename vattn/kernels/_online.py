@@ -18,6 +18,12 @@ def dot_qk(qq, kk, IEEE: tl.constexpr):
 
 
 @triton.jit
+def online_init(M: tl.constexpr, D: tl.constexpr):
+    """(m_i, l_i, acc) of M rows that have seen no key: -inf, 0, zeros [M, D] (float32)."""
+    return tl.full([M], float("-inf"), tl.float32), tl.zeros([M], tl.float32), tl.zeros([M, D], tl.float32)
+
+
+@triton.jit
 def online_step(s, vv, m_i, l_i, acc, IEEE: tl.constexpr):
     """Fold a block of masked scores s [M, BN] and values vv [BN, D] into (m_i, l_i, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_step, pdl_wait  # noqa: F401
+from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_init, pdl_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -205,9 +205,7 @@ def _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M: tl.constexpr, D: tl.cons
             IEEE: tl.constexpr):
     """Attend the c keys listed at sb (written by this program's threads). Returns (m_i, l_i, acc)."""
     tl.debug_barrier()  # the compacted positions, written by other threads of this program
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    m_i, l_i, acc = online_init(M, D)
     j = tl.arange(0, BN)
     ix_nx = tl.load(sb + j, mask=j < c, other=-1)
     for j0 in range(0, c, BN):
@@ -417,9 +415,7 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
     s_end = tl.minimum(sink, L)
     w_start = tl.maximum(hi, s_end)
     nf = s_end + L - w_start
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    m_i, l_i, acc = online_init(M, D)
     for j0 in tl.range(0, nf, BN, num_stages=1):  # not pipelined: its buffers would double the shared memory
         f = j0 + tl.arange(0, BN)
         ok = f < nf
@@ -457,9 +453,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     j = tl.arange(0, BN)
     x0 = _draw(j2 * BN + j, skey, sink, n_mid)
     w0 = sig_words(ks, row, x0, x0 < sink + n_mid, N, W, WP)  # none when there is no middle
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    m_i, l_i, acc = online_init(M, D)
     c0 = 0
     x1, w1 = x0, w0
     if PRE:

@@ -74,9 +74,7 @@ def _split_kernel():
         end = tl.minimum(start + chunk, L)
         kb = k + b64 * skb + j.to(tl.int64) * skh
         vb = v + b64 * svb + j.to(tl.int64) * svh
-        m_i = tl.full([M], float("-inf"), tl.float32)
-        l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D], tl.float32)
+        m_i, l_i, acc = online_init(M, D)
         for n0 in range(start, end, BN):
             n = n0 + tl.arange(0, BN)
             nm = n < end

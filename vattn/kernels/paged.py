@@ -96,9 +96,7 @@ def _paged_kernel():
         L = tl.load(lens + b)
         start = sp * chunk
         end = tl.minimum(start + chunk, L)
-        m_i = tl.full([M], float("-inf"), tl.float32)
-        l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D], tl.float32)
+        m_i, l_i, acc = online_init(M, D)
         for n0 in range(start, end, BN):
             n = n0 + tl.arange(0, BN)
             nm = n < end

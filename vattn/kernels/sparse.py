@@ -85,9 +85,7 @@ def _split_kernel():
         kb = k + b64 * skb + j.to(tl.int64) * skh
         vb = v + b64 * svb + j.to(tl.int64) * svh
         sel = row.to(tl.int64) * K
-        m_i = tl.full([M], float("-inf"), tl.float32)
-        l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D], tl.float32)
+        m_i, l_i, acc = online_init(M, D)
         n = start + tl.arange(0, BN)
         ix_nx = tl.load(idx + sel + n, mask=n < end, other=-1)
         w_nx = tl.load(lw + sel + n, mask=n < end, other=0.0)
