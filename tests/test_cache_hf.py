@@ -1,4 +1,5 @@
 """VmemCache in transformers generate(): same greedy tokens as DynamicCache, views not copies."""
+import inspect
 import os
 
 import pytest
@@ -14,6 +15,11 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from vattn.cache.hf import VmemCache  # noqa: E402
 from vattn.errors import VattnError  # noqa: E402
+from vattn.hf import CACHE_KEYWORDS  # noqa: E402
+
+
+# The keyword this transformers takes the cache by (`cache` from 5.24 on): no deprecation warning.
+CKW = next(k for k in CACHE_KEYWORDS if k in inspect.signature(LlamaForCausalLM.forward).parameters)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KW = {} if DEV == "cuda" else {"granule": 4096}
@@ -42,9 +48,9 @@ def test_generate_matches_dynamic_cache(attn):
     m = _model(attn)
     ids, mask = _batch()
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    ref = m.generate(ids, past_key_values=DynamicCache(), **kw)
+    ref = m.generate(ids, **{CKW: DynamicCache()}, **kw)
     cache = VmemCache.for_model(m, max_batch=4, max_len=64, **KW)
-    out = m.generate(ids, past_key_values=cache, **kw)
+    out = m.generate(ids, **{CKW: cache}, **kw)
     assert torch.equal(ref, out)
     n = ids.shape[1] + 24 - 1
     assert cache.get_seq_length() == n
@@ -58,7 +64,7 @@ def test_generate_matches_dynamic_cache(attn):
     # A second batch reuses the slots after reset; results stay identical.
     cache.reset()
     assert cache.kv.stats().slots_in_use == 0
-    out2 = m.generate(ids, past_key_values=cache, **kw)
+    out2 = m.generate(ids, **{CKW: cache}, **kw)
     assert torch.equal(ref, out2)
     cache.close()
 
@@ -67,16 +73,16 @@ def test_forward_logits_match_and_errors():
     m = _model("sdpa")
     ids, mask = _batch()
     dyn, vm = DynamicCache(), VmemCache.for_model(m, max_batch=3, max_len=16, **KW)
-    a = m(ids, attention_mask=mask, past_key_values=dyn).logits
-    b = m(ids, attention_mask=mask, past_key_values=vm).logits
+    a = m(ids, attention_mask=mask, **{CKW: dyn}).logits
+    b = m(ids, attention_mask=mask, **{CKW: vm}).logits
     assert torch.allclose(a, b, atol=1e-5)
     nxt = torch.full((3, 1), 5, device=DEV)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-    a = m(nxt, attention_mask=mask2, past_key_values=dyn).logits
-    b = m(nxt, attention_mask=mask2, past_key_values=vm).logits
+    a = m(nxt, attention_mask=mask2, **{CKW: dyn}).logits
+    b = m(nxt, attention_mask=mask2, **{CKW: vm}).logits
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(VattnError, match="max_len"):
-        m(torch.ones((3, 8), dtype=torch.long, device=DEV), past_key_values=vm)
+        m(torch.ones((3, 8), dtype=torch.long, device=DEV), **{CKW: vm})
     small = VmemCache.for_model(m, max_batch=2, max_len=16, **KW)
     with pytest.raises(VattnError, match="free slots"):
-        m(ids, past_key_values=small)
+        m(ids, **{CKW: small})
