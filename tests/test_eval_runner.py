@@ -147,6 +147,7 @@ def test_report_writes_markdown_and_pngs(tmp_path):
     path = write_report(tmp_path)
     md = path.read_text()
     assert "| streaming |" in md and "score_vs_density.png" in md and "error_vs_density.png" in md
+    assert "± se" in md
     for png in ("score_vs_density.png", "error_vs_density.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert pareto([(0.1, 0.5), (0.1, 1.0), (1.0, 1.0), (0.5, 0.2)]) == [(0.1, 1.0)]
@@ -203,3 +204,136 @@ def test_calibration_samples_span_tasks_with_unevaluated_seeds(tiny_model):
     assert [s.task for s in got] == ["passkey", "niah_single_1", "passkey"]
     assert all(s.seed >= CALIBRATION_SEED for s in got) and len({s.seed for s in got}) == 3
     assert calibration_samples(SimpleNamespace(tasks=[]), ["a", "b", "c", "d"], 256, tok) == ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True)
+def _own_calibration_cache(tmp_path, monkeypatch):
+    """Calibrations measured here go to a temporary user cache, not ~/.cache/vattn."""
+    from vattn.eval import calibrate
+    monkeypatch.setattr(calibrate, "user_cache", lambda: tmp_path / "user-cache" / "calibration.json")
+
+
+def _fake_density(spec):
+    from vattn.spec import parse
+    d = 0.0
+    for p in parse(spec).parts:
+        if p.name in ("sink", "window"):
+            d += p.n
+        elif p.name == "topk":
+            d += p.k
+        elif p.name == "verified":
+            d += 0.02 / p.eps
+    return d
+
+
+class _FakeEvaluator:
+    """Stands in for the model: density from the spec text alone; counts measurements and
+    can be 'killed' (KeyboardInterrupt) at a given one."""
+
+    tok = None
+
+    def __init__(self, kill_at=None):
+        self.calls, self.kill_at = 0, kill_at
+
+    def ids(self, s):
+        return s, s
+
+    def prefill(self, c):
+        return c
+
+    def density(self, kv, q, text, new):
+        self.calls += 1
+        if self.kill_at is not None and self.calls == self.kill_at:
+            raise KeyboardInterrupt
+        return _fake_density(text)
+
+
+def _calib_setup(tmp_path):
+    from types import SimpleNamespace
+    from vattn.eval.runner import EvalConfig
+    spec = "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)"
+    cfg = EvalConfig(tasks=[], jsonl_tasks=["mine.jsonl"], specs=["dense", spec], match_density=0.1)
+    samples = [SimpleNamespace(length=500, max_new_tokens=4)]
+    out = tmp_path / "run"
+    out.mkdir()
+    return cfg, samples, out, spec
+
+
+def test_calibration_checkpoints_each_probe_and_resumes(tmp_path):
+    pytest.importorskip("vattn.spec")
+    from vattn.eval.calibrate import calibrate_all
+    cfg, samples, out, spec = _calib_setup(tmp_path)
+    full = _FakeEvaluator()
+    events = []
+    want = calibrate_all(full, cfg, samples, tmp_path / "run", "m", lambda s: 4, on_event=events.append)
+    assert [e["kind"] for e in events][0] == "start" and events[-1]["kind"] == "done"
+    probes = [e for e in events if e["kind"] == "probe"]
+    assert len(probes) == full.calls and all(e["i"] <= e["total"] for e in probes)
+
+    out2 = tmp_path / "killed"
+    out2.mkdir()
+    killed = _FakeEvaluator(kill_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_all(killed, cfg, samples, out2, "m2", lambda s: 4)
+    saved = json.loads((out2 / "calibration.json").read_text())
+    assert len(next(iter(saved["probes"].values()))) == 3  # three probes measured before the kill
+    resumed = _FakeEvaluator()
+    got = calibrate_all(resumed, cfg, samples, out2, "m2", lambda s: 4)
+    assert got == want and resumed.calls == full.calls - 3  # the three are replayed, not remeasured
+    saved = json.loads((out2 / "calibration.json").read_text())
+    assert saved["probes"] == {} and next(iter(saved["done"].values()))["source"] == "measured"
+
+
+def test_calibration_prefers_shipped_then_cache_and_recalibrates_on_request(tmp_path, monkeypatch):
+    pytest.importorskip("vattn.spec")
+    from vattn.eval import calibrate
+    cfg, samples, out, spec = _calib_setup(tmp_path)
+    key = calibrate.calibration_key(cfg, "m", spec, 500)
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"done": {key: {"spec": "sink(0.01)+window(0.01)", "density": 0.02}}}))
+    monkeypatch.setattr(calibrate, "SHIPPED", shipped)
+    ev = _FakeEvaluator()
+    events = []
+    got = calibrate.calibrate_all(ev, cfg, samples, out, "m", lambda s: 4, on_event=events.append)
+    assert ev.calls == 0 and got[(spec, 500)] == "sink(0.01)+window(0.01)"
+    assert events[0]["kind"] == "found" and events[0]["source"] == "shipped"
+    # --recalibrate measures, and the user cache then serves another run directory.
+    got = calibrate.calibrate_all(ev, cfg, samples, out, "m", lambda s: 4, recalibrate=True)
+    assert ev.calls > 0 and got[(spec, 500)] != "sink(0.01)+window(0.01)"
+    other = tmp_path / "other"
+    other.mkdir()
+    shipped.write_text(json.dumps({"done": {}}))
+    ev2 = _FakeEvaluator()
+    assert calibrate.calibrate_all(ev2, cfg, samples, other, "m", lambda s: 4) == got and ev2.calls == 0
+
+
+def test_summary_reports_a_standard_error():
+    from vattn.eval.runner import stderr, summarize
+    assert stderr([1.0]) is None and stderr([1.0, 1.0]) == 0.0
+    assert stderr([0.0, 1.0, 1.0, 0.0]) == pytest.approx((1 / 3) ** 0.5 / 2)
+    base = {"model": "m", "length": 100, "max_new_tokens": 4, "target_density": None, "spec": "dense",
+            "density": 1.0, "error": 0.0}
+    rows = [{**base, "task": "a", "seed": s, "score": sc} for s, sc in enumerate([0.0, 1.0, 1.0, 0.0])]
+    s = summarize(rows)
+    assert s["specs"][0]["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+    assert s["by_task"][0]["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+
+
+def test_rows_decode_a_budget_sized_per_sample(tiny_model, tmp_path):
+    from vattn.eval import runner
+    cfg = _cfg(tiny_model, tmp_path / "run", tasks=["passkey", "niah_multivalue"], seeds=[0], max_new_tokens=None)
+    out = runner.run(cfg)
+    rows = {r["task"]: r for r in runner.read_results(out / "results.jsonl")}
+    assert rows["passkey"]["max_new_tokens"] < 20 <= rows["niah_multivalue"]["max_new_tokens"]
+    assert rows["niah_multivalue"]["new_tokens"] <= rows["niah_multivalue"]["max_new_tokens"]
+
+
+def test_plot_title_and_spread():
+    from pathlib import Path
+    from vattn.eval.report import plot_title, spread
+    xs = spread([0.1, 0.1, 0.1, 1.0, 0.1], [1.0, 1.0, 1.0, 1.0, 0.5])
+    assert len({round(x, 6) for x in xs[:3]}) == 3  # three specs at one point: drawn side by side
+    assert xs[3] == 1.0 and xs[4] == 0.1  # alone at their point: unmoved
+    assert all(0.08 < x < 0.125 for x in xs[:3])
+    title = plot_title(Path("runs/eval-abc"), {"model": None, "match_density": 0.1}, [{"model": "smollm2"}])
+    assert "eval-abc" in title and "smollm2" in title and "0.1" in title

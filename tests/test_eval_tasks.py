@@ -139,3 +139,31 @@ def test_jsonl_tasks(tmp_path, tok):
     path.write_text('{"question": "no context"}\n')
     with pytest.raises(VattnError, match="context"):
         load_jsonl(path)
+
+
+def test_new_tokens_are_sized_from_the_answers(tok):
+    """RULER sizes tokens_to_generate per task; a fixed 12 cut niah_multivalue's four
+    7-digit answers short (dense scored 0.25 by construction)."""
+    from vattn.eval.tasks import ANSWER_MARGIN, answer_budget
+    mv = make_sample("niah_multivalue", 1024, 0, tok)
+    need = haystack.count_tokens(tok, " " + ", ".join(mv.answers))
+    assert need > 12 and mv.max_new_tokens >= need + ANSWER_MARGIN
+    pk = make_sample("passkey", 1024, 0, tok)
+    assert pk.max_new_tokens < mv.max_new_tokens and pk.max_new_tokens >= haystack.count_tokens(tok, " " + pk.answers[0])
+    assert answer_budget(tok, ["a", "a much longer answer"], "string_match_part") == \
+        haystack.count_tokens(tok, " a much longer answer") + ANSWER_MARGIN
+
+
+def test_jsonl_mistakes_are_errors(tmp_path):
+    with pytest.raises(VattnError, match="does not exist"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(VattnError, match="not a file"):
+        load_jsonl(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(VattnError, match="holds no samples"):
+        load_jsonl(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "c", "answers": []}) + "\n")
+    with pytest.raises(VattnError, match="'answers' is empty"):
+        load_jsonl(bad)

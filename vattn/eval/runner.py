@@ -5,6 +5,8 @@ then for each spec copy that cache, feed question + answer prefix with the spec'
 sparse attention and decode greedily. A cell is one (sample, spec); its key is
 (model, task, length, seed, spec, max_new_tokens, target_density; None for dense),
 so rerunning the same command skips what results.jsonl already holds.
+max_new_tokens is sized per sample from its answers (tasks.answer_budget) unless the
+config fixes one for all.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,7 @@ import torch
 
 from vattn.errors import VattnError
 from vattn.eval import scoring
-from vattn.eval.tasks import Sample, load_jsonl, make_sample
+from vattn.eval.tasks import TASKS, Sample, load_jsonl, make_sample
 from vattn.hf import cache_keyword, patch
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,14 @@ class EvalConfig:
     lengths: list[int] = field(default_factory=lambda: [2048])
     specs: list[str] = field(default_factory=lambda: ["dense"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    max_new_tokens: int = 12
+    max_new_tokens: int | None = None   # None: sized per sample from its answers
     out: str | None = None              # None: runs/eval-<hash of the arguments>
     match_density: float | None = None
     device: str = "cpu"
     dtype: str | None = None
     jsonl_tasks: list[str] = field(default_factory=list)
     chat: bool = False                  # wrap in the tokenizer's chat template (SmolLM2 does better without)
+    recalibrate: bool = False           # measure calibrations even where a shipped or cached one matches
 
     @property
     def model_name(self) -> str:
@@ -53,9 +57,33 @@ class EvalConfig:
         if self.out:
             return Path(self.out)
         # Deterministic from what defines the cells, so the same command resumes.
-        keyed = {k: v for k, v in asdict(self).items() if k not in ("out", "device")}
+        keyed = {k: v for k, v in asdict(self).items() if k not in ("out", "device", "recalibrate")}
         digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
         return Path("runs") / f"eval-{digest}"
+
+
+def budget(cfg: EvalConfig, s: Sample) -> int:
+    """New tokens decoded for sample `s`: the config's override, else the sample's own."""
+    return cfg.max_new_tokens or s.max_new_tokens or 12
+
+
+def model_identity(model: str | None) -> str:
+    """A short, stable identity of the model for calibration keys: the embedded model's
+    GGUF name and size; a local file's resolved path and size; a directory's resolved path
+    and a hash of its config.json."""
+    if model is None:
+        try:
+            from vattn.models import embedded_gguf
+            g = embedded_gguf()
+            return f"{EMBEDDED}:{g.name}:{g.stat().st_size}"
+        except (ModuleNotFoundError, VattnError):
+            return EMBEDDED
+    p = Path(model).expanduser().resolve()
+    if p.is_file():
+        return f"{p}:{p.stat().st_size}"
+    cfg = p / "config.json"
+    digest = hashlib.sha1(cfg.read_bytes()).hexdigest()[:10] if cfg.is_file() else "?"
+    return f"{p}:{digest}"
 
 
 def row_target(row: dict):
@@ -238,9 +266,11 @@ class Evaluator:
             self.patch.metrics, self.patch.sparse = metrics, False
         return float(self.patch.summary()["density"])
 
-    def run_sample(self, s: Sample, specs: list[tuple[str, str]], max_new_tokens: int,
+    def run_sample(self, s: Sample, specs: list[tuple[str, str]], max_new_tokens: int | None,
                    target_density: float | None = None) -> Iterable[dict]:
-        """Yield one row per (requested spec, spec to run) pair, after one shared prefill."""
+        """Yield one row per (requested spec, spec to run) pair, after one shared prefill.
+        max_new_tokens None: the sample's own budget."""
+        max_new_tokens = max_new_tokens or s.max_new_tokens or 12
         ctx_ids, query_ids = self.ids(s)
         t0 = time.perf_counter()
         cache = self.prefill(ctx_ids)
@@ -276,7 +306,7 @@ def plan(cfg: EvalConfig, samples: list[Sample], done: set[tuple]) -> list[tuple
     todo = []
     for s in samples:
         base = {"model": cfg.model_name, "task": s.task, "length": s.length, "seed": s.seed,
-                "max_new_tokens": cfg.max_new_tokens}
+                "max_new_tokens": budget(cfg, s)}
         specs = [sp for sp in cfg.specs
                  if cell_key({**base, "spec": sp, "target_density": cfg.match_density}) not in done]
         if specs:
@@ -284,17 +314,56 @@ def plan(cfg: EvalConfig, samples: list[Sample], done: set[tuple]) -> list[tuple
     return todo
 
 
+def check(cfg: EvalConfig) -> Path:
+    """Everything a user can get wrong, checked before the model load and before the run
+    directory is created; returns the run directory (not created)."""
+    if not cfg.tasks and not cfg.jsonl_tasks:
+        raise VattnError("no tasks: give --tasks or --jsonl-tasks")
+    for t in cfg.tasks:
+        if t not in TASKS:
+            raise VattnError(f"unknown task {t!r}; choose from {', '.join(TASKS)} or pass --jsonl-tasks")
+    if not cfg.specs:
+        raise VattnError("no specs: give --specs")
+    for spec in cfg.specs:
+        check_spec(spec)
+    if not cfg.seeds and cfg.tasks:
+        raise VattnError("--samples must be >= 1")
+    if any(n < 64 for n in cfg.lengths):
+        raise VattnError(f"--lengths must be >= 64 tokens, got {min(cfg.lengths)}")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise VattnError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.match_density is not None and not 0 < cfg.match_density <= 1:
+        raise VattnError(f"--match-density must be in (0, 1], got {cfg.match_density}")
+    for path in cfg.jsonl_tasks:
+        load_jsonl(path)  # exists, parses, holds samples
+    out = cfg.run_dir()
+    check_writable_dir(out, "--out")
+    return out
+
+
+def check_writable_dir(path: Path, what: str):
+    """A directory we can create (or that exists) and write in; else a VattnError naming `what`."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise VattnError(f"{what} {path}: {p} is a file, not a directory; choose another path")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise VattnError(f"{what} {path}: {p} is not writable; choose another path")
+            return
+
+
 def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,
-        on_start: Callable[[int, int], None] | None = None, runtime=None) -> Path:
+        on_start: Callable[[int, int], None] | None = None, runtime=None,
+        on_calibrate: Callable[[dict], None] | None = None) -> Path:
     """Run (or resume) the sweep; returns the run directory.
 
     on_start(total_cells, done_cells) is called once the plan is known; on_row(row)
-    after each cell is written. `runtime` (a vattn.eval.ray_runner.RayRuntime) runs
+    after each cell is written; on_calibrate(event) as calibration proceeds (see
+    calibrate.calibrate_all). `runtime` (a vattn.eval.ray_runner.RayRuntime) runs
     samples on Ray instead of in this process.
     """
-    for spec in cfg.specs:
-        check_spec(spec)
-    out = cfg.run_dir()
+    out = check(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     results = out / "results.jsonl"
@@ -316,13 +385,14 @@ def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,
         run_specs = {}
         if todo and cfg.match_density:
             from vattn.eval.calibrate import calibrate_all
-            run_specs = calibrate_all(evaluator, cfg, samples, out)
+            run_specs = calibrate_all(evaluator, cfg, samples, out, model_identity(cfg.model),
+                                      lambda s: budget(cfg, s), cfg.recalibrate, on_calibrate)
         jobs = [(s, [(sp, run_specs.get((sp, s.length), sp)) for sp in specs]) for s, specs in todo]
         if runtime is not None:
             runtime.run(cfg, jobs, write)
         else:
             for s, pairs in jobs:
-                for row in evaluator.run_sample(s, pairs, cfg.max_new_tokens, cfg.match_density):
+                for row in evaluator.run_sample(s, pairs, budget(cfg, s), cfg.match_density):
                     write(row)
     finally:
         if evaluator is not None:
@@ -348,8 +418,25 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def stderr(xs) -> float | None:
+    """Standard error of the mean, as lm-eval-harness reports it: sample std (n - 1) / sqrt(n)."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def _bounds(run_specs: list[str]) -> dict:
+    """The verified bounds of the specs that ran: eps (the largest) and whether it is vacuous."""
+    from vattn.eval.calibrate import VACUOUS_EPS, bound
+    eps = [b[0] for b in map(bound, run_specs) if b is not None]
+    return {"eps": max(eps) if eps else None, "vacuous": bool(eps) and max(eps) >= VACUOUS_EPS}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per spec: score, retention (score / dense score on the same samples), density, error; and per task."""
+    """Per spec: score with its standard error, retention (score / dense score on the same
+    samples), density, error, the specs that ran and their verified bound; and per task."""
     dense = {(r["model"], r["task"], r["length"], r["seed"], r["max_new_tokens"]): r["score"]
              for r in rows if r["spec"] == "dense"}
     groups: dict[tuple, list[dict]] = {}
@@ -360,10 +447,11 @@ def summarize(rows: list[dict]) -> dict:
         paired = [(r["score"], dense[k]) for r in rs
                   if (k := (r["model"], r["task"], r["length"], r["seed"], r["max_new_tokens"])) in dense]
         dense_sum = sum(d for _, d in paired)
+        run_specs = sorted({r.get("run_spec", spec) for r in rs})
         specs.append({
             "model": model, "spec": spec, "target_density": target,
-            "run_specs": sorted({r.get("run_spec", spec) for r in rs}),
-            "n": len(rs), "score": _mean(r["score"] for r in rs),
+            "run_specs": run_specs, **_bounds(run_specs),
+            "n": len(rs), "score": _mean(r["score"] for r in rs), "stderr": stderr(r["score"] for r in rs),
             "retention": sum(s for s, _ in paired) / dense_sum if dense_sum else None,
             "density": _mean(r.get("density") for r in rs), "error": _mean(r.get("error") for r in rs),
         })
@@ -371,8 +459,9 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         tasks.setdefault((r["model"], r["task"], r["length"], r["spec"], row_target(r)), []).append(r)
     by_task = [{"model": m, "task": t, "length": n, "spec": sp, "target_density": td, "n": len(rs),
-                "score": _mean(r["score"] for r in rs), "density": _mean(r.get("density") for r in rs),
-                "error": _mean(r.get("error") for r in rs)}
+                "score": _mean(r["score"] for r in rs), "stderr": stderr(r["score"] for r in rs),
+                "density": _mean(r.get("density") for r in rs), "error": _mean(r.get("error") for r in rs),
+                "run_specs": sorted({r.get("run_spec", sp) for r in rs})}
                for (m, t, n, sp, td), rs in tasks.items()]
     return {"specs": specs, "by_task": by_task, "cells": len(rows)}
 

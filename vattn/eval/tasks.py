@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vattn.errors import VattnError
 from vattn.eval import haystack
+from vattn.eval.scoring import METRICS
 from vattn.eval.words import ADJECTIVES, COMMON_WORDS, EXTRA_WORDS, NOUNS
 
 
@@ -31,6 +32,7 @@ class Sample:
     metric: str = "string_match_all"
     tokens: int = 0         # measured tokens of context+question+answer_prefix+answer
     meta: dict = field(default_factory=dict)
+    max_new_tokens: int = 0  # decode budget sized from the answers (answer_budget); 0: not sized
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +41,19 @@ class Sample:
 def full_text(context: str, question: str, answer_prefix: str, answer: str) -> str:
     """The text whose tokens count toward a sample's length."""
     return f"{context}\n\n{question}\n{answer_prefix} {answer}"
+
+
+ANSWER_MARGIN = 8  # new tokens beyond the answers' own (a separator, a period, a leading space)
+
+
+def answer_budget(tokenizer, answers: list[str], metric: str = "string_match_all") -> int:
+    """New tokens a sample needs, sized from its answers as RULER sizes tokens_to_generate
+    per task: all references listed (", "-joined) for string_match_all, the longest one for
+    string_match_part, plus max(ANSWER_MARGIN, a quarter). niah_multivalue's 4 numbers
+    need ~34 tokens; a passkey 5."""
+    text = max(answers, key=len) if metric == "string_match_part" else ", ".join(answers)
+    n = haystack.count_tokens(tokenizer, " " + text)
+    return n + max(ANSWER_MARGIN, n // 4)
 
 
 # ---------------------------------------------------------------- draws
@@ -231,7 +246,7 @@ def make_sample(task: str, length: int, seed: int, tokenizer) -> Sample:
     context, question, prefix, answers, meta = build(n)
     metric = "string_match_all"
     return Sample(task, context, question, prefix, answers, length, seed, metric, measure(n),
-                  {**meta, "units": n})
+                  {**meta, "units": n}, answer_budget(tokenizer, answers, metric))
 
 
 def load_jsonl(path: str | Path, tokenizer=None) -> list[Sample]:
@@ -243,6 +258,9 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Sample]:
     context puts the whole prompt in the context.
     """
     path = Path(path)
+    if not path.is_file():
+        raise VattnError(f"--jsonl-tasks file {path} does not exist" if not path.exists()
+                         else f"--jsonl-tasks {path} is not a file: give a JSONL file (one sample a line)")
     samples = []
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -262,8 +280,17 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Sample]:
             raise VattnError(f"{path}:{i + 1}: needs 'answers' (a list of reference strings)")
         answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
         metric = rec.get("metric", "string_match_all")
+        if metric not in METRICS:
+            raise VattnError(f"{path}:{i + 1}: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
         prefix = rec.get("answer_prefix", "")
         tokens = haystack.count_tokens(tokenizer, full_text(context, question, prefix, answers[0])) if tokenizer else 0
+        if not answers:
+            raise VattnError(f"{path}:{i + 1}: 'answers' is empty; give at least one reference string")
+        budget = answer_budget(tokenizer, answers, metric) if tokenizer else 0
         samples.append(Sample(rec.get("task", path.stem), context, question, prefix, answers,
-                              int(rec.get("length", tokens)), int(rec.get("seed", i)), metric, tokens))
+                              int(rec.get("length", tokens)), int(rec.get("seed", i)), metric, tokens,
+                              max_new_tokens=budget))
+    if not samples:
+        raise VattnError(f"--jsonl-tasks file {path} holds no samples; write one JSON object a line "
+                         "(see docs/eval.md)")
     return samples
