@@ -76,3 +76,93 @@ def test_generate_on_the_vmem_cache_matches_dynamic(tiny_dir, spec):
     assert a.output.splitlines()[0] == b.output.splitlines()[0]  # same generated text
     bad = runner.invoke(app, base + ["--cache", "paged"])
     assert bad.exit_code == 2 and "--cache must be dynamic or vmem" in bad.output
+
+
+def _no_load(monkeypatch):
+    import vattn.models
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(vattn.models, "load_model", fail)
+
+
+def test_generate_reads_stdin(tiny_dir):
+    a = runner.invoke(app, [PROMPT, "--model", str(tiny_dir), "-n", "4"])
+    b = runner.invoke(app, ["-", "--model", str(tiny_dir), "-n", "4"], input=PROMPT)
+    c = runner.invoke(app, ["--model", str(tiny_dir), "-n", "4"], input=PROMPT)  # piped, no argument
+    assert a.exit_code == b.exit_code == c.exit_code == 0, (a.output, b.output, c.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0] == c.output.splitlines()[0]
+
+
+def test_generate_batch_file_and_json(tiny_dir, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text(f"{PROMPT}\n\nw1 w2 w3 w4 w5 w6\n")
+    r = runner.invoke(app, ["--batch", str(f), "--model", str(tiny_dir), "-n", "4", "--json", "--spec", "oracle-topk"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(x) for x in r.output.splitlines()]
+    assert [x["prompt"] for x in recs] == [PROMPT, "w1 w2 w3 w4 w5 w6"]
+    assert all(x["new_tokens"] == 4 and x["spec"] == "oracle-topk" and "density" in x["summary"] for x in recs)
+    single = runner.invoke(app, [PROMPT, "--model", str(tiny_dir), "-n", "4", "--spec", "oracle-topk"])
+    assert recs[0]["text"] == single.output.splitlines()[0]  # a batch line runs as the prompt alone would
+
+
+def test_generate_streams_the_same_text(tiny_dir):
+    a = runner.invoke(app, [PROMPT, "--model", str(tiny_dir), "-n", "6"])
+    b = runner.invoke(app, [PROMPT, "--model", str(tiny_dir), "-n", "6", "--stream"])
+    assert a.exit_code == b.exit_code == 0, b.output
+    assert b.output.splitlines()[0] == a.output.splitlines()[0] and "tok/s" in b.output
+
+
+def test_generate_samples_with_a_seed(tiny_dir):
+    base = [PROMPT, "--model", str(tiny_dir), "-n", "8", "--json"]
+    greedy = json.loads(runner.invoke(app, base).output)["text"]
+    s0 = [json.loads(runner.invoke(app, base + ["--temperature", "5", "--seed", str(s)]).output)["text"]
+          for s in (0, 0, 1)]
+    assert s0[0] == s0[1]  # same seed, same text
+    assert len({greedy, s0[0], s0[2]}) > 1  # a hot random model's samples differ from greedy or each other
+    nucleus = runner.invoke(app, base + ["--temperature", "1", "--top-p", "0.5"])
+    assert nucleus.exit_code == 0, nucleus.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "0.5"], "needs --temperature > 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0", "--temperature", "1"], "--top-p must be in (0, 1]"),
+    (["--stream", "--json"], "do not mix"),
+    (["--batch", "/nonexistent/prompts.txt"], "does not exist"),
+])
+def test_generate_option_errors_come_before_the_load(monkeypatch, args, message):
+    _no_load(monkeypatch)
+    r = runner.invoke(app, (["hi"] if "--batch" not in args else []) + args)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_generate_metrics_out_under_a_file_fails_before_the_load(monkeypatch, tmp_path):
+    _no_load(monkeypatch)
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = runner.invoke(app, ["hi", "--metrics-out", str(f / "m.jsonl")])
+    assert r.exit_code == 2 and "is a file, not a directory" in r.output, r.output
+    r = runner.invoke(app, ["hi", "--metrics-out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output
+
+
+def test_attn_implementation_vattn_needs_a_patch(tiny_dir):
+    """from_pretrained(attn_implementation="vattn") resolves once vattn.hf is imported; an
+    unpatched model says to patch it instead of silently running SDPA."""
+    import transformers
+
+    import vattn
+    import vattn.hf  # noqa: F401
+    from vattn.errors import VattnError
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation="vattn")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(VattnError, match=r"vattn.patch\(model, spec\)"):
+        model(ids)
+    p = vattn.patch(model, "dense")
+    try:
+        with torch.no_grad():
+            assert model(ids).logits.shape[:2] == (1, 4)
+    finally:
+        p.undo()

@@ -1,21 +1,114 @@
 """`vattn ...` commands. Library code logs; only this module (and the command
-functions it wires in) prints."""
+functions it wires in) prints.
+
+Commands whose modules import torch load on first use (LAZY): `vattn --help` lists them
+from their one-line help here, and `vattn CMD --help` imports only CMD's module; torch
+and transformers load inside the commands.
+"""
 from __future__ import annotations
 
 import importlib
 import json
+import sys
+import warnings
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from vattn.bench.app import bench_app
+from vattn import __version__
 from vattn.errors import VattnError
 
-app = typer.Typer(help="vattn: verified sparse attention for long-context decoding.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-app.add_typer(bench_app, name="bench")
+# name -> (module, function, one-line help); "bench" is the bench_app group.
+LAZY = {
+    "generate": ("vattn.generate", "generate_command", "Generate text with sparse attention on the generated tokens."),
+    "eval": ("vattn.eval.cli", "eval_command", "Long-context accuracy of sparse attention: RULER-style tasks."),
+    "report": ("vattn.eval.cli", "report_command", "Write RUN_DIR/report.md with tables and PNG plots."),
+    "train-hash": ("vattn.methods.train_hash", "train_hash_command", "Learn bit-signature projections for hashtopk."),
+    "bench": ("vattn.bench.app", "bench_app", "Speed benchmarks (ratios against a baseline measured in the same run)."),
+}
+
+
+def quiet_warnings():
+    """Silence the transformers FutureWarnings our own calls cause (deprecated keywords and
+    the like); other warnings stay."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*transformers.*")
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose LAZY commands are imported when invoked, not when listed."""
+
+    def list_commands(self, ctx):
+        return list(dict.fromkeys([*super().list_commands(ctx), *LAZY]))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in LAZY:
+            return cmd
+        module, func, _ = LAZY[name]
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            return None
+        if name == "bench":
+            for sub in ("vattn.bench.attention", "vattn.bench.cache"):  # they register on bench_app
+                try:
+                    importlib.import_module(sub)
+                except ModuleNotFoundError as e:
+                    if e.name != sub:
+                        raise
+            cmd = typer.main.get_command(mod.bench_app)
+        else:
+            sub = typer.Typer(pretty_exceptions_enable=False)
+            sub.command(name)(getattr(mod, func))
+            cmd = typer.main.get_command(sub)
+        cmd.name = name
+        self.add_command(cmd, name)
+        return cmd
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY and name not in self.commands:
+                rows.append((name, LAZY[name][2]))
+            else:
+                cmd = self.commands.get(name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(formatter.width)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            raise typer.Exit(130)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"vattn {__version__}")
+        raise typer.Exit()
+
+
+app = typer.Typer(cls=LazyGroup, help="vattn: verified sparse attention for long-context decoding.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    quiet_warnings()
+
+
 console = Console(width=None if Console().is_terminal else 150)
 
 
@@ -81,29 +174,6 @@ def verify(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(table, indent=1))
         console.print(f"wrote {json_out}")
-
-
-def _wire(module: str, func: str, name: str):
-    """Add a command whose function lives in another module, if that module is present."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return
-    app.command(name)(getattr(mod, func))
-
-
-_wire("vattn.generate", "generate_command", "generate")
-_wire("vattn.eval.cli", "eval_command", "eval")
-_wire("vattn.eval.cli", "report_command", "report")
-_wire("vattn.methods.train_hash", "train_hash_command", "train-hash")
-for _mod in ("vattn.bench.attention", "vattn.bench.cache"):  # they register on bench_app
-    try:
-        importlib.import_module(_mod)
-    except ModuleNotFoundError as _e:
-        if _e.name != _mod:
-            raise
 
 
 def main():

@@ -1,10 +1,17 @@
-"""`vattn generate`: greedy generation with a sparse attention spec on a real model.
+"""`vattn generate`: generation with a sparse attention spec on a real model.
 
 The prompt is prefilled with dense attention; every generated token uses the spec
-(hf.patch with sparse_from = prompt length). Prints the text, then one summary line.
+(hf.patch with sparse_from = prompt length). Greedy by default; --temperature and
+--top-p sample (seeded by --seed). The prompt comes as an argument, from --file, from
+stdin (`-` or piped), or many from --batch (one a line, run one after another). Prints
+the text (--stream: as it is generated), then one summary line; --json prints one JSON
+object a prompt instead.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +20,38 @@ import typer
 from vattn.errors import VattnError
 
 
+def check_writable_file(path: Path, what: str):
+    """`path` can be written as a file (its first existing ancestor a writable directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise VattnError(f"{what} {path} is a directory; give a file path")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise VattnError(f"{what} {path}: {p} is a file, not a directory; choose another path")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise VattnError(f"{what} {path}: {p} is not writable; choose another path")
+            return
+
+
+def check_sampling(temperature: float, top_p: float):
+    if not temperature >= 0:
+        raise VattnError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise VattnError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_p < 1 and temperature == 0:
+        raise VattnError("--top-p samples, so it needs --temperature > 0 (e.g. --temperature 0.7)")
+
+
 def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool = False,
         device: str = "cpu", dtype: str = "float32", model: str | None = None, metrics: bool = False,
-        metrics_out: Path | None = None, dense_layers: int = 0, seed: int = 0, cache: str = "dynamic") -> dict:
-    """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary"}."""
+        metrics_out: Path | None = None, dense_layers: int = 0, seed: int = 0, cache: str = "dynamic",
+        temperature: float = 0.0, top_p: float = 1.0, on_text=None) -> dict:
+    """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary"}.
+
+    temperature 0: greedy; else sampling (top_p nucleus), seeded by `seed`.
+    on_text(piece): called with each new piece of text as it is generated.
+    """
     import torch
 
     from vattn.hf import cache_keyword, patch
@@ -27,6 +62,9 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     parsed = parse(spec)
     resolve_device(device)
     resolve_dtype(dtype)
+    check_sampling(temperature, top_p)
+    if metrics_out is not None:
+        check_writable_file(metrics_out, "--metrics-out")
     if cache not in ("dynamic", "vmem"):
         raise VattnError(f"--cache must be dynamic or vmem, got {cache!r}")
     if max_new_tokens < 1:
@@ -50,16 +88,22 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
                          f"the model's context is {limit} tokens; shorten the prompt or lower --max-new-tokens")
     p = patch(mdl, parsed, dense_layers=dense_layers, metrics=metrics or metrics_out is not None,
               sparse_from=n, seed=seed)
-    clock = _Clock()
+    clock = _Clock(tok, on_text)
     kv = None
     if cache == "vmem":  # contiguous virtual K/V buffers, physical pages mapped as they grow
         from vattn.cache.hf import VmemCache
         kv = VmemCache.for_model(mdl, max_batch=1, max_len=n + max_new_tokens)
     try:
+        sampling = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            torch.manual_seed(seed)
+        else:  # the model's generation_config may carry sampling defaults: greedy means greedy
+            sampling.update(temperature=None, top_p=None, top_k=None)
         start = time.perf_counter()
         with torch.no_grad():
             out = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id, streamer=clock,
+                               pad_token_id=tok.pad_token_id, streamer=clock, **sampling,
                                **({} if kv is None else {cache_keyword(mdl): kv}))
         seconds = time.perf_counter() - start
         if not parsed.is_dense:
@@ -82,14 +126,25 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
 
 
 class _Clock:
-    """A generate() streamer that only notes when tokens arrive: put #0 is the prompt,
-    put #1 the first new token (so the prefill time), then one per decode step."""
+    """A generate() streamer that notes when tokens arrive: put #0 is the prompt, put #1
+    the first new token (so the prefill time), then one per decode step. With on_text it
+    also hands on each new piece of decoded text."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, tok=None, on_text=None):
+        self.times, self.tok, self.on_text = [], tok, on_text
+        self.ids, self.shown = [], ""
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        if self.on_text is None or len(self.times) == 1:  # the first put is the prompt
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        if text.startswith(self.shown):
+            self.on_text(text[len(self.shown):])
+        self.shown = text
 
     def end(self):
         pass
@@ -111,38 +166,83 @@ def summary_line(r: dict, spec: str) -> str:
     return " | ".join(parts)
 
 
+def read_prompts(prompt: str | None, file: Path | None, batch: Path | None, stdin=None) -> list[str]:
+    """The prompts to run: the argument, --file, stdin (`-` or piped) or --batch's lines."""
+    stdin = stdin or sys.stdin
+    given = [x for x in (prompt is not None and "prompt argument", file is not None and "--file",
+                         batch is not None and "--batch") if x]
+    if len(given) > 1:
+        raise VattnError(f"give the prompt one way, not {' and '.join(given)}")
+
+    def read(path: Path, what: str) -> str:
+        if str(path) == "-":
+            return stdin.read()
+        if not path.is_file():
+            raise VattnError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+        return path.read_text()
+
+    if batch is not None:
+        prompts = [line for line in read(batch, "--batch file").splitlines() if line.strip()]
+        if not prompts:
+            raise VattnError(f"--batch {batch} holds no prompts; write one prompt a line")
+        return prompts
+    if file is not None:
+        return [read(file, "prompt file")]
+    if prompt == "-" or (prompt is None and not stdin.isatty()):
+        prompt = stdin.read()
+        if not prompt.strip():
+            raise VattnError("no prompt: stdin was empty; give it as an argument, with --file or on stdin")
+    if prompt is None:
+        raise VattnError("no prompt: give it as an argument, with --file, on stdin (-) or with --batch")
+    return [prompt]
+
+
 def generate_command(
-    prompt: str = typer.Argument(None, help="The prompt (or use --file)."),
-    file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
+    prompt: str = typer.Argument(None, help="The prompt; `-` (or a pipe) reads it from stdin."),
+    file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from this file (`-`: stdin)."),
+    batch: Path = typer.Option(None, "--batch", "-b", help="Run each line of this file as a prompt, one after another (`-`: stdin)."),
     spec: str = typer.Option("dense", "--spec", "-s", help="Method spec or preset, e.g. vattention."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-T", help="0: greedy; > 0: sample at this temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this probability (needs --temperature > 0)."),
+    seed: int = typer.Option(0, help="Seed for sampling (--temperature) and for the spec's sampling parts."),
+    stream: bool = typer.Option(False, "--stream", help="Print the text as it is generated."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, tokens, times, metrics) instead."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    dtype: str = typer.Option("float32", help="float32 (fp32), float16 (fp16) or bfloat16 (bf16)."),
     model: str = typer.Option(None, "--model", "-m", help="HF model dir or .gguf (default: embedded SmolLM2)."),
     metrics: bool = typer.Option(False, help="Measure error and mass recall against dense (slower)."),
     metrics_out: Path = typer.Option(None, help="Write per-layer, per-step metrics as JSONL here."),
     dense_layers: int = typer.Option(0, help="Keep the first N layers dense."),
-    seed: int = typer.Option(0, help="Seed for sampling parts."),
     cache: str = typer.Option("dynamic", help="KV cache: dynamic (transformers) or vmem (contiguous virtual memory)."),
 ):
-    """Generate text greedily with sparse attention on the generated tokens."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    """Generate text with sparse attention on the generated tokens (greedy unless --temperature)."""
     try:
-        if prompt is not None and file is not None:
-            raise VattnError("give the prompt as an argument or with --file, not both")
-        if file is not None:
-            if not file.is_file():
-                raise VattnError(f"prompt file {file} does not exist")
-            prompt = file.read_text()
-        if prompt is None:
-            raise VattnError("no prompt: give it as an argument or with --file")
-        r = run(prompt, spec, max_new_tokens, chat, device, dtype, model, metrics, metrics_out, dense_layers, seed, cache)
+        if stream and json_out:
+            raise VattnError("--stream and --json do not mix; drop one")
+        check_sampling(temperature, top_p)
+        prompts = read_prompts(prompt, file, batch)
+        if metrics_out is not None:
+            if len(prompts) > 1:
+                raise VattnError("--metrics-out takes one prompt; run --batch without it, or one prompt at a time")
+            check_writable_file(metrics_out, "--metrics-out")
+        from vattn.cli import quiet_warnings
+        quiet_warnings()
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        for text in prompts:
+            on_text = (lambda piece: typer.echo(piece, nl=False)) if stream else None
+            r = run(text, spec, max_new_tokens, chat, device, dtype, model, metrics, metrics_out, dense_layers,
+                    seed, cache, temperature, top_p, on_text)
+            if json_out:
+                typer.echo(json.dumps({"prompt": text, "spec": spec, **{k: r[k] for k in (
+                    "text", "prompt_tokens", "new_tokens", "seconds", "first_token_seconds", "summary")}}))
+                continue
+            typer.echo("" if stream else r["text"])
+            typer.echo(summary_line(r, spec))
     except VattnError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    typer.echo(r["text"])
-    typer.echo(summary_line(r, spec))
-    if metrics_out is not None:
+    if metrics_out is not None and not json_out:
         typer.echo(f"wrote {metrics_out}")

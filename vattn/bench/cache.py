@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vattn.bench.app import bench_app
+from vattn.bench.app import bench_app, speed_vs
 from vattn.cache.kv import KVCache
 from vattn.cache.vmem import reserve
 from vattn.kernels.paged import paged_decode, paged_decode_ref, to_paged
@@ -197,11 +197,12 @@ def cache(device: str = typer.Option(None, help="cpu or cuda (default: cuda if a
     dc = res["decode"]
     t = Table(title=f"decode attention: B={dc['batch']}, N={dc['n']}, Hq={hq}, Hkv={hkv}, D={head_dim}, "
                     f"{dtype}, K+V {dc['kv_bytes'] / 1e6:.0f} MB")
-    for c in ("kernel", "cache", "time", "GB/s", "vs static SDPA", "rel err"):
+    for c in ("kernel", "cache", "time", "GB/s", f"speed vs {dc['rows'][0]['kernel']} on {dc['rows'][0]['cache']}",
+              "rel err"):
         t.add_column(c, justify="right")
     base = dc["rows"][0]["us"]
     for r in dc["rows"]:
-        t.add_row(r["kernel"], r["cache"], f"{r['us']:.1f} us", f"{r['GBps']:.0f}", f"{r['us'] / base:.3f}x",
+        t.add_row(r["kernel"], r["cache"], f"{r['us']:.1f} us", f"{r['GBps']:.0f}", speed_vs(r["us"], base),
                   f"{r['rel_err']:.1e}")
     con.print(t)
     if json_path:
