@@ -182,13 +182,6 @@ def dense_is_cheaper(h, kk, hkv, n, device) -> bool:
     return device.type == "cpu" and h * kk * 8 > hkv * n
 
 
-def per_query_head(x: torch.Tensor, shared: bool, hkv: int, g: int) -> torch.Tensor:
-    """[B, H, T, K] selection tensor -> [B, Hkv, G, T, K] (a shared one is broadcast)."""
-    if shared:
-        return x[:, :, None].expand(x.shape[0], hkv, g, *x.shape[2:])
-    return x.reshape(x.shape[0], hkv, g, *x.shape[2:])
-
-
 def weighted_values(w, idx, v):
     """sum_j w_j v[idx_j] per row by scattering into [.., N] and one matmul.
     w, idx: [B, Hkv, G, T, K]; v [B, Hkv, N, D] -> f32 [B, Hkv, G, T, D]."""
@@ -206,8 +199,8 @@ def attend_scattered(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     g = hq // hkv
     s = torch.matmul(q.float().reshape(b, hkv, g * t, d), k.float().transpose(-1, -2))
     s = s.reshape(b, hkv, g, t, n) * scale
-    idx, lw, ok = (per_query_head(x, sel.shared, hkv, g)
-                   for x in (sel.indices.long().clamp(min=0), sel.log_weights, sel.valid()))
+    idx, lw, ok = sel.by_group(hkv, g)
+    idx = idx.clamp(min=0)
     ss = (torch.gather(s, -1, idx) + lw).masked_fill(~ok, float("-inf"))
     p = softmax_rows(ss, ok.any(-1, keepdim=True))
     vf, bad = finite_values(v)

@@ -105,8 +105,8 @@ def capture_qkv(model, tokenizer, prompts=None, n_queries: int = 16, layers=None
         raise VattnError(f"n_queries must be >= 1, got {n_queries}")
     AttentionInterface.register(_NAME, _record)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_NAME, sdpa_mask)
-    from vattn.hf import _configs
-    saved = [(c, c._attn_implementation) for c in _configs(model)]
+    from vattn.hf import configs
+    saved = [(c, c._attn_implementation) for c in configs(model)]
     device = next(model.parameters()).device
     out = []
     model.set_attn_implementation(_NAME)

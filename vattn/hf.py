@@ -100,7 +100,7 @@ def _decoder(model):
     return model
 
 
-def _configs(model) -> list:
+def configs(model) -> list:
     """The model's config and all its sub-configs, each once."""
     out, todo = [], [model.config]
     while todo:
@@ -182,7 +182,7 @@ class Patch:
         if not self._modules:
             raise VattnError(f"{type(model).__name__} has no attention modules with a layer_idx; "
                              "vattn patches decoder-only transformers models")
-        self._saved = [(c, c._attn_implementation) for c in _configs(model)]
+        self._saved = [(c, c._attn_implementation) for c in configs(model)]
         _register()
         try:
             model.set_attn_implementation(NAME)

@@ -21,14 +21,6 @@ def frobenius_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
 
 
-def _per_query_head(sel: Selection, hq: int):
-    g = hq // sel.indices.shape[1]
-    idx, lw, ok = sel.indices.long(), sel.log_weights, sel.valid()
-    if g > 1:
-        idx, lw, ok = (x.repeat_interleave(g, 1) for x in (idx, lw, ok))
-    return idx, lw, ok
-
-
 def density(sel: Selection, starts: torch.Tensor, ends: torch.Tensor, hq: int) -> float:
     """Attended (query, key) pairs / allowed pairs, as measured from the selection."""
     g = hq // sel.indices.shape[1]
@@ -52,7 +44,7 @@ def mass_recall(q, k, sel: Selection, starts, ends, scale) -> torch.Tensor:
     """Exact softmax mass that falls on the chosen keys, per row: [B, Hq, T]."""
     s = exact_scores(q, k, starts, ends, scale)
     p = torch.softmax(s, -1).nan_to_num(0.0)
-    idx, _, ok = _per_query_head(sel, q.shape[1])
+    idx, _, ok = sel.per_query_head(q.shape[1])
     return (torch.gather(p, -1, idx.clamp(min=0)) * ok).sum(-1)
 
 
@@ -61,7 +53,7 @@ def denominator_error(q, k, sel: Selection, starts, ends, scale) -> torch.Tensor
     s = exact_scores(q, k, starts, ends, scale).double()
     shift = s.amax(-1, keepdim=True).clamp(min=-1e30)
     d = torch.exp(s - shift).sum(-1)
-    idx, lw, ok = _per_query_head(sel, q.shape[1])
+    idx, lw, ok = sel.per_query_head(q.shape[1])
     s_sel = torch.gather(s, -1, idx.clamp(min=0)) + lw.double()
     d_hat = (torch.exp(s_sel - shift) * ok).sum(-1)
     return ((d_hat - d).abs() / d.clamp(min=1e-300)).float()

@@ -30,6 +30,21 @@ class Selection:
         k = self.indices.shape[-1]
         return torch.arange(k, device=self.indices.device) < self.count.unsqueeze(-1)
 
+    def by_group(self, hkv: int, g: int):
+        """(indices int64, log_weights, valid) as [B, Hkv, G, T, K], G = query heads per KV
+        head: the one per-query-head view (a shared selection is broadcast, not copied)."""
+        def grouped(x):
+            if self.shared:
+                return x[:, :, None].expand(x.shape[0], hkv, g, *x.shape[2:])
+            return x.reshape(x.shape[0], hkv, g, *x.shape[2:])
+        return grouped(self.indices.long()), grouped(self.log_weights), grouped(self.valid())
+
+    def per_query_head(self, hq: int):
+        """(indices int64, log_weights, valid) as [B, Hq, T, K]."""
+        hkv = self.indices.shape[1] if self.shared else hq
+        g = hq // hkv
+        return tuple(x.reshape(x.shape[0], hq, *x.shape[3:]) for x in self.by_group(hkv, g))
+
     @staticmethod
     def empty(b, h, t, device, shared=False) -> "Selection":
         return Selection(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vattn.cache.vmem import VattnOutOfMemory, _runs, reserve
+from vattn.cache.vmem import VattnOutOfMemory, runs, reserve
 from vattn.errors import VattnError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class KVCache:
 
     def _zero(self, slot: int, pages) -> None:
         flat = self.range.tensor()
-        for g, n in _runs(self._granules(slot, pages)):
+        for g, n in runs(self._granules(slot, pages)):
             flat[g * self.G:(g + n) * self.G].zero_()
 
     def _reclaimable(self, keep: set[int]) -> int:

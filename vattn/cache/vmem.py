@@ -32,15 +32,15 @@ class VattnOutOfMemory(VattnError):
     """Physical memory for the KV cache ran out (budget or device)."""
 
 
-def _runs(granules):
+def runs(granules):
     """Sorted granule indices -> [(start, count)] of consecutive runs (fewer driver calls)."""
-    runs = []
+    out = []
     for g in sorted(granules):
-        if runs and runs[-1][0] + runs[-1][1] == g:
-            runs[-1][1] += 1
+        if out and out[-1][0] + out[-1][1] == g:
+            out[-1][1] += 1
         else:
-            runs.append([g, 1])
-    return [(s, n) for s, n in runs]
+            out.append([g, 1])
+    return [(s, n) for s, n in out]
 
 
 class VirtualRange:
@@ -79,7 +79,7 @@ class CpuRange(VirtualRange):
     def map(self, granules) -> None:
         with self._lock:
             new = [g for g in granules if g not in self._mapped]
-            for start, n in _runs(new):
+            for start, n in runs(new):
                 off, size = start * self.granule, n * self.granule
                 if self._populate:
                     try:
@@ -96,7 +96,7 @@ class CpuRange(VirtualRange):
     def unmap(self, granules) -> None:
         with self._lock:
             old = [g for g in granules if g in self._mapped]
-            for start, n in _runs(old):
+            for start, n in runs(old):
                 self._mm.madvise(mmap.MADV_DONTNEED, start * self.granule, n * self.granule)
             self._mapped.difference_update(old)
 
@@ -176,7 +176,7 @@ class CudaRange(VirtualRange):
             new = [g for g in granules if g not in self._mapped]
             done = []
             try:
-                for start, n in _runs(new):
+                for start, n in runs(new):
                     for g in range(start, start + n):
                         h = _check(drv.cuMemCreate(self.granule, self._prop, 0), "cuMemCreate")
                         try:
