@@ -65,6 +65,11 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
                   f"{r['scan_cold_us']:.1f}", f"{r['sdpa_cold_us'] / r['scan_cold_us']:.2f}x",
                   f"{r.get('dense_err', float('nan')):.1e}", f"{r.get('scan_err_vs_twin', float('nan')):.1e}")
     con.print(t)
+    if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
+        r = rows[0]
+        con.print(f"scan = sink(128)+window(128)+bit-signature top-k({r['scan_topk']} keys at N={r['N']})"
+                  f"+verified(eps={r['scan_eps']}, delta={r['scan_delta']}, mode=denominator): the GPU "
+                  "pipeline draws independently over the middle; output mode runs on the reference path only")
     layers = 4 if quick else e2e_layers
     if layers:
         e = core.bench_e2e(layers=layers, density=density)
