@@ -29,7 +29,7 @@ DEFAULT_LENGTH = 4096
 DEFAULT_SAMPLES = 2
 VACUOUS = 0.5  # calibrate.VACUOUS_EPS, repeated so that --help imports nothing heavy
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 160)
 
 
 def _split(values: Optional[List[str]], sep: str) -> list[str]:

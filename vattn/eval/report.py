@@ -72,6 +72,7 @@ def _plots(summary: dict, rows: list[dict], out: Path, title: str = "") -> list[
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     files = []
     labels = list(dict.fromkeys(_label(r) for r in summary["by_task"]))
@@ -94,6 +95,8 @@ def _plots(summary: dict, rows: list[dict], out: Path, title: str = "") -> list[
                 ax.step(*zip(*front), where="post", color="gray", lw=1, alpha=0.6)
             ax.set(title=task, xlabel="measured density", ylabel="score", ylim=(-0.05, 1.05))
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))  # 0.1, 0.2, 1: not 2x10^-1
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
         handles = [plt.Line2D([], [], color=color[lb], marker="o", ls="", label=lb) for lb in labels]
         if len(lengths) > 1:
             handles += [plt.Line2D([], [], color="gray", marker=marker[n], ls="", label=f"{n} tokens") for n in lengths]
