@@ -123,3 +123,16 @@ def test_vattn_attend_stays_the_function_after_the_submodule_loads():
     import vattn.attend  # noqa: F401  (the import system sets the submodule on the package)
     assert callable(vattn.attend) and vattn.attend.__name__ == "attend"
     assert vattn.PRESETS["dense"]
+
+
+def test_verify_json_under_a_file_fails_before_measuring(tmp_path, monkeypatch):
+    from vattn import verify as V
+    from vattn.cli import app
+
+    def no_measure(*a, **k):
+        raise AssertionError("measured before checking --json")
+    monkeypatch.setattr(V, "synthetic_groups", no_measure)
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = runner.invoke(app, ["verify", "--json", str(f / "out.json")])
+    assert r.exit_code == 2 and "is a file, not a directory" in r.output, r.output

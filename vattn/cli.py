@@ -143,7 +143,10 @@ def verify(
 ):
     """Measure coverage of the (eps, delta) guarantee: fraction of rows with error <= eps."""
     from vattn import verify as V
+    from vattn.generate import check_writable_file
     try:
+        if json_out is not None:  # before the measurement, not after it
+            check_writable_file(json_out, "--json")
         eps_l, delta_l = _floats(eps, "--eps"), _floats(delta, "--delta")
         modes = ["output", "denominator"] if mode == "both" else [mode]
         if any(m not in ("output", "denominator") for m in modes):
