@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from vattn import metrics as M
-from vattn.attend import attend, dense_attend
+from vattn.attend import dense_attend
 from vattn.errors import VattnError
-from vattn.spec import parse, select
+from vattn.plan import compile as compile_plan
+from vattn.spec import parse
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,8 @@ class Patch:
         self.seed = seed
         self.sparse = True
         self.records: list[dict] = []
-        self.states: dict[int, dict] = {}
         self._density: list[torch.Tensor] = []
-        self._gens: dict = {}
+        self._plans: dict = {}  # (spec text, device) -> Plan: method state and generator live there
         self._offset = None  # cache length before the current forward (set by the hook)
         self._last_offset = -1
         self._checked = False
@@ -214,7 +214,7 @@ class Patch:
         dens = [float(d) for d in self._density]
         out = {"density": sum(dens) / len(dens) if dens else None, "error": None, "recall": None,
                "calls": len(dens), "never_ran": None if dens else self._never_ran(),
-               "path": "reference"}  # methods -> Selection -> attend on every device (no fused plan yet)
+               "path": self._path()}
         errs = [r["error"] for r in self.records]
         if errs:
             out["error"] = sum(errs) / len(errs)
@@ -274,8 +274,8 @@ class Patch:
 
     def _start_forward(self, offset: int):
         if offset == 0 or offset < self._last_offset:
-            self.states.clear()  # a new sequence: methods start from scratch, reproducibly
-            self._gens.clear()
+            for plan in self._plans.values():  # a new sequence: methods start from scratch, reproducibly
+                plan.reset()
             self.sequences += 1
         self._last_offset = offset
 
@@ -312,11 +312,23 @@ class Patch:
             self._step_bounds[key] = (mask, bounds_from_mask(mask, b, t, n, window, device))  # mask kept: id stays valid
         return self._step_bounds[key][1]
 
-    def _generator(self, device):
-        key = str(device)
-        if key not in self._gens:
-            self._gens[key] = torch.Generator(device=device).manual_seed(int(self.seed))
-        return self._gens[key]
+    def plan(self, spec, device):
+        """The compiled Plan that runs `spec` on `device` (one per spec and device, kept)."""
+        key = (str(spec), str(device))
+        if key not in self._plans:
+            self._plans[key] = compile_plan(spec, device, seed=self.seed)
+        return self._plans[key]
+
+    def _path(self):
+        """What the main spec's plans ran: 'reference', 'streaming-kernel' (vattn.plan), or None."""
+        paths = sorted({p.path for (text, _), p in self._plans.items() if text == str(self.spec)})
+        return "+".join(paths) or None
+
+    @property
+    def states(self) -> dict:
+        """Per-layer method state of the main spec's plan (on the device it last ran on)."""
+        plans = [p for (text, _), p in self._plans.items() if text == str(self.spec)]
+        return plans[-1].states if plans else {}
 
     def forward(self, module, q, k, v, mask, dropout, scaling, **kwargs):
         layer = module.layer_idx
@@ -358,8 +370,7 @@ class Patch:
         # One select per group of rows that share a start (all rows unless a sliding
         # window cuts in); starts per batch row, causal ends.
         chunks = [(0, t)] if _uniform(starts) else [(i, i + 1) for i in range(t)]
-        state = self.states.setdefault(layer, {})
-        gen = self._generator(q.device)
+        plan = None if spec.is_dense else self.plan(spec, q.device)
         outs, attended, recall, refs = [], 0, [], []
         for lo, hi in chunks:
             qc, st, en = q[:, :, lo:hi], starts[:, lo], ends[:, hi - 1]
@@ -369,9 +380,7 @@ class Patch:
                 o = dense_attend(qc, k, v, en, st, scale)
                 attended = attended + (ends[:, lo:hi] - starts[:, lo:hi]).clamp(min=0).sum() * hq
             else:
-                sel = select(spec, qc, k, v, lengths=en, starts=st, scale=scale, generator=gen,
-                             state=state, layer=layer)
-                o = attend(qc, k, v, sel, scale=scale)
+                o, sel = plan.run(layer, qc, k, v, st, ends[:, lo:hi], scale)
                 attended = attended + sel.count.sum() * (hq // sel.indices.shape[1])
             outs.append(o)
             if self.metrics:

@@ -229,6 +229,11 @@ class Spec:
             part.select(ctx, out)
         return out.selection()
 
+    def compile(self, device, seed: int = 0, fused: bool | None = None):
+        """The Plan that runs this spec on `device` (vattn.plan.compile)."""
+        from vattn.plan import compile as compile_plan
+        return compile_plan(self, device, seed, fused)
+
     def __str__(self):
         return self.text
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from vattn import metrics
-from vattn.attend import attend, dense_attend, row_bounds
-from vattn.spec import select
+from vattn.attend import dense_attend, row_bounds
+from vattn.plan import compile as compile_plan
 
 
 @dataclass
@@ -38,8 +38,7 @@ def measure(inp: Inputs, spec: str, mode: str, seed: int = 0) -> dict:
     q, k, v = inp.q, inp.k, inp.v
     b, hq, t = q.shape[:3]
     starts, ends = row_bounds(b, t, k.shape[2], inp.lengths, inp.starts, q.device)
-    sel = select(spec, q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale, seed=seed)
-    out = attend(q, k, v, sel, scale=inp.scale)
+    out, sel = compile_plan(spec, q.device, seed=seed).run(0, q, k, v, starts, ends, inp.scale)  # what runs
     ref = dense_attend(q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale)
     live = (ends > starts[:, None])[:, None].expand(b, hq, t)  # rows with at least one key
     out_err = metrics.relative_error(out, ref)[live]
