@@ -92,17 +92,7 @@ def test_calibrate_bisects_to_the_target():
     pytest.importorskip("vattn.spec")
     from vattn.eval.calibrate import calibrate
 
-    def fake_density(spec):  # a made-up monotone model of density: fixed sizes + budget that falls with eps
-        from vattn.spec import parse
-        d = 0.0
-        for p in parse(spec).parts:
-            if p.name in ("sink", "window"):
-                d += p.n
-            elif p.name == "topk":
-                d += p.k
-            elif p.name == "verified":
-                d += 0.02 / p.eps
-        return d
+    fake_density = _fake_density  # a made-up monotone model of density: fixed sizes + budget that falls with eps
 
     text, d = calibrate(fake_density, "sink(0.02)+window(0.02)+topk(0.03)+verified(eps=0.1,delta=0.1)", 0.1)
     # One-sided: the result is at or below the target, never above it.

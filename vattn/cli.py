@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -143,7 +142,7 @@ def verify(
 ):
     """Measure coverage of the (eps, delta) guarantee: fraction of rows with error <= eps."""
     from vattn import verify as V
-    from vattn.generate import check_writable_file
+    from vattn.paths import check_writable_file
     try:
         if json_out is not None:  # before the measurement, not after it
             check_writable_file(json_out, "--json")

@@ -10,7 +10,6 @@ object a prompt instead.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,20 +17,7 @@ from pathlib import Path
 import typer
 
 from vattn.errors import VattnError
-
-
-def check_writable_file(path: Path, what: str):
-    """`path` can be written as a file (its first existing ancestor a writable directory)."""
-    path = Path(path)
-    if path.is_dir():
-        raise VattnError(f"{what} {path} is a directory; give a file path")
-    for p in path.parents:
-        if p.exists():
-            if not p.is_dir():
-                raise VattnError(f"{what} {path}: {p} is a file, not a directory; choose another path")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise VattnError(f"{what} {path}: {p} is not writable; choose another path")
-            return
+from vattn.paths import check_writable_file
 
 
 def check_sampling(temperature: float, top_p: float):

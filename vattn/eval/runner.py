@@ -27,6 +27,7 @@ from vattn.errors import VattnError
 from vattn.eval import scoring
 from vattn.eval.tasks import TASKS, Sample, load_jsonl, make_sample
 from vattn.hf import cache_keyword, patch
+from vattn.paths import check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -339,18 +340,6 @@ def check(cfg: EvalConfig) -> Path:
     out = cfg.run_dir()
     check_writable_dir(out, "--out")
     return out
-
-
-def check_writable_dir(path: Path, what: str):
-    """A directory we can create (or that exists) and write in; else a VattnError naming `what`."""
-    path = Path(path)
-    for p in [path, *path.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise VattnError(f"{what} {path}: {p} is a file, not a directory; choose another path")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise VattnError(f"{what} {path}: {p} is not writable; choose another path")
-            return
 
 
 def run(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None,

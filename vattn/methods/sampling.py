@@ -7,7 +7,6 @@ docs/guarantee.md for the derivation.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
