@@ -22,6 +22,7 @@ def test_generate_on_a_local_model(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert "tok/s" in lines[-2] and "prefill 30 tokens" in lines[-2] and "mean density" in lines[-2] and "mean error" in lines[-2]
+    assert "sparse calls 15 (reference path)" in lines[-2]  # 3 layers x 5 decode steps
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 3 * 5  # 3 layers x 5 sparse decode steps (the first token comes from the prefill)
     assert all(0 < x["density"] < 1 for x in recs)

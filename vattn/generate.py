@@ -143,7 +143,7 @@ def summary_line(r: dict, spec: str) -> str:
     parts = [f"{r['new_tokens']} tokens in {r['seconds']:.2f}s",
              f"prefill {r['prompt_tokens']} tokens (dense) {r['first_token_seconds']:.2f}s",
              f"decode {steps / decode:.2f} tok/s" if steps > 0 and decode > 0 else "decode -",
-             f"spec {spec}"]
+             f"spec {spec}", f"sparse calls {s['calls']} ({s.get('path') or '-'} path)"]
     if s["density"] is not None:
         parts.append(f"mean density {s['density']:.3f}")
     if s["error"] is not None:
