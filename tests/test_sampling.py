@@ -223,3 +223,15 @@ def test_heavy_keys_are_taken_exactly_and_shared_per_kv_head():
         c = int(sel.count[0, 0, t])
         idx = sel.indices[0, 0, t, :c].tolist()
         assert 300 in idx and float(sel.log_weights[0, 0, t, idx.index(300)]) == 0.0
+
+
+def test_verify_runs_each_group_as_its_layer():
+    """A captured group carries its layer: per-layer state (hashtopk's random projection)
+    differs between layers, as it does in the patched model."""
+    from vattn.verify import Inputs, measure
+    g = synthetic_groups(["peaked"], rows=8, n=512)[0]
+    q, k, v, scale = g.q, g.k, g.v, g.scale
+    spec = "sink(4)+window(4)+hashtopk(0.05)"
+    a = measure(Inputs("a", q, k, v, scale, layer=0), spec, "output")["output_errors"]
+    b = measure(Inputs("b", q, k, v, scale, layer=7), spec, "output")["output_errors"]
+    assert not torch.equal(a, b)

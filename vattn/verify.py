@@ -26,6 +26,7 @@ class Inputs:
     scale: float
     lengths: torch.Tensor | None = None
     starts: torch.Tensor | None = None
+    layer: int = 0  # a model layer's index: per-layer method state (e.g. hashtopk's projection)
 
 
 def tolerance(delta: float, rows: int) -> float:
@@ -38,7 +39,7 @@ def measure(inp: Inputs, spec: str, mode: str, seed: int = 0) -> dict:
     q, k, v = inp.q, inp.k, inp.v
     b, hq, t = q.shape[:3]
     starts, ends = row_bounds(b, t, k.shape[2], inp.lengths, inp.starts, q.device)
-    out, sel = compile_plan(spec, q.device, seed=seed).run(0, q, k, v, starts, ends, inp.scale)  # what runs
+    out, sel = compile_plan(spec, q.device, seed=seed).run(inp.layer, q, k, v, starts, ends, inp.scale)  # what runs
     ref = dense_attend(q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale)
     live = (ends > starts[:, None])[:, None].expand(b, hq, t)  # rows with at least one key
     out_err = metrics.relative_error(out, ref)[live]
@@ -114,5 +115,6 @@ def model_groups(model_path=None, tokens: int = 2048, seed: int = 0, n_queries: 
     model, tok = load_model(model_path)
     lengths = sorted({max(256, tokens // 2), tokens})
     caps = capture_qkv(model, tok, default_prompts(tok, lengths), n_queries=n_queries)
-    return [Inputs(f"layer {c['layer']:02d}", c["q"], c["k"], c["v"], c["scale"], c["lengths"], c["starts"])
+    return [Inputs(f"layer {c['layer']:02d}", c["q"], c["k"], c["v"], c["scale"], c["lengths"], c["starts"],
+                   c["layer"])
             for c in caps]
