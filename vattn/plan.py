@@ -98,8 +98,8 @@ def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
     b, hkv, n, _ = k.shape
     sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
     win = next((p.n for p in spec.parts if p.name == "window"), 0)
-    nn = torch.tensor([n], device=k.device)
-    kmax = int(resolve_size(sink, nn)) + int(resolve_size(win, nn))  # host ints: N is known
+    nn = torch.tensor([n])  # on the host: N is known there, so sizing K waits for nothing
+    kmax = int(resolve_size(sink, nn)) + int(resolve_size(win, nn))
     length = (ends - starts[:, None]).clamp(min=0)  # [B, T]
     ks = resolve_size(sink, length)
     kw = torch.minimum(resolve_size(win, length), length - ks)

@@ -20,6 +20,7 @@ PARTS: dict[str, type] = {}
 # so no row can hold more keys, and a larger number is a typo, not a budget.
 MAX_INT = 2**31 - 1
 
+
 def estimates(part) -> bool:
     """Whether `part` estimates the residual's mass from a sample (weighted keys), so that
     no part may follow it: a later part would count keys the sample already stands for."""
