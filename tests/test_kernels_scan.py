@@ -209,3 +209,24 @@ def test_var_inflation_is_the_chi_square_bound():
     assert all(a > b > 1 for a, b in zip(f, f[1:]))
     with pytest.raises(VattnError, match="var_conf"):
         var_inflation(128, 0.05, 1.5)
+
+
+def test_scan_decode_fractional_topk_strided_views_and_roomy_signatures():
+    """What a plan passes: topk as a fraction of each row's length, K/V views of a longer cache
+    (not copied) and a signature buffer with room for more keys; the twin agrees."""
+    q, k, v, proj, _ = inputs(4, N=2560)
+    k, v = k[:, :, :2048], v[:, :, :2048]  # views: batch/head strides of the 2560-key buffer
+    ks = sign_bits(torch.cat([k, torch.zeros_like(k[:, :, :300])], 2), proj)  # room for 2348 keys
+    L = torch.tensor([2048, 1200], dtype=torch.int32, device=DEV)
+    kw = dict(eps=0.1, delta=0.1, seed=4, **{**KW, "topk": 0.1})
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **kw)
+    got = st["rows"].cpu().double()
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=got[:, 5].long(), thu=got[:, 6].long(),
+                              total=got[:, 1].long(), exact=got[:, 4] > 0, **kw)
+    assert torch.equal(st["exact_keys"].cpu(), rs["exact_keys"])
+    assert rel(out, ref) < 1e-5
+    taken = rs["exact_keys"].double().view(2, 2) - KW["sink"] - KW["window"]
+    want = torch.tensor([[205.0], [120.0]])  # ceil(0.1 * L) per batch row
+    assert ((taken / want) - 1).abs().max() < 0.4
+    sel = rs["selection"]  # the twin lists what it attended: counts agree with its stats
+    assert sel.shared and torch.equal(sel.count.view(-1).cpu(), rs["exact_keys"] + rs["sample_keys"])

@@ -25,18 +25,27 @@ def context(q, k, v, lengths=None, starts=None, state=None, layer=0):
 
 def test_popcount_matches_python():
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(-2**62, 2**62, (500,), generator=g) * 2 + torch.randint(0, 2, (500,), generator=g)
-    x[:3] = torch.tensor([-1, -2**63, 0])
-    want = torch.tensor([bin(int(v) & (2**64 - 1)).count("1") for v in x])
+    x = torch.randint(-2**31, 2**31, (500,), generator=g)
+    x[:3] = torch.tensor([-1, -2**31, 0])
+    want = torch.tensor([bin(int(v) & (2**32 - 1)).count("1") for v in x])
     assert torch.equal(popcount(x), want)
 
 
 def test_pack_bits_round_trip():
     bits = torch.rand(7, 100) > 0.5
     words = pack_bits(bits)
-    assert words.shape == (7, 2)
-    back = torch.stack([(words[:, j // 64] >> (j % 64)) & 1 for j in range(100)], -1).bool()
+    assert words.shape == (7, 4) and words.dtype == torch.int32
+    back = torch.stack([(words[:, j // 32].long() >> (j % 32)) & 1 for j in range(100)], -1).bool()
     assert torch.equal(back, bits)
+
+
+def test_signatures_are_the_scan_kernels_format():
+    """One format: the part's random signatures equal kernels.bits.sign_bits with the layer's projection."""
+    from vattn.kernels.bits import sign_bits
+    from vattn.methods.hashing import random_proj, signatures, simhash_proj
+    k = torch.randn(2, 3, 40, 16)
+    got = signatures(k, random_proj(3, 16, 64, 5, 2, "cpu"), 64)
+    assert torch.equal(got, sign_bits(k, simhash_proj(16, 64, 5, 2, "cpu")))
 
 
 @pytest.mark.parametrize("bits", [7, 64, 100, 128])

@@ -58,6 +58,12 @@ def _draw(i, skey, sink, n_mid):
 
 
 @triton.jit
+def _row_k(K, KF, L):
+    """The row's top-k count: K keys plus the fraction KF of its length L (as resolve_size)."""
+    return tl.minimum(K + tl.ceil(KF * L.to(tl.float32)).to(tl.int32), L)
+
+
+@triton.jit
 def _cut(hc, n_mid, K, NH: tl.constexpr):
     """(tau, thu) from the subsample histogram hc [NH]: about K of the n_mid middle keys taken."""
     tot = tl.sum(hc, 0)
@@ -96,7 +102,7 @@ def _query(q, row, b, H, sqb, sqh, R: tl.constexpr, M: tl.constexpr, D: tl.const
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
 def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
-               sqb, sqh, skb, skh, skn, H, N, sink, window, K, STRIDE, seed, m0, scale_log2,
+               sqb, sqh, skb, skh, skn, H, N, sink, window, K, KF, STRIDE, seed, m0, scale_log2,
                R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
                M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
@@ -114,6 +120,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     pdl_wait(PDL)
     b = row // H
     L = tl.load(lens + b)
+    K = _row_k(K, KF, L)
     hi = L - window
     n_mid = tl.maximum(hi - sink, 0)
     qv = qwords(q, proj, row, b, H, sqb, sqh, R, W, D, RWP)
@@ -428,7 +435,7 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 @triton.jit(do_not_specialize=["seed"])
 def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
                   sqb, sqh, skb, skh, skn, svb, svh, svn,
-                  H, N, S1, S2, sink, window, K, m0, seed, scale_log2, zz, eps2, infl,
+                  H, N, S1, S2, sink, window, K, KF, m0, seed, scale_log2, zz, eps2, infl,
                   R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
@@ -444,6 +451,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     _stamp(tr, 0, j2, TR)
     b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
+    K = _row_k(K, KF, L)
     n_mid = tl.maximum(hi - sink, 0)
     t = tl.load(cut + row * 2, cache_modifier=".cg")
     tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")

@@ -35,6 +35,7 @@ from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
                                    target_programs, use_ieee, resolve_pdl, zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, sign_bits
+from vattn.selection import Selection
 
 M32 = 0xFFFFFFFF
 TIE_SALT = 0x68E31DA4
@@ -96,18 +97,33 @@ def check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0):
     Hkv, N = k.shape[1], k.shape[2]
     if T != 1:
         raise VattnError(f"vattention_scan_decode handles one query row (T=1), got T={T}")
-    if ksig.shape[:3] != (B, Hkv, N) or ksig.dtype != torch.int32 or proj.shape != (D, 32 * ksig.shape[-1]):
-        raise VattnError(f"ksig must be int32 [B,Hkv,N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
+    if (ksig.shape[:2] != (B, Hkv) or ksig.shape[2] < N or ksig.dtype != torch.int32
+            or proj.shape != (D, 32 * ksig.shape[-1])):
+        raise VattnError(f"ksig must be int32 [B,Hkv,>=N,W] = {(B, Hkv, N)}+(W,) and proj f32 [D, 32*W], got "
                          f"{tuple(ksig.shape)} {ksig.dtype} and {tuple(proj.shape)}")
     if v.shape != k.shape or v.dtype != k.dtype or q.dtype != k.dtype or Hq % Hkv:
         raise VattnError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
                          f"{v.dtype}: k and v must match, share q's dtype, and Hkv must divide Hq")
     if D not in (16, 32, 64, 128, 256):
         raise VattnError(f"head dim must be a power of two in 16..256, got {D}")
-    if min(sink, window) < 0 or topk < 1 or m0 < 2:
-        raise VattnError(f"need sink, window >= 0, topk >= 1 and m0 >= 2, got {sink}, {window}, {topk}, {m0}")
+    bad_k = topk <= 0 or topk > 1 if isinstance(topk, float) else topk < 1
+    if min(sink, window) < 0 or bad_k or m0 < 2:
+        raise VattnError(f"need sink, window >= 0, topk a count >= 1 or a fraction in (0, 1], and m0 >= 2, "
+                         f"got {sink}, {window}, {topk}, {m0}")
     if lengths is not None and (lengths.shape != (B,) or lengths.dtype != torch.int32):
         raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
+
+
+def topk_args(topk) -> tuple[int, float]:
+    """(K, KF) of the kernels: a count, or a fraction of each row's length (resolve_size)."""
+    return (0, float(topk)) if isinstance(topk, float) else (int(topk), 0.0)
+
+
+def row_topk(topk, length: int) -> int:
+    """A row's top-k count, with the kernels' float32 arithmetic (_scan_triton._row_k)."""
+    kc, kf = topk_args(topk)
+    frac = torch.ceil(torch.tensor(kf, dtype=torch.float32) * torch.tensor(float(length), dtype=torch.float32))
+    return min(kc + int(frac), length)
 
 
 def scan_plan(rows, n, device, block_n=64, num_warps=4):
@@ -162,7 +178,11 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                          "give a power of two >= 32")
     if trace is not None and (q.device.type != "cuda" or interpret()):
         raise VattnError("trace= reads the GPU's global timer: it needs CUDA tensors, not the interpreter")
-    q, k, v, ksig = q.contiguous(), k.contiguous(), v.contiguous(), ksig.contiguous()
+    # K/V are read through their strides (a view of a larger cache is not copied); ksig may
+    # have room for more keys than N (a plan's buffer): its length is the kernels' row stride.
+    q, ksig = q.contiguous(), ksig.contiguous()
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    NS = ksig.shape[2]
     proj = proj.float().contiguous()
     check_runnable(q, k, v, ksig, lengths)
     rows = B * Hkv
@@ -174,7 +194,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
     cnt = torch.empty((rows, s1 + s2), dtype=torch.int32, device=dev)  # keys attended: scan, then sample
-    scr = torch.empty((rows, N), dtype=torch.int32, device=dev)
+    scr = torch.empty((rows, NS), dtype=torch.int32, device=dev)
     po = torch.empty((B, Hq, 1, s1 + s2, D), dtype=torch.float32, device=dev)
     plse = torch.empty((B, Hq, 1, s1 + s2), dtype=torch.float32, device=dev)
     st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
@@ -210,18 +230,18 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
             tr[n] = trace[n]
         meta["TR"] = 1
     kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
-                             *skv[:3], Hkv, N, sink, window, topk, stride, seed & M32, m0, log2s,
+                             *skv[:3], Hkv, NS, sink, window, *topk_args(topk), stride, seed & M32, m0, log2s,
                              PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
                              BN=sub_block, CL=32, UPD=int(update_sig), **(meta | fit_cut))
     if upto < 2:
         return None
     kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
-                               *sq, *skv, Hkv, N, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
+                               *sq, *skv, Hkv, NS, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
                                BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
-                                 tr.get("sample", cnt), *sq, *skv, Hkv, N, s1, s2, sink, window, topk, m0,
+                                 tr.get("sample", cnt), *sq, *skv, Hkv, NS, s1, s2, sink, window, *topk_args(topk), m0,
                                  seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
                                  SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample))
@@ -250,7 +270,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     lengths = torch.full((B,), N, dtype=torch.int32) if lengths is None else lengths.cpu()
     scale = D ** -0.5 if scale is None else float(scale)
     NH, SH = bins(G * 32 * W)
-    sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig, True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
+    sc = (bit_scores_ref(sign_bits(q, proj.float()), ksig[:, :, :N], True).view(B * Hkv, N).cpu().long() >> SH).clamp(max=NH - 1)
     n_mid_max = max(N - sink - window, 1)
     stride = subsample_stride(n_mid_max, sub)
     P = -(-n_mid_max // (sub_block * stride))
@@ -261,9 +281,11 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     sample_keys = torch.zeros(B * Hkv, dtype=torch.int32)
     d_hat = torch.zeros((B, Hq), dtype=torch.float64)
     d_true = torch.zeros((B, Hq), dtype=torch.float64)
+    picked = []  # per row: (key positions, log weights) of what the row attends
     for row in range(B * Hkv):
         b, h = divmod(row, Hkv)
         L = int(lengths[b])
+        kr = row_topk(topk, L)
         hi = L - window
         n_mid = max(hi - sink, 0)
         s = sc[row]
@@ -276,7 +298,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         hc = torch.bincount(s[pos], minlength=NH).float()
         tot = hc.sum()
         ge = tot - hc.cumsum(0) + hc
-        want = torch.tensor(float(topk), dtype=torch.float32) * tot.float() / float(max(n_mid, 1))
+        want = torch.tensor(float(kr), dtype=torch.float32) * tot.float() / float(max(n_mid, 1))
         t = max(int((ge >= want).sum()) - 1, 0)
         p = ((want - (ge[t] - hc[t])) / max(float(hc[t]), 1.0)).clamp(0, 1)
         tu = int((p.float() * 16777216.0).to(torch.int32))
@@ -304,7 +326,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         dh = dfix + n_mid * mean
         b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
         need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
-        ex = n_mid > 0 and need >= max(n_mid - topk, m)
+        ex = n_mid > 0 and need >= max(n_mid - kr, m)
         ex = ex if exact is None else bool(exact[row])
         tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
         tot_m = tot_m if total is None else int(total[row])
@@ -321,9 +343,23 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         d_hat[b, h * G:(h + 1) * G] = den
         d_true[b, h * G:(h + 1) * G] = e[:, :L].sum(1)
         rows[row] = torch.tensor([m, tot_m, n_mid, need, float(ex), t, tu], dtype=torch.float64)
+        picked.append((torch.cat([n[fixed], idx]), torch.cat([torch.zeros(int(fixed.sum())), ws.log()])))
         exact_keys[row] = int(fixed.sum())
         sample_keys[row] = len(idx)
-    return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true)
+    return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true,
+                             selection=_selection(picked, B, Hkv, dev))
+
+
+def _selection(picked, B, Hkv, device) -> Selection:
+    """The twin's choices as a shared Selection [B, Hkv, 1, K] (a key drawn twice is listed twice)."""
+    kmax = max((len(i) for i, _ in picked), default=0)
+    idx = torch.full((B * Hkv, kmax), -1, dtype=torch.int32)
+    lw = torch.zeros((B * Hkv, kmax), dtype=torch.float32)
+    for r, (i, w) in enumerate(picked):
+        idx[r, :len(i)], lw[r, :len(i)] = i.to(torch.int32), w.float()
+    count = torch.tensor([len(i) for i, _ in picked], dtype=torch.int32)
+    return Selection(idx.view(B, Hkv, 1, kmax).to(device), lw.view(B, Hkv, 1, kmax).to(device),
+                     count.view(B, Hkv, 1).to(device), shared=True)
 
 
 def scan_density(st, lengths, Hkv):

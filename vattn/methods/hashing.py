@@ -1,6 +1,6 @@
 """Top-k by bit signatures, in the style of HashAttention and Spotlight.
 
-Queries and keys are mapped to `bits` sign bits, packed into int64 words; a key's
+Queries and keys are mapped to `bits` sign bits, packed into int32 words (kernels/bits.py's format); a key's
 score is the number of bits it shares with the query (bits - popcount(q XOR k)),
 and the row keeps the k keys with the most agreement. The projection is random
 (SimHash: agreement estimates the angle between q and k, training-free) or learned
@@ -21,38 +21,39 @@ from vattn.methods.base import Builder, DecodeContext, check_size, load_part_fil
 from vattn.methods.quest import block_state, check_int
 
 FORMAT = "vattn-hash/1"
-_M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+_M1, _M2, _M4 = 0x55555555, 0x33333333, 0x0F0F0F0F
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits per int64 element (SWAR; the masks clear what arithmetic shifts smear in)."""
+    """Set bits of the low 32 bits of each int64 element (SWAR)."""
+    x = x & 0xFFFFFFFF
     x = x - ((x >> 1) & _M1)
     x = (x & _M2) + ((x >> 2) & _M2)
     x = (x + (x >> 4)) & _M4
     x = x + (x >> 8)
     x = x + (x >> 16)
-    x = x + (x >> 32)
-    return x & 0x7F
+    return x & 0x3F
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """bool [..., nbits] -> int64 [..., ceil(nbits/64)]; bit j of word w is bit 64*w + j."""
+    """bool [..., nbits] -> int32 [..., ceil(nbits/32)]; bit j of word w is bit 32*w + j: the
+    one signature format, the scan kernels' (kernels.bits.sign_bits)."""
     nbits = bits.shape[-1]
-    words = -(-nbits // 64)
-    b = torch.nn.functional.pad(bits.long(), (0, words * 64 - nbits)).reshape(*bits.shape[:-1], words, 64)
-    # Distinct powers of two never carry, so the sum is a bitwise or (bit 63 wraps to the sign).
-    return (b << torch.arange(64, device=bits.device)).sum(-1)
+    words = -(-nbits // 32)
+    b = torch.nn.functional.pad(bits.long(), (0, words * 32 - nbits)).reshape(*bits.shape[:-1], words, 32)
+    word = (b << torch.arange(32, device=bits.device)).sum(-1)  # distinct powers of two: a bitwise or
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
 
 
 def agreement(qsig: torch.Tensor, ksig: torch.Tensor, nbits: int) -> torch.Tensor:
     """Bits shared by query and key signatures: int32 [B, Hq, T, N].
 
-    qsig int64 [B, Hq, T, W]; ksig int64 [B, Hkv, N, W] (query head h uses KV head h // G).
+    qsig int32 [B, Hq, T, W]; ksig int32 [B, Hkv, N, W] (query head h uses KV head h // G).
     Unused high bits are 0 in both, so they never count as disagreement.
     """
     b, hq, t, w = qsig.shape
     hkv = ksig.shape[1]
-    x = qsig.reshape(b, hkv, hq // hkv * t, 1, w) ^ ksig[:, :, None]
+    x = qsig.reshape(b, hkv, hq // hkv * t, 1, w).long() ^ ksig[:, :, None].long()
     return (nbits - popcount(x).sum(-1)).to(torch.int32).reshape(b, hq, t, -1)
 
 
@@ -69,10 +70,16 @@ def project(x: torch.Tensor, p: dict) -> torch.Tensor:
     return y
 
 
-def random_proj(hkv: int, d: int, bits: int, seed: int, layer: int, device) -> dict:
-    """SimHash hyperplanes [Hkv, D, bits], fixed by (seed, layer)."""
+def simhash_proj(d: int, bits: int, seed: int, layer: int, device) -> torch.Tensor:
+    """SimHash hyperplanes [D, bits] of a layer, fixed by (seed, layer): one set for every
+    head, so the scan kernels (one projection per layer) sign keys as this part does."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
-    return {"w": torch.randn(hkv, d, bits, generator=g).to(device)}
+    return torch.randn(d, bits, generator=g).to(device)
+
+
+def random_proj(hkv: int, d: int, bits: int, seed: int, layer: int, device) -> dict:
+    """simhash_proj as per-head parameters [Hkv, D, bits]."""
+    return {"w": simhash_proj(d, bits, seed, layer, device).expand(hkv, d, bits)}
 
 
 def load_proj(path: str) -> dict:
@@ -81,7 +88,7 @@ def load_proj(path: str) -> dict:
 
 
 def signatures(x: torch.Tensor, p: dict, nbits: int) -> torch.Tensor:
-    """Packed signs of the projection: int64 [B, H, M, W]."""
+    """Packed signs of the projection: int32 [B, H, M, W]."""
     return pack_bits(project(x.float(), p)[..., :nbits] > 0)
 
 
@@ -129,7 +136,7 @@ class HashTopK:
         return ({n_: t.to(dev) for n_, t in pq.items()}, {n_: t.to(dev) for n_, t in pk.items()})
 
     def key_signatures(self, ctx: DecodeContext, pk: dict) -> torch.Tensor:
-        """int64 [B, Hkv, N, W], kept across calls and extended as keys are appended."""
+        """int32 [B, Hkv, N, W], kept across calls and extended as keys are appended."""
         def build(lo, n):
             return signatures(ctx.k[:, :, lo:n], pk, self.bits)
 
