@@ -1,0 +1,419 @@
+"""Continuous batching over a Runner: waiting and running queues, admission by KV memory,
+chunked prefill interleaved with decode steps, preemption by recompute, cancellation.
+
+    sched = Scheduler(runner, spec="vattention")
+    sched.start()                                   # the engine loop, one background thread
+    sched.submit(Request(prompt_ids=ids, max_tokens=64, on_event=callback))
+    sched.cancel(request_id)
+
+One `step()`:
+  1. new requests join `waiting`; cancelled ones end (their slot is freed);
+  2. admission, first come first served: with admission="vmem" a request is admitted when
+     its prompt's pages can be mapped now (`runner.fits`), not when a max-length slot is
+     free; admission="static" reserves max_len per request (capacity = budget // one slot
+     at max_len), the baseline a static KV allocation gives at equal memory;
+  3. one decode step for every request past its prefill (one runner call per spec);
+  4. up to `chunk_tokens` prompt tokens of prefill (long prompts take several steps, so
+     running requests keep decoding meanwhile).
+When memory cannot be mapped, the latest admitted request is preempted: its slot is freed
+and it goes back to the front of `waiting` with prompt + generated tokens, which are
+prefilled again (recompute) when memory allows. A request that does not fit even alone
+ends with an error; the loop never dies on a request's failure.
+
+Events reach the caller through `Request.on_event(request, new_token_ids, finished)`,
+called on the engine thread: keep it short (hand over to another thread or event loop).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vattn.cache.vmem import VattnOutOfMemory
+from vattn.errors import VattnError
+
+log = logging.getLogger(__name__)
+
+ADMISSIONS = ("vmem", "static")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class RequestStats:
+    arrival: float = 0.0
+    admitted: float | None = None      # first admission
+    first_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    density: float | None = None       # measured by the runner for this request's slot
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        if self.finished is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (self.output_tokens - 1)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    spec: str | None = None            # None: the runner's spec
+    temperature: float = 0.0           # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset = frozenset()  # ends the request; the stop token is not emitted
+    ignore_eos: bool = False
+    on_event: Callable[["Request", list, bool], None] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # engine state
+    output_ids: list = field(default_factory=list)
+    slot: int | None = None
+    done: int = 0                      # tokens of `tokens` already in the slot's KV
+    prefilling: bool = True
+    finish_reason: str | None = None   # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    error_code: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    _gen: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """One token id from logits [V]: greedy at temperature 0, else nucleus sampling.
+    Kept tiny on purpose; to be replaced by the engine's sampler once it has one."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    if top_p < 1:
+        p, idx = probs.sort(descending=True)
+        p = p * ((p.cumsum(-1) - p) < top_p)  # keep the smallest prefix reaching top_p
+        return int(idx[torch.multinomial(p, 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Scheduler:
+    """Continuous batching on one Runner. `submit`/`cancel`/`metrics` are thread-safe; everything
+    else runs on the engine thread (`start()`), or call `step()` yourself (tests)."""
+
+    def __init__(self, runner, *, spec: str | None = None, chunk_tokens: int = 512, admission: str = "vmem",
+                 max_waiting: int = 256, eos_ids=None, seed: int = 0):
+        if admission not in ADMISSIONS:
+            raise VattnError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
+        if chunk_tokens < 1:
+            raise VattnError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if max_waiting < 1:
+            raise VattnError(f"max_waiting must be >= 1, got {max_waiting}")
+        self.runner, self.spec, self.chunk, self.admission = runner, spec, chunk_tokens, admission
+        self.max_waiting = max_waiting
+        if eos_ids is None:
+            eos = getattr(runner.tokenizer, "eos_token_id", None)
+            eos_ids = [] if eos is None else [eos]
+        self.eos_ids = frozenset(eos_ids)
+        self.capacity = self._static_capacity() if admission == "static" else runner.max_batch
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []   # admission order: the last is preempted first
+        self._inbox: list[Request] = []
+        self._cancels: set[str] = set()
+        self._cv = threading.Condition()
+        self._seeds = itertools.count(seed)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # counters (engine thread writes; metrics() reads)
+        self.counts = {"finished": 0, "failed": 0, "cancelled": 0, "preempted": 0,
+                       "prompt_tokens": 0, "output_tokens": 0}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) of the last steps
+        self._density = None
+        self.max_running = 0
+
+    def _static_capacity(self) -> int:
+        st = self.runner.kv.stats()
+        per_request = st.static_bytes // self.runner.max_batch  # one slot at max_len
+        if st.budget_bytes is None:
+            return self.runner.max_batch
+        cap = min(self.runner.max_batch, st.budget_bytes // per_request)
+        if cap < 1:
+            raise VattnError(f"static admission: one request at max_len={self.runner.max_len} needs "
+                             f"{per_request / 2**20:.1f} MiB of KV, more than the budget "
+                             f"{st.budget_bytes / 2**20:.1f} MiB; raise the budget or lower max_len")
+        return cap
+
+    # ------------------------------------------------------------ any thread
+    def check(self, req: Request) -> None:
+        """Raise VattnError saying what to change if `req` can never run here."""
+        n, max_len = len(req.prompt_ids), self.runner.max_len
+        if n == 0:
+            raise VattnError("the prompt is empty; send at least one token")
+        if req.max_tokens < 1:
+            raise VattnError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if n >= max_len:
+            raise VattnError(f"the prompt has {n} tokens but max_len is {max_len} (prompt + output); "
+                             "shorten the prompt or start the server with a larger --max-len")
+        if n + req.max_tokens > max_len:
+            raise VattnError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, together more than "
+                             f"max_len {max_len}; lower max_tokens to at most {max_len - n}")
+        if not req.temperature >= 0:
+            raise VattnError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}")
+        if not 0 < req.top_p <= 1:
+            raise VattnError(f"top_p must be in (0, 1], got {req.top_p}")
+
+    def submit(self, req: Request) -> None:
+        """Queue a request. Raises VattnError (bad request) or QueueFull (retry later)."""
+        self.check(req)
+        with self._cv:
+            if len(self.waiting) + len(self._inbox) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
+            req.stats.arrival = time.perf_counter()
+            req.stats.prompt_tokens = len(req.prompt_ids)
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """End a request (waiting or running) and free its slot; unknown or finished ids are ignored."""
+        with self._cv:
+            self._cancels.add(request_id)
+            self._cv.notify()
+
+    def has_work(self) -> bool:
+        with self._cv:
+            return bool(self._inbox or self._cancels or self.waiting or self.running)
+
+    def metrics(self) -> dict:
+        """A snapshot for /metrics: queue sizes, KV memory, throughput, density."""
+        now = time.perf_counter()
+        with self._cv:
+            recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
+            out = {"running": len(self.running), "waiting": len(self.waiting) + len(self._inbox),
+                   "max_running": self.max_running, **self.counts, "density": self._density}
+        st = self.runner.kv.stats()
+        out.update(kv_mapped_bytes=st.mapped_bytes, kv_used_bytes=st.used_bytes,
+                   kv_budget_bytes=st.budget_bytes)
+        out["tokens_per_s"] = sum(n for _, n in recent) / 10.0 if recent else 0.0
+        return out
+
+    # ------------------------------------------------------------ the loop
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="vattn-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._inbox or self._cancels or self.waiting or self.running):
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug must not take the server down: fail what was in flight
+                log.exception("engine step failed")
+                victims = list(self.running) or list(itertools.islice(self.waiting, 1))
+                for r in victims:
+                    self._finish(r, "error", f"engine error: {type(e).__name__}: {e}", "engine_error")
+        for r in list(self.running) + list(self.waiting):
+            self._finish(r, "cancelled")
+
+    # ------------------------------------------------------------ engine thread
+    def step(self) -> bool:
+        """One iteration; returns False when there was nothing to do."""
+        self._drain()
+        self._admit()
+        if not self.running:
+            return False
+        new_tokens = self._decode() + self._prefill()
+        now = time.perf_counter()
+        densities = [d for d in (self.runner.density(r.slot) for r in self.running if r.slot is not None)
+                     if d is not None]
+        with self._cv:
+            self._recent.append((now, new_tokens))
+            while self._recent and now - self._recent[0][0] > 10.0:
+                self._recent.popleft()
+            if densities:
+                self._density = sum(densities) / len(densities)
+        return True
+
+    def _drain(self) -> None:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        for r in inbox:
+            r._gen = torch.Generator().manual_seed(r.seed if r.seed is not None else next(self._seeds))
+            self.waiting.append(r)
+        if cancels:
+            for r in [r for r in list(self.running) + list(self.waiting) if r.id in cancels]:
+                self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.capacity:
+            r = self.waiting[0]
+            if self.admission == "vmem" and self.running:
+                # Tokens admitted but not prefilled yet hold no pages: count them too.
+                pending = sum(len(x.tokens) - x.done for x in self.running if x.prefilling)
+                if not self.runner.fits(pending + len(r.tokens) + 1):
+                    break  # first come first served: nobody overtakes the head
+            # Nothing running: admit anyway, so a request too large for memory fails instead of waiting forever.
+            try:
+                r.slot = self.runner.alloc()
+            except VattnError:
+                break
+            self.waiting.popleft()
+            r.done, r.prefilling = 0, True
+            if r.stats.admitted is None:
+                r.stats.admitted = time.perf_counter()
+            self.running.append(r)
+        self.max_running = max(self.max_running, len(self.running))
+
+    def _decode(self) -> int:
+        groups: dict = {}
+        for r in self.running:
+            if not r.prefilling:
+                groups.setdefault(r.spec, []).append(r)
+        n = 0
+        for spec, batch in groups.items():
+            while True:
+                batch = [r for r in batch if r.slot is not None and not r.finished]
+                if not batch:
+                    break
+                try:
+                    logits = self.runner.decode([r.slot for r in batch], [r.tokens[-1] for r in batch], spec=spec)
+                except VattnOutOfMemory as e:
+                    self._preempt_for(batch[0], e)  # frees a slot (or fails a lone request); retry
+                    continue
+                except Exception as e:
+                    log.exception("decode failed")
+                    for r in batch:
+                        self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
+                    break
+                for i, r in enumerate(batch):
+                    r.done += 1
+                    self._emit_next(r, logits[i])
+                    n += 1
+                break
+        return n
+
+    def _prefill(self) -> int:
+        budget, n = self.chunk, 0
+        for r in list(self.running):
+            if budget <= 0:
+                break
+            if not r.prefilling or r.slot is None:
+                continue
+            toks = r.tokens
+            chunk = toks[r.done:r.done + budget]
+            try:
+                logits = self.runner.prefill(r.slot, chunk, start=r.done, spec=r.spec)
+            except VattnOutOfMemory as e:
+                self._preempt_for(r, e)
+                break  # memory changed: the next step decides again
+            except Exception as e:
+                log.exception("prefill failed")
+                code = "bad_spec" if isinstance(e, VattnError) else "engine_error"
+                self._finish(r, "error", f"prefill failed: {e}", code)
+                continue
+            r.done += len(chunk)
+            budget -= len(chunk)
+            if r.done == len(toks):
+                r.prefilling = False
+                self._emit_next(r, logits)
+                n += 1
+        return n
+
+    def _preempt_for(self, r: Request, err: Exception) -> bool:
+        """Out of memory while serving `r`: preempt the latest admitted request, or fail `r`
+        when it runs alone (it cannot fit). Returns whether `r` itself is still running."""
+        if len(self.running) <= 1:
+            self._finish(r, "error", f"this request needs more KV memory than the server has ({err}); "
+                         "shorten the prompt or lower max_tokens", "kv_out_of_memory")
+            return False
+        victim = self.running[-1]
+        log.info("KV memory full: preempting request %s (%d tokens, recomputed later)", victim.id, len(victim.tokens))
+        self.runner.free(victim.slot)
+        victim.slot, victim.done, victim.prefilling = None, 0, True
+        victim.stats.preemptions += 1
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+        with self._cv:
+            self.counts["preempted"] += 1
+        return victim is not r
+
+    def _emit_next(self, r: Request, logits: torch.Tensor) -> None:
+        tok = sample(logits, r.temperature, r.top_p, r._gen)
+        now = time.perf_counter()
+        if r.stats.first_token is None:
+            r.stats.first_token = now
+        stop = tok in r.stop_ids or (not r.ignore_eos and tok in self.eos_ids)
+        if not stop:
+            r.output_ids.append(tok)
+            r.stats.output_tokens = len(r.output_ids)
+            self._event(r, [tok], False)
+        if stop:
+            self._finish(r, "stop")
+        elif len(r.output_ids) >= r.max_tokens or len(r.tokens) >= self.runner.max_len:
+            self._finish(r, "length")
+
+    def _event(self, r: Request, toks: list, finished: bool) -> None:
+        if r.on_event is None:
+            return
+        try:
+            r.on_event(r, toks, finished)
+        except Exception:
+            log.exception("on_event callback failed for request %s", r.id)
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
+        if r.finished:
+            return
+        if r.slot is not None:
+            r.stats.density = self.runner.density(r.slot)
+            self.runner.free(r.slot)
+            r.slot = None
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        r.finish_reason, r.error, r.error_code = reason, error, code
+        r.stats.finished = time.perf_counter()
+        key = {"error": "failed", "cancelled": "cancelled"}.get(reason, "finished")
+        with self._cv:
+            self.counts[key] += 1
+            self.counts["prompt_tokens"] += r.stats.prompt_tokens
+            self.counts["output_tokens"] += r.stats.output_tokens
+        self._event(r, [], True)
