@@ -1,0 +1,243 @@
+"""A plain-torch decoder for the Llama family, built from a transformers config and state dict.
+
+    cfg = Arch.from_hf(hf_config)                    # what differs between the families
+    model = Decoder(cfg, state_dict, device, dtype)  # weights fused per layer (qkv, gate|up)
+    h = model.forward(tokens [B, T], pos [B, T], attend)   # attend(layer, q, k, v) -> o
+    logits = model.logits(h)                         # float32 [..., V]
+
+Shapes: q [B, Hq, T, D], k/v [B, Hkv, T, D] (this call's new keys, RoPE applied), o [B, Hq, T, D].
+The attention itself (KV cache, masks, sparse plans) is the caller's: the runner writes k/v into
+its cache inside `attend`. Families: Llama 2/3/3.1 (and SmolLM2), Qwen2/2.5 (qkv bias), Qwen3
+(q/k RMSNorm), Mistral (sliding window), Gemma 3 text (sandwich norms, sliding+global layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vattn.errors import VattnError
+
+# config.model_type -> family; every other architecture is served by vattn.patch (hf.py).
+SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
+             "gemma3_text": "gemma3"}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def unsupported(model_type) -> VattnError:
+    return VattnError(f"the vattn engine runs {', '.join(SUPPORTED)} models; this one is {model_type!r}. "
+                      "Serve it through transformers with vattn.patch(model, spec) (`vattn generate` "
+                      "falls back to that path by itself)")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the engine needs from a HF config (one text decoder)."""
+    family: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    eps: float
+    act: str
+    scale: float                    # attention score scale
+    windows: tuple                  # per layer: sliding window (keys incl. self) or None
+    layer_types: tuple              # per layer: rope table name ("full_attention" unless Gemma's sliding)
+    max_positions: int | None
+    gemma: bool = False             # (1 + w) norms, sandwich norms, scaled embeddings
+    final_softcap: float | None = None
+
+    @classmethod
+    def from_hf(cls, config) -> "Arch":
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        mt = getattr(cfg, "model_type", None)
+        if mt not in SUPPORTED:
+            raise unsupported(mt)
+        family = SUPPORTED[mt]
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        n = cfg.num_hidden_layers
+        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
+        win = getattr(cfg, "sliding_window", None)
+        if family == "mistral":  # Mistral: one window for every layer when set
+            windows = [win] * n
+        else:
+            windows = [win if (t == "sliding_attention" and win) else None for t in types]
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise VattnError("attention logit soft-capping is not supported by the engine; use vattn.patch")
+        gemma = family == "gemma3"
+        for params in _rope_params(cfg).values():
+            rt = (params or {}).get("rope_type", "default")
+            if rt not in ROPE_TYPES:
+                raise VattnError(f"rope type {rt!r} is not supported by the engine (it runs {', '.join(ROPE_TYPES)}); "
+                                 "use vattn.patch for this model")
+        return cls(
+            family=family, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=n, heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            inter=cfg.intermediate_size, eps=cfg.rms_norm_eps,
+            act=getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu"),
+            scale=(cfg.query_pre_attn_scalar ** -0.5) if gemma else head_dim ** -0.5,
+            windows=tuple(windows), layer_types=tuple(t if gemma else "full_attention" for t in types),
+            max_positions=getattr(cfg, "max_position_embeddings", None), gemma=gemma,
+            final_softcap=getattr(cfg, "final_logit_softcapping", None))
+
+
+def _rope_params(cfg) -> dict:
+    """{layer type: rope parameters} (Gemma 3 keeps one per layer type)."""
+    p = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if "full_attention" in p or "sliding_attention" in p:
+        return dict(p)
+    return {"full_attention": p}
+
+
+def rope_tables(config, arch: Arch, max_len: int, device) -> dict:
+    """{layer type: (cos, sin) float32 [max_len, D]}, computed by the model's own HF rotary
+    class (every rope type it knows, attention scaling included), once for all positions."""
+    import importlib
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for params in _rope_params(cfg).values():
+        if (params or {}).get("rope_type") == "dynamic":
+            orig = (params or {}).get("original_max_position_embeddings") or arch.max_positions
+            if orig is not None and max_len > orig:
+                raise VattnError(f"dynamic rope scaling changes every position's angle with the sequence length; "
+                                 f"the engine keeps one table, so max_len must be <= {orig}, got {max_len}")
+    mt = cfg.model_type
+    mod = importlib.import_module(f"transformers.models.{mt.split('_')[0]}.modeling_{mt.split('_')[0]}")
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
+            "gemma3": "Gemma3"}[arch.family] + "RotaryEmbedding"
+    rot = getattr(mod, name)(cfg, device=device) if arch.gemma else getattr(mod, name)(cfg)
+    rot = rot.to(device)
+    pos = torch.arange(max_len, device=device)[None]
+    x = torch.empty(1, device=device, dtype=torch.float32)
+    out = {}
+    for t in sorted(set(arch.layer_types)):
+        cos, sin = rot(x, pos, t) if arch.gemma else rot(x, pos)
+        out[t] = (cos[0].float(), sin[0].float())
+    return out
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, -1)
+    return torch.cat((-b, a), -1)
+
+
+class Decoder:
+    """Weights per layer: wqkv [(Hq+2Hkv)D, H] (+bqkv), wo, wgu [2I, H], wdown, norms."""
+
+    def __init__(self, config, state: dict, device, dtype, max_len: int):
+        self.arch = a = Arch.from_hf(config)
+        self.device, self.dtype = torch.device(device), dtype
+        pre = _prefix(state)
+
+        def get(name, required=True):
+            t = state.get(pre + name)
+            if t is None:
+                if required:
+                    raise VattnError(f"the checkpoint has no weight {pre + name!r}; is it a {a.family} model?")
+                return None
+            return t.to(device=self.device, dtype=dtype)
+
+        def norm(name):
+            w = get(name)
+            return (1.0 + w.float()) if a.gemma else w  # Gemma: (1 + w), applied in float32
+
+        def cat(*names, required=True):
+            ts = [get(n, required) for n in names]
+            return None if any(t is None for t in ts) else torch.cat(ts, 0)
+
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = norm("model.norm.weight")
+        head = state.get("lm_head.weight")
+        self.head = self.embed if head is None else head.to(device=self.device, dtype=dtype)
+        self.layers = []
+        for i in range(a.layers):
+            p = f"model.layers.{i}."
+            s = p + "self_attn."
+            L = dict(wqkv=cat(s + "q_proj.weight", s + "k_proj.weight", s + "v_proj.weight"),
+                     bqkv=cat(s + "q_proj.bias", s + "k_proj.bias", s + "v_proj.bias", required=False),
+                     wo=get(s + "o_proj.weight"), bo=get(s + "o_proj.bias", False),
+                     wgu=cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                     wdown=get(p + "mlp.down_proj.weight"),
+                     ln_in=norm(p + "input_layernorm.weight"))
+            if pre + s + "q_norm.weight" in state:
+                L["qn"], L["kn"] = norm(s + "q_norm.weight"), norm(s + "k_norm.weight")
+            if a.gemma:  # sandwich: norms after attention and around the MLP
+                L["ln_attn_out"] = norm(p + "post_attention_layernorm.weight")
+                L["ln_mlp"] = norm(p + "pre_feedforward_layernorm.weight")
+                L["ln_mlp_out"] = norm(p + "post_feedforward_layernorm.weight")
+            else:
+                L["ln_mlp"] = norm(p + "post_attention_layernorm.weight")
+            self.layers.append(L)
+        from transformers.activations import ACT2FN
+        self.act = ACT2FN[a.act]
+        self.embed_scale = torch.tensor(a.hidden ** 0.5, dtype=dtype).item() if a.gemma else None
+        self.rope = rope_tables(config, a, max_len, self.device)
+        self.max_len = max_len
+
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads: every layer weight, the final norm and the LM head."""
+        seen, total = set(), 0
+        for t in [self.norm, self.head] + [v for L in self.layers for v in L.values() if v is not None]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def rms(self, x, w):
+        if self.arch.gemma:
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.arch.eps) * w).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.arch.eps).to(x.dtype) * w
+
+    def forward(self, tokens, pos, attend):
+        """tokens, pos int64 [B, T] -> final hidden states [B, T, H] (normed)."""
+        a = self.arch
+        b, t = tokens.shape
+        x = F.embedding(tokens, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        nq, nkv, d = a.heads * a.head_dim, a.kv_heads * a.head_dim, a.head_dim
+        ropes = {name: (c[pos].to(self.dtype)[:, None], s[pos].to(self.dtype)[:, None])
+                 for name, (c, s) in self.rope.items()}  # [B, 1, T, D] once per step
+        for i, L in enumerate(self.layers):
+            h = self.rms(x, L["ln_in"])
+            qkv = F.linear(h, L["wqkv"], L["bqkv"])
+            q, k, v = qkv.split([nq, nkv, nkv], -1)
+            q = q.view(b, t, a.heads, d)
+            k = k.view(b, t, a.kv_heads, d)
+            if "qn" in L:
+                q, k = self.rms(q, L["qn"]), self.rms(k, L["kn"])
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, a.kv_heads, d).transpose(1, 2)
+            cos, sin = ropes[a.layer_types[i]]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = attend(i, q, k, v)
+            o = F.linear(o.transpose(1, 2).reshape(b, t, nq), L["wo"], L["bo"])
+            if a.gemma:
+                o = self.rms(o, L["ln_attn_out"])
+            x = x + o
+            h = self.rms(x, L["ln_mlp"])
+            g, u = F.linear(h, L["wgu"]).chunk(2, -1)
+            m = F.linear(self.act(g) * u, L["wdown"])
+            if a.gemma:
+                m = self.rms(m, L["ln_mlp_out"])
+            x = x + m
+        return self.rms(x, self.norm)
+
+    def logits(self, h):
+        out = F.linear(h, self.head).float()
+        cap = self.arch.final_softcap
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+
+def _prefix(state: dict) -> str:
+    """The key prefix of the decoder weights ('' for a CausalLM state dict)."""
+    if "model.embed_tokens.weight" in state:
+        return ""
+    raise VattnError("the state dict has no model.embed_tokens.weight: the engine loads decoder-only "
+                     "causal LMs (AutoModelForCausalLM checkpoints)")

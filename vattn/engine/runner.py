@@ -1,0 +1,414 @@
+"""Runner: one model, one vmem KV cache of `max_batch` slots, dense prefill and batched decode.
+
+    r = Runner("path/to/model", spec="vattention", max_len=32768, max_batch=8)
+    s = r.alloc()
+    logits = r.prefill(s, ids)                      # float32 [V]: the prompt's last token
+    logits = r.decode([s], [next_id])               # float32 [1, V]: one new token per slot
+    r.density(s); r.free(s)
+
+Decode attends over every slot row of the cache at once ([max_batch, Hkv, N, D] views; rows
+not in the step have no keys), so shapes never depend on which slots take part: a CUDA graph
+per (spec, batch bucket, key-length bucket) replays the whole step, and a plan's per-layer
+state lines up with slot rows from step to step. Padding entries of a bucket repeat the
+first entry (same slot, token and position): they rewrite identical K/V and are dropped.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vattn.cache.kv import KVCache
+from vattn.cache.vmem import VattnOutOfMemory
+from vattn.engine.loader import load
+from vattn.errors import VattnError
+
+log = logging.getLogger(__name__)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def length_bucket(n: int, max_len: int) -> int:
+    """Keys a graphed step views: n rounded up to 1/8 of its power of two (<= 12.5% idle
+    keys for the split-KV kernel), at least 256, at most max_len."""
+    step = max(256, next_pow2(n) // 8)
+    return min(max_len, -(-n // step) * step)
+
+
+class Runner:
+    def __init__(self, model=None, *, spec="dense", device=None, dtype=None, max_len: int = 4096,
+                 max_batch: int = 8, budget_bytes: int | None = None, seed: int = 0, dense_layers=None,
+                 tokenizer=None, chunk: int = 4096, graphs: bool | None = None):
+        from vattn.models import resolve_device, resolve_dtype
+        from vattn.spec import parse
+        for name, v in (("max_len", max_len), ("max_batch", max_batch), ("chunk", chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise VattnError(f"{name} must be an int >= 1, got {v!r}")
+        self.device = resolve_device(device if device is not None else
+                                     ("cuda" if torch.cuda.is_available() else "cpu"))
+        dt = resolve_dtype(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.spec = str(parse(spec))
+        self.max_len, self.max_batch, self.seed, self.chunk = max_len, max_batch, int(seed), chunk
+        self.model, tok, self.eos_ids = load(model, self.device, dt, max_len, tokenizer)
+        self.tokenizer = tok
+        self.dtype = dt
+        a = self.arch = self.model.arch
+        if a.max_positions and max_len > a.max_positions:
+            log.warning("max_len %d is beyond the model's %d trained positions", max_len, a.max_positions)
+        self.dense_layers = _dense_set(dense_layers, a.layers)
+        self.kv = KVCache(a.layers, max_batch, max_len, a.kv_heads, a.head_dim, dtype=dt, device=self.device,
+                          budget_bytes=budget_bytes)
+        self.S = max_batch
+        self._len = [0] * self.S
+        self._alloc = [False] * self.S
+        self._decoded = [0] * self.S
+        self._att = torch.zeros(self.S, dtype=torch.float64, device=self.device)  # keys attended (sparse layers)
+        self._allowed = torch.zeros_like(self._att)                               # keys a dense step would attend
+        self._plans: dict = {}
+        self._graphs: dict = {}
+        self._pool = None
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
+        if self.graphs and self.device.type != "cuda":
+            raise VattnError("graphs=True needs a CUDA device; CUDA graphs do not exist on the CPU")
+        self.graph_notes: dict = {}  # spec -> why its steps run eagerly on CUDA
+
+    # ------------------------------------------------------------ slots
+    def alloc(self) -> int:
+        """A free slot. A batch that starts from no live slot resets every plan's method state
+        (state is kept per layer over all slot rows; see docs/engine.md)."""
+        if self.kv.stats().slots_in_use == 0:
+            for p in self._plans.values():
+                p.reset()
+        try:
+            s = self.kv.alloc()
+        except VattnError:
+            raise VattnError(f"no free slot: all {self.S} are in use; free one or raise max_batch") from None
+        self._len[s] = self._decoded[s] = 0
+        self._alloc[s] = True
+        self._att[s] = 0
+        self._allowed[s] = 0
+        return s
+
+    def free(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.kv.free(slot)
+        self._len[slot] = self._decoded[slot] = 0
+        self._alloc[slot] = False
+
+    def length(self, slot: int) -> int:
+        return self._len[slot]
+
+    def density(self, slot: int) -> float | None:
+        """Keys attended / keys dense attention would attend, over the slot's decode steps in
+        sparse layers (prefill is dense and not counted); 1.0 for a dense spec; None before
+        the first decode step."""
+        if not self._decoded[slot]:
+            return None
+        allowed = float(self._allowed[slot])
+        return float(self._att[slot]) / allowed if allowed > 0 else 1.0
+
+    def fits(self, n_tokens: int) -> bool:
+        """Whether a slot grown by n_tokens could be mapped now within the budget (and, on CUDA,
+        the device's free memory); an upper bound on the pages a fresh slot needs."""
+        kv = self.kv
+        st = kv.stats()
+        tb = kv.D * kv.esize
+        per_head = -(-n_tokens * tb // kv.G) + 1
+        need = min(kv.slot_pages, kv.H * per_head) * st.page_bytes
+        free = (st.budget_bytes - st.mapped_bytes if st.budget_bytes is not None else None)
+        if free is not None and need > free + st.cached_bytes:
+            return False
+        if self.device.type == "cuda":
+            return need <= torch.cuda.mem_get_info(self.device)[0] + st.cached_bytes
+        return True
+
+    # ------------------------------------------------------------ plans
+    def plan(self, spec=None):
+        """The compiled Plan of `spec` (default: the runner's), or None for a dense spec."""
+        from vattn.plan import compile as compile_plan
+        from vattn.spec import parse
+        parsed = parse(self.spec if spec is None else spec)
+        if parsed.is_dense:
+            return None
+        key = str(parsed)
+        if key not in self._plans:
+            self._plans[key] = compile_plan(parsed, self.device, seed=self.seed)
+        return self._plans[key]
+
+    def _window_plan(self, window: int):
+        """Dense attention over a sliding window on CUDA: the streaming kernel with window(w)
+        attends exactly the window's keys (graph-safe, where the dense kernel has no starts)."""
+        return self.plan(f"window({int(window)})")
+
+    def sparse_layer(self, layer: int, plan) -> bool:
+        return plan is not None and layer not in self.dense_layers
+
+    # ------------------------------------------------------------ prefill
+    def prefill(self, slot: int, token_ids, start: int = 0, spec=None, chunk: int | None = None):
+        """Dense attention over token_ids at positions start..start+len-1 of `slot`, in chunks of
+        `chunk` tokens (default self.chunk); returns float32 [V]: the last token's logits.
+
+        Memory for all of them is mapped first: on VattnOutOfMemory nothing was written and
+        the slot's length is unchanged."""
+        ids = self._check_ids(token_ids, "token_ids")
+        self._check_slot(slot)
+        chunk = self.chunk if chunk is None else chunk
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self._len[slot]:
+            raise VattnError(f"start must be an int in [0, length(slot)={self._len[slot]}], got {start!r}")
+        if not ids:
+            raise VattnError("token_ids is empty: prefill needs at least one token")
+        end = start + len(ids)
+        if end > self.max_len:
+            raise VattnError(f"slot {slot} would hold {end} tokens but max_len is {self.max_len}; "
+                             "shorten the prompt or build the Runner with a larger max_len")
+        self.kv.grow([slot], end)  # VattnOutOfMemory here: nothing written
+        plan = self.plan(spec)
+        out = None
+        with torch.inference_mode():
+            for lo in range(0, len(ids), chunk):
+                part = ids[lo:lo + chunk]
+                pos0 = start + lo
+                tok = torch.tensor([part], dtype=torch.long, device=self.device)
+                pos = torch.arange(pos0, pos0 + len(part), device=self.device)[None]
+                h = self.model.forward(tok, pos, self._prefill_attend(slot, pos0, len(part), plan))
+                out = h[0, -1]
+        self._len[slot] = end
+        return self.model.logits(out).float()
+
+    def _prefill_attend(self, slot, start, t, plan):
+        a = self.arch
+
+        def attend(i, q, k, v):
+            K, V = self.kv.k(i), self.kv.v(i)
+            K[slot, :, start:start + t] = k[0]
+            V[slot, :, start:start + t] = v[0]
+            if plan is not None and hasattr(plan, "append") and self.sparse_layer(i, plan):
+                self._append(plan, i, slot, start, t)
+            return prefill_attention(q, K[slot:slot + 1, :, :start + t], V[slot:slot + 1, :, :start + t],
+                                     start, a.windows[i], a.scale)
+        return attend
+
+    def _append(self, plan, layer, slot, start, t):
+        """The plan's per-layer state (signatures, page bounds) for keys just written (plan
+        API with context/append; the older API builds its state lazily in run)."""
+        ends = torch.zeros(self.S, t, dtype=torch.long, device=self.device)
+        ends[slot] = torch.arange(start + 1, start + t + 1, device=self.device)
+        starts = torch.zeros(self.S, dtype=torch.long, device=self.device)
+        n = start + t
+        ctx = plan.context(starts, ends, self.arch.scale)
+        plan.append(layer, self.kv.k(layer)[:, :, :n], self.kv.v(layer)[:, :, :n], ctx)
+
+    # ------------------------------------------------------------ decode
+    def decode(self, slots, tokens, spec=None):
+        """One new token per slot at position length(slot), all slots in one step; returns
+        float32 [len(slots), V]. On CUDA the step replays a CUDA graph when the spec allows."""
+        slots = [self._check_slot(s) for s in _as_list(slots, "slots")]
+        tokens = self._check_ids(tokens, "tokens")
+        if len(slots) != len(tokens) or not slots:
+            raise VattnError(f"decode takes one token per slot: got {len(slots)} slots and {len(tokens)} tokens")
+        if len(set(slots)) != len(slots):
+            raise VattnError(f"slots must be distinct in one step, got {slots}")
+        for s in slots:
+            if self._len[s] + 1 > self.max_len:
+                raise VattnError(f"slot {s} holds {self._len[s]} tokens = max_len; it cannot take another "
+                                 "(end the request or build the Runner with a larger max_len)")
+        for s in slots:  # VattnOutOfMemory: no token was written, lengths unchanged
+            self.kv.grow([s], self._len[s] + 1)
+        plan = self.plan(spec)
+        pos = [self._len[s] for s in slots]
+        why = self._graph_misfit(plan)
+        with torch.inference_mode():
+            if why is None:
+                out = self._replay(plan, slots, tokens, pos)
+            else:
+                if self.device.type == "cuda" and self.graphs:
+                    self.graph_notes.setdefault(str(plan.spec) if plan else "dense", why)
+                dev = self.device
+                out = self._step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
+                                 torch.tensor(pos, device=dev), max(pos) + 1, plan, len(slots))
+        for s in slots:
+            self._len[s] += 1
+            self._decoded[s] += 1
+        return out
+
+    def _step(self, tok, slot_idx, pos, nview: int, plan, bucket: int):
+        """The decode step on device tensors (no host sync: it is what a graph captures).
+        tok, slot_idx, pos: int64 [b]; attention over the first nview keys of every slot row."""
+        a, S = self.arch, self.S
+        hq = a.heads
+        ends = torch.zeros(S, dtype=torch.long, device=self.device).index_put_((slot_idx,), pos + 1)
+        ends32 = ends.to(torch.int32)
+        zero = torch.zeros_like(ends)
+        ctxs = {}  # plan context per window (None: full attention), built once per step
+
+        def context(w, starts):
+            if w not in ctxs:
+                ctxs[w] = plan.context(starts, ends[:, None], a.scale)
+            return ctxs[w]
+
+        def attend(i, q, k, v):
+            K, V = self.kv.k(i), self.kv.v(i)
+            K[slot_idx, :, pos] = k[:, :, 0]
+            V[slot_idx, :, pos] = v[:, :, 0]
+            K, V = K[:, :, :nview], V[:, :, :nview]
+            qf = q.new_zeros(S, *q.shape[1:]).index_put_((slot_idx,), q)
+            w = a.windows[i]
+            starts = (ends - w).clamp(min=0) if w else zero
+            if self.sparse_layer(i, plan):
+                if hasattr(plan, "context"):
+                    ctx = context(w, starts)
+                    plan.append(i, K, V, ctx)
+                    o, sel = plan.run(i, qf, K, V, ctx)
+                else:
+                    o, sel = plan.run(i, qf, K, V, starts, ends[:, None], a.scale)
+                self._att.add_(sel.count.sum((1, 2)).double() * (hq // sel.count.shape[1]))
+                self._allowed.add_((ends - starts).clamp(min=0).double() * hq)
+            else:
+                o = self._dense(i, qf, K, V, starts, ends, ends32, w, bucket)
+            return o[slot_idx]
+
+        h = self.model.forward(tok[:, None], pos[:, None], attend)
+        return self.model.logits(h[:, 0])
+
+    def _dense(self, i, q, K, V, starts, ends, ends32, window, bucket):
+        a = self.arch
+        if self.device.type == "cuda" and _kernel_fits(q, K, V):
+            if window is None:
+                from vattn.kernels.decode import dense_decode, plan_splits
+                splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
+                return dense_decode(q, K, V, ends32, a.scale, splits=splits)
+            return self._window_plan(window).run(i, q, K, V, starts, ends[:, None], a.scale)[0]
+        from vattn.attend import dense_attend
+        return dense_attend(q, K, V, ends, starts, a.scale)
+
+    # ------------------------------------------------------------ CUDA graphs
+    def _graph_misfit(self, plan) -> str | None:
+        """None when a decode step with this plan can be captured, else why it runs eagerly."""
+        if not self.graphs:
+            return "graphs are off"
+        if not _kernel_fits_dims(self.arch.head_dim, self.dtype):
+            return f"head dim {self.arch.head_dim} / {self.dtype} do not fit the Triton decode kernels"
+        if plan is not None:
+            safe = getattr(plan, "graph_safe", None)
+            if safe is None:
+                safe = plan.path == "streaming-kernel"
+            if not safe:
+                return f"plan path {plan.path!r} syncs with the host or draws random numbers"
+        return None
+
+    def _replay(self, plan, slots, tokens, pos):
+        b = len(slots)
+        bucket = min(next_pow2(b), self.S)
+        nview = length_bucket(max(pos) + 1, self.max_len)
+        key = (str(plan.spec) if plan is not None else "dense", bucket, nview)
+        pad = bucket - b
+        host = torch.tensor([tokens + tokens[:1] * pad, slots + slots[:1] * pad, pos + pos[:1] * pad],
+                            dtype=torch.long)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._capture(key, plan, host, nview, bucket)
+        else:
+            g["inputs"].copy_(host)
+            g["graph"].replay()
+        return g["out"][:b].clone()
+
+    def _capture(self, key, plan, host, nview, bucket):
+        """Warm up (Triton compiles, cuBLAS workspaces) on a side stream with this step's real
+        inputs, then capture; the capture's replay is this step. Warm-up rewrites the same K/V
+        the step writes; the density counters are put back as they were."""
+        inputs = host.to(self.device)
+        saved = (self._att.clone(), self._allowed.clone())
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(inputs[0], inputs[1], inputs[2], nview, plan, bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._att.copy_(saved[0])
+        self._allowed.copy_(saved[1])
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._step(inputs[0], inputs[1], inputs[2], nview, plan, bucket)
+        self._graphs[key] = g = {"graph": graph, "inputs": inputs, "out": out}
+        log.info("captured a decode graph: spec %s, batch bucket %d, keys %d", *key)
+        graph.replay()
+        return g
+
+    # ------------------------------------------------------------ checks
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.S:
+            raise VattnError(f"slot {slot!r} does not exist: slots are 0..{self.S - 1} (max_batch={self.S})")
+        if not self._alloc[slot]:
+            raise VattnError(f"slot {slot} is not allocated; call alloc() first")
+        return slot
+
+    def _check_ids(self, ids, what) -> list:
+        ids = _as_list(ids, what)
+        v = self.arch.vocab
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
+                raise VattnError(f"{what} must be token ids, ints in [0, {v}), got {t!r}")
+        return ids
+
+    def close(self):
+        """Give the KV cache's memory back (the graphs that view it are dropped first)."""
+        self._graphs.clear()
+        self.kv.close()
+
+
+def prefill_attention(q, k, v, start: int, window, scale: float):
+    """Causal attention of T queries at positions start.. over keys 0..start+T-1 (a sliding
+    window keeps keys > pos - window). q [1, Hq, T, D]; k, v [1, Hkv, start+T, D]."""
+    t, n = q.shape[2], k.shape[2]
+    lo = max(0, start - window + 1) if window else 0
+    k, v = k[:, :, lo:], v[:, :, lo:]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if lo == 0 and start == 0 and (window is None or window >= t):
+        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    qpos = torch.arange(start, start + t, device=q.device)[:, None]
+    kpos = torch.arange(lo, n, device=q.device)[None]
+    mask = kpos <= qpos
+    if window:
+        mask &= kpos > qpos - window
+    if q.device.type == "cuda":  # the memory-efficient kernel takes a mask but not GQA
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return sdpa(q, k, v, attn_mask=mask, scale=scale)
+    return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _kernel_fits_dims(d: int, dtype) -> bool:
+    return d in (16, 32, 64, 128, 256) and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_fits(q, k, v) -> bool:
+    return _kernel_fits_dims(q.shape[-1], q.dtype) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+
+
+def _as_list(x, what) -> list:
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    if isinstance(x, (int, str)) or not hasattr(x, "__iter__"):
+        raise VattnError(f"{what} must be a list of ints, got {x!r}")
+    return list(x)
+
+
+def _dense_set(dense_layers, n: int) -> frozenset:
+    """dense_layers: None/0 = none, an int k = the first k layers, or a collection of layer ids."""
+    if dense_layers is None:
+        return frozenset()
+    if isinstance(dense_layers, bool):
+        raise VattnError(f"dense_layers must be an int or a list of layer ids, got {dense_layers!r}")
+    if isinstance(dense_layers, int):
+        if dense_layers < 0:
+            raise VattnError(f"dense_layers must be >= 0, got {dense_layers}")
+        return frozenset(range(min(dense_layers, n)))
+    ids = frozenset(_as_list(dense_layers, "dense_layers"))
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise VattnError(f"dense_layers holds {bad}: layer ids are 0..{n - 1}")
+    return ids
