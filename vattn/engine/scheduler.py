@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 ADMISSIONS = ("vmem", "static")
 
 
+class BadRequest(VattnError):
+    """A request that can never run here; `param` names the field to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
 
@@ -121,7 +129,7 @@ class Scheduler:
     else runs on the engine thread (`start()`), or call `step()` yourself (tests)."""
 
     def __init__(self, runner, *, spec: str | None = None, chunk_tokens: int = 512, admission: str = "vmem",
-                 max_waiting: int = 256, eos_ids=None, seed: int = 0):
+                 max_waiting: int = 256, eos_ids=None, seed: int = 0, idle_trim_s: float | None = None):
         if admission not in ADMISSIONS:
             raise VattnError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
         if chunk_tokens < 1:
@@ -130,6 +138,7 @@ class Scheduler:
             raise VattnError(f"max_waiting must be >= 1, got {max_waiting}")
         self.runner, self.spec, self.chunk, self.admission = runner, spec, chunk_tokens, admission
         self.max_waiting = max_waiting
+        self.idle_trim_s = idle_trim_s  # give cached KV pages back after this long idle (None: keep them)
         if eos_ids is None:
             eos = getattr(runner.tokenizer, "eos_token_id", None)
             eos_ids = [] if eos is None else [eos]
@@ -164,22 +173,22 @@ class Scheduler:
 
     # ------------------------------------------------------------ any thread
     def check(self, req: Request) -> None:
-        """Raise VattnError saying what to change if `req` can never run here."""
+        """Raise BadRequest saying what to change if `req` can never run here."""
         n, max_len = len(req.prompt_ids), self.runner.max_len
         if n == 0:
-            raise VattnError("the prompt is empty; send at least one token")
+            raise BadRequest("the prompt is empty; send at least one token", "prompt")
         if req.max_tokens < 1:
-            raise VattnError(f"max_tokens must be >= 1, got {req.max_tokens}")
+            raise BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
         if n >= max_len:
-            raise VattnError(f"the prompt has {n} tokens but max_len is {max_len} (prompt + output); "
-                             "shorten the prompt or start the server with a larger --max-len")
+            raise BadRequest(f"the prompt has {n} tokens but max_len is {max_len} (prompt + output); "
+                             "shorten the prompt or start the server with a larger --max-len", "prompt")
         if n + req.max_tokens > max_len:
-            raise VattnError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, together more than "
-                             f"max_len {max_len}; lower max_tokens to at most {max_len - n}")
+            raise BadRequest(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, together more "
+                             f"than max_len {max_len}; lower max_tokens to at most {max_len - n}", "max_tokens")
         if not req.temperature >= 0:
-            raise VattnError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}")
+            raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {req.temperature}", "temperature")
         if not 0 < req.top_p <= 1:
-            raise VattnError(f"top_p must be in (0, 1], got {req.top_p}")
+            raise BadRequest(f"top_p must be in (0, 1], got {req.top_p}", "top_p")
 
     def submit(self, req: Request) -> None:
         """Queue a request. Raises VattnError (bad request) or QueueFull (retry later)."""
@@ -235,13 +244,26 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _idle(self) -> bool:
+        return not (self._inbox or self._cancels or self.waiting or self.running)
+
     def _loop(self) -> None:
+        trimmed = True
         while True:
+            trim = False
             with self._cv:
-                while not self._stop and not (self._inbox or self._cancels or self.waiting or self.running):
-                    self._cv.wait()
+                while not self._stop and self._idle() and not trim:
+                    if trimmed or self.idle_trim_s is None:
+                        self._cv.wait()
+                    elif not self._cv.wait(self.idle_trim_s) and self._idle():
+                        trim = True
                 if self._stop:
                     break
+            if trim:  # idle for a while: freed slots' pages go back to the device
+                self.runner.kv.trim()
+                trimmed = True
+                continue
+            trimmed = False
             try:
                 self.step()
             except Exception as e:  # a bug must not take the server down: fail what was in flight
