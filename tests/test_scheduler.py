@@ -12,12 +12,18 @@ import torch
 
 from vattn.cache.kv import KVCache
 from vattn.cache.vmem import VattnOutOfMemory
+from vattn.engine.sampling import SamplingParams
 from vattn.engine.scheduler import QueueFull, Request, Scheduler
 from vattn.errors import VattnError
 
 
 class _Tok:
     eos_token_id = None
+
+
+def req(prompt, max_tokens, spec=None, on_event=None, **params):
+    return Request(prompt_ids=list(prompt), params=SamplingParams(max_tokens=max_tokens, **params), spec=spec,
+                   on_event=on_event)
 
 
 class FakeRunner:
@@ -27,6 +33,10 @@ class FakeRunner:
     def __init__(self, max_len=64, max_batch=4, budget_tokens=None, vocab=128, tokenizer=None, fail_on=None):
         self.max_len, self.max_batch, self.V = max_len, max_batch, vocab
         self.tokenizer = tokenizer or _Tok()
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset() if eos is None else frozenset([eos])
+        self.device = torch.device("cpu")
+        self.spec = "dense"
         self.kv = KVCache(1, max_batch, max_len, 1, 1024, dtype=torch.float32, granule=4096, ahead_tokens=0,
                           budget_bytes=None if budget_tokens is None else budget_tokens * 8192)
         self.fail_on = fail_on      # a token id whose prefill raises (an engine bug)
@@ -111,7 +121,7 @@ def run_all(sched, reqs, limit=10_000):
 def test_outputs_and_memory_back():
     runner = FakeRunner()
     sched = Scheduler(runner, chunk_tokens=8)
-    reqs = [Request(prompt_ids=[i + 1] * (3 + 5 * i), max_tokens=6) for i in range(3)]
+    reqs = [req([i + 1] * (3 + 5 * i), 6) for i in range(3)]
     run_all(sched, reqs)
     for r in reqs:
         assert r.output_ids == expected(r.prompt_ids, 6)
@@ -124,11 +134,11 @@ def test_outputs_and_memory_back():
 def test_chunked_prefill_interleaves_with_decode():
     runner = FakeRunner()
     sched = Scheduler(runner, chunk_tokens=4)
-    short = Request(prompt_ids=[1, 2], max_tokens=20)
+    short = req([1, 2], 20)
     sched.submit(short)
     sched.step()
     sched.step()  # short is decoding now
-    long = Request(prompt_ids=list(range(1, 25)), max_tokens=2)
+    long = req(list(range(1, 25)), 2)
     run_all(sched, [long])
     prefills = [c for c in runner.calls if c[0] == "prefill" and c[1] == [long.slot or 0]]
     # the 24-token prompt went in 4-token chunks, and short decoded between them
@@ -144,7 +154,7 @@ def test_admission_by_memory_vs_static():
     def peak(admission):
         runner = FakeRunner(max_len=24, max_batch=8, budget_tokens=48)
         sched = Scheduler(runner, admission=admission, chunk_tokens=64)
-        reqs = [Request(prompt_ids=[i + 1] * 10, max_tokens=2) for i in range(8)]
+        reqs = [req([i + 1] * 10, 2) for i in range(8)]
         run_all(sched, reqs)
         assert all(r.output_ids == expected(r.prompt_ids, 2) for r in reqs)
         assert runner.kv.stats().slots_in_use == 0
@@ -163,7 +173,7 @@ def test_preemption_recomputes_same_tokens():
     # Four requests that together outgrow the 60-token budget while decoding.
     runner = FakeRunner(max_len=32, max_batch=4, budget_tokens=60)
     sched = Scheduler(runner, chunk_tokens=64)
-    reqs = [Request(prompt_ids=[i + 2] * 8, max_tokens=12) for i in range(4)]
+    reqs = [req([i + 2] * 8, 12) for i in range(4)]
     run_all(sched, reqs)
     assert sched.counts["preempted"] > 0
     assert sum(r.stats.preemptions for r in reqs) == sched.counts["preempted"]
@@ -177,7 +187,7 @@ def test_preemption_recomputes_same_tokens():
 def test_too_large_alone_fails_and_server_goes_on():
     runner = FakeRunner(max_len=64, budget_tokens=20)
     sched = Scheduler(runner)
-    big, small = Request(prompt_ids=[1] * 30, max_tokens=2), Request(prompt_ids=[3] * 5, max_tokens=3)
+    big, small = req([1] * 30, 2), req([3] * 5, 3)
     run_all(sched, [big, small])
     assert big.finish_reason == "error" and big.error_code == "kv_out_of_memory"
     assert "shorten the prompt" in big.error
@@ -189,8 +199,8 @@ def test_cancel_running_and_waiting():
     runner = FakeRunner(max_batch=1)
     sched = Scheduler(runner)
     events = []
-    a = Request(prompt_ids=[1, 2, 3], max_tokens=50, on_event=lambda r, t, f: events.append((r.id, t, f)))
-    b = Request(prompt_ids=[4], max_tokens=5)
+    a = req([1, 2, 3], 50, on_event=lambda r, t, f: events.append((r.id, t, f)))
+    b = req([4], 5)
     sched.submit(a)
     sched.submit(b)
     for _ in range(3):
@@ -210,8 +220,8 @@ def test_stop_ids_and_eos():
     out = expected(prompt, 10)
     tok.eos_token_id = out[4]
     sched = Scheduler(FakeRunner(tokenizer=tok))
-    a = Request(prompt_ids=prompt, max_tokens=10)
-    b = Request(prompt_ids=prompt, max_tokens=10, ignore_eos=True, stop_ids=frozenset([out[6]]))
+    a = req(prompt, 10)
+    b = req(prompt, 10, ignore_eos=True, stop_token_ids=[out[6]])
     run_all(sched, [a, b])
     assert a.finish_reason == "stop" and a.output_ids == out[:4]
     assert b.finish_reason == "stop" and b.output_ids == out[:6]
@@ -219,17 +229,14 @@ def test_stop_ids_and_eos():
 
 def test_queue_limit_and_checks():
     sched = Scheduler(FakeRunner(max_len=16), max_waiting=2)
-    sched.submit(Request(prompt_ids=[1], max_tokens=1))
-    sched.submit(Request(prompt_ids=[1], max_tokens=1))
+    sched.submit(req([1], 1))
+    sched.submit(req([1], 1))
     with pytest.raises(QueueFull):
-        sched.submit(Request(prompt_ids=[1], max_tokens=1))
-    for req, msg in [(Request(prompt_ids=[], max_tokens=1), "empty"),
-                     (Request(prompt_ids=[1], max_tokens=0), "max_tokens must be >= 1"),
-                     (Request(prompt_ids=[1] * 16, max_tokens=1), "shorten the prompt"),
-                     (Request(prompt_ids=[1] * 10, max_tokens=8), "at most 6"),
-                     (Request(prompt_ids=[1], max_tokens=1, top_p=0), "top_p")]:
+        sched.submit(req([1], 1))
+    for r, msg in [(req([], 1), "empty"), (req([1] * 16, 1), "shorten the prompt"),
+                   (req([1] * 10, 8), "at most 6")]:
         with pytest.raises(VattnError, match=msg):
-            sched.check(req)
+            sched.check(r)
     with pytest.raises(VattnError, match="admission"):
         Scheduler(FakeRunner(), admission="paged")
 
@@ -237,7 +244,7 @@ def test_queue_limit_and_checks():
 def test_specs_batched_apart_and_density():
     runner = FakeRunner()
     sched = Scheduler(runner)
-    reqs = [Request(prompt_ids=[i + 1] * 4, max_tokens=4, spec=s) for i, s in enumerate(["dense", "vattention"] * 2)]
+    reqs = [req([i + 1] * 4, 4, spec=s) for i, s in enumerate(["dense", "vattention"] * 2)]
     run_all(sched, reqs)
     for c in runner.calls:
         if c[0] == "decode":
@@ -248,7 +255,7 @@ def test_specs_batched_apart_and_density():
 def test_engine_error_fails_one_request():
     runner = FakeRunner(fail_on=99)
     sched = Scheduler(runner)
-    bad, good = Request(prompt_ids=[99], max_tokens=3), Request(prompt_ids=[1], max_tokens=3)
+    bad, good = req([99], 3), req([1], 3)
     run_all(sched, [bad, good])
     assert bad.finish_reason == "error" and "poisoned" in bad.error
     assert good.output_ids == expected([1], 3)
@@ -266,7 +273,7 @@ def test_thread_loop():
             seen.extend(toks)
             if finished:
                 done.set()
-        r = Request(prompt_ids=[3, 4], max_tokens=5, on_event=on_event)
+        r = req([3, 4], 5, on_event=on_event)
         sched.submit(r)
         assert done.wait(10)
         assert seen == expected([3, 4], 5)
@@ -285,7 +292,7 @@ def test_sampling_seeded():
     outs = []
     for _ in range(2):
         sched = Scheduler(Noisy())
-        r = Request(prompt_ids=[1], max_tokens=8, temperature=1.0, seed=7)
+        r = req([1], 8, temperature=1.0, seed=7)
         run_all(sched, [r])
         outs.append(r.output_ids)
     assert outs[0] == outs[1] and len(set(outs[0])) > 1

@@ -3,7 +3,7 @@ chunked prefill interleaved with decode steps, preemption by recompute, cancella
 
     sched = Scheduler(runner, spec="vattention")
     sched.start()                                   # the engine loop, one background thread
-    sched.submit(Request(prompt_ids=ids, max_tokens=64, on_event=callback))
+    sched.submit(Request(prompt_ids=ids, params=SamplingParams(max_tokens=64), on_event=callback))
     sched.cancel(request_id)
 
 One `step()`:
@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from vattn.cache.vmem import VattnOutOfMemory
+from vattn.engine.sampling import Sampler, SamplingParams
 from vattn.errors import VattnError
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,8 @@ class RequestStats:
 @dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
-    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)  # max_tokens, sampling, stop ids
     spec: str | None = None            # None: the runner's spec
-    temperature: float = 0.0           # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: frozenset = frozenset()  # ends the request; the stop token is not emitted
-    ignore_eos: bool = False
     on_event: Callable[["Request", list, bool], None] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # engine state
@@ -100,7 +96,8 @@ class Request:
     error: str | None = None
     error_code: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
-    _gen: torch.Generator | None = None
+    sampler: Sampler | None = None
+    stop_ids: frozenset = frozenset()  # ids that end it (not emitted): params' and the model's eos
 
     @property
     def tokens(self) -> list[int]:
@@ -109,19 +106,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """One token id from logits [V]: greedy at temperature 0, else nucleus sampling.
-    Kept tiny on purpose; to be replaced by the engine's sampler once it has one."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
-    if top_p < 1:
-        p, idx = probs.sort(descending=True)
-        p = p * ((p.cumsum(-1) - p) < top_p)  # keep the smallest prefix reaching top_p
-        return int(idx[torch.multinomial(p, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 class Scheduler:
@@ -139,10 +123,7 @@ class Scheduler:
         self.runner, self.spec, self.chunk, self.admission = runner, spec, chunk_tokens, admission
         self.max_waiting = max_waiting
         self.idle_trim_s = idle_trim_s  # give cached KV pages back after this long idle (None: keep them)
-        if eos_ids is None:
-            eos = getattr(runner.tokenizer, "eos_token_id", None)
-            eos_ids = [] if eos is None else [eos]
-        self.eos_ids = frozenset(eos_ids)
+        self.eos_ids = frozenset(runner.eos_ids if eos_ids is None else eos_ids)
         self.capacity = self._static_capacity() if admission == "static" else runner.max_batch
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the last is preempted first
@@ -177,18 +158,13 @@ class Scheduler:
         n, max_len = len(req.prompt_ids), self.runner.max_len
         if n == 0:
             raise BadRequest("the prompt is empty; send at least one token", "prompt")
-        if req.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
         if n >= max_len:
             raise BadRequest(f"the prompt has {n} tokens but max_len is {max_len} (prompt + output); "
                              "shorten the prompt or start the server with a larger --max-len", "prompt")
-        if n + req.max_tokens > max_len:
-            raise BadRequest(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, together more "
+        m = req.params.max_tokens
+        if n + m > max_len:
+            raise BadRequest(f"the prompt has {n} tokens and max_tokens is {m}, together more "
                              f"than max_len {max_len}; lower max_tokens to at most {max_len - n}", "max_tokens")
-        if not req.temperature >= 0:
-            raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {req.temperature}", "temperature")
-        if not 0 < req.top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {req.top_p}", "top_p")
 
     def submit(self, req: Request) -> None:
         """Queue a request. Raises VattnError (bad request) or QueueFull (retry later)."""
@@ -298,7 +274,9 @@ class Scheduler:
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
         for r in inbox:
-            r._gen = torch.Generator().manual_seed(r.seed if r.seed is not None else next(self._seeds))
+            p = r.params
+            r.sampler = Sampler(p, p.seed if p.seed is not None else next(self._seeds), self.runner.device)
+            r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
             self.waiting.append(r)
         if cancels:
             for r in [r for r in list(self.running) + list(self.waiting) if r.id in cancels]:
@@ -345,9 +323,10 @@ class Scheduler:
                     for r in batch:
                         self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
                     break
-                for i, r in enumerate(batch):
+                toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)]).tolist()
+                for r, tok in zip(batch, toks):  # one host sync for the batch
                     r.done += 1
-                    self._emit_next(r, logits[i])
+                    self._emit(r, tok)
                     n += 1
                 break
         return n
@@ -375,7 +354,7 @@ class Scheduler:
             budget -= len(chunk)
             if r.done == len(toks):
                 r.prefilling = False
-                self._emit_next(r, logits)
+                self._emit(r, int(r.sampler(logits)))
                 n += 1
         return n
 
@@ -397,19 +376,18 @@ class Scheduler:
             self.counts["preempted"] += 1
         return victim is not r
 
-    def _emit_next(self, r: Request, logits: torch.Tensor) -> None:
-        tok = sample(logits, r.temperature, r.top_p, r._gen)
+    def _emit(self, r: Request, tok: int) -> None:
         now = time.perf_counter()
         if r.stats.first_token is None:
             r.stats.first_token = now
-        stop = tok in r.stop_ids or (not r.ignore_eos and tok in self.eos_ids)
+        stop = tok in r.stop_ids
         if not stop:
             r.output_ids.append(tok)
             r.stats.output_tokens = len(r.output_ids)
             self._event(r, [tok], False)
         if stop:
             self._finish(r, "stop")
-        elif len(r.output_ids) >= r.max_tokens or len(r.tokens) >= self.runner.max_len:
+        elif len(r.output_ids) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_len:
             self._finish(r, "length")
 
     def _event(self, r: Request, toks: list, finished: bool) -> None:

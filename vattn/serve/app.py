@@ -25,6 +25,7 @@ import uuid
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from vattn.engine.sampling import SamplingParams
 from vattn.engine.scheduler import BadRequest, QueueFull, Request, Scheduler
 from vattn.errors import VattnError
 from vattn.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse, unsupported
@@ -38,10 +39,11 @@ class Engine:
     def __init__(self, runner, *, model_name: str, admission: str = "vmem", max_waiting: int = 256,
                  chunk_tokens: int = 512, seed: int = 0, idle_trim_s: float | None = 1.0):
         self.runner, self.tokenizer, self.model_name = runner, runner.tokenizer, model_name
-        self.spec = getattr(runner, "spec", None)
+        self.spec = runner.spec
         self.scheduler = Scheduler(runner, admission=admission, max_waiting=max_waiting,
                                    chunk_tokens=chunk_tokens, seed=seed, idle_trim_s=idle_trim_s)
-        self.vocab = len(self.tokenizer)
+        arch = getattr(runner, "arch", None)  # ids the model embeds (the tokenizer may know fewer)
+        self.vocab = min(len(self.tokenizer), arch.vocab) if arch is not None else len(self.tokenizer)
         self.created = int(time.time())
 
 
@@ -178,14 +180,16 @@ def _check_model(engine: Engine, name: str | None) -> None:
                        "(GET /v1/models)", param="model", code="model_not_found")
 
 
-def _check_spec(spec: str | None) -> None:
+def _spec(engine: Engine, spec: str | None) -> str | None:
+    """The request's spec in canonical form; None when it is the server's (one decode batch)."""
     if spec is None:
-        return
+        return None
     from vattn.spec import parse as parse_spec
     try:
-        parse_spec(spec)
+        text = str(parse_spec(spec))
     except VattnError as e:
         raise ApiError(f"bad vattn_spec {spec!r}: {e}", param="vattn_spec", code="invalid_spec") from None
+    return None if text == engine.spec else text
 
 
 def _ids(engine: Engine, ids: list[int]) -> list[int]:
@@ -209,15 +213,19 @@ def _prompts(engine: Engine, prompt) -> list[list[int]]:
 def _requests(engine: Engine, body, prompts: list[list[int]], max_tokens: int | None, default_max) -> list[Request]:
     unsupported(body)
     _check_model(engine, body.model)
-    _check_spec(body.vattn_spec)
-    stop_ids = frozenset(body.stop_token_ids or [])
+    spec = _spec(engine, body.vattn_spec)
     out = []
     for ids in prompts:
         n = max_tokens if max_tokens is not None else default_max(len(ids))
-        if n < 1:
-            raise ApiError(f"max_tokens must be >= 1, got {n}", param="max_tokens")
-        r = Request(prompt_ids=ids, max_tokens=n, spec=body.vattn_spec, temperature=body.temperature,
-                    top_p=body.top_p, seed=body.seed, stop_ids=stop_ids, ignore_eos=body.ignore_eos)
+        try:  # top_p means nothing when greedy; OpenAI clients may send it anyway
+            params = SamplingParams(max_tokens=n, temperature=body.temperature,
+                                    top_p=body.top_p if body.temperature > 0 else 1.0, seed=body.seed,
+                                    stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos)
+        except VattnError as e:
+            field = str(e).split()[0]
+            raise ApiError(str(e), param=field if field in type(body).model_fields else None,
+                           code="invalid_value") from None
+        r = Request(prompt_ids=ids, params=params, spec=spec)
         try:
             engine.scheduler.check(r)
         except BadRequest as e:
