@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # Torch-using names load on first use, so `vattn --help` and `import vattn.cli` stay fast.
 _LAZY = {"dense_attend": "vattn.attend", "Selection": "vattn.selection",
          "PRESETS": "vattn.spec", "Spec": "vattn.spec", "context": "vattn.spec", "parse": "vattn.spec",
-         "select": "vattn.spec"}
+         "select": "vattn.spec", "LLM": "vattn.engine.llm", "SamplingParams": "vattn.engine.sampling"}
 
 
 def __getattr__(name):
@@ -43,6 +43,7 @@ _sys.modules[__name__].__class__ = _Package
 
 def sparse_attention(q, k, v, spec, lengths=None, seed=None, starts=None, scale=None):
     """Select keys with `spec` and attend them: returns (output [B, Hq, T, D], Selection).
+    It runs the spec's plan (vattn.plan): on CUDA the fused kernels where the spec has them.
 
     q [B, Hq, T, D]; k, v [B, Hkv, N, D] (float32/16, bfloat16 or float64; Hq a multiple
     of Hkv). lengths, starts: int tensors [B] with 0 <= starts <= lengths <= N (default N
@@ -58,12 +59,15 @@ def sparse_attention(q, k, v, spec, lengths=None, seed=None, starts=None, scale=
     """
     import torch
 
-    from vattn.attend import attend
-    from vattn.spec import context, parse
-    spec = parse(spec)
-    ctx = context(q, k, v, lengths=lengths, starts=starts, scale=scale, seed=seed)
-    sel = spec.select(ctx)
-    out = attend(q, k, v, sel, scale=ctx.scale)
+    from vattn.plan import compile as compile_plan
+    from vattn.spec import context
+    ctx = context(q, k, v, lengths=lengths, starts=starts, scale=scale, seed=seed)  # checks the arguments
+    if seed is None:  # a fresh seed from torch's global generator: reproducible under torch.manual_seed
+        seed = int(torch.randint(0, 2**62, ()))
+    plan = compile_plan(spec, q.device, seed=seed)  # what vattn.patch and the engine run
+    step = plan.context(ctx.starts, ctx.ends, ctx.scale)
+    plan.append(0, k, v, step)
+    out, sel = plan.run(0, q, k, v, step)
     # A part may choose no key for a non-finite query row (its scores rank nothing);
     # exact attention gives NaN there, so do we. No host sync: elementwise only.
     live = (ctx.ends > ctx.starts[:, None])[:, None, :, None]  # [B, 1, T, 1]
@@ -84,4 +88,4 @@ def load_model(name_or_path=None, **kwargs):
 
 
 __all__ = ["attend", "dense_attend", "sparse_attention", "select", "parse", "Spec", "Selection",
-           "VattnError", "PRESETS", "patch", "load_model"]
+           "VattnError", "PRESETS", "patch", "load_model", "LLM", "SamplingParams"]

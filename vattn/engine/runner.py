@@ -76,8 +76,8 @@ class Runner:
 
     # ------------------------------------------------------------ slots
     def alloc(self) -> int:
-        """A free slot. A batch that starts from no live slot resets every plan's method state
-        (state is kept per layer over all slot rows; see docs/engine.md)."""
+        """A free slot. Its own (reference) plans start afresh; a batch that starts from no live
+        slot also resets the shared (fused) plans, whose state spans all slot rows."""
         if self.kv.stats().slots_in_use == 0:
             for p in self._plans.values():
                 p.reset()
@@ -85,6 +85,8 @@ class Runner:
             s = self.kv.alloc()
         except VattnError:
             raise VattnError(f"no free slot: all {self.S} are in use; free one or raise max_batch") from None
+        for key in [k for k in self._plans if k[1] == s]:
+            self._plans[key].reset()  # a new sequence in this slot: its own plans start afresh
         self._len[s] = self._decoded[s] = 0
         self._alloc[s] = True
         self._att[s] = 0
@@ -125,17 +127,29 @@ class Runner:
         return True
 
     # ------------------------------------------------------------ plans
-    def plan(self, spec=None):
-        """The compiled Plan of `spec` (default: the runner's), or None for a dense spec."""
+    def plan(self, spec=None, slot: int | None = None):
+        """The compiled Plan of `spec` (default: the runner's), or None for a dense spec.
+
+        A plan on a fused path attends every slot row in one call and is shared (slot=None).
+        A reference-path plan runs one slot at a time, so each slot owns one (its method
+        state and generator are that sequence's, made afresh at alloc)."""
         from vattn.plan import compile as compile_plan
         from vattn.spec import parse
         parsed = parse(self.spec if spec is None else spec)
         if parsed.is_dense:
             return None
-        key = str(parsed)
+        key = (str(parsed), slot)
         if key not in self._plans:
             self._plans[key] = compile_plan(parsed, self.device, seed=self.seed)
         return self._plans[key]
+
+    def batched(self, plan) -> bool:
+        """Whether `plan` (None: dense) runs over all slot rows in one call: the dense kernel
+        and fused plans read each row's keys up to its length only; reference code reads the
+        whole view, and unmapped KV pages must never be read on a GPU."""
+        if self.device.type != "cuda" or not _kernel_fits_dims(self.arch.head_dim, self.dtype):
+            return False
+        return plan is None or plan.path != "reference"
 
     def _window_plan(self, window: int):
         """Dense attention over a sliding window on CUDA: the streaming kernel with window(w)
@@ -152,9 +166,11 @@ class Runner:
 
         Memory for all of them is mapped first: on VattnOutOfMemory nothing was written and
         the slot's length is unchanged."""
-        ids = self._check_ids(token_ids, "token_ids")
+        ids = self.check_ids(token_ids, "token_ids")
         self._check_slot(slot)
         chunk = self.chunk if chunk is None else chunk
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise VattnError(f"chunk must be an int >= 1 (tokens per prefill step), got {chunk!r}")
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self._len[slot]:
             raise VattnError(f"start must be an int in [0, length(slot)={self._len[slot]}], got {start!r}")
         if not ids:
@@ -165,6 +181,8 @@ class Runner:
                              "shorten the prompt or build the Runner with a larger max_len")
         self.kv.grow([slot], end)  # VattnOutOfMemory here: nothing written
         plan = self.plan(spec)
+        if plan is not None and not self.batched(plan):
+            plan = self.plan(spec, slot)
         out = None
         with torch.inference_mode():
             for lo in range(0, len(ids), chunk):
@@ -174,8 +192,9 @@ class Runner:
                 pos = torch.arange(pos0, pos0 + len(part), device=self.device)[None]
                 h = self.model.forward(tok, pos, self._prefill_attend(slot, pos0, len(part), plan))
                 out = h[0, -1]
+            logits = self.model.logits(out).float()
         self._len[slot] = end
-        return self.model.logits(out).float()
+        return logits
 
     def _prefill_attend(self, slot, start, t, plan):
         a = self.arch
@@ -184,28 +203,33 @@ class Runner:
             K, V = self.kv.k(i), self.kv.v(i)
             K[slot, :, start:start + t] = k[0]
             V[slot, :, start:start + t] = v[0]
-            if plan is not None and hasattr(plan, "append") and self.sparse_layer(i, plan):
+            if hasattr(plan, "append") and self.sparse_layer(i, plan):
                 self._append(plan, i, slot, start, t)
             return prefill_attention(q, K[slot:slot + 1, :, :start + t], V[slot:slot + 1, :, :start + t],
                                      start, a.windows[i], a.scale)
         return attend
 
     def _append(self, plan, layer, slot, start, t):
-        """The plan's per-layer state (signatures, page bounds) for keys just written (plan
-        API with context/append; the older API builds its state lazily in run)."""
-        ends = torch.zeros(self.S, t, dtype=torch.long, device=self.device)
-        ends[slot] = torch.arange(start + 1, start + t + 1, device=self.device)
-        starts = torch.zeros(self.S, dtype=torch.long, device=self.device)
+        """The plan's per-layer state (signatures, page bounds) for the keys just written
+        (plans with context/append; older plans build their state lazily in run)."""
         n = start + t
-        ctx = plan.context(starts, ends, self.arch.scale)
-        plan.append(layer, self.kv.k(layer)[:, :, :n], self.kv.v(layer)[:, :, :n], ctx)
+        dev = self.device
+        rows = self.S if self.batched(plan) else 1
+        ends = torch.zeros(rows, t, dtype=torch.long, device=dev)
+        ends[slot if rows > 1 else 0] = torch.arange(start + 1, n + 1, device=dev)
+        ctx = plan.context(torch.zeros(rows, dtype=torch.long, device=dev), ends, self.arch.scale)
+        K, V = self.kv.k(layer), self.kv.v(layer)
+        if rows == 1:
+            K, V = K[slot:slot + 1], V[slot:slot + 1]
+        plan.append(layer, K[:, :, :n], V[:, :, :n], ctx)
 
     # ------------------------------------------------------------ decode
     def decode(self, slots, tokens, spec=None):
         """One new token per slot at position length(slot), all slots in one step; returns
-        float32 [len(slots), V]. On CUDA the step replays a CUDA graph when the spec allows."""
+        float32 [len(slots), V]. On CUDA the step replays a CUDA graph when every layer runs
+        batched (dense kernel, fused plans); reference plans run eagerly, one slot at a time."""
         slots = [self._check_slot(s) for s in _as_list(slots, "slots")]
-        tokens = self._check_ids(tokens, "tokens")
+        tokens = self.check_ids(tokens, "tokens")
         if len(slots) != len(tokens) or not slots:
             raise VattnError(f"decode takes one token per slot: got {len(slots)} slots and {len(tokens)} tokens")
         if len(set(slots)) != len(slots):
@@ -227,61 +251,87 @@ class Runner:
                     self.graph_notes.setdefault(str(plan.spec) if plan else "dense", why)
                 dev = self.device
                 out = self._step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
-                                 torch.tensor(pos, device=dev), max(pos) + 1, plan, len(slots))
+                                 torch.tensor(pos, device=dev), max(pos) + 1, plan, len(slots),
+                                 host=(slots, pos))
         for s in slots:
             self._len[s] += 1
             self._decoded[s] += 1
         return out
 
-    def _step(self, tok, slot_idx, pos, nview: int, plan, bucket: int):
-        """The decode step on device tensors (no host sync: it is what a graph captures).
-        tok, slot_idx, pos: int64 [b]; attention over the first nview keys of every slot row."""
-        a, S = self.arch, self.S
+    def _step(self, tok, slot_idx, pos, nview: int, plan, bucket: int, host=None):
+        """The decode step. tok, slot_idx, pos: int64 [b] on the device. Batched layers attend
+        the first nview keys of every slot row (no host sync: a graph captures this); with
+        host=(slots, positions) other layers run slot by slot over each slot's own keys."""
+        a, S, dev = self.arch, self.S, self.device
         hq = a.heads
-        ends = torch.zeros(S, dtype=torch.long, device=self.device).index_put_((slot_idx,), pos + 1)
+        ends = torch.zeros(S, dtype=torch.long, device=dev).index_put_((slot_idx,), pos + 1)
         ends32 = ends.to(torch.int32)
         zero = torch.zeros_like(ends)
         ctxs = {}  # plan context per window (None: full attention), built once per step
 
-        def context(w, starts):
-            if w not in ctxs:
-                ctxs[w] = plan.context(starts, ends[:, None], a.scale)
-            return ctxs[w]
+        def batched(i, q, K, V, w, sparse):
+            qf = q.new_zeros(S, *q.shape[1:]).index_put_((slot_idx,), q)
+            K, V = K[:, :, :nview], V[:, :, :nview]
+            starts = (ends - w).clamp(min=0) if w else zero
+            if not sparse:
+                return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket)[slot_idx]
+            if hasattr(plan, "context"):
+                if w not in ctxs:
+                    ctxs[w] = plan.context(starts, ends[:, None], a.scale)
+                plan.append(i, K, V, ctxs[w])
+                o, sel = plan.run(i, qf, K, V, ctxs[w])
+            else:
+                o, sel = plan.run(i, qf, K, V, starts, ends[:, None], a.scale)
+            self._att.add_(sel.count.sum((1, 2)).double() * (hq // sel.count.shape[1]))
+            self._allowed.add_((ends - starts).clamp(min=0).double() * hq)
+            return o[slot_idx]
+
+        def per_slot(i, q, K, V, w, sparse):
+            outs = []
+            for j, (s, p) in enumerate(zip(*host)):
+                n = p + 1
+                st = max(0, n - w) if w else 0
+                qj, Kj, Vj = q[j:j + 1], K[s:s + 1, :, :n], V[s:s + 1, :, :n]
+                starts = torch.tensor([st], device=dev)
+                ends_j = torch.tensor([[n]], device=dev)
+                if not sparse:
+                    from vattn.attend import dense_attend
+                    outs.append(dense_attend(qj, Kj, Vj, ends_j[0], starts, a.scale))
+                    continue
+                pl = self.plan(plan.spec, s)
+                if hasattr(pl, "context"):
+                    ctx = pl.context(starts, ends_j, a.scale)
+                    pl.append(i, Kj, Vj, ctx)
+                    o, sel = pl.run(i, qj, Kj, Vj, ctx)
+                else:
+                    o, sel = pl.run(i, qj, Kj, Vj, starts, ends_j, a.scale)
+                self._att[s] += sel.count.sum().double() * (hq // sel.count.shape[1])
+                self._allowed[s] += (n - st) * hq
+                outs.append(o)
+            return torch.cat(outs, 0)
 
         def attend(i, q, k, v):
             K, V = self.kv.k(i), self.kv.v(i)
             K[slot_idx, :, pos] = k[:, :, 0]
             V[slot_idx, :, pos] = v[:, :, 0]
-            K, V = K[:, :, :nview], V[:, :, :nview]
-            qf = q.new_zeros(S, *q.shape[1:]).index_put_((slot_idx,), q)
+            sparse = self.sparse_layer(i, plan)
             w = a.windows[i]
-            starts = (ends - w).clamp(min=0) if w else zero
-            if self.sparse_layer(i, plan):
-                if hasattr(plan, "context"):
-                    ctx = context(w, starts)
-                    plan.append(i, K, V, ctx)
-                    o, sel = plan.run(i, qf, K, V, ctx)
-                else:
-                    o, sel = plan.run(i, qf, K, V, starts, ends[:, None], a.scale)
-                self._att.add_(sel.count.sum((1, 2)).double() * (hq // sel.count.shape[1]))
-                self._allowed.add_((ends - starts).clamp(min=0).double() * hq)
-            else:
-                o = self._dense(i, qf, K, V, starts, ends, ends32, w, bucket)
-            return o[slot_idx]
+            if self.batched(plan if sparse else None):
+                return batched(i, q, K, V, w, sparse)
+            return per_slot(i, q, K, V, w, sparse)
 
         h = self.model.forward(tok[:, None], pos[:, None], attend)
         return self.model.logits(h[:, 0])
 
-    def _dense(self, i, q, K, V, starts, ends, ends32, window, bucket):
+    def _dense_batched(self, i, q, K, V, starts, ends, ends32, window, bucket):
+        """Dense attention of every slot row on CUDA: the split-KV kernel, split for the step's
+        bucket (rows without keys exit at once), or the window's streaming plan."""
         a = self.arch
-        if self.device.type == "cuda" and _kernel_fits(q, K, V):
-            if window is None:
-                from vattn.kernels.decode import dense_decode, plan_splits
-                splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
-                return dense_decode(q, K, V, ends32, a.scale, splits=splits)
-            return self._window_plan(window).run(i, q, K, V, starts, ends[:, None], a.scale)[0]
-        from vattn.attend import dense_attend
-        return dense_attend(q, K, V, ends, starts, a.scale)
+        if window is None:
+            from vattn.kernels.decode import dense_decode, plan_splits
+            splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
+            return dense_decode(q, K, V, ends32, a.scale, splits=splits)
+        return self._window_plan(window).run(i, q, K, V, starts, ends[:, None], a.scale)[0]
 
     # ------------------------------------------------------------ CUDA graphs
     def _graph_misfit(self, plan) -> str | None:
@@ -290,12 +340,10 @@ class Runner:
             return "graphs are off"
         if not _kernel_fits_dims(self.arch.head_dim, self.dtype):
             return f"head dim {self.arch.head_dim} / {self.dtype} do not fit the Triton decode kernels"
-        if plan is not None:
-            safe = getattr(plan, "graph_safe", None)
-            if safe is None:
-                safe = plan.path == "streaming-kernel"
-            if not safe:
-                return f"plan path {plan.path!r} syncs with the host or draws random numbers"
+        if plan is not None and not self.batched(plan):
+            return f"plan path {plan.path!r} runs slot by slot (reference code: host syncs, whole-view reads)"
+        if plan is not None and getattr(plan, "graph_safe", True) is False:
+            return f"plan path {plan.path!r} cannot be captured in a CUDA graph"
         return None
 
     def _replay(self, plan, slots, tokens, pos):
@@ -346,7 +394,7 @@ class Runner:
             raise VattnError(f"slot {slot} is not allocated; call alloc() first")
         return slot
 
-    def _check_ids(self, ids, what) -> list:
+    def check_ids(self, ids, what) -> list:
         ids = _as_list(ids, what)
         v = self.arch.vocab
         for t in ids:
@@ -383,10 +431,6 @@ def prefill_attention(q, k, v, start: int, window, scale: float):
 
 def _kernel_fits_dims(d: int, dtype) -> bool:
     return d in (16, 32, 64, 128, 256) and dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _kernel_fits(q, k, v) -> bool:
-    return _kernel_fits_dims(q.shape[-1], q.dtype) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
 
 
 def _as_list(x, what) -> list:
