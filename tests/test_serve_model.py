@@ -1,0 +1,102 @@
+"""The server on the real engine (Runner): the tiny Llama for batching, chunked prefill, per-request
+specs and admission by memory; the embedded SmolLM2 for chat through its template."""
+import concurrent.futures as cf
+
+import httpx2
+import openai
+import pytest
+
+from vattn.engine.llm import LLM
+from vattn.engine.runner import Runner
+from vattn.engine.sampling import SamplingParams
+from vattn.serve.app import Engine, ServerThread, build_app
+
+
+def serve(runner, **kw):
+    engine = Engine(runner, model_name="tiny", idle_trim_s=0.1, **kw)
+    return engine, ServerThread(build_app(engine)).start()
+
+
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+PROMPTS = [[5 + i, 9, 17 + 3 * i] * (1 + 4 * i) for i in range(4)]  # 3 to 39 tokens
+
+
+def test_batched_chunked_equals_offline(tiny_dir):
+    # Reference: each prompt alone through the offline API (same engine, no scheduler).
+    llm = LLM(str(tiny_dir), spec="dense", max_len=64, max_batch=1)
+    ref = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=SamplingParams(
+        max_tokens=10, ignore_eos=True), use_tqdm=False)]
+    engine, srv = serve(Runner(str(tiny_dir), max_len=64, max_batch=4), chunk_tokens=8)
+    try:
+        c = client(srv)
+
+        def one(p):
+            r = c.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})
+            return engine.tokenizer(r.choices[0].text, add_special_tokens=False).input_ids, r
+        with cf.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(one, PROMPTS))
+        for (ids, r), want in zip(got, ref):
+            assert r.usage.completion_tokens == 10
+            assert r.choices[0].text == engine.tokenizer.decode(want, skip_special_tokens=True)
+        assert engine.scheduler.max_running >= 2  # they really ran together
+    finally:
+        srv.stop()
+
+
+def test_sparse_spec_per_request(tiny_dir):
+    engine, srv = serve(Runner(str(tiny_dir), max_len=64, max_batch=2))
+    try:
+        body = {"model": "tiny", "prompt": [7, 8, 9] * 10, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        dense = httpx2.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+        sparse = httpx2.post(srv.url + "/v1/completions", json={**body, "vattn_spec": "sink(2)+window(4)"},
+                             timeout=60).json()
+        assert dense["vattn"][0]["density"] == 1.0 and dense["vattn"][0]["spec"] == "dense"
+        assert 0 < sparse["vattn"][0]["density"] < 0.5, sparse["vattn"]
+        bad = httpx2.post(srv.url + "/v1/completions", json={**body, "vattn_spec": "topk(("}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "vattn_spec"
+    finally:
+        srv.stop()
+
+
+def test_admission_by_memory_real_runner(tiny_dir):
+    # A budget of two slots' pages: six requests queue, two run at a time, none fails.
+    probe = Runner(str(tiny_dir), max_len=64, max_batch=1)
+    page = probe.kv.stats().page_bytes
+    probe.close()
+    engine, srv = serve(Runner(str(tiny_dir), max_len=64, max_batch=4, budget_bytes=2 * page))
+    try:
+        body = {"model": "tiny", "prompt": [11, 12, 13], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(6) as pool:
+            rs = list(pool.map(lambda _: httpx2.post(srv.url + "/v1/completions", json=body, timeout=60), range(6)))
+        assert [r.status_code for r in rs] == [200] * 6
+        assert len({r.json()["choices"][0]["text"] for r in rs}) == 1
+        m = engine.scheduler.metrics()
+        assert m["max_running"] == 2 and m["failed"] == 0 and m["finished"] == 6
+        assert engine.runner.kv.stats().slots_in_use == 0
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_embedded_chat_stream_and_errors():
+    engine, srv = serve(Runner(None, max_len=128, max_batch=2))
+    engine.model_name = "smollm2"
+    try:
+        c = client(srv)
+        msgs = [{"role": "user", "content": "Say hi."}]
+        r = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=6, temperature=0)
+        text = r.choices[0].message.content
+        assert text and r.usage.completion_tokens <= 6
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="smollm2", messages=msgs, max_tokens=6, temperature=0, stream=True) if ch.choices)
+        assert streamed == text
+        with pytest.raises(openai.BadRequestError, match="max_len is 128"):
+            c.completions.create(model="smollm2", prompt="hello " * 200, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="bad vattn_spec"):
+            c.completions.create(model="smollm2", prompt="hello", max_tokens=4, extra_body={"vattn_spec": "x(("})
+    finally:
+        srv.stop()
