@@ -385,7 +385,7 @@ def build_app(engine: Engine) -> FastAPI:
     async def health():
         if not engine.scheduler.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok", "replica": f"{socket.gethostname()}:{os.getpid()}"}
 
     @app.get("/metrics")
     async def metrics():
