@@ -28,6 +28,7 @@ LAZY = {
     "report": ("vattn.eval.cli", "report_command", "Write RUN_DIR/report.md with tables and PNG plots."),
     "train-hash": ("vattn.methods.train_hash", "train_hash_command", "Learn bit-signature projections for hashtopk."),
     "bench": ("vattn.bench.app", "bench_app", "Speed benchmarks (ratios against a baseline measured in the same run)."),
+    "serve": ("vattn.serve.cli", "serve_command", "Serve a model over an OpenAI-compatible HTTP API."),
 }
 
 
@@ -56,7 +57,7 @@ class LazyGroup(TyperGroup):
                 raise
             return None
         if name == "bench":
-            for sub in ("vattn.bench.attention", "vattn.bench.cache"):  # they register on bench_app
+            for sub in ("vattn.bench.attention", "vattn.bench.cache", "vattn.bench.serve"):  # they register on bench_app
                 try:
                     importlib.import_module(sub)
                 except ModuleNotFoundError as e:

@@ -112,7 +112,7 @@ class Scheduler:
     """Continuous batching on one Runner. `submit`/`cancel`/`metrics` are thread-safe; everything
     else runs on the engine thread (`start()`), or call `step()` yourself (tests)."""
 
-    def __init__(self, runner, *, spec: str | None = None, chunk_tokens: int = 512, admission: str = "vmem",
+    def __init__(self, runner, *, spec: str | None = None, chunk_tokens: int = 2048, admission: str = "vmem",
                  max_waiting: int = 256, eos_ids=None, seed: int = 0, idle_trim_s: float | None = None):
         if admission not in ADMISSIONS:
             raise VattnError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")

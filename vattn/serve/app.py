@@ -37,7 +37,7 @@ class Engine:
     """A Runner and its Scheduler, as the HTTP side sees them."""
 
     def __init__(self, runner, *, model_name: str, admission: str = "vmem", max_waiting: int = 256,
-                 chunk_tokens: int = 512, seed: int = 0, idle_trim_s: float | None = 1.0):
+                 chunk_tokens: int = 2048, seed: int = 0, idle_trim_s: float | None = 1.0):
         self.runner, self.tokenizer, self.model_name = runner, runner.tokenizer, model_name
         self.spec = runner.spec
         self.scheduler = Scheduler(runner, admission=admission, max_waiting=max_waiting,
@@ -56,7 +56,7 @@ def model_name(model) -> str:
 
 def load_engine(model=None, *, spec: str = "dense", device=None, dtype=None, max_len: int = 4096,
                 max_batch: int = 8, budget_bytes: int | None = None, seed: int = 0, dense_layers=None,
-                admission: str = "vmem", max_waiting: int = 256, chunk_tokens: int = 512,
+                admission: str = "vmem", max_waiting: int = 256, chunk_tokens: int = 2048,
                 name: str | None = None) -> Engine:
     """Load the model into a Runner and wrap it for serving."""
     from vattn.engine.runner import Runner
