@@ -33,7 +33,7 @@ def next_pow2(n: int) -> int:
 def length_bucket(n: int, max_len: int) -> int:
     """Keys a graphed step views: n rounded up to 1/8 of its power of two (<= 12.5% idle
     keys for the split-KV kernel), at least 256, at most max_len."""
-    step = max(256, next_pow2(n) // 8)
+    step = max(256, next_pow2(n) // 16)
     return min(max_len, -(-n // step) * step)
 
 
@@ -112,19 +112,30 @@ class Runner:
         return float(self._att[slot]) / allowed if allowed > 0 else 1.0
 
     def fits(self, n_tokens: int) -> bool:
-        """Whether a slot grown by n_tokens could be mapped now within the budget (and, on CUDA,
-        the device's free memory); an upper bound on the pages a fresh slot needs."""
-        kv = self.kv
-        st = kv.stats()
-        tb = kv.D * kv.esize
-        per_head = -(-n_tokens * tb // kv.G) + 1
-        need = min(kv.slot_pages, kv.H * per_head) * st.page_bytes
-        free = (st.budget_bytes - st.mapped_bytes if st.budget_bytes is not None else None)
-        if free is not None and need > free + st.cached_bytes:
+        """Whether a fresh slot of n_tokens could be mapped now: within the budget (cached pages
+        of freed slots count as free) and, on CUDA, the device's free memory."""
+        st = self.kv.stats()
+        need = self.pages_for(n_tokens) * st.page_bytes
+        if st.budget_bytes is not None and need > st.budget_bytes - st.mapped_bytes + st.cached_bytes:
             return False
         if self.device.type == "cuda":
             return need <= torch.cuda.mem_get_info(self.device)[0] + st.cached_bytes
         return True
+
+    def pages_for(self, n: int) -> int:
+        """Pages (KVCache's unit: one granule of a slot in every layer, K and V) that tokens
+        [0, n) of a slot occupy, from the cache's layout (module docstring of cache/kv.py)."""
+        kv = self.kv
+        if n <= 0:
+            return 0
+        tb, g = kv.D * kv.esize, kv.G
+        if kv.layout == "bnhd":
+            return (n * kv.H * tb - 1) // g + 1
+        pages = set()
+        for h in range(kv.H):
+            a = h * kv.N * tb
+            pages.update(range(a // g, (a + n * tb - 1) // g + 1))
+        return len(pages)
 
     # ------------------------------------------------------------ plans
     def plan(self, spec=None, slot: int | None = None):
