@@ -26,6 +26,12 @@ from vattn.errors import VattnError
 log = logging.getLogger(__name__)
 
 
+# Plan paths that may see every slot row at once: they read each row's keys below its end
+# only. "scan-kernel" signs keys up to the view's length in every row (plan._signatures), which
+# on a vmem cache would read other slots' unmapped pages: it runs slot by slot until then.
+BATCHED_PATHS = ("streaming-kernel",)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -160,7 +166,7 @@ class Runner:
         whole view, and unmapped KV pages must never be read on a GPU."""
         if self.device.type != "cuda" or not _kernel_fits_dims(self.arch.head_dim, self.dtype):
             return False
-        return plan is None or plan.path != "reference"
+        return plan is None or plan.path in BATCHED_PATHS
 
     def _window_plan(self, window: int):
         """Dense attention over a sliding window on CUDA: the streaming kernel with window(w)
@@ -228,7 +234,7 @@ class Runner:
         rows = self.S if self.batched(plan) else 1
         ends = torch.zeros(rows, t, dtype=torch.long, device=dev)
         ends[slot if rows > 1 else 0] = torch.arange(start + 1, n + 1, device=dev)
-        ctx = plan.context(torch.zeros(rows, dtype=torch.long, device=dev), ends, self.arch.scale)
+        ctx = plan.context(torch.zeros(rows, dtype=torch.long, device=dev), ends, self.arch.scale, True)
         K, V = self.kv.k(layer), self.kv.v(layer)
         if rows == 1:
             K, V = K[slot:slot + 1], V[slot:slot + 1]
@@ -288,7 +294,7 @@ class Runner:
                 return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket)[slot_idx]
             if hasattr(plan, "context"):
                 if w not in ctxs:
-                    ctxs[w] = plan.context(starts, ends[:, None], a.scale)
+                    ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None)
                 plan.append(i, K, V, ctxs[w])
                 o, sel = plan.run(i, qf, K, V, ctxs[w])
             else:
@@ -311,7 +317,7 @@ class Runner:
                     continue
                 pl = self.plan(plan.spec, s)
                 if hasattr(pl, "context"):
-                    ctx = pl.context(starts, ends_j, a.scale)
+                    ctx = pl.context(starts, ends_j, a.scale, st == 0)
                     pl.append(i, Kj, Vj, ctx)
                     o, sel = pl.run(i, qj, Kj, Vj, ctx)
                 else:
