@@ -72,3 +72,81 @@ def test_plan_owns_state_and_seed():
     assert quest.states[3]  # page bounds kept for layer 3
     quest.reset()
     assert quest.states == {}
+
+
+SCAN = "sink(8)+window(16)+hashtopk(0.1,bits=64,cut='sample')+verified(eps=0.1,delta=0.1,draws='iid',mode='denominator')"
+
+
+def scan_inputs(n=1500, b=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, 4, 1, 32), (b, 2, n, 32), (b, 2, n, 32)))
+    k[:, :, 300:310] += 3 * q[:, ::2].reshape(b, 2, 1, 32)  # a few keys that matter
+    return q, k, v
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_scan_plan_runs_one_algorithm_on_kernel_and_reference(monkeypatch):
+    """The scan chain: the fused kernels (interpreter) and the CPU plan make the same choices."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = scan_inputs()
+    starts, ends = torch.zeros(2, dtype=torch.long), torch.tensor([[1500], [1100]])
+    outs = {}
+    for fused in (True, False):
+        plan = compile(SCAN, "cpu", seed=7, fused=fused)
+        assert plan.path == ("scan-kernel" if fused else "scan-reference")
+        ctx = plan.context(starts, ends, 32 ** -0.5)
+        plan.append(2, k, v, ctx)
+        outs[fused] = plan.run(2, q, k, v, ctx)
+    (a, sa), (r, sr) = outs[True], outs[False]
+    assert rel(a, r) < 1e-4
+    assert torch.equal(sa.count, sr.count)  # the same keys attended, per KV head
+    assert 0.1 < float(sr.count.float().mean()) / 1300 < 0.6
+    with pytest.raises(VattnError, match="holds only counts"):
+        sa.valid()
+
+
+def test_scan_plan_signs_keys_of_a_fixed_length_cache():
+    """A static cache: N never grows, each step's key is written at its row's position, and
+    append signs it; a plan that signed all N at first must follow."""
+    from vattn.kernels.bits import sign_bits
+    from vattn.methods.hashing import simhash_proj
+    q, k, v = scan_inputs(n=600, b=1)
+    buf_k, buf_v = torch.zeros_like(k), torch.zeros_like(v)
+    plan = compile(SCAN, "cpu")
+    for n in (500, 501, 502):
+        buf_k[:, :, :n], buf_v[:, :, :n] = k[:, :, :n], v[:, :, :n]
+        ctx = plan.context(torch.zeros(1, dtype=torch.long), torch.tensor([[n]]), 0.2)
+        plan.append(0, buf_k, buf_v, ctx)
+        plan.run(0, q, buf_k, buf_v, ctx)
+    sig = plan.states[0]["sig"][:, :, :502]
+    assert torch.equal(sig, sign_bits(k[:, :, :502], simhash_proj(32, 64, 0, 0, "cpu")))
+
+
+def test_scan_chain_is_one_form():
+    for bad, why in [
+        ("sink(8)+hashtopk(0.1,cut='sample')", "one chain"),
+        ("sink(8)+topk(0.1)+verified(draws='iid',mode='denominator')", "one chain"),
+        ("sink(0.1)+hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator')", "one chain"),
+        ("hashtopk(0.1,cut='sample')+verified(draws='iid')", "mode='output'"),
+        ("hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator',heavy=0.2)", "heavy"),
+        ("hashtopk(0.1,bits=48,cut='sample')+verified(draws='iid',mode='denominator')", "bits in 32"),
+    ]:
+        with pytest.raises(VattnError, match=why):
+            parse(bad)
+    assert compile("vattention-scan", "cpu").recipe.topk == 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_scan_chain_through_a_patched_model(arch):
+    """vattn.patch runs the scan chain's plan on every sparse layer (the CPU twin here)."""
+    import vattn
+    from conftest import tiny_model
+    model = tiny_model(arch)
+    ids = torch.randint(0, 100, (1, 40))
+    spec = ("sink(2)+window(4)+hashtopk(0.2,bits=32,cut='sample')"
+            "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)")
+    with vattn.patch(model, spec, sparse_from=30) as p:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert p._path() == "scan-reference" and p.summary()["calls"] > 0 and p.summary()["density"] < 1
+        assert all(st["signed"] >= 40 for st in p.states.values())
+    assert out.shape == (1, 43)

@@ -177,6 +177,8 @@ class Patch:
         self._last_offset = -1
         self._checked = False
         self._step_bounds = {}
+        self._step_ctx = {}
+        self._mask_free = True
         self.sequences = 0  # sequences started (method state and generator reset at each)
         self._modules = _attention_modules(model)
         if not self._modules:
@@ -269,6 +271,8 @@ class Patch:
         self._offset = offset
         self._checked = False
         self._step_bounds = {}  # per forward: row bounds by mask (see _bounds)
+        self._step_ctx = {}  # per forward: plan step contexts (see _context)
+        self._mask_free = True  # no attention call of this forward had a padding mask
         if offset is not None:
             self._start_forward(offset)
 
@@ -316,8 +320,17 @@ class Patch:
         """The compiled Plan that runs `spec` on `device` (one per spec and device, kept)."""
         key = (str(spec), str(device))
         if key not in self._plans:
-            self._plans[key] = compile_plan(spec, device, seed=self.seed)
+            # metrics read the keys each row attended: the reference of the same algorithm lists them
+            self._plans[key] = compile_plan(spec, device, seed=self.seed, fused=False if self.metrics else None)
         return self._plans[key]
+
+    def _context(self, plan, rows, starts, ends, scale):
+        """The plan's step context, built once per forward for layers with the same rows
+        (lengths computed once, whether rows start at key 0 read at most once)."""
+        key = (str(plan.spec), rows, scale)
+        if key not in self._step_ctx:
+            self._step_ctx[key] = plan.context(starts, ends, scale, True if self._mask_free else None)
+        return self._step_ctx[key]
 
     def _path(self):
         """What the main spec's plans ran: 'reference', 'streaming-kernel' (vattn.plan), or None."""
@@ -360,16 +373,18 @@ class Patch:
             out.append(_sdpa(module, q[:, :, rows], k, v, allowed[:, None], dropout, scaling, **kwargs))
         qs = q[:, :, first_sparse:]
         starts, ends = starts[:, first_sparse:], ends[:, first_sparse:]
-        out.append(self._sparse(layer, spec, qs, k, v, starts, ends, scale, first_sparse).transpose(1, 2))
+        self._mask_free &= mask is None
+        rows = (kwargs.get("sliding_window"), first_sparse)  # layers alike in these share row bounds
+        out.append(self._sparse(layer, spec, qs, k, v, starts, ends, scale, first_sparse, rows).transpose(1, 2))
         return torch.cat(out, 1) if len(out) > 1 else out[0]
 
-    def _sparse(self, layer, spec, q, k, v, starts, ends, scale, row0):
+    def _sparse(self, layer, spec, q, k, v, starts, ends, scale, row0, rows):
         """Sparse rows: q [B, Hq, T, D] with per-row bounds [B, T] -> [B, Hq, T, D]."""
         b, hq, t, _ = q.shape
         allowed = (ends - starts).clamp(min=0).sum() * hq
         # One select per group of rows that share a start (all rows unless a sliding
         # window cuts in); starts per batch row, causal ends.
-        chunks = [(0, t)] if _uniform(starts) else [(i, i + 1) for i in range(t)]
+        chunks = [(0, t)] if t == 1 or _uniform(starts) else [(i, i + 1) for i in range(t)]
         plan = None if spec.is_dense else self.plan(spec, q.device)
         outs, attended, recall, refs = [], 0, [], []
         for lo, hi in chunks:
@@ -380,7 +395,9 @@ class Patch:
                 o = dense_attend(qc, k, v, en, st, scale)
                 attended = attended + (ends[:, lo:hi] - starts[:, lo:hi]).clamp(min=0).sum() * hq
             else:
-                o, sel = plan.run(layer, qc, k, v, st, ends[:, lo:hi], scale)
+                ctx = self._context(plan, (rows, lo, hi), st, ends[:, lo:hi], scale)
+                plan.append(layer, k, v, ctx)
+                o, sel = plan.run(layer, qc, k, v, ctx)
                 attended = attended + sel.count.sum() * (hq // sel.indices.shape[1])
             outs.append(o)
             if self.metrics:

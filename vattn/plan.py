@@ -1,23 +1,30 @@
 """Plans: a spec compiled for a device, and what every caller runs per layer.
 
-    plan = compile(spec, device)                       # once: decides how the spec runs
-    out, sel = plan.run(layer, q, k, v, starts, ends, scale)
-    plan.reset()                                       # a new sequence: method state, seed
+    plan = compile(spec, device)                 # once: decides how the spec runs
+    ctx = plan.context(starts, ends, scale)      # once per forward / decode step
+    plan.append(layer, k, v, ctx)                # the step's keys are in k/v: per-layer state follows
+    out, sel = plan.run(layer, q, k, v, ctx)     # per layer
+    plan.reset()                                 # a new sequence: method state, seed
 
-Shapes: q [B, Hq, T, D]; k, v [B, Hkv, N, D]; starts int64 [B] (first valid key);
-ends int64 [B, T] (one past the last key each row sees). `sel` is the Selection that ran
-(its count gives density; metrics use it).
+Shapes: q [B, Hq, T, D]; k, v [B, Hkv, N, D] (views of a longer cache are fine); starts
+int64 [B] (first valid key); ends int64 [B, T] (one past the last key each row sees; the
+row's own key is at ends - 1). `sel` is the Selection that ran (its count gives density);
+fused kernels that list no keys return `Selection.counted(...)`, which metrics refuse.
 
 Paths (`plan.path`):
-  "streaming-kernel"  sink/window only, on CUDA: each row's index ranges are built on the
-                      GPU and the Triton sparse kernel attends them; no host sync.
-  "reference"         any other spec, or the CPU: parts -> Selection -> attend.
-A CUDA plan on the reference path says so once in the log, so its numbers are never read
-as a fused kernel's. The plan owns each layer's method state and the sampling generator.
+  "streaming-kernel"  sink/window only, on CUDA: index ranges built on the GPU, the Triton
+                      sparse kernel attends them; no host sync.
+  "scan-kernel"       sink+window+hashtopk(cut='sample')+verified(draws='iid'), on CUDA, one
+                      query row per sequence: the fused scan kernels (kernels/scan.py); key
+                      signatures live in the plan, signed in append (no host sync).
+  "scan-reference"    the same spec on the CPU, or with several query rows: the kernels'
+                      float64 twin, which makes every choice the kernels make.
+  "reference"         any other spec: parts -> Selection -> attend (said once in the log on CUDA).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -31,11 +38,68 @@ log = logging.getLogger(__name__)
 _SAID: set = set()
 
 
+def _say_once(msg: str, *args):
+    if (msg, args) not in _SAID:
+        _SAID.add((msg, args))
+        log.warning(msg, *args)
+
+
+@dataclass
+class StepContext:
+    """Row bounds of one forward, built once and shared by every layer.
+
+    zero_starts: a host fact, True when every row starts at key 0 (no left padding);
+    None when the caller does not know (the scan path then checks, once per step)."""
+    starts: torch.Tensor
+    ends: torch.Tensor
+    scale: float
+    zero_starts: bool | None = None
+
+    def __post_init__(self):
+        self._lengths = None
+
+    @property
+    def rows(self) -> int:
+        return self.ends.shape[1]
+
+    def lengths(self) -> torch.Tensor:
+        """int32 [B]: keys the last query row of each sequence sees."""
+        if self._lengths is None:
+            self._lengths = self.ends[:, -1].to(torch.int32).contiguous()
+        return self._lengths
+
+    def check_zero_starts(self, why: str):
+        if self.zero_starts is None:
+            self.zero_starts = bool((self.starts == 0).all())
+        if not self.zero_starts:
+            raise VattnError(f"{why} needs every sequence to start at key 0 (no left padding): generate "
+                             "prompts one at a time, or use the vattn engine (no padding)")
+
+
+@dataclass
+class ScanRecipe:
+    """The scan kernels' arguments, read from the spec (spec.SCAN_FORM)."""
+    sink: int
+    window: int
+    topk: int | float
+    bits: int
+    proj_seed: int
+    m0: int
+    eps: float
+    delta: float
+    var_conf: float
+
+    def kwargs(self) -> dict:
+        return dict(sink=self.sink, window=self.window, topk=self.topk, m0=self.m0, eps=self.eps,
+                    delta=self.delta, var_conf=self.var_conf)
+
+
 class Plan:
-    def __init__(self, spec: Spec, device: torch.device, path: str, seed: int = 0):
-        self.spec, self.device, self.path, self.seed = spec, device, path, int(seed)
+    def __init__(self, spec: Spec, device: torch.device, path: str, seed: int = 0, recipe: ScanRecipe | None = None):
+        self.spec, self.device, self.path, self.seed, self.recipe = spec, device, path, int(seed), recipe
         self.states: dict[int, dict] = {}  # per layer: what methods keep across steps
         self._gen = None
+        self.insist = False  # compile(fused=True): a fused path that cannot run is an error
 
     def reset(self):
         """A new sequence: method state and the sampling generator start afresh."""
@@ -47,21 +111,94 @@ class Plan:
             self._gen = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._gen
 
-    def run(self, layer: int, q, k, v, starts, ends, scale: float) -> tuple[torch.Tensor, Selection]:
-        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection)."""
+    @staticmethod
+    def context(starts, ends, scale: float, zero_starts: bool | None = None) -> StepContext:
+        return StepContext(starts, ends, float(scale), zero_starts)
+
+    def append(self, layer: int, k, v, ctx: StepContext):
+        """Keys at positions ends - 1 were written (or the buffer grew): per-layer state follows.
+        Only the scan paths keep state here; the reference methods extend theirs in run."""
+        if self.recipe is not None and k.shape[2] > 0:
+            self._signatures(layer, k, ctx)
+
+    def run(self, layer: int, q, k, v, ctx, ends=None, scale=None) -> tuple[torch.Tensor, Selection]:
+        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection).
+        The older form run(layer, q, k, v, starts, ends, scale) is accepted too."""
+        if not isinstance(ctx, StepContext):
+            ctx = self.context(ctx, ends, scale)
         if self.path == "streaming-kernel":
-            sel = streaming_selection(self.spec, k, starts, ends)
+            sel = streaming_selection(self.spec, k, ctx.starts, ctx.ends)
             why = kernel_misfit(q, k, v)
             if why is None:
                 from vattn.kernels.sparse import sparse_decode
-                return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True, scale), sel
+                return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True, ctx.scale), sel
+            if self.insist:
+                raise VattnError(f"spec {self.spec}: the fused streaming kernel cannot take these inputs ({why})")
             self.path = "reference"  # the plan says what runs from now on, and the log says why
-            log.warning("spec %s: the fused streaming kernel cannot take these inputs (%s); "
-                        "the reference path runs", self.spec, why)
-        ctx = DecodeContext(q, k, v, starts, ends, scale, self.generator(), self.states.setdefault(layer, {}),
-                            layer)
-        sel = self.spec.select(ctx)
-        return attend(q, k, v, sel, scale=scale), sel
+            log.warning("spec %s: the fused streaming kernel cannot take these inputs (%s); the reference "
+                        "path runs", self.spec, why)
+        if self.recipe is not None:
+            return self._scan(layer, q, k, v, ctx)
+        dctx = DecodeContext(q, k, v, ctx.starts, ctx.ends, ctx.scale, self.generator(),
+                             self.states.setdefault(layer, {}), layer)
+        sel = self.spec.select(dctx)
+        return attend(q, k, v, sel, scale=ctx.scale), sel
+
+    # -- the scan paths ---------------------------------------------------------------
+    def _signatures(self, layer: int, k, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer. Keys
+        past what was signed (N known on the host) are signed at once, and each row's own key
+        (ends - 1) every call, which covers caches of fixed length; nothing waits for the GPU."""
+        from vattn.kernels.bits import sign_bits
+        from vattn.methods.hashing import simhash_proj
+        b, hkv, n, d = k.shape
+        st = self.states.setdefault(layer, {})
+        sig = st.get("sig")
+        if sig is None or sig.shape[:2] != (b, hkv) or st["proj"].shape[0] != d:
+            proj = simhash_proj(d, self.recipe.bits, self.recipe.proj_seed, layer, k.device)
+            sig = torch.zeros((b, hkv, 0, self.recipe.bits // 32), dtype=torch.int32, device=k.device)
+            st.update(sig=sig, proj=proj, signed=0)
+        proj = st["proj"]
+        if n > sig.shape[2]:  # room for twice the keys: growth costs a copy now and then, not per step
+            grown = torch.zeros((b, hkv, max(n, 2 * sig.shape[2]), sig.shape[3]), dtype=sig.dtype, device=sig.device)
+            grown[:, :, :st["signed"]] = sig[:, :, :st["signed"]]
+            sig = st["sig"] = grown
+        if n > st["signed"]:
+            sig[:, :, st["signed"]:n] = sign_bits(k[:, :, st["signed"]:n], proj)
+            st["signed"] = n
+        else:
+            pos = (ctx.ends - 1).clamp(min=0)  # [B, T]: each row's own key
+            new = torch.gather(k, 2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], d))
+            sig.scatter_(2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], sig.shape[3]), sign_bits(new, proj))
+        return sig, proj
+
+    def _scan(self, layer, q, k, v, ctx: StepContext):
+        from vattn.kernels.scan import scan_decode_ref, vattention_scan_decode
+        if q.shape[0] * q.shape[2] == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
+            return torch.zeros_like(q), Selection.empty(q.shape[0], k.shape[1], q.shape[2], q.device, shared=True)
+        ctx.check_zero_starts(f"spec {self.spec} (the scan algorithm)")
+        st = self.states.get(layer, {})
+        if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
+            self._signatures(layer, k, ctx)  # a caller that did not append: sign now
+            st = self.states[layer]
+        sig, proj = st["sig"], st["proj"]
+        seed = (self.seed * 1_000_003 + layer) & 0xFFFFFFFF  # per layer; each step's length varies the draws
+        kw = self.recipe.kwargs()
+        if self.path == "scan-kernel" and ctx.rows == 1:
+            out, stats = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
+                                                stats=True, **kw)
+            count = (stats["exact_keys"] + stats["sample_keys"]).view(q.shape[0], k.shape[1], 1)
+            return out, Selection.counted(count, shared=True)
+        if self.path == "scan-kernel":
+            _say_once("spec %s: %d query rows per sequence run the scan kernels' float64 twin (the kernels "
+                      "take one row)", str(self.spec), ctx.rows)
+        outs, sels = [], []
+        for t in range(ctx.rows):  # the twin takes one query row per sequence
+            o, info = scan_decode_ref(q[:, :, t:t + 1], k, v, sig, proj, ctx.ends[:, t].to(torch.int32), seed=seed,
+                                      scale=ctx.scale, **kw)
+            outs.append(o.to(q.dtype))
+            sels.append(info["selection"])
+        return torch.cat(outs, 2), Selection.cat_rows(sels)
 
 
 def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
@@ -69,18 +206,42 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
     CUDA; True = insist on it (an error if the spec has none); False = the reference."""
     spec = parse(spec)
     device = torch.device(device)
-    fusable = is_streaming(spec)
+    recipe = scan_recipe(spec)
+    fusable = is_streaming(spec) or recipe is not None
+    insist = fused is True
     if fused is None:
         fused = fusable and device.type == "cuda"
     if fused and not fusable:
-        raise VattnError(f"spec {spec} has no fused GPU path (fused: sink/window only so far); "
-                         "use fused=None to run the reference path")
-    path = "streaming-kernel" if fused else "reference"
-    if device.type == "cuda" and path == "reference" and str(spec) not in _SAID:
-        _SAID.add(str(spec))
-        log.warning("spec %s runs the reference path on CUDA (parts -> Selection -> sparse kernel), "
-                    "not a fused plan", spec)
-    return Plan(spec, device, path, seed)
+        raise VattnError(f"spec {spec} has no fused GPU path (fused: sink/window, and the scan chain "
+                         "hashtopk(cut='sample')+verified(draws='iid')); use fused=None to run the reference path")
+    if fused and device.type != "cuda" and not _interpreting():
+        raise VattnError(f"fused=True needs a CUDA device (or TRITON_INTERPRET=1 for tests), got {device}")
+    if recipe is not None:  # one algorithm on every device: the twin where the kernels do not run
+        path = "scan-kernel" if fused else "scan-reference"
+    else:
+        path = "streaming-kernel" if fused else "reference"
+    if device.type == "cuda" and not fused:
+        _say_once("spec %s runs the %s path on CUDA, not a fused plan", str(spec), path)
+    plan = Plan(spec, device, path, seed, recipe)
+    plan.insist = insist
+    return plan
+
+
+def _interpreting() -> bool:
+    from vattn.kernels._common import interpret
+    return interpret()
+
+
+def scan_recipe(spec: Spec) -> ScanRecipe | None:
+    """The scan kernels' arguments when `spec` is the scan chain (spec.check_parts vouches for
+    its form), else None."""
+    parts = spec.parts
+    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid":
+        return None
+    ht, vf = parts[-2], parts[-1]
+    fixed = {p.name: p.n for p in parts[:-2]}
+    return ScanRecipe(sink=fixed.get("sink", 0), window=fixed.get("window", 0), topk=ht.k, bits=ht.bits,
+                      proj_seed=ht.seed, m0=vf.min_pilot, eps=vf.eps, delta=vf.delta, var_conf=vf.var_conf)
 
 
 def is_streaming(spec: Spec) -> bool:

@@ -29,6 +29,9 @@ PRESETS = {
     "oracle-topk": "sink(0.02)+window(0.02)+topk(0.06)",
     "oracle-topp": "topp(0.9)",
     "vattention": "sink(16)+window(64)+topk(0.05)+verified(eps=0.2,delta=0.2)",
+    # the fused GPU pipeline (kernels/scan.py); the same algorithm on the CPU (its float64 twin)
+    "vattention-scan": "sink(128)+window(128)+hashtopk(0.05,bits=128,cut='sample')"
+                       "+verified(eps=0.05,delta=0.05,draws='iid',mode='denominator',min_pilot=128)",
 }
 
 _TERM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
@@ -191,6 +194,26 @@ def check_parts(parts) -> None:
         else:
             fix = f"a spec has at most one sampling part and it comes last: move {later.name} before {p.name}"
         raise VattnError(f"{why}; {fix}")
+    _check_scan_chain(parts)
+
+
+SCAN_FORM = ("[sink(count)+][window(count)+]hashtopk(k, bits=32..256, cut='sample')+"
+             "verified(eps=..., delta=..., draws='iid', mode='denominator')")
+
+
+def _check_scan_chain(parts) -> None:
+    """The fused scan algorithm is one chain: its cut and its draws make sense only together."""
+    names = [p.name for p in parts]
+    scan = [p for p in parts if getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid"]
+    if not scan:
+        return
+    front = names[:-2]
+    ok = (len(parts) >= 2 and names[-2:] == ["hashtopk", "verified"] and parts[-2].cut == "sample"
+          and parts[-1].draws == "iid" and front in ([], ["sink"], ["window"], ["sink", "window"])
+          and all(isinstance(p.n, int) for p in parts[:-2]))
+    if not ok:
+        raise VattnError(f"hashtopk(cut='sample') and verified(draws='iid') are one algorithm (the fused scan "
+                         f"kernels) and come as one chain: {SCAN_FORM}; got {'+'.join(names)}")
 
 
 @dataclass

@@ -34,12 +34,17 @@ def tolerance(delta: float, rows: int) -> float:
     return 3.0 * math.sqrt(delta * (1 - delta) / max(rows, 1))
 
 
-def measure(inp: Inputs, spec: str, mode: str, seed: int = 0) -> dict:
-    """Per-row errors and the measured density of one spec on one group."""
+def measure(inp: Inputs, spec: str, mode: str, seed: int = 0, fused: bool | None = None) -> dict:
+    """Per-row errors and the measured density of one spec on one group. A fused kernel
+    lists no keys, so denominator errors need its reference (fused=False; the scan
+    kernels' twin makes every choice they make)."""
     q, k, v = inp.q, inp.k, inp.v
     b, hq, t = q.shape[:3]
     starts, ends = row_bounds(b, t, k.shape[2], inp.lengths, inp.starts, q.device)
-    out, sel = compile_plan(spec, q.device, seed=seed).run(inp.layer, q, k, v, starts, ends, inp.scale)  # what runs
+    plan = compile_plan(spec, q.device, seed=seed, fused=fused)
+    ctx = plan.context(starts, ends, inp.scale)
+    plan.append(inp.layer, k, v, ctx)
+    out, sel = plan.run(inp.layer, q, k, v, ctx)  # what runs
     ref = dense_attend(q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale)
     live = (ends > starts[:, None])[:, None].expand(b, hq, t)  # rows with at least one key
     out_err = metrics.relative_error(out, ref)[live]

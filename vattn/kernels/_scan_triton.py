@@ -22,10 +22,11 @@ def _mix(x, key):
 
 
 @triton.jit
-def _keys(seed, row):
-    """(sample key, tie key) of a selection row: uint32, as scan._row_keys."""
-    # hashed, not xor-ed: seeds that differ in low bits must not permute the same slots
-    key = _mix(row.to(tl.uint32) * 0x1B873593, seed.to(tl.uint32))
+def _keys(seed, row, L):
+    """(sample key, tie key) of a selection row of length L: uint32, as scan._row_keys."""
+    # hashed, not xor-ed: seeds that differ in low bits must not permute the same slots; the
+    # length makes each decode step draw afresh (no host counter, so a captured graph does too)
+    key = _mix(row.to(tl.uint32) * 0x1B873593, _mix(L.to(tl.uint32), seed.to(tl.uint32)))
     return key, _mix(key, TIE_SALT)
 
 
@@ -135,7 +136,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     inr = n < hi
     hc = tl.histogram(_bins(qv, ks, row, n, inr, N, R, W, WP, RWP, HW, SH, NH), NH, mask=inr)
     # this program's pilot draws: their loads overlap the histogram's
-    skey, tkey = _keys(seed, row)
+    skey, tkey = _keys(seed, row, L)
     i = p * PC + tl.arange(0, PC)
     pok = i < tl.where(n_mid > 0, m0, 0)
     xp = _draw(i, skey, sink, n_mid)
@@ -356,7 +357,7 @@ def _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh, window, 
     # programmatic-dependent-launch wait.
     b = row // H
     L = tl.load(lens + b)
-    skey, tkey = _keys(seed, row)
+    skey, tkey = _keys(seed, row, L)
     qq = _query(q, row, b, H, sqb, sqh, R, M, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     vb = v + b.to(tl.int64) * svb + (row % H).to(tl.int64) * svh

@@ -50,8 +50,8 @@ def _mix_ref(x, key):
     return x ^ (x >> 13)
 
 
-def _row_keys(seed, row):
-    key = _mix_ref((row * 0x1B873593) & M32, seed & M32)
+def _row_keys(seed, row, length):
+    key = _mix_ref((row * 0x1B873593) & M32, _mix_ref(length & M32, seed & M32))
     return key, _mix_ref(key, TIE_SALT)
 
 
@@ -289,7 +289,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         hi = L - window
         n_mid = max(hi - sink, 0)
         s = sc[row]
-        skey, tkey = _row_keys(seed, row)
+        skey, tkey = _row_keys(seed, row, L)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
         lane = torch.arange(sub_block)
         rel = (lane // 32) * (32 * stride) + lane % 32

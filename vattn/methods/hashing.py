@@ -104,9 +104,19 @@ class HashTopK:
     bits: int = 64
     proj: str = "random"
     seed: int = 0
+    # "exact": the k best agreements per query head. "sample": the scan kernels' cut (one per KV
+    # head on the group's summed agreement, its threshold read from a subsample of the middle,
+    # ties at random): about k keys; only before verified(draws='iid') (spec.check_parts).
+    cut: str = "exact"
 
     def __post_init__(self):
         check_size("hashtopk", "k", self.k)
+        if self.cut not in ("exact", "sample"):
+            raise VattnError(f"hashtopk: cut must be 'exact' or 'sample', got {self.cut!r}")
+        if self.cut == "sample" and (self.proj != "random" or self.bits % 32 or self.bits > 256):
+            raise VattnError(f"hashtopk(cut='sample') signs keys with the layer's SimHash projection in 32-bit "
+                             f"words: it needs proj='random' and bits in 32, 64, ..., 256, got "
+                             f"proj={self.proj!r}, bits={self.bits}")
         check_int("hashtopk", "bits", self.bits, 1, 256)
         check_int("hashtopk", "seed", self.seed, 0, 2**31 - 1)
         if not isinstance(self.proj, str) or (self.proj != "random" and not Path(self.proj).is_file()):
@@ -148,6 +158,9 @@ class HashTopK:
         return agreement(signatures(ctx.q, pq, self.bits), self.key_signatures(ctx, pk), self.bits)
 
     def select(self, ctx: DecodeContext, out: Builder):
+        if self.cut == "sample":
+            raise VattnError("hashtopk(cut='sample') runs with verified(draws='iid') as one algorithm: call it "
+                             "through a plan (vattn.plan.compile(spec, device).run(...)), not part by part")
         s = self.scores(ctx).masked_fill(~ctx.allowed() | out.chosen, -1)
         k = resolve_size(self.k, ctx.lengths())
         kmax = min(int(k.max()) if k.numel() else 0, s.shape[-1])

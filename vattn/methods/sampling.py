@@ -79,16 +79,34 @@ class Verified:
     delta: float = 0.05
     base_rate: float = 0.02
     mode: str = "output"
-    share: str = "none"
+    share: str | None = None  # "none", or "kv" (the default with draws="iid")
     min_pilot: int = 64
     var_conf: float = -1.0  # confidence of the pilot variance's upper bound; -1: 1 - delta/2, 0: plug-in
     weights: str = "pooled"  # "pooled": n_r / (pilot + ext) on every sampled key; "two-phase": unbiased
     # Residual keys with attention probability above stats.heavy_threshold(..., c=heavy) are
     # taken exactly (read from the exact scores); 0 turns the cut off (the bound then needs a
     # front that catches the heavy keys: docs/guarantee.md).
-    heavy: float = 0.25
+    heavy: float | None = None  # 0.25; 0 (no cut) with draws="iid"
+    # "residual": without replacement from the keys no earlier part chose (above). "iid": the
+    # fused scan algorithm (kernels/scan.py): min_pilot + M independent uniform draws over
+    # the middle (between sinks and window), chosen keys counting 0, one sample per KV head,
+    # denominator mode; it runs behind hashtopk(cut='sample') only (spec.check_parts).
+    draws: str = "residual"
 
     def __post_init__(self):
+        if self.draws not in ("residual", "iid"):
+            raise VattnError(f"verified: draws must be 'residual' or 'iid', got {self.draws!r}")
+        iid = self.draws == "iid"
+        self.share = ("kv" if iid else "none") if self.share is None else self.share
+        self.heavy = (0.0 if iid else 0.25) if self.heavy is None else self.heavy
+        if iid:
+            what = {"mode": (self.mode, "denominator"), "share": (self.share, "kv"), "heavy": (self.heavy, 0.0),
+                    "weights": (self.weights, "pooled"), "base_rate": (self.base_rate, 0.02)}
+            bad = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in what.items() if v != w]
+            if bad:
+                raise VattnError("verified(draws='iid') is the fused scan algorithm: denominator mode, one sample "
+                                 "per KV head, no heavy-key cut, a pilot of min_pilot draws; it does not take "
+                                 f"{', '.join(bad)}: drop those arguments or use draws='residual'")
         check_range("verified", "eps", self.eps, 0.0, 1.0, hi_open=True)
         check_range("verified", "delta", self.delta, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("verified", "base_rate", self.base_rate, 0.0, 1.0, lo_open=True)
@@ -105,6 +123,10 @@ class Verified:
         check_range("verified", "heavy", self.heavy, 0.0, 1e6)
 
     def select(self, ctx: DecodeContext, out: Builder):
+        if self.draws == "iid":
+            raise VattnError("verified(draws='iid') runs with the parts before it as one algorithm: call it "
+                             "through a plan (vattn.plan.compile(spec, device).run(...), as every vattn entry "
+                             "point does), not part by part")
         if self.share == "kv":
             out.share()
         n = ctx.lengths().expand(*out.chosen.shape[:3])
