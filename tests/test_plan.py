@@ -150,3 +150,20 @@ def test_scan_chain_through_a_patched_model(arch):
         assert p._path() == "scan-reference" and p.summary()["calls"] > 0 and p.summary()["density"] < 1
         assert all(st["signed"] >= 40 for st in p.states.values())
     assert out.shape == (1, 43)
+
+
+def test_scan_plan_signs_each_rows_own_key_in_a_ragged_batch():
+    """Rows of unequal length share one buffer of N keys: a short row's new key sits below N,
+    where an earlier step signed whatever was there; append must sign it again."""
+    from vattn.kernels.bits import sign_bits
+    from vattn.methods.hashing import simhash_proj
+    _, k, v = scan_inputs(n=300, b=2)
+    buf = torch.zeros_like(k)
+    plan = compile(SCAN, "cpu")
+    lens = [[200, 100], [201, 101], [202, 102]]
+    for la, lb in lens:
+        buf[0, :, :la], buf[1, :, :lb] = k[0, :, :la], k[1, :, :lb]
+        ctx = plan.context(torch.zeros(2, dtype=torch.long), torch.tensor([[la], [lb]]), 0.2)
+        plan.append(0, buf[:, :, :la], buf[:, :, :la], ctx)  # the view: N = the longest row
+    sig, want = plan.states[0]["sig"], sign_bits(k, simhash_proj(32, 64, 0, 0, "cpu"))
+    assert torch.equal(sig[0, :, :202], want[0, :, :202]) and torch.equal(sig[1, :, :102], want[1, :, :102])

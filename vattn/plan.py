@@ -148,7 +148,8 @@ class Plan:
     def _signatures(self, layer: int, k, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer. Keys
         past what was signed (N known on the host) are signed at once, and each row's own key
-        (ends - 1) every call, which covers caches of fixed length; nothing waits for the GPU."""
+        (ends - 1) every call, which covers caches of fixed length and batches of unequal
+        rows; nothing waits for the GPU."""
         from vattn.kernels.bits import sign_bits
         from vattn.methods.hashing import simhash_proj
         b, hkv, n, d = k.shape
@@ -166,10 +167,11 @@ class Plan:
         if n > st["signed"]:
             sig[:, :, st["signed"]:n] = sign_bits(k[:, :, st["signed"]:n], proj)
             st["signed"] = n
-        else:
-            pos = (ctx.ends - 1).clamp(min=0)  # [B, T]: each row's own key
-            new = torch.gather(k, 2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], d))
-            sig.scatter_(2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], sig.shape[3]), sign_bits(new, proj))
+        # each row's own key, always: in a batch of unequal rows (or a cache of fixed length)
+        # it may sit below N, where an earlier call signed what was there before
+        pos = (ctx.ends - 1).clamp(min=0)  # [B, T]
+        new = torch.gather(k, 2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], d))
+        sig.scatter_(2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], sig.shape[3]), sign_bits(new, proj))
         return sig, proj
 
     def _scan(self, layer, q, k, v, ctx: StepContext):
