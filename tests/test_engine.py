@@ -242,3 +242,23 @@ def test_dense_layers_and_length_bucket():
     assert r.density(s) == 1.0
     assert length_bucket(1, 10**6) == 256 and length_bucket(32769, 10**6) == 36864
     assert length_bucket(32769, 33000) == 33000
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_all_rows_step_in_the_interpreter(arch):
+    """The GPU decode step (every slot row at once: the Triton dense kernel, sliding windows
+    through the window plan, padding-free batch) run on the CPU by the Triton interpreter."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    model = tiny_model(arch)
+    r = Runner(model, max_len=64, max_batch=3)
+    r.all_rows = True
+    p1, p2 = ids_for(14, seed=7), ids_for(25, seed=8)
+    s1, s2 = r.alloc(), r.alloc()
+    r.prefill(s1, p1)
+    r.prefill(s2, p2)
+    new = ids_for(3, seed=9)
+    got = torch.stack([r.decode([s2, s1], [t, t]) for t in new])
+    assert (got[:, 0] - hf_logits(model, p2 + new)[25:28]).abs().max() < TOL
+    assert (got[:, 1] - hf_logits(model, p1 + new)[14:17]).abs().max() < TOL

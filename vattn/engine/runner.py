@@ -79,6 +79,9 @@ class Runner:
         if self.graphs and self.device.type != "cuda":
             raise VattnError("graphs=True needs a CUDA device; CUDA graphs do not exist on the CPU")
         self.graph_notes: dict = {}  # spec -> why its steps run eagerly on CUDA
+        # Attend all slot rows in one call (dense kernel, fused plans): on CUDA. CPU tests turn
+        # it on under TRITON_INTERPRET=1 to run the GPU step's code in the interpreter.
+        self.all_rows = self.device.type == "cuda"
 
     # ------------------------------------------------------------ slots
     def alloc(self) -> int:
@@ -164,7 +167,7 @@ class Runner:
         """Whether `plan` (None: dense) runs over all slot rows in one call: the dense kernel
         and fused plans read each row's keys up to its length only; reference code reads the
         whole view, and unmapped KV pages must never be read on a GPU."""
-        if self.device.type != "cuda" or not _kernel_fits_dims(self.arch.head_dim, self.dtype):
+        if not self.all_rows or not _kernel_fits_dims(self.arch.head_dim, self.dtype):
             return False
         return plan is None or plan.path in BATCHED_PATHS
 
