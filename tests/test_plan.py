@@ -86,13 +86,16 @@ def scan_inputs(n=1500, b=2, seed=3):
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_scan_plan_runs_one_algorithm_on_kernel_and_reference(monkeypatch):
-    """The scan chain: the fused kernels (interpreter) and the CPU plan make the same choices."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    q, k, v = scan_inputs()
-    starts, ends = torch.zeros(2, dtype=torch.long), torch.tensor([[1500], [1100]])
+    """The scan chain: the fused kernels (on CUDA, else in the interpreter) and the reference
+    plan make the same choices."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (x.to(dev) for x in scan_inputs())
+    starts, ends = torch.zeros(2, dtype=torch.long, device=dev), torch.tensor([[1500], [1100]], device=dev)
     outs = {}
     for fused in (True, False):
-        plan = compile(SCAN, "cpu", seed=7, fused=fused)
+        plan = compile(SCAN, dev, seed=7, fused=fused)
         assert plan.path == ("scan-kernel" if fused else "scan-reference")
         ctx = plan.context(starts, ends, 32 ** -0.5)
         plan.append(2, k, v, ctx)

@@ -119,7 +119,7 @@ class Plan:
         """Keys at positions ends - 1 were written (or the buffer grew): per-layer state follows.
         Only the scan paths keep state here; the reference methods extend theirs in run."""
         if self.recipe is not None and k.shape[2] > 0:
-            self._signatures(layer, k, ctx)
+            self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
 
     def run(self, layer: int, q, k, v, ctx, ends=None, scale=None) -> tuple[torch.Tensor, Selection]:
         """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection).
@@ -145,7 +145,12 @@ class Plan:
         return attend(q, k, v, sel, scale=ctx.scale), sel
 
     # -- the scan paths ---------------------------------------------------------------
-    def _signatures(self, layer: int, k, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernel_signs(self, ctx: StepContext) -> bool:
+        """The scan kernels sign each row's own key themselves (update_sig) when it lies in the
+        window: no launch of the step reads it before."""
+        return self.path == "scan-kernel" and ctx.rows == 1 and self.recipe.window >= 1
+
+    def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer. Keys
         past what was signed (N known on the host) are signed at once, and each row's own key
         (ends - 1) every call, which covers caches of fixed length and batches of unequal
@@ -167,6 +172,8 @@ class Plan:
         if n > st["signed"]:
             sig[:, :, st["signed"]:n] = sign_bits(k[:, :, st["signed"]:n], proj)
             st["signed"] = n
+        if not own:
+            return sig, proj
         # each row's own key, always: in a batch of unequal rows (or a cache of fixed length)
         # it may sit below N, where an earlier call signed what was there before
         pos = (ctx.ends - 1).clamp(min=0)  # [B, T]
@@ -181,14 +188,14 @@ class Plan:
         ctx.check_zero_starts(f"spec {self.spec} (the scan algorithm)")
         st = self.states.get(layer, {})
         if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
-            self._signatures(layer, k, ctx)  # a caller that did not append: sign now
+            self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))  # no append came: sign now
             st = self.states[layer]
         sig, proj = st["sig"], st["proj"]
         seed = (self.seed * 1_000_003 + layer) & 0xFFFFFFFF  # per layer; each step's length varies the draws
         kw = self.recipe.kwargs()
         if self.path == "scan-kernel" and ctx.rows == 1:
             out, stats = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
-                                                stats=True, **kw)
+                                                stats=True, update_sig=self._kernel_signs(ctx), **kw)
             count = (stats["exact_keys"] + stats["sample_keys"]).view(q.shape[0], k.shape[1], 1)
             return out, Selection.counted(count, shared=True)
         if self.path == "scan-kernel":

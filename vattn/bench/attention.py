@@ -67,9 +67,8 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
     con.print(t)
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]
-        con.print(f"scan = sink(128)+window(128)+bit-signature top-k({r['scan_topk']} keys at N={r['N']})"
-                  f"+verified(eps={r['scan_eps']}, delta={r['scan_delta']}, mode=denominator): the GPU "
-                  "pipeline draws independently over the middle; output mode runs on the reference path only")
+        con.print(f"scan = the plan of `{r['scan_spec']}` (path {r['scan_path']}; at N={r['N']}), what "
+                  "vattn.patch and the engine run; output mode (verified's default) has no fused kernel yet\n")
     layers = 4 if quick else e2e_layers
     if layers:
         e = core.bench_e2e(layers=layers, density=density)

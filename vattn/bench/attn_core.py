@@ -160,25 +160,44 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     return row
 
 
+def scan_spec(sp) -> str:
+    """The spec whose plan runs the scan kernels with these arguments (what a user writes)."""
+    return (f"sink({sp['sink']})+window({sp['window']})+hashtopk({sp['topk']},bits=32,cut='sample')"
+            f"+verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='denominator',min_pilot={sp['m0']})")
+
+
 def scan_stages(row, sets, proj, lengths, sp, check=True):
-    """The scan pipeline (kernels/scan.py): whole step, cumulative stage times (cut; + scan;
-    + sample; + merge), warm and cold L2, its measured density, and (check) its distance to
-    the float64 twin with the kernel's own cuts and the twin's denominator error."""
+    """The scan spec's plan (what vattn.patch and the engine run): whole step, warm and cold
+    L2, and its measured density; the kernels' cumulative stage times (cut; + scan; + sample;
+    + merge) on the plan's signatures; and (check) the kernels' distance to the float64 twin
+    with their own cuts, and the twin's denominator error. `proj` is unused: the plan signs keys
+    with the layer's own projection."""
     from vattn.kernels.scan import scan_decode_ref, scan_density, vattention_scan_decode
-    for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_us")):
-        row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s, proj, lengths, seed=i, upto=upto, **sp)
+    from vattn.plan import compile as compile_plan
+    spec = scan_spec(sp)
+    plan = compile_plan(spec, "cuda", fused=True)
+    starts = torch.zeros(lengths.shape[0], dtype=torch.long, device="cuda")
+    ctx = plan.context(starts, lengths.long()[:, None], sets[0][0].shape[-1] ** -0.5, zero_starts=True)
+    for i, s in enumerate(sets):  # set i plays layer i: its own signatures, signed at cache-fill time
+        plan.append(i, s[1], s[2], ctx)
+    row["scan_spec"] = spec
+    row["scan_path"] = plan.path
+    runs = [lambda s=s, i=i: plan.run(i, s[0], s[1], s[2], ctx) for i, s in enumerate(sets)]
+    row["scan_us"] = graph_us(runs)
+    row["scan_cold_us"] = graph_us(runs, flush=l2_flusher())
+    sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
+    for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
+        row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **sp)
                               for i, s in enumerate(sets)])
-    row["scan_cold_us"] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s, proj, lengths, seed=i, **sp)
-                                    for i, s in enumerate(sets)], flush=l2_flusher())
-    q, k, v, ks = sets[0]
-    out, st = vattention_scan_decode(q, k, v, ks, proj, lengths, stats=True, **sp)
+    q, k, v, _ = sets[0]
+    out, st = vattention_scan_decode(q, k, v, *sig[0], lengths, stats=True, **sp)
     row.update({f"scan_{n}": sp[n] for n in ("topk", "eps", "delta")})
     row["scan_density"] = scan_density(st, lengths, k.shape[1])
     r = st["rows"].cpu()
     row["scan_exact_rows"] = int(r[:, 4].sum())
     row["scan_draws_mean"] = r[:, 1].mean().item()
     if check and q.shape[0] * k.shape[2] <= 131072 * 8:  # the float64 twin on the host, with the kernel's cuts
-        ref, rs = scan_decode_ref(q, k, v, ks, proj, lengths, tau=r[:, 5].long(), thu=r[:, 6].long(),
+        ref, rs = scan_decode_ref(q, k, v, *sig[0], lengths, tau=r[:, 5].long(), thu=r[:, 6].long(),
                                   total=r[:, 1].long(), exact=r[:, 4] > 0, **sp)
         row["scan_err_vs_twin"] = rel(out, ref)
         de = (rs["d_hat"] / rs["d"] - 1).abs()

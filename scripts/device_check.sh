@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU machine, one call: GPU tests of kernels/plans/engine, the per-layer bench through
+# plans, and ms/token through transformers' generate (scripts/device_patch.py).
+# Usage (repo root): bash scripts/device_check.sh [tests|bench|patch ...]  -> logs in $OUT (default ./out)
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+what=${*:-tests bench patch}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv 2>&1 | tee "$OUT/env.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.txt"
+for w in $what; do case $w in
+  tests) timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_kernels_scan.py tests/test_plan.py \
+           tests/test_kernels.py tests/test_paged.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+  engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -25 \
+           | tee "$OUT/engine_tests.log" ;;
+  bench) timeout 220 python3 -m vattn.cli bench --batch 1,8 --lengths 32768,131072 --e2e-layers 0 \
+           --json "$OUT/bench.json" 2>&1 | tail -30 | tee "$OUT/bench.txt" ;;
+  patch) timeout 200 python3 scripts/device_patch.py 32768 32 static 2>&1 | tail -20 | tee "$OUT/patch.txt" ;;
+esac; done

@@ -1,0 +1,75 @@
+"""On a GPU: ms per decoded token through transformers' generate, as a user runs it: the model
+unpatched (HF SDPA), and vattn.patch with each spec (prefill dense, decode sparse).
+
+    PYTHONPATH=. python scripts/device_patch.py [context] [layers] [cache]   # default 32768 32 static
+
+Llama-3-8B shape, random weights, bf16, B=1. Per spec: (t(generate 1 + n tokens) - t(generate 1)) / n,
+so the prefill cancels; density from the patch's summary.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import vattn
+
+SPECS = ["dense", "streaming", "vattention-scan",
+         "sink(128)+window(128)+hashtopk(0.05,bits=128,cut='sample')"
+         "+verified(eps=0.1,delta=0.1,draws='iid',mode='denominator',min_pilot=128)",
+         "oracle-topk"]
+
+
+def main():
+    import transformers as tf
+    n_ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+    layers = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    cache = sys.argv[3] if len(sys.argv) > 3 else "static"
+    cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, 128000, (1, n_ctx), device="cuda")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} transformers {tf.__version__} "
+          f"{time.strftime('%Y-%m-%d')}; Llama-3-8B shape, {layers} layers, bf16, B=1, context {n_ctx}, "
+          f"cache {cache}", flush=True)
+
+    def gen(new):
+        kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        if cache != "dynamic":
+            kw["cache_implementation"] = cache
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def per_token(new):
+        gen(2)  # warm-up (kernels compiled, caches allocated)
+        return (gen(1 + new) - gen(1)) / new * 1e3
+
+    rows = [dict(spec="HF SDPA (unpatched)", ms=per_token(16), density=1.0, path="sdpa")]
+    print(f"{rows[0]['spec']:<70} {rows[0]['ms']:8.2f} ms/token", flush=True)
+    for spec in SPECS:
+        try:
+            with vattn.patch(model, spec, sparse_from=n_ctx) as p:
+                ms = per_token(8 if spec == "oracle-topk" else 16)
+                s = p.summary()
+            rows.append(dict(spec=spec, ms=ms, density=s["density"], path=s["path"]))
+            print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}", flush=True)
+        except Exception as e:  # one spec's failure must not hide the others' numbers
+            print(f"{spec:<70} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append(dict(spec=spec, error=str(e)[:300]))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"patch_{n_ctx}_{cache}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
