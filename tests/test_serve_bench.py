@@ -4,6 +4,7 @@ import pytest
 
 from conftest import tiny_tokenizer
 from test_scheduler import FakeRunner
+from test_serve import SlowRunner
 from vattn.bench.serve import Load, compare, make_requests, parse_range, percentile, run_load, split_specs
 from vattn.errors import VattnError
 from vattn.serve.app import Engine, ServerThread, build_app
@@ -38,7 +39,8 @@ def test_load_against_server(mode):
 
 def test_compare_admission_at_equal_memory():
     # 96 tokens of KV, max_len 32: static reserves 32 a request (3 at once), vmem admits by actual length.
-    runner = FakeRunner(max_len=32, max_batch=8, budget_tokens=96, tokenizer=tiny_tokenizer())
+    # Steps take 5 ms, so the engine, not the client, sets the pace.
+    runner = SlowRunner(max_len=32, max_batch=8, budget_tokens=96, tokenizer=tiny_tokenizer(), delay=0.005)
     load = Load(num_requests=16, concurrency=8, prompt_len=(4, 8), output_len=(2, 4))
     rows = compare(runner, load, ["dense", "sink(2)+window(2)"], ["vmem", "static"], model_name="toy", child=True)
     assert [(r["admission"], r["spec"]) for r in rows] == [
@@ -47,4 +49,6 @@ def test_compare_admission_at_equal_memory():
     assert rows[2]["capacity"] == 3 and rows[0]["capacity"] == 8
     assert all(r["running_max"] <= 3 and r["max_running"] == 3 for r in rows[2:])
     assert all(r["max_running"] >= 6 for r in rows[:2])  # memory follows lengths: twice the requests
+    mean = [r["running_mean"] for r in rows]  # from the server's request-seconds counter
+    assert all(0 < m <= 3.01 for m in mean[2:]) and min(mean[:2]) > 1.4 * max(mean[2:]), mean
     assert runner.kv.stats().slots_in_use == 0

@@ -125,15 +125,20 @@ async def _one(client, url: str, model: str, ids: list[int], n_out: int, spec: s
             "latency": time.perf_counter() - t0, "tokens": tokens if error is None else 0}
 
 
+async def _metrics(client, url: str) -> dict:
+    try:
+        text = (await client.get(url + "/metrics")).text
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                         if line and not line.startswith("#"))}
+    except Exception:  # a server without /metrics (or a replica that is busy) gives no samples
+        return {}
+
+
 async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        try:
-            text = (await client.get(url + "/metrics")).text
-            m = {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
-                                           if line and not line.startswith("#"))}
+        m = await _metrics(client, url)
+        if m:
             samples.append(m)
-        except Exception:
-            pass
         try:
             await asyncio.wait_for(stop.wait(), 0.25)
         except asyncio.TimeoutError:
@@ -150,6 +155,7 @@ async def _run(url: str, load: Load, spec: str | None, warmup: int) -> dict:
             await asyncio.gather(*[_one(client, url, info["id"], ids, min(n, 16), spec)
                                    for ids, n, _ in reqs[:warmup]])
         samples, stop = [], asyncio.Event()
+        before = await _metrics(client, url)
         sampler = asyncio.ensure_future(_sample_metrics(client, url, samples, stop))
         sem = asyncio.Semaphore(load.concurrency or len(reqs))
         t0 = time.perf_counter()
@@ -161,9 +167,14 @@ async def _run(url: str, load: Load, spec: str | None, warmup: int) -> dict:
                 return await _one(client, url, info["id"], ids, n, spec)
         results = await asyncio.gather(*[send(*r) for r in reqs])
         duration = time.perf_counter() - t0
+        after = await _metrics(client, url)
         stop.set()
         await sampler
-    return summarize(results, duration, samples, info)
+    row = summarize(results, duration, samples, info)
+    key = "vattn_running_seconds_total"
+    if key in before and key in after:  # exact mean concurrency (the sampled one is a fallback)
+        row["running_mean"] = (after[key] - before[key]) / duration
+    return row
 
 
 def summarize(results: list[dict], duration: float, samples: list[dict], info: dict) -> dict:

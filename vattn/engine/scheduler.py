@@ -139,6 +139,8 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) of the last steps
         self._density = None
         self.max_running = 0
+        self._running_s = 0.0             # integral of len(running) over time: request-seconds
+        self._last_t = time.perf_counter()
 
     def _static_capacity(self) -> int:
         st = self.runner.kv.stats()
@@ -193,7 +195,8 @@ class Scheduler:
         with self._cv:
             recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
             out = {"running": len(self.running), "waiting": len(self.waiting) + len(self._inbox),
-                   "max_running": self.max_running, **self.counts, "density": self._density}
+                   "max_running": self.max_running, **self.counts, "density": self._density,
+                   "running_seconds": self._running_s + len(self.running) * (now - self._last_t)}
         st = self.runner.kv.stats()
         out.update(kv_mapped_bytes=st.mapped_bytes, kv_used_bytes=st.used_bytes,
                    kv_budget_bytes=st.budget_bytes)
@@ -254,6 +257,10 @@ class Scheduler:
     def step(self) -> bool:
         """One iteration; returns False when there was nothing to do."""
         self._drain()
+        now = time.perf_counter()
+        with self._cv:  # the running set only changes inside steps
+            self._running_s += len(self.running) * (now - self._last_t)
+            self._last_t = now
         self._admit()
         if not self.running:
             return False

@@ -345,6 +345,8 @@ def prometheus(engine: Engine) -> str:
         ("vattn_tokens_per_second", "gauge", "Output tokens per second over the last 10 s.", m["tokens_per_s"]),
         ("vattn_density", "gauge", "Mean measured attention density of running sparse requests (NaN: none).",
          float("nan") if m["density"] is None else m["density"]),
+        ("vattn_running_seconds_total", "counter", "Integral of running requests over time (request-seconds): "
+         "its rate is the mean concurrency.", m["running_seconds"]),
         ("vattn_preemptions_total", "counter", "Requests preempted (recomputed later) for KV memory.",
          m["preempted"]),
         ("vattn_prompt_tokens_total", "counter", "Prompt tokens of ended requests.", m["prompt_tokens"]),
