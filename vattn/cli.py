@@ -57,7 +57,8 @@ class LazyGroup(TyperGroup):
                 raise
             return None
         if name == "bench":
-            for sub in ("vattn.bench.attention", "vattn.bench.cache", "vattn.bench.serve"):  # they register on bench_app
+            for sub in ("vattn.bench.attention", "vattn.bench.cache", "vattn.bench.serve",
+                        "vattn.bench.e2e"):  # they register on bench_app
                 try:
                     importlib.import_module(sub)
                 except ModuleNotFoundError as e:

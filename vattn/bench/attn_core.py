@@ -206,39 +206,6 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     return row
 
 
-def bench_e2e(layers=32, ctx=32768, batch=1, density=0.10):
-    """Decode tokens/s of the random-weight decoder with SDPA (each fused backend; sdpa_*: the
-    fastest), our dense kernel and the scan pipeline."""
-    from vattn.bench.attn_e2e import Decoder
-    from vattn.kernels.bits import sign_bits
-    from vattn.kernels.decode import dense_decode
-    from vattn.kernels.scan import vattention_scan_decode
-    require_cuda()
-    m = Decoder(layers=layers, ctx=ctx, batch=batch)
-    proj = torch.randn(m.d, 32, device="cuda")
-    ksig = [sign_bits(m.k[i], proj) for i in range(layers)]
-    sp = scan_params(ctx, density)
-    out = dict(layers=layers, ctx=ctx, batch=batch)
-
-    def timed(name, attend):
-        tok = torch.zeros(batch, dtype=torch.long, device="cuda")
-        us = graph_us([lambda: m.step(tok, attend)], warmup=2)
-        out[f"{name}_tok_s"], out[f"{name}_step_us"] = batch * 1e6 / us, us
-
-    n = ctx + 1  # SDPA takes the cache up to the new key
-    probe = torch.randn(batch, m.hq, 1, m.d, device="cuda", dtype=m.k.dtype)
-    for be in sdpa_backends(probe, m.k[0, :, :, :n], m.v[0, :, :, :n]):
-        fn = sdpa(be)
-        timed(f"sdpa_{be.lower()}", lambda i, q, k, v, L, fn=fn: fn(q, k[:, :, :n], v[:, :, :n]))
-    best = max((k for k in out if k.startswith("sdpa_") and k.endswith("_tok_s")), key=out.get)
-    out["sdpa_backend"] = best[5:-6]
-    out["sdpa_tok_s"], out["sdpa_step_us"] = out[best], out[best[:-6] + "_step_us"]
-    timed("dense", lambda i, q, k, v, L: dense_decode(q, k, v, L))
-    # the scan's cut kernel writes the new key's signature (update_sig): no sign_bits per layer
-    timed("scan", lambda i, q, k, v, L: vattention_scan_decode(q, k, v, ksig[i], proj, L, update_sig=True, **sp))
-    return out
-
-
 def device_info():
     p = torch.cuda.get_device_properties(0)
     return dict(device=p.name, sms=p.multi_processor_count, torch=torch.__version__,

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def check_supported(model) -> None:
     """Fail before loading weights when a HF directory's config names another architecture."""
-    if model is None or isinstance(model, torch.nn.Module):
+    if model is None or isinstance(model, (torch.nn.Module, Decoder)):
         return
     cfg = Path(str(model)).expanduser() / "config.json"
     if cfg.is_file():
@@ -55,7 +55,13 @@ def eos_ids(tokenizer, generation_config) -> frozenset:
 
 
 def load(model, device: torch.device, dtype: torch.dtype, max_len: int, tokenizer=None):
-    """(Decoder, tokenizer or None, eos ids). model: None | path | transformers PreTrainedModel."""
+    """(Decoder, tokenizer or None, eos ids). model: None | path | transformers PreTrainedModel |
+    an engine Decoder (its weights shared, e.g. by several Runners in a benchmark)."""
+    if isinstance(model, Decoder):
+        if model.device != device or model.dtype != dtype or model.max_len < max_len:
+            raise VattnError(f"this Decoder is {model.dtype} on {model.device} with positions up to {model.max_len}; "
+                             f"the Runner asks for {dtype} on {device} up to max_len={max_len}")
+        return model, tokenizer, frozenset()
     if isinstance(model, torch.nn.Module):
         hf, tok = model, tokenizer
     else:

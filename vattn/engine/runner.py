@@ -19,7 +19,6 @@ import logging
 import torch
 
 from vattn.cache.kv import KVCache
-from vattn.cache.vmem import VattnOutOfMemory
 from vattn.engine.loader import load
 from vattn.errors import VattnError
 
@@ -405,6 +404,19 @@ class Runner:
         log.info("captured a decode graph: spec %s, batch bucket %d, keys %d", *key)
         graph.replay()
         return g
+
+    def fill_random(self, slot: int, n: int, seed: int = 0) -> None:
+        """Benchmarks: unit-normal K and V for tokens [0, n) of `slot`, as if a prompt of n
+        tokens had been prefilled (no model run; plans build their state from these keys)."""
+        self._check_slot(slot)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_len:
+            raise VattnError(f"n must be an int in [1, max_len={self.max_len}], got {n!r}")
+        self.kv.grow([slot], n)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for i in range(self.arch.layers):
+            self.kv.k(i)[slot, :, :n].normal_(generator=g)
+            self.kv.v(i)[slot, :, :n].normal_(generator=g)
+        self._len[slot] = n
 
     # ------------------------------------------------------------ checks
     def _check_slot(self, slot) -> int:
