@@ -212,7 +212,7 @@ def test_too_large_for_memory_is_400():
 
 def test_bounded_load_no_failures_memory_back():
     # 24 requests, 8 at a time, on a budget that forces preemptions; every answer must be exact.
-    runner = FakeRunner(max_len=48, max_batch=6, budget_tokens=100, tokenizer=tiny_tokenizer())
+    runner = SlowRunner(max_len=48, max_batch=6, budget_tokens=100, tokenizer=tiny_tokenizer(), delay=0.002)
     engine, srv = start(runner)
     tok = engine.tokenizer
     try:

@@ -137,7 +137,7 @@ class Scheduler:
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0, "preempted": 0,
                        "prompt_tokens": 0, "output_tokens": 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) of the last steps
-        self._density = None
+        self._density, self._density_t = None, 0.0
         self.max_running = 0
         self._running_s = 0.0             # integral of len(running) over time: request-seconds
         self._last_t = time.perf_counter()
@@ -266,8 +266,11 @@ class Scheduler:
             return False
         new_tokens = self._decode() + self._prefill()
         now = time.perf_counter()
-        densities = [d for d in (self.runner.density(r.slot) for r in self.running if r.slot is not None)
-                     if d is not None]
+        densities = None
+        if now - self._density_t > 1.0:  # density() reads device counters: not every step
+            self._density_t = now
+            densities = [d for d in (self.runner.density(r.slot) for r in self.running if r.slot is not None)
+                         if d is not None]
         with self._cv:
             self._recent.append((now, new_tokens))
             while self._recent and now - self._recent[0][0] > 10.0:
@@ -330,7 +333,10 @@ class Scheduler:
                     for r in batch:
                         self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
                     break
-                toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)]).tolist()
+                if all(r.sampler.gen is None for r in batch):  # all greedy: one argmax for the batch
+                    toks = logits.argmax(-1).tolist()
+                else:
+                    toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)]).tolist()
                 for r, tok in zip(batch, toks):  # one host sync for the batch
                     r.done += 1
                     self._emit(r, tok)
