@@ -142,6 +142,9 @@ def test_bad_requests(served):
     err(lambda: c.create(model="toy", prompt="w1", max_tokens=0), "max_tokens", ">= 1")
     err(lambda: c.create(model="gpt-9", prompt="w1", max_tokens=3), "model", "serves 'toy'")
     err(lambda: c.create(model="toy", prompt="w1", max_tokens=3, n=2), "n")
+    err(lambda: c.create(model="toy", prompt="w1", max_tokens=3, presence_penalty=0.5), "presence_penalty")
+    err(lambda: c.create(model="toy", prompt="w1", max_tokens=3, temperature=-1), "temperature")
+    err(lambda: c.create(model="toy", prompt="w1", max_tokens=3, temperature=0.5, top_p=0), "top_p")
     err(lambda: c.create(model="toy", prompt=[500], max_tokens=3), "prompt", "token ids")
     err(lambda: client.chat.completions.create(model="toy", messages=[], max_tokens=3), "messages")
     for raw, msg in [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"),

@@ -100,3 +100,37 @@ def test_embedded_chat_stream_and_errors():
             c.completions.create(model="smollm2", prompt="hello", max_tokens=4, extra_body={"vattn_spec": "x(("})
     finally:
         srv.stop()
+
+
+def test_cli_serve(tiny_dir):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "vattn.cli", "serve", "--model", str(tiny_dir), "--max-len", "64",
+           "--log-level", "warning", "--port"]
+    with socket.socket() as busy:  # a taken port is an error before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = subprocess.run(cmd + [str(busy.getsockname()[1])], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "cannot listen" in out.stdout, out.stdout + out.stderr
+        port = busy.getsockname()[1]
+    p = subprocess.Popen(cmd + [str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, end = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert p.poll() is None, p.stdout.read()
+            try:
+                if httpx2.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert time.monotonic() < end, "vattn serve did not come up"
+            time.sleep(0.2)
+        r = httpx2.post(url + "/v1/completions", json={"prompt": "w1 w2", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == tiny_dir.name
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+    assert p.returncode == 0

@@ -218,8 +218,9 @@ def _requests(engine: Engine, body, prompts: list[list[int]], max_tokens: int | 
     for ids in prompts:
         n = max_tokens if max_tokens is not None else default_max(len(ids))
         try:  # top_p means nothing when greedy; OpenAI clients may send it anyway
-            params = SamplingParams(max_tokens=n, temperature=body.temperature,
-                                    top_p=body.top_p if body.temperature > 0 else 1.0, seed=body.seed,
+            temperature = 1.0 if body.temperature is None else body.temperature
+            top_p = 1.0 if body.top_p is None or temperature == 0 else body.top_p
+            params = SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, seed=body.seed,
                                     stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos)
         except VattnError as e:
             field = str(e).split()[0]

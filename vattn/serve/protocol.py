@@ -32,11 +32,11 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
+    temperature: float | None = None   # None: OpenAI's default, 1
+    top_p: float | None = None
+    n: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     vattn_spec: str | None = None
@@ -93,8 +93,16 @@ def parse(model: type[BaseModel], body) -> BaseModel:
 
 def unsupported(req: _Common) -> None:
     """Raise for fields this server does not implement, rather than silently ignore them."""
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise ApiError(f"n must be 1 (one choice per prompt), got {req.n}", param="n")
+    extra = req.model_extra or {}
+    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        if extra.get(name) not in (None, 0, 0.0, 1.0 if name == "repetition_penalty" else 0):
+            raise ApiError(f"{name} is not supported; drop it (it would change the text)", param=name)
+    if extra.get("logit_bias"):
+        raise ApiError("logit_bias is not supported; drop it", param="logit_bias")
+    if extra.get("best_of") not in (None, 1):
+        raise ApiError("best_of must be 1", param="best_of")
     if getattr(req, "echo", False):
         raise ApiError("echo is not supported; drop it", param="echo")
     if getattr(req, "logprobs", None):
