@@ -32,11 +32,15 @@ def check_sampling(temperature: float, top_p: float):
 def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool = False,
         device: str = "cpu", dtype: str = "float32", model: str | None = None, metrics: bool = False,
         metrics_out: Path | None = None, dense_layers: int = 0, seed: int = 0, cache: str = "dynamic",
-        temperature: float = 0.0, top_p: float = 1.0, on_text=None) -> dict:
-    """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary"}.
+        temperature: float = 0.0, top_p: float = 1.0, on_text=None, engine: str = "auto") -> dict:
+    """Generate and return {"text", "prompt_tokens", "new_tokens", "seconds", "summary", "engine",
+    "fallback"}.
 
     temperature 0: greedy; else sampling (top_p nucleus), seeded by `seed`.
     on_text(piece): called with each new piece of text as it is generated.
+    engine: "auto" = the vattn engine (vattn/engine) when it runs this model and these options,
+    else transformers + vattn.patch, saying why in "fallback"; "on" = the engine or an error;
+    "off" = transformers + vattn.patch.
     """
     import torch
 
@@ -60,6 +64,18 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
                          "prefill; ask for 2 or more tokens")
     if not prompt or not prompt.strip():
         raise VattnError("the prompt is empty: give it as an argument or with --file")
+    if engine not in ("auto", "on", "off"):
+        raise VattnError(f"--engine must be auto, on or off, got {engine!r}")
+    from vattn.engine.model import UnsupportedModel
+    fallback = "--engine off" if engine == "off" else engine_misfit(model, device, metrics or metrics_out is not None)
+    if fallback is None:
+        try:
+            return run_engine(prompt, parsed, max_new_tokens, chat, device, dtype, model, dense_layers, seed,
+                              temperature, top_p, on_text)
+        except UnsupportedModel as e:
+            fallback = str(e).split(";")[0]
+    if engine == "on":
+        raise VattnError(f"--engine on, but the engine cannot run this: {fallback}")
     mdl, tok = load_model(model, device=device, dtype=dtype)
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -108,7 +124,92 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     first = (clock.times[1] - start) if len(clock.times) > 1 else seconds
     return {"text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": n,
             "new_tokens": int(new.shape[0]), "seconds": seconds, "first_token_seconds": first,
-            "summary": summary}
+            "summary": summary, "engine": False, "fallback": fallback}
+
+
+def engine_misfit(model, device, metrics: bool) -> str | None:
+    """Why the engine cannot serve this run (None: it can). The architecture of a GGUF file is
+    known only once loaded: run_engine raises UnsupportedModel then."""
+    from vattn.engine.loader import check_supported
+    from vattn.engine.model import UnsupportedModel
+    if metrics:
+        return "the engine does not measure error and recall (--metrics, --metrics-out)"
+    if str(device).startswith("mps"):
+        return "the engine's KV cache runs on CPU and CUDA, not MPS"
+    try:
+        check_supported(model)
+    except UnsupportedModel as e:
+        return str(e).split(";")[0]
+    return None
+
+
+_ENGINES: dict = {}  # one Runner per model and settings, reused across --batch prompts
+
+
+def run_engine(prompt, spec, max_new_tokens, chat, device, dtype, model, dense_layers, seed,
+               temperature, top_p, on_text) -> dict:
+    """`run` on the vattn engine: dense prefill, then one decode step per new token with the
+    spec's plan in every sparse layer (CUDA-graphed on a GPU)."""
+    from vattn.engine.runner import Runner, next_pow2
+    from vattn.engine.sampling import Sampler, SamplingParams
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    key = (str(model), str(device), str(dtype), str(dense_layers), seed)
+    r = _ENGINES.get(key)
+    if r is None:
+        _ENGINES.clear()  # one model in memory at a time
+        r = _ENGINES[key] = Runner(model, spec="dense", device=device, dtype=dtype, max_len=4096,
+                                   max_batch=1, seed=seed, dense_layers=dense_layers)
+    tok = r.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise VattnError("this model's tokenizer has no chat template; drop --chat")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = list(tok(prompt, add_special_tokens=not chat).input_ids)
+    n = len(ids)
+    limit = r.arch.max_positions
+    if limit is not None and n + max_new_tokens > limit:
+        raise VattnError(f"the prompt has {n} tokens and {max_new_tokens} new tokens were asked for, but "
+                         f"the model's context is {limit} tokens; shorten the prompt or lower --max-new-tokens")
+    if n + max_new_tokens > r.max_len:  # a longer run than this Runner holds: a bigger cache (virtual)
+        r.close()
+        eos = r.eos_ids
+        r = _ENGINES[key] = Runner(r.model, spec="dense", device=device, dtype=r.dtype,
+                                   max_len=next_pow2(n + max_new_tokens), max_batch=1, seed=seed,
+                                   dense_layers=dense_layers, tokenizer=tok)
+        r.eos_ids = eos  # a Runner built on a Decoder knows no eos of its own
+    sampler = Sampler(params, seed, r.device)
+    slot = r.alloc()
+    out, shown, times = [], "", []
+    try:
+        start = time.perf_counter()
+        logits = r.prefill(slot, ids)
+        plan = r.plan(spec)
+        for i in range(max_new_tokens):
+            if i:
+                logits = r.decode([slot], [out[-1]], spec=spec)[0]
+            out.append(int(sampler(logits)))
+            times.append(time.perf_counter())
+            if on_text is not None:
+                text = tok.decode(out, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and text.startswith(shown):
+                    on_text(text[len(shown):])
+                    shown = text
+            if out[-1] in r.eos_ids:
+                break
+        seconds = time.perf_counter() - start
+        density = r.density(slot)
+    finally:
+        r.free(slot)
+    if not spec.is_dense and density is None:
+        raise VattnError("the spec never ran: the only new token came from the dense prefill")
+    sparse = 0 if spec.is_dense else sum(1 for i in range(r.arch.layers) if r.sparse_layer(i, plan))
+    summary = {"density": density if density is not None else 1.0, "error": None, "recall": None,
+               "calls": (len(out) - 1) * sparse, "never_ran": None,
+               "path": "dense" if plan is None else plan.path}
+    return {"text": tok.decode(out, skip_special_tokens=True), "prompt_tokens": n, "new_tokens": len(out),
+            "seconds": seconds, "first_token_seconds": times[0] - start, "summary": summary,
+            "engine": True, "fallback": None}
 
 
 class _Clock:
@@ -143,7 +244,9 @@ def summary_line(r: dict, spec: str) -> str:
     parts = [f"{r['new_tokens']} tokens in {r['seconds']:.2f}s",
              f"prefill {r['prompt_tokens']} tokens (dense) {r['first_token_seconds']:.2f}s",
              f"decode {steps / decode:.2f} tok/s" if steps > 0 and decode > 0 else "decode -",
-             f"spec {spec}", f"sparse calls {s['calls']} ({s.get('path') or '-'} path)"]
+             f"spec {spec}", f"sparse calls {s['calls']} ({s.get('path') or '-'} path)",
+             "vattn engine" if r.get("engine") else
+             f"transformers + vattn.patch ({r['fallback']})" if r.get("fallback") else "transformers + vattn.patch"]
     if s["density"] is not None:
         parts.append(f"mean density {s['density']:.3f}")
     if s["error"] is not None:
@@ -201,7 +304,8 @@ def generate_command(
     metrics: bool = typer.Option(False, help="Measure error and mass recall against dense (slower)."),
     metrics_out: Path = typer.Option(None, help="Write per-layer, per-step metrics as JSONL here."),
     dense_layers: int = typer.Option(0, help="Keep the first N layers dense."),
-    cache: str = typer.Option("dynamic", help="KV cache: dynamic (transformers) or vmem (contiguous virtual memory)."),
+    cache: str = typer.Option("dynamic", help="KV cache of the transformers path: dynamic or vmem (contiguous virtual memory); the engine always uses vmem."),
+    engine: str = typer.Option("auto", help="auto: the vattn engine when it runs the model (Llama, Qwen2/3, Mistral, Gemma 3), else transformers + vattn.patch; on; off."),
 ):
     """Generate text with sparse attention on the generated tokens (greedy unless --temperature)."""
     try:
@@ -220,10 +324,11 @@ def generate_command(
         for text in prompts:
             on_text = (lambda piece: typer.echo(piece, nl=False)) if stream else None
             r = run(text, spec, max_new_tokens, chat, device, dtype, model, metrics, metrics_out, dense_layers,
-                    seed, cache, temperature, top_p, on_text)
+                    seed, cache, temperature, top_p, on_text, engine)
             if json_out:
                 typer.echo(json.dumps({"prompt": text, "spec": spec, **{k: r[k] for k in (
-                    "text", "prompt_tokens", "new_tokens", "seconds", "first_token_seconds", "summary")}}))
+                    "text", "prompt_tokens", "new_tokens", "seconds", "first_token_seconds", "summary", "engine",
+                    "fallback")}}))
                 continue
             typer.echo("" if stream else r["text"])
             typer.echo(summary_line(r, spec))

@@ -25,8 +25,12 @@ SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "m
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
-def unsupported(model_type) -> VattnError:
-    return VattnError(f"the vattn engine runs {', '.join(SUPPORTED)} models; this one is {model_type!r}. "
+class UnsupportedModel(VattnError):
+    """The engine does not run this architecture (vattn.patch may)."""
+
+
+def unsupported(model_type) -> UnsupportedModel:
+    return UnsupportedModel(f"the vattn engine runs {', '.join(SUPPORTED)} models; this one is {model_type!r}. "
                       "Serve it through transformers with vattn.patch(model, spec) (`vattn generate` "
                       "falls back to that path by itself)")
 

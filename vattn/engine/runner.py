@@ -61,7 +61,7 @@ class Runner:
         self.dtype = dt
         a = self.arch = self.model.arch
         if a.max_positions and max_len > a.max_positions:
-            log.warning("max_len %d is beyond the model's %d trained positions", max_len, a.max_positions)
+            log.info("max_len %d is beyond the model's %d trained positions", max_len, a.max_positions)
         self.dense_layers = _dense_set(dense_layers, a.layers)
         self.kv = KVCache(a.layers, max_batch, max_len, a.kv_heads, a.head_dim, dtype=dt, device=self.device,
                           budget_bytes=budget_bytes)
