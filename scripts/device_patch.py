@@ -1,7 +1,7 @@
 """On a GPU: ms per decoded token through transformers' generate, as a user runs it: the model
 unpatched (HF SDPA), and vattn.patch with each spec (prefill dense, decode sparse).
 
-    PYTHONPATH=. python scripts/device_patch.py [context] [layers] [cache]   # default 32768 32 static
+    PYTHONPATH=. python scripts/device_patch.py [context] [layers] [cache]   # default 32768 32 dynamic
 
 Llama-3-8B shape, random weights, bf16, B=1. Per spec: (t(generate 1 + n tokens) - t(generate 1)) / n,
 so the prefill cancels; density from the patch's summary.
@@ -25,7 +25,7 @@ def main():
     import transformers as tf
     n_ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     layers = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    cache = sys.argv[3] if len(sys.argv) > 3 else "static"
+    cache = sys.argv[3] if len(sys.argv) > 3 else "dynamic"
     cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                          rope_theta=500000.0)

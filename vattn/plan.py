@@ -194,10 +194,9 @@ class Plan:
         seed = (self.seed * 1_000_003 + layer) & 0xFFFFFFFF  # per layer; each step's length varies the draws
         kw = self.recipe.kwargs()
         if self.path == "scan-kernel" and ctx.rows == 1:
-            out, stats = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
-                                                stats=True, update_sig=self._kernel_signs(ctx), **kw)
-            count = (stats["exact_keys"] + stats["sample_keys"]).view(q.shape[0], k.shape[1], 1)
-            return out, Selection.counted(count, shared=True)
+            out, count = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
+                                                count=True, update_sig=self._kernel_signs(ctx), **kw)
+            return out, Selection.counted(count.view(q.shape[0], k.shape[1], 1), shared=True)
         if self.path == "scan-kernel":
             _say_once("spec %s: %d query rows per sequence run the scan kernels' float64 twin (the kernels "
                       "take one row)", str(self.spec), ctx.rows)

@@ -60,8 +60,8 @@ class Selection:
     def counted(count: torch.Tensor, shared: bool = False) -> "Selection":
         """Counts only [B, H, T], from a kernel that attends without listing its keys."""
         b, h, t = count.shape
-        none = torch.empty((b, h, t, 0), device=count.device)
-        return Selection(none.to(torch.int32), none, count.to(torch.int32), shared, listed=False)
+        return Selection(torch.empty((b, h, t, 0), dtype=torch.int32, device=count.device),
+                         torch.empty((b, h, t, 0), device=count.device), count.to(torch.int32), shared, listed=False)
 
     @staticmethod
     def cat_rows(sels: list) -> "Selection":

@@ -140,8 +140,9 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
                            sub_block=SUB_BLOCK, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
-                           upto=4, pdl=None, trace=None, update_sig=False):
-    """See the module docstring. stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
+                           upto=4, pdl=None, trace=None, update_sig=False, count=False):
+    """See the module docstring. count=True also returns the keys attended per row, int32
+    [B*Hkv] (what a plan needs for density; cheaper than stats). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
@@ -249,6 +250,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
     merge_partials(po, plse, out, pdl=pdl, trace=tr.get("merge"))
+    if count:  # keys attended per row, scan and sample (a key drawn twice counts twice): one reduction
+        return out, cnt.sum(1, dtype=torch.int32)
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
