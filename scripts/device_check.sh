@@ -16,5 +16,7 @@ for w in $what; do case $w in
            | tee "$OUT/engine_tests.log" ;;
   bench) timeout 220 python3 -m vattn.cli bench --batch 1,8 --lengths 32768,131072 --e2e-layers 0 \
            --json "$OUT/bench.json" 2>&1 | tail -30 | tee "$OUT/bench.txt" ;;
+  e2e) timeout 300 python3 -m vattn.cli bench e2e --batch 1,16 --contexts 32768 --steps 8 \
+           --json "$OUT/e2e.json" 2>&1 | tail -30 | tee "$OUT/e2e.txt" ;;
   patch) timeout 300 python3 scripts/device_patch.py 32768 32 dynamic 2>&1 | tail -20 | tee "$OUT/patch.txt" ;;
 esac; done
