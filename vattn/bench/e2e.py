@@ -168,7 +168,8 @@ def run(batches=(1, 4, 16), contexts=(32768, 131072), specs=("streaming", "vatte
                 rows.append(row)
                 _emit(row, on_row, json_path, result)
 
-            if hf and (free is None or 2 * kvb + kvb / cfg.num_hidden_layers < 0.9 * free):
+            # transformers' cache: the KV, plus one layer's copy while torch.cat grows it
+            if hf and (free is None or kvb * (1 + 2 / cfg.num_hidden_layers) < 0.9 * free):
                 base["hf"] = hf_eager(model, cfg, b, ctx, steps, dev)
                 add("transformers eager", base["hf"], attn=model.config._attn_implementation)
             elif hf:

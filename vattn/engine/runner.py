@@ -72,6 +72,7 @@ class Runner:
         self._att = torch.zeros(self.S, dtype=torch.float64, device=self.device)  # keys attended (sparse layers)
         self._allowed = torch.zeros_like(self._att)                               # keys a dense step would attend
         self._plans: dict = {}
+        self._spec_text: dict = {}
         self._graphs: dict = {}
         self._pool = None
         self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
@@ -154,12 +155,18 @@ class Runner:
         state and generator are that sequence's, made afresh at alloc)."""
         from vattn.plan import compile as compile_plan
         from vattn.spec import parse
-        parsed = parse(self.spec if spec is None else spec)
-        if parsed.is_dense:
+        arg = self.spec if spec is None else spec
+        text = self._spec_text.get(arg) if isinstance(arg, str) else None
+        if text is None:  # parse once per spec string: decode asks every step
+            parsed = parse(arg)
+            text = "dense" if parsed.is_dense else str(parsed)
+            if isinstance(arg, str):
+                self._spec_text[arg] = text
+        if text == "dense":
             return None
-        key = (str(parsed), slot)
+        key = (text, slot)
         if key not in self._plans:
-            self._plans[key] = compile_plan(parsed, self.device, seed=self.seed)
+            self._plans[key] = compile_plan(text, self.device, seed=self.seed)
         return self._plans[key]
 
     def batched(self, plan) -> bool:
