@@ -64,7 +64,7 @@ def test_graph_buckets_and_slot_reuse_equal_eager(spec):
 
 
 def test_graph_replays_across_new_kv_pages():
-    """Head dim 128 in bf16: a 2 MiB granule holds 8192 tokens of a head, so decoding past
+    """Head dim 128 in fp32: a 2 MiB granule holds 4096 tokens of a head, so decoding past
     8192 maps a fresh page under the captured graph (same virtual addresses)."""
     import transformers as tf
     torch.manual_seed(0)
