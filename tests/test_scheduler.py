@@ -42,12 +42,16 @@ class FakeRunner:
         self.fail_on = fail_on      # a token id whose prefill raises (an engine bug)
         self.calls = []             # ("prefill"|"decode", slots, n tokens, spec)
         self._spec = {}
+        self._len = {}  # tokens written per slot (the cache's own length counts mapped-ahead tokens)
 
     def alloc(self):
-        return self.kv.alloc()
+        s = self.kv.alloc()
+        self._len[s] = 0
+        return s
 
     def free(self, slot):
         self.kv.free(slot)
+        del self._len[slot]
 
     def _free_pages(self):
         st = self.kv.stats()
@@ -59,7 +63,7 @@ class FakeRunner:
         return n <= self._free_pages()
 
     def _next(self, slot):
-        n = self.kv.length(slot)
+        n = self._len[slot]
         return toy_next(self.kv.k(0)[slot, 0, :n, 0].long().tolist(), self.V)
 
     def _logits(self, tok):
@@ -68,12 +72,13 @@ class FakeRunner:
         return out
 
     def prefill(self, slot, ids, start=0, spec=None):
-        if start != self.kv.length(slot):
-            raise RuntimeError(f"prefill at {start} but slot {slot} holds {self.kv.length(slot)} tokens")
+        if start != self._len[slot]:
+            raise RuntimeError(f"prefill at {start} but slot {slot} holds {self._len[slot]} tokens")
         if self.fail_on in ids:
             raise RuntimeError("poisoned token")
         self.kv.grow([slot], start + len(ids))
         self.kv.k(0)[slot, 0, start:start + len(ids), 0] = torch.tensor(ids, dtype=torch.float32)
+        self._len[slot] = start + len(ids)
         self._spec[slot] = spec
         self.calls.append(("prefill", [slot], len(ids), spec))
         return self._logits(self._next(slot))
@@ -84,14 +89,15 @@ class FakeRunner:
         self.calls.append(("decode", list(slots), len(slots), spec))
         out = []
         for s, t in zip(slots, tokens):
-            n = self.kv.length(s)
+            n = self._len[s]
             self.kv.grow([s], n + 1)
             self.kv.k(0)[s, 0, n, 0] = float(t)
+            self._len[s] = n + 1
             out.append(self._logits(self._next(s)))
         return torch.stack(out)
 
     def length(self, slot):
-        return self.kv.length(slot)
+        return self._len[slot]
 
     def density(self, slot):
         return None if self._spec.get(slot) in (None, "dense") else 0.25

@@ -15,10 +15,12 @@ One `step()`:
   3. one decode step for every request past its prefill (one runner call per spec);
   4. up to `chunk_tokens` prompt tokens of prefill (long prompts take several steps, so
      running requests keep decoding meanwhile).
-When memory cannot be mapped, the latest admitted request is preempted: its slot is freed
-and it goes back to the front of `waiting` with prompt + generated tokens, which are
-prefilled again (recompute) when memory allows. A request that does not fit even alone
-ends with an error; the loop never dies on a request's failure.
+With vmem admission the prompt's pages are mapped at admission, so a prefill does not run
+out of memory half-way. When a decode step's growth cannot be mapped, the latest admitted
+request is preempted: its slot is freed and it goes back to the front of `waiting` with
+prompt + generated tokens, which are prefilled again (recompute) once a running request
+has ended (admitting it sooner would only preempt it again). A request that does not fit
+even alone ends with an error; the loop never dies on a request's failure.
 
 Events reach the caller through `Request.on_event(request, new_token_ids, finished)`,
 called on the engine thread: keep it short (hand over to another thread or event loop).
@@ -139,6 +141,7 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) of the last steps
         self._density, self._density_t = None, 0.0
         self.max_running = 0
+        self._hold = False                # after a preemption: admit nothing until a running request ends
         self._running_s = 0.0             # integral of len(running) over time: request-seconds
         self._last_t = time.perf_counter()
 
@@ -294,17 +297,27 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.capacity:
+            if self._hold and self.running:
+                break  # memory ran out: wait until a running request ends (no admit-preempt thrashing)
+            self._hold = False
             r = self.waiting[0]
-            if self.admission == "vmem" and self.running:
-                # Tokens admitted but not prefilled yet hold no pages: count them too.
-                pending = sum(len(x.tokens) - x.done for x in self.running if x.prefilling)
-                if not self.runner.fits(pending + len(r.tokens) + 1):
-                    break  # first come first served: nobody overtakes the head
-            # Nothing running: admit anyway, so a request too large for memory fails instead of waiting forever.
+            vmem = self.admission == "vmem"
+            if vmem and self.running and not self.runner.fits(len(r.tokens) + 1):
+                break  # first come first served: nobody overtakes the head
             try:
                 r.slot = self.runner.alloc()
             except VattnError:
                 break
+            if vmem:  # map the prompt's pages now, so that the next admission sees them taken
+                try:
+                    self.runner.kv.grow([r.slot], len(r.tokens))
+                except VattnOutOfMemory:
+                    if self.running:
+                        self.runner.free(r.slot)
+                        r.slot = None
+                        break
+                    # Alone: admit anyway, so that a request too large for memory fails instead of waiting.
+                    self._hold = True
             self.waiting.popleft()
             r.done, r.prefilling = 0, True
             if r.stats.admitted is None:
@@ -385,6 +398,7 @@ class Scheduler:
         victim.stats.preemptions += 1
         self.running.remove(victim)
         self.waiting.appendleft(victim)
+        self._hold = True
         with self._cv:
             self.counts["preempted"] += 1
         return victim is not r
@@ -420,6 +434,7 @@ class Scheduler:
             r.slot = None
         if r in self.running:
             self.running.remove(r)
+            self._hold = False  # its memory is free again
         elif r in self.waiting:
             self.waiting.remove(r)
         r.finish_reason, r.error, r.error_code = reason, error, code
