@@ -302,3 +302,14 @@ def test_sampling_seeded():
         run_all(sched, [r])
         outs.append(r.output_ids)
     assert outs[0] == outs[1] and len(set(outs[0])) > 1
+
+
+def test_preempted_request_waits_for_memory_no_thrashing():
+    # A and B fit together at admission but not grown; B is preempted once and runs after A.
+    runner = FakeRunner(max_len=32, budget_tokens=30)
+    sched = Scheduler(runner)
+    a, b = req([3] * 10, 15, ignore_eos=True), req([4] * 5, 15, ignore_eos=True)
+    run_all(sched, [a, b], limit=200)
+    assert sched.counts["preempted"] == 1 and b.stats.preemptions == 1
+    assert a.output_ids == expected(a.prompt_ids, 15) and b.output_ids == expected(b.prompt_ids, 15)
+    assert b.stats.finished > a.stats.finished
