@@ -38,12 +38,13 @@ def test_streaming_selection_is_the_reference_set(spec):
 @pytest.mark.skipif(not triton_available(), reason="needs triton (interpreter on CPU)")
 @pytest.mark.parametrize("spec", STREAMING[2:])
 def test_fused_streaming_plan_equals_reference(spec):
-    q, k, v = rand_qkv(b=3, t=2, n=48)
-    starts, ends = bounds()
-    plan = compile(spec, "cpu", fused=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter (conftest)
+    q, k, v = (x.to(dev) for x in rand_qkv(b=3, t=2, n=48))
+    starts, ends = (x.to(dev) for x in bounds())
+    plan = compile(spec, dev, fused=True)
     assert plan.path == "streaming-kernel"
     out, sel = plan.run(0, q, k, v, starts, ends, 0.25)
-    ref, _ = compile(spec, "cpu", fused=False).run(0, q, k, v, starts, ends, 0.25)
+    ref, _ = compile(spec, dev, fused=False).run(0, q, k, v, starts, ends, 0.25)
     assert plan.path == "streaming-kernel"  # it did not fall back
     assert rel(out[1:], ref[1:]) < 1e-5
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # the row with no keys
@@ -170,3 +171,4 @@ def test_scan_plan_signs_each_rows_own_key_in_a_ragged_batch():
         plan.append(0, buf[:, :, :la], buf[:, :, :la], ctx)  # the view: N = the longest row
     sig, want = plan.states[0]["sig"], sign_bits(k, simhash_proj(32, 64, 0, 0, "cpu"))
     assert torch.equal(sig[0, :, :202], want[0, :, :202]) and torch.equal(sig[1, :, :102], want[1, :, :102])
+    assert not sig[1, :, 102:202].any()  # nothing past a row's end was signed (a paged cache may not map it)

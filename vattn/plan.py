@@ -57,6 +57,7 @@ class StepContext:
 
     def __post_init__(self):
         self._lengths = None
+        self.memo: dict = {}  # what plans derive from the bounds alone, once per step
 
     @property
     def rows(self) -> int:
@@ -100,6 +101,7 @@ class Plan:
         self.states: dict[int, dict] = {}  # per layer: what methods keep across steps
         self._gen = None
         self.insist = False  # compile(fused=True): a fused path that cannot run is an error
+        self._scratch: dict = {}  # the kernels' work buffers, shared by layers (they run one after another)
 
     def reset(self):
         """A new sequence: method state and the sampling generator start afresh."""
@@ -127,7 +129,8 @@ class Plan:
         if not isinstance(ctx, StepContext):
             ctx = self.context(ctx, ends, scale)
         if self.path == "streaming-kernel":
-            sel = streaming_selection(self.spec, k, ctx.starts, ctx.ends)
+            key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
+            sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
             why = kernel_misfit(q, k, v)
             if why is None:
                 from vattn.kernels.sparse import sparse_decode
@@ -151,11 +154,13 @@ class Plan:
         return self.path == "scan-kernel" and ctx.rows == 1 and self.recipe.window >= 1
 
     def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer. Keys
-        past what was signed (N known on the host) are signed at once, and each row's own key
-        (ends - 1) every call, which covers caches of fixed length and batches of unequal
-        rows; nothing waits for the GPU."""
-        from vattn.kernels.bits import sign_bits
+        """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer.
+
+        Keys at positions past what was signed (N is known on the host) are signed at once, and
+        each row's own keys (ends - 1 of each query row) every call: that covers caches of
+        fixed length, batches of unequal rows and a slot that a new sequence reuses (its
+        prefill appends its keys). Only keys below each row's end are read (a row of a paged
+        cache may have nothing mapped past it); nothing waits for the GPU."""
         from vattn.methods.hashing import simhash_proj
         b, hkv, n, d = k.shape
         st = self.states.setdefault(layer, {})
@@ -169,16 +174,15 @@ class Plan:
             grown = torch.zeros((b, hkv, max(n, 2 * sig.shape[2]), sig.shape[3]), dtype=sig.dtype, device=sig.device)
             grown[:, :, :st["signed"]] = sig[:, :, :st["signed"]]
             sig = st["sig"] = grown
-        if n > st["signed"]:
-            sig[:, :, st["signed"]:n] = sign_bits(k[:, :, st["signed"]:n], proj)
-            st["signed"] = n
-        if not own:
-            return sig, proj
-        # each row's own key, always: in a batch of unequal rows (or a cache of fixed length)
-        # it may sit below N, where an earlier call signed what was there before
-        pos = (ctx.ends - 1).clamp(min=0)  # [B, T]
-        new = torch.gather(k, 2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], d))
-        sig.scatter_(2, pos[:, None, :, None].expand(b, hkv, pos.shape[1], sig.shape[3]), sign_bits(new, proj))
+        end = ctx.ends[:, -1]
+        lo = st["signed"]
+        if n > lo and not (n == lo + 1 and not own):  # (the kernels sign a step's one new key)
+            pos = torch.arange(lo, n, device=k.device).expand(b, n - lo)
+            _sign_at(sig, k, proj, pos, pos < end[:, None], end)
+        st["signed"] = max(lo, n)
+        if own:
+            pos = ctx.ends - 1  # [B, T]
+            _sign_at(sig, k, proj, pos.clamp(min=0), pos >= 0, end)
         return sig, proj
 
     def _scan(self, layer, q, k, v, ctx: StepContext):
@@ -195,7 +199,8 @@ class Plan:
         kw = self.recipe.kwargs()
         if self.path == "scan-kernel" and ctx.rows == 1:
             out, count = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
-                                                count=True, update_sig=self._kernel_signs(ctx), **kw)
+                                                count=True, update_sig=self._kernel_signs(ctx),
+                                                scratch=self._scratch, **kw)
             return out, Selection.counted(count.view(q.shape[0], k.shape[1], 1), shared=True)
         if self.path == "scan-kernel":
             _say_once("spec %s: %d query rows per sequence run the scan kernels' float64 twin (the kernels "
@@ -207,6 +212,19 @@ class Plan:
             outs.append(o.to(q.dtype))
             sels.append(info["selection"])
         return torch.cat(outs, 2), Selection.cat_rows(sels)
+
+
+def _sign_at(sig, k, proj, pos, ok, end):
+    """sig[b, :, pos[b, j]] = signature of k[b, :, pos[b, j]] where ok[b, j]; reads only keys
+    below each row's end (rows without keys read the row with the most)."""
+    from vattn.kernels.bits import sign_bits
+    b = k.shape[0]
+    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
+    safe = torch.minimum(pos, (end[src] - 1).clamp(min=0)[:, None])  # [B, P]
+    keys = k[src[:, None], :, safe].permute(0, 2, 1, 3)  # [B, Hkv, P, D]
+    new = sign_bits(keys, proj)
+    idx = pos[:, None, :, None].expand(b, k.shape[1], pos.shape[1], sig.shape[3])
+    sig.scatter_(2, idx, torch.where(ok[:, None, :, None], new, torch.gather(sig, 2, idx)))
 
 
 def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:

@@ -140,8 +140,9 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
                            sub_block=SUB_BLOCK, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
-                           upto=4, pdl=None, trace=None, update_sig=False, count=False):
-    """See the module docstring. count=True also returns the keys attended per row, int32
+                           upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None):
+    """See the module docstring. scratch: a dict the call keeps its work buffers in and reuses
+    on the next call with the same shapes (not with stats=True, whose tables it returns). count=True also returns the keys attended per row, int32
     [B*Hkv] (what a plan needs for density; cheaper than stats). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
@@ -165,6 +166,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     each program's global-timer stamps in ns at its phase ends (slot 7: SM id; see
     scripts/trace_scan.py); tables already there are reused, so no memset joins a captured graph."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
+    if stats and scratch is not None:
+        raise VattnError("stats=True returns the call's own tables: do not pass scratch with it")
     from vattn.kernels import _scan_triton as kt
     B, Hq, _, D = q.shape
     Hkv, N, W = k.shape[1], k.shape[2], ksig.shape[-1]
@@ -194,11 +197,12 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if s1 < 2:
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
-    cnt = torch.empty((rows, s1 + s2), dtype=torch.int32, device=dev)  # keys attended: scan, then sample
-    scr = torch.empty((rows, NS), dtype=torch.int32, device=dev)
-    po = torch.empty((B, Hq, 1, s1 + s2, D), dtype=torch.float32, device=dev)
-    plse = torch.empty((B, Hq, 1, s1 + s2), dtype=torch.float32, device=dev)
-    st = torch.empty((rows, 8), dtype=torch.float32, device=dev)
+    new = _allocator(scratch, dev)  # scratch: the caller's buffers, reused (a plan's: no allocation per step)
+    cnt = new("cnt", (rows, s1 + s2), torch.int32)  # keys attended: scan, then sample
+    scr = new("scr", (rows, NS), torch.int32)
+    po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
+    plse = new("plse", (B, Hq, 1, s1 + s2), torch.float32)
+    st = new("st", (rows, 8), torch.float32)
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
     pdl = resolve_pdl(pdl, q.device)
@@ -214,13 +218,13 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     n_mid = max(N - sink - window, 1)
     stride = subsample_stride(n_mid, sub)
     P = -(-n_mid // (sub_block * stride))
-    hist = torch.empty(rows * P * NH, dtype=torch.int32, device=dev)
+    hist = new("hist", rows * P * NH, torch.int32)
     ctr = zeroed_counters(rows, dev)  # cut programs done per row; left zero
-    cut = torch.empty(rows * 2, dtype=torch.int32, device=dev)
+    cut = new("cut", rows * 2, torch.int32)
     M0P = max(16, next_pow2(m0))
-    pil = torch.empty(rows * R * M0P, dtype=torch.float32, device=dev)
-    pbin = torch.empty(rows * M0P, dtype=torch.int32, device=dev)  # the pilot draws' score bins
-    qs = torch.empty(rows * R * W, dtype=torch.int32, device=dev)  # query signatures [B, Hq, 1, W]
+    pil = new("pil", rows * R * M0P, torch.float32)
+    pbin = new("pbin", rows * M0P, torch.int32)  # the pilot draws' score bins
+    qs = new("qs", rows * R * W, torch.int32)  # query signatures [B, Hq, 1, W]
     log2s = scale * 1.4426950408889634
     tr = {}
     if trace is not None:  # tables already in trace are reused: no memset inside a captured graph
@@ -256,6 +260,18 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
                      sample_keys=cnt[:, s1:].sum(1, dtype=torch.int32))
+
+
+def _allocator(scratch, dev):
+    def new(name, shape, dtype):
+        if scratch is None:
+            return torch.empty(shape, dtype=dtype, device=dev)
+        t = scratch.get(name)
+        size = shape if isinstance(shape, tuple) else (shape,)
+        if t is None or t.shape != size or t.dtype != dtype or t.device != torch.device(dev):
+            t = scratch[name] = torch.empty(size, dtype=dtype, device=dev)
+        return t
+    return new
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
