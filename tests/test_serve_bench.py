@@ -52,3 +52,20 @@ def test_compare_admission_at_equal_memory():
     mean = [r["running_mean"] for r in rows]  # from the server's request-seconds counter
     assert all(0 < m <= 3.01 for m in mean[2:]) and min(mean[:2]) > 1.4 * max(mean[2:]), mean
     assert runner.kv.stats().slots_in_use == 0
+
+
+def test_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vattn.cli import app
+    args = ["bench", "serve", "--random", "tiny", "--device", "cpu", "--specs", "dense,sink(2)+window(4)",
+            "--max-len", "128", "--max-batch", "4", "--num-requests", "4", "--prompt-len", "8:16",
+            "--output-len", "2:4", "--warmup", "1"]
+    bad = CliRunner().invoke(app, args + ["--admission", "vmem,static"])
+    assert bad.exit_code == 2 and "needs --budget-gb" in bad.output
+    out = CliRunner().invoke(app, args + ["--json", str(tmp_path / "b.json")])
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["spec"], r["failed"], r["requests"]) for r in rows] == [("dense", 0, 4), ("sink(2)+window(4)", 0, 4)]

@@ -235,29 +235,21 @@ def compare(runner, load: Load, specs: list, admissions: list, *, model_name: st
 
 
 def random_model(shape: str, device, dtype):
-    """(transformers model, tokenizer) with random weights: llama3-8b (Llama-3-8B's shape) or tiny.
-    The tokenizer is word-level over the whole vocabulary ('t0', 't1', ...), enough for token-id prompts."""
+    """(transformers model, tokenizer) with random weights in the shapes of `vattn bench e2e`:
+    llama3-8b (Llama-3-8B) or tiny. The tokenizer is word-level over the whole vocabulary
+    ('t0', 't1', ...): enough for token-id prompts."""
     import torch
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
-    shapes = {
-        "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                          rope_theta=500000.0),
-        "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072),
-    }
-    if shape not in shapes:
-        raise VattnError(f"--random must be one of {', '.join(shapes)}, got {shape!r}")
-    cfg = tf.LlamaConfig(**shapes[shape], eos_token_id=2, bos_token_id=1)
-    prev = torch.get_default_dtype()
+
+    from vattn.bench.e2e import model_config
+    if shape not in ("llama3-8b", "tiny"):
+        raise VattnError(f"--random must be llama3-8b or tiny, got {shape!r}")
+    cfg = model_config(None, tiny=shape == "tiny")
+    cfg.bos_token_id, cfg.eos_token_id = 1, 2
     torch.manual_seed(0)
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = tf.LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    with torch.device(device):  # initialised in the target dtype on the device (8B: no fp32 copy)
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, cfg.vocab_size)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -271,12 +263,13 @@ def table(rows: list[dict], title: str):
     cols = ["admission", "spec", "ok/failed", "req/s", "out tok/s", "vs row 1", "TTFT p50/p99 ms",
             "TPOT p50/p99 ms", "running mean/max", "KV GiB max", "preempted"]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("admission", "spec") else "right")
+        t.add_column(c, justify="left" if c in ("admission", "spec") else "right", overflow="fold")
     base = rows[0]["output_tok_per_s"] if rows else 0
     f = (lambda x, p=1: "-" if x is None else f"{x:.{p}f}")
     for r in rows:
         peak = r.get("max_running", r["running_max"])
-        t.add_row(r["admission"], r["spec"], f"{r['requests'] - r['failed']}/{r['failed']}", f(r["req_per_s"], 2),
+        adm = f"{r['admission']} ({r['capacity']} max)" if r["admission"] == "static" else r["admission"]
+        t.add_row(adm, r["spec"], f"{r['requests'] - r['failed']}/{r['failed']}", f(r["req_per_s"], 2),
                   f(r["output_tok_per_s"]), f"{r['output_tok_per_s'] / base:.2f}x" if base else "-",
                   f"{f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])}", f"{f(r['tpot_p50_ms'], 2)}/{f(r['tpot_p99_ms'], 2)}",
                   f"{f(r['running_mean'])}/{f(peak, 0)}", f(r["kv_mapped_max_gib"], 2), str(r.get("preempted", "-")))
