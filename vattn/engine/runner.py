@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 
 
 # Plan paths that may see every slot row at once: they read each row's keys below its end
-# only. "scan-kernel" signs keys up to the view's length in every row (plan._signatures), which
-# on a vmem cache would read other slots' unmapped pages: it runs slot by slot until then.
-BATCHED_PATHS = ("streaming-kernel",)
+# only (the scan plan signs keys below each row's end; a prefill's append signs its slot's keys).
+BATCHED_PATHS = ("streaming-kernel", "scan-kernel")
 
 
 def next_pow2(n: int) -> int:

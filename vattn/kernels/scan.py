@@ -266,11 +266,11 @@ def _allocator(scratch, dev):
     def new(name, shape, dtype):
         if scratch is None:
             return torch.empty(shape, dtype=dtype, device=dev)
-        t = scratch.get(name)
         size = shape if isinstance(shape, tuple) else (shape,)
-        if t is None or t.shape != size or t.dtype != dtype or t.device != torch.device(dev):
-            t = scratch[name] = torch.empty(size, dtype=dtype, device=dev)
-        return t
+        key = (name, size, dtype, str(dev))  # never replaced: a captured graph may still use an old one
+        if key not in scratch:
+            scratch[key] = torch.empty(size, dtype=dtype, device=dev)
+        return scratch[key]
     return new
 
 
