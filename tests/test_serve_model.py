@@ -134,3 +134,24 @@ def test_cli_serve(tiny_dir):
         p.send_signal(signal.SIGINT)
         p.wait(30)
     assert p.returncode == 0
+
+
+@pytest.mark.slow
+def test_incremental_text_equals_full_decode():
+    # The streamed pieces of a byte-level BPE (multi-byte characters split over tokens) add up
+    # to the full decode, also when cut at a stop string.
+    import random
+
+    from vattn.models import load_model
+    from vattn.serve.app import _Text
+    _, tok = load_model()
+    ids = tok("Héllo wörld! 你好，世界 🙂🚀 The  quick\n\tbrown fox — “quotes” café naïve. " * 3).input_ids
+    full = tok.decode(ids, skip_special_tokens=True)
+    for stop in ([], ["fox"], ["世界"]):
+        t, out, i, rng = _Text(tok, stop), "", 0, random.Random(0)
+        while i < len(ids) and not t.stopped:
+            k = rng.randint(1, 3)
+            out += t.add(ids[i:i + k])
+            i += k
+        out += t.flush()
+        assert out == (full[:full.index(stop[0])] if stop else full), stop

@@ -230,6 +230,9 @@ class Scheduler:
         return not (self._inbox or self._cancels or self.waiting or self.running)
 
     def _loop(self) -> None:
+        dev = getattr(self.runner, "device", None)
+        if dev is not None and dev.type == "cuda":  # a new thread starts on cuda:0; graphs use the current device
+            torch.cuda.set_device(dev)
         trimmed = True
         while True:
             trim = False

@@ -68,29 +68,40 @@ def load_engine(model=None, *, spec: str = "dense", device=None, dtype=None, max
 
 # ---------------------------------------------------------------- text
 class _Text:
-    """Incremental detokenization of one choice, cut at the first stop string."""
+    """Incremental detokenization of one choice, cut at the first stop string.
+
+    Each step decodes a short window (from `prefix` on) rather than all ids: the new text is
+    what decode(ids[prefix:]) adds to decode(ids[prefix:read]), so a tokenizer that drops a
+    leading space at the start of a decode is diffed consistently (vLLM's method)."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tok, self.stop, self.ids = tokenizer, [s for s in stop if s], []
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be starting
         self.text, self.sent, self.stopped = "", 0, False
+        self.prefix = self.read = 0
+
+    def _decode(self, final: bool = False) -> None:
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):  # else: a split character
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def add(self, ids: list[int]) -> str:
         self.ids += ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # a character split over tokens: wait for the rest
-        self.text = text
+        self._decode()
         if self.stop:
             start = max(0, self.sent - self.hold)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
-                self.text, self.stopped = text[:min(hits)], True
-                return self.flush()
-            return self._take(len(text) - self.hold)
-        return self._take(len(text))
+                self.text, self.stopped = self.text[:min(hits)], True
+                return self._take(len(self.text))
+            return self._take(len(self.text) - self.hold)
+        return self._take(len(self.text))
 
     def flush(self) -> str:
+        if not self.stopped:
+            self._decode(final=True)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
