@@ -313,3 +313,17 @@ def test_preempted_request_waits_for_memory_no_thrashing():
     assert sched.counts["preempted"] == 1 and b.stats.preemptions == 1
     assert a.output_ids == expected(a.prompt_ids, 15) and b.output_ids == expected(b.prompt_ids, 15)
     assert b.stats.finished > a.stats.finished
+
+
+def test_device_oom_preempts_like_kv_oom():
+    class Tight(FakeRunner):  # the device has no room for a 3-request step's activations
+        def decode(self, slots, tokens, spec=None):
+            if len(slots) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().decode(slots, tokens, spec)
+    runner = Tight()
+    sched = Scheduler(runner)
+    reqs = [req([i + 1] * 3, 6) for i in range(3)]
+    run_all(sched, reqs)
+    assert sched.counts["preempted"] >= 1 and sched.counts["failed"] == 0
+    assert all(r.output_ids == expected(r.prompt_ids, 6) for r in reqs)

@@ -45,6 +45,9 @@ from vattn.errors import VattnError
 log = logging.getLogger(__name__)
 
 ADMISSIONS = ("vmem", "static")
+# KV pages that cannot be mapped, or a step's activations that the device cannot hold (the KV
+# took the memory): both are handled by preempting, not by failing the request.
+OUT_OF_MEMORY = (VattnOutOfMemory, torch.OutOfMemoryError)
 
 
 class BadRequest(VattnError):
@@ -341,7 +344,7 @@ class Scheduler:
                     break
                 try:
                     logits = self.runner.decode([r.slot for r in batch], [r.tokens[-1] for r in batch], spec=spec)
-                except VattnOutOfMemory as e:
+                except OUT_OF_MEMORY as e:
                     self._preempt_for(batch[0], e)  # frees a slot (or fails a lone request); retry
                     continue
                 except Exception as e:
@@ -371,7 +374,7 @@ class Scheduler:
             chunk = toks[r.done:r.done + budget]
             try:
                 logits = self.runner.prefill(r.slot, chunk, start=r.done, spec=r.spec)
-            except VattnOutOfMemory as e:
+            except OUT_OF_MEMORY as e:
                 self._preempt_for(r, e)
                 break  # memory changed: the next step decides again
             except Exception as e:
