@@ -1,6 +1,7 @@
 """The server on the real engine (Runner): the tiny Llama for batching, chunked prefill, per-request
 specs and admission by memory; the embedded SmolLM2 for chat through its template."""
 import concurrent.futures as cf
+import time
 
 import httpx2
 import openai
@@ -77,6 +78,10 @@ def test_admission_by_memory_real_runner(tiny_dir):
         m = engine.scheduler.metrics()
         assert m["max_running"] == 2 and m["failed"] == 0 and m["finished"] == 6
         assert engine.runner.kv.stats().slots_in_use == 0
+        end = time.monotonic() + 10  # idle: the pages freed slots held go back
+        while engine.runner.kv.stats().mapped_bytes and time.monotonic() < end:
+            time.sleep(0.05)
+        assert engine.runner.kv.stats().mapped_bytes == 0
     finally:
         srv.stop()
 
@@ -107,7 +112,6 @@ def test_cli_serve(tiny_dir):
     import socket
     import subprocess
     import sys
-    import time
     cmd = [sys.executable, "-m", "vattn.cli", "serve", "--model", str(tiny_dir), "--max-len", "64",
            "--log-level", "warning", "--port"]
     with socket.socket() as busy:  # a taken port is an error before the model loads
