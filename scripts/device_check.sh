@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --fo
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.txt"
 for w in $what; do case $w in
   tests) timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_kernels_scan.py tests/test_plan.py \
-           tests/test_kernels.py tests/test_paged.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
-  engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -25 \
-           | tee "$OUT/engine_tests.log" ;;
+           tests/test_kernels.py tests/test_paged.py > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log" ;;
+  engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py > "$OUT/engine_tests.log" 2>&1
+          grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/engine_tests.log" ;;
   bench) timeout 220 python3 -m vattn.cli bench --batch 1,8 --lengths 32768,131072 --e2e-layers 0 \
            --json "$OUT/bench.json" 2>&1 | tail -30 | tee "$OUT/bench.txt" ;;
   e2e) timeout 300 python3 -m vattn.cli bench e2e --batch 1,16 --contexts 32768 --steps 8 \
