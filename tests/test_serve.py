@@ -120,6 +120,8 @@ def test_stop_string(served):
     r = client.completions.create(model="toy", prompt="w9", max_tokens=8, temperature=0, stop=[stop])
     full = tok.decode(out, skip_special_tokens=True)
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+    assert wait_for(lambda: engine.scheduler.metrics()["finished"] == 1)
+    assert engine.scheduler.metrics()["cancelled"] == 0
 
 
 def test_bad_requests(served):

@@ -133,7 +133,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the last is preempted first
         self._inbox: list[Request] = []
-        self._cancels: set[str] = set()
+        self._cancels: dict[str, str] = {}  # id -> finish reason
         self._cv = threading.Condition()
         self._seeds = itertools.count(seed)
         self._thread: threading.Thread | None = None
@@ -185,10 +185,11 @@ class Scheduler:
             self._inbox.append(req)
             self._cv.notify()
 
-    def cancel(self, request_id: str) -> None:
-        """End a request (waiting or running) and free its slot; unknown or finished ids are ignored."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """End a request (waiting or running) and free its slot; unknown or finished ids are ignored.
+        reason "stop": the caller found a stop string (the request counts as finished)."""
         with self._cv:
-            self._cancels.add(request_id)
+            self._cancels.setdefault(request_id, reason)
             self._cv.notify()
 
     def has_work(self) -> bool:
@@ -291,7 +292,7 @@ class Scheduler:
     def _drain(self) -> None:
         with self._cv:
             inbox, self._inbox = self._inbox, []
-            cancels, self._cancels = self._cancels, set()
+            cancels, self._cancels = self._cancels, {}
         for r in inbox:
             p = r.params
             r.sampler = Sampler(p, p.seed if p.seed is not None else next(self._seeds), self.runner.device)
@@ -299,7 +300,7 @@ class Scheduler:
             self.waiting.append(r)
         if cancels:
             for r in [r for r in list(self.running) + list(self.waiting) if r.id in cancels]:
-                self._finish(r, "cancelled")
+                self._finish(r, cancels[r.id])
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.capacity:

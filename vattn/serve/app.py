@@ -153,7 +153,7 @@ class Generation:
             r, text = self.reqs[i], self.texts[i]
             delta = text.add(toks) if toks else ""
             if text.stopped:
-                self.engine.scheduler.cancel(r.id)
+                self.engine.scheduler.cancel(r.id, "stop")
                 finished, reason = True, "stop"
             elif finished:
                 if r.finish_reason == "error":
