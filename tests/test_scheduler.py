@@ -327,3 +327,21 @@ def test_device_oom_preempts_like_kv_oom():
     run_all(sched, reqs)
     assert sched.counts["preempted"] >= 1 and sched.counts["failed"] == 0
     assert all(r.output_ids == expected(r.prompt_ids, 6) for r in reqs)
+
+
+def test_engine_loop_that_cannot_start_fails_requests_instead_of_hanging():
+    """A loop that breaks before its first step (here: a device that cannot be selected) must end
+    every queued request with an error and refuse new ones; clients must not wait forever."""
+    from vattn.engine.scheduler import EngineDown
+    runner = FakeRunner()
+    runner.device = torch.device("cuda", 7) if torch.cuda.is_available() else torch.device("cuda")
+    sched = Scheduler(runner)
+    done = []
+    a = req([1, 2], 3, on_event=lambda r, t, f: f and done.append(r))
+    sched.submit(a)
+    sched.start()
+    sched._thread.join(timeout=10)
+    assert not sched.alive and sched.dead and "engine loop stopped" in sched.dead
+    assert done == [a] and a.finish_reason == "error" and a.error_code == "engine_error"
+    with pytest.raises(EngineDown, match="restart the server"):
+        sched.submit(req([1], 1))

@@ -58,6 +58,10 @@ class BadRequest(VattnError):
         self.param = param
 
 
+class EngineDown(Exception):
+    """The engine loop has stopped (a bug or a broken device): no request can run."""
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
 
@@ -133,6 +137,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # admission order: the last is preempted first
         self._inbox: list[Request] = []
+        self.dead: str | None = None  # why the engine loop stopped, once it has
         self._cancels: dict[str, str] = {}  # id -> finish reason
         self._cv = threading.Condition()
         self._seeds = itertools.count(seed)
@@ -178,6 +183,8 @@ class Scheduler:
         """Queue a request. Raises VattnError (bad request) or QueueFull (retry later)."""
         self.check(req)
         with self._cv:
+            if self.dead:
+                raise EngineDown(f"{self.dead}; restart the server")
             if len(self.waiting) + len(self._inbox) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
             req.stats.arrival = time.perf_counter()
@@ -234,9 +241,26 @@ class Scheduler:
         return not (self._inbox or self._cancels or self.waiting or self.running)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the loop itself broke: fail every request, so no client waits forever
+            log.exception("the engine loop stopped")
+            self.dead = f"the engine loop stopped: {type(e).__name__}: {e}"
+            with self._cv:
+                pending = self._inbox + list(self.waiting) + list(self.running)
+                self._inbox = []
+            for r in pending:
+                try:
+                    self._finish(r, "error", self.dead, "engine_error")
+                except Exception:  # the runner may be what broke: the client still gets its error
+                    r.slot = None
+                    r.finish_reason, r.error, r.error_code = "error", self.dead, "engine_error"
+                    self._event(r, [], True)
+
+    def _serve(self) -> None:
         dev = getattr(self.runner, "device", None)
         if dev is not None and dev.type == "cuda":  # a new thread starts on cuda:0; graphs use the current device
-            torch.cuda.set_device(dev)
+            torch.cuda.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
         trimmed = True
         while True:
             trim = False

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from vattn.engine.sampling import SamplingParams
-from vattn.engine.scheduler import BadRequest, QueueFull, Request, Scheduler
+from vattn.engine.scheduler import BadRequest, EngineDown, QueueFull, Request, Scheduler
 from vattn.errors import VattnError
 from vattn.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse, unsupported
 
@@ -143,6 +143,8 @@ class Generation:
             for r in done:
                 engine.scheduler.cancel(r.id)
             raise ApiError(str(e), 429, code="queue_full", type="rate_limit_error") from None
+        except EngineDown as e:
+            raise ApiError(str(e), 503, code="engine_down", type="server_error") from None
 
     async def __aiter__(self):
         pending = len(self.reqs)
