@@ -8,12 +8,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_IN
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 for w in ${*:-specs admission}; do case $w in
-  specs) timeout 200 python3 -m vattn.cli bench serve --random llama3-8b --specs dense,vattention-scan,streaming \
+  specs) timeout 130 python3 -m vattn.cli bench serve --random llama3-8b --specs dense,vattention-scan \
            --admission vmem --budget-gb 80 --max-len 32768 --max-batch 8 --concurrency 8 --num-requests 8 \
            --prompt-len 16384:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_specs.json" \
            > "$OUT/serve_specs.txt" 2>&1; tail -20 "$OUT/serve_specs.txt" ;;
-  admission) timeout 150 python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
-           --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests 24 \
+  admission) timeout 100 python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
+           --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests 16 \
            --prompt-len 4096:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_admission.json" \
            > "$OUT/serve_admission.txt" 2>&1; tail -20 "$OUT/serve_admission.txt" ;;
 esac; done
