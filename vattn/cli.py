@@ -133,8 +133,12 @@ def verify(
     eps: str = typer.Option("0.05,0.1,0.2", help="Error targets."),
     delta: str = typer.Option("0.05,0.1,0.2", help="Failure probabilities."),
     mode: str = typer.Option("both", help="output, denominator or both."),
-    base: str = typer.Option("sink(16)+window(16)+topk(0.02)", help="Parts before verified(...)."),
-    share: str = typer.Option("none", help="none, or kv: one sample per KV head."),
+    base: str = typer.Option(None, help="Parts before verified(...) (default: sink(16)+window(16)+topk(0.02); "
+                             "with --draws iid sink(16)+window(64)+hashtopk(0.05,bits=128,cut='sample'))."),
+    share: str = typer.Option("none", help="none, or kv: one sample per KV head (--draws residual; iid: always kv)."),
+    draws: str = typer.Option("residual", help="residual: verified(...) after any base; iid: the scan algorithm "
+                              "(base ending in hashtopk(..., cut='sample'), denominator mode; the kernels on CUDA)."),
+    device: str = typer.Option("cpu", help="Where to measure: cpu, or cuda (fused kernels where the spec has them)."),
     pairs: bool = typer.Option(True, help="Pair eps[i] with delta[i] (else the full grid)."),
     rows: int = typer.Option(256, help="Synthetic rows per family."),
     n: int = typer.Option(2048, help="Synthetic keys per row."),
@@ -149,9 +153,15 @@ def verify(
         if json_out is not None:  # before the measurement, not after it
             check_writable_file(json_out, "--json")
         eps_l, delta_l = _floats(eps, "--eps"), _floats(delta, "--delta")
+        if draws == "iid" and mode == "both":
+            mode = "denominator"  # the scan algorithm's only mode
         modes = ["output", "denominator"] if mode == "both" else [mode]
         if any(m not in ("output", "denominator") for m in modes):
             raise VattnError(f"--mode must be output, denominator or both, got {mode!r}")
+        from vattn.models import resolve_device
+        dev = resolve_device(device)
+        for m in modes:  # a bad --base/--draws/--mode combination fails before any capture
+            V.verified_spec(base, eps_l[0], delta_l[0], m, share, draws)
         if model:
             groups = V.model_groups(model_path, tokens=tokens, seed=seed)
         else:
@@ -161,12 +171,13 @@ def verify(
                 raise VattnError("with --pairs, --eps and --delta need the same number of values")
             table = []
             for e, d in zip(eps_l, delta_l):
-                table += V.verify(groups, base, [e], [d], modes, share, seed)
+                table += V.verify(groups, base, [e], [d], modes, share, seed, draws, dev)
         else:
-            table = V.verify(groups, base, eps_l, delta_l, modes, share, seed)
+            table = V.verify(groups, base, eps_l, delta_l, modes, share, seed, draws, dev)
     except VattnError as e:
         fail(e)
-    t = Table(title=f"vattn verify: {base}+verified(...)")
+    front = table[0]["spec"].rsplit("verified(", 1)[0] if table else ""
+    t = Table(title=f"vattn verify ({draws} draws): {front}verified(...)")
     for col in ("group", "mode", "eps", "delta", "density", "coverage", "target", "ok", "mean_error", "rows"):
         t.add_column(col, justify="right" if col not in ("group", "mode") else "left")
     for r in table:
@@ -174,6 +185,10 @@ def verify(
         t.add_row(r["group"], r["mode"], f"{r['eps']:g}", f"{r['delta']:g}", f"{r['density']:.3f}",
                   f"{r['coverage']:.3f}", f"{r['target']:.2f}", ok, f"{r['mean_error']:.4f}", str(r["rows"]))
     console.print(t)
+    gaps = [r["kernel_vs_twin"] for r in table if "kernel_vs_twin" in r]
+    if gaps:  # the scan kernels ran: their outputs next to the float64 twin replaying their choices
+        console.print(f"scan kernels vs their float64 twin on the kernels' own cuts: max relative error "
+                      f"{max(gaps):.2e}")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(table, indent=1))

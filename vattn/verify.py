@@ -3,6 +3,12 @@
 Works on any attention inputs: the synthetic score families, or Q/K/V captured from a
 model (vattn.capture). The guaranteed quantity depends on the mode: the relative L2
 error of the output (mode="output") or of the softmax denominator ("denominator").
+
+Two samplers (draws=): "residual" appends verified(eps, delta, mode, share) to any front;
+"iid" measures the scan algorithm (plan paths "scan-kernel" / "scan-reference"):
+[sink+][window+]hashtopk(k, cut='sample') + verified(eps, delta, draws='iid',
+mode='denominator'), denominator mode only. Everything is measured through a plan, so
+the coverage is of what runs: on CUDA the fused scan kernels, elsewhere their float64 twin.
 """
 from __future__ import annotations
 
@@ -13,7 +19,11 @@ import torch
 
 from vattn import metrics
 from vattn.attend import dense_attend, row_bounds
+from vattn.errors import VattnError
 from vattn.plan import compile as compile_plan
+
+RESIDUAL_BASE = "sink(16)+window(16)+topk(0.02)"  # the default front of draws="residual"
+SCAN_BASE = "sink(16)+window(64)+hashtopk(0.05,bits=128,cut='sample')"  # ... and of draws="iid"
 
 
 @dataclass
@@ -34,14 +44,18 @@ def tolerance(delta: float, rows: int) -> float:
     return 3.0 * math.sqrt(delta * (1 - delta) / max(rows, 1))
 
 
-def measure(inp: Inputs, spec: str, mode: str, seed: int = 0, fused: bool | None = None) -> dict:
-    """Per-row errors and the measured density of one spec on one group. A fused kernel
-    lists no keys, so denominator errors need its reference (fused=False; the scan
-    kernels' twin makes every choice they make)."""
+def measure(inp: Inputs, spec: str, mode: str, seed: int = 0, fused: bool | None = None, device=None) -> dict:
+    """Per-row errors and the measured density of one spec on one group (moved to `device`
+    first when given). The scan kernels list no keys: their denominator errors come from
+    the float64 twin replaying the kernels' own choices (_measure_scan_kernel)."""
+    if device is not None:
+        inp = _to(inp, torch.device(device))
     q, k, v = inp.q, inp.k, inp.v
     b, hq, t = q.shape[:3]
     starts, ends = row_bounds(b, t, k.shape[2], inp.lengths, inp.starts, q.device)
     plan = compile_plan(spec, q.device, seed=seed, fused=fused)
+    if plan.path == "scan-kernel":
+        return _measure_scan_kernel(inp, spec, mode, seed, fused, starts, ends)
     ctx = plan.context(starts, ends, inp.scale)
     plan.append(inp.layer, k, v, ctx)
     out, sel = plan.run(inp.layer, q, k, v, ctx)  # what runs
@@ -56,30 +70,128 @@ def measure(inp: Inputs, spec: str, mode: str, seed: int = 0, fused: bool | None
     }
 
 
-def verify(groups: list[Inputs], base: str, eps_list, delta_list, modes, share="none", seed=0):
+def _to(inp: Inputs, dev: torch.device) -> Inputs:
+    move = (lambda x: None if x is None else x.to(dev))
+    return Inputs(inp.name, inp.q.to(dev), inp.k.to(dev), inp.v.to(dev), inp.scale, move(inp.lengths),
+                  move(inp.starts), inp.layer)
+
+
+def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts, ends) -> dict:
+    """The scan kernels on CUDA, one query row at a time (as decode runs them; a plan gives
+    several rows to the twin). Per row: plan.run gives the output and the keys attended per
+    KV head (density); a stats=True call of the kernels with the plan's arguments gives the
+    cut and sample size, which must attend as many keys per row as the plan's run did (else
+    an error: the denominators would not be of what ran); the float64 twin then replays
+    those choices (tau, thu, total, exact) and gives D_hat and D."""
+    from vattn.kernels.scan import scan_decode_ref, vattention_scan_decode
+    q, k, v, layer = inp.q, inp.k, inp.v, inp.layer
+    b, hq, t = q.shape[:3]
+    hkv = k.shape[1]
+    outs, dens, counts, twin_gap = [], [], [], 0.0
+    for r in range(t):
+        plan = compile_plan(spec, q.device, seed=seed, fused=fused)  # fresh: signatures of this row's keys only
+        ctx = plan.context(starts, ends[:, r:r + 1], inp.scale)
+        qr = q[:, :, r:r + 1]
+        plan.append(layer, k, v, ctx)
+        out, sel = plan.run(layer, qr, k, v, ctx)
+        st, kw = plan.states[layer], plan.recipe.kwargs()
+        row_seed = (plan.seed * 1_000_003 + layer) & 0xFFFFFFFF  # as Plan._scan
+        _, got = vattention_scan_decode(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=row_seed,
+                                        scale=ctx.scale, stats=True, **kw)
+        keys = (got["exact_keys"] + got["sample_keys"]).cpu()
+        if not torch.equal(keys, sel.count.reshape(-1).cpu()):
+            raise VattnError(f"spec {spec}: the kernels' stats call attended other key counts than the plan's run "
+                             f"({keys.tolist()[:8]} vs {sel.count.reshape(-1).tolist()[:8]}): the denominators "
+                             "would not be of what ran")
+        c = got["rows"].cpu()
+        ref, rs = scan_decode_ref(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=row_seed, scale=ctx.scale,
+                                  tau=c[:, 5].long(), thu=c[:, 6].long(), total=c[:, 1].long(), exact=c[:, 4] > 0, **kw)
+        twin_gap = max(twin_gap, float(metrics.relative_error(out, ref).max()))
+        outs.append(out)
+        dens.append((rs["d_hat"] / rs["d"] - 1).abs().float())  # [B, Hq]
+        counts.append(sel.count.reshape(b, hkv).double())
+    out = torch.cat(outs, 2)
+    ref = dense_attend(q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale)
+    live = (ends > starts[:, None])[:, None].expand(b, hq, t).cpu()
+    out_err = metrics.relative_error(out, ref).cpu()[live]
+    den_err = torch.stack(dens, 2)[live]
+    allowed = float((ends - starts[:, None]).clamp(min=0).sum()) * hq
+    return {
+        "errors": out_err if mode == "output" else den_err,
+        "output_errors": out_err,
+        "density": float(sum(c.sum() for c in counts)) * (hq // hkv) / max(allowed, 1.0),
+        "kernel_vs_twin": twin_gap,  # largest output distance of the kernels to the twin on their own cuts
+    }
+
+
+def verified_spec(base: str | None, eps, delta, mode: str, share: str = "none", draws: str = "residual") -> str:
+    """base + verified(...): with draws="residual" any front and mode; with draws="iid" the
+    scan algorithm, whose front must be [sink(n)+][window(n)+]hashtopk(k, cut='sample') and
+    whose mode is denominator (share is then one sample per KV head, always). base None: the
+    draws' default front. Checked here (parsed), so a bad combination fails before measuring."""
+    from vattn.spec import SCAN_FORM, parse
+    if draws == "iid":
+        if mode != "denominator":
+            raise VattnError(f"draws='iid' (the scan algorithm) guarantees the softmax denominator only: use "
+                             f"mode 'denominator' (--mode denominator), not {mode!r}")
+        base = SCAN_BASE if base is None else base
+        part = f"verified(eps={eps},delta={delta},draws='iid',mode='denominator')"
+    elif draws == "residual":
+        base = RESIDUAL_BASE if base is None else base
+        part = f"verified(eps={eps},delta={delta},mode='{mode}',share='{share}')"
+    else:
+        raise VattnError(f"draws must be 'residual' or 'iid', got {draws!r}")
+    spec = f"{base}+{part}" if base else part
+    try:
+        parse(spec)
+    except VattnError as e:
+        if draws == "iid":
+            raise VattnError(f"draws='iid' measures the scan algorithm ({SCAN_FORM}): the base must be "
+                             f"[sink(n)+][window(n)+]hashtopk(k, cut='sample'), e.g. {SCAN_BASE}; got base "
+                             f"{base!r} ({e})") from None
+        if "cut='sample'" in str(e) or "draws='iid'" in str(e):
+            raise VattnError(f"base {base!r} is the scan algorithm's front (hashtopk(cut='sample')): measure it "
+                             f"with draws='iid' (--draws iid) ({e})") from None
+        raise
+    return spec
+
+
+def verify(groups: list[Inputs], base: str | None, eps_list, delta_list, modes, share="none", seed=0,
+           draws: str = "residual", device=None):
     """Rows of the coverage table: one per (group name, mode, eps, delta), plus 'all'.
 
-    Inputs that share a name (e.g. one layer over several prompts) are pooled.
+    Inputs that share a name (e.g. one layer over several prompts) are pooled. draws and
+    base: verified_spec. device: where the inputs are measured (default: where they are).
     """
     rows = []
     names = list(dict.fromkeys(g.name for g in groups))
+    specs = {(m, e, d): verified_spec(base, e, d, m, share, draws)  # every spec checked before measuring
+             for m in modes for e in eps_list for d in delta_list}
     for mode in modes:
         for eps in eps_list:
             for delta in delta_list:
-                spec = f"verified(eps={eps},delta={delta},mode='{mode}',share='{share}')"
-                spec = f"{base}+{spec}" if base else spec
+                spec = specs[(mode, eps, delta)]
                 errs = {name: [] for name in names}
                 pairs = {name: [] for name in names}  # (density, rows) per input
+                gap = {name: [] for name in names}  # the scan kernels' distance to their twin (CUDA)
                 for g in groups:
-                    m = measure(g, spec, mode, seed)
+                    m = measure(g, spec, mode, seed, device=device)
                     errs[g.name].append(m["errors"])
                     pairs[g.name].append((m["density"], m["errors"].numel()))
+                    if "kernel_vs_twin" in m:
+                        gap[g.name].append(m["kernel_vs_twin"])
+                new = []
                 for name in names:
-                    rows.append(_row(name, mode, eps, delta, torch.cat(errs[name]), _mean(pairs[name]), spec))
+                    new.append(_row(name, mode, eps, delta, torch.cat(errs[name]), _mean(pairs[name]), spec))
+                    if gap[name]:
+                        new[-1]["kernel_vs_twin"] = max(gap[name])
                 if len(names) > 1:
                     every = [p for name in names for p in pairs[name]]
-                    rows.append(_row("all", mode, eps, delta, torch.cat([e for name in names for e in errs[name]]),
-                                     _mean(every), spec))
+                    new.append(_row("all", mode, eps, delta, torch.cat([e for name in names for e in errs[name]]),
+                                    _mean(every), spec))
+                    if any(gap.values()):
+                        new[-1]["kernel_vs_twin"] = max(x for v in gap.values() for x in v)
+                rows += new
     return rows
 
 
