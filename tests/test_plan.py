@@ -172,3 +172,19 @@ def test_scan_plan_signs_each_rows_own_key_in_a_ragged_batch():
     sig, want = plan.states[0]["sig"], sign_bits(k, simhash_proj(32, 64, 0, 0, "cpu"))
     assert torch.equal(sig[0, :, :202], want[0, :, :202]) and torch.equal(sig[1, :, :102], want[1, :, :102])
     assert not sig[1, :, 102:202].any()  # nothing past a row's end was signed (a paged cache may not map it)
+
+
+def test_reserved_signature_buffer_never_moves():
+    """A CUDA graph captured at one cache length holds the buffer's address: a reserved plan
+    keeps one buffer however the keys grow, and refuses more keys than it reserved."""
+    q, k, v = scan_inputs(n=600, b=1)
+    plan = compile(SCAN, "cpu").reserve(600)
+    ptrs = set()
+    for n in (100, 300, 600):
+        ctx = plan.context(torch.zeros(1, dtype=torch.long), torch.tensor([[n]]), 0.2)
+        plan.append(0, k[:, :, :n], v[:, :, :n], ctx)
+        ptrs.add(plan.states[0]["sig"].data_ptr())
+    assert len(ptrs) == 1
+    with pytest.raises(VattnError, match="reserve"):
+        big = torch.cat([k, k], 2)
+        plan.append(0, big, big, plan.context(torch.zeros(1, dtype=torch.long), torch.tensor([[1200]]), 0.2))

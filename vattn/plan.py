@@ -102,6 +102,7 @@ class Plan:
         self._gen = None
         self.insist = False  # compile(fused=True): a fused path that cannot run is an error
         self._scratch: dict = {}  # the kernels' work buffers, shared by layers (they run one after another)
+        self.capacity = 0  # keys the signature buffers hold from the start (reserve)
 
     def reset(self):
         """A new sequence: method state and the sampling generator start afresh."""
@@ -112,6 +113,12 @@ class Plan:
         if self._gen is None:
             self._gen = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._gen
+
+    def reserve(self, keys: int) -> "Plan":
+        """Size per-layer buffers for `keys` keys up front, so they never move: a CUDA graph
+        captured at one cache length must find them where it left them at every other."""
+        self.capacity = int(keys)
+        return self
 
     @staticmethod
     def context(starts, ends, scale: float, zero_starts: bool | None = None) -> StepContext:
@@ -167,9 +174,12 @@ class Plan:
         sig = st.get("sig")
         if sig is None or sig.shape[:2] != (b, hkv) or st["proj"].shape[0] != d:
             proj = simhash_proj(d, self.recipe.bits, self.recipe.proj_seed, layer, k.device)
-            sig = torch.zeros((b, hkv, 0, self.recipe.bits // 32), dtype=torch.int32, device=k.device)
+            sig = torch.zeros((b, hkv, self.capacity, self.recipe.bits // 32), dtype=torch.int32, device=k.device)
             st.update(sig=sig, proj=proj, signed=0)
         proj = st["proj"]
+        if n > sig.shape[2] and self.capacity:
+            raise VattnError(f"layer {layer} has {n} keys, more than the {self.capacity} this plan reserved "
+                             "(Plan.reserve): reserve the cache's full length")
         if n > sig.shape[2]:  # room for twice the keys: growth costs a copy now and then, not per step
             grown = torch.zeros((b, hkv, max(n, 2 * sig.shape[2]), sig.shape[3]), dtype=sig.dtype, device=sig.device)
             grown[:, :, :st["signed"]] = sig[:, :, :st["signed"]]

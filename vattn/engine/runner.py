@@ -165,7 +165,8 @@ class Runner:
             return None
         key = (text, slot)
         if key not in self._plans:
-            self._plans[key] = compile_plan(text, self.device, seed=self.seed)
+            # buffers sized for the whole cache: graphs captured at one length replay at others
+            self._plans[key] = compile_plan(text, self.device, seed=self.seed).reserve(self.max_len)
         return self._plans[key]
 
     def batched(self, plan) -> bool:
