@@ -127,7 +127,7 @@ class Plan:
     def append(self, layer: int, k, v, ctx: StepContext):
         """Keys at positions ends - 1 were written (or the buffer grew): per-layer state follows.
         Only the scan paths keep state here; the reference methods extend theirs in run."""
-        if self.recipe is not None and k.shape[2] > 0:
+        if self.recipe is not None and k.shape[0] * k.shape[2] * ctx.ends.numel() > 0:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
 
     def run(self, layer: int, q, k, v, ctx, ends=None, scale=None) -> tuple[torch.Tensor, Selection]:

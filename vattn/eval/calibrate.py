@@ -51,6 +51,19 @@ def _default(f):
     return f.default_factory() if f.default_factory is not MISSING else MISSING
 
 
+def _is_default(p, f) -> bool:
+    """Whether field f of part p holds its default; a None default is resolved by the part
+    (verified's share and heavy depend on its draws), so compare with what it resolves to."""
+    d, v = _default(f), getattr(p, f.name)
+    if d is None and v is not None:
+        import dataclasses
+        try:
+            return getattr(dataclasses.replace(p, **{f.name: None}), f.name) == v
+        except Exception:  # noqa: BLE001 (a part that refuses None: not a default)
+            return False
+    return v == d
+
+
 def render(parts, short: bool = False) -> str:
     """Spec text for a list of parts: every field written out, so the log is exact; with
     short=True only the fields that differ from their defaults (for tables)."""
@@ -58,7 +71,7 @@ def render(parts, short: bool = False) -> str:
     for p in parts:
         # short keeps a part's first field (its size) even at its default: topk(k=0.05), not topk
         args = ",".join(f"{f.name}={_num(getattr(p, f.name))}" for i, f in enumerate(fields(p))
-                        if not (short and i > 0 and getattr(p, f.name) == _default(f)))
+                        if not (short and i > 0 and _is_default(p, f)))
         out.append(f"{p.name}({args})" if args else p.name)
     return "+".join(out)
 
