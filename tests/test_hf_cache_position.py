@@ -86,3 +86,19 @@ def test_check_ran_and_summary_say_when_the_spec_never_ran(model):
 def test_cache_keyword_matches_the_installed_transformers(model):
     import inspect
     assert cache_keyword(model) in inspect.signature(model.forward).parameters
+
+
+@pytest.mark.parametrize("spec", ["sink(2)+window(4)", "sink(2)+window(4)+topk(0.2)"])
+def test_static_cache_generate_equals_dynamic(spec):
+    """generate(cache_implementation="static"): the prompt runs without a mask (SDPA's is_causal,
+    aligned at key 0, over a key buffer longer than the prompt); bounds must follow SDPA's rule."""
+    import vattn
+    from conftest import tiny_model
+    m = tiny_model("llama")
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for kw in ({}, {"cache_implementation": "static"}):
+        with vattn.patch(m, spec, sparse_from=40) as p:
+            outs.append(m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **kw))
+            assert 0 < p.summary()["density"] < 1
+    assert torch.equal(outs[0], outs[1])

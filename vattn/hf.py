@@ -116,14 +116,17 @@ def configs(model) -> list:
 def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
     """Row bounds for q rows t = 0..T-1 over N keys: (starts [B, T], ends [B, T]) int64.
 
-    mask: None (plain causal, no padding) or bool/float [B|1, 1, T, N]. Raises when the
+    mask: None (SDPA's own rule: is_causal from key 0 for several rows, every key for one) or
+    bool/float [B|1, 1, T, N]. Raises when the
     mask is not "left padding + causal (+ sliding window)", the only shape sparse
     selections can express.
     """
     dev = device if mask is None else mask.device
     if mask is None:
+        # No mask: what SDPA does then. Several rows run is_causal, aligned top-left (row i sees
+        # keys 0..i; a static cache's unused tail is never seen); one row sees every key.
         first = torch.zeros(b, dtype=torch.long, device=dev)
-        end = torch.full((b,), n, dtype=torch.long, device=dev)
+        end = torch.full((b,), n if t == 1 else t, dtype=torch.long, device=dev)
     else:
         m = mask[..., :n]
         m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = allowed
@@ -293,7 +296,7 @@ class Patch:
         self._checked = True
         t, n = q.shape[2], k.shape[2]
         if mask is None:
-            seen = n - t
+            seen = n - t if t == 1 else 0  # as bounds_from_mask: one row sees all keys, several run is_causal
         else:
             last = mask[:, 0, -1, :n]
             last = last if last.dtype == torch.bool else last == 0
