@@ -262,3 +262,21 @@ def test_all_rows_step_in_the_interpreter(arch):
     got = torch.stack([r.decode([s2, s1], [t, t]) for t in new])
     assert (got[:, 0] - hf_logits(model, p2 + new)[25:28]).abs().max() < TOL
     assert (got[:, 1] - hf_logits(model, p1 + new)[14:17]).abs().max() < TOL
+
+
+def test_scan_chain_on_a_sliding_window_model_keeps_windows_exact():
+    """Mistral's sliding layers cut off key 0, where the scan algorithm draws from: under the scan
+    chain they attend their window exactly (and say so by density), full layers run the chain."""
+    model = tiny_model("mistral")  # window 12 on every layer: the scan chain runs nowhere
+    spec = ("sink(2)+window(4)+hashtopk(0.2,bits=32,cut='sample')"
+            "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)")
+    r = Runner(model, spec=spec, max_len=64, max_batch=1)
+    d = Runner(model, spec="dense", max_len=64, max_batch=1)
+    ids = ids_for(30, seed=2)
+    outs = []
+    for run in (r, d):
+        s = run.alloc()
+        run.prefill(s, ids[:20])
+        outs.append(torch.stack([run.decode([s], [t])[0] for t in ids[20:]]))
+    assert (outs[0] - outs[1]).abs().max().item() < TOL
+    assert not any(r.sparse_layer(i, r.plan()) for i in range(len(model.model.layers)))

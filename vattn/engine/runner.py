@@ -183,7 +183,11 @@ class Runner:
         return self.plan(f"window({int(window)})")
 
     def sparse_layer(self, layer: int, plan) -> bool:
-        return plan is not None and layer not in self.dense_layers
+        """Whether `layer` runs the plan. A sliding-window layer under the scan chain runs its
+        window exactly: the scan algorithm draws from key 0 on (its sinks), which a window cuts off."""
+        if plan is None or layer in self.dense_layers:
+            return False
+        return not (getattr(plan, "recipe", None) is not None and self.arch.windows[layer])
 
     # ------------------------------------------------------------ prefill
     def prefill(self, slot: int, token_ids, start: int = 0, spec=None, chunk: int | None = None):
