@@ -188,3 +188,19 @@ def test_reserved_signature_buffer_never_moves():
     with pytest.raises(VattnError, match="reserve"):
         big = torch.cat([k, k], 2)
         plan.append(0, big, big, plan.context(torch.zeros(1, dtype=torch.long), torch.tensor([[1200]]), 0.2))
+
+
+def test_scan_chain_on_sliding_layers_of_a_patched_model():
+    """Gemma 3's sliding layers cut off key 0: under the scan chain they run their window exactly,
+    its full layer runs the chain (it raised before)."""
+    import vattn
+    from conftest import tiny_model
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 100, (1, 40))
+    spec = ("sink(2)+window(4)+hashtopk(0.2,bits=32,cut='sample')"
+            "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)")
+    with vattn.patch(model, spec, sparse_from=30) as p:
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        s = p.summary()
+        assert s["path"] == "scan-reference" and s["density"] < 1
+        assert list(p.states) == [2]  # only the full-attention layer kept signatures
