@@ -230,3 +230,27 @@ def test_scan_decode_fractional_topk_strided_views_and_roomy_signatures():
     assert ((taken / want) - 1).abs().max() < 0.4
     sel = rs["selection"]  # the twin lists what it attended: counts agree with its stats
     assert sel.shared and torch.equal(sel.count.view(-1).cpu(), rs["exact_keys"] + rs["sample_keys"])
+
+
+@pytest.mark.parametrize("eps,seed", [(0.1, 6), (0.2, 5)])
+def test_scan_decode_output_mode_matches_twin(eps, seed):
+    """Output mode: the budget from the pilot's spread of x_j (v_j - o) and a lower bound on
+    ||o||; the kernels size the same samples as the float64 twin and attend the same keys."""
+    q, k, v, proj, ks = inputs(seed)
+    v = v + 1.5  # outputs away from 0: ||o|| is what output mode divides by
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=eps, delta=0.1, seed=seed, mode="output", **KW)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **kw)
+    _, rs = scan_decode_ref(q, k, v, ks, proj, L, **kw)
+    got, want = st["rows"].cpu().double().clamp(max=1e300), rs["rows"].clamp(max=1e300)  # need: inf = exact
+    assert torch.equal(got[:, [0, 2, 4, 5]], want[:, [0, 2, 4, 5]])
+    assert ((got[:, [1, 3]] - want[:, [1, 3]]).abs() <= torch.clamp(want[:, [1, 3]] * 2e-3, min=1)).all()
+    assert (got[:, 4] == 0).any() and (got[:, 1] > got[:, 0]).any()  # rows that sample beyond the pilot
+    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=got[:, 5].long(), thu=got[:, 6].long(),
+                              total=got[:, 1].long(), exact=got[:, 4] > 0, **kw)
+    assert torch.equal(st["sample_keys"].cpu(), rs["sample_keys"])
+    assert rel(out, ref) < 1e-5
+    _, dn = scan_decode_ref(q, k, v, ks, proj, L, **{**kw, "mode": "denominator"})
+    assert not torch.equal(want[:, 3], dn["rows"][:, 3])  # another budget than denominator mode's
+    with pytest.raises(VattnError, match="mode must be"):
+        vattention_scan_decode(q, k, v, ks, proj, L, **{**kw, "mode": "both"})

@@ -131,13 +131,13 @@ def test_scan_chain_is_one_form():
         ("sink(8)+hashtopk(0.1,cut='sample')", "one chain"),
         ("sink(8)+topk(0.1)+verified(draws='iid',mode='denominator')", "one chain"),
         ("sink(0.1)+hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator')", "one chain"),
-        ("hashtopk(0.1,cut='sample')+verified(draws='iid')", "mode='output'"),
         ("hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator',heavy=0.2)", "heavy"),
         ("hashtopk(0.1,bits=48,cut='sample')+verified(draws='iid',mode='denominator')", "bits in 32"),
     ]:
         with pytest.raises(VattnError, match=why):
             parse(bad)
     assert compile("vattention-scan", "cpu").recipe.topk == 0.05
+    assert compile("hashtopk(0.1,cut='sample')+verified(draws='iid')", "cpu").recipe.mode == "output"  # the default
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -204,3 +204,22 @@ def test_scan_chain_on_sliding_layers_of_a_patched_model():
         s = p.summary()
         assert s["path"] == "scan-reference" and s["density"] < 1
         assert list(p.states) == [2]  # only the full-attention layer kept signatures
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_scan_plan_output_mode_kernel_equals_reference(monkeypatch):
+    """verified's default, output mode, runs in the fused scan kernels too: same keys as the reference."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (x.to(dev) for x in scan_inputs(seed=4))
+    v = v + 1.5
+    spec = SCAN.replace("mode='denominator'", "mode='output'").replace("eps=0.1", "eps=0.2")
+    starts, ends = torch.zeros(2, dtype=torch.long, device=dev), torch.tensor([[1500], [1100]], device=dev)
+    runs = {}
+    for fused in (True, False):
+        plan = compile(spec, dev, seed=7, fused=fused)
+        ctx = plan.context(starts, ends, 32 ** -0.5)
+        plan.append(0, k, v, ctx)
+        runs[fused] = plan.run(0, q, k, v, ctx)
+    assert rel(runs[True][0], runs[False][0]) < 1e-4 and torch.equal(runs[True][1].count, runs[False][1].count)

@@ -137,7 +137,7 @@ def verify(
                              "with --draws iid sink(16)+window(64)+hashtopk(0.05,bits=128,cut='sample'))."),
     share: str = typer.Option("none", help="none, or kv: one sample per KV head (--draws residual; iid: always kv)."),
     draws: str = typer.Option("residual", help="residual: verified(...) after any base; iid: the scan algorithm "
-                              "(base ending in hashtopk(..., cut='sample'), denominator mode; the kernels on CUDA)."),
+                              "(base ending in hashtopk(..., cut='sample'), either mode; the kernels on CUDA)."),
     device: str = typer.Option("cpu", help="Where to measure: cpu, or cuda (fused kernels where the spec has them)."),
     pairs: bool = typer.Option(True, help="Pair eps[i] with delta[i] (else the full grid)."),
     rows: int = typer.Option(256, help="Synthetic rows per family."),
@@ -153,8 +153,6 @@ def verify(
         if json_out is not None:  # before the measurement, not after it
             check_writable_file(json_out, "--json")
         eps_l, delta_l = _floats(eps, "--eps"), _floats(delta, "--delta")
-        if draws == "iid" and mode == "both":
-            mode = "denominator"  # the scan algorithm's only mode
         modes = ["output", "denominator"] if mode == "both" else [mode]
         if any(m not in ("output", "denominator") for m in modes):
             raise VattnError(f"--mode must be output, denominator or both, got {mode!r}")

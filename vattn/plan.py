@@ -14,7 +14,7 @@ fused kernels that list no keys return `Selection.counted(...)`, which metrics r
 Paths (`plan.path`):
   "streaming-kernel"  sink/window only, on CUDA: index ranges built on the GPU, the Triton
                       sparse kernel attends them; no host sync.
-  "scan-kernel"       sink+window+hashtopk(cut='sample')+verified(draws='iid'), on CUDA, one
+  "scan-kernel"       sink+window+hashtopk(cut='sample')+verified(draws='iid', either mode), on CUDA, one
                       query row per sequence: the fused scan kernels (kernels/scan.py); key
                       signatures live in the plan, signed in append (no host sync).
   "scan-reference"    the same spec on the CPU, or with several query rows: the kernels'
@@ -89,10 +89,11 @@ class ScanRecipe:
     eps: float
     delta: float
     var_conf: float
+    mode: str
 
     def kwargs(self) -> dict:
         return dict(sink=self.sink, window=self.window, topk=self.topk, m0=self.m0, eps=self.eps,
-                    delta=self.delta, var_conf=self.var_conf)
+                    delta=self.delta, var_conf=self.var_conf, mode=self.mode)
 
 
 class Plan:
@@ -277,7 +278,8 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
     ht, vf = parts[-2], parts[-1]
     fixed = {p.name: p.n for p in parts[:-2]}
     return ScanRecipe(sink=fixed.get("sink", 0), window=fixed.get("window", 0), topk=ht.k, bits=ht.bits,
-                      proj_seed=ht.seed, m0=vf.min_pilot, eps=vf.eps, delta=vf.delta, var_conf=vf.var_conf)
+                      proj_seed=ht.seed, m0=vf.min_pilot, eps=vf.eps, delta=vf.delta, var_conf=vf.var_conf,
+                      mode=vf.mode)
 
 
 def is_streaming(spec: Spec) -> bool:

@@ -198,7 +198,7 @@ def check_parts(parts) -> None:
 
 
 SCAN_FORM = ("[sink(count)+][window(count)+]hashtopk(k, bits=32..256, cut='sample')+"
-             "verified(eps=..., delta=..., draws='iid', mode='denominator')")
+             "verified(eps=..., delta=..., draws='iid'[, mode='denominator'])")
 
 
 def _check_scan_chain(parts) -> None:

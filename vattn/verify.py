@@ -7,7 +7,7 @@ error of the output (mode="output") or of the softmax denominator ("denominator"
 Two samplers (draws=): "residual" appends verified(eps, delta, mode, share) to any front;
 "iid" measures the scan algorithm (plan paths "scan-kernel" / "scan-reference"):
 [sink+][window+]hashtopk(k, cut='sample') + verified(eps, delta, draws='iid',
-mode='denominator'), denominator mode only. Everything is measured through a plan, so
+mode=...), either mode. Everything is measured through a plan, so
 the coverage is of what runs: on CUDA the fused scan kernels, elsewhere their float64 twin.
 """
 from __future__ import annotations
@@ -127,15 +127,12 @@ def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts,
 def verified_spec(base: str | None, eps, delta, mode: str, share: str = "none", draws: str = "residual") -> str:
     """base + verified(...): with draws="residual" any front and mode; with draws="iid" the
     scan algorithm, whose front must be [sink(n)+][window(n)+]hashtopk(k, cut='sample') and
-    whose mode is denominator (share is then one sample per KV head, always). base None: the
+    in either mode (share is then one sample per KV head, always). base None: the
     draws' default front. Checked here (parsed), so a bad combination fails before measuring."""
     from vattn.spec import SCAN_FORM, parse
     if draws == "iid":
-        if mode != "denominator":
-            raise VattnError(f"draws='iid' (the scan algorithm) guarantees the softmax denominator only: use "
-                             f"mode 'denominator' (--mode denominator), not {mode!r}")
         base = SCAN_BASE if base is None else base
-        part = f"verified(eps={eps},delta={delta},draws='iid',mode='denominator')"
+        part = f"verified(eps={eps},delta={delta},draws='iid',mode='{mode}')"
     elif draws == "residual":
         base = RESIDUAL_BASE if base is None else base
         part = f"verified(eps={eps},delta={delta},mode='{mode}',share='{share}')"

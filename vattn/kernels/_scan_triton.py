@@ -269,20 +269,76 @@ def _moments(pshift, mean, var, plse, row, S1, ST, R: tl.constexpr, M: tl.conste
 
 
 @triton.jit
-def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
-            SP: tl.constexpr):
+def _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, t, tu, tkey, zq, eps2, infl,
+               R: tl.constexpr, M: tl.constexpr, M0P: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+               IEEE: tl.constexpr):
+    """Output mode's b0 per head (scan.py, _output_b0_ref): zq n_mid^2 tr(S) / (eps ||o_low|| D_hat)^2,
+    tr(S) the pilot's spread of x_j (v_j - o_hat) (times infl), o_low = ||o_hat|| - sqrt(zq) times
+    o_hat's pilot standard error (0: exact). Reads the pilot's value rows and the scan's partials."""
+    r = tl.arange(0, M)
+    d = tl.arange(0, D)
+    m = tl.where(n_mid > 0, m0, 0)
+    sp = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P) * 0.6931471805599453
+    sc = tl.arange(0, SP)
+    pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + sc[None, :],
+                 mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
+    shift = tl.maximum(tl.maximum(tl.max(sp, 1), tl.max(pl, 1) * 0.6931471805599453), -1e30)
+    nf = tl.zeros((M, D), dtype=tl.float32)  # N_F: the scan's partials, each o times its mass
+    for c in range(S1):
+        w = tl.exp2(tl.load(plse + (row * R + r).to(tl.int64) * S + c, mask=r < R, other=float("-inf"))
+                    - shift * 1.4426950408889634)
+        o = tl.load(po + ((row * R + r)[:, None].to(tl.int64) * S + c) * D + d[None, :], mask=(w > 0)[:, None],
+                    other=0.0)
+        nf += w[:, None] * o
+    dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
+    i = tl.arange(0, M0P)
+    x = tl.where((i < m)[None, :], tl.exp(sp - shift[:, None]), 0.0)  # [M, M0P], members 0
+    xp = _draw(i, skey, sink, n_mid)
+    vv = tl.load(vb + xp.to(tl.int64)[:, None] * svn + d[None, :], mask=(i < m)[:, None], other=0.0).to(tl.float32)
+    if IEEE:
+        xv = tl.dot(x, vv, input_precision="ieee")
+        x2v = tl.dot(x * x, vv, input_precision="ieee")
+    else:
+        xv = tl.dot(x, vv)
+        x2v = tl.dot(x * x, vv)
+    vn = tl.sum(vv * vv, 1)  # [M0P]
+    sx = tl.sum(x, 1)
+    sxx = tl.sum(x * x, 1)
+    x2vv = tl.sum(x * x * vn[None, :], 1)
+    mf = tl.maximum(m.to(tl.float32), 1.0)
+    nm = n_mid.to(tl.float32)
+    dhat = dfix + nm * sx / mf
+    oh = (nf + nm * xv / mf) / dhat[:, None]
+    onorm2 = tl.sum(oh * oh, 1)
+    ybar = (xv - oh * sx[:, None]) / mf
+    ss = x2vv - 2.0 * tl.sum(oh * x2v, 1) + onorm2 * sxx - mf * tl.sum(ybar * ybar, 1)
+    trs = tl.maximum(ss, 0.0) / tl.maximum(mf - 1.0, 1.0) * infl
+    sd = nm * tl.sqrt(trs / mf) / dhat
+    olow = tl.maximum(tl.sqrt(onorm2) - tl.sqrt(zq) * sd, 0.0)
+    return zq * nm * nm * trs / (eps2 * dhat * dhat * olow * olow)
+
+
+@triton.jit
+def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po, vb, svn, sink, skey, t, tu,
+            tkey, R: tl.constexpr, M: tl.constexpr, SP: tl.constexpr, M0P: tl.constexpr, D: tl.constexpr,
+            IEEE: tl.constexpr, OUT: tl.constexpr):
     """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
     [0, S1) of plse) and the pilot's stats (ps, pm, pv: _pilot_stats of _pilot's scores, taken
     before the wait for the scan). total = max over
     heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least
-    m0; exact when that reaches the residual's size (n_mid - K)."""
+    m0; exact when that reaches the residual's size (n_mid - K). OUT: output mode's b0 instead
+    (_output_b0; zz is then its quantile)."""
     r = tl.arange(0, M)
     m = tl.where(n_mid > 0, m0, 0)
-    var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
-    var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
     nm = n_mid.to(tl.float32)
-    dhat = dfix + nm * mean
-    b0 = zz * nm * nm * var / (eps2 * dhat * dhat)
+    if OUT:
+        b0 = _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, t, tu, tkey, zz, eps2,
+                        infl, R, M, M0P, D, SP, IEEE)
+    else:
+        var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
+        var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
+        dhat = dfix + nm * mean
+        b0 = zz * nm * nm * var / (eps2 * dhat * dhat)
     b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
     need = tl.max(tl.where(r < R, tl.ceil(b0 - 1e-6), 0.0), 0)
     limit = tl.maximum(n_mid - K, m)  # at or past the residual's size, attending it exactly is cheaper
@@ -303,17 +359,19 @@ def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: 
 
 @triton.jit
 def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row,
-                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, N, scale_log2, zz, eps2, infl,
+                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po,
                  R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
-                 SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr, TR: tl.constexpr):
+                 SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr, TR: tl.constexpr,
+                 M0P: tl.constexpr, OUT: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
     x0 / w0, x1 / w1: positions and signature words of blocks j2 and j2 + S2 as draws.
     (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept when every draw of it
     is in the sample, else dropped and the block attended again. Returns (m_i, l_i, acc,
     log2 weight, keys attended)."""
-    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, R, M, SP)
+    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po,
+                                 vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
     _stamp(tr, 2, total, TR)
     if j2 == 0:
         f = tl.arange(0, 8)
@@ -440,7 +498,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
                   R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0):
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, OUT: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
@@ -476,8 +534,8 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
     m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
                                          svn, plse, stats, tr, row, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
-                                         tkey, N, scale_log2, zz, eps2, infl, R, M, W, WP, D, RWP, NH, SH, BN, SP,
-                                         HW, IEEE, PRE, TR)
+                                         tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po, R, M, W, WP, D, RWP, NH,
+                                         SH, BN, SP, HW, IEEE, PRE, TR, M0P, OUT)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

@@ -27,6 +27,7 @@ row), so `scan_decode_ref` reproduces every choice in float64.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -140,7 +141,8 @@ def scan_plan(rows, n, device, block_n=64, num_warps=4):
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
                            sub_block=SUB_BLOCK, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
-                           upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None):
+                           upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None,
+                           mode="denominator"):
     """See the module docstring. scratch: a dict the call keeps its work buffers in and reuses
     on the next call with the same shapes (not with stats=True, whose tables it returns). count=True also returns the keys attended per row, int32
     [B*Hkv] (what a plan needs for density; cheaper than stats). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
@@ -166,6 +168,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     each program's global-timer stamps in ns at its phase ends (slot 7: SM id; see
     scripts/trace_scan.py); tables already there are reused, so no memset joins a captured graph."""
     check_scan_inputs(q, k, v, ksig, proj, lengths, sink, window, topk, m0)
+    mode_quantile(mode, delta)  # checks mode and delta
     if stats and scratch is not None:
         raise VattnError("stats=True returns the call's own tables: do not pass scratch with it")
     from vattn.kernels import _scan_triton as kt
@@ -247,9 +250,10 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         return None
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
                                  tr.get("sample", cnt), *sq, *skv, Hkv, NS, s1, s2, sink, window, *topk_args(topk), m0,
-                                 seed & M32, log2s, z_two_sided(delta) ** 2, eps * eps,
+                                 seed & M32, log2s, mode_quantile(mode, delta), eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
-                                 SP=max(2, next_pow2(s1)), PRE=int(pre_draw), **(meta | fit_sample))
+                                 SP=max(2, next_pow2(s1)), PRE=int(pre_draw), OUT=int(mode == "output"),
+                                 **(meta | fit_sample))
     if upto < 4:
         return None
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
@@ -260,6 +264,27 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
                      sample_keys=cnt[:, s1:].sum(1, dtype=torch.int32))
+
+
+def mode_quantile(mode: str, delta: float) -> float:
+    """The budget's quantile: z^2 at delta (denominator), or the chi-square(1) quantile at
+    1 - delta/2 = z^2 at delta/2 (output: delta/2 on the pilot's bound of ||o||, delta/2 on the
+    sample; one degree of freedom is the conservative end of methods.sampling's k_eff)."""
+    if mode not in ("denominator", "output"):
+        raise VattnError(f"mode must be 'denominator' or 'output', got {mode!r}")
+    return z_two_sided(delta if mode == "denominator" else delta / 2) ** 2
+
+
+def _output_b0_ref(xp, vp, num, dh, n_mid, m, zq, eps, infl):
+    """Output mode's b0 per head, float64 (the kernels' _output_b0): xp [G, m] pilot exp-scores
+    (top-k members 0), vp [m, D] their values, num [G, D] N_F, dh [G] D_hat."""
+    oh = (num + n_mid * (xp @ vp) / max(m, 1)) / dh[:, None]
+    y = xp[:, :, None] * (vp[None] - oh[:, None, :])  # x_j (v_j - o_hat)
+    ss = ((y - y.mean(1, keepdim=True)) ** 2).sum((1, 2))
+    trs = ss / max(m - 1, 1) * infl
+    sd = n_mid * torch.sqrt(trs / max(m, 1)) / dh
+    olow = (oh.norm(dim=1) - math.sqrt(zq) * sd).clamp(min=0)
+    return zq * n_mid ** 2 * trs / (eps ** 2 * dh ** 2 * olow ** 2)
 
 
 def _allocator(scratch, dev):
@@ -275,7 +300,7 @@ def _allocator(scratch, dev):
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, sub=4096, sub_block=SUB_BLOCK, tau=None, thu=None,
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, mode="denominator", sub=4096, sub_block=SUB_BLOCK, tau=None, thu=None,
                     total=None, exact=None):
     """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
@@ -293,7 +318,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
     n_mid_max = max(N - sink - window, 1)
     stride = subsample_stride(n_mid_max, sub)
     P = -(-n_mid_max // (sub_block * stride))
-    zz, infl = z_two_sided(delta) ** 2, var_inflation(m0, delta, var_conf)
+    zz, infl = mode_quantile(mode, delta), var_inflation(m0, delta, var_conf)
     out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
     rows = torch.zeros((B * Hkv, 7), dtype=torch.float64)
     exact_keys = torch.zeros(B * Hkv, dtype=torch.int32)
@@ -343,7 +368,11 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         mean = xp.sum(1) / max(m, 1)
         var = ((xp - mean[:, None]) ** 2).sum(1) / max(m - 1, 1) * infl
         dh = dfix + n_mid * mean
-        b0 = (zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)).nan_to_num(nan=float("inf"))
+        if mode == "output":
+            b0 = _output_b0_ref(xp, vv[x], num, dh, n_mid, m, zz, eps, infl)
+        else:
+            b0 = zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)
+        b0 = b0.nan_to_num(nan=float("inf"))
         need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
         ex = n_mid > 0 and need >= max(n_mid - kr, m)
         ex = ex if exact is None else bool(exact[row])

@@ -90,7 +90,7 @@ class Verified:
     # "residual": without replacement from the keys no earlier part chose (above). "iid": the
     # fused scan algorithm (kernels/scan.py): min_pilot + M independent uniform draws over
     # the middle (between sinks and window), chosen keys counting 0, one sample per KV head,
-    # denominator mode; it runs behind hashtopk(cut='sample') only (spec.check_parts).
+    # either mode; it runs behind hashtopk(cut='sample') only (spec.check_parts).
     draws: str = "residual"
 
     def __post_init__(self):
@@ -100,12 +100,12 @@ class Verified:
         self.share = ("kv" if iid else "none") if self.share is None else self.share
         self.heavy = (0.0 if iid else 0.25) if self.heavy is None else self.heavy
         if iid:
-            what = {"mode": (self.mode, "denominator"), "share": (self.share, "kv"), "heavy": (self.heavy, 0.0),
+            what = {"share": (self.share, "kv"), "heavy": (self.heavy, 0.0),
                     "weights": (self.weights, "pooled"), "base_rate": (self.base_rate, 0.02)}
             bad = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in what.items() if v != w]
             if bad:
-                raise VattnError("verified(draws='iid') is the fused scan algorithm: denominator mode, one sample "
-                                 "per KV head, no heavy-key cut, a pilot of min_pilot draws; it does not take "
+                raise VattnError("verified(draws='iid') is the fused scan algorithm: one sample per KV head, no "
+                                 "heavy-key cut, a pilot of min_pilot draws; it does not take "
                                  f"{', '.join(bad)}: drop those arguments or use draws='residual'")
         check_range("verified", "eps", self.eps, 0.0, 1.0, hi_open=True)
         check_range("verified", "delta", self.delta, 0.0, 1.0, lo_open=True, hi_open=True)
