@@ -68,7 +68,7 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]
         con.print(f"scan = the plan of `{r['scan_spec']}` (path {r['scan_path']}; at N={r['N']}), what "
-                  "vattn.patch and the engine run; output mode (verified's default) has no fused kernel yet\n")
+                  "vattn.patch and the engine run (denominator mode; output mode runs in the same kernels)\n")
     layers = 4 if quick else e2e_layers
     if layers:  # the engine, as `vattn bench e2e` runs it (B=1, 32K; see that command for the full table)
         from vattn.bench.e2e import run as e2e_run

@@ -21,7 +21,8 @@ ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot's variance (members as 0) r
 upper confidence bound (var_inflation), D_hat = D_F + n_mid * pilot mean, D_F the
 exact mass of sinks, window and taken keys. M >= m0; when M reaches the residual's size
 (n_mid - topk) the residual is attended exactly instead.
-Mode is denominator. Positions and ties come from keyed hashes of the key position (seed,
+mode='output' sizes M from the pilot's spread of x (v - o_hat) instead (_output_b0_ref,
+docs/guarantee.md). Positions and ties come from keyed hashes of the key position (seed,
 row), so `scan_decode_ref` reproduces every choice in float64.
 """
 from __future__ import annotations
