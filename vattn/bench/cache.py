@@ -70,7 +70,7 @@ def _memory(device, layers, batch, max_len, hkv, d, dtype, gen, granule):
 def _map_latency(device, granule, count):
     r = reserve(2 * count * (granule or 2 * MiB), device, granule)
     G = r.granule
-    single, unmap, ts = [], [], []
+    single, unmap = [], []
     for g in range(count):
         t = time.perf_counter()
         r.map([g])
