@@ -280,3 +280,33 @@ def test_scan_chain_on_a_sliding_window_model_keeps_windows_exact():
         outs.append(torch.stack([run.decode([s], [t])[0] for t in ids[20:]]))
     assert (outs[0] - outs[1]).abs().max().item() < TOL
     assert not any(r.sparse_layer(i, r.plan()) for i in range(len(model.model.layers)))
+
+
+def test_scan_chain_all_rows_step_in_the_interpreter(monkeypatch):
+    """The GPU decode step with the scan chain: the fused kernels over every slot
+    row of the vmem cache, run by the Triton interpreter, equal the float64 twin run the same way."""
+    import os
+
+    import vattn.engine.runner as runner_mod
+    from vattn.plan import compile as compile_plan
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    monkeypatch.setattr(runner_mod, "BATCHED_PATHS", ("streaming-kernel", "scan-kernel", "scan-reference"))
+    model = tiny_model("llama")
+    spec = ("sink(2)+window(4)+hashtopk(0.2,bits=32,cut='sample')"
+            "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=8)")
+    p1, p2, new = ids_for(30, seed=7), ids_for(41, seed=8), ids_for(3, seed=9)
+    outs, dens = [], []
+    for fused in (True, False):
+        r = Runner(model, spec=spec, max_len=64, max_batch=2)
+        r.all_rows = True
+        text = str(r.plan().spec)
+        r._plans[(text, None)] = compile_plan(text, "cpu", seed=r.seed, fused=fused).reserve(64)
+        assert r.plan().path == ("scan-kernel" if fused else "scan-reference") and r.batched(r.plan())
+        s1, s2 = r.alloc(), r.alloc()
+        r.prefill(s1, p1)
+        r.prefill(s2, p2)
+        outs.append(torch.stack([r.decode([s2, s1], [t, t]) for t in new]))
+        dens.append((r.density(s1), r.density(s2)))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-3
+    assert dens[0] == pytest.approx(dens[1]) and all(d < 1 for d in dens[0])
