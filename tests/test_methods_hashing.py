@@ -8,7 +8,8 @@ import vattn
 from helpers import assert_parse_error
 from vattn.attend import dense_attend, row_bounds
 from vattn.methods.base import DecodeContext
-from vattn.methods.hashing import HashTopK, pack_bits, popcount, project
+from vattn.kernels.bits import popcount
+from vattn.methods.hashing import HashTopK, pack_bits, project
 
 
 def inputs(b=2, hq=4, hkv=2, t=2, n=45, d=16, seed=0):

@@ -20,6 +20,10 @@ def bounds(b=3, t=2, n=48, seed=1):
     return starts, ends.clamp(min=0)
 
 
+def run(plan, q, k, v, starts, ends, layer=0, scale=0.25):
+    return plan.run(layer, q, k, v, plan.context(starts, ends, scale))
+
+
 def rows(sel, hq):
     """Per row, the sorted valid key positions (order inside a row does not matter)."""
     idx, _, ok = sel.per_query_head(hq)
@@ -31,7 +35,7 @@ def test_streaming_selection_is_the_reference_set(spec):
     q, k, v = rand_qkv(b=3, t=2, n=48)
     starts, ends = bounds()
     fused = streaming_selection(parse(spec), k, starts, ends)
-    ref = compile(spec, "cpu", fused=False).run(0, q, k, v, starts, ends, 0.25)[1]
+    ref = run(compile(spec, "cpu", fused=False), q, k, v, starts, ends)[1]
     assert rows(fused, 4) == rows(ref, 4)
 
 
@@ -43,8 +47,8 @@ def test_fused_streaming_plan_equals_reference(spec):
     starts, ends = (x.to(dev) for x in bounds())
     plan = compile(spec, dev, fused=True)
     assert plan.path == "streaming-kernel"
-    out, sel = plan.run(0, q, k, v, starts, ends, 0.25)
-    ref, _ = compile(spec, dev, fused=False).run(0, q, k, v, starts, ends, 0.25)
+    out, sel = run(plan, q, k, v, starts, ends)
+    ref, _ = run(compile(spec, dev, fused=False), q, k, v, starts, ends)
     assert plan.path == "streaming-kernel"  # it did not fall back
     assert rel(out[1:], ref[1:]) < 1e-5
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # the row with no keys
@@ -63,13 +67,13 @@ def test_plan_owns_state_and_seed():
     q, k, v = rand_qkv(b=1, t=1, n=256)
     starts, ends = torch.zeros(1, dtype=torch.long), torch.full((1, 1), 256)
     plan = compile("sink(4)+window(4)+uniform(0.2)", "cpu", seed=5)  # always samples
-    a = plan.run(0, q, k, v, starts, ends, 0.25)[0]
-    b = plan.run(0, q, k, v, starts, ends, 0.25)[0]
+    a = run(plan, q, k, v, starts, ends)[0]
+    b = run(plan, q, k, v, starts, ends)[0]
     assert not torch.equal(a, b)  # the generator moves on between steps
     plan.reset()
-    assert torch.equal(plan.run(0, q, k, v, starts, ends, 0.25)[0], a)  # and restarts with the sequence
+    assert torch.equal(run(plan, q, k, v, starts, ends)[0], a)  # and restarts with the sequence
     quest = compile("sink(2)+quest(0.2,page=8)", "cpu")
-    quest.run(3, q, k, v, starts, ends, 0.25)
+    run(quest, q, k, v, starts, ends, layer=3)
     assert quest.states[3]  # page bounds kept for layer 3
     quest.reset()
     assert quest.states == {}

@@ -131,11 +131,8 @@ class Plan:
         if self.recipe is not None and k.shape[0] * k.shape[2] * ctx.ends.numel() > 0:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
 
-    def run(self, layer: int, q, k, v, ctx, ends=None, scale=None) -> tuple[torch.Tensor, Selection]:
-        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection).
-        The older form run(layer, q, k, v, starts, ends, scale) is accepted too."""
-        if not isinstance(ctx, StepContext):
-            ctx = self.context(ctx, ends, scale)
+    def run(self, layer: int, q, k, v, ctx: StepContext) -> tuple[torch.Tensor, Selection]:
+        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection)."""
         if self.path == "streaming-kernel":
             key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
             sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
@@ -156,6 +153,10 @@ class Plan:
         return attend(q, k, v, sel, scale=ctx.scale), sel
 
     # -- the scan paths ---------------------------------------------------------------
+    def scan_seed(self, layer: int) -> int:
+        """The kernels' seed for a layer (each step's length varies the draws within it)."""
+        return (self.seed * 1_000_003 + layer) & 0xFFFFFFFF
+
     def _kernel_signs(self, ctx: StepContext) -> bool:
         """The scan kernels sign each row's own key themselves (update_sig) when it lies in the
         window: no launch of the step reads it before."""
@@ -206,7 +207,7 @@ class Plan:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))  # no append came: sign now
             st = self.states[layer]
         sig, proj = st["sig"], st["proj"]
-        seed = (self.seed * 1_000_003 + layer) & 0xFFFFFFFF  # per layer; each step's length varies the draws
+        seed = self.scan_seed(layer)
         kw = self.recipe.kwargs()
         if self.path == "scan-kernel" and ctx.rows == 1:
             out, count = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,

@@ -95,7 +95,7 @@ def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts,
         plan.append(layer, k, v, ctx)
         out, sel = plan.run(layer, qr, k, v, ctx)
         st, kw = plan.states[layer], plan.recipe.kwargs()
-        row_seed = (plan.seed * 1_000_003 + layer) & 0xFFFFFFFF  # as Plan._scan
+        row_seed = plan.scan_seed(layer)
         _, got = vattention_scan_decode(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=row_seed,
                                         scale=ctx.scale, stats=True, **kw)
         keys = (got["exact_keys"] + got["sample_keys"]).cpu()

@@ -233,7 +233,7 @@ class Runner:
             K, V = self.kv.k(i), self.kv.v(i)
             K[slot, :, start:start + t] = k[0]
             V[slot, :, start:start + t] = v[0]
-            if hasattr(plan, "append") and self.sparse_layer(i, plan):
+            if self.sparse_layer(i, plan):
                 self._append(plan, i, slot, start, t)
             return prefill_attention(q, K[slot:slot + 1, :, :start + t], V[slot:slot + 1, :, :start + t],
                                      start, a.windows[i], a.scale)
@@ -305,13 +305,10 @@ class Runner:
             starts = (ends - w).clamp(min=0) if w else zero
             if not sparse:
                 return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket)[slot_idx]
-            if hasattr(plan, "context"):
-                if w not in ctxs:
-                    ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None)
-                plan.append(i, K, V, ctxs[w])
-                o, sel = plan.run(i, qf, K, V, ctxs[w])
-            else:
-                o, sel = plan.run(i, qf, K, V, starts, ends[:, None], a.scale)
+            if w not in ctxs:
+                ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None)
+            plan.append(i, K, V, ctxs[w])
+            o, sel = plan.run(i, qf, K, V, ctxs[w])
             self._att.add_(sel.count.sum((1, 2)).double() * (hq // sel.count.shape[1]))
             self._allowed.add_((ends - starts).clamp(min=0).double() * hq)
             return o[slot_idx]
@@ -329,12 +326,9 @@ class Runner:
                     outs.append(dense_attend(qj, Kj, Vj, ends_j[0], starts, a.scale))
                     continue
                 pl = self.plan(plan.spec, s)
-                if hasattr(pl, "context"):
-                    ctx = pl.context(starts, ends_j, a.scale, st == 0)
-                    pl.append(i, Kj, Vj, ctx)
-                    o, sel = pl.run(i, qj, Kj, Vj, ctx)
-                else:
-                    o, sel = pl.run(i, qj, Kj, Vj, starts, ends_j, a.scale)
+                ctx = pl.context(starts, ends_j, a.scale, st == 0)
+                pl.append(i, Kj, Vj, ctx)
+                o, sel = pl.run(i, qj, Kj, Vj, ctx)
                 self._att[s] += sel.count.sum().double() * (hq // sel.count.shape[1])
                 self._allowed[s] += (n - st) * hq
                 outs.append(o)
@@ -361,7 +355,8 @@ class Runner:
             from vattn.kernels.decode import dense_decode, plan_splits
             splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
             return dense_decode(q, K, V, ends32, a.scale, splits=splits)
-        return self._window_plan(window).run(i, q, K, V, starts, ends[:, None], a.scale)[0]
+        plan = self._window_plan(window)
+        return plan.run(i, q, K, V, plan.context(starts, ends[:, None], a.scale))[0]
 
     # ------------------------------------------------------------ CUDA graphs
     def _graph_misfit(self, plan) -> str | None:

@@ -25,16 +25,26 @@ def sign_bits(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
 
 
+_M1, _M2, _M4 = 0x55555555, 0x33333333, 0x0F0F0F0F
+
+
+def popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of the low 32 bits of each int64 element (SWAR)."""
+    x = x & 0xFFFFFFFF
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    return x & 0x3F
+
+
 def bit_scores_ref(qsig, ksig, shared):
     B, Hq, T, W = qsig.shape
     Hkv = ksig.shape[1]
     G = Hq // Hkv
-    x = qsig.view(B, Hkv, G, T, 1, W) ^ ksig.view(B, Hkv, 1, 1, -1, W)  # [B,Hkv,G,T,N,W]
-    x = x.to(torch.int64) & 0xFFFFFFFF
-    pc = torch.zeros_like(x)
-    for i in range(32):
-        pc += (x >> i) & 1
-    agree = (32 * W - pc.sum(-1)).to(torch.int32)  # [B,Hkv,G,T,N]
+    x = qsig.view(B, Hkv, G, T, 1, W).long() ^ ksig.view(B, Hkv, 1, 1, -1, W).long()  # [B,Hkv,G,T,N,W]
+    agree = (32 * W - popcount(x).sum(-1)).to(torch.int32)  # [B,Hkv,G,T,N]
     if shared:
         return agree.sum(2).to(torch.int32)
     return agree.reshape(B, Hq, T, -1)

@@ -17,22 +17,11 @@ from pathlib import Path
 import torch
 
 from vattn.errors import VattnError
+from vattn.kernels.bits import bit_scores_ref
 from vattn.methods.base import Builder, DecodeContext, check_size, load_part_file, register, resolve_size
 from vattn.methods.quest import block_state, check_int
 
 FORMAT = "vattn-hash/1"
-_M1, _M2, _M4 = 0x55555555, 0x33333333, 0x0F0F0F0F
-
-
-def popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of the low 32 bits of each int64 element (SWAR)."""
-    x = x & 0xFFFFFFFF
-    x = x - ((x >> 1) & _M1)
-    x = (x & _M2) + ((x >> 2) & _M2)
-    x = (x + (x >> 4)) & _M4
-    x = x + (x >> 8)
-    x = x + (x >> 16)
-    return x & 0x3F
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -49,12 +38,9 @@ def agreement(qsig: torch.Tensor, ksig: torch.Tensor, nbits: int) -> torch.Tenso
     """Bits shared by query and key signatures: int32 [B, Hq, T, N].
 
     qsig int32 [B, Hq, T, W]; ksig int32 [B, Hkv, N, W] (query head h uses KV head h // G).
-    Unused high bits are 0 in both, so they never count as disagreement.
+    The 32 W - nbits unused high bits are 0 in both: they are taken off again.
     """
-    b, hq, t, w = qsig.shape
-    hkv = ksig.shape[1]
-    x = qsig.reshape(b, hkv, hq // hkv * t, 1, w).long() ^ ksig[:, :, None].long()
-    return (nbits - popcount(x).sum(-1)).to(torch.int32).reshape(b, hq, t, -1)
+    return bit_scores_ref(qsig, ksig, False) - (32 * qsig.shape[-1] - nbits)
 
 
 def project(x: torch.Tensor, p: dict) -> torch.Tensor:
