@@ -32,7 +32,7 @@ from vattn.attend import attend, kernel_misfit
 from vattn.errors import VattnError
 from vattn.methods.base import DecodeContext, resolve_size
 from vattn.selection import Selection
-from vattn.spec import Spec, parse
+from vattn.spec import POSITION_FRONTS, Spec, parse
 
 log = logging.getLogger(__name__)
 _SAID: set = set()
@@ -285,8 +285,7 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
 
 def is_streaming(spec: Spec) -> bool:
     """sink and/or window, each at most once, sink first: positions only."""
-    names = [p.name for p in spec.parts]
-    return names in (["sink"], ["window"], ["sink", "window"])
+    return [p.name for p in spec.parts] in POSITION_FRONTS
 
 
 def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:

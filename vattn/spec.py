@@ -197,19 +197,18 @@ def check_parts(parts) -> None:
     _check_scan_chain(parts)
 
 
+POSITION_FRONTS = (["sink"], ["window"], ["sink", "window"])  # parts that choose by position alone
 SCAN_FORM = ("[sink(count)+][window(count)+]hashtopk(k, bits=32..256, cut='sample')+"
              "verified(eps=..., delta=..., draws='iid'[, mode='denominator'])")
 
 
 def _check_scan_chain(parts) -> None:
     """The fused scan algorithm is one chain: its cut and its draws make sense only together."""
-    names = [p.name for p in parts]
-    scan = [p for p in parts if getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid"]
-    if not scan:
+    if not any(getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid" for p in parts):
         return
-    front = names[:-2]
+    names = [p.name for p in parts]
     ok = (len(parts) >= 2 and names[-2:] == ["hashtopk", "verified"] and parts[-2].cut == "sample"
-          and parts[-1].draws == "iid" and front in ([], ["sink"], ["window"], ["sink", "window"])
+          and parts[-1].draws == "iid" and names[:-2] in ([], *POSITION_FRONTS)
           and all(isinstance(p.n, int) for p in parts[:-2]))
     if not ok:
         raise VattnError(f"hashtopk(cut='sample') and verified(draws='iid') are one algorithm (the fused scan "

@@ -145,8 +145,10 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                            upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None,
                            mode="denominator"):
     """See the module docstring. scratch: a dict the call keeps its work buffers in and reuses
-    on the next call with the same shapes (not with stats=True, whose tables it returns). count=True also returns the keys attended per row, int32
-    [B*Hkv] (what a plan needs for density; cheaper than stats). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
+    on the next call with the same shapes (not with stats=True, whose tables it returns).
+    count=True also returns the keys attended per row, int32 [B*Hkv] (what a plan needs for
+    density; cheaper than stats). mode: "denominator" or "output" (the budget the sample is
+    sized by; _output_b0_ref). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
     columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
@@ -301,8 +303,8 @@ def _allocator(scratch, dev):
 
 
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
-                    delta=0.05, seed=0, scale=None, var_conf=-1.0, mode="denominator", sub=4096, sub_block=SUB_BLOCK, tau=None, thu=None,
-                    total=None, exact=None):
+                    delta=0.05, seed=0, scale=None, var_conf=-1.0, mode="denominator", sub=4096, sub_block=SUB_BLOCK,
+                    tau=None, thu=None, total=None, exact=None):
     """Float64 twin of vattention_scan_decode. tau / thu / total (int tensors [B*Hkv]) and
     exact (bool) replace the cut, sample size and exact flag it would compute (to compare
     outputs exactly when float32 rounding moves a cut by one). Returns (out [B,Hq,1,D]
