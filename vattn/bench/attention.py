@@ -56,19 +56,20 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
                     f"Hq 32 Hkv 8 d 128 bf16; HBM ceiling {ceiling:.0f} GB/s (copy {copy_gbs:.0f}, "
                     f"read {read_gbs:.0f}); SDPA = its fastest backend here")
     for c in ("B", "N", "SDPA backend", "SDPA us", "dense us", "SDPA/dense", "dense %BW", "scan us", "SDPA/scan",
-              "scan density", "cold L2: SDPA us", "scan us", "SDPA/scan", "err dense", "scan vs twin"):
+              "scan density", "output-mode us (density)", "cold L2: SDPA us", "scan us", "SDPA/scan", "err dense", "scan vs twin"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["B"]), str(r["N"]), r["sdpa_backend"], f"{r['sdpa_us']:.1f}", f"{r['dense_us']:.1f}",
                   f"{r['sdpa_us'] / r['dense_us']:.2f}", f"{r['dense_pct_bw']:.0f}%", f"{r['scan_us']:.1f}",
-                  f"{r['sdpa_us'] / r['scan_us']:.2f}x", f"{r['scan_density']:.3f}", f"{r['sdpa_cold_us']:.1f}",
+                  f"{r['sdpa_us'] / r['scan_us']:.2f}x", f"{r['scan_density']:.3f}",
+                  f"{r['scan_output_us']:.1f} ({r['scan_output_density']:.3f})", f"{r['sdpa_cold_us']:.1f}",
                   f"{r['scan_cold_us']:.1f}", f"{r['sdpa_cold_us'] / r['scan_cold_us']:.2f}x",
                   f"{r.get('dense_err', float('nan')):.1e}", f"{r.get('scan_err_vs_twin', float('nan')):.1e}")
     con.print(t)
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]
         con.print(f"scan = the plan of `{r['scan_spec']}` (path {r['scan_path']}; at N={r['N']}), what "
-                  "vattn.patch and the engine run (denominator mode; output mode runs in the same kernels)\n")
+                  "vattn.patch and the engine run (denominator mode; the output-mode column runs the same spec with mode='output')\n")
     layers = 4 if quick else e2e_layers
     if layers:  # the engine, as `vattn bench e2e` runs it (B=1, 32K; see that command for the full table)
         from vattn.bench.e2e import run as e2e_run

@@ -160,10 +160,10 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     return row
 
 
-def scan_spec(sp) -> str:
+def scan_spec(sp, mode="denominator") -> str:
     """The spec whose plan runs the scan kernels with these arguments (what a user writes)."""
     return (f"sink({sp['sink']})+window({sp['window']})+hashtopk({sp['topk']},bits=32,cut='sample')"
-            f"+verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='denominator',min_pilot={sp['m0']})")
+            f"+verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='{mode}',min_pilot={sp['m0']})")
 
 
 def scan_stages(row, sets, proj, lengths, sp, check=True):
@@ -185,6 +185,14 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     runs = [lambda s=s, i=i: plan.run(i, s[0], s[1], s[2], ctx) for i, s in enumerate(sets)]
     row["scan_us"] = graph_us(runs)
     row["scan_cold_us"] = graph_us(runs, flush=l2_flusher())
+    out_mode = compile_plan(scan_spec(sp, "output"), "cuda", fused=True)  # verified's default mode
+    for i, s in enumerate(sets):
+        out_mode.append(i, s[1], s[2], ctx)
+    row["scan_output_us"] = graph_us([lambda s=s, i=i: out_mode.run(i, s[0], s[1], s[2], ctx)
+                                      for i, s in enumerate(sets)])
+    from vattn.metrics import density
+    sel = out_mode.run(0, *sets[0][:3], ctx)[1]
+    row["scan_output_density"] = density(sel, starts, ctx.ends, sets[0][0].shape[1])
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **sp)
