@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vattn
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, tiny_model, tiny_tokenizer
 from vattn.cache.vmem import VattnOutOfMemory
 from vattn.engine.runner import Runner, length_bucket
 from vattn.errors import VattnError
@@ -156,6 +156,11 @@ def test_sampling_is_seeded_per_request():
     alone = llm.generate(prompt_token_ids=[p], params=sp)[0].token_ids
     batch = llm.generate(prompt_token_ids=[ids_for(9, seed=1), p, p], params=sp, use_tqdm=False)
     assert batch[1].token_ids == alone == batch[2].token_ids  # same seed, any batch
+    unseeded = vattn.SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    both = llm.generate(prompt_token_ids=[ids_for(9, seed=1), p], params=unseeded, use_tqdm=False)
+    own = llm.generate(prompt_token_ids=[p], params=vattn.SamplingParams(
+        max_tokens=8, temperature=1.0, seed=llm.seed + 1, ignore_eos=True))[0].token_ids
+    assert both[1].token_ids == own  # no seed: the LLM's seed + the prompt's index
     other = llm.generate(prompt_token_ids=[p], params=vattn.SamplingParams(
         max_tokens=8, temperature=1.0, seed=8, ignore_eos=True))[0].token_ids
     assert other != alone
@@ -167,15 +172,17 @@ def test_sampling_is_seeded_per_request():
 
 def test_stop_tokens_and_max_len():
     model = tiny_model("llama")
-    llm = vattn.LLM(model, spec="dense", max_len=20, max_batch=2)
+    llm = vattn.LLM(model, spec="dense", max_len=20, max_batch=2, tokenizer=tiny_tokenizer())
     p = ids_for(6, seed=9)
     free = llm.generate(prompt_token_ids=[p], params=vattn.SamplingParams(max_tokens=6, ignore_eos=True))[0]
     stop = free.token_ids[2]
     first = free.token_ids.index(stop)
     o = llm.generate(prompt_token_ids=[p], params=vattn.SamplingParams(max_tokens=6, stop_token_ids=[stop]))[0]
-    assert o.token_ids == free.token_ids[:first + 1] and o.finish_reason == "stop"
+    assert o.token_ids == free.token_ids[:first + 1] and o.finish_reason == "stop"  # vLLM: token_ids keep it
+    assert o.text == llm.tokenizer.decode(free.token_ids[:first], skip_special_tokens=True)  # the text does not
+    # over max_len: clipped (vLLM's LLM), prompt + output = max_len; the server refuses it instead
     o = llm.generate(prompt_token_ids=[ids_for(18)], params=vattn.SamplingParams(max_tokens=50, ignore_eos=True))[0]
-    assert len(o.token_ids) == 3 and o.finish_reason == "length"  # 18 + 2 cached = max_len, + 1 from the last step
+    assert len(o.token_ids) == 2 and o.finish_reason == "length"
 
 
 def test_bad_inputs(tmp_path, tiny_dir):

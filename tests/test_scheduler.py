@@ -226,11 +226,28 @@ def test_stop_ids_and_eos():
     out = expected(prompt, 10)
     tok.eos_token_id = out[4]
     sched = Scheduler(FakeRunner(tokenizer=tok))
-    a = req(prompt, 10)
+    events = []
+    a = req(prompt, 10, on_event=lambda r, t, f: events.extend(t))
     b = req(prompt, 10, ignore_eos=True, stop_token_ids=[out[6]])
     run_all(sched, [a, b])
-    assert a.finish_reason == "stop" and a.output_ids == out[:4]
-    assert b.finish_reason == "stop" and b.output_ids == out[:6]
+    # vLLM's rule: the stop token is in output_ids (token_ids), not in the text (no event carries it)
+    assert a.finish_reason == "stop" and a.output_ids == out[:5] and a.text_ids == events == out[:4]
+    assert b.finish_reason == "stop" and b.output_ids == out[:7] and b.text_ids == out[:6]
+    assert a.stats.output_tokens == 5
+
+
+def test_over_len_refuse_or_clip():
+    prompt = [1] * 10
+    with pytest.raises(VattnError, match="at most 6"):
+        Scheduler(FakeRunner(max_len=16)).check(req(prompt, 8))  # the server: HTTP 400
+    sched = Scheduler(FakeRunner(max_len=16), over_len="clip")  # vattn.LLM: it runs to max_len
+    r = req(prompt, 8)
+    run_all(sched, [r])
+    assert r.finish_reason == "length" and r.output_ids == expected(prompt, 6)
+    with pytest.raises(VattnError, match="max_len is 16"):
+        sched.check(req([1] * 16, 1))  # no room for one output token: refused either way
+    with pytest.raises(VattnError, match="over_len"):
+        Scheduler(FakeRunner(), over_len="truncate")
 
 
 def test_queue_limit_and_checks():
@@ -296,10 +313,10 @@ def test_sampling_seeded():
         def _logits(self, tok):
             return torch.zeros(self.V)  # uniform: sampling picks anything
     outs = []
-    for _ in range(2):
+    for others in (0, 3):  # alone, then in a batch: a request's seed alone decides its tokens
         sched = Scheduler(Noisy())
         r = req([1], 8, temperature=1.0, seed=7)
-        run_all(sched, [r])
+        run_all(sched, [req([2] * 3, 8, temperature=1.0) for _ in range(others)] + [r])
         outs.append(r.output_ids)
     assert outs[0] == outs[1] and len(set(outs[0])) > 1
 

@@ -4,50 +4,33 @@
     outs = llm.generate(["Hello", "Tell me"], vattn.SamplingParams(max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].density, outs[0].finish_reason
 
-Prompts run `max_batch` at a time: each is prefilled (dense) into a free slot, then every
-live request advances one token per batched decode step; a finished request's slot takes
-the next prompt.
+generate() runs its prompts through the serve Scheduler (vattn/engine/scheduler.py), stepped
+on this thread: the same admission, batched decode and stop rules as `vattn serve`. One rule
+differs, by the scheduler's option over_len: a prompt + max_tokens over max_len is clipped
+(finish_reason "length" at max_len, as vLLM's LLM does) where the server refuses it.
 """
 from __future__ import annotations
 
-import logging
-from collections import deque
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from vattn.cache.vmem import VattnOutOfMemory
 from vattn.engine.runner import Runner
-from vattn.engine.sampling import Sampler, SamplingParams
+from vattn.engine.sampling import SamplingParams
+from vattn.engine.scheduler import Request, Scheduler
 from vattn.errors import VattnError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
 class Output:
-    """One prompt's result. token_ids include the stop token when one ended it; text is the
-    decoded new tokens (special tokens skipped); density: attended / dense keys over the
-    decode steps' sparse layers (None when no decode step ran)."""
+    """One prompt's result. token_ids include the stop token when one ended it (as vLLM's do);
+    text is the decoded new tokens without it (special tokens skipped); density: attended /
+    dense keys over the decode steps' sparse layers (None when no decode step ran)."""
     prompt: str | None
     prompt_token_ids: list
     token_ids: list
     text: str
     density: float | None
-    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens or max_len)
-
-
-@dataclass
-class _Request:
-    index: int
-    prompt: str | None
-    ids: list
-    params: SamplingParams
-    sampler: Sampler
-    stop: frozenset
-    out: list = field(default_factory=list)
-    slot: int | None = None
-    result: Output | None = None
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens, or prompt + output reached max_len)
 
 
 class LLM:
@@ -97,77 +80,40 @@ class LLM:
         if len(plist) != len(ids):
             raise VattnError(f"{len(plist)} SamplingParams for {len(ids)} prompts: give one, or one each")
         r = self.runner
+        # A fresh scheduler per call: request i's default seed is self.seed + i, whatever ran before.
+        sched = Scheduler(r, chunk_tokens=r.chunk, max_waiting=len(ids), seed=self.seed, over_len="clip")
+        bar = _bar(len(ids)) if use_tqdm and len(ids) > 1 else None
+        on_event = None if bar is None else lambda q, toks, finished: finished and bar.update(1)
         reqs = []
         for i, (p, sp) in enumerate(zip(ids, plist)):
             if not isinstance(sp, SamplingParams):
                 raise VattnError(f"params must be vattn.SamplingParams, got {type(sp).__name__}")
-            if not p:
-                raise VattnError(f"prompt {i} has no tokens; give some text")
-            if len(p) > r.max_len:
-                raise VattnError(f"prompt {i} has {len(p)} tokens but max_len is {r.max_len}; shorten it or "
-                                 "build the LLM with a larger max_len")
             r.check_ids(p, f"prompt {i}")
-            stop = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else r.eos_ids)
-            seed = sp.seed if sp.seed is not None else self.seed + i
-            reqs.append(_Request(i, texts[i] if texts else None, p, sp, Sampler(sp, seed, r.device), stop))
-        bar = _bar(len(reqs)) if use_tqdm and len(reqs) > 1 else None
+            q = Request(prompt_ids=p, params=sp, spec=spec, on_event=on_event)
+            try:
+                sched.check(q)
+            except VattnError as e:
+                raise VattnError(f"prompt {i}: {e}") from None
+            reqs.append(q)
         try:
-            self._run(reqs, spec, bar)
-        finally:
             for q in reqs:
+                sched.submit(q)
+            while sched.has_work():
+                sched.step()
+        finally:
+            for q in reqs:  # a step that raised leaves its slots taken
                 if q.slot is not None:
                     r.free(q.slot)
                     q.slot = None
             if bar is not None:
                 bar.close()
-        return [q.result for q in reqs]
-
-    def _run(self, reqs, spec, bar):
-        r = self.runner
-        waiting, live = deque(reqs), []
-        while waiting or live:
-            while waiting and len(live) < r.max_batch:  # admit: dense prefill, first token
-                q = waiting[0]
-                q.slot = r.alloc()
-                try:
-                    logits = r.prefill(q.slot, q.ids, spec=spec)
-                except VattnOutOfMemory:
-                    r.free(q.slot)
-                    q.slot = None
-                    if not live:
-                        raise
-                    break  # memory frees up as live requests end
-                waiting.popleft()
-                if self._take(q, int(q.sampler(logits)), bar):
-                    live.append(q)
-            if not live:
-                continue
-            try:
-                logits = r.decode([q.slot for q in live], [q.out[-1] for q in live], spec=spec)
-            except VattnOutOfMemory as e:
-                raise VattnOutOfMemory(f"{e}; or lower max_batch so fewer requests share the cache") from None
-            toks = torch.stack([q.sampler(logits[j]) for j, q in enumerate(live)]).tolist()
-            live = [q for q, t in zip(live, toks) if self._take(q, t, bar)]
-
-    def _take(self, q: _Request, token: int, bar) -> bool:
-        """Append a token; True while the request goes on (else it is finished and freed)."""
-        r = self.runner
-        q.out.append(token)
-        reason = None
-        if token in q.stop:
-            reason = "stop"
-        elif len(q.out) >= q.params.max_tokens or r.length(q.slot) + 1 > r.max_len:
-            reason = "length"
-        if reason is None:
-            return True
-        density = r.density(q.slot)
-        r.free(q.slot)
-        q.slot = None
-        text = "" if self.tokenizer is None else self.tokenizer.decode(q.out, skip_special_tokens=True)
-        q.result = Output(q.prompt, q.ids, list(q.out), text, density, reason)
-        if bar is not None:
-            bar.update(1)
-        return False
+        for i, q in enumerate(reqs):
+            if q.finish_reason == "error":
+                raise (VattnOutOfMemory if q.error_code == "kv_out_of_memory" else VattnError)(f"prompt {i}: {q.error}")
+        tok = self.tokenizer
+        return [Output(texts[i] if texts else None, q.prompt_ids, list(q.output_ids),
+                       "" if tok is None else tok.decode(q.text_ids, skip_special_tokens=True),
+                       q.stats.density, q.finish_reason) for i, q in enumerate(reqs)]
 
 
 def _bar(total: int):

@@ -15,6 +15,12 @@ One `step()`:
   3. one decode step for every request past its prefill (one runner call per spec);
   4. up to `chunk_tokens` prompt tokens of prefill (long prompts take several steps, so
      running requests keep decoding meanwhile).
+The rules, as vLLM has them: a stop token (the request's stop ids, or the model's eos) ends a
+request; it is kept in `output_ids` (vLLM's token_ids) but no event carries it, so no text shows
+it. A request ends with "length" at max_tokens or when prompt + output reach max_len; what
+happens to a request whose prompt + max_tokens exceeds max_len is the one option `over_len`:
+"refuse" (the server: `check` raises BadRequest, HTTP 400) or "clip" (`vattn.LLM`: it runs and
+ends with "length" at max_len).
 With vmem admission the prompt's pages are mapped at admission, so a prefill does not run
 out of memory half-way. When a decode step's growth cannot be mapped, the latest admitted
 request is preempted: its slot is freed and it goes back to the front of `waiting` with
@@ -45,6 +51,7 @@ from vattn.errors import VattnError
 log = logging.getLogger(__name__)
 
 ADMISSIONS = ("vmem", "static")
+OVER_LEN = ("refuse", "clip")  # prompt + max_tokens > max_len: HTTP 400 (vLLM's server), or end at max_len (its LLM)
 # KV pages that cannot be mapped, or a step's activations that the device cannot hold (the KV
 # took the memory): both are handled by preempting, not by failing the request.
 OUT_OF_MEMORY = (VattnOutOfMemory, torch.OutOfMemoryError)
@@ -106,11 +113,16 @@ class Request:
     error_code: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     sampler: Sampler | None = None
-    stop_ids: frozenset = frozenset()  # ids that end it (not emitted): params' and the model's eos
+    stop_ids: frozenset = frozenset()  # ids that end it (kept in output_ids, never in an event): params' and eos
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def text_ids(self) -> list[int]:
+        """output_ids less the stop token that ended it: the ids the text shows."""
+        return self.output_ids[:-1] if self.output_ids and self.output_ids[-1] in self.stop_ids else self.output_ids
 
     @property
     def finished(self) -> bool:
@@ -122,15 +134,18 @@ class Scheduler:
     else runs on the engine thread (`start()`), or call `step()` yourself (tests)."""
 
     def __init__(self, runner, *, spec: str | None = None, chunk_tokens: int = 2048, admission: str = "vmem",
-                 max_waiting: int = 256, eos_ids=None, seed: int = 0, idle_trim_s: float | None = None):
+                 max_waiting: int = 256, eos_ids=None, seed: int = 0, idle_trim_s: float | None = None,
+                 over_len: str = "refuse"):
         if admission not in ADMISSIONS:
             raise VattnError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
+        if over_len not in OVER_LEN:
+            raise VattnError(f"over_len must be one of {', '.join(OVER_LEN)}, got {over_len!r}")
         if chunk_tokens < 1:
             raise VattnError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if max_waiting < 1:
             raise VattnError(f"max_waiting must be >= 1, got {max_waiting}")
         self.runner, self.spec, self.chunk, self.admission = runner, spec, chunk_tokens, admission
-        self.max_waiting = max_waiting
+        self.max_waiting, self.over_len = max_waiting, over_len
         self.idle_trim_s = idle_trim_s  # give cached KV pages back after this long idle (None: keep them)
         self.eos_ids = frozenset(runner.eos_ids if eos_ids is None else eos_ids)
         self.capacity = self._static_capacity() if admission == "static" else runner.max_batch
@@ -173,9 +188,9 @@ class Scheduler:
             raise BadRequest("the prompt is empty; send at least one token", "prompt")
         if n >= max_len:
             raise BadRequest(f"the prompt has {n} tokens but max_len is {max_len} (prompt + output); "
-                             "shorten the prompt or start the server with a larger --max-len", "prompt")
+                             "shorten the prompt or raise max_len (LLM(max_len=...), vattn serve --max-len)", "prompt")
         m = req.params.max_tokens
-        if n + m > max_len:
+        if n + m > max_len and self.over_len == "refuse":  # "clip": it ends with "length" at max_len
             raise BadRequest(f"the prompt has {n} tokens and max_tokens is {m}, together more "
                              f"than max_len {max_len}; lower max_tokens to at most {max_len - n}", "max_tokens")
 
@@ -319,7 +334,8 @@ class Scheduler:
             cancels, self._cancels = self._cancels, {}
         for r in inbox:
             p = r.params
-            r.sampler = Sampler(p, p.seed if p.seed is not None else next(self._seeds), self.runner.device)
+            seed = next(self._seeds)  # drawn for every request: the k-th submitted defaults to seed + k
+            r.sampler = Sampler(p, seed if p.seed is None else p.seed, self.runner.device)
             r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
             self.waiting.append(r)
         if cancels:
@@ -438,14 +454,13 @@ class Scheduler:
         now = time.perf_counter()
         if r.stats.first_token is None:
             r.stats.first_token = now
-        stop = tok in r.stop_ids
-        if not stop:
-            r.output_ids.append(tok)
-            r.stats.output_tokens = len(r.output_ids)
-            self._event(r, [tok], False)
-        if stop:
+        r.output_ids.append(tok)
+        r.stats.output_tokens = len(r.output_ids)
+        if tok in r.stop_ids:  # in output_ids (vLLM's token_ids) but never in the text: no event carries it
             self._finish(r, "stop")
-        elif len(r.output_ids) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_len:
+            return
+        self._event(r, [tok], False)
+        if len(r.output_ids) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_len:
             self._finish(r, "length")
 
     def _event(self, r: Request, toks: list, finished: bool) -> None:
