@@ -1,23 +1,31 @@
 """A plain-torch decoder for the Llama family, built from a transformers config and state dict.
 
     cfg = Arch.from_hf(hf_config)                    # what differs between the families
-    model = Decoder(cfg, state_dict, device, dtype)  # weights fused per layer (qkv, gate|up)
-    h = model.forward(tokens [B, T], pos [B, T], attend)   # attend(layer, q, k, v) -> o
+    model = Decoder(cfg, state_dict, device, dtype, max_len)  # weights fused per layer (qkv, gate|up)
+    h = model.forward(tokens [B, T], pos [B, T], attend, cache)  # attend(layer, q, k, v) -> o
     logits = model.logits(h)                         # float32 [..., V]
 
 Shapes: q [B, Hq, T, D], k/v [B, Hkv, T, D] (this call's new keys, RoPE applied), o [B, Hq, T, D].
-The attention itself (KV cache, masks, sparse plans) is the caller's: the runner writes k/v into
-its cache inside `attend`. Families: Llama 2/3/3.1 (and SmolLM2), Qwen2/2.5 (qkv bias), Qwen3
+The attention itself (masks, sparse plans) is the caller's. Its KV cache is the caller's too; given
+`cache`, the model writes each layer's new k/v there (rows, positions) before `attend`, which then
+gets k = v = None. On CUDA the norms (with the residual adds), q/k norm + RoPE + the KV write, and
+the gated activation run as Triton kernels (vattn/kernels/layer_ops.py, one launch each); on the
+CPU the same math runs as torch ops (`fused=`: the rule, decided once at build). Families: Llama 2/3/3.1 (and SmolLM2), Qwen2/2.5 (qkv bias), Qwen3
 (q/k RMSNorm), Mistral (sliding window), Gemma 3 text (sandwich norms, sliding+global layers).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vattn.errors import VattnError
+from vattn.kernels.layer_ops import (ACTS, add_rms_norm, add_rms_norm_ref, glu, heads_rope_ref, qkv_rope,
+                                     rms_norm_ref, rope_at, write_kv_ref)
+
+log = logging.getLogger(__name__)
 
 # config.model_type -> family; every other architecture is served by vattn.patch (hf.py).
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
@@ -124,15 +132,13 @@ def rope_tables(config, arch: Arch, max_len: int, device) -> dict:
     return out
 
 
-def _rotate_half(x):
-    a, b = x.chunk(2, -1)
-    return torch.cat((-b, a), -1)
-
-
 class Decoder:
-    """Weights per layer: wqkv [(Hq+2Hkv)D, H] (+bqkv), wo, wgu [2I, H], wdown, norms."""
+    """Weights per layer: wqkv [(Hq+2Hkv)D, H] (+bqkv), wo, wgu [2I, H], wdown, norms.
 
-    def __init__(self, config, state: dict, device, dtype, max_len: int):
+    fused: run the layer ops as Triton kernels (None: on CUDA; True on the CPU needs
+    TRITON_INTERPRET=1, for tests). `self.fused` names the ops that do; see use_fused."""
+
+    def __init__(self, config, state: dict, device, dtype, max_len: int, fused: bool | None = None):
         self.arch = a = Arch.from_hf(config)
         self.device, self.dtype = torch.device(device), dtype
         pre = _prefix(state)
@@ -181,6 +187,32 @@ class Decoder:
         self.embed_scale = torch.tensor(a.hidden ** 0.5, dtype=dtype).item() if a.gemma else None
         self.rope = rope_tables(config, a, max_len, self.device)
         self.max_len = max_len
+        self.use_fused(fused)
+
+    def use_fused(self, on: bool | None = None) -> frozenset:
+        """Decide once which layer ops run as Triton kernels: "norm" (residual add + RMSNorm),
+        "rope" (q/k norm + RoPE + KV write), "glu" (act(gate) * up). on None: all on CUDA, none
+        elsewhere; True: all the kernels can take (the activation: silu or gelu-tanh; others stay
+        torch, logged); the kernels raise on inputs they cannot take rather than fall back."""
+        from vattn.kernels._common import interpret, triton_available
+        on = self.device.type == "cuda" if on is None else bool(on)
+        ops = frozenset()
+        if on:
+            if not triton_available():
+                raise VattnError("fused layer ops need triton (`pip install triton`); build the Decoder "
+                                 "with fused=False to run them as torch ops")
+            if self.device.type != "cuda" and not interpret():
+                raise VattnError(f"fused layer ops run on CUDA (or on the CPU under TRITON_INTERPRET=1), "
+                                 f"not on {self.device}; build the Decoder with fused=None or False")
+            ops = frozenset(("norm", "rope", "glu"))
+            if self.arch.act not in ACTS:
+                ops -= {"glu"}
+                log.info("activation %r has no fused kernel (%s): act(gate) * up runs as torch ops",
+                         self.arch.act, ", ".join(sorted(ACTS)))
+        if ops:
+            log.info("fused layer ops on %s: %s", self.device, ", ".join(sorted(ops)))
+        self.fused = ops
+        return ops
 
     def weight_bytes(self) -> int:
         """Bytes one decode step reads: every layer weight, the final norm and the LM head."""
@@ -192,44 +224,57 @@ class Decoder:
         return total
 
     def rms(self, x, w):
-        if self.arch.gemma:
-            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.arch.eps) * w).to(x.dtype)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.arch.eps).to(x.dtype) * w
+        return rms_norm_ref(x, w, self.arch.eps, self.arch.gemma)
 
-    def forward(self, tokens, pos, attend):
-        """tokens, pos int64 [B, T] -> final hidden states [B, T, H] (normed)."""
+    def add_norm(self, x, delta, w_delta, w):
+        """(rms(x', w), x') with x' = x + delta (delta first normed by w_delta: Gemma's sandwich)."""
+        f = add_rms_norm if "norm" in self.fused else add_rms_norm_ref
+        return f(x, delta, w, self.arch.eps, self.arch.gemma, w_delta)
+
+    def forward(self, tokens, pos, attend, cache=None):
+        """tokens, pos int64 [B, T] -> final hidden states [B, T, H] (normed).
+
+        attend(layer, q, k, v) -> o [B, Hq, T, D]. cache: None, or layer -> (K, V, rows) with
+        K, V [S, Hkv, N, D] and rows int64 [B]: the layer's k, v are written at K[rows[b], :,
+        pos[b, t]] before attend, which then gets k = v = None.
+
+        Each layer's residual add is fused with the norm after it (the next layer's input norm,
+        or the final one), so a layer's norms run at its end."""
         a = self.arch
         b, t = tokens.shape
         x = F.embedding(tokens, self.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        nq, nkv, d = a.heads * a.head_dim, a.kv_heads * a.head_dim, a.head_dim
-        ropes = {name: (c[pos].to(self.dtype)[:, None], s[pos].to(self.dtype)[:, None])
-                 for name, (c, s) in self.rope.items()}  # [B, 1, T, D] once per step
+        fused_rope = "rope" in self.fused
+        ropes = None if fused_rope else {name: rope_at(c, s, pos, self.dtype)  # [B, 1, T, D] once per step
+                                         for name, (c, s) in self.rope.items()}
+        n = len(self.layers)
+        h, x = self.add_norm(x, None, None, self.layers[0]["ln_in"])
         for i, L in enumerate(self.layers):
-            h = self.rms(x, L["ln_in"])
             qkv = F.linear(h, L["wqkv"], L["bqkv"])
-            q, k, v = qkv.split([nq, nkv, nkv], -1)
-            q = q.view(b, t, a.heads, d)
-            k = k.view(b, t, a.kv_heads, d)
-            if "qn" in L:
-                q, k = self.rms(q, L["qn"]), self.rms(k, L["kn"])
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, a.kv_heads, d).transpose(1, 2)
-            cos, sin = ropes[a.layer_types[i]]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            kv = None if cache is None else cache(i)
+            if fused_rope:
+                cos, sin = self.rope[a.layer_types[i]]
+                q, k, v = qkv_rope(qkv, pos, cos, sin, a.heads, a.kv_heads, qn=L.get("qn"), kn=L.get("kn"),
+                                   eps=a.eps, gemma=a.gemma, cache=kv)
+            else:
+                q, k, v = heads_rope_ref(qkv, ropes[a.layer_types[i]], a.heads, a.kv_heads, L.get("qn"),
+                                         L.get("kn"), a.eps, a.gemma)
+                if kv is not None:
+                    write_kv_ref(kv, pos, k, v)
+                    k = v = None
             o = attend(i, q, k, v)
-            o = F.linear(o.transpose(1, 2).reshape(b, t, nq), L["wo"], L["bo"])
-            if a.gemma:
-                o = self.rms(o, L["ln_attn_out"])
-            x = x + o
-            h = self.rms(x, L["ln_mlp"])
-            g, u = F.linear(h, L["wgu"]).chunk(2, -1)
-            m = F.linear(self.act(g) * u, L["wdown"])
-            if a.gemma:
-                m = self.rms(m, L["ln_mlp_out"])
-            x = x + m
-        return self.rms(x, self.norm)
+            o = F.linear(o.transpose(1, 2).reshape(b, t, a.heads * a.head_dim), L["wo"], L["bo"])
+            h, x = self.add_norm(x, o, L.get("ln_attn_out"), L["ln_mlp"])
+            gu = F.linear(h, L["wgu"])
+            if "glu" in self.fused:
+                gu = glu(gu, a.act)
+            else:
+                g, u = gu.chunk(2, -1)
+                gu = self.act(g) * u
+            m = F.linear(gu, L["wdown"])
+            h, x = self.add_norm(x, m, L.get("ln_mlp_out"), self.layers[i + 1]["ln_in"] if i + 1 < n else self.norm)
+        return h
 
     def logits(self, h):
         out = F.linear(h, self.head).float()

@@ -215,12 +215,14 @@ class Runner:
             plan = self.plan(spec, slot)
         out = None
         with torch.inference_mode():
+            rows = torch.tensor([slot], device=self.device)
             for lo in range(0, len(ids), chunk):
                 part = ids[lo:lo + chunk]
                 pos0 = start + lo
                 tok = torch.tensor([part], dtype=torch.long, device=self.device)
                 pos = torch.arange(pos0, pos0 + len(part), device=self.device)[None]
-                h = self.model.forward(tok, pos, self._prefill_attend(slot, pos0, len(part), plan))
+                h = self.model.forward(tok, pos, self._prefill_attend(slot, pos0, len(part), plan),
+                                       cache=lambda i: (self.kv.k(i), self.kv.v(i), rows))
                 out = h[0, -1]
             logits = self.model.logits(out).float()
         self._len[slot] = end
@@ -229,10 +231,8 @@ class Runner:
     def _prefill_attend(self, slot, start, t, plan):
         a = self.arch
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v):  # k, v: already in the cache (forward's cache=)
             K, V = self.kv.k(i), self.kv.v(i)
-            K[slot, :, start:start + t] = k[0]
-            V[slot, :, start:start + t] = v[0]
             if self.sparse_layer(i, plan):
                 self._append(plan, i, slot, start, t)
             return prefill_attention(q, K[slot:slot + 1, :, :start + t], V[slot:slot + 1, :, :start + t],
@@ -334,17 +334,16 @@ class Runner:
                 outs.append(o)
             return torch.cat(outs, 0)
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v):  # k, v: already in the cache (forward's cache=)
             K, V = self.kv.k(i), self.kv.v(i)
-            K[slot_idx, :, pos] = k[:, :, 0]
-            V[slot_idx, :, pos] = v[:, :, 0]
             sparse = self.sparse_layer(i, plan)
             w = a.windows[i]
             if self.batched(plan if sparse else None):
                 return batched(i, q, K, V, w, sparse)
             return per_slot(i, q, K, V, w, sparse)
 
-        h = self.model.forward(tok[:, None], pos[:, None], attend)
+        h = self.model.forward(tok[:, None], pos[:, None], attend,
+                               cache=lambda i: (self.kv.k(i), self.kv.v(i), slot_idx))
         return self.model.logits(h[:, 0])
 
     def _dense_batched(self, i, q, K, V, starts, ends, ends32, window, bucket):
