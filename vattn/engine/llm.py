@@ -82,19 +82,21 @@ class LLM:
         r = self.runner
         # A fresh scheduler per call: request i's default seed is self.seed + i, whatever ran before.
         sched = Scheduler(r, chunk_tokens=r.chunk, max_waiting=len(ids), seed=self.seed, over_len="clip")
-        bar = _bar(len(ids)) if use_tqdm and len(ids) > 1 else None
-        on_event = None if bar is None else lambda q, toks, finished: finished and bar.update(1)
         reqs = []
         for i, (p, sp) in enumerate(zip(ids, plist)):
             if not isinstance(sp, SamplingParams):
                 raise VattnError(f"params must be vattn.SamplingParams, got {type(sp).__name__}")
             r.check_ids(p, f"prompt {i}")
-            q = Request(prompt_ids=p, params=sp, spec=spec, on_event=on_event)
+            q = Request(prompt_ids=p, params=sp, spec=spec)
             try:
                 sched.check(q)
             except VattnError as e:
                 raise VattnError(f"prompt {i}: {e}") from None
             reqs.append(q)
+        bar = _bar(len(reqs)) if use_tqdm and len(reqs) > 1 else None
+        if bar is not None:  # it counts finished prompts
+            for q in reqs:
+                q.on_event = lambda q, toks, finished: finished and bar.update(1)
         try:
             for q in reqs:
                 sched.submit(q)
@@ -109,7 +111,8 @@ class LLM:
                 bar.close()
         for i, q in enumerate(reqs):
             if q.finish_reason == "error":
-                raise (VattnOutOfMemory if q.error_code == "kv_out_of_memory" else VattnError)(f"prompt {i}: {q.error}")
+                err = VattnOutOfMemory if q.error_code == "kv_out_of_memory" else VattnError
+                raise err(f"prompt {i}: {q.error}")
         tok = self.tokenizer
         return [Output(texts[i] if texts else None, q.prompt_ids, list(q.output_ids),
                        "" if tok is None else tok.decode(q.text_ids, skip_special_tokens=True),
