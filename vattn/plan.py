@@ -14,28 +14,51 @@ fused kernels that list no keys return `Selection.counted(...)`, which metrics r
 Paths (`plan.path`):
   "streaming-kernel"  sink/window only, on CUDA: index ranges built on the GPU, the Triton
                       sparse kernel attends them; no host sync.
+  "topk-kernel"       [sink+][window+]topk(k), on CUDA: exact scores, torch.topk per query head
+                      over the keys sink/window left, a Selection of fixed width (a host number,
+                      -1 padding) built on the GPU, the sparse kernel attends it; no host sync.
+  "quest-kernel"      [sink+][window+]quest(budget[, page, dense_layers]), on CUDA: page key
+                      bounds kept per layer in the plan (append rebuilds only the pages new keys
+                      and each row's first page touch), the last page plus the top pages by bound,
+                      expanded to keys on the GPU, the sparse kernel; no host sync.
   "scan-kernel"       sink+window+hashtopk(cut='sample')+verified(draws='iid', either mode), on CUDA, one
                       query row per sequence: the fused scan kernels (kernels/scan.py); key
                       signatures live in the plan, signed in append (no host sync).
   "scan-reference"    the same spec on the CPU, or with several query rows: the kernels'
                       float64 twin, which makes every choice the kernels make.
   "reference"         any other spec: parts -> Selection -> attend (said once in the log on CUDA).
+
+The kernel paths make the reference's choices key for key (tests/test_plan_paths.py); on the
+CPU the reference runs unless fused=True (tests: the Triton interpreter). GRAPHABLE_PATHS are
+the paths whose run/append never wait for the device and read each row's keys below its end
+only, so a decode step over every slot row can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from vattn.attend import attend, kernel_misfit
 from vattn.errors import VattnError
-from vattn.methods.base import DecodeContext, resolve_size
+from vattn.methods.base import DecodeContext, exact_scores, host_size, resolve_size
 from vattn.selection import Selection
 from vattn.spec import POSITION_FRONTS, Spec, parse
 
 log = logging.getLogger(__name__)
 _SAID: set = set()
+
+# Paths whose append and run never wait for the device, size every tensor from host numbers
+# (shapes, the spec) and read each row's keys below its end only: a decode step over every
+# slot row of a cache can be captured in a CUDA graph (the engine's batched steps).
+GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel")
+# The specs with a fused GPU path, as compile's errors name them.
+FUSED_FORMS = ("[sink(n)+]window(n) | sink(n); [sink(n)+][window(n)+]topk(k); "
+               "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..]); and the scan chain "
+               "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid')")
+KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "quest": "quest-kernel"}
 
 
 def _say_once(msg: str, *args):
@@ -127,30 +150,99 @@ class Plan:
 
     def append(self, layer: int, k, v, ctx: StepContext):
         """Keys at positions ends - 1 were written (or the buffer grew): per-layer state follows.
-        Only the scan paths keep state here; the reference methods extend theirs in run."""
-        if self.recipe is not None and k.shape[0] * k.shape[2] * ctx.ends.numel() > 0:
+        The scan paths sign keys and the quest kernel path bounds pages here; the reference
+        methods extend their state in run."""
+        if k.shape[0] * k.shape[2] * ctx.ends.numel() == 0:
+            return
+        if self.recipe is not None:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
+        elif self.path == "quest-kernel":
+            self._pages(layer, k, ctx)
 
     def run(self, layer: int, q, k, v, ctx: StepContext) -> tuple[torch.Tensor, Selection]:
         """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection)."""
-        if self.path == "streaming-kernel":
-            key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
-            sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
+        if self.path in KERNEL_PATHS.values():
             why = kernel_misfit(q, k, v)
             if why is None:
-                from vattn.kernels.sparse import sparse_decode
-                return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, True, ctx.scale), sel
+                return self._kernel(layer, q, k, v, ctx)
             if self.insist:
-                raise VattnError(f"spec {self.spec}: the fused streaming kernel cannot take these inputs ({why})")
+                raise VattnError(f"spec {self.spec}: the fused {self.path} path cannot take these inputs ({why})")
+            log.warning("spec %s: the fused %s path cannot take these inputs (%s); the reference path runs",
+                        self.spec, self.path, why)
             self.path = "reference"  # the plan says what runs from now on, and the log says why
-            log.warning("spec %s: the fused streaming kernel cannot take these inputs (%s); the reference "
-                        "path runs", self.spec, why)
         if self.recipe is not None:
             return self._scan(layer, q, k, v, ctx)
         dctx = DecodeContext(q, k, v, ctx.starts, ctx.ends, ctx.scale, self.generator(),
                              self.states.setdefault(layer, {}), layer)
         sel = self.spec.select(dctx)
         return attend(q, k, v, sel, scale=ctx.scale), sel
+
+    # -- the selection kernel paths (streaming, topk, quest) ------------------------------
+    def _kernel(self, layer, q, k, v, ctx: StepContext):
+        """A Selection of fixed width built on the device, attended by the sparse kernel."""
+        from vattn.kernels.sparse import sparse_decode
+        b, hq, t, _ = q.shape
+        if b * t == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
+            shared = self.path == "streaming-kernel"
+            return torch.zeros_like(q), Selection.empty(b, k.shape[1] if shared else hq, t, q.device, shared)
+        if self.path == "streaming-kernel":
+            key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
+            sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
+        elif self.path == "topk-kernel":
+            sel = topk_selection(self.spec, q, k, ctx.starts, ctx.ends, ctx.scale, _front(self.spec, k, ctx))
+        else:
+            part = self.spec.parts[-1]
+            if layer < part.dense_layers:
+                key = ("dense", tuple(k.shape))
+                sel = ctx.memo.get(key) or ctx.memo.setdefault(key, _ranges(0, 1.0, k, ctx.starts, ctx.ends).selection(k))
+            else:
+                st = self.states.get(layer)
+                if st is None or "pages" not in st or st["shape"] != _page_shape(k) or st["built"] < k.shape[2]:
+                    self._pages(layer, k, ctx)  # no append came: bound the pages now
+                    st = self.states[layer]
+                sel = quest_selection(self.spec, q, k, ctx.starts, ctx.ends, ctx.scale, st["pages"],
+                                      _front(self.spec, k, ctx))
+        return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale), sel
+
+    def _pages(self, layer: int, k, ctx: StepContext):
+        """Quest's page bounds of a layer: f32 [B, Hkv, P + 1, D, 2] (min, max of each page's
+        visible keys; the last page is scratch for writes that must not land).
+
+        Rebuilt, for rows with keys in this step: pages past what was bounded (N, a host
+        number, grew: a prefill or a first call), the pages holding each row's newest keys
+        (the last T positions below its end) and each row's first page (its start may move,
+        as under a sliding window). A page is bounded over the positions in [start, end) of
+        its row, as the reference's pages are (methods/quest.py); only keys below each row's
+        end are read; nothing waits for the device."""
+        s = self.spec.parts[-1].page
+        b, hkv, n, d = k.shape
+        st = self.states.setdefault(layer, {})
+        need = -(-n // s)
+        if "pages" not in st or st["shape"] != _page_shape(k):
+            cap = max(-(-self.capacity // s), need) if self.capacity else need
+            st.update(pages=torch.zeros((b, hkv, cap + 1, d, 2), dtype=torch.float32, device=k.device),
+                      built=0, shape=_page_shape(k))
+        pages = st["pages"]
+        cap = pages.shape[2] - 1
+        if need > cap and self.capacity:
+            raise VattnError(f"layer {layer} has {n} keys, more than the {self.capacity} this plan reserved "
+                             "(Plan.reserve): reserve the cache's full length")
+        if need > cap:  # room for twice the pages: growth costs a copy now and then, not per step
+            grown = torch.zeros((b, hkv, max(need, 2 * cap) + 1, d, 2), dtype=pages.dtype, device=pages.device)
+            grown[:, :, :cap] = pages[:, :, :cap]
+            pages = st["pages"] = grown
+            cap = pages.shape[2] - 1
+        end = ctx.ends.amax(-1)  # [B]: what the rows of this step see
+        last = (end - 1).clamp(min=0) // s
+        touched = last[:, None] - torch.arange(-(-(ctx.rows - 1) // s) + 1, device=k.device)
+        pid = [touched, (ctx.starts // s)[:, None]]
+        lo = st["built"] // s
+        if need > lo and n > st["built"]:
+            pid.insert(0, torch.arange(lo, need, device=k.device).expand(b, need - lo))
+        pid = torch.cat(pid, 1)  # [B, J]
+        ok = (end > ctx.starts)[:, None] & (pid >= (ctx.starts // s)[:, None]) & (pid * s < end[:, None])
+        _bound_pages(pages, k, pid, ok & (pid < cap), ctx.starts, end, s)
+        st["built"] = max(st["built"], n)
 
     # -- the scan paths ---------------------------------------------------------------
     def scan_seed(self, layer: int) -> int:
@@ -245,19 +337,20 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
     spec = parse(spec)
     device = torch.device(device)
     recipe = scan_recipe(spec)
-    fusable = is_streaming(spec) or recipe is not None
+    form = kernel_form(spec)
+    fusable = form is not None or recipe is not None
     insist = fused is True
     if fused is None:
         fused = fusable and device.type == "cuda"
     if fused and not fusable:
-        raise VattnError(f"spec {spec} has no fused GPU path (fused: sink/window, and the scan chain "
-                         "hashtopk(cut='sample')+verified(draws='iid')); use fused=None to run the reference path")
+        raise VattnError(f"spec {spec} has no fused GPU path (fused: {FUSED_FORMS}); use fused=None to run "
+                         "the reference path")
     if fused and device.type != "cuda" and not _interpreting():
         raise VattnError(f"fused=True needs a CUDA device (or TRITON_INTERPRET=1 for tests), got {device}")
     if recipe is not None:  # one algorithm on every device: the twin where the kernels do not run
         path = "scan-kernel" if fused else "scan-reference"
     else:
-        path = "streaming-kernel" if fused else "reference"
+        path = KERNEL_PATHS[form] if fused else "reference"
     if device.type == "cuda" and not fused:
         _say_once("spec %s runs the %s path on CUDA, not a fused plan", str(spec), path)
     plan = Plan(spec, device, path, seed, recipe)
@@ -288,26 +381,173 @@ def is_streaming(spec: Spec) -> bool:
     return [p.name for p in spec.parts] in POSITION_FRONTS
 
 
-def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
-    """sink/window index ranges built on the device: shared [B, Hkv, T, K] with K fixed by
-    the key buffer's length N (a host number), so nothing waits for the GPU.
+def kernel_form(spec: Spec) -> str | None:
+    """"streaming", "topk" or "quest" when `spec` has a selection-kernel path, else None."""
+    names = [p.name for p in spec.parts]
+    if names in POSITION_FRONTS:
+        return "streaming"
+    if names[-1] in ("topk", "quest") and names[:-1] in ([], *POSITION_FRONTS):
+        return names[-1]
+    return None
 
-    Row r (length L = end - start): the first ks = size(sink, L) keys, then the last
+
+@dataclass
+class Front:
+    """What sink/window choose per row (r = [B, T]), built on the device from host sizes.
+
+    idx int64 [B, T, W] (W = the widest front a buffer of N keys allows; -1 padding), count
+    [B, T], and [lo, hi): the row's keys the front left (the keys later parts rank)."""
+    idx: torch.Tensor
+    count: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    length: torch.Tensor
+
+    def selection(self, k) -> Selection:
+        """The front alone: shared [B, Hkv, T, W]."""
+        b, t, w = self.idx.shape
+        expand = (b, k.shape[1], t, w)
+        return Selection(self.idx[:, None].expand(expand).to(torch.int32).contiguous(),
+                         torch.zeros(expand, dtype=torch.float32, device=k.device),
+                         self.count[:, None].expand(b, k.shape[1], t).to(torch.int32).contiguous(), shared=True)
+
+
+def _ranges(sink, win, k, starts, ends) -> Front:
+    """Row r (length L = end - start): the first ks = size(sink, L) keys, then the last
     kw = min(size(window, L), L - ks) keys; no key twice (the reference's chosen-set rule)."""
-    b, hkv, n, _ = k.shape
-    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
-    win = next((p.n for p in spec.parts if p.name == "window"), 0)
-    nn = torch.tensor([n])  # on the host: N is known there, so sizing K waits for nothing
-    kmax = int(resolve_size(sink, nn)) + int(resolve_size(win, nn))
+    n = k.shape[2]
+    kmax = host_size(sink, n) + host_size(win, n)
     length = (ends - starts[:, None]).clamp(min=0)  # [B, T]
     ks = resolve_size(sink, length)
-    kw = torch.minimum(resolve_size(win, length), length - ks)
+    kw_all = resolve_size(win, length)
+    kw = torch.minimum(kw_all, length - ks)
     j = torch.arange(kmax, device=k.device)
     idx = torch.where(j < ks[..., None], starts[:, None, None] + j, ends[..., None] - 1 - (j - ks[..., None]))
     count = ks + kw
     idx = torch.where(j < count[..., None], idx, -1)
-    t = ends.shape[1]
-    expand = (b, hkv, t, kmax)
-    return Selection(idx[:, None].expand(expand).to(torch.int32).contiguous(),
-                     torch.zeros(expand, dtype=torch.float32, device=k.device),
-                     count[:, None].expand(b, hkv, t).to(torch.int32).contiguous(), shared=True)
+    return Front(idx, count, starts[:, None] + ks, ends - kw_all, length)
+
+
+def _front(spec: Spec, k, ctx: StepContext) -> Front:
+    """The sink/window front of a spec, built once per step (every layer shares it)."""
+    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
+    win = next((p.n for p in spec.parts if p.name == "window"), 0)
+    key = ("front", sink, win, tuple(k.shape))
+    return ctx.memo.get(key) or ctx.memo.setdefault(key, _ranges(sink, win, k, ctx.starts, ctx.ends))
+
+
+def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
+    """sink/window index ranges built on the device: shared [B, Hkv, T, K] with K fixed by
+    the key buffer's length N (a host number), so nothing waits for the GPU."""
+    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
+    win = next((p.n for p in spec.parts if p.name == "window"), 0)
+    return _ranges(sink, win, k, starts, ends).selection(k)
+
+
+def _with_front(front: Front, idx, count, width: int) -> Selection:
+    """The front's keys, then idx's first `count` entries (valid entries first in both):
+    a per-query-head Selection [B, Hq, T, width] padded with -1."""
+    b, h, t, _ = idx.shape
+    if width == 0:
+        return Selection.empty(b, h, t, idx.device)
+    w1 = front.idx.shape[-1]
+    both = torch.cat([front.idx[:, None].expand(b, h, t, w1), idx], -1)
+    c1 = front.count[:, None, :, None]
+    j = torch.arange(width, device=idx.device)
+    src = torch.where(j < c1, j, w1 + j - c1).clamp(max=both.shape[-1] - 1)
+    total = front.count[:, None] + count  # [B, Hq, T]
+    out = torch.where(j < total[..., None], torch.gather(both, -1, src.expand(b, h, t, width)), -1)
+    return Selection(out.to(torch.int32), torch.zeros((b, h, t, width), dtype=torch.float32, device=idx.device),
+                     total.to(torch.int32))
+
+
+def _keys_below_end(k, end) -> torch.Tensor:
+    """k [B, Hkv, N, D] read only below each row's end (later positions repeat the row's last
+    key; a row without keys reads the row with the most): a paged cache may map nothing past
+    a row's end. Contiguous [B, Hkv, N, D]."""
+    b, hkv, n, _ = k.shape
+    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
+    safe = torch.minimum(torch.arange(n, device=k.device), (end[src] - 1).clamp(min=0)[:, None])  # [B, N]
+    return k[src[:, None, None], torch.arange(hkv, device=k.device)[None, :, None], safe[:, None, :]]
+
+
+def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -> Selection:
+    """[sink+][window+]topk(k) on the device, per query head: [B, Hq, T, K], K = min(N,
+    front width + size(k, N)) (host numbers).
+
+    The oracle part's rule (methods/oracle.py): exact scores (the same float32 product), keys
+    outside [lo, hi) (not in the row, or chosen by sink/window) at -inf, torch.topk of
+    size(k, N) candidates (the reference takes as many, so ties break alike), a row keeps its
+    first size(k, L) finite ones."""
+    n = k.shape[2]
+    part = spec.parts[-1]
+    s = exact_scores(q, _keys_below_end(k, ends.amax(-1)), scale)  # [B, Hq, T, N]
+    pos = torch.arange(n, device=k.device)
+    left = (pos >= front.lo[:, None, :, None]) & (pos < front.hi[:, None, :, None])
+    s = s.masked_fill(~left, float("-inf"))
+    kt = host_size(part.k, n)
+    top = torch.topk(s, kt, dim=-1)  # sorted: a row's finite, wanted entries come first
+    ok = (torch.arange(kt, device=k.device) < resolve_size(part.k, front.length)[:, None, :, None]) & \
+        (top.values > float("-inf"))
+    return _with_front(front, top.indices, ok.sum(-1), min(n, front.idx.shape[-1] + kt))
+
+
+def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
+    """[sink+][window+]quest(budget, page) on the device, per query head: [B, Hq, T, K], K =
+    min(N, front width + (pages(budget, N) + 1) * page) (host numbers).
+
+    The quest part's rule (methods/quest.py): bounds U of the pages (pages: Plan._pages), a
+    page ranks when it holds a key in [lo, hi) (in the row, not chosen by sink/window) and is
+    not the row's last page, torch.topk of ceil(size(budget, N) / page) candidates (as the
+    reference), a row keeps its first ceil(size(budget, L) / page) finite ones; the last page
+    and those pages give their keys in [lo, hi)."""
+    from vattn.methods.quest import page_bounds
+    b, hq, t, _ = q.shape
+    n = k.shape[2]
+    part = spec.parts[-1]
+    sz = part.page
+    p = -(-n // sz)
+    meta = pages[:, :, :p]
+    u = page_bounds(q, meta[..., 0], meta[..., 1], scale)  # [B, Hq, T, P]
+    lo, hi = front.lo[:, None, :, None], front.hi[:, None, :, None]  # [B, 1, T, 1]
+    first = torch.arange(p, device=k.device) * sz
+    ranks = torch.maximum(first, lo) < torch.minimum(first + sz, hi)  # the page holds a key left to rank
+    last = ((ends - 1).clamp(min=0) // sz)[:, None]  # [B, 1, T]
+    rank = u.masked_fill(~ranks | (torch.arange(p, device=k.device) == last[..., None]), float("-inf"))
+    kp = min(-(-host_size(part.budget, n) // sz), p)
+    top = torch.topk(rank, kp, dim=-1)
+    want = torch.div(resolve_size(part.budget, front.length) + sz - 1, sz, rounding_mode="floor")[:, None]
+    ok_top = (torch.arange(kp, device=k.device) < want[..., None]) & (top.values > float("-inf"))
+    chosen = torch.cat([last[..., None].expand(b, hq, t, 1), top.indices], -1)
+    has_keys = (ends > starts[:, None])[:, None, :, None].expand(b, hq, t, 1)
+    page_ok = torch.cat([has_keys, ok_top], -1)
+    idx = (chosen[..., None] * sz + torch.arange(sz, device=k.device)).flatten(-2)  # [B, Hq, T, W]
+    ok = page_ok[..., None].expand(*page_ok.shape, sz).flatten(-2) & (idx >= lo) & (idx < hi)
+    # valid entries first: each goes to its rank among the row's valid ones (the rest to a spare column)
+    w = idx.shape[-1]
+    rank_ok = ok.cumsum(-1)
+    packed = torch.full((b, hq, t, w + 1), -1, dtype=idx.dtype, device=k.device)
+    packed.scatter_(-1, torch.where(ok, rank_ok - 1, w), idx)
+    return _with_front(front, packed[..., :w], rank_ok[..., -1], min(n, front.idx.shape[-1] + w))
+
+
+def _page_shape(k) -> tuple:
+    return (k.shape[0], k.shape[1], k.shape[3])
+
+
+def _bound_pages(pages, k, pid, ok, starts, end, s: int):
+    """pages[b, :, pid[b, j]] = (min, max) of page pid[b, j]'s keys in [starts[b], end[b]) where
+    ok[b, j] (a page with none: 0, 0, as the reference); the rest write the scratch page."""
+    b, hkv, _, d = k.shape
+    pos = pid[..., None] * s + torch.arange(s, device=k.device)  # [B, J, S]
+    vis = (pos >= starts[:, None, None]) & (pos < end[:, None, None])
+    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
+    safe = torch.minimum(pos, (end[src] - 1).clamp(min=0)[:, None, None]).clamp(min=0)
+    keys = k[src[:, None, None], :, safe].permute(0, 3, 1, 2, 4).float()  # [B, Hkv, J, S, D]
+    seen = vis[:, None, :, :, None]
+    kmin = keys.masked_fill(~seen, float("inf")).amin(3)
+    kmax = keys.masked_fill(~seen, float("-inf")).amax(3)
+    empty = ~vis.any(-1)[:, None, :, None]
+    new = torch.stack([kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)], -1)  # [B, Hkv, J, D, 2]
+    where = torch.where(ok, pid, pages.shape[2] - 1)
+    pages.scatter_(2, where[:, None, :, None, None].expand(b, hkv, pid.shape[1], d, 2), new)

@@ -74,12 +74,18 @@ class DecodeContext:
     def scores(self) -> torch.Tensor:
         """f32 [B, Hq, T, N]: exact scaled scores q.k (oracle parts only; cached)."""
         if self._scores is None:
-            b, hq, t, d = self.q.shape
-            hkv = self.k.shape[1]
-            qg = self.q.float().reshape(b, hkv, self.group * t, d)
-            s = torch.matmul(qg, self.k.float().transpose(-1, -2)) * self.scale
-            self._scores = s.reshape(b, hq, t, -1)
+            self._scores = exact_scores(self.q, self.k, self.scale)
         return self._scores
+
+
+def exact_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """f32 [B, Hq, T, N]: scale * q.k of every query row and key, one float32 product per
+    KV head (q [B, Hq, T, D], k [B, Hkv, N, D]); the oracle parts and the topk plan share it."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.float().reshape(b, hkv, hq // hkv * t, d)
+    s = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
+    return s.reshape(b, hq, t, -1)
 
 
 def resolve_size(size, n: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,14 @@ def resolve_size(size, n: torch.Tensor) -> torch.Tensor:
     if isinstance(size, float):
         return torch.ceil(size * n.double()).long().clamp(max=n)
     return torch.minimum(torch.full_like(n, int(size)), n)
+
+
+def host_size(size, n: int) -> int:
+    """resolve_size for a length known on the host (the same double arithmetic): the most a
+    row of at most n keys takes, so buffers are sized without reading the device."""
+    if isinstance(size, float):
+        return min(math.ceil(size * float(n)), n)
+    return min(int(size), n)
 
 
 class Builder:

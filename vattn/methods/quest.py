@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vattn.errors import VattnError
-from vattn.methods.base import Builder, DecodeContext, check_size, register, resolve_size
+from vattn.methods.base import Builder, DecodeContext, check_size, host_size, register, resolve_size
 
 NEG = float("-inf")
 
@@ -150,7 +150,9 @@ class Quest:
         pid = torch.arange(p, device=u.device)
         rank = u.masked_fill(~fresh | (pid == last[..., None]), NEG)
         want = torch.div(resolve_size(self.budget, ctx.lengths()) + s - 1, s, rounding_mode="floor")
-        kmax_p = min(int(want.max()) if want.numel() else 0, p)
+        # candidates sized by the key buffer's length (a host number), as the quest plan does:
+        # the same torch.topk call, so ties between equal bounds break alike (vattn.plan)
+        kmax_p = min(-(-host_size(self.budget, ctx.k.shape[2]) // s), p)
         top = torch.topk(rank, kmax_p, dim=-1)
         ok_top = (torch.arange(kmax_p, device=u.device) < want[..., None]) & (top.values > NEG)
         pages = torch.cat([last[..., None].expand(b, hq, t, 1), top.indices], -1)
