@@ -58,7 +58,7 @@ def test_compile_paths_and_errors():
     assert compile("sink(4)+window(4)", "cpu").path == "reference"  # fused only by default on CUDA
     assert compile("oracle-topk", "cpu").path == "reference"
     with pytest.raises(VattnError, match="no fused GPU path"):
-        compile("topk(0.1)", "cpu", fused=True)
+        compile("topp(0.9)", "cpu", fused=True)
     assert is_streaming(parse("sink(2)+window(3)")) and not is_streaming(parse("window(3)+sink(2)"))
     assert not is_streaming(parse("sink(2)+topk(3)"))
 
