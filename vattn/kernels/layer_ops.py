@@ -160,50 +160,62 @@ def _kernels():
     def qkv_rope_kernel(qkv, pos, cos, sin, qn, kn, q_out, k_out, v_out, rows,
                         sxb, sxt, spb, spt, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         T, HQ, HKV, D, eps,
-                        BD: tl.constexpr, NORM: tl.constexpr, GEMMA: tl.constexpr, CACHE: tl.constexpr):
-        # Program (token row, head) over heads [q..., k..., v... (CACHE only)]: one head vector of D.
-        # rotate_half needs the other half of the same vector: loaded again at d +- D/2 (L1 hits).
-        # CACHE: k/v go to K[rows[b], h, pos], V likewise (strides of the cache; t-stride = token).
+                        HP: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr, GEMMA: tl.constexpr,
+                        CACHE: tl.constexpr):
+        # Program (token row, part): part 0 all Hq query heads, 1 the Hkv key heads, 2 (CACHE
+        # only) the value heads, each one [HP, BD] tile (heads x head dim): three programs a
+        # token keep a batch-1 decode step at one short wave. rotate_half needs the other half
+        # of each head: loaded again at d +- D/2 (cache hits). CACHE: k/v go to
+        # K[rows[b], h, pos[b, t]] (V likewise) through the cache's strides, any vmem layout.
         OT = q_out.dtype.element_ty
         i = tl.program_id(0)
-        h = tl.program_id(1)
+        part = tl.program_id(1)
         b = i // T
         t = i % T
-        d = tl.arange(0, BD)
-        m = d < D
-        half = D // 2
-        src = qkv + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h * D
+        hh = tl.arange(0, HP)[:, None]
+        d = tl.arange(0, BD)[None, :]
+        if part == 0:
+            nh = HQ
+            h0 = 0
+        elif part == 1:
+            nh = HKV
+            h0 = HQ
+        else:
+            nh = HKV
+            h0 = HQ + HKV
+        m = (hh < nh) & (d < D)
+        src = qkv + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + (h0 + hh) * D
         p = tl.load(pos + b * spb + t * spt)  # int64
-        if h < HQ + HKV:
+        if part < 2:
+            half = D // 2
             x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
             dr = tl.where(d < half, d + half, d - half)
             xr = tl.load(src + dr, mask=m, other=0.0).to(tl.float32)
             if NORM:  # per-head RMSNorm (Qwen3, Gemma 3) before RoPE, as the reference
-                if h < HQ:
+                if part == 0:
                     wp = qn
                 else:
                     wp = kn
-                w = tl.load(wp + d, mask=m, other=0.0).to(tl.float32)
-                wr = tl.load(wp + dr, mask=m, other=0.0).to(tl.float32)
-                rstd = _rstd(x, D, eps)  # one statistic for the head, used for both lane orders
+                w = tl.load(wp + d, mask=d < D, other=0.0).to(tl.float32)
+                wr = tl.load(wp + dr, mask=d < D, other=0.0).to(tl.float32)
+                rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]  # one statistic per head
                 x = _norm(x, rstd, w, OT, GEMMA).to(tl.float32)
                 xr = _norm(xr, rstd, wr, OT, GEMMA).to(tl.float32)
             xr = tl.where(d < half, -xr, xr)
-            c = _round(tl.load(cos + p * D + d, mask=m, other=0.0), OT).to(tl.float32)
-            s = _round(tl.load(sin + p * D + d, mask=m, other=0.0), OT).to(tl.float32)
+            c = _round(tl.load(cos + p * D + d, mask=d < D, other=0.0), OT).to(tl.float32)
+            s = _round(tl.load(sin + p * D + d, mask=d < D, other=0.0), OT).to(tl.float32)
             y = _round(_round(x * c, OT).to(tl.float32) + _round(xr * s, OT).to(tl.float32), OT)
-            if h < HQ:
-                tl.store(q_out + b.to(tl.int64) * sqb + h * sqh + t * sqt + d, y, mask=m)
+            if part == 0:
+                tl.store(q_out + b.to(tl.int64) * sqb + hh * sqh + t * sqt + d, y, mask=m)
             else:
                 if CACHE:
-                    dst = k_out + tl.load(rows + b) * skb + (h - HQ) * skh + p * skt
+                    dst = k_out + tl.load(rows + b) * skb + hh * skh + p * skt
                 else:
-                    dst = k_out + b.to(tl.int64) * skb + (h - HQ) * skh + t * skt
+                    dst = k_out + b.to(tl.int64) * skb + hh * skh + t * skt
                 tl.store(dst + d, y, mask=m)
-        else:  # CACHE only: v heads are copied into V
+        else:  # CACHE only: the value heads, copied into V
             xv = tl.load(src + d, mask=m, other=0.0)
-            dst = v_out + tl.load(rows + b) * svb + (h - HQ - HKV) * svh + p * svt
-            tl.store(dst + d, xv, mask=m)
+            tl.store(v_out + tl.load(rows + b) * svb + hh * svh + p * svt + d, xv, mask=m)
 
     @triton.jit
     def glu_kernel(gu, out, I, BI: tl.constexpr, ACT: tl.constexpr):
@@ -216,9 +228,9 @@ def _kernels():
         u = tl.load(gu + r * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
         if ACT == 0:  # SiLU
             a = g / (1.0 + tl.exp(-g))
-        else:  # gelu, tanh approximation: tanh(y) = 1 - 2 / (1 + exp(2y))
+        else:  # gelu, tanh approximation: 0.5 g (1 + tanh(y)) = g sigmoid(2y), no cancellation at g << 0
             y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            a = 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * y)))
+            a = g / (1.0 + tl.exp(-2.0 * y))
         a = _round(a, T).to(tl.float32)  # torch rounds act(g) before the product
         tl.store(out + r * I + c, _round(a * u, T), mask=m)
 
@@ -289,7 +301,7 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
     if cache is None:
         k = torch.empty(B, kv_heads, T, D, dtype=qkv.dtype, device=qkv.device)
         v = qkv[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D).transpose(1, 2)
-        rows, nh = pos, heads + kv_heads
+        rows, parts = pos, 2
         kt, vt = k, k  # vt unused: v heads are not launched
     else:
         K, V, rows = cache
@@ -302,14 +314,14 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
             raise VattnError(f"cache rows must be int64 [B={B}] (a slot per batch row), got "
                              f"{rows.dtype} {tuple(rows.shape)}")
         k = v = None
-        kt, vt, nh = K, V, heads + 2 * kv_heads
-    _kernels()[1][(B * T, nh)](
+        kt, vt, parts = K, V, 3
+    _kernels()[1][(B * T, parts)](
         qkv, pos, cos, sin, qkv if qn is None else qn, qkv if kn is None else kn, q, kt, vt, rows,
         qkv.stride(0), qkv.stride(1), pos.stride(0), pos.stride(1), q.stride(0), q.stride(1), q.stride(2),
         kt.stride(0), kt.stride(1), kt.stride(2), vt.stride(0), vt.stride(1), vt.stride(2),
         T, heads, kv_heads, D, float(eps),
-        BD=max(2, next_pow2(D)), NORM=qn is not None, GEMMA=bool(gemma), CACHE=cache is not None,
-        num_warps=1 if D <= 128 else 2)
+        HP=next_pow2(max(heads, kv_heads)), BD=max(2, next_pow2(D)), NORM=qn is not None, GEMMA=bool(gemma),
+        CACHE=cache is not None, num_warps=4)
     return q, k, v
 
 
