@@ -250,3 +250,17 @@ def test_moving_starts_rebound_the_first_page(torch_kernel):
         want, wsel = step(ref, 0, q, k, v, starts, ends)
         assert rows(sel, 4) == rows(wsel, 4), s
         assert rel(out, want) < 1e-5
+
+
+def test_inputs_the_kernel_cannot_take():
+    """Head dim 8 does not fit the sparse kernel: fused=True says so; a plan that chose the
+    path itself runs the reference from then on (and plan.path says so)."""
+    q, k, v = rand_qkv(b=2, hq=4, hkv=2, t=1, n=32, d=8)
+    starts, ends = torch.zeros(2, dtype=torch.long), torch.tensor([[32], [20]])
+    with pytest.raises(VattnError, match="topk-kernel path cannot take these inputs.*head dim"):
+        step(compile("sink(2)+topk(4)", "cpu", fused=True), 0, q, k, v, starts, ends)
+    plan = compile("sink(2)+quest(4,page=4)", "cpu", fused=True)
+    plan.insist = False  # as fused=None picks it on CUDA
+    out, sel = step(plan, 0, q, k, v, starts, ends)
+    want, wsel = step(compile("sink(2)+quest(4,page=4)", "cpu"), 0, q, k, v, starts, ends)
+    assert plan.path == "reference" and torch.equal(out, want) and rows(sel, 4) == rows(wsel, 4)
