@@ -156,7 +156,7 @@ class Plan:
             return
         if self.recipe is not None:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
-        elif self.path == "quest-kernel":
+        elif self.path == "quest-kernel" and layer >= self.spec.parts[-1].dense_layers:
             self._pages(layer, k, ctx)
 
     def run(self, layer: int, q, k, v, ctx: StepContext) -> tuple[torch.Tensor, Selection]:
