@@ -59,3 +59,25 @@ for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
         print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
     except Exception as e:
         print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")
+
+# the engine's layer ops (vattn/kernels/layer_ops.py) at Llama-3-8B shapes, bf16
+from vattn.kernels import layer_ops as lo
+add_rms, qkv_rope, glu = lo._kernels()
+B = "*bf16"
+rope_names = "qkv pos cos sin qn kn q_out k_out v_out rows".split()
+rope_sig = dict(zip(rope_names, [B, "*i64", "*fp32", "*fp32", B, B, B, B, B, "*i64"])) | \
+    {n: I for n in "sxb sxt spb spt sqb sqh sqt skb skh skt svb svh svt T HQ HKV D".split()} | {"eps": F}
+for name, fn, s, c in (
+        ("add_rms_kernel", add_rms, sig("x delta w wd h_out x_out H eps".split(), [B] * 6 + [I, F]),
+         dict(BH=4096, HAS_DELTA=True, NORM_DELTA=False, GEMMA=False)),
+        ("add_rms_kernel (gemma sandwich)", add_rms,
+         sig("x delta w wd h_out x_out H eps".split(), [B, B, "*fp32", "*fp32", B, B, I, F]),
+         dict(BH=4096, HAS_DELTA=True, NORM_DELTA=True, GEMMA=True)),
+        ("qkv_rope_kernel (q/k norm, cache)", qkv_rope, rope_sig, dict(HP=32, BD=128, NORM=True, GEMMA=False, CACHE=True)),
+        ("glu_kernel (silu)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=0)),
+        ("glu_kernel (gelu-tanh)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=1))):
+    try:
+        regs, spill, smem = build(fn, s, c)
+        print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
+    except Exception as e:
+        print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")

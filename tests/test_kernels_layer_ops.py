@@ -150,10 +150,10 @@ def test_bad_inputs_raise_vattn_error():
                                                  ("qwen3", torch.float32, False), ("qwen3", torch.bfloat16, True),
                                                  ("gemma3", torch.bfloat16, False)])
 def test_engine_fused_equals_torch_path(arch, dtype, all_rows, monkeypatch):
-    """Logits of prefill + batched decode (two slots at different lengths) and the KV cache
-    with fused=True (forced on under the interpreter) equal the torch path's: fp32 within 1e-4
-    (the engine's tolerance against transformers), bf16 within 0.05 of logits of size ~1 (a
-    rare one-ulp flip of an RMS statistic moves a 3-layer model's logits by ~1e-2)."""
+    """Logits of prefill (chunked) + batched decode (two slots at different lengths) and the
+    KV cache with fused=True (forced on under the interpreter) equal the torch path's: fp32
+    within 1e-4 (the engine's tolerance against transformers), bf16 within 2e-2 on logits of
+    ~0.5 (seen: 0 without all_rows; 5e-3 with it, where attention is the Triton kernel, not SDPA)."""
     import vattn.engine.model as model_mod
     from conftest import tiny_model
     from vattn.engine.model import Decoder
@@ -178,14 +178,14 @@ def test_engine_fused_equals_torch_path(arch, dtype, all_rows, monkeypatch):
         got += [r.decode([s2, s1], [t, t]) for t in ids[2]]
         outs.append(torch.cat(got))
         caches.append(torch.stack([torch.stack(r.kv.view(i, 1, 2, 9)) for i in range(r.arch.layers)]))
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     diff = (outs[1] - outs[0]).abs().max().item()
     assert diff < tol, f"{arch} {dtype}: logits differ by {diff}"
     assert outs[0].abs().max() > 0.1  # logits of some size: the tolerance means something
     # rows of slots 1 and 2: 7 + 2 and 4 + 2 keys written
     for row, n in ((0, 9), (1, 6)):
         a, b = caches[0][:, :, row, :, :n], caches[1][:, :, row, :, :n]
-        assert (a.float() - b.float()).abs().max().item() < (1e-4 if dtype == torch.float32 else 5e-2)
+        assert (a.float() - b.float()).abs().max().item() < tol
 
 
 def test_fused_on_cpu_needs_the_interpreter(monkeypatch):

@@ -238,7 +238,7 @@ def _kernels():
 
 
 def _warps(block: int) -> int:
-    # ~16 elements a thread for the row-wide kernels; 1..16 warps
+    # ~16 elements a thread (a [32, 128] rope tile: 8 warps); 1..16 warps
     return max(1, min(16, block // 512))
 
 
@@ -315,13 +315,13 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
                              f"{rows.dtype} {tuple(rows.shape)}")
         k = v = None
         kt, vt, parts = K, V, 3
+    HP, BD = next_pow2(max(heads, kv_heads)), max(2, next_pow2(D))
     _kernels()[1][(B * T, parts)](
         qkv, pos, cos, sin, qkv if qn is None else qn, qkv if kn is None else kn, q, kt, vt, rows,
         qkv.stride(0), qkv.stride(1), pos.stride(0), pos.stride(1), q.stride(0), q.stride(1), q.stride(2),
         kt.stride(0), kt.stride(1), kt.stride(2), vt.stride(0), vt.stride(1), vt.stride(2),
         T, heads, kv_heads, D, float(eps),
-        HP=next_pow2(max(heads, kv_heads)), BD=max(2, next_pow2(D)), NORM=qn is not None, GEMMA=bool(gemma),
-        CACHE=cache is not None, num_warps=4)
+        HP=HP, BD=BD, NORM=qn is not None, GEMMA=bool(gemma), CACHE=cache is not None, num_warps=_warps(HP * BD))
     return q, k, v
 
 
