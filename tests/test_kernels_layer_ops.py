@@ -182,10 +182,12 @@ def test_engine_fused_equals_torch_path(arch, dtype, all_rows, monkeypatch):
     diff = (outs[1] - outs[0]).abs().max().item()
     assert diff < tol, f"{arch} {dtype}: logits differ by {diff}"
     assert outs[0].abs().max() > 0.1  # logits of some size: the tolerance means something
-    # rows of slots 1 and 2: 7 + 2 and 4 + 2 keys written
+    # rows of slots 1 and 2: 7 + 2 and 4 + 2 keys written. Layer 0's K/V come before any
+    # attention: within tol; later layers' carry the attention kernel's differences (all_rows)
     for row, n in ((0, 9), (1, 6)):
-        a, b = caches[0][:, :, row, :, :n], caches[1][:, :, row, :, :n]
-        assert (a.float() - b.float()).abs().max().item() < tol
+        a, b = caches[0][:, :, row, :, :n].float(), caches[1][:, :, row, :, :n].float()
+        assert (a[0] - b[0]).abs().max().item() < tol
+        assert ((a - b).norm() / a.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_fused_on_cpu_needs_the_interpreter(monkeypatch):
