@@ -227,3 +227,29 @@ def test_scan_plan_output_mode_kernel_equals_reference(monkeypatch):
         plan.append(0, k, v, ctx)
         runs[fused] = plan.run(0, q, k, v, ctx)
     assert rel(runs[True][0], runs[False][0]) < 1e-4 and torch.equal(runs[True][1].count, runs[False][1].count)
+
+
+@pytest.mark.parametrize("spec", [SCAN.replace("eps=0.1,delta=0.1", "eps=0.3,delta=0.3"),
+                                  "sink(2)+window(4)+quest(0.3,page=8)"])
+def test_reset_keeps_buffers_and_a_new_sequence_equals_a_fresh_plan(spec):
+    """The engine resets a plan when a batch starts afresh, under graphs captured earlier: the
+    buffers must stay where they are, and the next (shorter) sequence, appended by its
+    prefill, must attend as it would in a fresh plan (no stale signatures or page bounds)."""
+    fused = "quest" in spec  # quest's graphable path; the scan chain's twin on CPU
+    q, k, v = scan_inputs(n=1500, b=1)
+    _, k2, v2 = scan_inputs(n=1500, b=1, seed=4)
+    used = compile(spec, "cpu", seed=3, fused=fused or None).reserve(1500)
+    def go(plan, k, v, n):  # a prefill's append (one row per key, as the engine's), then a decode step
+        zero = torch.zeros(1, dtype=torch.long)
+        plan.append(0, k[:, :, :n], v[:, :, :n], plan.context(zero, torch.arange(1, n + 1)[None], 0.25))
+        return plan.run(0, q, k[:, :, :n], v[:, :, :n], plan.context(zero, torch.tensor([[n]]), 0.25))
+    go(used, k, v, 1500)
+    before = {name: t for name, t in used.states[0].items() if torch.is_tensor(t)}  # held: no address reuse
+    assert before
+    used.reset()
+    fresh = compile(spec, "cpu", seed=3, fused=fused or None).reserve(1500)
+    a, sa = go(used, k2, v2, 1000)
+    b, sb = go(fresh, k2, v2, 1000)
+    assert all(used.states[0][name] is t for name, t in before.items())
+    assert torch.equal(a, b)
+    assert torch.equal(sa.count, sb.count) and sa.count.sum() < 1000 * k.shape[1]  # sparse, not all exact

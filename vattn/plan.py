@@ -129,8 +129,11 @@ class Plan:
         self.capacity = 0  # keys the signature buffers hold from the start (reserve)
 
     def reset(self):
-        """A new sequence: method state and the sampling generator start afresh."""
-        self.states.clear()
+        """A new sequence: method state and the sampling generator start afresh. The graphable
+        paths keep their buffers (signatures, page bounds) where they are, since a captured
+        graph points at them: the new sequence's prefill re-signs / re-bounds its own keys."""
+        if self.path not in GRAPHABLE_PATHS and self.recipe is None:
+            self.states.clear()
         self._gen = None
 
     def generator(self) -> torch.Generator:

@@ -21,13 +21,14 @@ import torch
 from vattn.cache.kv import KVCache
 from vattn.engine.loader import load
 from vattn.errors import VattnError
+from vattn.plan import GRAPHABLE_PATHS
 
 log = logging.getLogger(__name__)
 
 
-# Plan paths that may see every slot row at once: they read each row's keys below its end
-# only (the scan plan signs keys below each row's end; a prefill's append signs its slot's keys).
-BATCHED_PATHS = ("streaming-kernel", "scan-kernel")
+# Plan paths that may see every slot row at once (plan.GRAPHABLE_PATHS: each row's keys below
+# its end only, no host sync; a prefill's append brings its slot's state up to date).
+BATCHED_PATHS = GRAPHABLE_PATHS
 
 
 def next_pow2(n: int) -> int:
