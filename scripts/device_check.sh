@@ -13,12 +13,13 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 for w in $what; do case $w in
   tests) timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_kernels_scan.py tests/test_plan.py \
            tests/test_kernels.py tests/test_paged.py > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log" ;;
-  engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py > "$OUT/engine_tests.log" 2>&1
+  engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py \
+            tests/test_kernels_layer_ops.py > "$OUT/engine_tests.log" 2>&1
           grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/engine_tests.log"
           grep -E "^E  " "$OUT/engine_tests.log" | head -20 ;;
   bench) timeout 220 python3 -m vattn.cli bench --batch 1,8 --lengths 32768,131072 --e2e-layers 0 \
            --json "$OUT/bench.json" 2>&1 | tail -30 | tee "$OUT/bench.txt" ;;
-  e2e) timeout 300 python3 -m vattn.cli bench e2e ${E2E:---batch 1,16 --contexts 32768} --steps 8 \
+  e2e) timeout 420 python3 -m vattn.cli bench e2e ${E2E:---batch 1,16 --contexts 32768} --steps 8 \
            --json "$OUT/e2e.json" 2>&1 | tail -30 | tee -a "$OUT/e2e.txt" ;;
   verify) timeout 200 python3 -m vattn.cli verify --draws iid --device cuda --rows 512 --n 4096 \
            --json "$OUT/verify.json" 2>&1 | tail -20 | tee "$OUT/verify.txt" ;;

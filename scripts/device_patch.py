@@ -18,7 +18,7 @@ import vattn
 SPECS = ["dense", "streaming", "vattention-scan",
          "sink(128)+window(128)+hashtopk(0.05,bits=128,cut='sample')"
          "+verified(eps=0.1,delta=0.1,draws='iid',mode='denominator',min_pilot=128)",
-         "oracle-topk"]
+         "oracle-topk", "sink(128)+window(128)+quest(0.1,page=16)"]
 
 
 def main():
@@ -58,7 +58,7 @@ def main():
     for spec in SPECS:
         try:
             with vattn.patch(model, spec, sparse_from=n_ctx) as p:
-                ms = per_token(8 if spec == "oracle-topk" else 16)
+                ms = per_token(16)
                 s = p.summary()
             rows.append(dict(spec=spec, ms=ms, density=s["density"], path=s["path"]))
             print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}", flush=True)
