@@ -8,11 +8,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_IN
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 for w in ${*:-specs admission}; do case $w in
-  specs) timeout 130 python3 -m vattn.cli bench serve --random llama3-8b --specs dense,vattention-scan \
-           --admission vmem --budget-gb 80 --max-len 32768 --max-batch 8 --concurrency 8 --num-requests 8 \
-           --prompt-len 16384:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_specs.json" \
+  specs) timeout ${SPECS_S:-200} python3 -m vattn.cli bench serve --random llama3-8b \
+           --specs dense,streaming,vattention-scan --admission vmem --budget-gb 80 --max-len 32768 --max-batch 16 \
+           --concurrency 16 --num-requests 16 --prompt-len 16384:32768 --output-len 128:512 --warmup 1 \
+           --json "$OUT/serve_specs.json" \
            > "$OUT/serve_specs.txt" 2>&1; tail -20 "$OUT/serve_specs.txt" ;;
-  admission) timeout 100 python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
+  admission) timeout ${ADM_S:-110} python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
+           --kv-layout ${LAYOUT:-bnhd} \
            --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests 16 \
            --prompt-len 4096:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_admission.json" \
            > "$OUT/serve_admission.txt" 2>&1; tail -20 "$OUT/serve_admission.txt" ;;

@@ -291,6 +291,8 @@ def serve_bench(
     device: str = typer.Option(None, help="Without --url: cpu or cuda (default: cuda when there is one)."),
     dtype: str = typer.Option(None, help="Without --url: float32, float16, bfloat16."),
     chunk: int = typer.Option(2048, help="Without --url: prefill tokens per engine step."),
+    kv_layout: str = typer.Option("bhnd", help="Without --url: KV cache layout, bhnd (head-major) or bnhd "
+                                  "(token-major: a slot grows in finer steps; docs/serve.md)."),
     num_requests: int = typer.Option(64, help="Requests per row."),
     concurrency: int = typer.Option(None, help="Requests in flight at once (default: --max-batch; "
                                     "unlimited with --rate)."),
@@ -323,7 +325,7 @@ def serve_bench(
             where = url
         else:
             rows, where = _launch(model, random_shape, spec_list, admission, budget_gb, max_len, max_batch,
-                                  device, dtype, chunk, load, warmup, console)
+                                  device, dtype, chunk, load, warmup, console, kv_layout)
     except VattnError as e:
         fail(e)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -340,7 +342,7 @@ def serve_bench(
 
 
 def _launch(model, random_shape, specs, admission, budget_gb, max_len, max_batch, device, dtype, chunk, load,
-            warmup, console):
+            warmup, console, kv_layout="bhnd"):
     """Build one Runner and compare admission modes and specs on it; returns (rows, description)."""
     import torch
 
@@ -370,10 +372,10 @@ def _launch(model, random_shape, specs, admission, budget_gb, max_len, max_batch
         model, tok = random_model(random_shape, dev, dt)
         name = f"random-{random_shape}"
     runner = Runner(model, spec="dense", device=dev, dtype=dt, max_len=max_len, max_batch=max_batch,
-                    budget_bytes=budget, tokenizer=tok)
+                    budget_bytes=budget, tokenizer=tok, kv_layout=kv_layout)
     del model
     desc = (f"{name} on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'} ({dt}), "
-            f"KV budget {'-' if budget is None else f'{budget_gb:g} GiB'}, max_len {max_len}, max_batch {max_batch}")
+            f"KV budget {'-' if budget is None else f'{budget_gb:g} GiB'} ({kv_layout}), max_len {max_len}, max_batch {max_batch}")
     console.print(f"serving {desc}")
     rows = compare(runner, load, specs, modes, model_name=name, chunk=chunk, warmup=warmup)
     return rows, desc

@@ -45,7 +45,7 @@ def length_bucket(n: int, max_len: int) -> int:
 class Runner:
     def __init__(self, model=None, *, spec="dense", device=None, dtype=None, max_len: int = 4096,
                  max_batch: int = 8, budget_bytes: int | None = None, seed: int = 0, dense_layers=None,
-                 tokenizer=None, chunk: int = 4096, graphs: bool | None = None):
+                 tokenizer=None, chunk: int = 4096, graphs: bool | None = None, kv_layout: str = "bhnd"):
         from vattn.models import resolve_device, resolve_dtype
         from vattn.spec import parse
         for name, v in (("max_len", max_len), ("max_batch", max_batch), ("chunk", chunk)):
@@ -64,7 +64,7 @@ class Runner:
             log.info("max_len %d is beyond the model's %d trained positions", max_len, a.max_positions)
         self.dense_layers = _dense_set(dense_layers, a.layers)
         self.kv = KVCache(a.layers, max_batch, max_len, a.kv_heads, a.head_dim, dtype=dt, device=self.device,
-                          budget_bytes=budget_bytes)
+                          budget_bytes=budget_bytes, layout=kv_layout)  # bnhd: a slot grows in finer steps
         self.S = max_batch
         self._len = [0] * self.S
         self._alloc = [False] * self.S
