@@ -66,6 +66,11 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
                   f"{r['scan_cold_us']:.1f}", f"{r['sdpa_cold_us'] / r['scan_cold_us']:.2f}x",
                   f"{r.get('dense_err', float('nan')):.1e}", f"{r.get('scan_err_vs_twin', float('nan')):.1e}")
     con.print(t)
+    for r in rows:  # verified's default mode, on values as real models have them
+        con.print(f"B={r['B']} N={r['N']}: output mode {r['scan_output_us']:.1f} us (density "
+                  f"{r['scan_output_density']:.3f}); with values sharing a mean direction: output mode "
+                  f"{r['scan_output_vmean_us']:.1f} us (density {r['scan_output_vmean_density']:.3f}) vs denominator "
+                  f"{r['scan_vmean_us']:.1f} us ({r['scan_output_vmean_us'] / r['scan_vmean_us']:.2f}x)")
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]
         con.print(f"scan = the plan of `{r['scan_spec']}` (path {r['scan_path']}; at N={r['N']}), what "

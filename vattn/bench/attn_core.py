@@ -191,8 +191,19 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     row["scan_output_us"] = graph_us([lambda s=s, i=i: out_mode.run(i, s[0], s[1], s[2], ctx)
                                       for i, s in enumerate(sets)])
     from vattn.metrics import density
-    sel = out_mode.run(0, *sets[0][:3], ctx)[1]
-    row["scan_output_density"] = density(sel, starts, ctx.ends, sets[0][0].shape[1])
+    hq = sets[0][0].shape[1]
+    row["scan_output_density"] = density(out_mode.run(0, *sets[0][:3], ctx)[1], starts, ctx.ends, hq)
+    # Values with a shared mean direction per head, as real models' are: unit-normal values
+    # average to a tiny output, whose relative error no sample much smaller than the row bounds.
+    g = torch.Generator(device="cuda").manual_seed(1)
+    vm = [s[2] + 0.5 * torch.randn(s[2].shape[:2] + (1, s[2].shape[3]), device="cuda", generator=g,
+                                   dtype=s[2].dtype) for s in sets]
+    row["scan_output_vmean_us"] = graph_us([lambda s=s, i=i: out_mode.run(i, s[0], s[1], vm[i], ctx)
+                                            for i, s in enumerate(sets)])
+    row["scan_vmean_us"] = graph_us([lambda s=s, i=i: plan.run(i, s[0], s[1], vm[i], ctx) for i, s in enumerate(sets)])
+    row["scan_output_vmean_density"] = density(out_mode.run(0, sets[0][0], sets[0][1], vm[0], ctx)[1], starts,
+                                               ctx.ends, hq)
+    del vm
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **sp)
