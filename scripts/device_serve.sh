@@ -9,7 +9,7 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 for w in ${*:-specs admission}; do case $w in
   specs) timeout ${SPECS_S:-200} python3 -m vattn.cli bench serve --random llama3-8b \
-           --specs dense,streaming,vattention-scan --admission vmem --budget-gb 80 --max-len 32768 --max-batch 16 \
+           --specs dense,vattention-scan --admission vmem --budget-gb 80 --max-len 32768 --max-batch 16 \
            --concurrency 16 --num-requests 16 --prompt-len 16384:32768 --output-len 128:512 --warmup 1 \
            --json "$OUT/serve_specs.json" \
            > "$OUT/serve_specs.txt" 2>&1; tail -20 "$OUT/serve_specs.txt" ;;
