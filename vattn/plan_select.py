@@ -1,0 +1,175 @@
+"""The selections the kernel paths of vattn.plan build on the device, sync-free: the sink/window
+front of a step, and the topk and quest parts after it (each makes its reference method's
+choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vattn.methods.base import exact_scores, host_size, resolve_size
+from vattn.selection import Selection
+from vattn.spec import Spec
+
+
+@dataclass
+class Front:
+    """What sink/window choose per row (r = [B, T]), built on the device from host sizes.
+
+    idx int64 [B, T, W] (W = the widest front a buffer of N keys allows; -1 padding), count
+    [B, T], and [lo, hi): the row's keys the front left (the keys later parts rank)."""
+    idx: torch.Tensor
+    count: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    length: torch.Tensor
+
+    def selection(self, k) -> Selection:
+        """The front alone: shared [B, Hkv, T, W]."""
+        b, t, w = self.idx.shape
+        expand = (b, k.shape[1], t, w)
+        return Selection(self.idx[:, None].expand(expand).to(torch.int32).contiguous(),
+                         torch.zeros(expand, dtype=torch.float32, device=k.device),
+                         self.count[:, None].expand(b, k.shape[1], t).to(torch.int32).contiguous(), shared=True)
+
+
+def front_ranges(sink, win, k, starts, ends) -> Front:
+    """Row r (length L = end - start): the first ks = size(sink, L) keys, then the last
+    kw = min(size(window, L), L - ks) keys; no key twice (the reference's chosen-set rule)."""
+    n = k.shape[2]
+    kmax = host_size(sink, n) + host_size(win, n)
+    length = (ends - starts[:, None]).clamp(min=0)  # [B, T]
+    ks = resolve_size(sink, length)
+    kw_all = resolve_size(win, length)
+    kw = torch.minimum(kw_all, length - ks)
+    j = torch.arange(kmax, device=k.device)
+    idx = torch.where(j < ks[..., None], starts[:, None, None] + j, ends[..., None] - 1 - (j - ks[..., None]))
+    count = ks + kw
+    idx = torch.where(j < count[..., None], idx, -1)
+    return Front(idx, count, starts[:, None] + ks, ends - kw_all, length)
+
+
+def step_front(spec: Spec, k, ctx) -> Front:
+    """The sink/window front of a spec, built once per step (ctx: plan.StepContext; every layer
+    shares it through ctx.memo)."""
+    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
+    win = next((p.n for p in spec.parts if p.name == "window"), 0)
+    key = ("front", sink, win, tuple(k.shape))
+    return ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(sink, win, k, ctx.starts, ctx.ends))
+
+
+def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
+    """sink/window index ranges built on the device: shared [B, Hkv, T, K] with K fixed by
+    the key buffer's length N (a host number), so nothing waits for the GPU."""
+    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
+    win = next((p.n for p in spec.parts if p.name == "window"), 0)
+    return front_ranges(sink, win, k, starts, ends).selection(k)
+
+
+def _with_front(front: Front, idx, count, width: int) -> Selection:
+    """The front's keys, then idx's first `count` entries (valid entries first in both):
+    a per-query-head Selection [B, Hq, T, width] padded with -1."""
+    b, h, t, _ = idx.shape
+    if width == 0:
+        return Selection.empty(b, h, t, idx.device)
+    w1 = front.idx.shape[-1]
+    both = torch.cat([front.idx[:, None].expand(b, h, t, w1), idx], -1)
+    c1 = front.count[:, None, :, None]
+    j = torch.arange(width, device=idx.device)
+    src = torch.where(j < c1, j, w1 + j - c1).clamp(max=both.shape[-1] - 1)
+    total = front.count[:, None] + count  # [B, Hq, T]
+    out = torch.where(j < total[..., None], torch.gather(both, -1, src.expand(b, h, t, width)), -1)
+    return Selection(out.to(torch.int32), torch.zeros((b, h, t, width), dtype=torch.float32, device=idx.device),
+                     total.to(torch.int32))
+
+
+def _keys_below_end(k, end) -> torch.Tensor:
+    """k [B, Hkv, N, D] read only below each row's end (later positions repeat the row's last
+    key; a row without keys reads the row with the most): a paged cache may map nothing past
+    a row's end. Contiguous [B, Hkv, N, D]."""
+    b, hkv, n, _ = k.shape
+    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
+    safe = torch.minimum(torch.arange(n, device=k.device), (end[src] - 1).clamp(min=0)[:, None])  # [B, N]
+    return k[src[:, None, None], torch.arange(hkv, device=k.device)[None, :, None], safe[:, None, :]]
+
+
+def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -> Selection:
+    """[sink+][window+]topk(k) on the device, per query head: [B, Hq, T, K], K = min(N,
+    front width + size(k, N)) (host numbers).
+
+    The oracle part's rule (methods/oracle.py): exact scores (the same float32 product), keys
+    outside [lo, hi) (not in the row, or chosen by sink/window) at -inf, torch.topk of
+    size(k, N) candidates (the reference takes as many, so ties break alike), a row keeps its
+    first size(k, L) finite ones."""
+    n = k.shape[2]
+    part = spec.parts[-1]
+    s = exact_scores(q, _keys_below_end(k, ends.amax(-1)), scale)  # [B, Hq, T, N]
+    pos = torch.arange(n, device=k.device)
+    left = (pos >= front.lo[:, None, :, None]) & (pos < front.hi[:, None, :, None])
+    s = s.masked_fill(~left, float("-inf"))
+    kt = host_size(part.k, n)
+    top = torch.topk(s, kt, dim=-1)  # sorted: a row's finite, wanted entries come first
+    ok = (torch.arange(kt, device=k.device) < resolve_size(part.k, front.length)[:, None, :, None]) & \
+        (top.values > float("-inf"))
+    return _with_front(front, top.indices, ok.sum(-1), min(n, front.idx.shape[-1] + kt))
+
+
+def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
+    """[sink+][window+]quest(budget, page) on the device, per query head: [B, Hq, T, K], K =
+    min(N, front width + (pages(budget, N) + 1) * page) (host numbers).
+
+    The quest part's rule (methods/quest.py): bounds U of the pages (pages: Plan._pages), a
+    page ranks when it holds a key in [lo, hi) (in the row, not chosen by sink/window) and is
+    not the row's last page, torch.topk of ceil(size(budget, N) / page) candidates (as the
+    reference), a row keeps its first ceil(size(budget, L) / page) finite ones; the last page
+    and those pages give their keys in [lo, hi)."""
+    from vattn.methods.quest import page_bounds
+    b, hq, t, _ = q.shape
+    n = k.shape[2]
+    part = spec.parts[-1]
+    sz = part.page
+    p = -(-n // sz)
+    meta = pages[:, :, :p]
+    u = page_bounds(q, meta[..., 0], meta[..., 1], scale)  # [B, Hq, T, P]
+    lo, hi = front.lo[:, None, :, None], front.hi[:, None, :, None]  # [B, 1, T, 1]
+    first = torch.arange(p, device=k.device) * sz
+    ranks = torch.maximum(first, lo) < torch.minimum(first + sz, hi)  # the page holds a key left to rank
+    last = ((ends - 1).clamp(min=0) // sz)[:, None]  # [B, 1, T]
+    rank = u.masked_fill(~ranks | (torch.arange(p, device=k.device) == last[..., None]), float("-inf"))
+    kp = min(-(-host_size(part.budget, n) // sz), p)
+    top = torch.topk(rank, kp, dim=-1)
+    want = torch.div(resolve_size(part.budget, front.length) + sz - 1, sz, rounding_mode="floor")[:, None]
+    ok_top = (torch.arange(kp, device=k.device) < want[..., None]) & (top.values > float("-inf"))
+    chosen = torch.cat([last[..., None].expand(b, hq, t, 1), top.indices], -1)
+    has_keys = (ends > starts[:, None])[:, None, :, None].expand(b, hq, t, 1)
+    page_ok = torch.cat([has_keys, ok_top], -1)
+    idx = (chosen[..., None] * sz + torch.arange(sz, device=k.device)).flatten(-2)  # [B, Hq, T, W]
+    ok = page_ok[..., None].expand(*page_ok.shape, sz).flatten(-2) & (idx >= lo) & (idx < hi)
+    # valid entries first: each goes to its rank among the row's valid ones (the rest to a spare column)
+    w = idx.shape[-1]
+    rank_ok = ok.cumsum(-1)
+    packed = torch.full((b, hq, t, w + 1), -1, dtype=idx.dtype, device=k.device)
+    packed.scatter_(-1, torch.where(ok, rank_ok - 1, w), idx)
+    return _with_front(front, packed[..., :w], rank_ok[..., -1], min(n, front.idx.shape[-1] + w))
+
+
+def page_shape(k) -> tuple:
+    return (k.shape[0], k.shape[1], k.shape[3])
+
+
+def bound_pages(pages, k, pid, ok, starts, end, s: int):
+    """pages[b, :, pid[b, j]] = (min, max) of page pid[b, j]'s keys in [starts[b], end[b]) where
+    ok[b, j] (a page with none: 0, 0, as the reference); the rest write the scratch page."""
+    b, hkv, _, d = k.shape
+    pos = pid[..., None] * s + torch.arange(s, device=k.device)  # [B, J, S]
+    vis = (pos >= starts[:, None, None]) & (pos < end[:, None, None])
+    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
+    safe = torch.minimum(pos, (end[src] - 1).clamp(min=0)[:, None, None]).clamp(min=0)
+    keys = k[src[:, None, None], :, safe].permute(0, 3, 1, 2, 4).float()  # [B, Hkv, J, S, D]
+    seen = vis[:, None, :, :, None]
+    kmin = keys.masked_fill(~seen, float("inf")).amin(3)
+    kmax = keys.masked_fill(~seen, float("-inf")).amax(3)
+    empty = ~vis.any(-1)[:, None, :, None]
+    new = torch.stack([kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)], -1)  # [B, Hkv, J, D, 2]
+    where = torch.where(ok, pid, pages.shape[2] - 1)
+    pages.scatter_(2, where[:, None, :, None, None].expand(b, hkv, pid.shape[1], d, 2), new)
