@@ -15,7 +15,7 @@ for w in ${*:-specs admission}; do case $w in
            > "$OUT/serve_specs.txt" 2>&1; tail -20 "$OUT/serve_specs.txt" ;;
   admission) timeout ${ADM_S:-110} python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
            --kv-layout ${LAYOUT:-bnhd} \
-           --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests 16 \
+           --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests ${ADM_N:-48} \
            --prompt-len 4096:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_admission.json" \
            > "$OUT/serve_admission.txt" 2>&1; tail -20 "$OUT/serve_admission.txt" ;;
 esac; done
