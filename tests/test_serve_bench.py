@@ -65,7 +65,17 @@ def test_cli(tmp_path):
             "--output-len", "2:4", "--warmup", "1"]
     bad = CliRunner().invoke(app, args + ["--admission", "vmem,static"])
     assert bad.exit_code == 2 and "needs --budget-gb" in bad.output
-    out = CliRunner().invoke(app, args + ["--json", str(tmp_path / "b.json")])
+    out = CliRunner().invoke(app, args + ["--json", str(tmp_path / "b.json"), "--kv-layout", "bnhd"])
     assert out.exit_code == 0, out.output
+    assert "(bnhd)" in out.output  # the token-major cache served the rows
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["spec"], r["failed"], r["requests"]) for r in rows] == [("dense", 0, 4), ("sink(2)+window(4)", 0, 4)]
+
+
+def test_serve_kv_layout_is_checked():
+    from vattn.errors import VattnError
+    from vattn.serve.cli import engine_kwargs
+    kw = engine_kwargs(None, "dense", "cpu", None, 64, 2, None, 0, None, "vmem", 8, 16, None, "bnhd")
+    assert kw["kv_layout"] == "bnhd"
+    with pytest.raises(VattnError, match="--kv-layout must be bhnd or bnhd"):
+        engine_kwargs(None, "dense", "cpu", None, 64, 2, None, 0, None, "vmem", 8, 16, None, "nhbd")

@@ -57,11 +57,11 @@ def model_name(model) -> str:
 def load_engine(model=None, *, spec: str = "dense", device=None, dtype=None, max_len: int = 4096,
                 max_batch: int = 8, budget_bytes: int | None = None, seed: int = 0, dense_layers=None,
                 admission: str = "vmem", max_waiting: int = 256, chunk_tokens: int = 2048,
-                name: str | None = None) -> Engine:
+                name: str | None = None, kv_layout: str = "bhnd") -> Engine:
     """Load the model into a Runner and wrap it for serving."""
     from vattn.engine.runner import Runner
     runner = Runner(model, spec=spec, device=device, dtype=dtype, max_len=max_len, max_batch=max_batch,
-                    budget_bytes=budget_bytes, seed=seed, dense_layers=dense_layers)
+                    budget_bytes=budget_bytes, seed=seed, dense_layers=dense_layers, kv_layout=kv_layout)
     return Engine(runner, model_name=name or model_name(model), admission=admission, max_waiting=max_waiting,
                   chunk_tokens=chunk_tokens, seed=seed)
 

@@ -24,7 +24,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def engine_kwargs(model, spec, device, dtype, max_len, max_batch, budget_gb, seed, dense_layers, admission,
-                  max_waiting, chunk, name) -> dict:
+                  max_waiting, chunk, name, kv_layout="bhnd") -> dict:
     """load_engine's arguments, checked as far as can be without loading the model."""
     from vattn.engine.scheduler import ADMISSIONS
     from vattn.models import resolve_device, resolve_dtype
@@ -39,12 +39,14 @@ def engine_kwargs(model, spec, device, dtype, max_len, max_batch, budget_gb, see
             raise VattnError(f"{opt} must be >= 1, got {v}")
     if admission not in ADMISSIONS:
         raise VattnError(f"--admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
+    if kv_layout not in ("bhnd", "bnhd"):
+        raise VattnError(f"--kv-layout must be bhnd or bnhd, got {kv_layout!r}")
     if budget_gb is not None and not budget_gb > 0:
         raise VattnError(f"--budget-gb must be > 0, got {budget_gb}")
     return dict(model=model, spec=spec, device=device, dtype=dtype, max_len=max_len, max_batch=max_batch,
                 budget_bytes=None if budget_gb is None else int(budget_gb * 2**30), seed=seed,
                 dense_layers=dense_layers, admission=admission, max_waiting=max_waiting, chunk_tokens=chunk,
-                name=name)
+                name=name, kv_layout=kv_layout)
 
 
 def serve_command(
@@ -61,6 +63,8 @@ def serve_command(
                                   "max_len per request (the baseline)."),
     max_waiting: int = typer.Option(256, help="Queued requests beyond which new ones get HTTP 429."),
     chunk: int = typer.Option(2048, help="Prefill tokens per engine step (between decode steps)."),
+    kv_layout: str = typer.Option("bhnd", help="KV cache layout: bhnd (head-major) or bnhd (token-major: "
+                                  "slots grow, and vmem admits, in finer steps; docs/serve.md)."),
     dense_layers: int = typer.Option(None, help="Keep the first N layers dense."),
     name: str = typer.Option(None, "--served-model-name", help="The model name clients send (default: "
                              "smollm2, or the model path's last part)."),
@@ -76,7 +80,7 @@ def serve_command(
         if replicas != 1 and not ray:
             raise VattnError("--replicas needs --ray (one process serves one engine)")
         kw = engine_kwargs(model, spec, device, dtype, max_len, max_batch, budget_gb, seed, dense_layers,
-                           admission, max_waiting, chunk, name)
+                           admission, max_waiting, chunk, name, kv_layout)
         check_port(host, port)
         if ray:
             from vattn.serve.ray import serve_ray, shutdown
