@@ -224,19 +224,11 @@ class Plan:
         st = self.states.setdefault(layer, {})
         need = -(-n // s)
         if "pages" not in st or st["shape"] != page_shape(k):
-            cap = max(-(-self.capacity // s), need) if self.capacity else need
-            st.update(pages=torch.zeros((b, hkv, cap + 1, d, 2), dtype=torch.float32, device=k.device),
-                      built=0, shape=page_shape(k))
-        pages = st["pages"]
+            st.update(pages=torch.zeros((b, hkv, -(-self.capacity // s) + 1, d, 2), dtype=torch.float32,
+                                        device=k.device), built=0, shape=page_shape(k))
+        cap = st["pages"].shape[2] - 1
+        pages = st["pages"] = self._room(layer, st["pages"], need, n, keep=cap, spare=1)
         cap = pages.shape[2] - 1
-        if need > cap and self.capacity:
-            raise VattnError(f"layer {layer} has {n} keys, more than the {self.capacity} this plan reserved "
-                             "(Plan.reserve): reserve the cache's full length")
-        if need > cap:  # room for twice the pages: growth costs a copy now and then, not per step
-            grown = torch.zeros((b, hkv, max(need, 2 * cap) + 1, d, 2), dtype=pages.dtype, device=pages.device)
-            grown[:, :, :cap] = pages[:, :, :cap]
-            pages = st["pages"] = grown
-            cap = pages.shape[2] - 1
         end = ctx.ends.amax(-1)  # [B]: what the rows of this step see
         last = (end - 1).clamp(min=0) // s
         touched = last[:, None] - torch.arange(-(-(ctx.rows - 1) // s) + 1, device=k.device)
@@ -248,6 +240,19 @@ class Plan:
         ok = (end > ctx.starts)[:, None] & (pid >= (ctx.starts // s)[:, None]) & (pid * s < end[:, None])
         bound_pages(pages, k, pid, ok & (pid < cap), ctx.starts, end, s)
         st["built"] = max(st["built"], n)
+
+    def _room(self, layer: int, buf, need: int, keys: int, keep: int, spare: int = 0):
+        """buf [B, Hkv, size + spare, ...] with room for `need` entries along dim 2. A reserved
+        plan refuses to grow (a captured graph holds buf's address); others double the size
+        (a copy of entries [:keep] now and then, not per step)."""
+        if need <= buf.shape[2] - spare:
+            return buf
+        if self.capacity:
+            raise VattnError(f"layer {layer} has {keys} keys, more than the {self.capacity} this plan reserved "
+                             "(Plan.reserve): reserve the cache's full length")
+        grown = buf.new_zeros((*buf.shape[:2], max(need, 2 * (buf.shape[2] - spare)) + spare, *buf.shape[3:]))
+        grown[:, :, :keep] = buf[:, :, :keep]
+        return grown
 
     # -- the scan paths ---------------------------------------------------------------
     def scan_seed(self, layer: int) -> int:
@@ -276,13 +281,7 @@ class Plan:
             sig = torch.zeros((b, hkv, self.capacity, self.recipe.bits // 32), dtype=torch.int32, device=k.device)
             st.update(sig=sig, proj=proj, signed=0)
         proj = st["proj"]
-        if n > sig.shape[2] and self.capacity:
-            raise VattnError(f"layer {layer} has {n} keys, more than the {self.capacity} this plan reserved "
-                             "(Plan.reserve): reserve the cache's full length")
-        if n > sig.shape[2]:  # room for twice the keys: growth costs a copy now and then, not per step
-            grown = torch.zeros((b, hkv, max(n, 2 * sig.shape[2]), sig.shape[3]), dtype=sig.dtype, device=sig.device)
-            grown[:, :, :st["signed"]] = sig[:, :, :st["signed"]]
-            sig = st["sig"] = grown
+        sig = st["sig"] = self._room(layer, sig, n, n, keep=st["signed"])
         end = ctx.ends[:, -1]
         lo = st["signed"]
         if n > lo and not (n == lo + 1 and not own):  # (the kernels sign a step's one new key)

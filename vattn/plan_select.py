@@ -33,6 +33,11 @@ class Front:
                          self.count[:, None].expand(b, k.shape[1], t).to(torch.int32).contiguous(), shared=True)
 
 
+def front_sizes(spec: Spec) -> tuple:
+    """(sink size, window size) of a spec's front (0 where it has none)."""
+    return tuple(next((p.n for p in spec.parts if p.name == name), 0) for name in ("sink", "window"))
+
+
 def front_ranges(sink, win, k, starts, ends) -> Front:
     """Row r (length L = end - start): the first ks = size(sink, L) keys, then the last
     kw = min(size(window, L), L - ks) keys; no key twice (the reference's chosen-set rule)."""
@@ -52,8 +57,7 @@ def front_ranges(sink, win, k, starts, ends) -> Front:
 def step_front(spec: Spec, k, ctx) -> Front:
     """The sink/window front of a spec, built once per step (ctx: plan.StepContext; every layer
     shares it through ctx.memo)."""
-    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
-    win = next((p.n for p in spec.parts if p.name == "window"), 0)
+    sink, win = front_sizes(spec)
     key = ("front", sink, win, tuple(k.shape))
     return ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(sink, win, k, ctx.starts, ctx.ends))
 
@@ -61,9 +65,7 @@ def step_front(spec: Spec, k, ctx) -> Front:
 def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
     """sink/window index ranges built on the device: shared [B, Hkv, T, K] with K fixed by
     the key buffer's length N (a host number), so nothing waits for the GPU."""
-    sink = next((p.n for p in spec.parts if p.name == "sink"), 0)
-    win = next((p.n for p in spec.parts if p.name == "window"), 0)
-    return front_ranges(sink, win, k, starts, ends).selection(k)
+    return front_ranges(*front_sizes(spec), k, starts, ends).selection(k)
 
 
 def _with_front(front: Front, idx, count, width: int) -> Selection:
@@ -88,9 +90,17 @@ def _keys_below_end(k, end) -> torch.Tensor:
     key; a row without keys reads the row with the most): a paged cache may map nothing past
     a row's end. Contiguous [B, Hkv, N, D]."""
     b, hkv, n, _ = k.shape
-    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
-    safe = torch.minimum(torch.arange(n, device=k.device), (end[src] - 1).clamp(min=0)[:, None])  # [B, N]
+    src, safe = _below_end(end, torch.arange(n, device=k.device)[None])  # [B], [B, N]
     return k[src[:, None, None], torch.arange(hkv, device=k.device)[None, :, None], safe[:, None, :]]
+
+
+def _below_end(end, pos):
+    """(row [B], position [B, ...]) to read for positions pos [B or 1, ...]: a position at or
+    past its row's end reads the row's last key, and a row without keys reads the row with
+    the most, so nothing past a row's end is read (a paged cache may map nothing there)."""
+    src = torch.where(end > 0, torch.arange(end.shape[0], device=end.device), end.argmax())
+    last = (end[src] - 1).clamp(min=0).view(-1, *([1] * (pos.dim() - 1)))
+    return src, torch.minimum(pos, last).clamp(min=0)
 
 
 def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -> Selection:
@@ -163,8 +173,7 @@ def bound_pages(pages, k, pid, ok, starts, end, s: int):
     b, hkv, _, d = k.shape
     pos = pid[..., None] * s + torch.arange(s, device=k.device)  # [B, J, S]
     vis = (pos >= starts[:, None, None]) & (pos < end[:, None, None])
-    src = torch.where(end > 0, torch.arange(b, device=k.device), end.argmax())  # [B]
-    safe = torch.minimum(pos, (end[src] - 1).clamp(min=0)[:, None, None]).clamp(min=0)
+    src, safe = _below_end(end, pos)
     keys = k[src[:, None, None], :, safe].permute(0, 3, 1, 2, 4).float()  # [B, Hkv, J, S, D]
     seen = vis[:, None, :, :, None]
     kmin = keys.masked_fill(~seen, float("inf")).amin(3)
