@@ -129,6 +129,8 @@ class Plan:
         self.insist = False  # compile(fused=True): a fused path that cannot run is an error
         self._scratch: dict = {}  # the kernels' work buffers, shared by layers (they run one after another)
         self.capacity = 0  # keys the signature buffers hold from the start (reserve)
+        self.keep_stats = False  # scan kernels: keep each run's cuts and sample sizes in .stats (vattn verify)
+        self.stats: dict | None = None
 
     def reset(self):
         """A new sequence: method state and the sampling generator start afresh. The graphable
@@ -306,10 +308,13 @@ class Plan:
         seed = self.scan_seed(layer)
         kw = self.recipe.kwargs()
         if self.path == "scan-kernel" and ctx.rows == 1:
-            out, count = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
-                                                count=True, update_sig=self._kernel_signs(ctx),
-                                                scratch=self._scratch, **kw)
-            return out, Selection.counted(count.view(q.shape[0], k.shape[1], 1), shared=True)
+            out, got = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
+                                              count=not self.keep_stats, stats=self.keep_stats,
+                                              update_sig=self._kernel_signs(ctx),
+                                              scratch=None if self.keep_stats else self._scratch, **kw)
+            if self.keep_stats:
+                self.stats, got = got, got["exact_keys"] + got["sample_keys"]
+            return out, Selection.counted(got.view(q.shape[0], k.shape[1], 1), shared=True)
         if self.path == "scan-kernel":
             _say_once("spec %s: %d query rows per sequence run the scan kernels' float64 twin (the kernels "
                       "take one row)", str(self.spec), ctx.rows)

@@ -78,34 +78,26 @@ def _to(inp: Inputs, dev: torch.device) -> Inputs:
 
 def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts, ends) -> dict:
     """The scan kernels on CUDA, one query row at a time (as decode runs them; a plan gives
-    several rows to the twin). Per row: plan.run gives the output and the keys attended per
-    KV head (density); a stats=True call of the kernels with the plan's arguments gives the
-    cut and sample size, which must attend as many keys per row as the plan's run did (else
-    an error: the denominators would not be of what ran); the float64 twin then replays
-    those choices (tau, thu, total, exact) and gives D_hat and D."""
-    from vattn.kernels.scan import scan_decode_ref, vattention_scan_decode
+    several rows to the twin). Per row: plan.run gives the output, the keys attended per KV
+    head (density) and, kept in plan.stats, the kernels' cuts and sample sizes; the float64
+    twin then replays those choices (tau, thu, total, exact) and gives D_hat and D."""
+    from vattn.kernels.scan import scan_decode_ref
     q, k, v, layer = inp.q, inp.k, inp.v, inp.layer
     b, hq, t = q.shape[:3]
     hkv = k.shape[1]
     outs, dens, counts, twin_gap = [], [], [], 0.0
     for r in range(t):
         plan = compile_plan(spec, q.device, seed=seed, fused=fused)  # fresh: signatures of this row's keys only
+        plan.keep_stats = True
         ctx = plan.context(starts, ends[:, r:r + 1], inp.scale)
         qr = q[:, :, r:r + 1]
         plan.append(layer, k, v, ctx)
         out, sel = plan.run(layer, qr, k, v, ctx)
         st, kw = plan.states[layer], plan.recipe.kwargs()
-        row_seed = plan.scan_seed(layer)
-        _, got = vattention_scan_decode(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=row_seed,
-                                        scale=ctx.scale, stats=True, **kw)
-        keys = (got["exact_keys"] + got["sample_keys"]).cpu()
-        if not torch.equal(keys, sel.count.reshape(-1).cpu()):
-            raise VattnError(f"spec {spec}: the kernels' stats call attended other key counts than the plan's run "
-                             f"({keys.tolist()[:8]} vs {sel.count.reshape(-1).tolist()[:8]}): the denominators "
-                             "would not be of what ran")
-        c = got["rows"].cpu()
-        ref, rs = scan_decode_ref(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=row_seed, scale=ctx.scale,
-                                  tau=c[:, 5].long(), thu=c[:, 6].long(), total=c[:, 1].long(), exact=c[:, 4] > 0, **kw)
+        c = plan.stats["rows"].cpu()
+        ref, rs = scan_decode_ref(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=plan.scan_seed(layer),
+                                  scale=ctx.scale, tau=c[:, 5].long(), thu=c[:, 6].long(), total=c[:, 1].long(),
+                                  exact=c[:, 4] > 0, **kw)
         twin_gap = max(twin_gap, float(metrics.relative_error(out, ref).max()))
         outs.append(out)
         dens.append((rs["d_hat"] / rs["d"] - 1).abs().float())  # [B, Hq]
