@@ -188,7 +188,7 @@ class Runner:
         window exactly: the scan algorithm draws from key 0 on (its sinks), which a window cuts off."""
         if plan is None or layer in self.dense_layers:
             return False
-        return not (getattr(plan, "recipe", None) is not None and self.arch.windows[layer])
+        return not (plan.recipe is not None and self.arch.windows[layer])
 
     # ------------------------------------------------------------ prefill
     def prefill(self, slot: int, token_ids, start: int = 0, spec=None, chunk: int | None = None):
@@ -223,7 +223,7 @@ class Runner:
                 tok = torch.tensor([part], dtype=torch.long, device=self.device)
                 pos = torch.arange(pos0, pos0 + len(part), device=self.device)[None]
                 h = self.model.forward(tok, pos, self._prefill_attend(slot, pos0, len(part), plan),
-                                       cache=lambda i: (self.kv.k(i), self.kv.v(i), rows))
+                                       cache=self._cache_at(rows))
                 out = h[0, -1]
             logits = self.model.logits(out).float()
         self._len[slot] = end
@@ -343,9 +343,12 @@ class Runner:
                 return batched(i, q, K, V, w, sparse)
             return per_slot(i, q, K, V, w, sparse)
 
-        h = self.model.forward(tok[:, None], pos[:, None], attend,
-                               cache=lambda i: (self.kv.k(i), self.kv.v(i), slot_idx))
+        h = self.model.forward(tok[:, None], pos[:, None], attend, cache=self._cache_at(slot_idx))
         return self.model.logits(h[:, 0])
+
+    def _cache_at(self, rows):
+        """forward's cache=: layer -> (K, V, the slot of each batch row); the model writes there."""
+        return lambda i: (self.kv.k(i), self.kv.v(i), rows)
 
     def _dense_batched(self, i, q, K, V, starts, ends, ends32, window, bucket):
         """Dense attention of every slot row on CUDA: the split-KV kernel, split for the step's
