@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from vattn.methods.base import exact_scores, host_size, resolve_size
+from vattn.methods.quest import page_bounds
 from vattn.selection import Selection
 from vattn.spec import Spec
 
@@ -133,7 +134,6 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     not the row's last page, torch.topk of ceil(size(budget, N) / page) candidates (as the
     reference), a row keeps its first ceil(size(budget, L) / page) finite ones; the last page
     and those pages give their keys in [lo, hi)."""
-    from vattn.methods.quest import page_bounds
     b, hq, t, _ = q.shape
     n = k.shape[2]
     part = spec.parts[-1]

@@ -56,9 +56,8 @@ def _is_default(p, f) -> bool:
     (verified's share and heavy depend on its draws), so compare with what it resolves to."""
     d, v = _default(f), getattr(p, f.name)
     if d is None and v is not None:
-        import dataclasses
         try:
-            return getattr(dataclasses.replace(p, **{f.name: None}), f.name) == v
+            return getattr(replace(p, **{f.name: None}), f.name) == v
         except Exception:  # noqa: BLE001 (a part that refuses None: not a default)
             return False
     return v == d
