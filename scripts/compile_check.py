@@ -37,6 +37,15 @@ def build(fn, sigd, const):
     return (m.group(1) if m else "?"), (sp.group(1) if sp else "?"), k.metadata.shared
 
 
+def report(name, fn, s, c):
+    """Compile one kernel variant and print its registers, spills and shared memory (or why not)."""
+    try:
+        regs, spill, smem = build(fn, s, c)
+        print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
+    except Exception as e:
+        print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")
+
+
 cut_names = ("q proj ks k lens hist ctr cut pil pbin qs tr sqb sqh skb skh skn H N sink window K KF STRIDE seed "
              "m0 scale_log2").split()
 cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, "*i64"] + [I] * 10 + [F] + [I] * 3 + [F]
@@ -54,11 +63,7 @@ for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=0)),
                        ("sample_kernel (output mode)", kt.sample_kernel, sig(smp_names, smp_types),
                         common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=1))):
-    try:
-        regs, spill, smem = build(fn, s, c)
-        print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
-    except Exception as e:
-        print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")
+    report(name, fn, s, c)
 
 # the engine's layer ops (vattn/kernels/layer_ops.py) at Llama-3-8B shapes, bf16
 from vattn.kernels import layer_ops as lo
@@ -76,8 +81,4 @@ for name, fn, s, c in (
         ("qkv_rope_kernel (q/k norm, cache)", qkv_rope, rope_sig, dict(HP=32, BD=128, NORM=True, GEMMA=False, CACHE=True)),
         ("glu_kernel (silu)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=0)),
         ("glu_kernel (gelu-tanh)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=1))):
-    try:
-        regs, spill, smem = build(fn, s, c)
-        print(f"{name} compiled: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
-    except Exception as e:
-        print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")
+    report(name, fn, s, c)
