@@ -1,0 +1,80 @@
+"""On a GPU: where one engine decode step's time goes (Llama-3-8B shape, random weights, bf16).
+
+    PYTHONPATH=. python scripts/profile_step.py [B,ctx,spec ...]   (default 1,32768,dense)
+
+Per row: the step as `vattn bench e2e` times it (host included), the captured graph replayed back
+to back (GPU only), and a CUDA profile of replays: kernels per step by name, their summed time,
+and the gap (replay time minus kernel time: launch latency between dependent kernels)."""
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from vattn.bench.e2e import model_config
+from vattn.engine.model import Decoder
+from vattn.engine.runner import Runner
+
+
+def row(decoder, B, ctx, spec, steps=8):
+    r = Runner(decoder, spec=spec, device="cuda", dtype=decoder.dtype, max_len=ctx + 64, max_batch=B)
+    try:
+        slots = [r.alloc() for _ in range(B)]
+        for i, s in enumerate(slots):
+            r.fill_random(s, ctx, seed=i)
+        toks = [0] * B
+        for i in range(steps + 2):
+            if i == 2:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+            toks = r.decode(slots, toks).argmax(-1).tolist()
+        step = (time.perf_counter() - t) / steps
+        (g,) = r._graphs.values()
+        graph = g["graph"]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+        replay = (time.perf_counter() - t) / steps
+        from torch.profiler import ProfilerActivity, profile
+        n = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                graph.replay()
+            torch.cuda.synchronize()
+        kern = defaultdict(lambda: [0, 0.0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = kern[e.name[:70]]
+                k[0] += 1
+                k[1] += e.device_time
+        total = sum(v[1] for v in kern.values()) / n
+        count = sum(v[0] for v in kern.values()) / n
+        print(f"\n== B={B} ctx={ctx} spec={spec}: step {step * 1e3:.3f} ms (host incl.), replay {replay * 1e3:.3f} ms, "
+              f"kernels {total / 1e3:.3f} ms in {count:.0f} launches, gap {replay * 1e3 - total / 1e3:.3f} ms",
+              flush=True)
+        for name, (c, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:16]:
+            print(f"  {us / n:9.1f} us  {c / n:5.0f}x  {name}")
+    finally:
+        r.close()
+
+
+def main():
+    rows = sys.argv[1:] or ["1,32768,dense"]
+    cfg = model_config(None, False)
+    import transformers as tf
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ctx_max = max(int(r.split(",")[1]) for r in rows)
+    decoder = Decoder(cfg, model.state_dict(), torch.device("cuda"), torch.bfloat16, ctx_max + 64)
+    del model
+    print(torch.cuda.get_device_name(), torch.__version__, time.strftime("%Y-%m-%d"))
+    for spec_row in rows:
+        B, ctx, spec = spec_row.split(",", 2)
+        row(decoder, int(B), int(ctx), spec)
+
+
+if __name__ == "__main__":
+    main()
