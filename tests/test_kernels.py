@@ -43,6 +43,9 @@ def test_dense_decode(dtype, T, G):
     ref = dense_decode_ref(q, k, v, lengths)
     assert torch.isfinite(out).all()
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    pick = torch.tensor([2, 0, 2, 1], device=DEV)  # batch order of a decoder step, a row twice (padding)
+    picked = dense_decode(q, k, v, lengths, block_n=16, splits=2, pick=pick)
+    assert picked.shape == (4, *out.shape[1:]) and torch.equal(picked, out[pick])
 
 
 @pytest.mark.parametrize("shared", [True, False])

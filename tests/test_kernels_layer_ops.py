@@ -110,6 +110,14 @@ def test_qkv_rope(D, Hq, Hkv, dtype, norm, layout):
     close(K, Kr)  # written at (slot, position) only: every other entry is still 7
     assert torch.equal(V, Vr)
     assert (K[0] == 7).all() and (K[3, :, 20:] == 7).all() and not (K[3, :, 17:20] == 7).all()
+    # with the all-slots query buffer: q lands at the rows' slots, the other slots keep theirs
+    Qs = [torch.full((S, Hq, T, D), 5.0, dtype=dtype, device=DEV) for _ in range(2)]
+    q3, _, _ = qkv_rope(qkv, pos, cos, sin, Hq, Hkv, cache=(*caches[0], rows, Qs[0]), **kw)
+    q4, _, _ = qkv_rope_ref(qkv, pos, cos, sin, Hq, Hkv, cache=(*caches[1], rows, Qs[1]), **kw)
+    assert q3 is Qs[0] and q4 is Qs[1]
+    close(Qs[0][rows], qr)
+    close(Qs[0], Qs[1])
+    assert (Qs[0][[0, 2]] == 5).all()
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])

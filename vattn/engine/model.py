@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from vattn.errors import VattnError
 from vattn.kernels.layer_ops import (ACTS, add_rms_norm, add_rms_norm_ref, glu, heads_rope_ref, qkv_rope,
-                                     rms_norm_ref, rope_at, write_kv_ref)
+                                     place_q, rms_norm_ref, rope_at, write_kv_ref)
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class Decoder:
 
         attend(layer, q, k, v) -> o [B, Hq, T, D]. cache: None, or layer -> (K, V, rows) with
         K, V [S, Hkv, N, D] and rows int64 [B]: the layer's k, v are written at K[rows[b], :,
-        pos[b, t]] before attend, which then gets k = v = None.
+        pos[b, t]] before attend, which then gets k = v = None; (K, V, rows, Q): q is written at
+        Q[rows[b]] too (Q [S, Hq, T, D]) and attend gets Q.
 
         Each layer's residual add is fused with the norm after it (the next layer's input norm,
         or the final one), so a layer's norms run at its end."""
@@ -262,7 +263,7 @@ class Decoder:
                                          L.get("kn"), a.eps, a.gemma)
                 if kv is not None:
                     write_kv_ref(kv, pos, k, v)
-                    k = v = None
+                    q, k, v = place_q(kv, q), None, None
             o = attend(i, q, k, v)
             o = F.linear(o.transpose(1, 2).reshape(b, t, a.heads * a.head_dim), L["wo"], L["bo"])
             h, x = self.add_norm(x, o, L.get("ln_attn_out"), L["ln_mlp"])

@@ -71,6 +71,7 @@ class Runner:
         self._decoded = [0] * self.S
         self._att = torch.zeros(self.S, dtype=torch.float64, device=self.device)  # keys attended (sparse layers)
         self._allowed = torch.zeros_like(self._att)                               # keys a dense step would attend
+        self._qbuf = None
         self._plans: dict = {}
         self._spec_text: dict = {}
         self._graphs: dict = {}
@@ -299,19 +300,21 @@ class Runner:
         ends32 = ends.to(torch.int32)
         zero = torch.zeros_like(ends)
         ctxs = {}  # plan context per window (None: full attention), built once per step
+        counts, layers_at = [], {}  # sparse layers' key counts and windows: density once per step
+        every = self.batched(None) and (plan is None or self.batched(plan))  # every layer batched
 
         def batched(i, q, K, V, w, sparse):
-            qf = q.new_zeros(S, *q.shape[1:]).index_put_((slot_idx,), q)
+            qf = q if every else q.new_zeros(S, *q.shape[1:]).index_put_((slot_idx,), q)
             K, V = K[:, :, :nview], V[:, :, :nview]
             starts = (ends - w).clamp(min=0) if w else zero
             if not sparse:
-                return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket)[slot_idx]
+                return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket, slot_idx)
             if w not in ctxs:
                 ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None)
             plan.append(i, K, V, ctxs[w])
             o, sel = plan.run(i, qf, K, V, ctxs[w])
-            self._att.add_(sel.count.sum((1, 2)).double() * (hq // sel.count.shape[1]))
-            self._allowed.add_((ends - starts).clamp(min=0).double() * hq)
+            counts.append(sel.count)
+            layers_at[w] = layers_at.get(w, 0) + 1
             return o[slot_idx]
 
         def per_slot(i, q, K, V, w, sparse):
@@ -343,23 +346,53 @@ class Runner:
                 return batched(i, q, K, V, w, sparse)
             return per_slot(i, q, K, V, w, sparse)
 
-        h = self.model.forward(tok[:, None], pos[:, None], attend, cache=self._cache_at(slot_idx))
+        # every layer batched: the model writes q straight into the all-slots buffer
+        h = self.model.forward(tok[:, None], pos[:, None], attend,
+                               cache=self._cache_at(slot_idx, self._queries() if every else None))
+        if counts:
+            self._count_density(counts, layers_at, ends)
         return self.model.logits(h[:, 0])
 
-    def _cache_at(self, rows):
-        """forward's cache=: layer -> (K, V, the slot of each batch row); the model writes there."""
-        return lambda i: (self.kv.k(i), self.kv.v(i), rows)
+    def _count_density(self, counts, layers_at, ends):
+        """Add a batched step's keys attended and keys allowed per slot row (a few launches a
+        step, not a few per layer). counts: each sparse layer's Selection.count [S, H, T] (H
+        the KV heads of a shared selection, else the query heads); layers_at: window -> how
+        many sparse layers attended with it (a window allows min(end, window) keys)."""
+        hq = self.arch.heads
+        by_heads = {}
+        for c in counts:
+            by_heads.setdefault(c.shape[1], []).append(c)
+        for h, cs in by_heads.items():
+            self._att.add_(torch.stack(cs).sum((0, 2, 3)).double(), alpha=hq // h)
+        allowed = sum(n * (ends.clamp(max=w) if w else ends) for w, n in layers_at.items())
+        self._allowed.add_(allowed.double(), alpha=hq)
 
-    def _dense_batched(self, i, q, K, V, starts, ends, ends32, window, bucket):
-        """Dense attention of every slot row on CUDA: the split-KV kernel, split for the step's
-        bucket (rows without keys exit at once), or the window's streaming plan."""
+    def _cache_at(self, rows, queries=None):
+        """forward's cache=: layer -> (K, V, the slot of each batch row[, the all-slots query
+        buffer]); the model writes there."""
+        if queries is None:
+            return lambda i: (self.kv.k(i), self.kv.v(i), rows)
+        return lambda i: (self.kv.k(i), self.kv.v(i), rows, queries)
+
+    def _queries(self):
+        """[S, Hq, 1, D], one per runner (captured graphs write it): rows of slots outside a
+        step keep an older query (finite; their rows have no keys in that step)."""
+        if self._qbuf is None:
+            a = self.arch
+            self._qbuf = torch.zeros(self.S, a.heads, 1, a.head_dim, dtype=self.dtype, device=self.device)
+        return self._qbuf
+
+    def _dense_batched(self, i, q, K, V, starts, ends, ends32, window, bucket, slot_idx):
+        """Dense attention of the step's slot rows on CUDA, in batch order: the split-KV kernel
+        over every slot row, split for the step's bucket (rows without keys exit at once; its
+        merge gathers the step's rows), or the window's streaming plan."""
         a = self.arch
         if window is None:
             from vattn.kernels.decode import dense_decode, plan_splits
             splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
-            return dense_decode(q, K, V, ends32, a.scale, splits=splits)
+            return dense_decode(q, K, V, ends32, a.scale, splits=splits, pick=slot_idx)
         plan = self._window_plan(window)
-        return plan.run(i, q, K, V, plan.context(starts, ends[:, None], a.scale))[0]
+        return plan.run(i, q, K, V, plan.context(starts, ends[:, None], a.scale))[0][slot_idx]
 
     # ------------------------------------------------------------ CUDA graphs
     def _graph_misfit(self, plan) -> str | None:

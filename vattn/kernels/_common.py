@@ -121,16 +121,21 @@ def _merge_kernel():
     load_online(globals())
 
     @triton.jit
-    def merge(po, plse, out, tr, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
-              PDL: tl.constexpr = 0, TR: tl.constexpr = 0):
+    def merge(po, plse, out, tr, pick, RP, S, D: tl.constexpr, DB: tl.constexpr, SP: tl.constexpr,
+              SB: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, PICK: tl.constexpr = 0):
         # Program (row, j) merges columns [j*DB, (j+1)*DB) of one output row: partials po
         # [rows, S, D] f32, plse [rows, S] (log2 units). D/DB programs per row keep the SMs busy
         # at B=1. A partial with lse = -inf saw no key and its po may be unwritten: never read.
         # The lse are loaded once where one block holds them (SB == SP); smaller SB blocks keep
-        # a tile small for large S.
+        # a tile small for large S. PICK: output row o merges partial row pick[o // RP] * RP +
+        # o % RP (RP rows per batch row): the attention's batch order, gathered here.
         _stamp(tr, 0, tl.program_id(1), TR)
         pdl_wait(PDL)  # launched as a programmatic dependent: wait for the partials' writer
-        r = tl.program_id(0).to(tl.int64)
+        o_row = tl.program_id(0).to(tl.int64)
+        if PICK:
+            r = tl.load(pick + o_row // RP).to(tl.int64) * RP + o_row % RP
+        else:
+            r = o_row
         d = tl.program_id(1) * DB + tl.arange(0, DB)
         s = tl.arange(0, SP)
         lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
@@ -146,7 +151,7 @@ def _merge_kernel():
             o = tl.load(po + r * S * D + sb[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
             acc += tl.sum(tl.where(live[:, None], tl.exp2(lb - m)[:, None] * o, 0.0), 0)
         acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
-        tl.store(out + r * D + d, acc.to(out.dtype.element_ty))
+        tl.store(out + o_row * D + d, acc.to(out.dtype.element_ty))
         _stamp(tr, 2, tl.sum(acc, 0).to(tl.int32), TR)
 
     return merge
@@ -161,18 +166,27 @@ def merge_programs(rows: int, D: int, block_d: int = MERGE_BLOCK_D) -> int:
 
 
 def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, block_d=MERGE_BLOCK_D, block_s=128,
-                   num_warps=4, pdl=False, trace=None) -> torch.Tensor:
-    """po f32 [rows..., S, D], plse f32 [rows..., S] (log2 units) -> out [rows..., D] (contiguous).
+                   num_warps=4, pdl=False, trace=None, pick=None) -> torch.Tensor:
+    """po f32 [B, rows..., S, D], plse f32 [B, rows..., S] (log2 units) -> out [B, rows..., D]
+    (contiguous), or with pick (int64 [b]): out [b, rows..., D], out[i] merged from batch row
+    pick[i] (the rest are not merged).
     pdl: launch as a programmatic dependent of the previous kernel (see use_pdl).
     trace (GPU): int64 [merge_programs(rows, D), 8] filled with global-timer stamps (start,
     after the wait, end)."""
     S, D = po.shape[-2], po.shape[-1]
     rows = plse.numel() // S
+    per = rows // po.shape[0]
     db = min(block_d, D)
     extra = dict(PDL=1, launch_pdl=True) if pdl else {}
     if trace is not None:
         extra["TR"] = 1
-    _merge_kernel()[(rows, D // db)](po, plse, out, out if trace is None else trace, S, D=D, DB=db,
+    if pick is not None:
+        rows = pick.shape[0] * per
+        extra["PICK"] = 1
+    if out.numel() != rows * D:
+        raise VattnError(f"merge_partials: out has {out.numel()} elements, the merge writes {rows} rows of {D}")
+    _merge_kernel()[(rows, D // db)](po, plse, out, out if trace is None else trace,
+                                     out if pick is None else pick, per, S, D=D, DB=db,
                                      SP=max(2, next_pow2(S)), SB=min(block_s, max(2, next_pow2(S))),
                                      num_warps=num_warps, **extra)
     return out

@@ -125,13 +125,16 @@ def plan_splits(programs: int, n: int, bn: int, device) -> tuple[int, int]:
 
 
 def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, num_stages=3, splits=None,
-                 pdl=None):
+                 pdl=None, pick=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages 3: one program per SM keeps three tiles of K and V in flight (H100 B=8 128K at 2
     splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, _common.use_pdl): the
     split and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
-    SDPA; B=1 32K 1.006 -> 1.028)."""
+    SDPA; B=1 32K 1.006 -> 1.028). pick (int64 [b], rows of q): returns [b, Hq, T, D], row i the
+    attention of q's row pick[i] (the merge gathers: a decoder's batch order without a copy)."""
     _check(q, k, v, lengths)
+    if pick is not None and (pick.dim() != 1 or pick.dtype != torch.int64 or pick.device != q.device):
+        raise VattnError(f"pick must be int64 [b] on {q.device}, got {pick.dtype} {tuple(pick.shape)} on {pick.device}")
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -155,5 +158,5 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
         Hkv, S, chunk, scale * LOG2E,
         G=G, T=T, M=M, D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **(dict(PDL=1, launch_pdl=True) if pdl else {}))
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    return merge_partials(po, plse, out, pdl=pdl)
+    out = torch.empty((B if pick is None else pick.shape[0], Hq, T, D), dtype=q.dtype, device=q.device)
+    return merge_partials(po, plse, out, pdl=pdl, pick=pick)

@@ -77,20 +77,29 @@ def heads_rope_ref(qkv, cs, heads: int, kv_heads: int, qn=None, kn=None, eps: fl
 
 def write_kv_ref(cache, pos, k, v):
     """K[rows[b], :, pos[b, t]] = k[b, :, t] (and V): k, v [B, Hkv, T, D]."""
-    K, V, rows = cache
+    K, V, rows = cache[:3]
     K[rows[:, None], :, pos] = k.transpose(1, 2)
     V[rows[:, None], :, pos] = v.transpose(1, 2)
 
 
+def place_q(cache, q):
+    """q [B, Hq, T, D], or with cache = (K, V, rows, Q): Q [S, Hq, T, D] with Q[rows[b]] = q[b]
+    (the attention's all-slots query buffer, written in place)."""
+    if len(cache) < 4:
+        return q
+    cache[3][cache[2]] = q
+    return cache[3]
+
+
 def qkv_rope_ref(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None, eps: float = 1e-6,
                  gemma: bool = False, cache=None):
-    """Contract of qkv_rope: (q, k, v); with cache=(K, V, rows) k and v are written there and
-    returned as None."""
+    """Contract of qkv_rope: (q, k, v); with cache=(K, V, rows[, Q]) k and v are written there and
+    returned as None, and q goes to Q's rows when Q is given (place_q)."""
     q, k, v = heads_rope_ref(qkv, rope_at(cos, sin, pos, qkv.dtype), heads, kv_heads, qn, kn, eps, gemma)
     if cache is None:
         return q, k, v
-    write_kv_ref(cache, pos, k, v)
-    return q, None, None
+    write_kv_ref(cache[:3], pos, k, v)
+    return place_q(cache, q), None, None
 
 
 def glu_ref(gu, act: str):
@@ -161,12 +170,13 @@ def _kernels():
                         sxb, sxt, spb, spt, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         T, HQ, HKV, D, eps,
                         HP: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr, GEMMA: tl.constexpr,
-                        CACHE: tl.constexpr):
+                        CACHE: tl.constexpr, Q_ROWS: tl.constexpr):
         # Program (token row, part): part 0 all Hq query heads, 1 the Hkv key heads, 2 (CACHE
         # only) the value heads, each one [HP, BD] tile (heads x head dim): three programs a
         # token keep a batch-1 decode step at one short wave. rotate_half needs the other half
         # of each head: loaded again at d +- D/2 (cache hits). CACHE: k/v go to
         # K[rows[b], h, pos[b, t]] (V likewise) through the cache's strides, any vmem layout.
+        # Q_ROWS: q goes to row rows[b] of the all-slots query buffer (no scatter launch after).
         OT = q_out.dtype.element_ty
         i = tl.program_id(0)
         part = tl.program_id(1)
@@ -206,7 +216,11 @@ def _kernels():
             s = _round(tl.load(sin + p * D + d, mask=d < D, other=0.0), OT).to(tl.float32)
             y = _round(_round(x * c, OT).to(tl.float32) + _round(xr * s, OT).to(tl.float32), OT)
             if part == 0:
-                tl.store(q_out + b.to(tl.int64) * sqb + hh * sqh + t * sqt + d, y, mask=m)
+                if Q_ROWS:
+                    qrow = tl.load(rows + b)
+                else:
+                    qrow = b.to(tl.int64)
+                tl.store(q_out + qrow * sqb + hh * sqh + t * sqt + d, y, mask=m)
             else:
                 if CACHE:
                     dst = k_out + tl.load(rows + b) * skb + hh * skh + p * skt
@@ -277,7 +291,8 @@ def add_rms_norm(x, delta, w, eps: float, gemma: bool = False, w_delta=None):
 def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None, eps: float = 1e-6,
              gemma: bool = False, cache=None):
     """Triton qkv_rope_ref: one launch. Returns q [B, Hq, T, D] (contiguous) and k, v [B, Hkv, T, D]
-    (k contiguous, v a view of qkv), or k = v = None when cache=(K, V, rows) took them."""
+    (k contiguous, v a view of qkv), or k = v = None when cache=(K, V, rows) took them; with
+    cache=(K, V, rows, Q), q is written to Q [S, Hq, T, D] at rows (place_q) and Q returned."""
     _check_float("qkv", qkv)
     if qkv.dim() != 3 or qkv.stride(-1) != 1:
         raise VattnError(f"qkv must be [B, T, (Hq + 2Hkv) D] with last-dim stride 1, got {tuple(qkv.shape)}")
@@ -297,14 +312,22 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
         if t is not None and (t.shape != (D,) or not t.is_contiguous()):
             raise VattnError(f"{name} must be a contiguous [{D}] weight, got {tuple(t.shape)}")
     check_runnable(qkv, pos, cos)
-    q = torch.empty(B, heads, T, D, dtype=qkv.dtype, device=qkv.device)
+    q = None
+    if cache is not None and len(cache) == 4:
+        q = cache[3]
+        if q.dim() != 4 or q.shape[1:] != (heads, T, D) or q.stride(-1) != 1 or q.dtype != qkv.dtype:
+            raise VattnError(f"the query buffer must be {qkv.dtype} [S, {heads}, {T}, {D}] with last-dim stride 1, "
+                             f"got {q.dtype} {tuple(q.shape)}")
+    q_rows = q is not None
+    if q is None:
+        q = torch.empty(B, heads, T, D, dtype=qkv.dtype, device=qkv.device)
     if cache is None:
         k = torch.empty(B, kv_heads, T, D, dtype=qkv.dtype, device=qkv.device)
         v = qkv[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D).transpose(1, 2)
         rows, parts = pos, 2
         kt, vt = k, k  # vt unused: v heads are not launched
     else:
-        K, V, rows = cache
+        K, V, rows = cache[:3]
         for name, t in (("K", K), ("V", V)):
             if t.dim() != 4 or t.shape[1] != kv_heads or t.shape[3] != D or t.stride(-1) != 1:
                 raise VattnError(f"cache {name} must be [S, {kv_heads}, N, {D}] with last-dim stride 1, "
@@ -321,7 +344,8 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
         qkv.stride(0), qkv.stride(1), pos.stride(0), pos.stride(1), q.stride(0), q.stride(1), q.stride(2),
         kt.stride(0), kt.stride(1), kt.stride(2), vt.stride(0), vt.stride(1), vt.stride(2),
         T, heads, kv_heads, D, float(eps),
-        HP=HP, BD=BD, NORM=qn is not None, GEMMA=bool(gemma), CACHE=cache is not None, num_warps=_warps(HP * BD))
+        HP=HP, BD=BD, NORM=qn is not None, GEMMA=bool(gemma), CACHE=cache is not None, Q_ROWS=q_rows,
+        num_warps=_warps(HP * BD))
     return q, k, v
 
 
