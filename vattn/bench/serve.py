@@ -182,6 +182,8 @@ def summarize(results: list[dict], duration: float, samples: list[dict], info: d
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     running = [s.get("vattn_requests_running", 0) for s in samples]
+    # while requests wait, admission (memory) bounds concurrency, not the offered load
+    queued = [s.get("vattn_requests_running", 0) for s in samples if s.get("vattn_requests_waiting", 0) > 0]
     ms = (lambda x: None if x is None else x * 1e3)
     return {"model": info["id"], "server_spec": info.get("vattn_spec"), "requests": len(results),
             "failed": len(results) - len(ok), "errors": sorted({r["error"] for r in results if r["error"]})[:5],
@@ -191,6 +193,7 @@ def summarize(results: list[dict], duration: float, samples: list[dict], info: d
             "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
             "running_mean": sum(running) / len(running) if running else None,
             "running_max": max(running) if running else None,
+            "running_queued_mean": sum(queued) / len(queued) if queued else None,
             "kv_mapped_max_gib": max((s.get("vattn_kv_mapped_bytes", 0) for s in samples), default=0) / 2**30}
 
 
@@ -261,7 +264,8 @@ def table(rows: list[dict], title: str):
     from rich.table import Table
     t = Table(title=title)
     cols = ["admission", "spec", "ok/failed", "req/s", "out tok/s", "vs row 1", "TTFT p50/p99 ms",
-            "TPOT p50/p99 ms", "running mean/max", "KV GiB max", "preempted"]
+            "TPOT p50/p99 ms", "running mean/max", "running while queued", "KV GiB max",
+            "preempted"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("admission", "spec") else "right", overflow="fold")
     base = rows[0]["output_tok_per_s"] if rows else 0
@@ -272,7 +276,7 @@ def table(rows: list[dict], title: str):
         t.add_row(adm, r["spec"], f"{r['requests'] - r['failed']}/{r['failed']}", f(r["req_per_s"], 2),
                   f(r["output_tok_per_s"]), f"{r['output_tok_per_s'] / base:.2f}x" if base else "-",
                   f"{f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])}", f"{f(r['tpot_p50_ms'], 2)}/{f(r['tpot_p99_ms'], 2)}",
-                  f"{f(r['running_mean'])}/{f(peak, 0)}", f(r["kv_mapped_max_gib"], 2), str(r.get("preempted", "-")))
+                  f"{f(r['running_mean'])}/{f(peak, 0)}", f(r.get("running_queued_mean")), f(r["kv_mapped_max_gib"], 2), str(r.get("preempted", "-")))
     return t
 
 
