@@ -2,6 +2,9 @@
 
     PYTHONPATH=. python scripts/profile_step.py [B,ctx,spec ...]   (default 1,32768,dense)
 
+spec "nogemv:SPEC": the layers' GEMMs through cuBLAS with the layer-op kernels around them, not
+kernels/gemv.py.
+
 Per row: the step as `vattn bench e2e` times it (host included), the captured graph replayed back
 to back (GPU only), and a CUDA profile of replays: kernels per step by name, their summed time,
 and the gap (replay time minus kernel time: launch latency between dependent kernels)."""
@@ -29,6 +32,13 @@ def row(decoder, B, ctx, spec, steps=8):
                 t = time.perf_counter()
             toks = r.decode(slots, toks).argmax(-1).tolist()
         step = (time.perf_counter() - t) / steps
+        import cProfile
+        import pstats
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        for _ in range(steps):
+            toks = r.decode(slots, toks).argmax(-1).tolist()
+        prof_host.disable()
         (g,) = r._graphs.values()
         graph = g["graph"]
         torch.cuda.synchronize()
@@ -51,11 +61,15 @@ def row(decoder, B, ctx, spec, steps=8):
                 k[1] += e.device_time
         total = sum(v[1] for v in kern.values()) / n
         count = sum(v[0] for v in kern.values()) / n
-        print(f"\n== B={B} ctx={ctx} spec={spec}: step {step * 1e3:.3f} ms (host incl.), replay {replay * 1e3:.3f} ms, "
+        print(f"\n== B={B} ctx={ctx} spec={spec} ({'gemv' if 'gemv' in decoder.fused else 'cuBLAS'}): step {step * 1e3:.3f} ms (host incl.), replay {replay * 1e3:.3f} ms, "
               f"kernels {total / 1e3:.3f} ms in {count:.0f} launches, gap {replay * 1e3 - total / 1e3:.3f} ms",
               flush=True)
         for name, (c, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:16]:
             print(f"  {us / n:9.1f} us  {c / n:5.0f}x  {name}")
+        print("  host (cProfile of the same steps, cumulative per step; 'tolist' is the wait for the GPU):")
+        st = pstats.Stats(prof_host)
+        for (f, line, fn), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][3])[:14]:
+            print(f"  {ct / steps * 1e6:9.1f} us  {nc / steps:6.1f}x  {fn} ({f.split('/')[-1]}:{line})")
     finally:
         r.close()
 
@@ -71,9 +85,11 @@ def main():
     decoder = Decoder(cfg, model.state_dict(), torch.device("cuda"), torch.bfloat16, ctx_max + 64)
     del model
     print(torch.cuda.get_device_name(), torch.__version__, time.strftime("%Y-%m-%d"))
+    ops = decoder.fused
     for spec_row in rows:
         B, ctx, spec = spec_row.split(",", 2)
-        row(decoder, int(B), int(ctx), spec)
+        decoder.fused = ops - {"gemv"} if spec.startswith("nogemv:") else ops  # "nogemv:SPEC": cuBLAS GEMMs
+        row(decoder, int(B), int(ctx), spec.removeprefix("nogemv:"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vattn.errors import VattnError
+from vattn.kernels.gemv import glu_linear, linear, rms_linear
 from vattn.kernels.layer_ops import (ACTS, add_rms_norm, add_rms_norm_ref, glu, heads_rope_ref, qkv_rope,
                                      place_q, rms_norm_ref, rope_at, write_kv_ref)
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # config.model_type -> family; every other architecture is served by vattn.patch (hf.py).
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
              "gemma3_text": "gemma3"}
+GEMV_ROWS = 16  # token rows a forward may have for the gemv path (kernels/gemv.py takes M <= 16)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
@@ -191,7 +193,9 @@ class Decoder:
 
     def use_fused(self, on: bool | None = None) -> frozenset:
         """Decide once which layer ops run as Triton kernels: "norm" (residual add + RMSNorm),
-        "rope" (q/k norm + RoPE + KV write), "glu" (act(gate) * up). on None: all on CUDA, none
+        "rope" (q/k norm + RoPE + KV write), "glu" (act(gate) * up), "gemv" (decode steps of at
+        most GEMV_ROWS rows: the GEMMs with the norms and the activation folded in, kernels/gemv.py;
+        needs the glu kernel's activations). on None: all on CUDA, none
         elsewhere; True: all the kernels can take (the activation: silu or gelu-tanh; others stay
         torch, logged); the kernels raise on inputs they cannot take rather than fall back."""
         from vattn.kernels._common import interpret, triton_available
@@ -204,9 +208,9 @@ class Decoder:
             if self.device.type != "cuda" and not interpret():
                 raise VattnError(f"fused layer ops run on CUDA (or on the CPU under TRITON_INTERPRET=1), "
                                  f"not on {self.device}; build the Decoder with fused=None or False")
-            ops = frozenset(("norm", "rope", "glu"))
+            ops = frozenset(("norm", "rope", "glu", "gemv"))
             if self.arch.act not in ACTS:
-                ops -= {"glu"}
+                ops -= {"glu", "gemv"}
                 log.info("activation %r has no fused kernel (%s): act(gate) * up runs as torch ops",
                          self.arch.act, ", ".join(sorted(ACTS)))
         if ops:
@@ -250,6 +254,8 @@ class Decoder:
         ropes = None if fused_rope else {name: rope_at(c, s, pos, self.dtype)  # [B, 1, T, D] once per step
                                          for name, (c, s) in self.rope.items()}
         n = len(self.layers)
+        if "gemv" in self.fused and b * t <= GEMV_ROWS:
+            return self._forward_gemv(x, pos, attend, cache)
         h, x = self.add_norm(x, None, None, self.layers[0]["ln_in"])
         for i, L in enumerate(self.layers):
             qkv = F.linear(h, L["wqkv"], L["bqkv"])
@@ -276,6 +282,24 @@ class Decoder:
             m = F.linear(gu, L["wdown"])
             h, x = self.add_norm(x, m, L.get("ln_mlp_out"), self.layers[i + 1]["ln_in"] if i + 1 < n else self.norm)
         return h
+
+    def _forward_gemv(self, x, pos, attend, cache):
+        """forward for a decode step of few rows: each residual add + RMSNorm folded into the
+        GEMM after it and the gated activation into the down projection (kernels/gemv.py: one
+        launch per GEMM, its first weight tile read before the previous kernel ends)."""
+        a = self.arch
+        b, t = pos.shape
+        delta = w_delta = None  # the previous layer's MLP output (and Gemma's norm of it)
+        for i, L in enumerate(self.layers):
+            x, qkv = rms_linear(x, delta, L["ln_in"], L["wqkv"], a.eps, a.gemma, w_delta=w_delta, bias=L["bqkv"])
+            cos, sin = self.rope[a.layer_types[i]]
+            q, k, v = qkv_rope(qkv, pos, cos, sin, a.heads, a.kv_heads, qn=L.get("qn"), kn=L.get("kn"),
+                               eps=a.eps, gemma=a.gemma, cache=None if cache is None else cache(i))
+            o = attend(i, q, k, v)
+            o = linear(o.transpose(1, 2).reshape(b, t, a.heads * a.head_dim), L["wo"], bias=L["bo"])
+            x, gu = rms_linear(x, o, L["ln_mlp"], L["wgu"], a.eps, a.gemma, w_delta=L.get("ln_attn_out"))
+            delta, w_delta = glu_linear(gu, a.act, L["wdown"]), L.get("ln_mlp_out")
+        return self.add_norm(x, delta, w_delta, self.norm)[0]
 
     def logits(self, h):
         out = F.linear(h, self.head).float()
