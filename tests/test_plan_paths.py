@@ -79,8 +79,9 @@ def test_kernel_path_chooses_the_reference_keys(spec, t, torch_kernel):
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)"])
 def test_ties_break_alike(spec, torch_kernel):
-    """Equal scores (repeated keys) and equal page bounds (repeated pages): both paths make one
-    torch.topk call of the same width, so they keep the same keys."""
+    """Equal scores (repeated keys) and equal page bounds (repeated pages): both paths keep the
+    lowest positions among equals (kernels.select.topk_ref), so they keep the same keys (the
+    Triton kernels too: tests/test_kernels_select.py)."""
     q, k, v = rand_qkv(b=2, hq=4, hkv=2, t=1, n=64, seed=5)
     k[:, :, 8:24] = k[:, :, 8:12].repeat(1, 1, 4, 1)  # pages 2..5 of 4 keys alike, every key 4 times
     k[:, :, 40:44] = k[:, :, 8:12]

@@ -1,16 +1,30 @@
 """The selections the kernel paths of vattn.plan build on the device, sync-free: the sink/window
 front of a step, and the topk and quest parts after it (each makes its reference method's
-choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec)."""
+choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec).
+
+topk and quest run the Triton selection kernels (kernels/select.py: scores read K in place, a
+radix select, the Selection written with the front in place) on CUDA; elsewhere, the torch code
+below, which is their reference (USE_KERNELS overrides: the tests force the kernels under the
+Triton interpreter). Both keep a row's largest entries with ties to the lowest positions
+(kernels.select.topk_ref), as the reference methods do."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from vattn.kernels.select import attn_scores, page_scores, select_top, topk_ref
 from vattn.methods.base import exact_scores, host_size, resolve_size
 from vattn.methods.quest import page_bounds
 from vattn.selection import Selection
 from vattn.spec import Spec
+
+# None: the selection kernels on CUDA tensors, the torch code elsewhere; True / False: always / never.
+USE_KERNELS: bool | None = None
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    return USE_KERNELS if USE_KERNELS is not None else x.device.type == "cuda"
 
 
 @dataclass
@@ -24,6 +38,24 @@ class Front:
     lo: torch.Tensor
     hi: torch.Tensor
     length: torch.Tensor
+    memo: dict = field(default_factory=dict)  # what the layers of a step derive from the front alone
+
+    def sizes(self, size, page: int = 1) -> torch.Tensor:
+        """int64 [B, T]: a part's size for each row's length (resolve_size), in pages of `page`
+        keys rounded up; once per step."""
+        key = ("size", type(size).__name__, size, page)
+        if key not in self.memo:
+            got = resolve_size(size, self.length)
+            self.memo[key] = got if page == 1 else torch.div(got + page - 1, page, rounding_mode="floor")
+        return self.memo[key]
+
+    def zeros(self, shape, device) -> torch.Tensor:
+        """f32 zeros of `shape`: the log-weights of exact keys, one tensor for a step's layers
+        (no one writes them)."""
+        key = ("zeros", tuple(shape))
+        if key not in self.memo:
+            self.memo[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return self.memo[key]
 
     def selection(self, k) -> Selection:
         """The front alone: shared [B, Hkv, T, W]."""
@@ -108,21 +140,27 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
     """[sink+][window+]topk(k) on the device, per query head: [B, Hq, T, K], K = min(N,
     front width + size(k, N)) (host numbers).
 
-    The oracle part's rule (methods/oracle.py): exact scores (the same float32 product), keys
-    outside [lo, hi) (not in the row, or chosen by sink/window) at -inf, torch.topk of
-    size(k, N) candidates (the reference takes as many, so ties break alike), a row keeps its
-    first size(k, L) finite ones."""
+    The oracle part's rule (methods/oracle.py): exact scores (float32), keys outside [lo, hi)
+    (not in the row, or chosen by sink/window) at -inf, a row keeps its size(k, L) largest
+    finite ones, ties to the lowest positions (kernels.select.topk_ref)."""
+    b, hq, t, _ = q.shape
     n = k.shape[2]
     part = spec.parts[-1]
+    kt = host_size(part.k, n)
+    width = min(n, front.idx.shape[-1] + kt)
+    if width == 0:
+        return Selection.empty(b, hq, t, q.device)
+    if use_kernels(q):
+        s = attn_scores(q, k, front.lo, front.hi, scale)
+        idx, count = select_top(s, front.sizes(part.k), kt, width=width, front=(front.idx, front.count))
+        return Selection(idx, front.zeros(idx.shape, q.device), count)
     s = exact_scores(q, _keys_below_end(k, ends.amax(-1)), scale)  # [B, Hq, T, N]
     pos = torch.arange(n, device=k.device)
     left = (pos >= front.lo[:, None, :, None]) & (pos < front.hi[:, None, :, None])
     s = s.masked_fill(~left, float("-inf"))
-    kt = host_size(part.k, n)
-    top = torch.topk(s, kt, dim=-1)  # sorted: a row's finite, wanted entries come first
-    ok = (torch.arange(kt, device=k.device) < resolve_size(part.k, front.length)[:, None, :, None]) & \
-        (top.values > float("-inf"))
-    return _with_front(front, top.indices, ok.sum(-1), min(n, front.idx.shape[-1] + kt))
+    top_v, top_i = topk_ref(s, kt)  # a row's finite, wanted entries come first
+    ok = (torch.arange(kt, device=k.device) < front.sizes(part.k)[:, None, :, None]) & (top_v > float("-inf"))
+    return _with_front(front, top_i, ok.sum(-1), width)
 
 
 def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
@@ -131,14 +169,21 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
 
     The quest part's rule (methods/quest.py): bounds U of the pages (pages: Plan._pages), a
     page ranks when it holds a key in [lo, hi) (in the row, not chosen by sink/window) and is
-    not the row's last page, torch.topk of ceil(size(budget, N) / page) candidates (as the
-    reference), a row keeps its first ceil(size(budget, L) / page) finite ones; the last page
-    and those pages give their keys in [lo, hi)."""
+    not the row's last page, a row keeps its ceil(size(budget, L) / page) pages of largest
+    finite U, ties to the lowest pages (kernels.select.topk_ref); the last page and those
+    pages give their keys in [lo, hi)."""
     b, hq, t, _ = q.shape
     n = k.shape[2]
     part = spec.parts[-1]
     sz = part.page
     p = -(-n // sz)
+    kp = min(-(-host_size(part.budget, n) // sz), p)
+    width = min(n, front.idx.shape[-1] + (kp + 1) * sz)
+    if use_kernels(q):
+        rank = page_scores(q, pages, front.lo, front.hi, ends, scale, sz, p)
+        idx, count = select_top(rank, front.sizes(part.budget, sz), kp, width=width, front=(front.idx, front.count),
+                                page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts)
+        return Selection(idx, front.zeros(idx.shape, q.device), count)
     meta = pages[:, :, :p]
     u = page_bounds(q, meta[..., 0], meta[..., 1], scale)  # [B, Hq, T, P]
     lo, hi = front.lo[:, None, :, None], front.hi[:, None, :, None]  # [B, 1, T, 1]
@@ -146,11 +191,10 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     ranks = torch.maximum(first, lo) < torch.minimum(first + sz, hi)  # the page holds a key left to rank
     last = ((ends - 1).clamp(min=0) // sz)[:, None]  # [B, 1, T]
     rank = u.masked_fill(~ranks | (torch.arange(p, device=k.device) == last[..., None]), float("-inf"))
-    kp = min(-(-host_size(part.budget, n) // sz), p)
-    top = torch.topk(rank, kp, dim=-1)
-    want = torch.div(resolve_size(part.budget, front.length) + sz - 1, sz, rounding_mode="floor")[:, None]
-    ok_top = (torch.arange(kp, device=k.device) < want[..., None]) & (top.values > float("-inf"))
-    chosen = torch.cat([last[..., None].expand(b, hq, t, 1), top.indices], -1)
+    top_v, top_i = topk_ref(rank, kp)
+    ok_top = (torch.arange(kp, device=k.device) < front.sizes(part.budget, sz)[:, None, :, None]) & \
+        (top_v > float("-inf"))
+    chosen = torch.cat([last[..., None].expand(b, hq, t, 1), top_i], -1)
     has_keys = (ends > starts[:, None])[:, None, :, None].expand(b, hq, t, 1)
     page_ok = torch.cat([has_keys, ok_top], -1)
     idx = (chosen[..., None] * sz + torch.arange(sz, device=k.device)).flatten(-2)  # [B, Hq, T, W]
@@ -160,7 +204,7 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     rank_ok = ok.cumsum(-1)
     packed = torch.full((b, hq, t, w + 1), -1, dtype=idx.dtype, device=k.device)
     packed.scatter_(-1, torch.where(ok, rank_ok - 1, w), idx)
-    return _with_front(front, packed[..., :w], rank_ok[..., -1], min(n, front.idx.shape[-1] + w))
+    return _with_front(front, packed[..., :w], rank_ok[..., -1], width)
 
 
 def page_shape(k) -> tuple:

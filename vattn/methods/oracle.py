@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vattn.kernels.select import topk_ref
 from vattn.methods.base import Builder, DecodeContext, check_range, check_size, host_size, register, resolve_size
 
 NEG = float("-inf")
@@ -19,11 +20,10 @@ def masked_scores(ctx: DecodeContext, out: Builder) -> torch.Tensor:
 @register("topk")
 @dataclass
 class TopK:
-    """The k keys with the largest exact scores among those not yet chosen, per query head.
-
-    torch.topk takes host_size(k, N) candidates (N: the key buffer's length, known on the
-    host), not the largest row's k: the same call the topk plan makes (vattn.plan), so both
-    break ties between equal scores alike, and nothing waits for the device."""
+    """The k keys with the largest exact scores among those not yet chosen, per query head;
+    among equal scores the lower positions first (kernels.select.topk_ref: the rule the topk
+    plan's kernels follow, vattn.plan). host_size(k, N) candidates (N: the key buffer's
+    length, known on the host), so nothing waits for the device."""
     k: int | float = 0.05
 
     def __post_init__(self):
@@ -33,9 +33,9 @@ class TopK:
         s = masked_scores(ctx, out)
         k = resolve_size(self.k, ctx.lengths())
         kmax = host_size(self.k, s.shape[-1])
-        top = torch.topk(s, kmax, dim=-1)
-        ok = (torch.arange(kmax, device=s.device) < k[..., None]) & (top.values > NEG)
-        out.add(top.indices, None, ok)
+        vals, idx = topk_ref(s, kmax)
+        ok = (torch.arange(kmax, device=s.device) < k[..., None]) & (vals > NEG)
+        out.add(idx, None, ok)
 
 
 @register("topp")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vattn.errors import VattnError
+from vattn.kernels.select import topk_ref
 from vattn.methods.base import Builder, DecodeContext, check_size, host_size, register, resolve_size
 
 NEG = float("-inf")
@@ -150,12 +151,12 @@ class Quest:
         pid = torch.arange(p, device=u.device)
         rank = u.masked_fill(~fresh | (pid == last[..., None]), NEG)
         want = torch.div(resolve_size(self.budget, ctx.lengths()) + s - 1, s, rounding_mode="floor")
-        # candidates sized by the key buffer's length (a host number), as the quest plan does:
-        # the same torch.topk call, so ties between equal bounds break alike (vattn.plan)
+        # candidates sized by the key buffer's length (a host number), as the quest plan does;
+        # equal bounds: the lower pages first (kernels.select.topk_ref, the plan kernels' rule)
         kmax_p = min(-(-host_size(self.budget, ctx.k.shape[2]) // s), p)
-        top = torch.topk(rank, kmax_p, dim=-1)
-        ok_top = (torch.arange(kmax_p, device=u.device) < want[..., None]) & (top.values > NEG)
-        pages = torch.cat([last[..., None].expand(b, hq, t, 1), top.indices], -1)
+        vals, top = topk_ref(rank, kmax_p)
+        ok_top = (torch.arange(kmax_p, device=u.device) < want[..., None]) & (vals > NEG)
+        pages = torch.cat([last[..., None].expand(b, hq, t, 1), top], -1)
         page_ok = torch.cat([has_keys[:, None, :, None].expand(b, hq, t, 1), ok_top], -1)
         idx, ok = pages_to_keys(ctx, pages, page_ok, s)
         out.add(idx, None, ok)

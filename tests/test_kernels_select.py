@@ -1,0 +1,224 @@
+"""kernels/select.py (scores, page bounds, the radix top-k select and the Selection it writes)
+in the Triton interpreter: against torch and a sort, and, wired into vattn.plan's topk and quest
+kernel paths (plan_select.USE_KERNELS), against the reference methods key for key."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
+from helpers import rand_qkv
+from vattn.errors import VattnError
+from vattn.kernels import select as ks
+from vattn.kernels.select import attn_scores, page_scores, select_top, select_top_ref, topk_ref
+from vattn.methods.base import exact_scores
+from vattn.methods.quest import page_bounds
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+NEG = float("-inf")
+
+
+def ranges(b, t, n, seed):
+    """[lo, hi) per (batch row, query row): ragged, one empty."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randint(0, n // 3, (b, t), generator=g)
+    hi = (n - torch.randint(0, n // 3, (b, t), generator=g)).clamp(min=lo)
+    hi[0, 0] = lo[0, 0]  # a row without keys to rank
+    return lo, hi
+
+
+def masked(s, lo, hi):
+    pos = torch.arange(s.shape[-1])
+    return s.masked_fill(~((pos >= lo[:, None, :, None]) & (pos < hi[:, None, :, None])), NEG)
+
+
+@pytest.mark.parametrize("dtype,t", [(torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 1)])
+def test_scores_equal_the_torch_product(dtype, t):
+    g = torch.Generator().manual_seed(t)
+    b, hkv, gq, n, d = 2, 2, 2, 150, 32
+    q = torch.randn(b, hkv * gq, t, d, generator=g).to(dtype)
+    big = torch.randn(b, hkv, n + 5, 2 * d, generator=g).to(dtype)
+    k = big[:, :, 3:n + 3, :d]  # a strided view, read in place
+    lo, hi = ranges(b, t, n, seed=t)
+    got = attn_scores(q.to(DEV), k.to(DEV), lo.to(DEV), hi.to(DEV), 0.3).cpu()
+    want = masked(exact_scores(q, k, 0.3), lo, hi)
+    assert torch.equal(got == NEG, want == NEG)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_page_scores_equal_the_reference_bound(t):
+    g = torch.Generator().manual_seed(t)
+    b, hkv, hq, d, page, n = 2, 2, 4, 16, 4, 70
+    npg = -(-n // page)
+    q = torch.randn(b, hq, t, d, generator=g)
+    a, c = torch.randn(2, b, hkv, npg + 3, d, generator=g)
+    pages = torch.stack([torch.minimum(a, c), torch.maximum(a, c)], -1)  # spare pages past n_pages
+    lo, hi = ranges(b, t, n, seed=t)
+    ends = (hi + torch.randint(0, 6, (b, t), generator=g)).clamp(max=n)
+    got = page_scores(q.to(DEV), pages.to(DEV), lo.to(DEV), hi.to(DEV), ends.to(DEV), 0.25, page, npg).cpu()
+    u = page_bounds(q, pages[:, :, :npg, :, 0], pages[:, :, :npg, :, 1], 0.25)
+    first = torch.arange(npg) * page
+    ranks = torch.maximum(first, lo[:, None, :, None]) < torch.minimum(first + page, hi[:, None, :, None])
+    last = ((ends - 1).clamp(min=0) // page)[:, None, :, None]
+    want = u.masked_fill(~ranks | (torch.arange(npg) == last), NEG)
+    assert torch.equal(got == NEG, want == NEG)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def hard_rows(n=300, seed=0):
+    """scores [2, 4, 2, n]: per head a kind of row (random; many ties; -inf, NaN, +inf, +-0 and
+    ties; 5 finite entries), and an all -inf row."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 4, 2, n, generator=g)
+    s[:, 1] = torch.randint(0, 4, (2, 2, n), generator=g).float()  # four values, ~n/4 of each
+    x = torch.randint(-3, 4, (2, 2, n), generator=g).float()
+    x[..., ::7] = NEG
+    x[..., 3::11] = float("nan")
+    x[..., 5::13] = float("inf")
+    x[..., 1::5] = -0.0
+    s[:, 2] = x
+    s[:, 3] = NEG
+    s[:, 3, :, 40:45] = torch.tensor([1.0, -1.0, 1.0, 2.0, 0.0])
+    s[1, 0, 1] = NEG  # all -inf
+    return s
+
+
+@pytest.mark.parametrize("splits,kmax", [(1, 64), (4, 64), (3, 300)])
+def test_select_is_the_stable_sort(splits, kmax):
+    """The kernel's set is a stable descending sort's first k: ties to the lowest positions,
+    -inf/NaN never, k = 0, k beyond the finite entries, k beyond kmax (clamped)."""
+    s = hard_rows()
+    k = torch.tensor([[0, 7], [40, 400]])
+    idx, cnt = select_top(s.to(DEV), k.to(DEV), kmax, splits=splits, block=64)
+    want_idx, want_cnt = select_top_ref(s, k, kmax)
+    assert torch.equal(cnt.cpu(), want_cnt) and torch.equal(idx.cpu(), want_idx)
+    assert want_cnt[1, 3, 1] == 5 and want_cnt[1, 0, 1] == 0  # 5 finite (ties), all -inf
+
+
+def test_topk_ref_breaks_ties_by_position():
+    x = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 2.0, 3.0, -0.0, 0.0]])
+    v, i = topk_ref(x, 8)
+    assert i.tolist() == [[1, 2, 5, 4, 0, 6, 7, 3]]  # NaN ranks as -inf
+    assert topk_ref(torch.tensor([[0.0, -0.0, 0.0]]), 2)[1].tolist() == [[0, 1]]
+
+
+def test_select_writes_the_front_then_the_pages():
+    """select_top with a front and pages (Quest): the front's keys, the last page's keys in
+    [lo, hi), then each taken page's keys in [lo, hi) (partial first and last candidate pages
+    in other programs' chunks), -1 padding."""
+    page, npg = 4, 40
+    s = torch.randn(1, 2, 1, npg, generator=torch.Generator().manual_seed(3))
+    lo, hi, ends, starts = torch.tensor([[6]]), torch.tensor([[150]]), torch.tensor([[157]]), torch.tensor([0])
+    first = torch.arange(npg) * page
+    s = s.masked_fill((torch.maximum(first, lo) >= torch.minimum(first + page, hi)) | (torch.arange(npg) == 39), NEG)
+    s[0, 0, 0, 1] = 9.0  # the partial first candidate page (keys 6, 7) and the partial last one (148, 149)
+    s[0, 0, 0, 37] = 8.0
+    fidx = torch.tensor([[[0, 1, 2, 156, 155, 154, 153, 152, 151, 150, -1]]])
+    fcnt = torch.tensor([[10]])
+    for splits in (1, 4):
+        idx, cnt = select_top(s, torch.tensor([[5]]), 6, width=60, front=(fidx, fcnt), page=page, lo=lo, hi=hi,
+                              ends=ends, starts=starts, splits=splits, block=8)
+        for h in range(2):
+            top = sorted(topk_ref(s[0, h, 0], 5)[1].tolist())
+            keys = [x for p in top for x in range(p * page, p * page + page) if 6 <= x < 150]
+            want = fidx[0, 0, :10].tolist() + [] + keys  # the last page (156..159) lies past hi
+            assert idx[0, h, 0, :cnt[0, h, 0]].tolist() == want, (splits, h)
+            assert (idx[0, h, 0, cnt[0, h, 0]:] == -1).all()
+        assert {1, 37} <= set(topk_ref(s[0, 0, 0], 5)[1].tolist())
+
+
+def test_bad_inputs_are_named():
+    s = torch.zeros(1, 2, 1, 8)
+    k = torch.ones(1, 1, dtype=torch.long)
+    with pytest.raises(VattnError, match="scores has dtype"):
+        select_top(s.half(), k, 2)
+    with pytest.raises(VattnError, match="4-D"):
+        select_top(s[0], k, 2)
+    with pytest.raises(VattnError, match="kmax"):
+        select_top(s, k, -1)
+    with pytest.raises(VattnError, match=r"k must be .*\[B, T\]"):
+        select_top(s, torch.ones(2, 1, dtype=torch.long), 2)
+    with pytest.raises(VattnError, match="lo and hi"):
+        select_top(s, k, 2, page=4)
+    q, kk, _ = rand_qkv(b=1, hq=4, hkv=2, n=8)
+    lo, hi = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 8)
+    with pytest.raises(VattnError, match="share a dtype"):
+        attn_scores(q, kk.half(), lo, hi, 1.0)
+    with pytest.raises(VattnError, match="head dim"):
+        attn_scores(q[..., :8], kk[..., :8], lo, hi, 1.0)
+    with pytest.raises(VattnError, match=r"k \[B, Hkv, N, D\]"):
+        attn_scores(q, kk[:, :, :, :8], lo, hi, 1.0)
+    with pytest.raises(VattnError, match="lo must be"):
+        attn_scores(q, kk, lo[0], hi, 1.0)
+    with pytest.raises(VattnError, match="pages must be"):
+        page_scores(q, torch.zeros(1, 2, 3, 16), lo, hi, hi, 1.0, 4, 2)
+
+
+# -- the plan paths with the kernels ----------------------------------------------------------
+@pytest.fixture
+def kernels(monkeypatch):
+    """plan_select runs the Triton kernels on CPU (the interpreter), with small blocks so rows
+    span several programs; the sparse kernel's torch twin attends (as in test_plan_paths)."""
+    import vattn.kernels.sparse as sp
+    import vattn.plan_select as ps
+    monkeypatch.setattr(ps, "USE_KERNELS", True)
+    monkeypatch.setattr(ks, "BLOCK", 16)
+    monkeypatch.setattr(sp, "sparse_decode", sp.sparse_decode_ref)
+
+
+@pytest.mark.parametrize("spec,t", [("sink(3)+window(4)+topk(0.1)", 1), ("sink(3)+window(4)+topk(0.1)", 2),
+                                    ("topk(5)", 1), ("sink(30)+window(30)+topk(30)", 1),
+                                    ("sink(2)+window(3)+quest(0.2,page=8)", 1),
+                                    ("sink(2)+window(3)+quest(0.2,page=8)", 2), ("quest(8,page=4)", 1),
+                                    ("sink(1)+window(2)+quest(1.0,page=8)", 1), ("window(3)+quest(10,page=1)", 1),
+                                    ("sink(2)+quest(12,page=3)", 1)])
+def test_kernel_paths_choose_the_reference_keys(spec, t, kernels):
+    from test_plan_paths import bounds, check_equal
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
+    starts, ends = bounds(t=t, seed=t)
+    check_equal(spec, q, k, v, starts, ends)
+
+
+def test_kernel_paths_in_bfloat16_and_dense_layers(kernels):
+    from test_plan_paths import bounds, check_equal
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=7, dtype=torch.bfloat16)
+    starts, ends = bounds(t=1, seed=7)
+    check_equal("sink(2)+window(3)+topk(9)", q, k, v, starts, ends)
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=8)
+    check_equal("sink(3)+window(4)+quest(20,page=4,dense_layers=1)", q, k, v, starts, ends, layers=(0, 1))
+
+
+@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)"])
+def test_kernel_ties_break_as_the_reference(spec, kernels):
+    """Repeated keys (equal scores) and repeated pages (equal bounds): lowest positions first."""
+    from test_plan_paths import check_equal
+    q, k, v = rand_qkv(b=2, hq=4, hkv=2, t=1, n=64, seed=5)
+    k[:, :, 8:24] = k[:, :, 8:12].repeat(1, 1, 4, 1)
+    k[:, :, 40:44] = k[:, :, 8:12]
+    check_equal(spec, q, k, v, torch.tensor([0, 3]), torch.tensor([[64], [50]]))
+
+
+@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(0.05)+window(4)+quest(12,page=4)"])
+def test_kernel_paths_never_wait_for_the_device(spec, kernels, monkeypatch):
+    from test_plan_paths import NoSync, SCALE, bounds, step
+    from vattn.plan import compile
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=4)
+    starts, ends = bounds(t=1)
+    plan = compile(spec, "cpu", fused=True).reserve(96)
+    step(plan, 0, q, k, v, starts, ends)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        def banned(*a, _name=name, **kw):
+            raise AssertionError(f"Tensor.{_name} in a graphable path")
+        monkeypatch.setattr(torch.Tensor, name, banned)
+    with NoSync():
+        ctx = plan.context(starts, ends, SCALE)
+        plan.append(1, k, v, ctx)
+        plan.run(1, q, k, v, ctx)
+    monkeypatch.undo()

@@ -1,0 +1,496 @@
+"""Top-k selection on the GPU: exact scores, Quest page bounds, a row-wise radix select and the
+Selection it writes, for vattn.plan's topk-kernel and quest-kernel paths (plan_select.py).
+
+    attn_scores(q, k, lo, hi, scale)         f32 [B, Hq, T, N]: scale * q.k, -inf outside [lo, hi)
+    page_scores(q, pages, lo, hi, ends, scale, page, n_pages)
+                                             f32 [B, Hq, T, P]: Quest's bound of each page that ranks
+    select_top(scores, k, kmax, ...)         int32 [B, H, T, W] positions (valid first, -1 padding)
+                                             + int32 count [B, H, T]
+    topk_ref(x, k)                           the rule, in torch (the CPU reference paths use it)
+
+The rule: a row keeps its k_r = min(k[b, t], kmax) largest entries that are neither -inf nor
+NaN (+inf ranks highest, -0.0 ties with +0.0); among equal entries at the threshold the lowest
+positions are kept. It fixes the chosen SET (a stable descending sort's first k_r: topk_ref),
+so the kernels and the torch references pick the same keys, ties included.
+
+Design (no sort, no host sync, every shape from host numbers so a CUDA graph captures it):
+ 1. scores: grid (B * Hkv, row blocks, key blocks). The G query heads (times the T rows) of a KV
+    head share each K tile in the M dim of tl.dot (padded to 16); K is read in place, only at
+    positions in some row's [lo, hi) (nothing at or past a row's end: a vmem cache maps nothing
+    there), float32 accumulation, then * scale (the reference's exact_scores order).
+    page_scores: the same grid over pages, two dots (q+ . max, q- . min) as methods.quest.
+ 2. radix select over the order-preserving uint32 image u of each score (NaN, -inf -> 0: no
+    candidate), four launches of one 8-bit digit each, high to low. Each row is split over P
+    programs (about 8 programs per SM in all, so the 32 rows of B=1 still fill the GPU; splits
+    overrides); program (row, j) histograms (tl.histogram, 256 bins) the digit of the entries of
+    its chunk whose higher bits equal the prefix found so far, stores its histogram (no atomics
+    on bins) and bumps the row's counter (acq_rel); the last program to arrive sums the P
+    histograms (volatile loads), picks the digit where the count from the top reaches the rank
+    still wanted, extends the prefix and zeroes the counter (kernels._common.zeroed_counters: no
+    memset). Pass 1 fixes k_r = min(k, kmax, candidates); k_r = 0 or every candidate is done at
+    once and the middle passes skip the row. After pass 4 a row's state is (thr, eq_take): take
+    u > thr, and the first eq_take entries with u == thr in position order. The last resolver
+    also turns the programs' histograms into each chunk's output offset (entries taken, and
+    entries equal to thr, before the chunk), so the writer needs no cross-program scan.
+    8-bit digits: tl.histogram costs each warp about bins / 32 operations per element it bins
+    (8 per thread here, 64 with 11-bit digits), so four cheap passes beat three dear ones.
+ 3. emit: program (row, j) walks its chunk again, takes by (thr, eq_take) with in-block prefix
+    sums, and writes the final Selection row: the front's keys (sink, window: copied), for
+    Quest the row's last page, then the taken positions in position order (a page: its keys
+    in [lo, hi); only the first and the last candidate page can be partial, and the resolver
+    counts them in the offsets), then -1 padding and the count.
+Launches per call: scores 1, select 4, emit 1. The score matrix (4 bytes per query head and
+key) is written once and read 5 times; the score kernel reads K once (2 * D bytes per KV head
+and key), so at G = 4, D = 128 the select passes move about a third of what K does. Not done
+(ideas if the select shows in a profile): the first digit's histogram inside the score
+kernel; compacting each row's threshold bucket after pass 2 so passes 3-4 read a short list.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.kernels._common import (check_dtype, check_runnable, load_online, next_pow2, target_programs,
+                                   use_ieee, zeroed_counters)
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+NB = 256  # bins of a radix pass: 8 bits
+PASSES = ((24, 8), (16, 8), (8, 8), (0, 8))  # (shift, bits) of the four digits, high to low
+NEG = float("-inf")
+BLOCK = 1024  # entries per loop step of the select programs (tests shrink it to get several programs)
+
+
+# -- the rule, in torch --------------------------------------------------------------------
+def topk_ref(x: torch.Tensor, k: int):
+    """(values, indices) of the k largest entries along the last dim, largest first, ties
+    broken by the lower position (a stable descending sort); NaN ranks as -inf. k <= size."""
+    x = torch.where(torch.isnan(x), NEG, x)
+    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
+
+
+def select_top_ref(scores: torch.Tensor, k: torch.Tensor, kmax: int):
+    """select_top's reference without front or pages: (positions int32 [B, H, T, kmax] in
+    position order, -1 padding; count int32 [B, H, T])."""
+    vals, idx = topk_ref(scores, kmax)
+    want = k.long().clamp(0, kmax)[:, None, :, None]
+    ok = (torch.arange(kmax, device=scores.device) < want) & (vals > NEG)
+    n = scores.shape[-1]
+    pos = torch.sort(torch.where(ok, idx, n), dim=-1).values
+    return torch.where(pos < n, pos, -1).to(torch.int32), ok.sum(-1).to(torch.int32)
+
+
+# -- kernels -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    load_online(globals())
+
+    @triton.jit
+    def ukey(x):
+        # order-preserving uint32 image of float32 x; -0.0 as +0.0; NaN and -inf -> 0 (not candidates;
+        # every candidate's image is >= 0x00800000)
+        x = tl.where(x == 0.0, 0.0, x)
+        b = x.to(tl.uint32, bitcast=True)
+        u = tl.where((b >> 31) != 0, ~b, b | 0x80000000)
+        return tl.where(x > float("-inf"), u, tl.zeros_like(u))
+
+    globals()["_ukey"] = ukey
+
+    @triton.jit
+    def scores(q, k, out, lo_p, hi_p, sqb, sqh, sqt, skb, skh, skn, HQ, HKV, T, N, GT, scale,
+               G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # program (b * HKV + kv head, block of MR of the G*T query rows, block of BN keys)
+        bj = tl.program_id(0)
+        b = bj // HKV
+        jh = bj % HKV
+        m = tl.program_id(1) * MR + tl.arange(0, MR)
+        mok = m < GT
+        g = m // T
+        t = m % T
+        hq = jh * G + g
+        d = tl.arange(0, D)
+        b64 = b.to(tl.int64)
+        qq = tl.load(q + b64 * sqb + hq[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :],
+                     mask=mok[:, None], other=0.0)
+        lo = tl.load(lo_p + b * T + t, mask=mok, other=N).to(tl.int32)
+        hi = tl.load(hi_p + b * T + t, mask=mok, other=0).to(tl.int32)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        kin = (n >= tl.min(lo, 0)) & (n < tl.max(hi, 0))  # keys some row ranks: nothing else is read
+        kk = tl.load(k + b64 * skb + jh.to(tl.int64) * skh + n[:, None].to(tl.int64) * skn + d[None, :],
+                     mask=kin[:, None], other=0.0)
+        s = dot_qk(qq, kk, IEEE) * scale
+        ok = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        row = ((b * HQ + hq) * T + t).to(tl.int64)
+        tl.store(out + row[:, None] * N + n[None, :], s, mask=mok[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def pages(q, pg, out, lo_p, hi_p, end_p, sqb, sqh, sqt, spb, sph, spp, HQ, HKV, T, NP, GT, PAGE, scale,
+              G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):
+        # Quest's bound scale * (q+ . max + q- . min) of each page (methods.quest.page_bounds), -inf
+        # where the page ranks not: no key in [lo, hi), or the row's last page
+        bj = tl.program_id(0)
+        b = bj // HKV
+        jh = bj % HKV
+        m = tl.program_id(1) * MR + tl.arange(0, MR)
+        mok = m < GT
+        g = m // T
+        t = m % T
+        hq = jh * G + g
+        d = tl.arange(0, D)
+        b64 = b.to(tl.int64)
+        qq = tl.load(q + b64 * sqb + hq[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :],
+                     mask=mok[:, None], other=0.0).to(tl.float32)
+        p = tl.program_id(2) * BP + tl.arange(0, BP)
+        pin = p < NP
+        base = pg + b64 * spb + jh.to(tl.int64) * sph + p[:, None].to(tl.int64) * spp + d[None, :] * 2
+        kmin = tl.load(base, mask=pin[:, None], other=0.0)
+        kmax = tl.load(base + 1, mask=pin[:, None], other=0.0)
+        u = tl.dot(tl.maximum(qq, 0.0), tl.trans(kmax), input_precision="ieee")
+        u += tl.dot(tl.minimum(qq, 0.0), tl.trans(kmin), input_precision="ieee")
+        u = u * scale
+        lo = tl.load(lo_p + b * T + t, mask=mok, other=0).to(tl.int32)
+        hi = tl.load(hi_p + b * T + t, mask=mok, other=0).to(tl.int32)
+        last = tl.maximum(tl.load(end_p + b * T + t, mask=mok, other=0).to(tl.int32) - 1, 0) // PAGE
+        first = p[None, :] * PAGE
+        ranks = (tl.maximum(first, lo[:, None]) < tl.minimum(first + PAGE, hi[:, None])) & \
+            (p[None, :] != last[:, None])
+        u = tl.where(ranks, u, float("-inf"))
+        row = ((b * HQ + hq) * T + t).to(tl.int64)
+        tl.store(out + row[:, None] * NP + p[None, :], u, mask=mok[:, None] & pin[None, :])
+
+    @triton.jit
+    def radix(s, N, kr, HT, T, KMAX, hist, above, state, offs, ctr, CH, P, lo_p, hi_p, PAGE,
+              SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+              NBIN: tl.constexpr, BLK: tl.constexpr):
+        # One digit of the radix select; state [R, 4] int32: (key: the prefix found, as uint32 bits;
+        # rem: the rank still wanted within it (eq_take after the last pass); done; k_r)
+        r = tl.program_id(0)
+        j = tl.program_id(1)
+        r64 = r.to(tl.int64)
+        start = j * CH
+        stop = tl.minimum(start + CH, N)
+        if FIRST:
+            key = tl.zeros([], tl.uint32)
+            done = tl.zeros([], tl.int32)
+            pre = key
+        else:
+            key = tl.load(state + r64 * 4).to(tl.uint32, bitcast=True)
+            done = tl.load(state + r64 * 4 + 2)
+            pre = key >> (SHIFT + BITS)
+            if not LAST:
+                stop = tl.where(done != 0, start, stop)  # a finished row skips the middle passes
+        h = tl.zeros([NBIN], tl.int32)
+        ab = tl.zeros([], tl.int32)
+        srow = s + r64 * N
+        for n0 in range(start, stop, BLK):
+            n = n0 + tl.arange(0, BLK)
+            u = _ukey(tl.load(srow + n, mask=n < stop, other=float("-inf")))
+            if FIRST:
+                m = u != 0
+            else:
+                top = u >> (SHIFT + BITS)
+                m = top == pre
+                ab += tl.sum((top > pre).to(tl.int32), 0)
+            h += tl.histogram(((u >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32), NBIN, mask=m)
+        v = tl.arange(0, NBIN)
+        slot = r64 * P + j
+        tl.store(hist + slot * NBIN + v, h)
+        tl.store(above + slot, ab)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(ctr + r, 1, sem="acq_rel")
+        if arrived == P - 1:  # the row's last program: resolve the digit
+            tot = tl.zeros([NBIN], tl.int32)
+            for i in range(0, P):
+                tot += tl.load(hist + (r64 * P + i) * NBIN + v, volatile=True)
+            if FIRST:
+                cand = tl.sum(tot, 0)
+                kk = tl.minimum(tl.minimum(tl.load(kr + (r // HT) * T + r % T).to(tl.int32), KMAX), cand)
+                kk = tl.maximum(kk, 0)
+                done = ((kk == 0) | (kk == cand)).to(tl.int32)
+                # k_r = 0: thr = max (nothing above it); every candidate: thr = 0 (all above it)
+                key = tl.where(kk == 0, tl.full([], 0xFFFFFFFF, tl.uint32), tl.zeros([], tl.uint32))
+                rem = tl.where(done != 0, 0, kk)
+                tl.store(state + r64 * 4 + 3, kk)
+            else:
+                rem = tl.load(state + r64 * 4 + 1)
+            ge = tl.sum(tot, 0) - tl.cumsum(tot, 0) + tot  # entries of the prefix with digit >= v
+            dig = tl.maximum(tl.sum((ge >= rem).to(tl.int32), 0) - 1, 0)
+            above_d = tl.sum(tl.where(v == dig, ge - tot, 0), 0)
+            live = done == 0
+            key = tl.where(live, key | (dig.to(tl.uint32) << SHIFT), key)
+            rem = tl.where(live, rem - above_d, rem)
+            tl.store(state + r64 * 4, key.to(tl.int32, bitcast=True))
+            tl.store(state + r64 * 4 + 1, rem)
+            tl.store(state + r64 * 4 + 2, done)
+            if LAST:
+                # per chunk: output entries before it (keys, for pages) and entries equal to thr before it
+                dd = (key & ((1 << BITS) - 1)).to(tl.int32)
+                eq_take = rem
+                # pages: only the first and the last candidate page can hold fewer than PAGE keys in
+                # [lo, hi); every page outside them is no candidate, so their ranks among equals are
+                # 0 and (all equal) - 1
+                bt = (r // HT) * T + r % T
+                lo = tl.load(lo_p + bt).to(tl.int32)
+                hi = tl.load(hi_p + bt).to(tl.int32)
+                plo = lo // PAGE
+                phi = tl.maximum(hi - 1, 0) // PAGE
+                clo = tl.minimum(plo * PAGE + PAGE, hi) - lo
+                chi = hi - tl.maximum(phi * PAGE, lo)
+                some = (lo < hi) & (PAGE > 1)
+                ulo = _ukey(tl.load(s + r64 * N + plo, mask=some, other=float("-inf")))
+                uhi = _ukey(tl.load(s + r64 * N + phi, mask=some, other=float("-inf")))
+                eq_all = tl.sum(tl.where(v == dd, tot, 0), 0)
+                tlo = some & ((ulo > key) | ((ulo == key) & (eq_take > 0)))
+                thi = some & (phi != plo) & ((uhi > key) | ((uhi == key) & (eq_all - 1 < eq_take)))
+                tb = tl.zeros([], tl.int32)
+                eb = tl.zeros([], tl.int32)
+                for i in range(0, P):
+                    hi_i = tl.load(hist + (r64 * P + i) * NBIN + v, volatile=True)
+                    gt_i = tl.load(above + r64 * P + i, volatile=True) + tl.sum(tl.where(v > dd, hi_i, 0), 0)
+                    eq_i = tl.sum(tl.where(v == dd, hi_i, 0), 0)
+                    tl.store(offs + (r64 * P + i) * 2, tb)
+                    tl.store(offs + (r64 * P + i) * 2 + 1, eb)
+                    took = gt_i + tl.minimum(tl.maximum(eq_take - eb, 0), eq_i)
+                    c0 = i * CH
+                    short = tl.where(tlo & (plo >= c0) & (plo < c0 + CH), PAGE - clo, 0) + \
+                        tl.where(thi & (phi >= c0) & (phi < c0 + CH), PAGE - chi, 0)
+                    tb += took * PAGE - short
+                    eb += eq_i
+                tl.store(state + r64 * 4 + 3, tb)  # entries (keys, for pages) the row writes
+            tl.store(ctr + r, 0)  # every program has counted: zero again for the next launch
+
+    @triton.jit
+    def emit(s, N, state, offs, CH, P, out, cnt, W, PW, HT, T, fidx, fcnt, W1, lo_p, hi_p, end_p, start_p,
+             FRONT: tl.constexpr, LASTPAGE: tl.constexpr, PAGE: tl.constexpr, SP: tl.constexpr,
+             BLK: tl.constexpr, FB: tl.constexpr):
+        # the Selection row: front keys, the last page's keys (Quest), the taken entries in position
+        # order (a page: its keys in [lo, hi)), -1 padding; count
+        r = tl.program_id(0)
+        j = tl.program_id(1)
+        r64 = r.to(tl.int64)
+        bt = (r // HT) * T + r % T
+        key = tl.load(state + r64 * 4).to(tl.uint32, bitcast=True)
+        eq_take = tl.load(state + r64 * 4 + 1)
+        total = tl.load(state + r64 * 4 + 3)
+        orow = out + r64 * W
+        base = tl.zeros([], tl.int32)
+        if FRONT:
+            base = tl.load(fcnt + bt).to(tl.int32)
+            for w0 in range(j * FB, W1, P * FB):  # the front's keys, spread over the row's programs
+                w = w0 + tl.arange(0, FB)
+                tl.store(orow + w, tl.load(fidx + bt.to(tl.int64) * W1 + w, mask=w < base).to(tl.int32),
+                         mask=w < base)
+        lo = tl.load(lo_p + bt).to(tl.int32)
+        hi = tl.load(hi_p + bt).to(tl.int32)
+        if LASTPAGE:  # the row's last page: its keys in [lo, hi), when the row has keys
+            e = tl.load(end_p + bt).to(tl.int32)
+            lp = tl.maximum(e - 1, 0) // PAGE
+            a = tl.maximum(lp * PAGE, lo)
+            nl = tl.where(e > tl.load(start_p + r // HT).to(tl.int32),
+                          tl.maximum(tl.minimum(lp * PAGE + PAGE, hi) - a, 0), 0)
+            if j == 0:
+                o = tl.arange(0, SP)
+                tl.store(orow + base + o, a + o, mask=o < nl)
+            base += nl
+        off = tl.load(offs + (r64 * P + j) * 2)
+        eqb = tl.load(offs + (r64 * P + j) * 2 + 1)
+        start = j * CH
+        stop = tl.minimum(start + CH, N)
+        srow = s + r64 * N
+        for n0 in range(start, stop, BLK):
+            n = n0 + tl.arange(0, BLK)
+            u = _ukey(tl.load(srow + n, mask=n < stop, other=float("-inf")))
+            eq = (u == key).to(tl.int32)
+            take = (u > key) | ((eq != 0) & (eqb + tl.cumsum(eq, 0) - 1 < eq_take))
+            if PAGE == 1:
+                ti = take.to(tl.int32)
+                tl.store(orow + base + off + tl.cumsum(ti, 0) - 1, n, mask=take)
+                off += tl.sum(ti, 0)
+            else:
+                a = tl.maximum(n * PAGE, lo)
+                c = tl.where(take, tl.maximum(tl.minimum(n * PAGE + PAGE, hi) - a, 0), 0)
+                dst = base + off + tl.cumsum(c, 0) - c
+                o = tl.arange(0, SP)
+                tl.store(orow + dst[:, None] + o[None, :], a[:, None] + o[None, :], mask=o[None, :] < c[:, None])
+                off += tl.sum(c, 0)
+            eqb += tl.sum(eq, 0)
+        full = base + total
+        if j == 0:
+            tl.store(cnt + r, full)
+        for w0 in range(tl.maximum(j * PW, full), tl.minimum(j * PW + PW, W), FB):  # padding
+            w = w0 + tl.arange(0, FB)
+            tl.store(orow + w, tl.full([FB], -1, tl.int32), mask=w < tl.minimum(j * PW + PW, W))
+
+    return scores, pages, radix, emit
+
+
+# -- launchers -----------------------------------------------------------------------------
+def _rows_bt(x, b: int, t: int, name: str) -> torch.Tensor:
+    """A per-(batch row, query row) int tensor [B, T], contiguous."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (b, t) or x.dtype not in (torch.int32, torch.int64):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise VattnError(f"{name} must be an int32/int64 tensor [B, T] = {(b, t)}, got {got}")
+    return x.contiguous()
+
+
+def _check_qk(q, k):
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4:
+            raise VattnError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
+        check_dtype(name, x, FLOATS)
+        if x.stride(-1) != 1:
+            raise VattnError(f"{name} must have last-dim stride 1 (strides {tuple(x.stride())})")
+    b, hq, t, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or hq % k.shape[1]:
+        raise VattnError(f"k [B, Hkv, N, D] = {tuple(k.shape)} does not match q [B, Hq, T, D] = {tuple(q.shape)} "
+                         "(Hq must be a multiple of Hkv)")
+    if q.dtype != k.dtype:
+        raise VattnError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if d not in (16, 32, 64, 128, 256):
+        raise VattnError(f"head dim must be a power of two in 16..256, got {d}")
+
+
+def _row_blocks(g: int, t: int) -> int:
+    return max(16, min(64, next_pow2(g * t)))
+
+
+def attn_scores(q, k, lo, hi, scale: float, *, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """f32 [B, Hq, T, N]: scale * q.k of every query row and key in [lo[b, t], hi[b, t]), -inf
+    elsewhere. q [B, Hq, T, D], k [B, Hkv, N, D] (fp16/bf16/fp32, read in place, only in [lo, hi)
+    of some row); lo, hi int [B, T]."""
+    _check_qk(q, k)
+    check_runnable(q, k)
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    lo, hi = _rows_bt(lo, b, t, "lo"), _rows_bt(hi, b, t, "hi")
+    out = torch.empty((b, hq, t, n), dtype=torch.float32, device=q.device)
+    g = hq // hkv
+    mr = _row_blocks(g, t)
+    if out.numel():
+        _kernels()[0][(b * hkv, -(-g * t // mr), -(-n // block_n))](
+            q, k, out, lo, hi, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            hq, hkv, t, n, g * t, float(scale), G=g, MR=mr, D=d, BN=block_n, IEEE=use_ieee(q.dtype),
+            num_warps=num_warps)
+    return out
+
+
+def page_scores(q, pages, lo, hi, ends, scale: float, page: int, n_pages: int, *, block_p: int = 64,
+                num_warps: int = 4) -> torch.Tensor:
+    """f32 [B, Hq, T, n_pages]: Quest's bound of each page (methods.quest.page_bounds) where the
+    page holds a key in [lo, hi) and is not the row's last page ((ends - 1) // page), else -inf.
+    pages f32 [B, Hkv, >= n_pages, D, 2] (min, max of each page's keys)."""
+    check_dtype("q", q, FLOATS)
+    b, hq, t, d = q.shape
+    if pages.dim() != 5 or pages.shape[0] != b or pages.shape[3] != d or pages.shape[4] != 2 or \
+            pages.shape[2] < n_pages or pages.shape[1] == 0 or hq % pages.shape[1]:
+        raise VattnError(f"pages must be f32 [B, Hkv, >= {n_pages}, D, 2] for q {tuple(q.shape)}, "
+                         f"got {tuple(pages.shape)}")
+    check_dtype("pages", pages, (torch.float32,))
+    if pages.stride(4) != 1 or pages.stride(3) != 2 or q.stride(-1) != 1:
+        raise VattnError("pages must have contiguous (D, 2) dims and q a contiguous head dim")
+    if d not in (16, 32, 64, 128, 256):
+        raise VattnError(f"head dim must be a power of two in 16..256, got {d}")
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise VattnError(f"page must be a positive int, got {page!r}")
+    check_runnable(q, pages)
+    lo, hi, ends = _rows_bt(lo, b, t, "lo"), _rows_bt(hi, b, t, "hi"), _rows_bt(ends, b, t, "ends")
+    hkv = pages.shape[1]
+    g = hq // hkv
+    mr = _row_blocks(g, t)
+    out = torch.empty((b, hq, t, n_pages), dtype=torch.float32, device=q.device)
+    if out.numel():
+        _kernels()[1][(b * hkv, -(-g * t // mr), -(-n_pages // block_p))](
+            q, pages, out, lo, hi, ends, q.stride(0), q.stride(1), q.stride(2), pages.stride(0), pages.stride(1),
+            pages.stride(2), hq, hkv, t, n_pages, g * t, page, float(scale), G=g, MR=mr, D=d, BP=block_p,
+            num_warps=num_warps)
+    return out
+
+
+def select_programs(rows: int, n: int, device, block: int, splits: int | None = None) -> tuple[int, int]:
+    """(P, CH): programs per row and the chunk (a whole number of blocks) each walks; about 8
+    programs per SM in all (splits overrides), at most 64 per row."""
+    want = splits or math.ceil(4 * target_programs(device) / max(rows, 1))
+    want = max(1, min(want, 64, math.ceil(n / block)))
+    ch = math.ceil(math.ceil(n / want) / block) * block
+    return math.ceil(n / ch), ch
+
+
+def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, page: int = 1, lo=None, hi=None,
+               ends=None, starts=None, splits: int | None = None, block: int | None = None, emit_block: int | None = None,
+               num_warps: int = 4):
+    """Each row (b, h, t) of scores f32 [B, H, T, N] keeps its min(k[b, t], kmax) largest entries
+    that are not -inf/NaN, ties at the threshold to the lowest positions (module docstring).
+    Returns (idx int32 [B, H, T, width], count int32 [B, H, T]): valid entries first (the front's,
+    the last page's, then the taken ones in position order), -1 padding.
+
+    width: the output width (default kmax); it must hold every row's entries (not checked: no
+    sync). front: (idx int [B, T, W1] (-1 padding), count int [B, T]) written first. page > 1 or
+    ends given: entries are Quest pages of `page` keys; a taken page writes its keys in
+    [lo, hi) (int [B, T]), and with ends (int [B, T]) and starts (int [B]) the row's last page
+    ((ends - 1) // page, when ends > starts) comes first, with its keys in [lo, hi). Positions
+    are int32."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise VattnError(f"scores must be a 4-D tensor [B, H, T, N], got {getattr(scores, 'shape', scores)!r}")
+    check_dtype("scores", scores, (torch.float32,))
+    for name, x in (("kmax", kmax), ("page", page), ("width", width if width is not None else 0)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < (1 if name == "page" else 0):
+            raise VattnError(f"{name} must be a {'positive' if name == 'page' else 'non-negative'} int, got {x!r}")
+    b, h, t, n = scores.shape
+    width = kmax if width is None else width
+    k = _rows_bt(k, b, t, "k")
+    pages = page > 1 or ends is not None
+    if pages and (lo is None or hi is None):
+        raise VattnError("select_top over pages needs lo and hi (the keys a page may give)")
+    if ends is not None:
+        if starts is None or tuple(starts.shape) != (b,):
+            raise VattnError("select_top with ends (the row's last page) needs starts [B]")
+        ends, starts = _rows_bt(ends, b, t, "ends"), starts.contiguous()
+    lo = _rows_bt(lo, b, t, "lo") if lo is not None else torch.zeros((b, t), dtype=torch.int64, device=scores.device)
+    hi = _rows_bt(hi, b, t, "hi") if hi is not None else torch.full((b, t), n, dtype=torch.int64,
+                                                                     device=scores.device)
+    if front is not None:
+        fidx, fcnt = front
+        if fidx.dim() != 3 or tuple(fidx.shape[:2]) != (b, t):
+            raise VattnError(f"front idx must be [B, T, W1] with (B, T) = {(b, t)}, got {tuple(fidx.shape)}")
+        fidx, fcnt = fidx.contiguous(), _rows_bt(fcnt, b, t, "front count")
+    else:
+        fidx = fcnt = k
+    check_runnable(scores, k)
+    scores = scores.contiguous()
+    rows = b * h * t
+    out = torch.empty((b, h, t, width), dtype=torch.int32, device=scores.device)
+    cnt = torch.empty((b, h, t), dtype=torch.int32, device=scores.device)
+    if rows == 0:
+        return out, cnt
+    if n == 0:
+        out.fill_(-1)
+        cnt.zero_()  # (no front or last page without keys)
+        return out, cnt
+    dev = scores.device
+    block = block or BLOCK
+    p, ch = select_programs(rows, n, dev, block, splits)
+    hist = torch.empty((rows * p * NB,), dtype=torch.int32, device=dev)
+    above = torch.empty((rows * p,), dtype=torch.int32, device=dev)
+    state = torch.empty((rows, 4), dtype=torch.int32, device=dev)
+    offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
+    ctr = zeroed_counters(rows, dev)
+    _, _, radix, emit = _kernels()
+    for i, (shift, bits) in enumerate(PASSES):
+        radix[(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, ctr, ch, p, lo, hi, page,
+                         SHIFT=shift, BITS=bits, FIRST=i == 0, LAST=i == len(PASSES) - 1, NBIN=NB, BLK=block,
+                         num_warps=num_warps)
+    sp = next_pow2(page)
+    eb = emit_block or (block if page == 1 else max(2, min(block, 4096 // sp)))
+    w1 = fidx.shape[2] if front is not None else 0
+    emit[(rows, p)](scores, n, state, offs, ch, p, out, cnt, width, -(-width // p), h * t, t, fidx, fcnt, w1,
+                    lo, hi, ends if ends is not None else lo, starts if starts is not None else lo,
+                    FRONT=front is not None, LASTPAGE=ends is not None, PAGE=page, SP=sp, BLK=eb, FB=256,
+                    num_warps=num_warps)
+    return out, cnt
