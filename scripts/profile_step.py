@@ -89,7 +89,10 @@ def main():
     for spec_row in rows:
         B, ctx, spec = spec_row.split(",", 2)
         decoder.fused = ops - {"gemv"} if spec.startswith("nogemv:") else ops  # "nogemv:SPEC": cuBLAS GEMMs
-        row(decoder, int(B), int(ctx), spec.removeprefix("nogemv:"))
+        try:
+            row(decoder, int(B), int(ctx), spec.removeprefix("nogemv:"))
+        except Exception as e:  # the next rows still run; the error is the row's result
+            print(f"\n== B={B} ctx={ctx} spec={spec}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
 
 
 if __name__ == "__main__":

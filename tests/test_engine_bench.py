@@ -28,3 +28,21 @@ def test_bench_e2e_needs_tiny_on_cpu():
         return
     res = CliRunner().invoke(app, ["bench", "e2e", "--no-hf"])
     assert res.exit_code == 2 and "--tiny" in res.output
+
+
+def test_bench_e2e_a_failing_spec_is_a_row_and_the_rest_run(tmp_path, monkeypatch):
+    import vattn.bench.e2e as e2e
+    real = e2e.engine
+
+    def engine(decoder, spec, *a, **k):
+        if spec.startswith("window"):
+            raise RuntimeError("kernel did not compile")
+        return real(decoder, spec, *a, **k)
+    monkeypatch.setattr(e2e, "engine", engine)
+    out = tmp_path / "e2e.json"
+    res = CliRunner().invoke(app, ["bench", "e2e", "--tiny", "--batch", "2", "--steps", "1", "--no-hf",
+                                   "--specs", "window(8);sink(4)+window(8)", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["system"] for r in rows] == ["engine dense", "engine window(8)", "engine sink(4)+window(8)"]
+    assert "kernel did not compile" in rows[1]["skipped"] and rows[2]["ms_per_step"] > 0

@@ -183,7 +183,14 @@ def run(batches=(1, 4, 16), contexts=(32768, 131072), specs=("streaming", "vatte
             base["dense"] = e["seconds"]
             add("engine dense", e["seconds"], graphed=e["graphed"], note=e["note"])
             for spec in specs:
-                e = engine(decoder, spec, b, ctx, steps, dev)
+                try:
+                    e = engine(decoder, spec, b, ctx, steps, dev)
+                except Exception as err:  # the row says why; the other specs' rows still run
+                    log.error("engine %s at B=%d ctx=%d failed: %s", spec, b, ctx, err)
+                    rows.append({"B": b, "ctx": ctx, "system": f"engine {spec}",
+                                 "skipped": f"failed: {type(err).__name__}: {str(err)[:300]}"})
+                    _emit(rows[-1], on_row, json_path, result)
+                    continue
                 add(f"engine {spec}", e["seconds"], e["density"], path=e["path"], graphed=e["graphed"], note=e["note"])
     return result
 
