@@ -80,26 +80,7 @@ def _kernel():
     import triton.language as tl
 
     from vattn.kernels._online import pdl_wait
-
-    @triton.jit
-    def _round(x, T: tl.constexpr):
-        # float32 -> T, round to nearest even as torch does (bf16 by hand: the interpreter's cast
-        # truncates; on a GPU the same bits as cvt.rn). As in layer_ops.
-        if T == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            x = b.to(tl.float32, bitcast=True)
-        return x.to(T)
-
-    @triton.jit
-    def _norm(x, rstd, w, T: tl.constexpr, GEMMA: tl.constexpr):
-        # rms_norm_ref given each row's rstd [MP, 1]; w [1, BK] the weight's float32 values
-        y = x * rstd
-        if GEMMA:
-            y = y * w
-        else:
-            y = _round(y, T).to(tl.float32) * w
-        return _round(y, T)
+    from vattn.kernels._rounding import rms_apply as _norm, round_to as _round
 
     @triton.jit
     def _rstd(ss, K, eps):

@@ -116,31 +116,12 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _round(x, T: tl.constexpr):
-        # float32 -> T, round to nearest even as torch does. bf16 by hand: the interpreter's cast
-        # truncates (triton 3.9); on a GPU the same bits come out as from cvt.rn (the low half is
-        # zero, so the final cast is exact).
-        if T == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            x = b.to(tl.float32, bitcast=True)
-        return x.to(T)
+    from vattn.kernels._rounding import rms_apply as _norm, round_to as _round
 
     @triton.jit
     def _rstd(x, n, eps):
         # 1 / sqrt(mean(x^2) + eps) of a float32 row (padding lanes zero), as F.rms_norm
         return 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
-
-    @triton.jit
-    def _norm(x, rstd, w, T: tl.constexpr, GEMMA: tl.constexpr):
-        # rms_norm_ref given the row's rstd; w holds the weight's float32 values
-        y = x * rstd
-        if GEMMA:
-            y = y * w
-        else:
-            y = _round(y, T).to(tl.float32) * w
-        return _round(y, T)
 
     globals().update(_round=_round, _rstd=_rstd, _norm=_norm)  # jit bodies resolve helpers in module globals
 
