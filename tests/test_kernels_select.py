@@ -21,6 +21,8 @@ from vattn.methods.quest import page_bounds
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+# CPU tensors, or plans compiled for the CPU with the kernels forced on: the interpreter's tests
+interpreter_only = pytest.mark.skipif(DEV != "cpu", reason="CPU tensors under TRITON_INTERPRET=1")
 NEG = float("-inf")
 
 
@@ -109,6 +111,7 @@ def test_topk_ref_breaks_ties_by_position():
     assert topk_ref(torch.tensor([[0.0, -0.0, 0.0]]), 2)[1].tolist() == [[0, 1]]
 
 
+@interpreter_only
 def test_select_writes_the_front_then_the_pages():
     """select_top with a front and pages (Quest): the front's keys, the last page's keys in
     [lo, hi), then each taken page's keys in [lo, hi) (partial first and last candidate pages
@@ -134,6 +137,7 @@ def test_select_writes_the_front_then_the_pages():
         assert {1, 37} <= set(topk_ref(s[0, 0, 0], 5)[1].tolist())
 
 
+@interpreter_only
 def test_bad_inputs_are_named():
     s = torch.zeros(1, 2, 1, 8)
     k = torch.ones(1, 1, dtype=torch.long)
@@ -168,6 +172,8 @@ def kernels(monkeypatch):
     span several programs; the sparse kernel's torch twin attends (as in test_plan_paths)."""
     import vattn.kernels.sparse as sp
     import vattn.plan_select as ps
+    if DEV != "cpu":
+        pytest.skip("plans compiled for the CPU with the kernels forced on: under TRITON_INTERPRET=1")
     monkeypatch.setattr(ps, "USE_KERNELS", True)
     monkeypatch.setattr(ks, "BLOCK", 16)
     monkeypatch.setattr(sp, "sparse_decode", sp.sparse_decode_ref)
@@ -222,3 +228,13 @@ def test_kernel_paths_never_wait_for_the_device(spec, kernels, monkeypatch):
         plan.append(1, k, v, ctx)
         plan.run(1, q, k, v, ctx)
     monkeypatch.undo()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="a GPU: the plans compiled for CUDA (the interpreter runs the tests above)")
+@pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(0.1)", "topk(5)", "sink(2)+window(3)+quest(0.2,page=8)",
+                                  "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)"])
+def test_kernel_paths_on_the_gpu_choose_the_reference_keys(spec):
+    from test_plan_paths import bounds, check_equal
+    q, k, v = (x.cuda() for x in rand_qkv(b=3, hq=4, hkv=2, t=1, n=300, seed=2))
+    starts, ends = (x.cuda() for x in bounds(t=1, n=300, seed=2))
+    check_equal(spec, q, k, v, starts, ends, layers=(0, 1), device="cuda")

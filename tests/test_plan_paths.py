@@ -54,8 +54,8 @@ def torch_kernel(monkeypatch):
     monkeypatch.setattr(sp, "sparse_decode", sp.sparse_decode_ref)
 
 
-def check_equal(spec, q, k, v, starts, ends, layers=(0,)):
-    fused, ref = compile(spec, "cpu", fused=True), compile(spec, "cpu", fused=False)
+def check_equal(spec, q, k, v, starts, ends, layers=(0,), device="cpu"):
+    fused, ref = compile(spec, device, fused=True), compile(spec, device, fused=False)
     assert fused.path == f"{kernel_form(parse(spec))}-kernel" and ref.path == "reference"
     for layer in layers:
         out, sel = step(fused, layer, q, k, v, starts, ends)

@@ -313,12 +313,12 @@ def _kernels():
                 ti = take.to(tl.int32)
                 tl.store(orow + base + off + tl.cumsum(ti, 0) - 1, n, mask=take)
                 off += tl.sum(ti, 0)
-            else:
-                a = tl.maximum(n * PAGE, lo)
-                c = tl.where(take, tl.maximum(tl.minimum(n * PAGE + PAGE, hi) - a, 0), 0)
+            else:  # (names not used above: a name the loop reassigns with another type is loop-carried)
+                pa = tl.maximum(n * PAGE, lo)
+                c = tl.where(take, tl.maximum(tl.minimum(n * PAGE + PAGE, hi) - pa, 0), 0)
                 dst = base + off + tl.cumsum(c, 0) - c
-                o = tl.arange(0, SP)
-                tl.store(orow + dst[:, None] + o[None, :], a[:, None] + o[None, :], mask=o[None, :] < c[:, None])
+                ko = tl.arange(0, SP)
+                tl.store(orow + dst[:, None] + ko[None, :], pa[:, None] + ko[None, :], mask=ko[None, :] < c[:, None])
                 off += tl.sum(c, 0)
             eqb += tl.sum(eq, 0)
         full = base + total
