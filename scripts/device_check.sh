@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: GPU tests of kernels/plans/engine, the per-layer bench through
 # plans, and ms/token through transformers' generate (scripts/device_patch.py).
-# Usage (repo root): bash scripts/device_check.sh [tests|engine|bench|e2e|verify|patch ...]  -> logs in $OUT
+# Usage (repo root): bash scripts/device_check.sh [tests|engine|bench|e2e|verify|patch|profile ...]  -> logs in $OUT
 # (default ./out). E2E="--batch 4 --contexts 131072 --no-hf" replaces the e2e row set.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
@@ -11,8 +11,11 @@ what=${*:-tests bench patch}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv 2>&1 | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.txt"
 for w in $what; do case $w in
-  tests) timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_kernels_scan.py tests/test_plan.py \
-           tests/test_kernels.py tests/test_paged.py > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log" ;;
+  tests) timeout 260 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_kernels_scan.py tests/test_plan.py \
+           tests/test_kernels.py tests/test_paged.py tests/test_kernels_select.py tests/test_kernels_gemv.py \
+           > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log" ;;
+  profile) timeout 200 python3 scripts/profile_step.py 1,32768,dense 1,32768,nogemv:dense 1,32768,vattention-scan \
+           16,32768,streaming 2>&1 | grep -v -i warn > "$OUT/profile.txt"; grep -E "^==" "$OUT/profile.txt" ;;
   engine) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine_gpu.py \
             tests/test_kernels_layer_ops.py > "$OUT/engine_tests.log" 2>&1
           grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/engine_tests.log"
