@@ -103,21 +103,30 @@ def _kernels():
     globals()["_ukey"] = ukey
 
     @triton.jit
-    def scores(q, k, out, lo_p, hi_p, sqb, sqh, sqt, skb, skh, skn, HQ, HKV, T, N, GT, scale,
-               G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        # program (b * HKV + kv head, block of MR of the G*T query rows, block of BN keys)
+    def group_rows(q, sqb, sqh, sqt, HKV, T, GT, G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr):
+        # the program's batch row b, KV head jh and its block of MR of the G*T query rows (query
+        # head hq, row t, in range mok); their queries qq [MR, D] (0 out of range)
         bj = tl.program_id(0)
         b = bj // HKV
         jh = bj % HKV
         m = tl.program_id(1) * MR + tl.arange(0, MR)
         mok = m < GT
-        g = m // T
         t = m % T
-        hq = jh * G + g
+        hq = jh * G + m // T
+        d = tl.arange(0, D)
+        qq = tl.load(q + b.to(tl.int64) * sqb + hq[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :],
+                     mask=mok[:, None], other=0.0)
+        return b, jh, t, hq, mok, qq
+
+    globals()["group_rows"] = group_rows
+
+    @triton.jit
+    def scores(q, k, out, lo_p, hi_p, sqb, sqh, sqt, skb, skh, skn, HQ, HKV, T, N, GT, scale,
+               G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # program (b * HKV + kv head, block of MR of the G*T query rows, block of BN keys)
+        b, jh, t, hq, mok, qq = group_rows(q, sqb, sqh, sqt, HKV, T, GT, G, MR, D)
         d = tl.arange(0, D)
         b64 = b.to(tl.int64)
-        qq = tl.load(q + b64 * sqb + hq[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :],
-                     mask=mok[:, None], other=0.0)
         lo = tl.load(lo_p + b * T + t, mask=mok, other=N).to(tl.int32)
         hi = tl.load(hi_p + b * T + t, mask=mok, other=0).to(tl.int32)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -135,18 +144,10 @@ def _kernels():
               G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):
         # Quest's bound scale * (q+ . max + q- . min) of each page (methods.quest.page_bounds), -inf
         # where the page ranks not: no key in [lo, hi), or the row's last page
-        bj = tl.program_id(0)
-        b = bj // HKV
-        jh = bj % HKV
-        m = tl.program_id(1) * MR + tl.arange(0, MR)
-        mok = m < GT
-        g = m // T
-        t = m % T
-        hq = jh * G + g
+        b, jh, t, hq, mok, qq = group_rows(q, sqb, sqh, sqt, HKV, T, GT, G, MR, D)
+        qq = qq.to(tl.float32)
         d = tl.arange(0, D)
         b64 = b.to(tl.int64)
-        qq = tl.load(q + b64 * sqb + hq[:, None].to(tl.int64) * sqh + t[:, None] * sqt + d[None, :],
-                     mask=mok[:, None], other=0.0).to(tl.float32)
         p = tl.program_id(2) * BP + tl.arange(0, BP)
         pin = p < NP
         base = pg + b64 * spb + jh.to(tl.int64) * sph + p[:, None].to(tl.int64) * spp + d[None, :] * 2
