@@ -308,3 +308,29 @@ def test_slot_arguments_are_checked():
     kv.free(s, 2)
     assert kv.stats().slots_in_use == 0
     kv.close()
+
+
+def test_grow_within_mapped_pages_maps_nothing_and_freed_slots_map_again():
+    """A decode step's grow inside pages already mapped (the look-ahead) takes the fast path:
+    no mapping, length updated; a freed slot's pages may be reclaimed, so after free + alloc it
+    is checked and mapped again."""
+    kv = make("cpu", slots=2, ahead_tokens=64)
+    s = kv.alloc()
+    kv.grow([s], 10)
+    calls = []
+    real = kv.range.map
+    kv.range.map = lambda g: (calls.append(len(g)), real(g))[1]
+    kv.grow([s], 11)
+    kv.grow([s], 74)  # 10 + 64: still inside
+    assert calls == [] and kv.length(s) == 74
+    kv.grow([s], 200)
+    assert calls and kv.length(s) == 200
+    kv.free(s)
+    with pytest.raises(VattnError, match="not allocated"):
+        kv.grow([s], 5)  # the fast path never serves a freed slot
+    kv.trim()  # its pages given back
+    assert kv.alloc() == s
+    calls.clear()
+    kv.grow([s], 5)
+    assert calls, "a reallocated slot whose pages were unmapped must map them again"
+    kv.close()

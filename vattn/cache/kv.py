@@ -84,6 +84,7 @@ class KVCache:
         self._mapped: list[set[int]] = [set() for _ in range(self.S)]
         self._in_use = [False] * self.S
         self._length = [0] * self.S
+        self._ready = [0] * self.S  # tokens [0, ready) of an in-use slot are known mapped (0 when free)
         self._freed_order: list[int] = []  # freed slots holding pages, oldest first
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vattn-map") if background else None
@@ -242,6 +243,7 @@ class KVCache:
             for s in range(best, best + count):
                 self._in_use[s] = True
                 self._length[s] = 0
+                self._ready[s] = 0
                 if s in self._freed_order:
                     self._freed_order.remove(s)
                 if self.scrub and self._mapped[s]:
@@ -260,6 +262,7 @@ class KVCache:
             for s in range(start, start + count):
                 self._in_use[s] = False
                 self._length[s] = 0
+                self._ready[s] = 0  # its pages may be reclaimed from now on
                 if self._mapped[s]:
                     self._freed_order.append(s)
 
@@ -271,7 +274,19 @@ class KVCache:
         are mapped back; should the device refuse even that, a warning is logged).
         """
         self.sync()
-        self._grow(self._slot_list(slots), n)
+        slots = self._slot_list(slots)
+        if self._mapped_up_to(slots, n):  # a decode step's usual case: nothing to map, nothing to check
+            for s in slots:
+                self._length[s] = max(self._length[s], n)
+            return
+        self._grow(slots, n)
+
+    def _mapped_up_to(self, slots: list, n) -> bool:
+        """Whether tokens [0, n) of every slot are known mapped (n >= 1: then each slot is in use,
+        since only in-use slots have a nonzero _ready)."""
+        if type(n) is not int or n < 1:
+            return False
+        return all(type(s) is int and 0 <= s < self.S and self._ready[s] >= n for s in slots)
 
     def _slot_list(self, slots) -> list[int]:
         if isinstance(slots, int):
@@ -292,10 +307,13 @@ class KVCache:
             ahead = {s: self._pages_for(min(n + self.ahead, self.N)) - self._mapped[s] for s in slots}
             try:
                 self._ensure(slots, ahead)
+                top = min(n + self.ahead, self.N)
             except VattnOutOfMemory:
                 self._ensure(slots, must)  # the look-ahead is optional
+                top = n
             for s in slots:
                 self._length[s] = max(self._length[s], n)
+                self._ready[s] = max(self._ready[s], top)
 
     def grow_async(self, slots, n: int) -> None:
         """Like grow, in the background thread (if enabled); the next grow/free/sync waits for it."""
