@@ -243,8 +243,9 @@ class Decoder:
         pos[b, t]] before attend, which then gets k = v = None; (K, V, rows, Q): q is written at
         Q[rows[b]] too (Q [S, Hq, T, D]) and attend gets Q.
 
-        Each layer's residual add is fused with the norm after it (the next layer's input norm,
-        or the final one), so a layer's norms run at its end."""
+        Each residual add is fused with the norm after it (the MLP's output with the next layer's
+        input norm, or the final one); steps of at most GEMV_ROWS rows fold those norms and the
+        gated activation into the GEMMs (kernels/gemv.py)."""
         a = self.arch
         b, t = tokens.shape
         x = F.embedding(tokens, self.embed)
@@ -253,12 +254,10 @@ class Decoder:
         fused_rope = "rope" in self.fused
         ropes = None if fused_rope else {name: rope_at(c, s, pos, self.dtype)  # [B, 1, T, D] once per step
                                          for name, (c, s) in self.rope.items()}
-        n = len(self.layers)
-        if "gemv" in self.fused and b * t <= GEMV_ROWS:
-            return self._forward_gemv(x, pos, attend, cache)
-        h, x = self.add_norm(x, None, None, self.layers[0]["ln_in"])
+        gemv = "gemv" in self.fused and b * t <= GEMV_ROWS
+        delta = w_delta = None  # the previous layer's MLP output (and Gemma's norm of it), added at the next norm
         for i, L in enumerate(self.layers):
-            qkv = F.linear(h, L["wqkv"], L["bqkv"])
+            x, qkv = self._norm_linear(x, delta, w_delta, L["ln_in"], L["wqkv"], L["bqkv"], gemv)
             kv = None if cache is None else cache(i)
             if fused_rope:
                 cos, sin = self.rope[a.layer_types[i]]
@@ -270,36 +269,31 @@ class Decoder:
                 if kv is not None:
                     write_kv_ref(kv, pos, k, v)
                     q, k, v = place_q(kv, q), None, None
-            o = attend(i, q, k, v)
-            o = F.linear(o.transpose(1, 2).reshape(b, t, a.heads * a.head_dim), L["wo"], L["bo"])
-            h, x = self.add_norm(x, o, L.get("ln_attn_out"), L["ln_mlp"])
-            gu = F.linear(h, L["wgu"])
-            if "glu" in self.fused:
-                gu = glu(gu, a.act)
-            else:
-                g, u = gu.chunk(2, -1)
-                gu = self.act(g) * u
-            m = F.linear(gu, L["wdown"])
-            h, x = self.add_norm(x, m, L.get("ln_mlp_out"), self.layers[i + 1]["ln_in"] if i + 1 < n else self.norm)
-        return h
-
-    def _forward_gemv(self, x, pos, attend, cache):
-        """forward for a decode step of few rows: each residual add + RMSNorm folded into the
-        GEMM after it and the gated activation into the down projection (kernels/gemv.py: one
-        launch per GEMM, its first weight tile read before the previous kernel ends)."""
-        a = self.arch
-        b, t = pos.shape
-        delta = w_delta = None  # the previous layer's MLP output (and Gemma's norm of it)
-        for i, L in enumerate(self.layers):
-            x, qkv = rms_linear(x, delta, L["ln_in"], L["wqkv"], a.eps, a.gemma, w_delta=w_delta, bias=L["bqkv"])
-            cos, sin = self.rope[a.layer_types[i]]
-            q, k, v = qkv_rope(qkv, pos, cos, sin, a.heads, a.kv_heads, qn=L.get("qn"), kn=L.get("kn"),
-                               eps=a.eps, gemma=a.gemma, cache=None if cache is None else cache(i))
-            o = attend(i, q, k, v)
-            o = linear(o.transpose(1, 2).reshape(b, t, a.heads * a.head_dim), L["wo"], bias=L["bo"])
-            x, gu = rms_linear(x, o, L["ln_mlp"], L["wgu"], a.eps, a.gemma, w_delta=L.get("ln_attn_out"))
-            delta, w_delta = glu_linear(gu, a.act, L["wdown"]), L.get("ln_mlp_out")
+            o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, a.heads * a.head_dim)
+            o = linear(o, L["wo"], bias=L["bo"]) if gemv else F.linear(o, L["wo"], L["bo"])
+            x, gu = self._norm_linear(x, o, L.get("ln_attn_out"), L["ln_mlp"], L["wgu"], None, gemv)
+            delta, w_delta = self._glu_linear(gu, L["wdown"], gemv), L.get("ln_mlp_out")
         return self.add_norm(x, delta, w_delta, self.norm)[0]
+
+    def _norm_linear(self, x, delta, w_delta, norm_w, w, bias, gemv: bool):
+        """(x', y): the residual x' = x + delta (delta normed by w_delta first: Gemma's sandwich)
+        and y = rms(x', norm_w) @ w.T (+ bias); gemv: one kernels/gemv.py launch (the norm
+        folded into the GEMM, its first weight tile read before the previous kernel ends)."""
+        if gemv:
+            return rms_linear(x, delta, norm_w, w, self.arch.eps, self.arch.gemma, w_delta=w_delta, bias=bias)
+        h, x = self.add_norm(x, delta, w_delta, norm_w)
+        return x, F.linear(h, w, bias)
+
+    def _glu_linear(self, gu, w, gemv: bool):
+        """(act(gate) * up) @ w.T of the fused gate|up output; gemv: the activation in the GEMM's prologue."""
+        if gemv:
+            return glu_linear(gu, self.arch.act, w)
+        if "glu" in self.fused:
+            gu = glu(gu, self.arch.act)
+        else:
+            g, u = gu.chunk(2, -1)
+            gu = self.act(g) * u
+        return F.linear(gu, w)
 
     def logits(self, h):
         out = F.linear(h, self.head).float()
