@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from vattn.bench.e2e import model_config
+from vattn.bench.e2e import decode_loop, model_config
 from vattn.engine.model import Decoder
 from vattn.engine.runner import Runner
 
@@ -25,19 +25,12 @@ def row(decoder, B, ctx, spec, steps=8):
         slots = [r.alloc() for _ in range(B)]
         for i, s in enumerate(slots):
             r.fill_random(s, ctx, seed=i)
-        toks = [0] * B
-        for i in range(steps + 2):
-            if i == 2:
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-            toks = r.decode(slots, toks).argmax(-1).tolist()
-        step = (time.perf_counter() - t) / steps
+        step = decode_loop(r, slots, steps)
         import cProfile
         import pstats
         prof_host = cProfile.Profile()
         prof_host.enable()
-        for _ in range(steps):
-            toks = r.decode(slots, toks).argmax(-1).tolist()
+        decode_loop(r, slots, steps, warmup=1)
         prof_host.disable()
         (g,) = r._graphs.values()
         graph = g["graph"]

@@ -1,6 +1,7 @@
 """Timeline of the four-launch scan pipeline on GPU, from the kernels' global-timer stamps
 (vattention_scan_decode(trace=...)), replayed in a CUDA graph as the benchmark runs it.
-Usage: python scripts/trace_scan.py [B,N ...]   (default 1,131072 8,131072)
+Usage: python scripts/trace_scan.py [B,N[,eps,topk] ...]   (default 1,131072 8,131072)
+eps and topk (a fraction of N) replace the benchmark's (scan_params: eps 0.05, top-k sized for 10%).
 Prints per kernel: first start / last end (us from the cut's first start), program count,
 SMs used, and per phase the median / p90 / max duration over programs."""
 import sys
@@ -31,7 +32,7 @@ def q(x, f):
 def timeline(B, N, fn=vattention_scan_decode, **kw):
     qq, k, v, proj, ks = data(B, N)
     L = torch.full((B,), N, dtype=torch.int32, device="cuda")
-    sp = scan_params(N)
+    sp = scan_params(N) | kw.pop("params", {})
     run = lambda tr=None: fn(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)  # noqa: E731
     tr, tr2 = {}, {}  # two calls in the graph, as the benchmark replays several: the second shows the gap
     for _ in range(3):  # also allocates the stamp tables: none is zeroed inside the graph
@@ -55,7 +56,7 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
     start2 = min(t[t[:, 0] > 0, 0].min().item() for t in tr2.values())
     print(f"\nnext call (same graph): its first program starts {(start2 - t0) / 1e3:.1f} us after this call's, "
           f"{(start2 - end1) / 1e3:.1f} us after this call's last stamp (the merge's end)")
-    print(f"\nB={B} N={N} {fn.__name__} {kw}: us from the first program's start")
+    print(f"\nB={B} N={N} {fn.__name__} {sp} {kw}: us from the first program's start")
     for name, ph in PHASES.items():
         if name not in tr:
             continue
@@ -77,6 +78,7 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
 
 
 if __name__ == "__main__":
-    cases = [tuple(int(x) for x in a.split(",")) for a in sys.argv[1:]] or [(1, 131072), (8, 131072)]
-    for B, N in cases:
-        timeline(B, N)
+    cases = [a.split(",") for a in sys.argv[1:]] or [["1", "131072"], ["8", "131072"]]
+    for c in cases:
+        extra = dict(eps=float(c[2]), delta=float(c[2]), topk=float(c[3])) if len(c) > 2 else {}
+        timeline(int(c[0]), int(c[1]), params=extra)

@@ -137,6 +137,40 @@ def test_outputs_and_memory_back():
     assert sched.counts["finished"] == 3 and sched.counts["output_tokens"] == 18
 
 
+def test_decode_launches_before_the_step_before_is_read():
+    """A decode step takes the previous step's ids on the device (a tensor, not host ints): the host
+    reads a step's tokens while the next one runs, and the last step is read when the request ends."""
+    runner = FakeRunner()
+    log = []
+    decode = runner.decode
+
+    def spy(slots, tokens, spec=None):
+        log.append(("decode", type(tokens).__name__))
+        return decode(slots, tokens, spec)
+    runner.decode = spy
+    r = req([3, 4, 5], 5, on_event=lambda r, toks, fin: log.extend(("token", t) for t in toks))
+    run_all(Scheduler(runner), [r])
+    out = expected([3, 4, 5], 5)
+    assert r.output_ids == out and r.finish_reason == "length"
+    assert log == [("token", out[0]), ("decode", "list"), ("decode", "Tensor"), ("token", out[1]),
+                   ("decode", "Tensor"), ("token", out[2]), ("decode", "Tensor"), ("token", out[3]),
+                   ("token", out[4])]
+    assert runner.kv.stats().slots_in_use == 0
+
+
+def test_a_stopped_request_drops_the_step_already_launched():
+    """A stop token read while the next step runs: that step's token is dropped, its batch mates go on."""
+    tok = _Tok()
+    out = expected([5, 7], 8)
+    tok.eos_token_id = out[2]
+    runner = FakeRunner(tokenizer=tok)
+    a, b = req([5, 7], 8), req([5, 7], 8, ignore_eos=True)
+    run_all(Scheduler(runner), [a, b])
+    assert a.finish_reason == "stop" and a.output_ids == out[:3]
+    assert b.finish_reason == "length" and b.output_ids == out
+    assert runner.kv.stats().slots_in_use == 0
+
+
 def test_chunked_prefill_interleaves_with_decode():
     runner = FakeRunner()
     sched = Scheduler(runner, chunk_tokens=4)

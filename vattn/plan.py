@@ -76,11 +76,14 @@ class StepContext:
     """Row bounds of one forward, built once and shared by every layer.
 
     zero_starts: a host fact, True when every row starts at key 0 (no left padding);
-    None when the caller does not know (the scan path then checks, once per step)."""
+    None when the caller does not know (the scan path then checks, once per step).
+    pick: int64 [b] on the device, or None: run returns out[pick] (rows in a decoder's batch
+    order; the kernels' merge writes them so, no gather); the Selection keeps every row."""
     starts: torch.Tensor
     ends: torch.Tensor
     scale: float
     zero_starts: bool | None = None
+    pick: torch.Tensor | None = None
 
     def __post_init__(self):
         self._lengths = None
@@ -154,8 +157,8 @@ class Plan:
         return self
 
     @staticmethod
-    def context(starts, ends, scale: float, zero_starts: bool | None = None) -> StepContext:
-        return StepContext(starts, ends, float(scale), zero_starts)
+    def context(starts, ends, scale: float, zero_starts: bool | None = None, pick=None) -> StepContext:
+        return StepContext(starts, ends, float(scale), zero_starts, pick)
 
     def append(self, layer: int, k, v, ctx: StepContext):
         """Keys at positions ends - 1 were written (or the buffer grew): per-layer state follows.
@@ -169,7 +172,7 @@ class Plan:
             self._pages(layer, k, ctx)
 
     def run(self, layer: int, q, k, v, ctx: StepContext) -> tuple[torch.Tensor, Selection]:
-        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, Selection)."""
+        """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, or out[ctx.pick], Selection)."""
         if self.path in KERNEL_PATHS.values():
             why = kernel_misfit(q, k, v)
             if why is None:
@@ -184,7 +187,7 @@ class Plan:
         dctx = DecodeContext(q, k, v, ctx.starts, ctx.ends, ctx.scale, self.generator(),
                              self.states.setdefault(layer, {}), layer)
         sel = self.spec.select(dctx)
-        return attend(q, k, v, sel, scale=ctx.scale), sel
+        return _picked(attend(q, k, v, sel, scale=ctx.scale), ctx), sel
 
     # -- the selection kernel paths (streaming, topk, quest) ------------------------------
     def _kernel(self, layer, q, k, v, ctx: StepContext):
@@ -193,7 +196,8 @@ class Plan:
         b, hq, t, _ = q.shape
         if b * t == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
             shared = self.path == "streaming-kernel"
-            return torch.zeros_like(q), Selection.empty(b, k.shape[1] if shared else hq, t, q.device, shared)
+            return _picked(torch.zeros_like(q), ctx), Selection.empty(b, k.shape[1] if shared else hq, t, q.device,
+                                                                     shared)
         if self.path == "streaming-kernel":
             key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
             sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
@@ -211,7 +215,8 @@ class Plan:
                     st = self.states[layer]
                 sel = quest_selection(self.spec, q, k, ctx.starts, ctx.ends, ctx.scale, st["pages"],
                                       step_front(self.spec, k, ctx))
-        return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale), sel
+        return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
+                             pick=ctx.pick), sel
 
     def _pages(self, layer: int, k, ctx: StepContext):
         """Quest's page bounds of a layer: f32 [B, Hkv, P + 1, D, 2] (min, max of each page's
@@ -300,7 +305,8 @@ class Plan:
     def _scan(self, layer, q, k, v, ctx: StepContext):
         from vattn.kernels.scan import scan_decode_ref, vattention_scan_decode
         if q.shape[0] * q.shape[2] == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
-            return torch.zeros_like(q), Selection.empty(q.shape[0], k.shape[1], q.shape[2], q.device, shared=True)
+            return _picked(torch.zeros_like(q), ctx), Selection.empty(q.shape[0], k.shape[1], q.shape[2], q.device,
+                                                                     shared=True)
         ctx.check_zero_starts(f"spec {self.spec} (the scan algorithm)")
         st = self.states.get(layer, {})
         if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
@@ -312,7 +318,7 @@ class Plan:
         if self.path == "scan-kernel" and ctx.rows == 1:
             out, got = vattention_scan_decode(q, k, v, sig, proj, ctx.lengths(), seed=seed, scale=ctx.scale,
                                               count=not self.keep_stats, stats=self.keep_stats,
-                                              update_sig=self._kernel_signs(ctx),
+                                              update_sig=self._kernel_signs(ctx), pick=ctx.pick,
                                               scratch=None if self.keep_stats else self._scratch, **kw)
             if self.keep_stats:
                 self.stats, got = got, got["exact_keys"] + got["sample_keys"]
@@ -326,7 +332,12 @@ class Plan:
                                       scale=ctx.scale, **kw)
             outs.append(o.to(q.dtype))
             sels.append(info["selection"])
-        return torch.cat(outs, 2), Selection.cat_rows(sels)
+        return _picked(torch.cat(outs, 2), ctx), Selection.cat_rows(sels)
+
+
+def _picked(out, ctx: StepContext):
+    """out[ctx.pick] (the batch order a decoder asked for), or out when it asked for every row."""
+    return out if ctx.pick is None else out[ctx.pick]
 
 
 def _sign_at(sig, k, proj, pos, ok, end):

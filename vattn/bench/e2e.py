@@ -103,13 +103,7 @@ def engine(decoder, spec, batch: int, ctx: int, steps: int, device, budget=None)
         slots = [r.alloc() for _ in range(batch)]
         for i, s in enumerate(slots):
             r.fill_random(s, ctx, seed=i)
-        toks = [0] * batch
-        for i in range(steps + 2):  # 2 warm-up steps: Triton compiles, the graph is captured
-            if i == 2:
-                _sync(device)
-                t = time.perf_counter()
-            toks = r.decode(slots, toks).argmax(-1).tolist()
-        sec = (time.perf_counter() - t) / steps
+        sec = decode_loop(r, slots, steps)
         dens = [r.density(s) for s in slots]
         plan = r.plan()
         return {"seconds": sec, "density": sum(dens) / len(dens),
@@ -117,6 +111,23 @@ def engine(decoder, spec, batch: int, ctx: int, steps: int, device, budget=None)
                 "graphed": r.graphs and not r.graph_notes, "note": "; ".join(r.graph_notes.values()) or None}
     finally:
         r.close()
+
+
+def decode_loop(r, slots, steps: int, warmup: int = 2) -> float:
+    """Seconds per greedy decode step, stepped as the scheduler steps (Scheduler._decode): each
+    step takes the previous step's ids on the device, and the host reads them back while the
+    next step runs. Warm-up steps first: Triton compiles, the graph is captured."""
+    toks, prev = torch.zeros(len(slots), dtype=torch.long, device=r.device), None
+    for i in range(steps + warmup):
+        if i == warmup:
+            _sync(r.device)
+            t = time.perf_counter()
+        toks = r.decode(slots, toks).argmax(-1)
+        if prev is not None:
+            prev.tolist()  # the host's read of the step before
+        prev = toks
+    prev.tolist()
+    return (time.perf_counter() - t) / steps
 
 
 def run(batches=(1, 4, 16), contexts=(32768, 131072), specs=("streaming", "vattention-scan"), layers=None,

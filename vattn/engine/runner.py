@@ -105,6 +105,8 @@ class Runner:
 
     def free(self, slot: int) -> None:
         self._check_slot(slot)
+        if self.device.type == "cuda":  # a step still in flight may read the slot; its pages may go elsewhere next
+            torch.cuda.current_stream(self.device).synchronize()
         self.kv.free(slot)
         self._len[slot] = self._decoded[slot] = 0
         self._alloc[slot] = False
@@ -261,7 +263,7 @@ class Runner:
         float32 [len(slots), V]. On CUDA the step replays a CUDA graph when every layer runs
         batched (dense kernel, fused plans); reference plans run eagerly, one slot at a time."""
         slots = [self._check_slot(s) for s in _as_list(slots, "slots")]
-        tokens = self.check_ids(tokens, "tokens")
+        tokens = self._step_tokens(tokens, len(slots))
         if len(slots) != len(tokens) or not slots:
             raise VattnError(f"decode takes one token per slot: got {len(slots)} slots and {len(tokens)} tokens")
         if len(set(slots)) != len(slots):
@@ -282,13 +284,24 @@ class Runner:
                 if self.device.type == "cuda" and self.graphs:
                     self.graph_notes.setdefault(str(plan.spec) if plan else "dense", why)
                 dev = self.device
-                out = self._step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
+                tok = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, device=dev)
+                out = self._step(tok, torch.tensor(slots, device=dev),
                                  torch.tensor(pos, device=dev), max(pos) + 1, plan, len(slots),
                                  host=(slots, pos))
         for s in slots:
             self._len[s] += 1
             self._decoded[s] += 1
         return out
+
+    def _step_tokens(self, tokens, n: int):
+        """decode's tokens: host ids (checked), or int64 [n] on the runner's device, the model's
+        own sampled ids (not read back: the next step launches before the host sees them)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.device.type == "cpu":
+            return self.check_ids(tokens, "tokens")
+        if tokens.device.type != self.device.type or tokens.dtype != torch.long or tokens.shape != (n,):
+            raise VattnError(f"device tokens must be int64 [{n}] on {self.device} (one per slot), got "
+                             f"{tokens.dtype} {tuple(tokens.shape)} on {tokens.device}")
+        return tokens
 
     def _step(self, tok, slot_idx, pos, nview: int, plan, bucket: int, host=None):
         """The decode step. tok, slot_idx, pos: int64 [b] on the device. Batched layers attend
@@ -309,13 +322,13 @@ class Runner:
             starts = (ends - w).clamp(min=0) if w else zero
             if not sparse:
                 return self._dense_batched(i, qf, K, V, starts, ends, ends32, w, bucket, slot_idx)
-            if w not in ctxs:
-                ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None)
+            if w not in ctxs:  # the merge writes the step's rows in batch order (pick)
+                ctxs[w] = plan.context(starts, ends[:, None], a.scale, w is None, pick=slot_idx)
             plan.append(i, K, V, ctxs[w])
             o, sel = plan.run(i, qf, K, V, ctxs[w])
             counts.append(sel.count)
             layers_at[w] = layers_at.get(w, 0) + 1
-            return o[slot_idx]
+            return o
 
         def per_slot(i, q, K, V, w, sparse):
             outs = []
@@ -392,7 +405,7 @@ class Runner:
             splits, _ = plan_splits(bucket * a.kv_heads, K.shape[2], 64, self.device)
             return dense_decode(q, K, V, ends32, a.scale, splits=splits, pick=slot_idx)
         plan = self._window_plan(window)
-        return plan.run(i, q, K, V, plan.context(starts, ends[:, None], a.scale))[0][slot_idx]
+        return plan.run(i, q, K, V, plan.context(starts, ends[:, None], a.scale, pick=slot_idx))[0]
 
     # ------------------------------------------------------------ CUDA graphs
     def _graph_misfit(self, plan) -> str | None:
@@ -413,13 +426,19 @@ class Runner:
         nview = length_bucket(max(pos) + 1, self.max_len)
         key = (str(plan.spec) if plan is not None else "dense", bucket, nview)
         pad = bucket - b
-        host = torch.tensor([tokens + tokens[:1] * pad, slots + slots[:1] * pad, pos + pos[:1] * pad],
-                            dtype=torch.long)
+        # pinned, copied without blocking: the host never waits for the steps already queued
+        host = torch.tensor([slots + slots[:1] * pad, pos + pos[:1] * pad], dtype=torch.long).pin_memory()
+        if isinstance(tokens, torch.Tensor):  # the model's own ids, on the device: no sync
+            tok = torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens
+        else:
+            tok = torch.tensor(tokens + tokens[:1] * pad, dtype=torch.long).pin_memory()
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture(key, plan, host, nview, bucket)
+            g = self._capture(key, plan, torch.cat([tok.to(self.device)[None], host.to(self.device)]), nview,
+                              bucket)
         else:
-            g["inputs"].copy_(host)
+            g["inputs"][0].copy_(tok, non_blocking=True)
+            g["inputs"][1:].copy_(host, non_blocking=True)
             g["graph"].replay()
         return g["out"][:b].clone()
 
@@ -427,7 +446,7 @@ class Runner:
         """Warm up (Triton compiles, cuBLAS workspaces) on a side stream with this step's real
         inputs, then capture; the capture's replay is this step. Warm-up rewrites the same K/V
         the step writes; the density counters are put back as they were."""
-        inputs = host.to(self.device)
+        inputs = host
         saved = (self._att.clone(), self._allowed.clone())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -167,6 +167,7 @@ class Scheduler:
         self._hold = False                # after a preemption: admit nothing until a running request ends
         self._running_s = 0.0             # integral of len(running) over time: request-seconds
         self._last_t = time.perf_counter()
+        self._pending: dict = {}          # spec -> (requests, device ids): a decode step not read back yet
 
     def _static_capacity(self) -> int:
         st = self.runner.kv.stats()
@@ -312,6 +313,7 @@ class Scheduler:
             self._last_t = now
         self._admit()
         if not self.running:
+            self.flush()  # steps of requests cancelled since they launched
             return False
         new_tokens = self._decode() + self._prefill()
         now = time.perf_counter()
@@ -373,35 +375,85 @@ class Scheduler:
         self.max_running = max(self.max_running, len(self.running))
 
     def _decode(self) -> int:
+        """One decode step per spec group, launched before the previous step's tokens are read
+        back: the step takes them on the device, so the host's work (reading, emitting, the next
+        launch) runs while the GPU computes. A request that stopped in the step being read was
+        also in the step just launched; that step's token for it is dropped."""
         groups: dict = {}
         for r in self.running:
             if not r.prefilling:
                 groups.setdefault(r.spec, []).append(r)
+        stale = [spec for spec in self._pending if spec not in groups]  # groups with no request left to step
+        n = sum(self._read(self._pending.pop(spec)) for spec in stale)
+        return n + sum(self._decode_group(spec, batch) for spec, batch in groups.items())
+
+    def flush(self) -> int:
+        """Read back every decode step still in flight; returns the tokens emitted."""
         n = 0
-        for spec, batch in groups.items():
-            while True:
-                batch = [r for r in batch if r.slot is not None and not r.finished]
-                if not batch:
-                    break
-                try:
-                    logits = self.runner.decode([r.slot for r in batch], [r.tokens[-1] for r in batch], spec=spec)
-                except OUT_OF_MEMORY as e:
-                    self._preempt_for(batch[0], e)  # frees a slot (or fails a lone request); retry
-                    continue
-                except Exception as e:
-                    log.exception("decode failed")
-                    for r in batch:
-                        self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
-                    break
-                if all(r.sampler.gen is None for r in batch):  # all greedy: one argmax for the batch
-                    toks = logits.argmax(-1).tolist()
-                else:
-                    toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)]).tolist()
-                for r, tok in zip(batch, toks):  # one host sync for the batch
-                    r.done += 1
-                    self._emit(r, tok)
-                    n += 1
+        for spec in list(self._pending):
+            n += self._read(self._pending.pop(spec))
+        return n
+
+    def _decode_group(self, spec, batch) -> int:
+        prev = self._pending.pop(spec, None)  # (requests, device ids) of this group's last step, unread
+        n = 0
+        while True:
+            inflight = {id(r): i for i, r in enumerate(prev[0])} if prev else {}
+            batch = [r for r in batch if r.slot is not None and not r.finished and self._room(r, id(r) in inflight)]
+            if not batch:
                 break
+            try:
+                logits = self.runner.decode([r.slot for r in batch], self._inputs(batch, prev, inflight), spec=spec)
+            except OUT_OF_MEMORY as e:
+                n, prev = n + self._read(prev), None  # settle the step in flight first
+                self._preempt_for(batch[0], e)  # frees a slot (or fails a lone request); retry
+                continue
+            except Exception as e:
+                log.exception("decode failed")
+                n, prev = n + self._read(prev), None
+                for r in batch:
+                    self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
+                break
+            if all(r.sampler.gen is None for r in batch):  # all greedy: one argmax for the batch
+                toks = logits.argmax(-1)
+            else:
+                toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)])
+            n, prev = n + self._read(prev), None  # the step before, while this one runs
+            self._pending[spec] = (batch, toks)
+            break
+        return n + self._read(prev)
+
+    def _room(self, r: Request, inflight: bool) -> bool:
+        """Whether r takes another decode step: its token in flight (if any) would not end it by length."""
+        k = len(r.output_ids) + inflight
+        return k < r.params.max_tokens and len(r.prompt_ids) + k < self.runner.max_len
+
+    def _inputs(self, batch, prev, inflight):
+        """The step's input ids: host ids where known, else the previous step's ids on the device."""
+        host = [(r.output_ids or r.prompt_ids)[-1] for r in batch]  # (r.tokens copies the prompt)
+        at = [(j, inflight[id(r)]) for j, r in enumerate(batch) if id(r) in inflight]
+        if not at:
+            return host
+        ids = prev[1]
+        if len(at) == len(batch) == len(ids) and all(j == i for j, i in at):
+            return ids  # the same batch as the step before: its ids as they are
+        dev = ids.device
+        out = torch.tensor(host, dtype=torch.long).to(dev, non_blocking=True)
+        dst, src = (torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True) for x in zip(*at))
+        return out.index_copy_(0, dst, ids.index_select(0, src))
+
+    def _read(self, pending) -> int:
+        """Emit a launched step's tokens (one host sync for the batch); requests that ended since drop theirs."""
+        if pending is None:
+            return 0
+        batch, toks = pending
+        n = 0
+        for r, tok in zip(batch, toks.tolist()):
+            if r.finished or r.slot is None:
+                continue
+            r.done += 1
+            self._emit(r, tok)
+            n += 1
         return n
 
     def _prefill(self) -> int:
@@ -460,7 +512,7 @@ class Scheduler:
             self._finish(r, "stop")
             return
         self._event(r, [tok], False)
-        if len(r.output_ids) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_len:
+        if len(r.output_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.runner.max_len:
             self._finish(r, "length")
 
     def _event(self, r: Request, toks: list, finished: bool) -> None:

@@ -181,6 +181,9 @@ def merge_partials(po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, *, b
     if trace is not None:
         extra["TR"] = 1
     if pick is not None:
+        if pick.dim() != 1 or pick.dtype != torch.int64 or pick.device != po.device:
+            raise VattnError(f"pick must be int64 [b] on {po.device}, got {pick.dtype} {tuple(pick.shape)} "
+                             f"on {pick.device}")
         rows = pick.shape[0] * per
         extra["PICK"] = 1
     if out.numel() != rows * D:

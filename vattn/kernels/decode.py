@@ -133,8 +133,6 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
     SDPA; B=1 32K 1.006 -> 1.028). pick (int64 [b], rows of q): returns [b, Hq, T, D], row i the
     attention of q's row pick[i] (the merge gathers: a decoder's batch order without a copy)."""
     _check(q, k, v, lengths)
-    if pick is not None and (pick.dim() != 1 or pick.dtype != torch.int64 or pick.device != q.device):
-        raise VattnError(f"pick must be int64 [b] on {q.device}, got {pick.dtype} {tuple(pick.shape)} on {pick.device}")
     check_runnable(q, k, v)
     B, Hq, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]

@@ -128,24 +128,32 @@ def row_topk(topk, length: int) -> int:
     return min(kc + int(frac), length)
 
 
-def scan_plan(rows, n, device, block_n=64, num_warps=4):
+def scan_plan(rows, device, block_n=64, num_warps=4, draws=3072):
     """Programs per row: scan, one for the sinks and window plus spans for about two per SM in
     all (with 8 warps two programs fill an SM: the sinks-and-window program takes a span's
-    place, so every program starts at once); sample, about two per SM, at least 16, and more
-    when the expected draws (~1.5% of n: ~3% in blocks of block_n, two blocks per program) ask
-    (H100, B=8 32K: 8 -> 16 per row took the whole step from 157 to 145 us)."""
+    place, so every program starts at once); sample, about two per SM, more (up to 16) when the
+    expected draws (sample_draws) fill more blocks of block_n. Programs past the draws still
+    wait for the scan and write an empty partial: at B=16 32K on an H200, 16 per row
+    (2048 programs, 3 waves) took the pipeline 106 -> 88 us at 4 (sample 30 us after the scan)."""
     tp = target_programs(device)
     spans = max(1, -(-tp // rows))
-    return max(2, spans + (num_warps != 8)), max(16, -(-tp // rows), -(-int(0.015 * n) // block_n))
+    return max(2, spans + (num_warps != 8)), max(spans, min(16, -(-draws // block_n)))
+
+
+def sample_draws(eps, delta, mode, m0) -> int:
+    """A guess of a row's draws, only to size the sample launch: z^2 cv^2 / eps^2 with a squared
+    coefficient of variation cv^2 = 2 (unit-normal scores; the real size is the kernel's)."""
+    return max(m0, math.ceil(2 * mode_quantile(mode, delta) / eps ** 2))
 
 
 def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128,
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
                            sub_block=SUB_BLOCK, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
                            upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None,
-                           mode="denominator"):
+                           mode="denominator", pick=None):
     """See the module docstring. scratch: a dict the call keeps its work buffers in and reuses
     on the next call with the same shapes (not with stats=True, whose tables it returns).
+    pick (int64 [b]): out is [b, Hq, 1, D], row i that of batch row pick[i] (the merge gathers).
     count=True also returns the keys attended per row, int32 [B*Hkv] (what a plan needs for
     density; cheaper than stats). mode: "denominator" or "output" (the budget the sample is
     sized by; _output_b0_ref). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
@@ -199,7 +207,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     scale = D ** -0.5 if scale is None else float(scale)
     if num_warps is None:  # H100 128K: 8 warps 65.2 -> 63.4 us at B=1, 4 warps 283 -> 262 us at B=8
         num_warps = 8 if rows <= 16 else 4
-    s1, s2 = splits or scan_plan(rows, N, q.device, sample_bn, num_warps)
+    s1, s2 = splits or scan_plan(rows, q.device, sample_bn, num_warps, sample_draws(eps, delta, mode, m0))
     if s1 < 2:
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
@@ -259,8 +267,8 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                  **(meta | fit_sample))
     if upto < 4:
         return None
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=dev)
-    merge_partials(po, plse, out, pdl=pdl, trace=tr.get("merge"))
+    out = torch.empty((B if pick is None else pick.shape[0], Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out, pdl=pdl, trace=tr.get("merge"), pick=pick)
     if count:  # keys attended per row, scan and sample (a key drawn twice counts twice): one reduction
         return out, cnt.sum(1, dtype=torch.int32)
     if not stats:

@@ -25,8 +25,10 @@ from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, ch
 from vattn.kernels.decode import FLOATS
 
 
-def sparse_decode_ref(q, k, v, indices, log_weights, count, shared, scale=None):
+def sparse_decode_ref(q, k, v, indices, log_weights, count, shared, scale=None, pick=None):
     """Torch reference (float32 math), same contract as sparse_decode."""
+    if pick is not None:
+        return sparse_decode_ref(q, k, v, indices, log_weights, count, shared, scale)[pick]
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -143,8 +145,9 @@ def plan_splits(rows, K, block_n, device, splits=None):
 
 
 def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
-                  block_n=64, num_warps=4, num_stages=3, splits=None):
-    """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype."""
+                  block_n=64, num_warps=4, num_stages=3, splits=None, pick=None):
+    """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype, or
+    with pick (int64 [b]) [b, Hq, T, D]: row i is q's row pick[i] (the merge gathers)."""
     _check(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
     B, Hq, T, D = q.shape
@@ -166,5 +169,5 @@ def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
         H, Hkv, T, S, K, scale * LOG2E,
         G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    return merge_partials(po, plse, out)
+    out = torch.empty((B if pick is None else pick.shape[0], Hq, T, D), dtype=q.dtype, device=q.device)
+    return merge_partials(po, plse, out, pick=pick)
