@@ -182,27 +182,19 @@ def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, start, end, 
                scale_log2, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, TR: tl.constexpr):
-    """Middle keys [start, end) of the row, block by block: compact the taken ones into scr and
-    attend the whole BN-tiles compacted so far (weight 0), the last part tile after the loop (the
-    tiles are those of one pass over the list). Interleaved, a program's gathers overlap its own
-    and its neighbours' compaction (compact-all-then-gather kept them in lockstep: the SM's memory
-    idle during the compaction, H200 B=4 128K 21 + 29 us). s: the first block's score bins, w_nx:
-    the second block's signature words. Returns (m_i, l_i, acc, keys attended)."""
+    """Middle keys [start, end) of the row: compact the taken ones into scr, then attend them
+    (weight 0). s: the first block's score bins, w_nx: the second block's signature words.
+    Returns (m_i, l_i, acc, keys attended)."""
     sb = scr + row.to(tl.int64) * N + start
     c = 0
-    g = 0  # keys attended: whole tiles only until the end
-    m_i, l_i, acc = online_init(M, D)
     for n0 in range(start, end, CB):
         n = n0 + tl.arange(0, CB)
         c = _compact_block(sb, c, n, s, end, t, tu, tkey)
         s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
         nn = n + 2 * CB
         w_nx = sig_words(ks, row, nn, nn < end, N, W, WP)
-        full = c - c % BN
-        m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, g, full, m_i, l_i, acc, scale_log2, M, D, BN, IEEE)
-        g = full
     _stamp(tr, 2, c, TR)
-    m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, g, c, m_i, l_i, acc, scale_log2, M, D, BN, IEEE)
+    m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
     return m_i, l_i, acc, c
 
 
@@ -217,13 +209,14 @@ def _compact_block(sb, c, n, s, end, t, tu, tkey):
 
 
 @triton.jit
-def _gather(qq, kb, vb, skn, svn, sb, lo, c, m_i, l_i, acc, scale_log2, M: tl.constexpr, D: tl.constexpr,
-            BN: tl.constexpr, IEEE: tl.constexpr):
-    """Attend keys [lo, c) of the list at sb (written by this program's threads) into (m_i, l_i, acc)."""
+def _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Attend the c keys listed at sb (written by this program's threads). Returns (m_i, l_i, acc)."""
     tl.debug_barrier()  # the compacted positions, written by other threads of this program
+    m_i, l_i, acc = online_init(M, D)
     j = tl.arange(0, BN)
-    ix_nx = tl.load(sb + lo + j, mask=lo + j < c, other=-1)
-    for j0 in range(lo, c, BN):
+    ix_nx = tl.load(sb + j, mask=j < c, other=-1)
+    for j0 in range(0, c, BN):
         ix = ix_nx
         jj = j0 + BN + j
         ix_nx = tl.load(sb + jj, mask=jj < c, other=-1)

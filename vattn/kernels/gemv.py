@@ -232,18 +232,11 @@ def _kernel():
 
 def default_config(M: int, N: int, K: int, dtype=torch.bfloat16) -> dict:
     """The tuning knobs for an [M, K] x [N, K]^T product (see the module docstring); any of them can be
-    overridden by keyword. M = 1: the fastest of scripts/bench_gemv.py's sweep on an H200 (2026-12-03,
-    Llama-3-8B shapes, us: qkv 18.9 -> 16.8, o 12.0 -> 11.1, gate_up 65.6 -> 63.3, down 34.7 -> 33.4);
-    M > 1: guesses (the engine runs cuBLAS there)."""
+    overridden by keyword. Guesses for an H200 until timed (scripts/bench_gemv.py sweeps them)."""
     if M == 1:  # CUDA-core GEMV; block_k = 32 num_warps x (16 bytes of elements): no layout conversion a tile
-        if K >= 8192:  # long rows (down): small tiles, pipelined
-            nw, bn, ns = 2, 8, 3
-        elif N >= 16384:  # wide (gate_up): programs enough, one tile in flight each
-            nw, bn, ns = 4, 8, 1
-        else:  # narrow (qkv, o): whole 2048-element tiles, more programs for the narrowest
-            nw, bn, ns = 8, 8 if N > 4096 else 16, 1
-        return dict(block_n=bn, block_k=min(max(16, next_pow2(K)), 32 * nw * (16 // dtype.itemsize)),
-                    num_warps=nw, num_stages=ns, split_k=1, dot=False)
+        nw = 4
+        return dict(block_n=8, block_k=min(max(16, next_pow2(K)), 32 * nw * (16 // dtype.itemsize)),
+                    num_warps=nw, num_stages=3, split_k=1, dot=False)
     bn = 16 if N <= 8192 else 32
     return dict(block_n=bn, block_k=256 if bn == 16 else 128, num_warps=4, num_stages=4, split_k=1, dot=True)
 
