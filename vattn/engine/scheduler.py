@@ -449,7 +449,7 @@ class Scheduler:
         batch, toks = pending
         n = 0
         for r, tok in zip(batch, toks.tolist()):
-            if r.finished or r.slot is None:
+            if r.finished or r.slot is None or r.prefilling:  # ended, or preempted (and maybe readmitted) since
                 continue
             r.done += 1
             self._emit(r, tok)
