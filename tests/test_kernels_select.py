@@ -1,6 +1,6 @@
 """kernels/select.py (scores, page bounds, the radix top-k select and the Selection it writes)
 in the Triton interpreter: against torch and a sort, and, wired into vattn.plan's topk and quest
-kernel paths (plan_select.USE_KERNELS), against the reference methods key for key."""
+kernel paths (plan_select), against the reference methods key for key."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -171,10 +171,8 @@ def kernels(monkeypatch):
     """plan_select runs the Triton kernels on CPU (the interpreter), with small blocks so rows
     span several programs; the sparse kernel's torch twin attends (as in test_plan_paths)."""
     import vattn.kernels.sparse as sp
-    import vattn.plan_select as ps
     if DEV != "cpu":
         pytest.skip("plans compiled for the CPU with the kernels forced on: under TRITON_INTERPRET=1")
-    monkeypatch.setattr(ps, "USE_KERNELS", True)
     monkeypatch.setattr(ks, "BLOCK", 16)
     monkeypatch.setattr(sp, "sparse_decode", sp.sparse_decode_ref)
 

@@ -3,29 +3,19 @@ front of a step, and the topk and quest parts after it (each makes its reference
 choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec).
 
 topk and quest run the Triton selection kernels (kernels/select.py: scores read K in place, a
-radix select, the Selection written with the front in place) on CUDA; elsewhere, the torch code
-below, which is their reference (USE_KERNELS overrides: the tests force the kernels under the
-Triton interpreter). Both keep a row's largest entries with ties to the lowest positions
-(kernels.select.topk_ref), as the reference methods do."""
+radix select, the Selection written with the front in place); on CPU tensors, under the Triton
+interpreter. They keep a row's largest entries with ties to the lowest positions, as the
+reference methods do (kernels.select.topk_ref): the reference methods are their twins."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from vattn.kernels.select import attn_scores, page_scores, select_top, topk_ref
-from vattn.methods.base import exact_scores, host_size, resolve_size
-from vattn.methods.quest import page_bounds
+from vattn.kernels.select import attn_scores, page_scores, select_top
+from vattn.methods.base import host_size, resolve_size
 from vattn.selection import Selection
 from vattn.spec import Spec
-
-# None: the selection kernels on CUDA tensors, the torch code elsewhere; True / False: always / never.
-USE_KERNELS: bool | None = None
-
-
-def use_kernels(x: torch.Tensor) -> bool:
-    return USE_KERNELS if USE_KERNELS is not None else x.device.type == "cuda"
-
 
 @dataclass
 class Front:
@@ -101,32 +91,6 @@ def streaming_selection(spec: Spec, k: torch.Tensor, starts, ends) -> Selection:
     return front_ranges(*front_sizes(spec), k, starts, ends).selection(k)
 
 
-def _with_front(front: Front, idx, count, width: int) -> Selection:
-    """The front's keys, then idx's first `count` entries (valid entries first in both):
-    a per-query-head Selection [B, Hq, T, width] padded with -1."""
-    b, h, t, _ = idx.shape
-    if width == 0:
-        return Selection.empty(b, h, t, idx.device)
-    w1 = front.idx.shape[-1]
-    both = torch.cat([front.idx[:, None].expand(b, h, t, w1), idx], -1)
-    c1 = front.count[:, None, :, None]
-    j = torch.arange(width, device=idx.device)
-    src = torch.where(j < c1, j, w1 + j - c1).clamp(max=both.shape[-1] - 1)
-    total = front.count[:, None] + count  # [B, Hq, T]
-    out = torch.where(j < total[..., None], torch.gather(both, -1, src.expand(b, h, t, width)), -1)
-    return Selection(out.to(torch.int32), torch.zeros((b, h, t, width), dtype=torch.float32, device=idx.device),
-                     total.to(torch.int32))
-
-
-def _keys_below_end(k, end) -> torch.Tensor:
-    """k [B, Hkv, N, D] read only below each row's end (later positions repeat the row's last
-    key; a row without keys reads the row with the most): a paged cache may map nothing past
-    a row's end. Contiguous [B, Hkv, N, D]."""
-    b, hkv, n, _ = k.shape
-    src, safe = _below_end(end, torch.arange(n, device=k.device)[None])  # [B], [B, N]
-    return k[src[:, None, None], torch.arange(hkv, device=k.device)[None, :, None], safe[:, None, :]]
-
-
 def _below_end(end, pos):
     """(row [B], position [B, ...]) to read for positions pos [B or 1, ...]: a position at or
     past its row's end reads the row's last key, and a row without keys reads the row with
@@ -150,17 +114,9 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
     width = min(n, front.idx.shape[-1] + kt)
     if width == 0:
         return Selection.empty(b, hq, t, q.device)
-    if use_kernels(q):
-        s = attn_scores(q, k, front.lo, front.hi, scale)
-        idx, count = select_top(s, front.sizes(part.k), kt, width=width, front=(front.idx, front.count))
-        return Selection(idx, front.zeros(idx.shape, q.device), count)
-    s = exact_scores(q, _keys_below_end(k, ends.amax(-1)), scale)  # [B, Hq, T, N]
-    pos = torch.arange(n, device=k.device)
-    left = (pos >= front.lo[:, None, :, None]) & (pos < front.hi[:, None, :, None])
-    s = s.masked_fill(~left, float("-inf"))
-    top_v, top_i = topk_ref(s, kt)  # a row's finite, wanted entries come first
-    ok = (torch.arange(kt, device=k.device) < front.sizes(part.k)[:, None, :, None]) & (top_v > float("-inf"))
-    return _with_front(front, top_i, ok.sum(-1), width)
+    s = attn_scores(q, k, front.lo, front.hi, scale)
+    idx, count = select_top(s, front.sizes(part.k), kt, width=width, front=(front.idx, front.count))
+    return Selection(idx, front.zeros(idx.shape, q.device), count)
 
 
 def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
@@ -179,32 +135,10 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     p = -(-n // sz)
     kp = min(-(-host_size(part.budget, n) // sz), p)
     width = min(n, front.idx.shape[-1] + (kp + 1) * sz)
-    if use_kernels(q):
-        rank = page_scores(q, pages, front.lo, front.hi, ends, scale, sz, p)
-        idx, count = select_top(rank, front.sizes(part.budget, sz), kp, width=width, front=(front.idx, front.count),
-                                page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts)
-        return Selection(idx, front.zeros(idx.shape, q.device), count)
-    meta = pages[:, :, :p]
-    u = page_bounds(q, meta[..., 0], meta[..., 1], scale)  # [B, Hq, T, P]
-    lo, hi = front.lo[:, None, :, None], front.hi[:, None, :, None]  # [B, 1, T, 1]
-    first = torch.arange(p, device=k.device) * sz
-    ranks = torch.maximum(first, lo) < torch.minimum(first + sz, hi)  # the page holds a key left to rank
-    last = ((ends - 1).clamp(min=0) // sz)[:, None]  # [B, 1, T]
-    rank = u.masked_fill(~ranks | (torch.arange(p, device=k.device) == last[..., None]), float("-inf"))
-    top_v, top_i = topk_ref(rank, kp)
-    ok_top = (torch.arange(kp, device=k.device) < front.sizes(part.budget, sz)[:, None, :, None]) & \
-        (top_v > float("-inf"))
-    chosen = torch.cat([last[..., None].expand(b, hq, t, 1), top_i], -1)
-    has_keys = (ends > starts[:, None])[:, None, :, None].expand(b, hq, t, 1)
-    page_ok = torch.cat([has_keys, ok_top], -1)
-    idx = (chosen[..., None] * sz + torch.arange(sz, device=k.device)).flatten(-2)  # [B, Hq, T, W]
-    ok = page_ok[..., None].expand(*page_ok.shape, sz).flatten(-2) & (idx >= lo) & (idx < hi)
-    # valid entries first: each goes to its rank among the row's valid ones (the rest to a spare column)
-    w = idx.shape[-1]
-    rank_ok = ok.cumsum(-1)
-    packed = torch.full((b, hq, t, w + 1), -1, dtype=idx.dtype, device=k.device)
-    packed.scatter_(-1, torch.where(ok, rank_ok - 1, w), idx)
-    return _with_front(front, packed[..., :w], rank_ok[..., -1], width)
+    rank = page_scores(q, pages, front.lo, front.hi, ends, scale, sz, p)
+    idx, count = select_top(rank, front.sizes(part.budget, sz), kp, width=width, front=(front.idx, front.count),
+                            page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts)
+    return Selection(idx, front.zeros(idx.shape, q.device), count)
 
 
 def page_shape(k) -> tuple:
