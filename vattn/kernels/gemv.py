@@ -54,8 +54,10 @@ equals the reference activation times W^T computed in float64 and rounded, up to
 order (and that of the RMS statistic): bf16 differs in rare elements by one ulp.
 
 Tuning: block_n, block_k, num_warps, num_stages, split_k, dot as keywords (default_config picks
-them from (M, N, K); the defaults are guesses for an H200 until scripts/bench_gemv.py has run
-there). Limits: the interpreter has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests
+them from (M, N, K)). On an H200 (2026-12-03) the sweep of scripts/bench_gemv.py found configs
+faster for each op alone (num_stages 1, wider tiles: 2-11% per op), but in the run that used them
+the B=1 decode step, a chain of dependent launches, was 0.45-0.64 ms slower (not isolated from
+another change of that run); the defaults stayed (docs/BENCHMARKS.md). Limits: the interpreter has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests
 run without it; whether the early tile load pays off (and the per-program norm pre-pass at M = 16
 costs little) is for the GPU timing to show.
 """
@@ -232,7 +234,7 @@ def _kernel():
 
 def default_config(M: int, N: int, K: int, dtype=torch.bfloat16) -> dict:
     """The tuning knobs for an [M, K] x [N, K]^T product (see the module docstring); any of them can be
-    overridden by keyword. Guesses for an H200 until timed (scripts/bench_gemv.py sweeps them)."""
+    overridden by keyword. Guesses, kept over the H200 sweep's per-op winners (module docstring)."""
     if M == 1:  # CUDA-core GEMV; block_k = 32 num_warps x (16 bytes of elements): no layout conversion a tile
         nw = 4
         return dict(block_n=8, block_k=min(max(16, next_pow2(K)), 32 * nw * (16 // dtype.itemsize)),
