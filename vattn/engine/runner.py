@@ -426,27 +426,28 @@ class Runner:
         nview = length_bucket(max(pos) + 1, self.max_len)
         key = (str(plan.spec) if plan is not None else "dense", bucket, nview)
         pad = bucket - b
-        # pinned, copied without blocking: the host never waits for the steps already queued
-        host = torch.tensor([slots + slots[:1] * pad, pos + pos[:1] * pad], dtype=torch.long).pin_memory()
+        rows, ids = [slots + slots[:1] * pad, pos + pos[:1] * pad], None
         if isinstance(tokens, torch.Tensor):  # the model's own ids, on the device: no sync
-            tok = torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens
+            ids = torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens
         else:
-            tok = torch.tensor(tokens + tokens[:1] * pad, dtype=torch.long).pin_memory()
+            rows.insert(0, tokens + tokens[:1] * pad)
+        # pinned, copied without blocking: the host never waits for the steps already queued
+        host = torch.tensor(rows, dtype=torch.long).pin_memory()
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture(key, plan, torch.cat([tok.to(self.device)[None], host.to(self.device)]), nview,
-                              bucket)
+            inputs = host.to(self.device)
+            g = self._capture(key, plan, inputs if ids is None else torch.cat([ids[None], inputs]), nview, bucket)
         else:
-            g["inputs"][0].copy_(tok, non_blocking=True)
-            g["inputs"][1:].copy_(host, non_blocking=True)
+            if ids is not None:
+                g["inputs"][0].copy_(ids, non_blocking=True)
+            g["inputs"][3 - len(rows):].copy_(host, non_blocking=True)
             g["graph"].replay()
         return g["out"][:b].clone()
 
-    def _capture(self, key, plan, host, nview, bucket):
+    def _capture(self, key, plan, inputs, nview, bucket):
         """Warm up (Triton compiles, cuBLAS workspaces) on a side stream with this step's real
         inputs, then capture; the capture's replay is this step. Warm-up rewrites the same K/V
         the step writes; the density counters are put back as they were."""
-        inputs = host
         saved = (self._att.clone(), self._allowed.clone())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
