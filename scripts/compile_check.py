@@ -46,23 +46,23 @@ def report(name, fn, s, c):
         print(name, "FAILED:", str(e)[:1500], "\nCAUSE:", repr(e.__cause__)[:1500] if e.__cause__ else "")
 
 
-cut_names = ("q proj ks k lens hist ctr cut pil pbin qs tr sqb sqh skb skh skn H N sink window K KF STRIDE seed "
+cut_names = ("q proj ks k lens hist ctr cut pil pbin qs tot tr sqb sqh skb skh skn H N sink window K KF STRIDE seed "
              "m0 scale_log2").split()
-cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, "*i64"] + [I] * 10 + [F] + [I] * 3 + [F]
+cut_types = ["*bf16", "*fp32", P, "*bf16", P, P, P, P, "*fp32", P, P, P, "*i64"] + [I] * 10 + [F] + [I] * 3 + [F]
 scan_names = ("q proj qs ks k v lens cut scr cnt po plse tr sqb sqh skb skh skn svb svh svn H N S1 S sink window "
               "seed scale_log2").split()
 scan_types = ["*bf16", "*fp32", P, P, "*bf16", "*bf16", P, P, P, P, "*fp32", "*fp32", "*i64"] + [I] * 15 + [F]
-smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tr sqb sqh skb skh skn svb svh svn H N S1 S2 "
+smp_names = ("q qs ks k v lens cut pil pbin cnt po plse stats tot tr sqb sqh skb skh skn svb svh svn H N S1 S2 "
              "sink window K KF m0 seed scale_log2 zz eps2 infl").split()
-smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", "*i64"] + \
+smp_types = ["*bf16", P, P, "*bf16", "*bf16", P, P, "*fp32", P, P, "*fp32", "*fp32", "*fp32", P, "*i64"] + \
             [I] * 15 + [F] + [I] * 2 + [F] * 4
 for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
-                        common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1)),
+                        common | dict(PP=16, M0P=128, PC=16, BN=1024, CL=32, UPD=1, CNT=1)),
                        ("scan_kernel", kt.scan_kernel, sig(scan_names, scan_types), common | dict(CB=CB, BN=BN)),
                        ("sample_kernel", kt.sample_kernel, sig(smp_names, smp_types),
-                        common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=0)),
+                        common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=0, CNT=1)),
                        ("sample_kernel (output mode)", kt.sample_kernel, sig(smp_names, smp_types),
-                        common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=1))):
+                        common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=1, CNT=1))):
     report(name, fn, s, c)
 
 # the engine's layer ops (vattn/kernels/layer_ops.py) at Llama-3-8B shapes, bf16

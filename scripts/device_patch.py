@@ -3,6 +3,9 @@ unpatched (HF SDPA), and vattn.patch with each spec (prefill dense, decode spars
 
     PYTHONPATH=. python scripts/device_patch.py [context] [layers] [cache]   # default 32768 32 dynamic
 
+cache "static": transformers' StaticCache, and generate compiles the decode forward itself
+(torch.compile, mode reduce-overhead) on CUDA. PATCH_SPECS="a;b" replaces the spec list.
+
 Llama-3-8B shape, random weights, bf16, B=1. Per spec: (t(generate 1 + n tokens) - t(generate 1)) / n,
 so the prefill cancels; density from the patch's summary.
 """
@@ -38,10 +41,15 @@ def main():
           f"{time.strftime('%Y-%m-%d')}; Llama-3-8B shape, {layers} layers, bf16, B=1, context {n_ctx}, "
           f"cache {cache}", flush=True)
 
+    if cache == "static":
+        torch._dynamo.config.cache_size_limit = 64  # a recompile per spec must not fall back to eager
+        st = tf.StaticCache(config=cfg, max_cache_len=n_ctx + 32)
+
     def gen(new):
         kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        if cache != "dynamic":
-            kw["cache_implementation"] = cache
+        if cache == "static":  # one cache of one length, so the compiled graphs are reused
+            st.reset()
+            kw["past_key_values"] = st
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
@@ -53,15 +61,26 @@ def main():
         gen(2)  # warm-up (kernels compiled, caches allocated)
         return (gen(1 + new) - gen(1)) / new * 1e3
 
+    def compiled():  # what torch.compile did since the last call (static cache only)
+        if cache != "static":
+            return ""
+        from torch._dynamo.utils import counters
+        c = dict(graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()))
+        top = sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:2]
+        counters.clear()
+        return f"  compile {c} {[k[:120] for k, _ in top]}"
+
     rows = [dict(spec="HF SDPA (unpatched)", ms=per_token(16), density=1.0, path="sdpa")]
-    print(f"{rows[0]['spec']:<70} {rows[0]['ms']:8.2f} ms/token", flush=True)
-    for spec in SPECS:
+    print(f"{rows[0]['spec']:<70} {rows[0]['ms']:8.2f} ms/token{compiled()}", flush=True)
+    specs = os.environ["PATCH_SPECS"].split(";") if os.environ.get("PATCH_SPECS") else SPECS
+    for spec in specs:
         try:
             with vattn.patch(model, spec, sparse_from=n_ctx) as p:
                 ms = per_token(16)
                 s = p.summary()
             rows.append(dict(spec=spec, ms=ms, density=s["density"], path=s["path"]))
-            print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}", flush=True)
+            print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}"
+                  f"{compiled()}", flush=True)
         except Exception as e:  # one spec's failure must not hide the others' numbers
             print(f"{spec:<70} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append(dict(spec=spec, error=str(e)[:300]))

@@ -102,3 +102,29 @@ def test_static_cache_generate_equals_dynamic(spec):
             outs.append(m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **kw))
             assert 0 < p.summary()["density"] < 1
     assert torch.equal(outs[0], outs[1])
+
+
+def test_compiled_forward_with_a_static_cache_equals_eager():
+    """transformers compiles the forward when generate runs a static cache on a GPU: the
+    patch's host bookkeeping (the hook and the attention call) runs outside the graphs
+    (graph breaks at those two only) and the tokens equal the uncompiled run's."""
+    import vattn
+    from torch._dynamo.utils import counters
+    m = tiny_model("llama")
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
+    outs, fwd = [], m.forward
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        if compiled:
+            m.forward = torch.compile(fwd, backend="eager")  # dynamo's tracing, no code generation
+        try:
+            with vattn.patch(m, "sink(2)+window(4)+topk(0.2)", sparse_from=40) as p:
+                outs.append(m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                       cache_implementation="static"))
+                assert 0 < p.summary()["density"] < 1
+        finally:
+            m.forward = fwd
+    breaks = [k for k in counters["graph_break"] if "torch.compiler.disable" not in k]
+    assert counters["stats"]["unique_graphs"] > 0 and not breaks, breaks
+    assert torch.equal(outs[0], outs[1])

@@ -68,9 +68,21 @@ def test_scan_decode_early_draws_change_nothing(eps):
     out, st = vattention_scan_decode(q, k, v, ks, proj, L, num_warps=8, **kw)
     totals = st["rows"][:, 1].cpu()
     assert ((totals % 32 != 0) & (totals < 4 * 32)).any() or (st["rows"][:, 4] > 0).any()
-    got, sg = vattention_scan_decode(q, k, v, ks, proj, L, num_warps=4, **kw)
-    assert torch.equal(sg["sample_keys"], st["sample_keys"]) and torch.equal(sg["rows"], st["rows"])
-    assert rel(got, out) < 1e-6
+    for pre in (None, True):  # 4 warps: plain order by default, early blocks when asked
+        got, sg = vattention_scan_decode(q, k, v, ks, proj, L, num_warps=4, pre=pre, **kw)
+        assert torch.equal(sg["sample_keys"], st["sample_keys"]) and torch.equal(sg["rows"], st["rows"])
+        assert rel(got, out) < 1e-6
+
+
+def test_scan_decode_count_is_the_keys_attended():
+    # count=True: the kernels sum each row's keys attended (scan and sample) themselves
+    q, k, v, proj, ks = inputs(5)
+    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
+    kw = dict(eps=0.3, delta=0.1, seed=5, **RUN, **KW)
+    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **kw)
+    for _ in range(2):
+        got, n = vattention_scan_decode(q, k, v, ks, proj, L, count=True, **kw)
+        assert torch.equal(n, st["exact_keys"] + st["sample_keys"]) and torch.equal(got, out)
 
 
 def test_scan_decode_leaves_its_counters_zero():

@@ -47,6 +47,7 @@ def _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs):
     return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
 
+@torch.compiler.disable  # host bookkeeping per call: torch.compile (generate with a static cache) runs it eagerly
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The function registered as "vattn": returns (out [B, T, Hq, D], None)."""
     p = _PATCHES.get(module)
@@ -198,7 +199,8 @@ class Patch:
             raise VattnError(f"{type(model).__name__} does not use transformers' attention interface")
         for m in self._modules:
             _PATCHES[m] = self
-        self._hook = _decoder(model).register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._hook = _decoder(model).register_forward_pre_hook(torch.compiler.disable(self._before_forward),
+                                                                with_kwargs=True)
 
     # -- public -------------------------------------------------------------------
     def set_spec(self, spec):

@@ -102,18 +102,20 @@ def _query(q, row, b, H, sqb, sqh, R: tl.constexpr, M: tl.constexpr, D: tl.const
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed may be 1: keep it a tensor
-def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
+def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
                sqb, sqh, skb, skh, skn, H, N, sink, window, K, KF, STRIDE, seed, m0, scale_log2,
                R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, PP: tl.constexpr,
                M0P: tl.constexpr, PC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, HW: tl.constexpr,
-               IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, UPD: tl.constexpr = 0):
+               IEEE: tl.constexpr, PDL: tl.constexpr = 0, TR: tl.constexpr = 0, UPD: tl.constexpr = 0,
+               CNT: tl.constexpr = 0):
     """Program (row, p) stores the histogram of subsample block p (runs of CL keys, one every
     CL * STRIDE keys of the middle) and scores pilot draws [p * PC, (p + 1) * PC) (the first m0
     sample draws): pil [rows * R, M0P] log2 scores, pbin [rows, M0P] their score bins (whether a
     draw is a top-k key is decided where the cut is known). The last program of a row to
     finish (counter ctr, zero before the launch, left zero) sums the histograms into cut[row] =
-    (tau, thu)."""
+    (tau, thu). CNT: program (row, 0) zeroes tot[row], which the sample kernel adds the row's
+    keys attended to (no memset launch: it would cut the launches' PDL chain)."""
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -128,6 +130,8 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tr,
     if p == 0:  # the query signature, for the later launches (layout [B, Hq, 1, W])
         rw = tl.arange(0, RWP)
         tl.store(qs + row * R * W + rw, qv.to(tl.int32, bitcast=True), mask=rw < R * W)
+        if CNT:
+            tl.store(tot + row, 0)
         if UPD:  # the newest key's signature: in the window now, so no launch of this step reads it
             if L > 0:
                 _key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
@@ -492,19 +496,20 @@ def _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tr,
+def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, tot, tr,
                   sqb, sqh, skb, skh, skn, svb, svh, svn,
                   H, N, S1, S2, sink, window, K, KF, m0, seed, scale_log2, zz, eps2, infl,
                   R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                   D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
-                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, OUT: tl.constexpr = 0):
+                  TR: tl.constexpr = 0, PRE: tl.constexpr = 0, OUT: tl.constexpr = 0, CNT: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
     pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
     its first block's signature words; with PRE it also attends that block's draws (the
-    draws' positions do not depend on the budget) and loads the next block's words."""
+    draws' positions do not depend on the budget) and loads the next block's words. CNT: adds
+    its keys attended to tot[row] (zeroed by the cut kernel), program (row, 0) the scan's too."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
@@ -539,4 +544,8 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
+    if CNT:
+        sc = tl.arange(0, SP)
+        fixed = tl.sum(tl.load(cnt + row * (S1 + S2) + sc, mask=sc < tl.where(j2 == 0, S1, 0), other=0), 0)
+        tl.atomic_add(tot + row, c + fixed)
     _stamp(tr, 4, c, TR)

@@ -157,7 +157,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                            eps=0.05, delta=0.05, seed=0, scale=None, var_conf=-1.0, stats=False, sub=4096,
                            sub_block=None, block_c=2048, block_n=64, sample_bn=64, splits=None, num_warps=None,
                            upto=4, pdl=None, trace=None, update_sig=False, count=False, scratch=None,
-                           mode="denominator", pick=None):
+                           mode="denominator", pick=None, pre=None):
     """See the module docstring. scratch: a dict the call keeps its work buffers in and reuses
     on the next call with the same shapes (not with stats=True, whose tables it returns).
     pick (int64 [b]): out is [b, Hq, 1, D], row i that of batch row pick[i] (the merge gathers).
@@ -181,7 +181,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     program on one SM and start early; and each sample program attends its first block of
     draws before waiting for the scan (positions do not depend on the budget; dropped and redone
     when the budget ends inside it), holding that block's state across the wait in 128
-    registers (255 at 4 warps, so not with 4 warps).
+    registers (255 at 4 warps, so not with 4 warps by default; pre=True/False overrides).
     trace (a dict, GPU only): filled with 'cut', 'scan', 'sample', 'merge' int64 [programs, 8],
     each program's global-timer stamps in ns at its phase ends (slot 7: SM id; see
     scripts/trace_scan.py); tables already there are reused, so no memset joins a captured graph."""
@@ -231,7 +231,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     meta = dict(R=R, M=M, W=W, WP=max(2, next_pow2(W)), D=D, RWP=max(2, next_pow2(R * W)), NH=NH, SH=SH,
                 HW=not interpret(), IEEE=use_ieee(q.dtype), num_warps=num_warps,
                 **(dict(PDL=1, launch_pdl=True) if pdl else {}))
-    pre_draw = num_warps == 8
+    pre_draw = num_warps == 8 if pre is None else bool(pre)
     fit = num_warps == 8 and not interpret()  # register caps: two scan programs beside a cut one, 2 sample per SM
     fit_cut, fit_scan, fit_sample = (dict(num_warps=4, maxnreg=64), dict(maxnreg=112), dict(maxnreg=128)) if fit \
         else ({}, {}, {})
@@ -256,10 +256,11 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                 trace[n] = torch.zeros((progs, 8), dtype=torch.int64, device=dev)
             tr[n] = trace[n]
         meta["TR"] = 1
-    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tr.get("cut", ctr), *sq,
+    tot = torch.empty(rows, dtype=torch.int32, device=dev) if count else cnt  # keys attended per row (count)
+    kt.cut_kernel[(rows, P)](q, proj, ksig, k, lengths, hist, ctr, cut, pil, pbin, qs, tot, tr.get("cut", ctr), *sq,
                              *skv[:3], Hkv, NS, sink, window, *topk_args(topk), stride, seed & M32, m0, log2s,
                              PP=max(2, next_pow2(P)), M0P=M0P, PC=max(16, next_pow2(-(-M0P // P))),
-                             BN=sub_block, CL=32, UPD=int(update_sig), **(meta | fit_cut))
+                             BN=sub_block, CL=32, UPD=int(update_sig), CNT=int(count), **(meta | fit_cut))
     if upto < 2:
         return None
     kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
@@ -267,18 +268,18 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                                BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
-    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st,
+    kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tot,
                                  tr.get("sample", cnt), *sq, *skv, Hkv, NS, s1, s2, sink, window, *topk_args(topk), m0,
                                  seed & M32, log2s, mode_quantile(mode, delta), eps * eps,
                                  var_inflation(m0, delta, var_conf), BN=sample_bn, M0P=M0P,
-                                 SP=max(2, next_pow2(s1)), PRE=int(pre_draw), OUT=int(mode == "output"),
+                                 SP=max(2, next_pow2(s1)), PRE=int(pre_draw), OUT=int(mode == "output"), CNT=int(count),
                                  **(meta | fit_sample))
     if upto < 4:
         return None
     out = torch.empty((B if pick is None else pick.shape[0], Hq, 1, D), dtype=q.dtype, device=dev)
     merge_partials(po, plse, out, pdl=pdl, trace=tr.get("merge"), pick=pick)
-    if count:  # keys attended per row, scan and sample (a key drawn twice counts twice): one reduction
-        return out, cnt.sum(1, dtype=torch.int32)
+    if count:  # keys attended per row, scan and sample (a key drawn twice counts twice), summed in-kernel
+        return out, tot
     if not stats:
         return out
     return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
