@@ -4,6 +4,7 @@ import pytest
 from vattn.errors import VattnError
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster at a time
 
 
 def test_ray_sweep_matches_local_run(tmp_path):

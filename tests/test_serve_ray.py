@@ -6,6 +6,7 @@ import httpx2
 import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'vattn[ray]')")
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster at a time
 
 
 def free_port():
