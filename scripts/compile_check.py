@@ -78,7 +78,7 @@ for name, fn, s, c in (
         ("add_rms_kernel (gemma sandwich)", add_rms,
          sig("x delta w wd h_out x_out H eps".split(), [B, B, "*fp32", "*fp32", B, B, I, F]),
          dict(BH=4096, HAS_DELTA=True, NORM_DELTA=True, GEMMA=True)),
-        ("qkv_rope_kernel (q/k norm, cache)", qkv_rope, rope_sig, dict(HP=32, BD=128, NORM=True, GEMMA=False, CACHE=True)),
+        ("qkv_rope_kernel (q/k norm, cache)", qkv_rope, rope_sig, dict(HP=32, BD=128, NORM=True, GEMMA=False, CACHE=True, Q_ROWS=True)),
         ("glu_kernel (silu)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=0)),
         ("glu_kernel (gelu-tanh)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=1))):
     report(name, fn, s, c)
