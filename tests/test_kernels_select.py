@@ -165,69 +165,7 @@ def test_bad_inputs_are_named():
         page_scores(q, torch.zeros(1, 2, 3, 16), lo, hi, hi, 1.0, 4, 2)
 
 
-# -- the plan paths with the kernels ----------------------------------------------------------
-@pytest.fixture
-def kernels(monkeypatch):
-    """plan_select runs the Triton kernels on CPU (the interpreter), with small blocks so rows
-    span several programs; the sparse kernel's torch twin attends (as in test_plan_paths)."""
-    import vattn.kernels.sparse as sp
-    if DEV != "cpu":
-        pytest.skip("plans compiled for the CPU with the kernels forced on: under TRITON_INTERPRET=1")
-    monkeypatch.setattr(ks, "BLOCK", 16)
-    monkeypatch.setattr(sp, "sparse_decode", sp.sparse_decode_ref)
-
-
-@pytest.mark.parametrize("spec,t", [("sink(3)+window(4)+topk(0.1)", 1), ("sink(3)+window(4)+topk(0.1)", 2),
-                                    ("topk(5)", 1), ("sink(30)+window(30)+topk(30)", 1),
-                                    ("sink(2)+window(3)+quest(0.2,page=8)", 1),
-                                    ("sink(2)+window(3)+quest(0.2,page=8)", 2), ("quest(8,page=4)", 1),
-                                    ("sink(1)+window(2)+quest(1.0,page=8)", 1), ("window(3)+quest(10,page=1)", 1),
-                                    ("sink(2)+quest(12,page=3)", 1)])
-def test_kernel_paths_choose_the_reference_keys(spec, t, kernels):
-    from test_plan_paths import bounds, check_equal
-    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
-    starts, ends = bounds(t=t, seed=t)
-    check_equal(spec, q, k, v, starts, ends)
-
-
-def test_kernel_paths_in_bfloat16_and_dense_layers(kernels):
-    from test_plan_paths import bounds, check_equal
-    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=7, dtype=torch.bfloat16)
-    starts, ends = bounds(t=1, seed=7)
-    check_equal("sink(2)+window(3)+topk(9)", q, k, v, starts, ends)
-    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=8)
-    check_equal("sink(3)+window(4)+quest(20,page=4,dense_layers=1)", q, k, v, starts, ends, layers=(0, 1))
-
-
-@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)"])
-def test_kernel_ties_break_as_the_reference(spec, kernels):
-    """Repeated keys (equal scores) and repeated pages (equal bounds): lowest positions first."""
-    from test_plan_paths import check_equal
-    q, k, v = rand_qkv(b=2, hq=4, hkv=2, t=1, n=64, seed=5)
-    k[:, :, 8:24] = k[:, :, 8:12].repeat(1, 1, 4, 1)
-    k[:, :, 40:44] = k[:, :, 8:12]
-    check_equal(spec, q, k, v, torch.tensor([0, 3]), torch.tensor([[64], [50]]))
-
-
-@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(0.05)+window(4)+quest(12,page=4)"])
-def test_kernel_paths_never_wait_for_the_device(spec, kernels, monkeypatch):
-    from test_plan_paths import NoSync, SCALE, bounds, step
-    from vattn.plan import compile
-    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=4)
-    starts, ends = bounds(t=1)
-    plan = compile(spec, "cpu", fused=True).reserve(96)
-    step(plan, 0, q, k, v, starts, ends)
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        def banned(*a, _name=name, **kw):
-            raise AssertionError(f"Tensor.{_name} in a graphable path")
-        monkeypatch.setattr(torch.Tensor, name, banned)
-    with NoSync():
-        ctx = plan.context(starts, ends, SCALE)
-        plan.append(1, k, v, ctx)
-        plan.run(1, q, k, v, ctx)
-    monkeypatch.undo()
-
-
+# -- the plan paths with the kernels: tests/test_plan_paths.py (CPU, interpreter), and here on a GPU --
 @pytest.mark.skipif(DEV != "cuda", reason="a GPU: the plans compiled for CUDA (the interpreter runs the tests above)")
 @pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(0.1)", "topk(5)", "sink(2)+window(3)+quest(0.2,page=8)",
                                   "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)"])

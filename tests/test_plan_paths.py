@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse: unwritten outputs read as NaN / -7)
 from helpers import rand_qkv, rel
 from vattn.errors import VattnError
 from vattn.kernels._common import triton_available
@@ -80,6 +81,24 @@ def test_kernel_path_chooses_the_reference_keys(spec, t, torch_kernel):
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
     starts, ends = bounds(t=t, seed=t)
     check_equal(spec, q, k, v, starts, ends, layers=(0, 1))
+
+
+@pytest.mark.parametrize("spec,t", [("sink(3)+window(4)+topk(0.1)", 2), ("sink(30)+window(30)+topk(30)", 1),
+                                    ("sink(2)+window(3)+quest(0.2,page=8)", 2), ("window(3)+quest(10,page=1)", 1)])
+def test_rows_over_several_programs_choose_the_reference_keys(spec, t, torch_kernel, monkeypatch):
+    import vattn.kernels.select as ks
+    monkeypatch.setattr(ks, "BLOCK", 16)  # small blocks: each row's select spans several programs
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
+    starts, ends = bounds(t=t, seed=t)
+    check_equal(spec, q, k, v, starts, ends)
+
+
+def test_kernel_path_in_bfloat16_and_dense_layers(torch_kernel):
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=7, dtype=torch.bfloat16)
+    starts, ends = bounds(t=1, seed=7)
+    check_equal("sink(2)+window(3)+topk(9)", q, k, v, starts, ends)
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=8)
+    check_equal("sink(3)+window(4)+quest(20,page=4,dense_layers=1)", q, k, v, starts, ends, layers=(0, 1))
 
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)"])
