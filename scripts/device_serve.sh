@@ -13,7 +13,7 @@ for w in ${*:-specs admission}; do case $w in
            --concurrency 16 --num-requests 16 --prompt-len 16384:32768 --output-len 128:512 --warmup 1 \
            --json "$OUT/serve_specs.json" \
            > "$OUT/serve_specs.txt" 2>&1; tail -20 "$OUT/serve_specs.txt" ;;
-  admission) timeout ${ADM_S:-110} python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
+  admission) timeout ${ADM_S:-260} python3 -m vattn.cli bench serve --random llama3-8b --specs dense --admission vmem,static \
            --kv-layout ${LAYOUT:-bnhd} \
            --budget-gb 40 --max-len 32768 --max-batch 32 --concurrency 32 --num-requests ${ADM_N:-48} \
            --prompt-len 4096:32768 --output-len 64:128 --warmup 1 --json "$OUT/serve_admission.json" \
