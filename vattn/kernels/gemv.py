@@ -57,9 +57,10 @@ Tuning: block_n, block_k, num_warps, num_stages, split_k, dot as keywords (defau
 them from (M, N, K)). On an H200 (2026-12-03) the sweep of scripts/bench_gemv.py found configs
 faster for each op alone (num_stages 1, wider tiles: 2-11% per op), but in the run that used them
 the B=1 decode step, a chain of dependent launches, was 0.45-0.64 ms slower (not isolated from
-another change of that run); the defaults stayed (docs/BENCHMARKS.md). Limits: the interpreter has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests
-run without it; whether the early tile load pays off (and the per-program norm pre-pass at M = 16
-costs little) is for the GPU timing to show.
+another change of that run); the defaults stayed (docs/BENCHMARKS.md). Limits: the interpreter
+has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests run without it; whether the
+early tile load pays off (and the per-program norm pre-pass at M = 16 costs little) is for the
+GPU timing to show.
 """
 from __future__ import annotations
 
