@@ -31,8 +31,9 @@ and the K range [s KS, (s + 1) KS) (split_k = 1: the whole K). It
      streamed through shared memory with cp.async). The activation tile a [MP, BK] is x (plain),
      rms(x + delta) (recomputed per tile from L1/L2, rounded to the activation dtype where
      add_rms_norm_ref rounds) or act(gate) * up (rounded as glu_ref), multiplied into a float32
-     accumulator: with `dot` (tensor cores, M > 1 default) rows are padded to MP = 16 and acc [MP, BN]
-     += a @ W_tile^T; without it (M = 1 default) a CUDA-core GEMV whose BN can be as small as 1, so a
+     accumulator: with `dot` (tensor cores, M > 1 default) rows are padded to MP = 16 and acc [BN, MP]
+     += W_tile @ a^T (the weight tile in the MMA's M dim: wgmma at BN >= 64, where a [MP, BN] tile
+     wasted the MMA on padding); without it (M = 1 default) a CUDA-core GEMV whose BN can be as small as 1, so a
      narrow N still gives every SM several programs. Its accumulator is [BN, BK / VEC]: each thread
      sums its own 16-byte vectors (no cross-thread reduction in the loop, one tl.sum at the end).
      block_k = 32 num_warps VEC (VEC = elements in 16 bytes) gives the weight tile and the
@@ -60,7 +61,12 @@ the B=1 decode step, a chain of dependent launches, was 0.45-0.64 ms slower (not
 another change of that run); the defaults stayed (docs/BENCHMARKS.md). Limits: the interpreter
 has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests run without it; whether the
 early tile load pays off (and the per-program norm pre-pass at M = 16 costs little) is for the
-GPU timing to show.
+GPU timing to show. M = 16 (H200, 2026-12-03, swapped tiles, default configs): `linear` equals cuBLAS
+(o: 14.5 against 14.6 us), but a prologue costs what it saves: every program recomputes its activation
+tiles (and with the norm, the rows' statistic), M times the work of M = 1 for the same weight bytes.
+rms_linear qkv 55.7 us against 19.9 for add_rms_norm + cuBLAS, gate_up 121.2 against 68.8, glu_linear
+down 61.1 against 38.1; a layer's chain 243.5 against 132.5 us (the best swept configs 164.8, the norms
+as their own launches 156.6). So the engine runs M > 1 on cuBLAS (engine/model.py GEMV_ROWS).
 """
 from __future__ import annotations
 
@@ -69,7 +75,8 @@ import functools
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, next_pow2, resolve_pdl, use_ieee, zeroed_counters
+from vattn.kernels._common import (check_runnable, next_pow2, resolve_pdl, target_programs, use_ieee,
+                                   zeroed_counters)
 from vattn.kernels.layer_ops import ACTS
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,13 +140,14 @@ def _kernel():
 
     @triton.jit
     def _mac(acc, a, wt, MP: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, VEC: tl.constexpr):
-        # acc [MP, BN] += a [MP, BK] @ wt [BN, BK]^T. The M = 1 GEMV keeps acc [BN, BK / VEC]: each
-        # thread adds up its own VEC-element vectors (no cross-thread reduction in the loop)
-        if DOT:
+        # acc += a [MP, BK] @ wt [BN, BK]^T: acc [BN, MP] with DOT (transposed), [MP, BN] for the CUDA-core
+        # product at M > 1, [BN, BK / VEC] at M = 1: each thread adds up its own VEC-element vectors (no
+        # cross-thread reduction in the loop)
+        if DOT:  # swapped: acc [BN, MP] += wt @ a^T, the weight tile in the MMA's M dim (BN >= 64 fills it)
             if IEEE:
-                acc = tl.dot(a.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(wt.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, tl.trans(wt), acc)
+                acc = tl.dot(wt, tl.trans(a), acc)
         elif MP == 1:
             p = wt.to(tl.float32) * a.to(tl.float32)
             acc += tl.sum(tl.reshape(p, [p.shape[0], p.shape[1] // VEC, VEC]), 2)
@@ -194,7 +202,9 @@ def _kernel():
                     tl.store(h_out + off, h.to(T), mask=m & first)  # h holds values of T: exact
                 ss += tl.sum(h * h, 1)
             rstd = _rstd(ss, K, eps)
-        if DOT or MP > 1:
+        if DOT:
+            acc = tl.zeros([BN, MP], tl.float32)
+        elif MP > 1:
             acc = tl.zeros([MP, BN], tl.float32)
         else:
             acc = tl.zeros([BN, BK // VEC], tl.float32)
@@ -205,7 +215,9 @@ def _kernel():
             a = _atile(x, delta, nw, wd, k0, kk, r, rm, sxm, K, rstd_d, rstd, T, PRO, HAS_DELTA, NORM_DELTA, GEMMA,
                        ACT)
             acc = _mac(acc, a, wt, MP, DOT, IEEE, VEC)
-        if not DOT and MP == 1:
+        if DOT:
+            acc = tl.trans(acc)
+        elif MP == 1:
             acc = tl.sum(acc, 1)[None, :]
         ym = rm[:, None] & (n < N)[None, :]
         yp = y + r[:, None] * N + n[None, :]
@@ -233,26 +245,30 @@ def _kernel():
 
 # ------------------------------------------------------------------ configuration
 
-def default_config(M: int, N: int, K: int, dtype=torch.bfloat16) -> dict:
+def default_config(M: int, N: int, K: int, dtype=torch.bfloat16, programs: int = 264) -> dict:
     """The tuning knobs for an [M, K] x [N, K]^T product (see the module docstring); any of them can be
-    overridden by keyword. Guesses, kept over the H200 sweep's per-op winners (module docstring)."""
+    overridden by keyword. programs: about how many programs fill the device (two per SM). M = 1: guesses,
+    kept over the H200 sweep's per-op winners (module docstring). M > 1: tensor cores with the weight
+    tile in the MMA's M dim (64 output columns a program), K split until about `programs` run, each split
+    keeping at least 4 K tiles to pipeline."""
     if M == 1:  # CUDA-core GEMV; block_k = 32 num_warps x (16 bytes of elements): no layout conversion a tile
         nw = 4
         return dict(block_n=8, block_k=min(max(16, next_pow2(K)), 32 * nw * (16 // dtype.itemsize)),
                     num_warps=nw, num_stages=3, split_k=1, dot=False)
-    bn = 16 if N <= 8192 else 32
-    return dict(block_n=bn, block_k=256 if bn == 16 else 128, num_warps=4, num_stages=4, split_k=1, dot=True)
+    bn, bk = 64, 128
+    split = max(1, min(-(-programs // -(-N // bn)), K // (4 * bk)))
+    return dict(block_n=bn, block_k=bk, num_warps=4, num_stages=4, split_k=split, dot=True)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _config(M, N, K, dtype, tuning) -> dict:
+def _config(M, N, K, dtype, tuning, programs: int = 264) -> dict:
     bad = sorted(set(tuning) - set(TUNING))
     if bad:
         raise VattnError(f"unknown tuning keyword(s) {bad}; the gemv kernels take {list(TUNING)}")
-    cfg = default_config(M, N, K, dtype)
+    cfg = default_config(M, N, K, dtype, programs)
     cfg.update({k: v for k, v in tuning.items() if v is not None})
     cfg["dot"] = bool(cfg["dot"])
     for name in ("block_n", "block_k"):
@@ -332,7 +348,7 @@ def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None,
     check_runnable(x, w)
     dev = x.device
     pdl = resolve_pdl(pdl, dev)
-    cfg = _config(M, N, K, x.dtype, tuning)
+    cfg = _config(M, N, K, x.dtype, tuning, target_programs(dev))
     bn, bk = cfg["block_n"], cfg["block_k"]
     mp = max(16, next_pow2(M)) if cfg["dot"] else next_pow2(M)
     ks = _cdiv(_cdiv(K, cfg["split_k"]), bk) * bk  # a split's K range: whole tiles
