@@ -118,3 +118,16 @@ def test_reference_specs_run_slot_by_slot_and_say_why():
             assert torch.isfinite(r.decode([s], [t])).all()
         assert "slot by slot" in r.graph_notes[str(r.plan().spec)]
         assert 0 < r.density(s) <= 1
+
+
+def test_step_ids_read_waits_for_their_step_only():
+    """StepIds queues the host copy when the ids are made: a read after the next step was launched
+    (here a ~1 s spin) returns while that step still runs. ids.tolist() would wait for the spin."""
+    from vattn.engine.runner import StepIds
+    ids = torch.arange(4, device="cuda") * 3
+    step = StepIds(ids)
+    torch.cuda._sleep(2 ** 31)  # the next step: about a second of GPU cycles
+    assert step.tolist() == [0, 3, 6, 9]
+    assert not torch.cuda.current_stream().query()  # the spin had not ended when the ids were read
+    assert step.ids is ids
+    torch.cuda.synchronize()

@@ -117,15 +117,17 @@ def decode_loop(r, slots, steps: int, warmup: int = 2) -> float:
     """Seconds per greedy decode step, stepped as the scheduler steps (Scheduler._decode): each
     step takes the previous step's ids on the device, and the host reads them back while the
     next step runs. Warm-up steps first: Triton compiles, the graph is captured."""
+    from vattn.engine.runner import StepIds
     toks, prev = torch.zeros(len(slots), dtype=torch.long, device=r.device), None
     for i in range(steps + warmup):
         if i == warmup:
             _sync(r.device)
             t = time.perf_counter()
         toks = r.decode(slots, toks).argmax(-1)
+        step = StepIds(toks)
         if prev is not None:
             prev.tolist()  # the host's read of the step before
-        prev = toks
+        prev = step
     prev.tolist()
     return (time.perf_counter() - t) / steps
 

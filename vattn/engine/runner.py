@@ -502,6 +502,28 @@ class Runner:
         self.kv.close()
 
 
+class StepIds:
+    """A decode step's sampled ids, copied to pinned host memory as soon as they are queued, so a
+    read waits for that step only. (ids.tolist() once the next step is launched queues its copy
+    behind that step: the host waits a step more, and the GPU idles while the host launches the
+    one after: 0.3 ms a step at B=1 on an H200.) .ids: the device tensor, the next step's input."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids, self._event = ids, None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = ids
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 def prefill_attention(q, k, v, start: int, window, scale: float):
     """Causal attention of T queries at positions start.. over keys 0..start+T-1 (a sliding
     window keeps keys > pos - window). q [1, Hq, T, D]; k, v [1, Hkv, start+T, D]."""

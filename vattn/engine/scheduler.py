@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from vattn.cache.vmem import VattnOutOfMemory
+from vattn.engine.runner import StepIds
 from vattn.engine.sampling import Sampler, SamplingParams
 from vattn.errors import VattnError
 
@@ -419,7 +420,7 @@ class Scheduler:
             else:
                 toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)])
             n, prev = n + self._read(prev), None  # the step before, while this one runs
-            self._pending[spec] = (batch, toks)
+            self._pending[spec] = (batch, StepIds(toks))  # its copy to the host queued before the next step
             break
         return n + self._read(prev)
 
@@ -434,7 +435,7 @@ class Scheduler:
         at = [(j, inflight[id(r)]) for j, r in enumerate(batch) if id(r) in inflight]
         if not at:
             return host
-        ids = prev[1]
+        ids = prev[1].ids
         if len(at) == len(batch) == len(ids) and all(j == i for j, i in at):
             return ids  # the same batch as the step before: its ids as they are
         dev = ids.device
