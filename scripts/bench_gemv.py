@@ -14,6 +14,8 @@ median of triton.testing.do_bench over graph replays, divided by the calls:
   nopdl       the same with pdl=False
   best        the fastest of a sweep of tuning configs (--sweep N: at most N of them; 0: none)
 Chain "norm apart": the norms as layer_ops.add_rms_norm launches before our GEMMs (default configs).
+--chain-sweep N: per op in turn, N configs timed in the chain itself (ops timed alone mislead: configs
+faster alone made the B=1 step slower).
 GB/s counts the bytes the fused op must move (weight + activations in and out) for every column.
 Chain: one layer's GEMMs in order (rms+qkv, o, rms+gate_up, glu+down) for --layers layers of distinct
 weights in one graph, ours (default and swept configs) against op+cuBLAS: us per layer and per step.
@@ -192,8 +194,10 @@ def shape_rows(names, ms, n_sweep, gen):
     return best
 
 
-def chain(ms, layers, best, gen):
-    """One decoder layer's GEMMs in order, `layers` layers of distinct weights, in one graph."""
+def chain(ms, layers, best, gen, sweep=0):
+    """One decoder layer's GEMMs in order, `layers` layers of distinct weights, in one graph.
+    sweep > 0: then per op in turn, up to `sweep` configs timed in the chain (the ops chosen before
+    kept), a config kept when the chain gets 0.5% faster; returns {M: {shape: config}}."""
     from vattn.kernels.gemv import glu_linear, linear, rms_linear
     from vattn.kernels.layer_ops import add_rms_norm, glu
     H, I, Q = HIQ
@@ -205,6 +209,7 @@ def chain(ms, layers, best, gen):
           "of weights")
     print(f"{'M':>3} | {'op+cuBLAS us/layer':>18} | {'ours':>7} {'x':>5} | {'ours best':>9} {'x':>5} | "
           f"{'norm apart':>9} {'x':>5} | {'GB/s op+cB':>10} {'ours':>5} {'best':>5}")
+    found = {}
     for M in ms:
         x0, d0 = rand(M, H, gen=gen), rand(M, H, gen=gen)
         attn = rand(M, H, gen=gen)  # attention's output, fixed: the chain times the GEMMs
@@ -250,8 +255,26 @@ def chain(ms, layers, best, gen):
         print(f"{M:3d} | {t_ref:18.2f} | {t_our:7.2f} {t_ref / t_our:5.2f} | {t_best:9.2f} {t_ref / t_best:5.2f} | "
               f"{t_apart:9.2f} {t_ref / t_apart:5.2f} | {gbs(t_ref):10.0f} {gbs(t_our):5.0f} {gbs(t_best):5.0f}",
               flush=True)
+        chosen, cur = {}, t_our
+        for name, (K, N, _) in SHAPES.items() if sweep else ():
+            for c in sweep_configs(M, N, K)[1:sweep + 1]:
+                trial = dict(chosen, **{name: c})
+                step = lambda trial=trial: our_step(lambda n: trial.get(n, {}))  # noqa: E731
+                try:
+                    if max_rel(step(), ref_step()) > 0.05:
+                        continue
+                    t = graph_us([step]) / layers
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"  chain M={M} {name} {short(c)}: {type(e).__name__}")
+                    continue
+                if t < cur * 0.995:
+                    cur, chosen = t, trial
+            print(f"  chain sweep M={M}, {name}: {cur:.2f} us/layer ({t_ref / cur:.2f}x op+cuBLAS) with "
+                  f"{short(chosen[name]) if name in chosen else 'the default'}", flush=True)
+        found[M] = chosen
     Ls.clear()
     torch.cuda.empty_cache()
+    return found
 
 
 def main():
@@ -261,6 +284,8 @@ def main():
     ap.add_argument("--sweep", type=int, default=16, help="tuning configs to try per (shape, M); 0: none")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--no-chain", action="store_true")
+    ap.add_argument("--chain-sweep", type=int, default=0, help="configs per op to time in the chain; 0: none")
+    ap.add_argument("--json", help="write the best configs found (per op alone, and in the chain) here")
     args = ap.parse_args()
     need_cuda()
     import triton
@@ -270,8 +295,14 @@ def main():
           f"triton {triton.__version__}, bf16, PDL {'on' if use_pdl(dev) else 'off (needs sm_90+)'}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     best = shape_rows(args.shapes, args.m, args.sweep, gen)
-    if not args.no_chain:
-        chain(args.m, args.layers, best, gen)
+    found = {} if args.no_chain else chain(args.m, args.layers, best, gen, args.chain_sweep)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(dict(alone=[dict(shape=k[0], M=k[1], N=SHAPES[k[0]][1], K=SHAPES[k[0]][0], config=v)
+                                  for k, v in best.items() if v],
+                           chain=[dict(shape=n, M=M, N=SHAPES[n][1], K=SHAPES[n][0], config=c)
+                                  for M, cs in found.items() for n, c in cs.items()]), f, indent=1)
     return 0
 
 

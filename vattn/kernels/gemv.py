@@ -67,6 +67,8 @@ tiles (and with the norm, the rows' statistic), M times the work of M = 1 for th
 rms_linear qkv 55.7 us against 19.9 for add_rms_norm + cuBLAS, gate_up 121.2 against 68.8, glu_linear
 down 61.1 against 38.1; a layer's chain 243.5 against 132.5 us (the best swept configs 164.8, the norms
 as their own launches 156.6). So the engine runs M > 1 on cuBLAS (engine/model.py GEMV_ROWS).
+At M = 1, configs chosen in the chain of a layer's four GEMMs (bench_gemv.py --chain-sweep) made the
+chain 2.2% faster but the engine's B=1 step 0.2%: the defaults stay.
 """
 from __future__ import annotations
 
