@@ -514,7 +514,7 @@ class StepIds:
             self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             self._host.copy_(ids, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(ids.device))  # the copy's stream: that of ids' device
         else:
             self._host = ids
 

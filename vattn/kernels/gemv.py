@@ -60,7 +60,7 @@ faster for each op alone (num_stages 1, wider tiles: 2-11% per op), but in the r
 the B=1 decode step, a chain of dependent launches, was 0.45-0.64 ms slower (not isolated from
 another change of that run); the defaults stayed (docs/BENCHMARKS.md). Limits: the interpreter
 has no griddepcontrol, so PDL is GPU only (use_pdl) and the tests run without it; whether the
-early tile load pays off (and the per-program norm pre-pass at M = 16 costs little) is for the
+early tile load pays off (and the per-program norm pre-pass at M = 16 costs little) was for the
 GPU timing to show. M = 16 (H200, 2026-12-03, swapped tiles, default configs): `linear` equals cuBLAS
 (o: 14.5 against 14.6 us), but a prologue costs what it saves: every program recomputes its activation
 tiles (and with the norm, the rows' statistic), M times the work of M = 1 for the same weight bytes.
