@@ -26,7 +26,7 @@ from vattn import metrics as M
 from vattn.attend import dense_attend
 from vattn.errors import VattnError
 from vattn.plan import compile as compile_plan
-from vattn.plan import scan_recipe
+from vattn.plan import window_runs_exact
 from vattn.spec import parse
 
 log = logging.getLogger(__name__)
@@ -361,8 +361,7 @@ class Patch:
             first_sparse = min(max(self.sparse_from - offset, 0), t)
         if spec is None or first_sparse >= t:
             return _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs)
-        if kwargs.get("sliding_window") is not None and scan_recipe(spec) is not None:
-            # the scan chain draws from key 0 on, which a window cuts off: the window runs exactly
+        if kwargs.get("sliding_window") is not None and window_runs_exact(spec):
             spec = parse("dense")
         if spec.is_dense and first_sparse == 0:  # exact, and the same kernel as unpatched
             self._density.append(torch.ones(()))

@@ -398,6 +398,12 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
                       mode=vf.mode)
 
 
+def window_runs_exact(spec: Spec) -> bool:
+    """Whether a sliding-window layer attends its window exactly under `spec` instead: the scan
+    chain draws from key 0 on (its sinks), which a window cuts off."""
+    return scan_recipe(spec) is not None
+
+
 def is_streaming(spec: Spec) -> bool:
     """sink and/or window, each at most once, sink first: positions only."""
     return [p.name for p in spec.parts] in POSITION_FRONTS

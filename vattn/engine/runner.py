@@ -21,7 +21,7 @@ import torch
 from vattn.cache.kv import KVCache
 from vattn.engine.loader import load
 from vattn.errors import VattnError
-from vattn.plan import GRAPHABLE_PATHS
+from vattn.plan import GRAPHABLE_PATHS, window_runs_exact
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,11 @@ class Runner:
         return self.plan(f"window({int(window)})")
 
     def sparse_layer(self, layer: int, plan) -> bool:
-        """Whether `layer` runs the plan. A sliding-window layer under the scan chain runs its
-        window exactly: the scan algorithm draws from key 0 on (its sinks), which a window cuts off."""
+        """Whether `layer` runs the plan (a sliding-window layer may run its window exactly:
+        plan.window_runs_exact)."""
         if plan is None or layer in self.dense_layers:
             return False
-        return not (plan.recipe is not None and self.arch.windows[layer])
+        return not (self.arch.windows[layer] and window_runs_exact(plan.spec))
 
     # ------------------------------------------------------------ prefill
     def prefill(self, slot: int, token_ids, start: int = 0, spec=None, chunk: int | None = None):
