@@ -266,7 +266,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _config(M, N, K, dtype, tuning, programs: int = 264) -> dict:
+def _config(M, N, K, dtype, tuning, programs: int) -> dict:
     bad = sorted(set(tuning) - set(TUNING))
     if bad:
         raise VattnError(f"unknown tuning keyword(s) {bad}; the gemv kernels take {list(TUNING)}")
