@@ -7,8 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import (_stamp, attend_rows, dot_qk, finish, kv_rows, online_init, online_step,
-                                   pdl_wait)
+from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_init, pdl_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -369,13 +368,13 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
                  D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
                  SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr, TR: tl.constexpr,
                  M0P: tl.constexpr, OUT: tl.constexpr):
-    """Blocks j2, j2 + S2, ... of the draws [m0, total) (the pilot's m0 are the scan's), each
-    weighted n_mid / total (a drawn top-k key counts as 0); exact rows: the same blocks of the
-    residual keys, weight 1. x0 / w0, x1 / w1: positions and signature words of blocks j2 and
-    j2 + S2 past the pilot. (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept
-    when every draw of it is in the sample, else dropped and the block attended again. Returns
-    (m_i, l_i, acc, log2 weight, keys attended, exact)."""
-    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + 1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po,
+    """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
+    top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
+    x0 / w0, x1 / w1: positions and signature words of blocks j2 and j2 + S2 as draws.
+    (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept when every draw of it
+    is in the sample, else dropped and the block attended again. Returns (m_i, l_i, acc,
+    log2 weight, keys attended)."""
+    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po,
                                  vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
     _stamp(tr, 2, total, TR)
     if j2 == 0:
@@ -388,13 +387,12 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
         vals = tl.where(f == 5, t.to(tl.float32), vals)
         vals = tl.where(f == 6, tu.to(tl.float32), vals)
         tl.store(stats + row * 8 + f, vals)
-    m = tl.where(n_mid > 0, m0, 0)
-    pre = (PRE != 0) & ~exact & (m + j2 * BN + BN <= total)
+    pre = (PRE != 0) & ~exact & (j2 * BN + BN <= total)
     m_i = tl.where(pre, m_i, float("-inf"))
     l_i = tl.where(pre, l_i, 0.0)
     acc = tl.where(pre, acc, 0.0)
     got = tl.where(pre, got, 0)
-    lim = tl.where(exact, n_mid, total - m)  # block indices: draws past the pilot's m, or the residual's keys
+    lim = tl.where(exact, n_mid, total)
     j = tl.arange(0, BN)
     x_nx = tl.where(pre, x1, x0)
     w_nx = tl.where(pre, w1, w0)
@@ -406,12 +404,12 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
         use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < lim, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW, SH,
                                  NH, D)
         i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
-        x_nx = tl.where(exact, sink + i2, _draw(m + i2, skey, sink, n_mid))
+        x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
         w_nx = sig_words(ks, row, x_nx, i2 < lim, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         got += tl.sum(use.to(tl.int32), 0)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
-    return m_i, l_i, acc, lw2, got, exact
+    return m_i, l_i, acc, lw2, got
 
 
 @triton.jit
@@ -436,19 +434,15 @@ def _qsig(qs, row, R: tl.constexpr, W: tl.constexpr, RWP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def scan_kernel(q, proj, qs, ks, k, v, lens, cut, pil, pbin, scr, cnt, po, plse, tr,
-                sqb, sqh, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, m0, seed, scale_log2,
+def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
+                sqb, sqh, skb, skh, skn, svb, svh, svn, H, N, S1, S, sink, window, seed, scale_log2,
                 R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, CB: tl.constexpr,
-                BN: tl.constexpr, M0P: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
+                BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                 TR: tl.constexpr = 0):
     """Program (row, 0) attends the row's sinks and window, which need no cut, without waiting
-    for the cut kernel (partial column 0), then waits for it and attends the pilot draws that
-    are not top-k keys (_pilot_part, column S1): the sample kernel then only draws past them,
-    and not at all when the pilot is the whole sample (an H200 trace at B=16 32K, eps 0.2: the
-    sample's draws ran ~10 us after the scan's end). Program (row, sp > 0) scans span sp - 1
-    of the row's middle keys (_scan_part). Partial column sp of S, keys attended cnt[row, sp]
-    (row stride S). A span
+    for the cut kernel; program (row, sp > 0) scans span sp - 1 of the row's middle keys
+    (_scan_part). Partial column sp of S, keys attended cnt[row, sp] (row stride S). A span
     program scores its first block with its own query signature before the wait for the cut,
     and loads the second block's words."""
     row = tl.program_id(0)
@@ -458,16 +452,7 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, pil, pbin, scr, cnt, po, plse,
                                                 window, R, M, D)
     if sp == 0:
         m_i, l_i, acc, c = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
-        _write_partial(po, plse, acc, m_i, l_i, 0.0, row, 0, S, R, M, D)
-        tl.store(cnt + row * S, c)
-        pdl_wait(PDL)
-        t = tl.load(cut + row * 2)
-        tu = tl.load(cut + row * 2 + 1)
-        m_i, l_i, acc, c = _pilot_part(pil, pbin, vb, svn, row, tl.maximum(hi - sink, 0), m0, sink, skey, t, tu,
-                                       tkey, R, M, M0P, D, BN, IEEE)
-        col = S1  # the pilot's column, after the scan's
     else:
-        col = sp
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - sink, 0), S1 - 1), CB) * CB
         start = sink + (sp - 1) * chunk
         end = tl.minimum(start + chunk, hi)
@@ -487,35 +472,9 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, pil, pbin, scr, cnt, po, plse,
                                       t, tu, tkey, N, scale_log2, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
                                       TR)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
-    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, col, S, R, M, D)
-    tl.store(cnt + row * S + col, c)
+    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
+    tl.store(cnt + row * S + sp, c)
     _stamp(tr, 4, c, TR)
-
-
-@triton.jit
-def _pilot_part(pil, pbin, vb, svn, row, n_mid, m0, sink, skey, t, tu, tkey, R: tl.constexpr, M: tl.constexpr,
-                M0P: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    """The pilot draws (the sample's first m0) that are not top-k keys, attended with the cut
-    kernel's scores (only their values are read) at weight 1: the sample kernel, once it knows
-    the sample's size, adds the draws' log2 weight to this partial or drops it (exact rows).
-    Returns (m_i, l_i, acc, keys attended)."""
-    m = tl.where(n_mid > 0, m0, 0)
-    r = tl.arange(0, M)
-    d = tl.arange(0, D)
-    j = tl.arange(0, BN)
-    m_i, l_i, acc = online_init(M, D)
-    c = 0
-    for i0 in range(0, m, BN):
-        i = i0 + j
-        pb = tl.load(pbin + row * M0P + i, mask=i < m, other=0, cache_modifier=".cg")
-        x = _draw(i, skey, sink, n_mid)
-        use = (i < m) & ~_taken(pb, x, t, tu, tkey)
-        s = tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & use[None, :],
-                    other=float("-inf"), cache_modifier=".cg")
-        vv = tl.load(vb + x.to(tl.int64)[:, None] * svn + d[None, :], mask=use[:, None], other=0.0)
-        m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
-        c += tl.sum(use.to(tl.int32), 0)
-    return m_i, l_i, acc, c
 
 
 @triton.jit
@@ -545,8 +504,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
                   M0P: tl.constexpr, SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
                   TR: tl.constexpr = 0, PRE: tl.constexpr = 0, OUT: tl.constexpr = 0, CNT: tl.constexpr = 0):
     """Program (row, j) sizes the row's sample from D_F (the scan's columns [0, S1)) and the
-    pilot scores, then attends its share of the draws past the pilot (_sample_part): partial
-    column S1 + 1 + j of S1 + 1 + S2; program (row, 0) also weights or drops the pilot's column S1.
+    pilot scores, then attends its share (_sample_part): partial column S1 + j of S1 + S2.
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
     its first block's signature words; with PRE it also attends that block's draws (the
@@ -565,8 +523,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
     ps, pm, pv = _pilot_stats(spl * 0.6931471805599453, tl.where(n_mid > 0, m0, 0), M0P)
     j = tl.arange(0, BN)
-    m = tl.where(n_mid > 0, m0, 0)
-    x0 = _draw(m + j2 * BN + j, skey, sink, n_mid)  # the draws past the pilot (the scan's)
+    x0 = _draw(j2 * BN + j, skey, sink, n_mid)
     w0 = sig_words(ks, row, x0, x0 < sink + n_mid, N, W, WP)  # none when there is no middle
     m_i, l_i, acc = online_init(M, D)
     c0 = 0
@@ -574,30 +531,21 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     if PRE:
         use, kk, vv = _draw_tile(qv, x0, w0, x0 < sink + n_mid, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
                                  SH, NH, D)
-        x1 = _draw(m + j2 * BN + S2 * BN + j, skey, sink, n_mid)
+        x1 = _draw(j2 * BN + S2 * BN + j, skey, sink, n_mid)
         w1 = sig_words(ks, row, x1, x1 < sink + n_mid, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
     pdl_wait(PDL)
     _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
-    m_i, l_i, acc, lw2, c, exact = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
+    m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
                                          svn, plse, stats, tr, row, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
                                          tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po, R, M, W, WP, D, RWP, NH,
                                          SH, BN, SP, HW, IEEE, PRE, TR, M0P, OUT)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
-    S = S1 + 1 + S2
-    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + 1 + j2, S, R, M, D)
-    tl.store(cnt + row * S + S1 + 1 + j2, c)
-    pc = 0
-    if j2 == 0:  # the pilot's partial (scan program 0, weight 1): the draws' weight, or dropped when exact
-        r = tl.arange(0, M)
-        pcol = (row * R + r).to(tl.int64) * S + S1
-        pl = tl.load(plse + pcol, mask=r < R, other=float("-inf"))
-        tl.store(plse + pcol, tl.where(exact, float("-inf"), pl + lw2), mask=r < R)
-        pc = tl.where(exact, 0, tl.load(cnt + row * S + S1))
-        tl.store(cnt + row * S + S1, pc)
+    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
+    tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     if CNT:
         sc = tl.arange(0, SP)
-        fixed = tl.sum(tl.load(cnt + row * S + sc, mask=sc < tl.where(j2 == 0, S1, 0), other=0), 0)
-        tl.atomic_add(tot + row, c + fixed + pc)
+        fixed = tl.sum(tl.load(cnt + row * (S1 + S2) + sc, mask=sc < tl.where(j2 == 0, S1, 0), other=0), 0)
+        tl.atomic_add(tot + row, c + fixed)
     _stamp(tr, 4, c, TR)

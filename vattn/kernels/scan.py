@@ -9,12 +9,10 @@ No index list crosses launches:
     tie probability, so that about `topk` middle keys are taken: an approximate top-k whose
     count varies with the subsample) and scores the pilot (the first m0 draws).
  2. scan: one program per row attends the sinks and window (they need no cut, so it does
-    not wait for it), then the pilot draws that are not top-k keys (the sample's first m0,
-    scored by the cut kernel); the others score their own span of the middle from the
-    signatures, compact the taken keys and attend them. No index list crosses programs.
+    not wait for it); the others score their own span of the middle from the signatures,
+    compact the taken keys and attend them. No index list crosses programs.
  3. sample: every program of a row sizes the same sample from D_F (the scan's partials) and
-    the pilot scores, then attends its blocks of the draws past the pilot; the row's first
-    program gives the pilot's partial the draws' weight (or drops it when the row runs exact).
+    the pilot scores, then attends its blocks of the draws.
  4. merge of the partials (log-sum-exp).
 The sample: M draws, independent and uniform over the whole middle [sink, L - window); a
 drawn top-k key counts as 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not taken] is
@@ -222,11 +220,10 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
     new = _allocator(scratch, dev)  # scratch: the caller's buffers, reused (a plan's: no allocation per step)
-    S = s1 + 1 + s2  # partial columns: the scan's, the pilot's (scan program 0), the sample's
-    cnt = new("cnt", (rows, S), torch.int32)  # keys attended, per column
+    cnt = new("cnt", (rows, s1 + s2), torch.int32)  # keys attended: scan, then sample
     scr = new("scr", (rows, NS), torch.int32)
-    po = new("po", (B, Hq, 1, S, D), torch.float32)
-    plse = new("plse", (B, Hq, 1, S), torch.float32)
+    po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
+    plse = new("plse", (B, Hq, 1, s1 + s2), torch.float32)
     st = new("st", (rows, 8), torch.float32)
     R, M = G, max(16, next_pow2(G))
     NH, SH = bins(G * 32 * W)
@@ -266,9 +263,9 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
                              BN=sub_block, CL=32, UPD=int(update_sig), CNT=int(count), **(meta | fit_cut))
     if upto < 2:
         return None
-    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, pil, pbin, scr, cnt, po, plse,
-                               tr.get("scan", cnt), *sq, *skv, Hkv, NS, s1, S, sink, window, m0, seed & M32, log2s,
-                               CB=block_c, BN=block_n, M0P=M0P, **(meta | fit_scan))
+    kt.scan_kernel[(rows, s1)](q, proj, qs, ksig, k, v, lengths, cut, scr, cnt, po, plse, tr.get("scan", cnt),
+                               *sq, *skv, Hkv, NS, s1, s1 + s2, sink, window, seed & M32, log2s, CB=block_c,
+                               BN=block_n, **(meta | fit_scan))
     if upto < 3:
         return None
     kt.sample_kernel[(rows, s2)](q, qs, ksig, k, v, lengths, cut, pil, pbin, cnt, po, plse, st, tot,
