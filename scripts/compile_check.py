@@ -30,7 +30,7 @@ def build(fn, sigd, const):
     import os, re, subprocess, tempfile
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
+        f.write(re.sub(r"\.version 9\.\d+", ".version 8.8", k.asm["ptx"]))  # the bundled ptxas reads up to 8.8
     r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     m = re.search(r"Used (\d+) registers", r.stderr)
     sp = re.search(r"(\d+) bytes spill stores", r.stderr)

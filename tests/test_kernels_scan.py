@@ -266,3 +266,19 @@ def test_scan_decode_output_mode_matches_twin(eps, seed):
     assert not torch.equal(want[:, 3], dn["rows"][:, 3])  # another budget than denominator mode's
     with pytest.raises(VattnError, match="mode must be"):
         vattention_scan_decode(q, k, v, ks, proj, L, **{**kw, "mode": "both"})
+
+
+def test_scan_plan_fills_the_sms_with_spans_at_four_warps(monkeypatch):
+    from vattn.kernels import _common, scan
+    monkeypatch.setattr(_common, "sm_count", lambda i: 132)  # an H200's SMs
+    monkeypatch.setattr(scan, "sm_count", lambda i: 132)
+    gpu = torch.device("cuda")
+    # 4 warps: as many spans as 3 programs an SM hold (measured best at B=4 and B=8), never fewer
+    # than two programs an SM ask; the sample keeps about two an SM
+    assert scan.scan_plan(32, gpu, draws=128) == (13, 9)
+    assert scan.scan_plan(64, gpu, draws=128) == (7, 5)
+    assert scan.scan_plan(128, gpu, draws=128) == (4, 3)
+    assert scan.scan_plan(256, gpu, draws=128) == (3, 2)
+    # 8 warps (up to 16 KV rows) and the interpreter keep two programs an SM
+    assert scan.scan_plan(8, gpu, num_warps=8, draws=128) == (33, 33)
+    assert scan.scan_plan(32, torch.device("cpu"), draws=128) == (2, 2)

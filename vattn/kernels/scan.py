@@ -34,7 +34,7 @@ import torch
 
 from vattn import stats
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
+from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2, sm_count,
                                    target_programs, use_ieee, resolve_pdl, zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, sign_bits
 from vattn.selection import Selection
@@ -135,16 +135,26 @@ def row_topk(topk, length: int) -> int:
     return min(kc + int(frac), length)
 
 
+SCAN_RESIDENT = 3  # scan programs an SM holds at 4 warps: 70 KB of shared memory each (H100/H200: 228 KB)
+
+
 def scan_plan(rows, device, block_n=64, num_warps=4, draws=3072):
     """Programs per row: scan, one for the sinks and window plus spans for about two per SM in
     all (with 8 warps two programs fill an SM: the sinks-and-window program takes a span's
-    place, so every program starts at once); sample, about two per SM, more (up to 16) when the
-    expected draws (sample_draws) fill more blocks of block_n. Programs past the draws still
-    wait for the scan and write an empty partial: at B=16 32K on an H200, 16 per row
-    (2048 programs, 3 waves) took the pipeline 106 -> 88 us at 4 (sample 30 us after the scan)."""
+    place, so every program starts at once); at 4 warps on a GPU, as many spans as the SMs
+    hold at once (SCAN_RESIDENT each; the sinks-and-window programs end early and free their
+    place). H200, eps 0.2, us a layer: B=4 128K 84.8 -> 76.6 (12 spans, not 9; 13 made a second
+    wave: 84.6), B=8 128K 125.1 -> 118.3 and B=8 32K 60.5 -> 56.9 (6, not 5); B=16 32K stays at 3
+    (4: 96.3 against 80.4). Sample, about two per SM, more (up to 16) when the expected draws
+    (sample_draws) fill more blocks of block_n. Programs past the draws still wait for the scan
+    and write an empty partial: at B=16 32K on an H200, 16 per row (2048 programs, 3 waves)
+    took the pipeline 106 -> 88 us at 4 (sample 30 us after the scan)."""
     tp = target_programs(device)
     spans = max(1, -(-tp // rows))
-    return max(2, spans + (num_warps != 8)), max(spans, min(16, -(-draws // block_n)))
+    sample = max(spans, min(16, -(-draws // block_n)))
+    if num_warps != 8 and device.type == "cuda":
+        spans = max(spans, SCAN_RESIDENT * sm_count(device.index or 0) // rows)
+    return max(2, spans + (num_warps != 8)), sample
 
 
 def sample_draws(eps, delta, mode, m0) -> int:
