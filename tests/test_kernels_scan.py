@@ -282,23 +282,3 @@ def test_scan_plan_fills_the_sms_with_spans_at_four_warps(monkeypatch):
     # 8 warps (up to 16 KV rows) and the interpreter keep two programs an SM
     assert scan.scan_plan(8, gpu, num_warps=8, draws=128) == (33, 33)
     assert scan.scan_plan(32, torch.device("cpu"), draws=128) == (2, 2)
-
-
-def test_scan_decode_draws_early_when_the_pilot_sizes_the_sample():
-    # denominator mode: when the pilot alone (D_F taken as 0) sizes the sample at m0, the sample
-    # programs draw before the scan ends; the choices and the output are still the twin's
-    q, k, v, proj, ks = inputs(6)
-    L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
-    kw = dict(KW, m0=128, eps=0.3, delta=0.2, seed=6)
-    out, st = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **kw)
-    assert st["early"].all()
-    got = st["rows"].cpu().double()
-    _, rs = scan_decode_ref(q, k, v, ks, proj, L, **kw)
-    assert torch.equal(got[:, [0, 1, 2, 4, 5]], rs["rows"][:, [0, 1, 2, 4, 5]])  # total: the pilot's 128
-    assert (got[:, 1] == 128).all() and (got[:, 3] <= 128).all()
-    ref, rs = scan_decode_ref(q, k, v, ks, proj, L, tau=got[:, 5].long(), thu=got[:, 6].long(),
-                              total=got[:, 1].long(), exact=got[:, 4] > 0, **kw)
-    assert torch.equal(st["sample_keys"].cpu(), rs["sample_keys"]) and rel(out, ref) < 1e-5
-    for more in (dict(eps=0.05), dict(mode="output")):  # a larger sample, or output mode: wait for the scan
-        _, sw = vattention_scan_decode(q, k, v, ks, proj, L, stats=True, **RUN, **(kw | more))
-        assert not sw["early"].any()

@@ -362,17 +362,32 @@ def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: 
 
 
 @triton.jit
-def _sample_part(qv, total, exact, x0, w0, x1, w1, pre, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, row, j2, S2,
-                 sink, n_mid, t, tu, skey, tkey, N, scale_log2, R: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
-                 WP: tl.constexpr, D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr,
-                 BN: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr):
+def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb, vb, skn, svn, plse, stats, tr, row,
+                 j2, S1, S2, sink, n_mid, K, m0, t, tu, skey, tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po,
+                 R: tl.constexpr, M: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 D: tl.constexpr, RWP: tl.constexpr, NH: tl.constexpr, SH: tl.constexpr, BN: tl.constexpr,
+                 SP: tl.constexpr, HW: tl.constexpr, IEEE: tl.constexpr, PRE: tl.constexpr, TR: tl.constexpr,
+                 M0P: tl.constexpr, OUT: tl.constexpr):
     """Blocks j2, j2 + S2, ... of the draws [0, total), each weighted n_mid / total (a drawn
     top-k key counts as 0); exact rows: the same blocks of the residual keys, weight 1.
     x0 / w0, x1 / w1: positions and signature words of blocks j2 and j2 + S2 as draws.
-    (m_i, l_i, acc, got): block j2 attended early (pre: PRE before the wait); kept when every
-    draw of it is in the sample, else dropped and the block attended again. Returns (m_i, l_i,
-    acc, log2 weight, keys attended)."""
-    pre = pre & ~exact & (j2 * BN + BN <= total)
+    (m_i, l_i, acc, got): block j2 attended before the wait (PRE); kept when every draw of it
+    is in the sample, else dropped and the block attended again. Returns (m_i, l_i, acc,
+    log2 weight, keys attended)."""
+    total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po,
+                                 vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
+    _stamp(tr, 2, total, TR)
+    if j2 == 0:
+        f = tl.arange(0, 8)
+        vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
+        vals = tl.where(f == 1, total.to(tl.float32), vals)
+        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
+        vals = tl.where(f == 3, need, vals)
+        vals = tl.where(f == 4, exact.to(tl.float32), vals)
+        vals = tl.where(f == 5, t.to(tl.float32), vals)
+        vals = tl.where(f == 6, tu.to(tl.float32), vals)
+        tl.store(stats + row * 8 + f, vals)
+    pre = (PRE != 0) & ~exact & (j2 * BN + BN <= total)
     m_i = tl.where(pre, m_i, float("-inf"))
     l_i = tl.where(pre, l_i, 0.0)
     acc = tl.where(pre, acc, 0.0)
@@ -395,35 +410,6 @@ def _sample_part(qv, total, exact, x0, w0, x1, w1, pre, m_i, l_i, acc, got, qq, 
         got += tl.sum(use.to(tl.int32), 0)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
     return m_i, l_i, acc, lw2, got
-
-
-@triton.jit
-def _pilot_bound(pm, pv, n_mid, K, m0, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr):
-    """Whether the pilot alone sizes the row's sample at m0 (denominator mode): the budget with
-    D_F taken as 0, z^2 var / (eps mean)^2 per head (D_hat = D_F + n_mid mean >= n_mid mean, so
-    the full rule's need is at most this), at most m0 and below the exact limit. Then the full
-    rule gives total m0, not exact, and the sample needs nothing from the scan."""
-    r = tl.arange(0, M)
-    b0 = zz * pv * infl / (eps2 * pm * pm)
-    b0 = tl.where(b0 == b0, b0, float("inf"))
-    need = tl.max(tl.where(r < R, tl.ceil(b0 - 1e-6), 0.0), 0)
-    m = tl.where(n_mid > 0, m0, 0)
-    return (n_mid > 0) & (need <= m.to(tl.float32)) & (need < tl.maximum(n_mid - K, m).to(tl.float32))
-
-
-@triton.jit
-def _store_stats(stats, row, n_mid, m0, total, need, exact, t, tu, early):
-    """stats[row]: scan.STAT_NAMES, then whether the sample was drawn before the scan ended."""
-    f = tl.arange(0, 8)
-    vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
-    vals = tl.where(f == 1, total.to(tl.float32), vals)
-    vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
-    vals = tl.where(f == 3, need, vals)
-    vals = tl.where(f == 4, exact.to(tl.float32), vals)
-    vals = tl.where(f == 5, t.to(tl.float32), vals)
-    vals = tl.where(f == 6, tu.to(tl.float32), vals)
-    vals = tl.where(f == 7, early.to(tl.float32), vals)
-    tl.store(stats + row * 8 + f, vals)
 
 
 @triton.jit
@@ -522,12 +508,8 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     Before the wait for the scan it reads the cut kernel's outputs (that kernel finished
     before the scan's programs passed their own wait, so before this launch began) and loads
     its first block's signature words; with PRE it also attends that block's draws (the
-    draws' positions do not depend on the budget) and loads the next block's words. When the
-    pilot alone already sizes the sample at m0 (_pilot_bound: denominator mode), the program
-    attends its draws without waiting and waits for the scan only before it ends (the merge
-    waits for this launch alone); H200 trace at B=16 32K, eps 0.2: the draws ran ~10 us after
-    the scan's end. CNT: adds its keys attended to tot[row] (zeroed by the cut kernel), program
-    (row, 0) the scan's too."""
+    draws' positions do not depend on the budget) and loads the next block's words. CNT: adds
+    its keys attended to tot[row] (zeroed by the cut kernel), program (row, 0) the scan's too."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     _stamp(tr, 0, j2, TR)
@@ -553,29 +535,12 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
         w1 = sig_words(ks, row, x1, x1 < sink + n_mid, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
-    m = tl.where(n_mid > 0, m0, 0)
-    fast = _pilot_bound(pm, pv, n_mid, K, m0, zz, eps2, infl, R, M) & (OUT == 0)
-    if fast:  # the sample is the pilot's size whatever the scan finds: draw now, wait at the end
-        total = m
-        exact = n_mid < 0  # False
-        _stamp(tr, 1, total, TR)  # (trace: the draws phase then holds the wait for the scan)
-    else:
-        pdl_wait(PDL)
-        _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
-        total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin,
-                                     po, vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
-        if j2 == 0:
-            _store_stats(stats, row, n_mid, m0, total, need, exact, t, tu, fast)
-    _stamp(tr, 2, total, TR)
-    m_i, l_i, acc, lw2, c = _sample_part(qv, total, exact, x0, w0, x1, w1, PRE != 0, m_i, l_i, acc, c0, qq, ks, kb,
-                                         vb, skn, svn, row, j2, S2, sink, n_mid, t, tu, skey, tkey, N, scale_log2, R,
-                                         M, W, WP, D, RWP, NH, SH, BN, HW, IEEE)
-    if fast:  # this grid must end after the scan's: the merge waits for this grid only
-        pdl_wait(PDL)
-        if j2 == 0:  # the full rule's need, for the stats (its total is m0 here too)
-            _, _, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin,
-                                 po, vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
-            _store_stats(stats, row, n_mid, m0, total, need, exact, t, tu, fast)
+    pdl_wait(PDL)
+    _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
+    m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
+                                         svn, plse, stats, tr, row, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
+                                         tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po, R, M, W, WP, D, RWP, NH,
+                                         SH, BN, SP, HW, IEEE, PRE, TR, M0P, OUT)
     _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)

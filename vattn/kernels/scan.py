@@ -174,8 +174,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     count=True also returns the keys attended per row, int32 [B*Hkv] (what a plan needs for
     density; cheaper than stats). mode: "denominator" or "output" (the budget the sample is
     sized by; _output_b0_ref). stats=True also returns a dict: 'rows' f32 [B*Hkv, 7] with
-    columns STAT_NAMES, 'early' bool [B*Hkv] (the pilot alone sized the sample, so it was drawn
-    without waiting for the scan), 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
+    columns STAT_NAMES, 'exact_keys' / 'sample_keys' int32 [B*Hkv] (keys attended by the scan
     and by the sample; a key drawn twice counts twice). upto < 4 stops after that many launches
     and returns None (the benchmark's stage times: 1 cut, 2 + scan, 3 + sample, 4 + merge).
     pdl (default: on Hopper and later) launches each kernel as a programmatic dependent of the
@@ -293,7 +292,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
         return out, tot
     if not stats:
         return out
-    return out, dict(rows=st[:, :7], early=st[:, 7] > 0, exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
+    return out, dict(rows=st[:, :7], exact_keys=cnt[:, :s1].sum(1, dtype=torch.int32),
                      sample_keys=cnt[:, s1:].sum(1, dtype=torch.int32))
 
 
