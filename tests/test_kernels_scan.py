@@ -272,6 +272,7 @@ def test_scan_plan_fills_the_sms_with_spans_at_four_warps(monkeypatch):
     from vattn.kernels import _common, scan
     monkeypatch.setattr(_common, "sm_count", lambda i: 132)  # an H200's SMs
     monkeypatch.setattr(scan, "sm_count", lambda i: 132)
+    monkeypatch.setattr(scan, "scan_resident", lambda i: 3)  # an H200's 228 KB an SM
     gpu = torch.device("cuda")
     # 4 warps: as many spans as 3 programs an SM hold (measured best at B=4 and B=8), never fewer
     # than two programs an SM ask; the sample keeps about two an SM
@@ -282,3 +283,14 @@ def test_scan_plan_fills_the_sms_with_spans_at_four_warps(monkeypatch):
     # 8 warps (up to 16 KV rows) and the interpreter keep two programs an SM
     assert scan.scan_plan(8, gpu, num_warps=8, draws=128) == (33, 33)
     assert scan.scan_plan(32, torch.device("cpu"), draws=128) == (2, 2)
+
+
+def test_scan_resident_counts_programs_by_shared_memory(monkeypatch):
+    from types import SimpleNamespace
+    from vattn.kernels import scan
+    for smem, want in ((233472, 3), (167936, 2), (102400, 1)):  # H100/H200, A100, a 100 KB SM
+        scan.scan_resident.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda i, s=smem: SimpleNamespace(shared_memory_per_multiprocessor=s))
+        assert scan.scan_resident(0) == want
+    scan.scan_resident.cache_clear()

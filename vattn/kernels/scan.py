@@ -135,14 +135,22 @@ def row_topk(topk, length: int) -> int:
     return min(kc + int(frac), length)
 
 
-SCAN_RESIDENT = 3  # scan programs an SM holds at 4 warps: 70 KB of shared memory each (H100/H200: 228 KB)
+SCAN_SMEM = 72 * 1024  # a scan program's shared memory at 4 warps, head dim 128 (71680 B), plus 1 KB an SM keeps
+
+
+@functools.lru_cache(maxsize=None)
+def scan_resident(index: int) -> int:
+    """Scan programs an SM of CUDA device `index` holds at once, by shared memory: 3 on an H100
+    or H200 (228 KB an SM), 2 on an A100 (164 KB). Smaller head dims fit more; this counts 128."""
+    props = torch.cuda.get_device_properties(index)
+    return max(1, getattr(props, "shared_memory_per_multiprocessor", 3 * SCAN_SMEM) // SCAN_SMEM)
 
 
 def scan_plan(rows, device, block_n=64, num_warps=4, draws=3072):
     """Programs per row: scan, one for the sinks and window plus spans for about two per SM in
     all (with 8 warps two programs fill an SM: the sinks-and-window program takes a span's
     place, so every program starts at once); at 4 warps on a GPU, as many spans as the SMs
-    hold at once (SCAN_RESIDENT each; the sinks-and-window programs end early and free their
+    hold at once (scan_resident each; the sinks-and-window programs end early and free their
     place). H200, eps 0.2, us a layer: B=4 128K 84.8 -> 76.6 (12 spans, not 9; 13 made a second
     wave: 84.6), B=8 128K 125.1 -> 118.3 and B=8 32K 60.5 -> 56.9 (6, not 5); B=16 32K stays at 3
     (4: 96.3 against 80.4). Sample, about two per SM, more (up to 16) when the expected draws
@@ -153,7 +161,8 @@ def scan_plan(rows, device, block_n=64, num_warps=4, draws=3072):
     spans = max(1, -(-tp // rows))
     sample = max(spans, min(16, -(-draws // block_n)))
     if num_warps != 8 and device.type == "cuda":
-        spans = max(spans, SCAN_RESIDENT * sm_count(device.index or 0) // rows)
+        idx = device.index or 0
+        spans = max(spans, scan_resident(idx) * sm_count(idx) // rows)
     return max(2, spans + (num_warps != 8)), sample
 
 
