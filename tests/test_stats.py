@@ -59,3 +59,13 @@ def test_sampling_uses_the_one_copy():
     assert sampling.chi2_quantile is stats.chi2_quantile
     assert sampling.z_two_sided is stats.z_two_sided
     assert sampling.budget_from_b0 is stats.budget_from_b0
+
+
+def test_var_inflation_looks_up_whole_counts_as_the_solve_gives_them():
+    cnt = torch.tensor([[8.0, 128.0, 128.0], [2.0, 1.0, 128.0]], dtype=torch.float64)
+    dof = (cnt - 1).clamp(min=1)
+    want = dof / stats.chi2_quantile(dof, 1.0 - 0.95)
+    got = stats.var_inflation(cnt, 0.95)
+    assert got.shape == cnt.shape and torch.equal(got, want)
+    dof = (cnt + 0.5 - 1).clamp(min=1)  # counts that are not whole take the batched solve
+    assert torch.equal(stats.var_inflation(cnt + 0.5, 0.95), dof / stats.chi2_quantile(dof, 1.0 - 0.95))

@@ -5,6 +5,7 @@ finite-population budget and the heavy-key threshold. Torch only, float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,11 +40,24 @@ def chi2_quantile(k: torch.Tensor, p: float, iters: int = 30) -> torch.Tensor:
 
 def var_inflation(cnt: torch.Tensor, conf: float) -> torch.Tensor | float:
     """Factor from a sample variance of cnt values to its normal-theory upper confidence
-    bound at confidence conf: (cnt - 1) / chi2_{cnt-1}^{-1}(1 - conf). conf = 0: 1 (plug-in)."""
+    bound at confidence conf: (cnt - 1) / chi2_{cnt-1}^{-1}(1 - conf). conf = 0: 1 (plug-in).
+    On the CPU, whole counts are looked up (_inflation): a decoder asks for the same few pilot
+    sizes at every layer and step, and each solve is 30 steps of the CDF."""
     if conf == 0:
         return 1.0
     dof = (cnt.double() - 1).clamp(min=1)
+    if dof.device.type == "cpu" and dof.numel() and bool((dof == dof.round()).all()):
+        u, inv = torch.unique(dof, return_inverse=True)
+        if u.numel() <= 64:
+            return torch.tensor([_inflation(int(x), float(conf)) for x in u.tolist()], dtype=torch.float64)[inv]
     return dof / chi2_quantile(dof, 1.0 - conf)
+
+
+@functools.lru_cache(maxsize=4096)
+def _inflation(dof: int, conf: float) -> float:
+    """var_inflation for one whole dof >= 1, the same solve as the batched one."""
+    d = torch.tensor([float(dof)], dtype=torch.float64)
+    return float((d / chi2_quantile(d, 1.0 - conf))[0])
 
 
 def budget_from_b0(b0: torch.Tensor, n_r: torch.Tensor) -> torch.Tensor:
