@@ -203,21 +203,25 @@ def attend_scattered(q, k, v, sel: Selection, scale: float) -> torch.Tensor:
     idx = idx.clamp(min=0)
     ss = (torch.gather(s, -1, idx) + lw).masked_fill(~ok, float("-inf"))
     p = softmax_rows(ss, ok.any(-1, keepdim=True))
-    out = weighted_values(p, idx, v.float())
-    if not finite(out):
-        vf, bad = finite_values(v)
-        out = weighted_values(p, idx, vf)
-        # A non-finite value reaches the rows that attend it, and only those.
+    out, bad = values_product(lambda vf: weighted_values(p, idx, vf), v)
+    if bad is not None:  # a non-finite value reaches the rows that attend it, and only those
         hit = (torch.gather(bad[:, :, None, None].expand(b, hkv, g, t, n), -1, idx) & ok).any(-1, keepdim=True)
         out = out.masked_fill(hit, float("nan"))
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 
-def finite(out: torch.Tensor) -> bool:
-    """Whether P @ V over every key came out finite. Keys a row does not attend enter with
-    p = 0, and 0 * NaN is NaN: a finite output means no value it read was non-finite, so the
-    zeroing pass (finite_values, a read of all of V per layer) is only needed when it is not."""
-    return bool(torch.isfinite(out).all())
+def values_product(prod, v: torch.Tensor):
+    """(prod(vf), bad): vf the values in float32, bad as finite_values gives it, or None when no
+    value read was non-finite. Keys a row does not attend enter P @ V with p = 0, and 0 * NaN
+    is NaN: on the CPU a finite product proves every value finite, so the zeroing pass (a read
+    of all of V per layer) runs only when it is not. On a GPU that test would cost a host sync:
+    the pass always runs."""
+    if v.device.type == "cpu":
+        out = prod(v.float())
+        if bool(torch.isfinite(out).all()):
+            return out, None
+    vf, bad = finite_values(v)
+    return prod(vf), bad
 
 
 def finite_values(v: torch.Tensor):
@@ -245,10 +249,8 @@ def dense_attend(q, k, v, lengths=None, starts=None, scale=None) -> torch.Tensor
     allowed = (pos >= starts[:, None, None]) & (pos < ends[:, :, None])  # [B, T, N]
     s = s.masked_fill(~allowed[:, None, None], float("-inf"))
     p = softmax_rows(s, allowed.any(-1, keepdim=True)[:, None, None])
-    out = torch.matmul(p.reshape(b, hkv, g * t, n), v.float()).reshape(b, hkv, g, t, d)
-    if not finite(out):
-        vf, bad = finite_values(v)
-        out = torch.matmul(p.reshape(b, hkv, g * t, n), vf).reshape(b, hkv, g, t, d)
+    out, bad = values_product(lambda vf: torch.matmul(p.reshape(b, hkv, g * t, n), vf).reshape(b, hkv, g, t, d), v)
+    if bad is not None:
         hit = (allowed.float()[:, None] @ bad.float()[..., None]) > 0  # [B, Hkv, T, 1]: attends a bad value
         out = out.masked_fill(hit[:, :, None], float("nan"))
     return out.reshape(b, hq, t, d).to(q.dtype)
