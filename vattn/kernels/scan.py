@@ -135,7 +135,7 @@ def row_topk(topk, length: int) -> int:
     return min(kc + int(frac), length)
 
 
-SCAN_SMEM = 72 * 1024  # a scan program's shared memory at 4 warps, head dim 128 (71680 B), plus 1 KB an SM keeps
+SCAN_SMEM = 72 * 1024  # a scan program's shared memory (4 warps, head dim 128: 71680 B) and 1 KB an SM keeps
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,9 +151,9 @@ def scan_plan(rows, device, block_n=64, num_warps=4, draws=3072):
     all (with 8 warps two programs fill an SM: the sinks-and-window program takes a span's
     place, so every program starts at once); at 4 warps on a GPU, as many spans as the SMs
     hold at once (scan_resident each; the sinks-and-window programs end early and free their
-    place). H200, eps 0.2, us a layer: B=4 128K 84.8 -> 76.6 (12 spans, not 9; 13 made a second
-    wave: 84.6), B=8 128K 125.1 -> 118.3 and B=8 32K 60.5 -> 56.9 (6, not 5); B=16 32K stays at 3
-    (4: 96.3 against 80.4). Sample, about two per SM, more (up to 16) when the expected draws
+    place). H200, eps 0.2, us a layer: B=4 128K 82.2 -> 74.7 (12 spans, not 9; 13 made a second
+    wave: 84.6), B=8 128K and 32K 5-6% faster with 6 spans, not 5; B=16 32K stays at 3 (4:
+    89.0 against 79.2). Sample, about two per SM, more (up to 16) when the expected draws
     (sample_draws) fill more blocks of block_n. Programs past the draws still wait for the scan
     and write an empty partial: at B=16 32K on an H200, 16 per row (2048 programs, 3 waves)
     took the pipeline 106 -> 88 us at 4 (sample 30 us after the scan)."""
