@@ -47,6 +47,7 @@ def row(decoder, B, ctx, spec, steps=8):
                 graph.replay()
             torch.cuda.synchronize()
         kern = defaultdict(lambda: [0, 0.0])
+        timeline(prof, n)
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 k = kern[e.name[:70]]
@@ -65,6 +66,29 @@ def row(decoder, B, ctx, spec, steps=8):
             print(f"  {ct / steps * 1e6:9.1f} us  {nc / steps:6.1f}x  {fn} ({f.split('/')[-1]}:{line})")
     finally:
         r.close()
+
+
+def timeline(prof, replays, at=0.4):
+    """One layer's kernels in the first replay, in start order: start (us from the layer's
+    first kernel), duration, and the idle time before each (the dependency gaps). The layer is
+    the shortest period of kernel names around `at` of the step."""
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    ev = ev[:len(ev) // replays]
+    names = [e.name for e in ev]
+    a = int(len(ev) * at)
+    per = next((p for p in range(1, len(ev) // 4) if names[a:a + p] == names[a + p:a + 2 * p]
+                and names[a:a + p] == names[a + 2 * p:a + 3 * p]), None)
+    if per is None:
+        print("  (no repeating layer pattern found)")
+        return
+    t0, prev = ev[a].time_range.start, None
+    print(f"  one layer ({per} kernels from kernel {a} of {len(ev)}; us: start, duration, idle before):")
+    for e in ev[a:a + per + 1]:
+        s, d = e.time_range.start, e.time_range.end - e.time_range.start
+        idle = "" if prev is None else f"{s - prev:7.1f}"
+        print(f"  {s - t0:8.1f} {d:7.1f} {idle:>7}  {e.name[:60]}")
+        prev = e.time_range.end
 
 
 def main():

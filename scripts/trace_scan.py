@@ -1,13 +1,21 @@
 """Timeline of the four-launch scan pipeline on GPU, from the kernels' global-timer stamps
 (vattention_scan_decode(trace=...)), replayed in a CUDA graph as the benchmark runs it.
-Usage: python scripts/trace_scan.py [B,N[,eps,topk] ...]   (default 1,131072 8,131072)
-eps and topk (a fraction of N) replace the benchmark's (scan_params: eps 0.05, top-k sized for 10%).
+Usage: python scripts/trace_scan.py [B,N[,eps,topk[,name=value ...]] ...]   (default 1,131072 8,131072)
+eps and topk (a fraction of N) replace the benchmark's (scan_params: eps 0.05, top-k sized for 10%);
+name=value pairs (values as JSON) go to the kernel call (e.g. pre=true), scan.NAME=value set a
+constant of vattn.kernels.scan (e.g. scan.FIXED_LAST=false). COLD=1 in the
+environment writes a 256 MB buffer before each call, so L2 holds none of its rows (as in a decode
+step, where 31 other layers' weights and keys pass between two calls of a layer).
 Prints per kernel: first start / last end (us from the cut's first start), program count,
 SMs used, and per phase the median / p90 / max duration over programs."""
+import json
+import os
 import sys
+
 import torch
 from vattn.bench.attn_core import scan_params
 from vattn.kernels.bits import sign_bits
+from vattn.kernels import scan
 from vattn.kernels.scan import vattention_scan_decode
 
 PHASES = {"cut": ("wait+hist", "atomic", "cut+pilot"),
@@ -33,7 +41,12 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
     qq, k, v, proj, ks = data(B, N)
     L = torch.full((B,), N, dtype=torch.int32, device="cuda")
     sp = scan_params(N) | kw.pop("params", {})
-    run = lambda tr=None: fn(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)  # noqa: E731
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda") if os.environ.get("COLD") == "1" else None
+
+    def run(tr=None):
+        if flush is not None:
+            flush.fill_(1)
+        return fn(qq, k, v, ks, proj, L, trace=tr, **sp, **kw)
     tr, tr2 = {}, {}  # two calls in the graph, as the benchmark replays several: the second shows the gap
     for _ in range(3):  # also allocates the stamp tables: none is zeroed inside the graph
         run(tr)
@@ -81,4 +94,7 @@ if __name__ == "__main__":
     cases = [a.split(",") for a in sys.argv[1:]] or [["1", "131072"], ["8", "131072"]]
     for c in cases:
         extra = dict(eps=float(c[2]), delta=float(c[2]), topk=float(c[3])) if len(c) > 2 else {}
-        timeline(int(c[0]), int(c[1]), params=extra)
+        kw = {a.split("=")[0]: json.loads(a.split("=", 1)[1]) for a in c[4:]}
+        for name in [n for n in kw if n.startswith("scan.")]:  # a module constant, e.g. scan.FIXED_LAST=false
+            setattr(scan, name.split(".", 1)[1], kw.pop(name))
+        timeline(int(c[0]), int(c[1]), params=extra, **kw)
