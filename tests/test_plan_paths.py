@@ -83,6 +83,24 @@ def test_kernel_path_chooses_the_reference_keys(spec, t, torch_kernel):
     check_equal(spec, q, k, v, starts, ends, layers=(0, 1))
 
 
+def test_quest_layers_of_one_step_share_their_page_update(torch_kernel):
+    # the engine's step: one context for every layer; which pages to bound again is worked out
+    # once (ctx.memo), each layer bounds them over its own keys and picks the reference's keys
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=11)
+    starts, ends = bounds(t=1, seed=11)
+    spec = "sink(2)+window(3)+quest(0.2,page=8)"
+    fused, ref = compile(spec, "cpu", fused=True), compile(spec, "cpu", fused=False)
+    ctx = fused.context(starts, ends, SCALE)
+    live = (ends > starts[:, None])[:, None].expand(q.shape[:3])
+    for layer, kk in ((0, k), (1, torch.randn_like(k)), (2, -k)):
+        fused.append(layer, kk, v, ctx)
+        out, sel = fused.run(layer, q, kk, v, ctx)
+        want, wsel = step(ref, layer, q, kk, v, starts, ends)
+        assert rows(sel, q.shape[1]) == rows(wsel, q.shape[1]), layer
+        assert rel(out[live], want[live]) < 1e-5
+    assert sum(isinstance(key, tuple) and key[0] == "pages" for key in ctx.memo) == 1
+
+
 @pytest.mark.parametrize("spec,t", [("sink(3)+window(4)+topk(0.1)", 2), ("sink(30)+window(30)+topk(30)", 1),
                                     ("sink(2)+window(3)+quest(0.2,page=8)", 2), ("window(3)+quest(10,page=1)", 1)])
 def test_rows_over_several_programs_choose_the_reference_keys(spec, t, torch_kernel, monkeypatch):

@@ -48,7 +48,7 @@ from vattn.errors import VattnError
 from vattn.methods.base import DecodeContext
 from vattn.selection import Selection
 from vattn.spec import POSITION_FRONTS, Spec, parse
-from vattn.plan_select import (bound_pages, front_ranges, page_shape, quest_selection, step_front,
+from vattn.plan_select import (bound_pages, front_ranges, page_shape, page_update, quest_selection, step_front,
                                 streaming_selection, topk_selection)
 
 log = logging.getLogger(__name__)
@@ -238,16 +238,19 @@ class Plan:
         cap = st["pages"].shape[2] - 1
         pages = st["pages"] = self._room(layer, st["pages"], need, n, keep=cap, spare=1)
         cap = pages.shape[2] - 1
-        end = ctx.ends.amax(-1)  # [B]: what the rows of this step see
-        last = (end - 1).clamp(min=0) // s
-        touched = last[:, None] - torch.arange(-(-(ctx.rows - 1) // s) + 1, device=k.device)
-        pid = [touched, (ctx.starts // s)[:, None]]
-        lo = st["built"] // s
-        if need > lo and n > st["built"]:
-            pid.insert(0, torch.arange(lo, need, device=k.device).expand(b, need - lo))
-        pid = torch.cat(pid, 1)  # [B, J]
-        ok = (end > ctx.starts)[:, None] & (pid >= (ctx.starts // s)[:, None]) & (pid * s < end[:, None])
-        bound_pages(pages, k, pid, ok & (pid < cap), ctx.starts, end, s)
+        key = ("pages", s, n, st["built"], cap, b)  # the layers of a step share the pages they bound
+        if key not in ctx.memo:
+            end = ctx.ends.amax(-1)  # [B]: what the rows of this step see
+            last = (end - 1).clamp(min=0) // s
+            touched = last[:, None] - torch.arange(-(-(ctx.rows - 1) // s) + 1, device=k.device)
+            pid = [touched, (ctx.starts // s)[:, None]]
+            lo = st["built"] // s
+            if need > lo and n > st["built"]:
+                pid.insert(0, torch.arange(lo, need, device=k.device).expand(b, need - lo))
+            pid = torch.cat(pid, 1)  # [B, J]
+            ok = (end > ctx.starts)[:, None] & (pid >= (ctx.starts // s)[:, None]) & (pid * s < end[:, None])
+            ctx.memo[key] = page_update(pid, ok & (pid < cap), ctx.starts, end, s, cap)
+        bound_pages(pages, k, ctx.memo[key])
         st["built"] = max(st["built"], n)
 
     def _room(self, layer: int, buf, need: int, keys: int, keep: int, spare: int = 0):
