@@ -111,6 +111,28 @@ def test_topk_ref_breaks_ties_by_position():
     assert topk_ref(torch.tensor([[0.0, -0.0, 0.0]]), 2)[1].tolist() == [[0, 1]]
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "mostly -inf", "nan and zeros"])
+def test_topk_ref_on_the_cpu_equals_the_stable_sort(kind):
+    # below a quarter of the row the CPU takes torch.topk (and the sort only when a row leaves
+    # out an entry equal to its k-th): the same values, positions, order and signs of zero
+    g = torch.Generator().manual_seed(len(kind))
+    for _ in range(200):
+        n = int(torch.randint(8, 400, (1,), generator=g))
+        k = int(torch.randint(1, n // 4 + 1, (1,), generator=g))
+        x = torch.randn(2, 3, 1, n, generator=g)
+        if kind == "ties":
+            x = torch.randint(0, 6, x.shape, generator=g).float()
+        elif kind == "mostly -inf":
+            x[torch.rand(x.shape, generator=g) < 0.9] = float("-inf")
+        elif kind == "nan and zeros":
+            x[torch.rand(x.shape, generator=g) < 0.05] = float("nan")
+            x[..., ::7], x[..., 3::11] = 0.0, -0.0
+        v, i = topk_ref(x, k)
+        wv, wi = torch.sort(torch.where(torch.isnan(x), float("-inf"), x), dim=-1, descending=True, stable=True)
+        assert torch.equal(i, wi[..., :k]) and torch.equal(v, wv[..., :k])
+        assert torch.equal(torch.signbit(v), torch.signbit(wv[..., :k]))
+
+
 @interpreter_only
 def test_select_writes_the_front_then_the_pages():
     """select_top with a front and pages (Quest): the front's keys, the last page's keys in
