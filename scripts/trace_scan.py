@@ -3,7 +3,7 @@
 Usage: python scripts/trace_scan.py [B,N[,eps,topk[,name=value ...]] ...]   (default 1,131072 8,131072)
 eps and topk (a fraction of N) replace the benchmark's (scan_params: eps 0.05, top-k sized for 10%);
 name=value pairs (values as JSON) go to the kernel call (e.g. pre=true), scan.NAME=value set a
-constant of vattn.kernels.scan (e.g. scan.FIXED_LAST=false). COLD=1 in the
+constant of vattn.kernels.scan (e.g. scan.SUB_BLOCK=1024). COLD=1 in the
 environment writes a 256 MB buffer before each call, so L2 holds none of its rows (as in a decode
 step, where 31 other layers' weights and keys pass between two calls of a layer).
 Prints per kernel: first start / last end (us from the cut's first start), program count,
@@ -95,6 +95,6 @@ if __name__ == "__main__":
     for c in cases:
         extra = dict(eps=float(c[2]), delta=float(c[2]), topk=float(c[3])) if len(c) > 2 else {}
         kw = {a.split("=")[0]: json.loads(a.split("=", 1)[1]) for a in c[4:]}
-        for name in [n for n in kw if n.startswith("scan.")]:  # a module constant, e.g. scan.FIXED_LAST=false
+        for name in [n for n in kw if n.startswith("scan.")]:  # a module constant, e.g. scan.SUB_BLOCK=1024
             setattr(scan, name.split(".", 1)[1], kw.pop(name))
         timeline(int(c[0]), int(c[1]), params=extra, **kw)

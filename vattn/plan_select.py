@@ -152,26 +152,24 @@ class PageUpdate:
     src: torch.Tensor  # [B]: the row each batch row reads (_below_end)
     safe: torch.Tensor  # [B, J, S]: the positions it reads
     seen: torch.Tensor  # [B, 1, J, S, 1]: position in [starts, end)
-    empty: torch.Tensor  # [B, 1, J, 1]: a page with no such position
     where: torch.Tensor  # [B, J]: the page written (the scratch page where not ok)
 
 
 def page_update(pid, ok, starts, end, s: int, scratch: int) -> PageUpdate:
     """Pages pid [B, J] of s keys, each bounded over its row's keys in [starts[b], end[b]) where
-    ok[b, j]; the rest write page `scratch`."""
+    ok[b, j]; the rest write page `scratch`. An ok page holds at least one such key (Plan._pages:
+    the page starts below end and ends above starts), so no bound written stays at +-inf."""
     pos = pid[..., None] * s + torch.arange(s, device=pid.device)  # [B, J, S]
     vis = (pos >= starts[:, None, None]) & (pos < end[:, None, None])
     src, safe = _below_end(end, pos)
-    return PageUpdate(src, safe, vis[:, None, :, :, None], ~vis.any(-1)[:, None, :, None],
-                      torch.where(ok, pid, scratch))
+    return PageUpdate(src, safe, vis[:, None, :, :, None], torch.where(ok, pid, scratch))
 
 
 def bound_pages(pages, k, up: PageUpdate):
-    """pages[b, :, up.where[b, j]] = (min, max) of that page's visible keys (a page with none:
-    0, 0, as the reference)."""
+    """pages[b, :, up.where[b, j]] = (min, max) of that page's visible keys."""
     b, hkv, _, d = k.shape
     keys = k[up.src[:, None, None], :, up.safe].permute(0, 3, 1, 2, 4).float()  # [B, Hkv, J, S, D]
-    kmin = keys.masked_fill(~up.seen, float("inf")).amin(3).masked_fill(up.empty, 0.0)
-    kmax = keys.masked_fill(~up.seen, float("-inf")).amax(3).masked_fill(up.empty, 0.0)
+    kmin = keys.masked_fill(~up.seen, float("inf")).amin(3)
+    kmax = keys.masked_fill(~up.seen, float("-inf")).amax(3)
     new = torch.stack([kmin, kmax], -1)  # [B, Hkv, J, D, 2]
     pages.scatter_(2, up.where[:, None, :, None, None].expand(b, hkv, up.where.shape[1], d, 2), new)
