@@ -196,14 +196,11 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     # Values with a shared mean direction per head, as real models' are: unit-normal values
     # average to a tiny output, whose relative error no sample much smaller than the row bounds.
     g = torch.Generator(device="cuda").manual_seed(1)
-    vm = [s[2] + 0.5 * torch.randn(s[2].shape[:2] + (1, s[2].shape[3]), device="cuda", generator=g,
-                                   dtype=s[2].dtype) for s in sets]
-    row["scan_output_vmean_us"] = graph_us([lambda s=s, i=i: out_mode.run(i, s[0], s[1], vm[i], ctx)
-                                            for i, s in enumerate(sets)])
-    row["scan_vmean_us"] = graph_us([lambda s=s, i=i: plan.run(i, s[0], s[1], vm[i], ctx) for i, s in enumerate(sets)])
-    row["scan_output_vmean_density"] = density(out_mode.run(0, sets[0][0], sets[0][1], vm[0], ctx)[1], starts,
-                                               ctx.ends, hq)
+    vm = [(s[0], s[1], s[2] + 0.5 * torch.randn(s[2].shape[:2] + (1, s[2].shape[3]), device="cuda", generator=g,
+                                                dtype=s[2].dtype)) for s in sets]
+    both_modes(row, "vmean", vm, sp, ctx)
     del vm
+    both_modes(row, "peaked", peaked_sets(*sets[0][1].shape[:3], len(sets), sets[0][0].dtype, g), sp, ctx)
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
         row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **sp)
@@ -223,6 +220,43 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
         row["scan_denom_err_mean"] = de.mean().item()
         row["scan_denom_within_eps"] = (de <= sp["eps"]).float().mean().item()
     return row
+
+
+def both_modes(row, name, sets, sp, ctx):
+    """The scan spec's plan in denominator and in output mode on (q, k, v) sets: row[name_mode_us],
+    row[name_mode_density] (fresh plans: each signs these keys)."""
+    from vattn.metrics import density
+    from vattn.plan import compile as compile_plan
+    for mode in ("denominator", "output"):
+        plan = compile_plan(scan_spec(sp, mode), "cuda", fused=True)
+        for i, s in enumerate(sets):
+            plan.append(i, s[1], s[2], ctx)
+        row[f"{name}_{mode}_us"] = graph_us([lambda s=s, i=i: plan.run(i, *s[:3], ctx) for i, s in enumerate(sets)])
+        row[f"{name}_{mode}_density"] = density(plan.run(0, *sets[0][:3], ctx)[1], ctx.starts, ctx.ends,
+                                                sets[0][0].shape[1])
+
+
+def peaked_sets(B, hkv, N, copies, dtype, g):
+    """(q, k, v) sets whose scaled scores follow `vattn verify`'s "peaked" family (unit-normal, ~1%
+    of keys 6 above the rest: synthetic.scores) for every query head of a group, each head's own
+    query noise adding ~0.3 to its scores; values share a mean direction per head. Closer to a
+    trained model's attention than unit-normal q and k, whose flat rows are the sample's worst case."""
+    hq, d = SHAPE["hq"], SHAPE["d"]
+    out = []
+    for _ in range(copies):
+        u = torch.nn.functional.normalize(torch.randn(B, hkv, 1, d, device="cuda", generator=g), dim=-1)
+        a = torch.randn(B, hkv, N, 1, device="cuda", generator=g)
+        a += 6.0 * (torch.rand(B, hkv, N, 1, device="cuda", generator=g) < 0.01)
+        k = torch.randn(B, hkv, N, d, device="cuda", generator=g)
+        k -= (k @ u.transpose(-1, -2)) * u  # noise orthogonal to the group's query direction
+        k = (k + a * u).to(dtype)
+        del a
+        q = d ** 0.5 * u.repeat_interleave(hq // hkv, dim=1)
+        q = (q + 0.3 * torch.randn(q.shape, device="cuda", generator=g)).to(dtype)
+        v = torch.randn(B, hkv, N, d, device="cuda", generator=g)
+        v = (v + 0.5 * torch.randn(B, hkv, 1, d, device="cuda", generator=g)).to(dtype)
+        out.append((q, k, v))
+    return out
 
 
 def device_info():
