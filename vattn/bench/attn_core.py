@@ -106,12 +106,12 @@ def sdpa_backends(q, k, v):
     return ok
 
 
-def scan_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05, reserve=0.04):
-    """The vAttention spec at about `density`: sinks + window + approximate top-k, the verified
-    sample takes the rest. Its independent draws take ~4% of the keys at 128K on random inputs:
-    reserve that, so the measured density stays at or below `density`."""
+def scan_params(n, density=0.10, sink=128, window=128, eps=0.05, delta=0.05, reserve=0.04, bits=32):
+    """The vAttention spec at about `density`: sinks + window + approximate top-k from `bits`-bit
+    signatures, the verified sample takes the rest. Its independent draws take ~4% of the keys at
+    128K on random inputs: reserve that, so the measured density stays at or below `density`."""
     topk = max(64, int(density * n) - sink - window - int(reserve * n) - 256)
-    return dict(sink=sink, window=window, topk=topk, m0=128, eps=eps, delta=delta)
+    return dict(sink=sink, window=window, topk=topk, m0=128, eps=eps, delta=delta, bits=bits)
 
 
 def rel(a, b):
@@ -162,7 +162,7 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
 
 def scan_spec(sp, mode="denominator") -> str:
     """The spec whose plan runs the scan kernels with these arguments (what a user writes)."""
-    return (f"sink({sp['sink']})+window({sp['window']})+hashtopk({sp['topk']},bits=32,cut='sample')"
+    return (f"sink({sp['sink']})+window({sp['window']})+hashtopk({sp['topk']},bits={sp['bits']},cut='sample')"
             f"+verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='{mode}',min_pilot={sp['m0']})")
 
 
@@ -202,11 +202,12 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     del vm
     both_modes(row, "peaked", peaked_sets(*sets[0][1].shape[:3], len(sets), sets[0][0].dtype, g), sp, ctx)
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
+    kw = {n: x for n, x in sp.items() if n != "bits"}  # the kernels read the signatures' width from them
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
-        row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **sp)
+        row[name] = graph_us([lambda s=s, i=i: vattention_scan_decode(*s[:3], *sig[i], lengths, seed=i, upto=upto, **kw)
                               for i, s in enumerate(sets)])
     q, k, v, _ = sets[0]
-    out, st = vattention_scan_decode(q, k, v, *sig[0], lengths, stats=True, **sp)
+    out, st = vattention_scan_decode(q, k, v, *sig[0], lengths, stats=True, **kw)
     row.update({f"scan_{n}": sp[n] for n in ("topk", "eps", "delta")})
     row["scan_density"] = scan_density(st, lengths, k.shape[1])
     r = st["rows"].cpu()
@@ -214,7 +215,7 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     row["scan_draws_mean"] = r[:, 1].mean().item()
     if check and q.shape[0] * k.shape[2] <= 131072 * 8:  # the float64 twin on the host, with the kernel's cuts
         ref, rs = scan_decode_ref(q, k, v, *sig[0], lengths, tau=r[:, 5].long(), thu=r[:, 6].long(),
-                                  total=r[:, 1].long(), exact=r[:, 4] > 0, **sp)
+                                  total=r[:, 1].long(), exact=r[:, 4] > 0, **kw)
         row["scan_err_vs_twin"] = rel(out, ref)
         de = (rs["d_hat"] / rs["d"] - 1).abs()
         row["scan_denom_err_mean"] = de.mean().item()
