@@ -69,7 +69,7 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
     for r in rows:  # verified's default mode beside denominator mode, on inputs closer to a real model's
         con.print(f"B={r['B']} N={r['N']}: output mode {r['scan_output_us']:.1f} us (density "
                   f"{r['scan_output_density']:.3f}); {_modes(r, 'vmean')} with values sharing a mean direction; "
-                  f"{_modes(r, 'peaked')} on peaked scores (SDPA / denominator "
+                  f"{_modes(r, 'peaked')} on peaked scores, {core.PEAKED_BITS}-bit front (SDPA / denominator "
                   f"{r['sdpa_us'] / r['peaked_denominator_us']:.2f}x)")
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]

@@ -19,6 +19,7 @@ from vattn.errors import VattnError
 log = logging.getLogger(__name__)
 
 SHAPE = dict(hq=32, hkv=8, d=128)  # Llama-3-8B attention
+PEAKED_BITS = 128  # the signature width of the peaked-score rows (the vattention-scan preset's)
 SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")  # torch's math backend is no rival
 
 
@@ -200,7 +201,10 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
                                                 dtype=s[2].dtype)) for s in sets]
     both_modes(row, "vmean", vm, sp, ctx)
     del vm
-    both_modes(row, "peaked", peaked_sets(*sets[0][1].shape[:3], len(sets), sets[0][0].dtype, g), sp, ctx)
+    # peaked scores behind the `vattention-scan` preset's 128-bit front: 32-bit signatures miss many
+    # of the hot keys there (density 0.15-0.37 at these shapes, H200 2026-12-03), which the sample then pays for
+    both_modes(row, "peaked", peaked_sets(*sets[0][1].shape[:3], len(sets), sets[0][0].dtype, g),
+               dict(sp, bits=PEAKED_BITS), ctx)
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
     kw = {n: x for n, x in sp.items() if n != "bits"}  # the kernels read the signatures' width from them
     for upto, name in ((1, "scan_cut_us"), (2, "scan_scan_us"), (3, "scan_sample_us"), (4, "scan_kernels_us")):
