@@ -241,7 +241,7 @@ def both_modes(row, name, sets, sp, ctx):
                                                 sets[0][0].shape[1])
 
 
-def peaked_sets(B, hkv, N, copies, dtype, g):
+def peaked_sets(B, hkv, N, copies, dtype, g, device="cuda"):
     """(q, k, v) sets whose scaled scores follow `vattn verify`'s "peaked" family (unit-normal, ~1%
     of keys 6 above the rest: synthetic.scores) for every query head of a group, each head's own
     query noise adding ~0.3 to its scores; values share a mean direction per head. Closer to a
@@ -249,17 +249,17 @@ def peaked_sets(B, hkv, N, copies, dtype, g):
     hq, d = SHAPE["hq"], SHAPE["d"]
     out = []
     for _ in range(copies):
-        u = torch.nn.functional.normalize(torch.randn(B, hkv, 1, d, device="cuda", generator=g), dim=-1)
-        a = torch.randn(B, hkv, N, 1, device="cuda", generator=g)
-        a += 6.0 * (torch.rand(B, hkv, N, 1, device="cuda", generator=g) < 0.01)
-        k = torch.randn(B, hkv, N, d, device="cuda", generator=g)
+        u = torch.nn.functional.normalize(torch.randn(B, hkv, 1, d, device=device, generator=g), dim=-1)
+        a = torch.randn(B, hkv, N, 1, device=device, generator=g)
+        a += 6.0 * (torch.rand(B, hkv, N, 1, device=device, generator=g) < 0.01)
+        k = torch.randn(B, hkv, N, d, device=device, generator=g)
         k -= (k @ u.transpose(-1, -2)) * u  # noise orthogonal to the group's query direction
         k = (k + a * u).to(dtype)
         del a
         q = d ** 0.5 * u.repeat_interleave(hq // hkv, dim=1)
-        q = (q + 0.3 * torch.randn(q.shape, device="cuda", generator=g)).to(dtype)
-        v = torch.randn(B, hkv, N, d, device="cuda", generator=g)
-        v = (v + 0.5 * torch.randn(B, hkv, 1, d, device="cuda", generator=g)).to(dtype)
+        q = (q + 0.3 * torch.randn(q.shape, device=device, generator=g)).to(dtype)
+        v = torch.randn(B, hkv, N, d, device=device, generator=g)
+        v = (v + 0.5 * torch.randn(B, hkv, 1, d, device=device, generator=g)).to(dtype)
         out.append((q, k, v))
     return out
 
