@@ -202,7 +202,7 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     both_modes(row, "vmean", vm, sp, ctx)
     del vm
     # peaked scores behind the `vattention-scan` preset's 128-bit front: 32-bit signatures miss many
-    # of the hot keys there (density 0.15-0.37 at these shapes, H200 2026-12-03), which the sample then pays for
+    # of the hot keys there (density 0.15-0.63 at these shapes, H200 2026-12-03), which the sample then pays for
     both_modes(row, "peaked", peaked_sets(*sets[0][1].shape[:3], len(sets), sets[0][0].dtype, g),
                dict(sp, bits=PEAKED_BITS), ctx)
     sig = [(plan.states[i]["sig"], plan.states[i]["proj"]) for i in range(len(sets))]
