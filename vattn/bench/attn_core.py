@@ -186,14 +186,7 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     runs = [lambda s=s, i=i: plan.run(i, s[0], s[1], s[2], ctx) for i, s in enumerate(sets)]
     row["scan_us"] = graph_us(runs)
     row["scan_cold_us"] = graph_us(runs, flush=l2_flusher())
-    out_mode = compile_plan(scan_spec(sp, "output"), "cuda", fused=True)  # verified's default mode
-    for i, s in enumerate(sets):
-        out_mode.append(i, s[1], s[2], ctx)
-    row["scan_output_us"] = graph_us([lambda s=s, i=i: out_mode.run(i, s[0], s[1], s[2], ctx)
-                                      for i, s in enumerate(sets)])
-    from vattn.metrics import density
-    hq = sets[0][0].shape[1]
-    row["scan_output_density"] = density(out_mode.run(0, *sets[0][:3], ctx)[1], starts, ctx.ends, hq)
+    both_modes(row, "scan", sets, sp, ctx, modes=("output",))  # verified's default mode; denominator: above
     # Values with a shared mean direction per head, as real models' are: unit-normal values
     # average to a tiny output, whose relative error no sample much smaller than the row bounds.
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -227,12 +220,12 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     return row
 
 
-def both_modes(row, name, sets, sp, ctx):
-    """The scan spec's plan in denominator and in output mode on (q, k, v) sets: row[name_mode_us],
+def both_modes(row, name, sets, sp, ctx, modes=("denominator", "output")):
+    """The scan spec's plan in each of `modes` on (q, k, v) sets: row[name_mode_us],
     row[name_mode_density] (fresh plans: each signs these keys)."""
     from vattn.metrics import density
     from vattn.plan import compile as compile_plan
-    for mode in ("denominator", "output"):
+    for mode in modes:
         plan = compile_plan(scan_spec(sp, mode), "cuda", fused=True)
         for i, s in enumerate(sets):
             plan.append(i, s[1], s[2], ctx)
