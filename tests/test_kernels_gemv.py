@@ -155,6 +155,49 @@ def test_rms_linear_h_out():
     assert h is h_out and torch.equal(h, x)
 
 
+@pytest.mark.parametrize("D,Hq,Hkv,dtype,bias,layout,qbuf", [
+    (64, 4, 2, BF, False, "bhnd", False),
+    (128, 4, 1, BF, True, "bnhd", True),   # Qwen2's qkv bias; the vmem strip layout; the all-slots q buffer
+    (64, 6, 2, F32, False, "bnhd", True),
+])
+def test_rms_linear_rope(D, Hq, Hkv, dtype, bias, layout, qbuf):
+    """rope=: the qkv GEMM stores q rotated and k, v into the cache at (slot, position), bit for bit
+    what rms_linear then layer_ops.qkv_rope store (the same rounding, the same sums); nothing else
+    in the cache or the q buffer changes."""
+    from vattn.kernels.layer_ops import qkv_rope
+    K_in, N = 96, (Hq + 2 * Hkv) * D
+    x, delta = randn(1, 1, K_in, dtype=dtype, seed=D, scale=2.0), randn(1, 1, K_in, dtype=dtype, seed=D + 1)
+    nw, w = randn(K_in, dtype=dtype, seed=3) + 1.0, weight(N, K_in, dtype, seed=4)
+    b = randn(N, dtype=dtype, seed=5) if bias else None
+    pos, rows = torch.tensor([[21]], device=DEV), torch.tensor([2], device=DEV)
+    ang = torch.arange(40)[:, None] * torch.rand(D // 2, generator=torch.Generator().manual_seed(6))[None]
+    cos, sin = (f(torch.cat([ang, ang], -1)).to(DEV) for f in (torch.cos, torch.sin))
+    shape = (3, Hkv, 32, D) if layout == "bhnd" else (3, 32, Hkv, D)
+    outs = []
+    for fused in (True, False):
+        K, V = (torch.full(shape, 7.0, dtype=dtype, device=DEV) for _ in range(2))
+        if layout == "bnhd":
+            K, V = K.transpose(1, 2), V.transpose(1, 2)
+        cache = (K, V, rows) + ((torch.full((3, Hq, 1, D), 5.0, dtype=dtype, device=DEV),) if qbuf else ())
+        if fused:
+            h, q = rms_linear(x, delta, nw, w, 1e-5, bias=b, rope=(pos, cos, sin, Hq, Hkv, cache))
+        else:
+            h, qkv = rms_linear(x, delta, nw, w, 1e-5, bias=b)
+            q = qkv_rope(qkv, pos, cos, sin, Hq, Hkv, cache=cache)[0]
+        assert q is cache[3] if qbuf else q.shape == (1, Hq, 1, D)
+        outs.append((h, q, K, V))
+    for a, r in zip(outs[0], outs[1]):
+        assert torch.equal(a, r)
+    K, V = outs[0][2:]
+    assert (K[2, :, 21] != 7).all() and (K[[0, 1]] == 7).all() and (V[2, :, :21] == 7).all()
+    if qbuf:
+        assert (outs[0][1][[0, 1]] == 5).all() and (outs[0][1][2] != 5).all()
+    with pytest.raises(VattnError, match="one row"):
+        rms_linear(x.expand(2, 1, K_in).contiguous(), None, nw, w, 1e-5, rope=(pos, cos, sin, Hq, Hkv, cache))
+    with pytest.raises(VattnError, match="single-row config"):
+        rms_linear(x, None, nw, w, 1e-5, rope=(pos, cos, sin, Hq, Hkv, cache), split_k=2)
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("M,I,N,dtype,tuning", [(1, 320, 64, BF, {}), (3, 96, 56, BF, dict(split_k=2, block_k=32)),
                                                 (16, 64, 48, BF, {}), (3, 64, 40, F32, {})])

@@ -180,6 +180,9 @@ def test_engine_fused_equals_torch_path(arch, dtype, all_rows, gemv, monkeypatch
         if fused:  # the fused run never touches the torch layer math
             for name in ("add_rms_norm_ref", "heads_rope_ref", "write_kv_ref"):
                 monkeypatch.setattr(model_mod, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran"))
+            ropes = []
+            monkeypatch.setattr(model_mod, "rms_linear",
+                                lambda *a, _f=model_mod.rms_linear, **k: ropes.append(k.get("rope")) or _f(*a, **k))
         r = Runner(dec, dtype=dtype, max_len=16, max_batch=3)
         r.all_rows = all_rows and fused  # the GPU step's batched attention, in the interpreter
         r.alloc()  # an idle slot row
@@ -187,8 +190,11 @@ def test_engine_fused_equals_torch_path(arch, dtype, all_rows, gemv, monkeypatch
         assert (s1, s2) == (1, 2)
         got = [r.prefill(s1, ids[0], chunk=4)[None], r.prefill(s2, ids[1])[None]]
         got += [r.decode([s2, s1], [t, t]) for t in ids[2]]
+        got.append(r.decode([s1], [3]))  # a single-row step: the gemv path (RoPE in the qkv GEMM without q/k norm)
         outs.append(torch.cat(got))
         caches.append(torch.stack([torch.stack(r.kv.view(i, 1, 2, 9)) for i in range(r.arch.layers)]))
+    # RoPE folded into the qkv GEMM in every layer of the single-row step, unless q/k are normed first
+    assert sum(r is not None for r in ropes) == (hf.config.num_hidden_layers if gemv and arch == "llama" else 0)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     diff = (outs[1] - outs[0]).abs().max().item()
     assert diff < tol, f"{arch} {dtype}: logits differ by {diff}"

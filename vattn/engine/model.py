@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # config.model_type -> family; every other architecture is served by vattn.patch (hf.py).
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
              "gemma3_text": "gemma3"}
+ROPE_GEMV = True  # single-row steps: RoPE and the KV write in the qkv GEMM's epilogue (False: qkv_rope's launch)
 GEMV_ROWS = 1  # token rows of a forward that takes the gemv path: at M = 16 a layer's GEMMs ran 1.2-1.8x cuBLAS's time
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
@@ -257,23 +258,35 @@ class Decoder:
         gemv = "gemv" in self.fused and b * t <= GEMV_ROWS
         delta = w_delta = None  # the previous layer's MLP output (and Gemma's norm of it), added at the next norm
         for i, L in enumerate(self.layers):
-            x, qkv = self._norm_linear(x, delta, w_delta, L["ln_in"], L["wqkv"], L["bqkv"], gemv)
             kv = None if cache is None else cache(i)
-            if fused_rope:
-                cos, sin = self.rope[a.layer_types[i]]
-                q, k, v = qkv_rope(qkv, pos, cos, sin, a.heads, a.kv_heads, qn=L.get("qn"), kn=L.get("kn"),
-                                   eps=a.eps, gemma=a.gemma, cache=kv)
+            if gemv and fused_rope and ROPE_GEMV and kv is not None and "qn" not in L:
+                # one launch: the norm, the qkv GEMM, RoPE, q placed, k and v written into the cache
+                x, q = rms_linear(x, delta, L["ln_in"], L["wqkv"], a.eps, a.gemma, w_delta=w_delta, bias=L["bqkv"],
+                                  rope=(pos, *self.rope[a.layer_types[i]], a.heads, a.kv_heads, kv))
+                k = v = None
             else:
-                q, k, v = heads_rope_ref(qkv, ropes[a.layer_types[i]], a.heads, a.kv_heads, L.get("qn"),
-                                         L.get("kn"), a.eps, a.gemma)
-                if kv is not None:
-                    write_kv_ref(kv, pos, k, v)
-                    q, k, v = place_q(kv, q), None, None
+                x, qkv = self._norm_linear(x, delta, w_delta, L["ln_in"], L["wqkv"], L["bqkv"], gemv)
+                q, k, v = self._heads(i, L, qkv, pos, kv, ropes)
             o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, a.heads * a.head_dim)
             o = linear(o, L["wo"], bias=L["bo"]) if gemv else F.linear(o, L["wo"], L["bo"])
             x, gu = self._norm_linear(x, o, L.get("ln_attn_out"), L["ln_mlp"], L["wgu"], None, gemv)
             delta, w_delta = self._glu_linear(gu, L["wdown"], gemv), L.get("ln_mlp_out")
         return self.add_norm(x, delta, w_delta, self.norm)[0]
+
+    def _heads(self, i, L, qkv, pos, kv, ropes):
+        """q, k, v of the qkv output: split into heads, [q/k norm], RoPE; with kv = (K, V, rows[, Q])
+        k and v are written there and returned as None (q placed in Q)."""
+        a = self.arch
+        if ropes is None:  # fused: one launch
+            cos, sin = self.rope[a.layer_types[i]]
+            return qkv_rope(qkv, pos, cos, sin, a.heads, a.kv_heads, qn=L.get("qn"), kn=L.get("kn"),
+                            eps=a.eps, gemma=a.gemma, cache=kv)
+        q, k, v = heads_rope_ref(qkv, ropes[a.layer_types[i]], a.heads, a.kv_heads, L.get("qn"), L.get("kn"),
+                                 a.eps, a.gemma)
+        if kv is None:
+            return q, k, v
+        write_kv_ref(kv, pos, k, v)
+        return place_q(kv, q), None, None
 
     def _norm_linear(self, x, delta, w_delta, norm_w, w, bias, gemv: bool):
         """(x', y): the residual x' = x + delta (delta normed by w_delta first: Gemma's sandwich)

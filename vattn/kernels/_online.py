@@ -63,12 +63,14 @@ def attend_rows(qq, kk, vv, ok, scale_log2, m_i, l_i, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr):
+def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = 1):
     """With programmatic dependent launch (Hopper): wait for the previous launch to finish (its
-    writes visible), then let the next launch start scheduling its programs."""
+    writes visible), then (EARLY) let the next launch start scheduling its programs; without
+    EARLY they start as this launch ends (waiting programs hold SM room its own programs need)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

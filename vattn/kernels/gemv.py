@@ -79,10 +79,11 @@ import torch
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, next_pow2, resolve_pdl, target_programs, use_ieee,
                                    zeroed_counters)
-from vattn.kernels.layer_ops import ACTS
+from vattn.kernels.layer_ops import ACTS, rope_targets
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 16
+ROPE_EARLY = 0  # rope=: let the attention launch schedule before the GEMM ends (A/B knob: 5.42 -> 5.87 ms a B=1 step)
 TUNING = ("block_n", "block_k", "num_warps", "num_stages", "split_k", "dot")
 
 
@@ -157,27 +158,65 @@ def _kernel():
             acc += tl.sum(a.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], 2)
         return acc
 
+    @triton.jit
+    def _rope_store(acc, j, pos, cos, sin, q, k, v, rows, sqb, sqh, skb, skh, skt, svb, svh, svt, HQ, HKV,
+                    T: tl.constexpr, BN: tl.constexpr, HALF: tl.constexpr, Q_ROWS: tl.constexpr):
+        # ROPE's epilogue at M = 1: lanes 2i, 2i + 1 hold dims d, d + D/2 of one head (q heads, then
+        # k, then v), rounded to T as the qkv output; q and k rotated as qkv_rope's kernel rounds,
+        # q stored to its row, k and v to the cache at (rows[0], head, pos)
+        x0, x1 = tl.split(tl.reshape(_round(acc, T).to(tl.float32), [BN // 2, 2]))
+        d = (j * (BN // 2) + tl.arange(0, BN // 2)) % HALF
+        h = (j * (BN // 2)) // HALF  # one head a program (HALF % (BN / 2) == 0)
+        p = tl.load(pos)
+        slot = tl.load(rows)
+        if h < HQ + HKV:
+            c0 = _round(tl.load(cos + p * 2 * HALF + d), T).to(tl.float32)
+            c1 = _round(tl.load(cos + p * 2 * HALF + d + HALF), T).to(tl.float32)
+            s0 = _round(tl.load(sin + p * 2 * HALF + d), T).to(tl.float32)
+            s1 = _round(tl.load(sin + p * 2 * HALF + d + HALF), T).to(tl.float32)
+            r0 = _round(_round(x0 * c0, T).to(tl.float32) - _round(x1 * s0, T).to(tl.float32), T)
+            x1 = _round(_round(x1 * c1, T).to(tl.float32) + _round(x0 * s1, T).to(tl.float32), T).to(tl.float32)
+            x0 = r0.to(tl.float32)
+        if h < HQ:
+            if Q_ROWS:
+                dst = q + slot * sqb + h * sqh
+            else:
+                dst = q + h * sqh
+        elif h < HQ + HKV:
+            dst = k + slot * skb + (h - HQ) * skh + p * skt
+        else:
+            dst = v + slot * svb + (h - HQ - HKV) * svh + p * svt
+        tl.store(dst + d, x0.to(T))
+        tl.store(dst + d + HALF, x1.to(T))
+
     globals().update(_round=_round, _norm=_norm, _rstd=_rstd, _wtile=_wtile, _resid=_resid, _atile=_atile,
-                     _mac=_mac, pdl_wait=pdl_wait)  # jit bodies resolve helpers in module globals
+                     _mac=_mac, _rope_store=_rope_store, pdl_wait=pdl_wait)  # jit bodies resolve helpers in module globals
 
     @triton.jit
     def gemv_kernel(x, delta, nw, wd, w, bias, y, h_out, ws, ctr, M, N, K, sxm, swn, KS, eps,
+                    pos, cos, sin, k_out, v_out, rows, sqb, sqh, skb, skh, skt, svb, svh, svt, HQ, HKV,
                     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKN: tl.constexpr, SPLIT: tl.constexpr,
                     PRO: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_DELTA: tl.constexpr, GEMMA: tl.constexpr,
                     WRITE_H: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                     IEEE: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
-                    NS_NORM: tl.constexpr, PDL: tl.constexpr = 0):
+                    NS_NORM: tl.constexpr, ROPE: tl.constexpr = 0, HALF: tl.constexpr = 1,
+                    Q_ROWS: tl.constexpr = 0, EARLY: tl.constexpr = 1, PDL: tl.constexpr = 0):
         T = y.dtype.element_ty
         j = tl.program_id(0)
         s = tl.program_id(1)
-        n = j * BN + tl.arange(0, BN)
+        if ROPE:  # pair-interleaved columns: lane 2i a head's dim d, lane 2i + 1 its dim d + D/2
+            lane = tl.arange(0, BN)
+            pair = j * (BN // 2) + lane // 2
+            n = (pair // HALF) * (2 * HALF) + pair % HALF + (lane % 2) * HALF
+        else:
+            n = j * BN + tl.arange(0, BN)
         nc = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1: loads need no mask
         kk = tl.arange(0, BK)
         k_lo = s * KS
         k_hi = tl.minimum(k_lo + KS, K)
         wp = w + nc[:, None] * swn + kk[None, :]
         wt = _wtile(wp, k_lo, kk, K, EVEN_K)  # weights do not depend on the previous kernel: before the wait
-        pdl_wait(PDL)
+        pdl_wait(PDL, EARLY)  # not with rope=: the attention follows, its waiting programs slowed this one
         r = tl.arange(0, MP)
         rm = r < M
         rstd_d = tl.full([MP, 1], 1.0, tl.float32)
@@ -226,7 +265,11 @@ def _kernel():
         if SPLIT == 1:
             if HAS_BIAS:
                 acc += tl.load(bias + nc).to(tl.float32)[None, :]
-            tl.store(yp, _round(acc, T), mask=ym)
+            if ROPE:
+                _rope_store(acc, j, pos, cos, sin, y, k_out, v_out, rows, sqb, sqh, skb, skh, skt, svb, svh, svt,
+                            HQ, HKV, T, BN, HALF, Q_ROWS)
+            else:
+                tl.store(yp, _round(acc, T), mask=ym)
         else:  # deterministic split-K: the last program of column block j sums the partials in order
             c = tl.arange(0, BN)
             wsj = ws + (j * SPLIT * MP + r[:, None]) * BN + c[None, :]
@@ -337,10 +380,13 @@ def _check_out(name, t, shape, dtype):
 
 
 def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None, nw=None, wd=None, h_out=None,
-            gemma=False, eps=0.0, act=0):
+            gemma=False, eps=0.0, act=0, rope=None):
     N = w.shape[0]
     _check_vec("bias", bias, N, x.dtype)
-    if out is None:
+    rope_args = None
+    if rope is not None:
+        rope_args, out = _rope_args(rope, M, N, x)
+    elif out is None:
         out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     else:
         _check_out("out", out, (*lead, N), x.dtype)
@@ -352,6 +398,9 @@ def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None,
     pdl = resolve_pdl(pdl, dev)
     cfg = _config(M, N, K, x.dtype, tuning, target_programs(dev))
     bn, bk = cfg["block_n"], cfg["block_k"]
+    if rope is not None and (cfg["dot"] or cfg["split_k"] != 1 or bn < 2 or rope_args["HALF"] % (bn // 2)):
+        raise VattnError(f"rope= runs with the single-row config (dot=False, split_k=1, block_n dividing the head "
+                         f"dim {2 * rope_args['HALF']}); got {cfg}")
     mp = max(16, next_pow2(M)) if cfg["dot"] else next_pow2(M)
     ks = _cdiv(_cdiv(K, cfg["split_k"]), bk) * bk  # a split's K range: whole tiles
     split = _cdiv(K, ks)  # no empty split
@@ -371,8 +420,24 @@ def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None,
         GEMMA=bool(gemma), WRITE_H=h_out is not None, ACT=act, HAS_BIAS=bias is not None, DOT=cfg["dot"],
         IEEE=use_ieee(x.dtype), EVEN_K=K % bk == 0, VEC=min(bk, 16 // x.element_size()), STAGES=cfg["num_stages"],
         NS_NORM=1 if bkn >= K else cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **extra)
+        **(rope_args or dict(_NO_ROPE, pos=x, cos=x, sin=x, k_out=x, v_out=x, rows=x)), EARLY=1 if rope is None else ROPE_EARLY, **extra)
     return out
+
+
+_NO_ROPE = dict(sqb=0, sqh=0, skb=0, skh=0, skt=0, svb=0, svh=0, svt=0, HQ=0, HKV=0)  # and x for the pointers
+
+
+def _rope_args(rope, M, N, x):
+    """rms_linear's rope=(pos, cos, sin, heads, kv_heads, cache) -> (the kernel's RoPE arguments, q)."""
+    pos, cos, sin, heads, kv_heads, cache = rope
+    if M != 1 or cache is None:
+        raise VattnError(f"rope= fuses RoPE and the KV write into a single-row step's qkv GEMM: it takes one row "
+                         f"(got {M}) and a cache=(K, V, rows[, Q]); use layer_ops.qkv_rope otherwise")
+    D, q, q_rows = rope_targets(1, 1, N, x.dtype, x.device, pos, cos, sin, heads, kv_heads, cache)
+    K, V, rows = cache[:3]
+    return dict(pos=pos, cos=cos, sin=sin, k_out=K, v_out=V, rows=rows, sqb=q.stride(0), sqh=q.stride(1),
+                skb=K.stride(0), skh=K.stride(1), skt=K.stride(2), svb=V.stride(0), svh=V.stride(1),
+                svt=V.stride(2), HQ=heads, HKV=kv_heads, ROPE=1, HALF=D // 2, Q_ROWS=q_rows), q
 
 
 def linear(x, w, *, bias=None, out=None, pdl=None, **tuning):
@@ -387,13 +452,17 @@ def linear(x, w, *, bias=None, out=None, pdl=None, **tuning):
 
 
 def rms_linear(x, delta, norm_w, w, eps: float, gemma: bool = False, *, w_delta=None, h_out=None, bias=None,
-               out=None, pdl=None, **tuning):
+               out=None, pdl=None, rope=None, **tuning):
     """(h, y): h = x + delta (delta first normed by w_delta: Gemma's sandwich), y = rms(h, norm_w) @ w.T
     (+ bias), in one launch; rms as layer_ops.rms_norm_ref (plain: norm_w in x's dtype; gemma: norm_w
     is the float32 (1 + w)). Equals `hn, h = add_rms_norm_ref(x, delta, norm_w, eps, gemma, w_delta);
     y = F.linear(hn, w, bias)`. x, delta contiguous [..., K] (1..16 rows); delta None: h = x (the
     first layer's input norm), returned as x itself unless h_out is given. h_out: where h is written
-    (default a new tensor; it must not be x or delta: other programs still read them)."""
+    (default a new tensor; it must not be x or delta: other programs still read them).
+    rope=(pos, cos, sin, heads, kv_heads, cache), one row, w the fused qkv projection: y is not
+    stored; its q and k heads are rotated and q, k, v placed as layer_ops.qkv_rope(y, pos, cos,
+    sin, heads, kv_heads, cache=cache) places them (no q/k norm), and (h, q) returned: the RoPE
+    launch of a single-row decode step folded into this one."""
     _check_act("x", x)
     K = x.shape[-1] if x.dim() else 0
     M = _rows("x", x, K)
@@ -414,7 +483,7 @@ def rms_linear(x, delta, norm_w, w, eps: float, gemma: bool = False, *, w_delta=
             raise VattnError("h_out must not be x or delta: the kernel's other programs still read them while "
                              "one writes h; pass a separate buffer")
     y = _launch(x, w, bias, out, pdl, tuning, M=M, K=K, sxm=K, lead=tuple(x.shape[:-1]), pro=1, delta=delta,
-                nw=norm_w, wd=w_delta, h_out=h_out, gemma=gemma, eps=eps)
+                nw=norm_w, wd=w_delta, h_out=h_out, gemma=gemma, eps=eps, rope=rope)
     return (x if h_out is None else h_out), y
 
 

@@ -278,47 +278,21 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
     if qkv.dim() != 3 or qkv.stride(-1) != 1:
         raise VattnError(f"qkv must be [B, T, (Hq + 2Hkv) D] with last-dim stride 1, got {tuple(qkv.shape)}")
     B, T, width = qkv.shape
-    D = width // (heads + 2 * kv_heads)
-    if D * (heads + 2 * kv_heads) != width or D % 2:
-        raise VattnError(f"qkv width {width} is not (Hq={heads} + 2 Hkv={kv_heads}) x an even head dim")
-    if pos.shape != (B, T) or pos.dtype != torch.int64:
-        raise VattnError(f"pos must be int64 [B={B}, T={T}], got {pos.dtype} {tuple(pos.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D or not t.is_contiguous():
-            raise VattnError(f"{name} must be a contiguous float32 [positions, {D}] table, got "
-                             f"{t.dtype} {tuple(t.shape)}")
+    D, q, q_rows = rope_targets(B, T, width, qkv.dtype, qkv.device, pos, cos, sin, heads, kv_heads, cache)
     if (qn is None) != (kn is None):
         raise VattnError("q/k norm takes both qn and kn, or neither")
     for name, t in (("qn", qn), ("kn", kn)):
         if t is not None and (t.shape != (D,) or not t.is_contiguous()):
             raise VattnError(f"{name} must be a contiguous [{D}] weight, got {tuple(t.shape)}")
     check_runnable(qkv, pos, cos)
-    q = None
-    if cache is not None and len(cache) == 4:
-        q = cache[3]
-        if q.dim() != 4 or q.shape[1:] != (heads, T, D) or q.stride(-1) != 1 or q.dtype != qkv.dtype:
-            raise VattnError(f"the query buffer must be {qkv.dtype} [S, {heads}, {T}, {D}] with last-dim stride 1, "
-                             f"got {q.dtype} {tuple(q.shape)}")
-    q_rows = q is not None
-    if q is None:
-        q = torch.empty(B, heads, T, D, dtype=qkv.dtype, device=qkv.device)
     if cache is None:
         k = torch.empty(B, kv_heads, T, D, dtype=qkv.dtype, device=qkv.device)
         v = qkv[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D).transpose(1, 2)
         rows, parts = pos, 2
         kt, vt = k, k  # vt unused: v heads are not launched
     else:
-        K, V, rows = cache[:3]
-        for name, t in (("K", K), ("V", V)):
-            if t.dim() != 4 or t.shape[1] != kv_heads or t.shape[3] != D or t.stride(-1) != 1:
-                raise VattnError(f"cache {name} must be [S, {kv_heads}, N, {D}] with last-dim stride 1, "
-                                 f"got {tuple(t.shape)}")
-            _check_float(name, t, qkv.dtype)
-        if rows.shape != (B,) or rows.dtype != torch.int64:
-            raise VattnError(f"cache rows must be int64 [B={B}] (a slot per batch row), got "
-                             f"{rows.dtype} {tuple(rows.shape)}")
+        (kt, vt, rows), parts = cache[:3], 3
         k = v = None
-        kt, vt, parts = K, V, 3
     HP, BD = next_pow2(max(heads, kv_heads)), max(2, next_pow2(D))
     _kernels()[1][(B * T, parts)](
         qkv, pos, cos, sin, qkv if qn is None else qn, qkv if kn is None else kn, q, kt, vt, rows,
@@ -328,6 +302,38 @@ def qkv_rope(qkv, pos, cos, sin, heads: int, kv_heads: int, *, qn=None, kn=None,
         HP=HP, BD=BD, NORM=qn is not None, GEMMA=bool(gemma), CACHE=cache is not None, Q_ROWS=q_rows,
         num_warps=_warps(HP * BD))
     return q, k, v
+
+
+def rope_targets(B, T, width, dtype, device, pos, cos, sin, heads: int, kv_heads: int, cache):
+    """Checks of a RoPE launch over a [B, T, width] qkv (qkv_rope, gemv.rms_linear's rope=):
+    -> (D, q, q_rows): the head dim, where q goes (cache's Q, or a new [B, Hq, T, D]) and whether
+    that is Q's slot rows."""
+    D = width // (heads + 2 * kv_heads)
+    if D * (heads + 2 * kv_heads) != width or D % 2:
+        raise VattnError(f"qkv width {width} is not (Hq={heads} + 2 Hkv={kv_heads}) x an even head dim")
+    if pos.shape != (B, T) or pos.dtype != torch.int64:
+        raise VattnError(f"pos must be int64 [B={B}, T={T}], got {pos.dtype} {tuple(pos.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D or not t.is_contiguous():
+            raise VattnError(f"{name} must be a contiguous float32 [positions, {D}] table, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if cache is not None:
+        K, V, rows = cache[:3]
+        for name, t in (("K", K), ("V", V)):
+            if t.dim() != 4 or t.shape[1] != kv_heads or t.shape[3] != D or t.stride(-1) != 1:
+                raise VattnError(f"cache {name} must be [S, {kv_heads}, N, {D}] with last-dim stride 1, "
+                                 f"got {tuple(t.shape)}")
+            _check_float(name, t, dtype)
+        if rows.shape != (B,) or rows.dtype != torch.int64:
+            raise VattnError(f"cache rows must be int64 [B={B}] (a slot per batch row), got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+    if cache is not None and len(cache) == 4:
+        q = cache[3]
+        if q.dim() != 4 or q.shape[1:] != (heads, T, D) or q.stride(-1) != 1 or q.dtype != dtype:
+            raise VattnError(f"the query buffer must be {dtype} [S, {heads}, {T}, {D}] with last-dim stride 1, "
+                             f"got {q.dtype} {tuple(q.shape)}")
+        return D, q, True
+    return D, torch.empty(B, heads, T, D, dtype=dtype, device=device), False
 
 
 def glu(gu, act: str):
