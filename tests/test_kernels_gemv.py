@@ -99,6 +99,9 @@ def test_default_config():
     assert not c1["dot"] and c1["block_k"] == 32 * c1["num_warps"] * 8 and c1["split_k"] == 1
     assert c16["dot"] and min(c16["block_n"], c16["block_k"]) >= 16
     assert default_config(1, 64, 48)["block_k"] == 64  # no wider than the padded row
+    # 2 warps where 4 take more than one wave and 2 take one: Llama-3-8B's qkv on 132 SMs, not o or gate|up
+    assert [default_config(1, n, 4096)["num_warps"] for n in (6144, 4096, 28672)] == [2, 4, 4]
+    assert default_config(1, 6144, 4096)["block_k"] == 512
 
 
 RMS = [  # variant, M, K, N, dtype, tuning

@@ -292,12 +292,15 @@ def _kernel():
 
 def default_config(M: int, N: int, K: int, dtype=torch.bfloat16, programs: int = 264) -> dict:
     """The tuning knobs for an [M, K] x [N, K]^T product (see the module docstring); any of them can be
-    overridden by keyword. programs: about how many programs fill the device (two per SM). M = 1: guesses,
-    kept over the H200 sweep's per-op winners (module docstring). M > 1: tensor cores with the weight
+    overridden by keyword. programs: about how many programs fill the device (two per SM). M = 1: guesses
+    and one measured rule (below), kept over the H200 sweep's per-op winners (module docstring). M > 1: tensor cores with the weight
     tile in the MMA's M dim (64 output columns a program), K split until about `programs` run, each split
     keeping at least 4 K tiles to pipeline."""
     if M == 1:  # CUDA-core GEMV; block_k = 32 num_warps x (16 bytes of elements): no layout conversion a tile
-        nw = 4
+        # 2 warps (half the tile, the shared memory) where 4 would take one to two waves of programs at
+        # ~4 an SM and 2 fit one: Llama-3-8B's qkv (768 programs), B=1 32K step 5.42 -> 5.325 ms (H200);
+        # o and down (512) and gate|up (3584) ran slower at 2
+        nw = 2 if 2 * programs < -(-N // 8) <= 4 * programs else 4
         return dict(block_n=8, block_k=min(max(16, next_pow2(K)), 32 * nw * (16 // dtype.itemsize)),
                     num_warps=nw, num_stages=3, split_k=1, dot=False)
     bn, bk = 64, 128
