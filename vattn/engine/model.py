@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 # config.model_type -> family; every other architecture is served by vattn.patch (hf.py).
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
              "gemma3_text": "gemma3"}
-ROPE_GEMV = True  # single-row steps: RoPE and the KV write in the qkv GEMM's epilogue (False: qkv_rope's launch)
 GEMV_ROWS = 1  # token rows of a forward that takes the gemv path: at M = 16 a layer's GEMMs ran 1.2-1.8x cuBLAS's time
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
@@ -259,7 +258,7 @@ class Decoder:
         delta = w_delta = None  # the previous layer's MLP output (and Gemma's norm of it), added at the next norm
         for i, L in enumerate(self.layers):
             kv = None if cache is None else cache(i)
-            if gemv and fused_rope and ROPE_GEMV and kv is not None and "qn" not in L:
+            if gemv and fused_rope and kv is not None and "qn" not in L:
                 # one launch: the norm, the qkv GEMM, RoPE, q placed, k and v written into the cache
                 x, q = rms_linear(x, delta, L["ln_in"], L["wqkv"], a.eps, a.gemma, w_delta=w_delta, bias=L["bqkv"],
                                   rope=(pos, *self.rope[a.layer_types[i]], a.heads, a.kv_heads, kv))

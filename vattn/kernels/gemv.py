@@ -4,6 +4,8 @@
     rms_linear(x, delta, norm_w, w, eps, gemma, w_delta) h = x + [rms(delta, w_delta)], y = rms(h, norm_w) W^T
                                                          -> (h, y)
     glu_linear(gu, act, w)                               y = (act(gate) * up) W^T,   gu = [gate | up]
+    rms_linear(..., rope=(pos, cos, sin, Hq, Hkv, cache)) one row: y's q, k rotated, k and v written
+                                                         into the KV cache -> (h, q)
 
 Shapes: x, delta [..., K] (M = the product of the leading dims, 1..16), gu [..., 2K], w [N, K]
 (nn.Linear layout, last-dim stride 1), bias [N], norm_w and w_delta [K]; y [..., N]. One float dtype
@@ -44,6 +46,12 @@ and the K range [s KS, (s + 1) KS) (split_k = 1: the whole K). It
      atomic on a per-column-block counter (vattn.kernels._common.zeroed_counters), and the last
      one of a column block sums the split_k partials in index order (the same bits whichever
      program finishes last), adds the bias, stores y and zeroes the counter for the next call.
+  5. rope= (M = 1, split_k = 1): program j owns column pairs (d, d + D/2) of one head instead of a
+     contiguous block, so the epilogue rotates q and k as layer_ops.qkv_rope rounds and stores q and
+     the cache's k, v itself: the RoPE launch of a single-row step is gone (H200, B=1 32K dense:
+     5.475 -> 5.42 ms a step). This launch does not let the attention schedule before it ends: the
+     attention's waiting programs held the SM room its own programs needed (qkv 17 -> 47 us, the step
+     5.87 ms).
 Rows past N are clamped to row N - 1 for the loads (unmasked, vectorised) and masked at the store;
 K needs masks only when BK does not divide it.
 Tried and dropped: a register double buffer of the weight tiles in the M = 1 loop (ptxas sinks the
@@ -83,7 +91,6 @@ from vattn.kernels.layer_ops import ACTS, rope_targets
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 16
-ROPE_EARLY = 0  # rope=: let the attention launch schedule before the GEMM ends (A/B knob: 5.42 -> 5.87 ms a B=1 step)
 TUNING = ("block_n", "block_k", "num_warps", "num_stages", "split_k", "dot")
 
 
@@ -200,7 +207,7 @@ def _kernel():
                     WRITE_H: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                     IEEE: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
                     NS_NORM: tl.constexpr, ROPE: tl.constexpr = 0, HALF: tl.constexpr = 1,
-                    Q_ROWS: tl.constexpr = 0, EARLY: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                    Q_ROWS: tl.constexpr = 0, PDL: tl.constexpr = 0):
         T = y.dtype.element_ty
         j = tl.program_id(0)
         s = tl.program_id(1)
@@ -216,7 +223,10 @@ def _kernel():
         k_hi = tl.minimum(k_lo + KS, K)
         wp = w + nc[:, None] * swn + kk[None, :]
         wt = _wtile(wp, k_lo, kk, K, EVEN_K)  # weights do not depend on the previous kernel: before the wait
-        pdl_wait(PDL, EARLY)  # not with rope=: the attention follows, its waiting programs slowed this one
+        if ROPE:  # the attention follows: its programs, scheduled early to wait, slowed this launch 3x
+            pdl_wait(PDL, 0)
+        else:
+            pdl_wait(PDL)
         r = tl.arange(0, MP)
         rm = r < M
         rstd_d = tl.full([MP, 1], 1.0, tl.float32)
@@ -423,7 +433,7 @@ def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None,
         GEMMA=bool(gemma), WRITE_H=h_out is not None, ACT=act, HAS_BIAS=bias is not None, DOT=cfg["dot"],
         IEEE=use_ieee(x.dtype), EVEN_K=K % bk == 0, VEC=min(bk, 16 // x.element_size()), STAGES=cfg["num_stages"],
         NS_NORM=1 if bkn >= K else cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **(rope_args or dict(_NO_ROPE, pos=x, cos=x, sin=x, k_out=x, v_out=x, rows=x)), EARLY=1 if rope is None else ROPE_EARLY, **extra)
+        **(rope_args or dict(_NO_ROPE, pos=x, cos=x, sin=x, k_out=x, v_out=x, rows=x)), **extra)
     return out
 
 
