@@ -265,8 +265,8 @@ def _command():
             if "skipped" in r:
                 t.add_row(str(r["B"]), str(r["ctx"]), r["system"], "skipped: " + r["skipped"], *[""] * 6)
                 continue
-            t.add_row(str(r["B"]), str(r["ctx"]), r["system"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:.1f}",
-                      f"{100 * r['roofline_frac']:.0f}%", f"{r['density']:.3f}",
+            t.add_row(str(r["B"]), str(r["ctx"]), r["system"], f"{r['ms_per_step']:.3f}", f"{r['tok_s']:.1f}",
+                      f"{100 * r['roofline_frac']:.1f}%", f"{r['density']:.3f}",
                       f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-", f"{r['vs_dense']:.2f}x" if "vs_dense" in r else "-",
                       "-" if "graphed" not in r else ("yes" if r["graphed"] else "no"))
         con.print(t)
