@@ -19,9 +19,21 @@ S2 = ("sink(128)+window(128)+hashtopk(0.05,bits=32,cut='sample')+verified(eps=0.
       "mode='denominator',min_pilot=128)")
 
 
+def gemv_cfg(shapes, **knobs):
+    """A gemv default_config with knobs set for single-row products of the (N, K) in shapes, e.g.
+    'qkv2:vattn.kernels.gemv.default_config=gemv_cfg({(6144, 4096)}, num_warps=2, block_k=512)'."""
+    import vattn.kernels.gemv as gemv
+    base = gemv.default_config
+
+    def config(M, N, K, dtype=torch.bfloat16, programs=264):
+        c = base(M, N, K, dtype, programs)
+        return {**c, **knobs} if M == 1 and (N, K) in shapes else c
+    return config
+
+
 def patches(text):
     """'target=expr,,target=expr': target a dotted path (module, then attributes), expr evaluated
-    with `scan` (vattn.kernels.scan) and `dec` (vattn.kernels.decode) in scope."""
+    with `scan` (vattn.kernels.scan), `dec` (vattn.kernels.decode) and gemv_cfg in scope."""
     import vattn.kernels.decode as dec
     import vattn.kernels.scan as scan
     out = []
@@ -36,7 +48,7 @@ def patches(text):
                 continue
         for a in names[i:-1]:
             obj = getattr(obj, a)
-        out.append((obj, names[-1], eval(expr, {"scan": scan, "dec": dec})))  # noqa: S307 (the caller's code)
+        out.append((obj, names[-1], eval(expr, {"scan": scan, "dec": dec, "gemv_cfg": gemv_cfg})))  # noqa: S307 (the caller's code)
     return out
 
 
