@@ -197,6 +197,8 @@ def test_rms_linear_rope(D, Hq, Hkv, dtype, bias, layout, qbuf):
         assert (outs[0][1][[0, 1]] == 5).all() and (outs[0][1][2] != 5).all()
     with pytest.raises(VattnError, match="one row"):
         rms_linear(x.expand(2, 1, K_in).contiguous(), None, nw, w, 1e-5, rope=(pos, cos, sin, Hq, Hkv, cache))
+    with pytest.raises(VattnError, match="out=None"):
+        rms_linear(x, None, nw, w, 1e-5, rope=(pos, cos, sin, Hq, Hkv, cache), out=torch.empty(1, 1, N, dtype=dtype, device=DEV))
     with pytest.raises(VattnError, match="single-row config"):
         rms_linear(x, None, nw, w, 1e-5, rope=(pos, cos, sin, Hq, Hkv, cache), split_k=2)
 

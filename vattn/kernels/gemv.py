@@ -51,7 +51,7 @@ and the K range [s KS, (s + 1) KS) (split_k = 1: the whole K). It
      the cache's k, v itself: the RoPE launch of a single-row step is gone (H200, B=1 32K dense:
      5.475 -> 5.42 ms a step). This launch does not let the attention schedule before it ends: the
      attention's waiting programs held the SM room its own programs needed (qkv 17 -> 47 us, the step
-     5.87 ms).
+     5.87-5.94 ms).
 Rows past N are clamped to row N - 1 for the loads (unmasked, vectorised) and masked at the store;
 K needs masks only when BK does not divide it.
 Tried and dropped: a register double buffer of the weight tiles in the M = 1 loop (ptxas sinks the
@@ -196,8 +196,9 @@ def _kernel():
         tl.store(dst + d, x0.to(T))
         tl.store(dst + d + HALF, x1.to(T))
 
+    # jit bodies resolve helpers in module globals
     globals().update(_round=_round, _norm=_norm, _rstd=_rstd, _wtile=_wtile, _resid=_resid, _atile=_atile,
-                     _mac=_mac, _rope_store=_rope_store, pdl_wait=pdl_wait)  # jit bodies resolve helpers in module globals
+                     _mac=_mac, _rope_store=_rope_store, pdl_wait=pdl_wait)
 
     @triton.jit
     def gemv_kernel(x, delta, nw, wd, w, bias, y, h_out, ws, ctr, M, N, K, sxm, swn, KS, eps,
@@ -303,9 +304,9 @@ def _kernel():
 def default_config(M: int, N: int, K: int, dtype=torch.bfloat16, programs: int = 264) -> dict:
     """The tuning knobs for an [M, K] x [N, K]^T product (see the module docstring); any of them can be
     overridden by keyword. programs: about how many programs fill the device (two per SM). M = 1: guesses
-    and one measured rule (below), kept over the H200 sweep's per-op winners (module docstring). M > 1: tensor cores with the weight
-    tile in the MMA's M dim (64 output columns a program), K split until about `programs` run, each split
-    keeping at least 4 K tiles to pipeline."""
+    and one measured rule (below), kept over the H200 sweep's per-op winners (module docstring). M > 1:
+    tensor cores with the weight tile in the MMA's M dim (64 output columns a program), K split until
+    about `programs` run, each split keeping at least 4 K tiles to pipeline."""
     if M == 1:  # CUDA-core GEMV; block_k = 32 num_warps x (16 bytes of elements): no layout conversion a tile
         # 2 warps (half the tile, the shared memory) where 4 would take one to two waves of programs at
         # ~4 an SM and 2 fit one: Llama-3-8B's qkv (768 programs), B=1 32K step 5.42 -> 5.325 ms (H200);
@@ -398,6 +399,8 @@ def _launch(x, w, bias, out, pdl, tuning, *, M, K, sxm, lead, pro=0, delta=None,
     _check_vec("bias", bias, N, x.dtype)
     rope_args = None
     if rope is not None:
+        if out is not None:
+            raise VattnError("rope= stores q, k and v where cache says, not y: pass out=None")
         rope_args, out = _rope_args(rope, M, N, x)
     elif out is None:
         out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
