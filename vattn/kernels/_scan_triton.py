@@ -279,10 +279,18 @@ def _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, 
     """Output mode's b0 per head (scan.py, _output_b0_ref): zq n_mid^2 tr(S) / (eps ||o_low|| D_hat)^2,
     tr(S) the pilot's spread of x_j (v_j - o_hat) (times infl), o_low = ||o_hat|| - sqrt(zq) times
     o_hat's pilot standard error (0: exact). Reads the pilot's value rows and the scan's partials."""
+    sp = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P) * 0.6931471805599453
+    return output_b0(sp, _draw(tl.arange(0, M0P), skey, sink, n_mid), tl.where(n_mid > 0, m0, 0), po, plse, vb, svn,
+                     row, S, S1, n_mid, zq, eps2, infl, R, M, M0P, D, SP, IEEE)
+
+
+@triton.jit
+def output_b0(sp, xp, m, po, plse, vb, svn, row, S, S1, n_mid, zq, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+              M0P: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, IEEE: tl.constexpr):
+    """_output_b0 from the pilot's natural-log scores sp [M, M0P] (-inf: counts as 0) at
+    positions xp [M0P], m of them used, and the exact part's partials (columns [0, S1))."""
     r = tl.arange(0, M)
     d = tl.arange(0, D)
-    m = tl.where(n_mid > 0, m0, 0)
-    sp = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P) * 0.6931471805599453
     sc = tl.arange(0, SP)
     pl = tl.load(plse + (row * R + r)[:, None].to(tl.int64) * S + sc[None, :],
                  mask=(r < R)[:, None] & (sc < S1)[None, :], other=float("-inf"))
@@ -297,7 +305,6 @@ def _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, 
     dfix = tl.sum(tl.exp2(pl - shift[:, None] * 1.4426950408889634), 1)
     i = tl.arange(0, M0P)
     x = tl.where((i < m)[None, :], tl.exp(sp - shift[:, None]), 0.0)  # [M, M0P], members 0
-    xp = _draw(i, skey, sink, n_mid)
     vv = tl.load(vb + xp.to(tl.int64)[:, None] * svn + d[None, :], mask=(i < m)[:, None], other=0.0).to(tl.float32)
     if IEEE:
         xv = tl.dot(x, vv, input_precision="ieee")
@@ -332,17 +339,31 @@ def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, pil, pbi
     heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least
     m0; exact when that reaches the residual's size (n_mid - K). OUT: output mode's b0 instead
     (_output_b0; zz is then its quantile)."""
-    r = tl.arange(0, M)
-    m = tl.where(n_mid > 0, m0, 0)
-    nm = n_mid.to(tl.float32)
     if OUT:
         b0 = _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, t, tu, tkey, zz, eps2,
                         infl, R, M, M0P, D, SP, IEEE)
     else:
-        var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
-        var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
-        dhat = dfix + nm * mean
-        b0 = zz * nm * nm * var / (eps2 * dhat * dhat)
+        b0 = denominator_b0(ps, pm, pv, plse, row, S, S1, n_mid, zz, eps2, infl, R, M, SP)
+    return budget_total(b0, n_mid, K, tl.where(n_mid > 0, m0, 0), R, M)
+
+
+@triton.jit
+def denominator_b0(ps, pm, pv, plse, row, S, S1, n_mid, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
+                   SP: tl.constexpr):
+    """Denominator mode's b0 per head: z^2 n_mid^2 var / (eps D_hat)^2 from the pilot's stats
+    (_pilot_stats) and D_F (the exact part's partials, columns [0, S1) of plse)."""
+    nm = n_mid.to(tl.float32)
+    var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
+    var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
+    dhat = dfix + nm * mean
+    return zz * nm * nm * var / (eps2 * dhat * dhat)
+
+
+@triton.jit
+def budget_total(b0, n_mid, K, m, R: tl.constexpr, M: tl.constexpr):
+    """(total draws, exact, need) from b0 per head: the largest need over the heads, at least the
+    pilot's m; exact when it reaches the residual's size (n_mid - K)."""
+    r = tl.arange(0, M)
     b0 = tl.where(b0 == b0, b0, float("inf"))  # NaN (nothing to trust): exact
     need = tl.max(tl.where(r < R, tl.ceil(b0 - 1e-6), 0.0), 0)
     limit = tl.maximum(n_mid - K, m)  # at or past the residual's size, attending it exactly is cheaper

@@ -326,6 +326,51 @@ def _output_b0_ref(xp, vp, num, dh, n_mid, m, zq, eps, infl):
     return zq * n_mid ** 2 * trs / (eps ** 2 * dh ** 2 * olow ** 2)
 
 
+def estimate_row_ref(e, vv, L, sink, hi, fixed, taken, kr, skey, m0, zz, eps, infl, mode, total=None, exact=None):
+    """One KV row of the iid verified estimate, float64 (the twins of kernels/scan.py and
+    kernels/sampled.py): e [G, N] exp-scores on one shift, vv [N, D] values, fixed / taken
+    [G, N] bool per head (keys attended exactly / those of them in the middle [sink, hi)), kr
+    the row's top-k count (the exact fallback's limit), skey the row's sample key. total /
+    exact replace the sample size and exact flag. Returns dict: out [G, D], den [G], stats
+    (pilot, total, n_mid, need, exact), picked (per head: positions, log weights), sampled
+    (per head: sample keys attended, a key drawn twice counted twice)."""
+    G, N = e.shape
+    n = torch.arange(N)
+    n_mid = max(hi - sink, 0)
+    mid = (n >= sink) & (n < hi)
+    ef = e * fixed
+    dfix, num = ef.sum(1), ef @ vv
+    i = torch.arange(m0 if n_mid > 0 else 0)
+    x = sink + ((_mix_ref(i, skey) * n_mid) >> 32)
+    xp = e[:, x] * ~taken[:, x]  # [G, m]: a drawn exact key counts as 0
+    m = len(i)
+    mean = xp.sum(1) / max(m, 1)
+    var = ((xp - mean[:, None]) ** 2).sum(1) / max(m - 1, 1) * infl
+    dh = dfix + n_mid * mean
+    if mode == "output":
+        b0 = _output_b0_ref(xp, vv[x], num, dh, n_mid, m, zz, eps, infl)
+    else:
+        b0 = zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)
+    b0 = b0.nan_to_num(nan=float("inf"))
+    need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
+    ex = n_mid > 0 and need >= max(n_mid - kr, m)
+    ex = ex if exact is None else exact
+    tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
+    tot_m = tot_m if total is None else total
+    if ex:  # the residual in position order, weight 1
+        idx = n[mid & (n < L)]
+        w = (~taken[:, idx]).double()
+    else:
+        idx = sink + ((_mix_ref(torch.arange(tot_m), skey) * n_mid) >> 32) if tot_m else torch.zeros(0).long()
+        w = (~taken[:, idx]).double() * (n_mid / max(tot_m, 1))
+    es = e[:, idx] * w
+    den = dfix + es.sum(1)
+    picked = [(torch.cat([n[fixed[g]], idx[w[g] > 0]]),
+               torch.cat([torch.zeros(int(fixed[g].sum())), w[g][w[g] > 0].log()])) for g in range(G)]
+    return dict(out=(num + es @ vv[idx]) / den[:, None], den=den, stats=(m, tot_m, n_mid, need, float(ex)),
+                picked=picked, sampled=(w > 0).sum(1))
+
+
 def _allocator(scratch, dev):
     def new(name, shape, dtype):
         if scratch is None:
@@ -396,44 +441,17 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         qq = q[b, h * G:(h + 1) * G, 0].double().cpu()
         kk, vv = k[b, h].double().cpu(), v[b, h].double().cpu()
         logit = qq @ kk.T * scale  # [G, N]
-        shift = logit[:, :L].amax(1, keepdim=True)
-        e = torch.exp(logit - shift)
-        dfix = (e * fixed).sum(1)
-        num = (e * fixed) @ vv
-        i = torch.arange(m0 if n_mid > 0 else 0)
-        x = sink + ((_mix_ref(i, skey) * n_mid) >> 32)
-        keep = ~taken[x] if n_mid > 0 else torch.zeros(0, dtype=torch.bool)
-        xp = e[:, x] * keep
-        m = len(i)
-        mean = xp.sum(1) / max(m, 1)
-        var = ((xp - mean[:, None]) ** 2).sum(1) / max(m - 1, 1) * infl
-        dh = dfix + n_mid * mean
-        if mode == "output":
-            b0 = _output_b0_ref(xp, vv[x], num, dh, n_mid, m, zz, eps, infl)
-        else:
-            b0 = zz * n_mid ** 2 * var / (eps ** 2 * dh ** 2)
-        b0 = b0.nan_to_num(nan=float("inf"))
-        need = float(torch.ceil(b0 - 1e-6).max()) if n_mid > 0 else 0.0
-        ex = n_mid > 0 and need >= max(n_mid - kr, m)
-        ex = ex if exact is None else bool(exact[row])
-        tot_m = (n_mid if ex else int(max(need, m))) if n_mid > 0 else 0
-        tot_m = tot_m if total is None else int(total[row])
-        if ex:
-            res = mid & ~taken & (n < L)
-            ws, idx = torch.ones(int(res.sum()), dtype=torch.float64), n[res]
-        else:
-            xi = sink + ((_mix_ref(torch.arange(tot_m), skey) * n_mid) >> 32) if tot_m else torch.zeros(0).long()
-            idx = xi[~taken[xi]] if tot_m else xi
-            ws = torch.full((len(idx),), n_mid / max(tot_m, 1), dtype=torch.float64)
-        es = e[:, idx] * ws
-        den = dfix + es.sum(1)
-        out[b, h * G:(h + 1) * G, 0] = (num + es @ vv[idx]) / den[:, None]
-        d_hat[b, h * G:(h + 1) * G] = den
+        e = torch.exp(logit - logit[:, :L].amax(1, keepdim=True))
+        est = estimate_row_ref(e, vv, L, sink, hi, fixed.expand(G, N), taken.expand(G, N), kr, skey, m0, zz, eps,
+                               infl, mode, None if total is None else int(total[row]),
+                               None if exact is None else bool(exact[row]))
+        out[b, h * G:(h + 1) * G, 0] = est["out"]
+        d_hat[b, h * G:(h + 1) * G] = est["den"]
         d_true[b, h * G:(h + 1) * G] = e[:, :L].sum(1)
-        rows[row] = torch.tensor([m, tot_m, n_mid, need, float(ex), t, tu], dtype=torch.float64)
-        picked.append((torch.cat([n[fixed], idx]), torch.cat([torch.zeros(int(fixed.sum())), ws.log()])))
+        rows[row] = torch.tensor([*est["stats"], t, tu], dtype=torch.float64)
+        picked.append(est["picked"][0])
         exact_keys[row] = int(fixed.sum())
-        sample_keys[row] = len(idx)
+        sample_keys[row] = int(est["sampled"][0])
     return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true,
                              selection=_selection(picked, B, Hkv, dev))
 
