@@ -28,6 +28,12 @@ Paths (`plan.path`):
                       signatures live in the plan, signed in append (no host sync).
   "scan-reference"    the same spec on the CPU, or with several query rows: the kernels'
                       float64 twin, which makes every choice the kernels make.
+  "sampled-kernel"    [sink(n)+][window(n)+][topk | quest]+verified(draws='iid', either mode), on
+                      CUDA: the front's Selection from the kernels above, attended exactly, and the
+                      scan chain's iid estimate of the rest of the middle (kernels/sampled.py); one
+                      query row at a time, no host sync.
+  "sampled-reference" the same spec on the CPU: the front's reference methods and the float64 twin
+                      (sampled_decode_ref).
   "reference"         any other spec: parts -> Selection -> attend (said once in the log on CUDA).
 The kernel paths' selections are built in plan_select.py.
 
@@ -57,11 +63,12 @@ _SAID: set = set()
 # Paths whose append and run never wait for the device, size every tensor from host numbers
 # (shapes, the spec) and read each row's keys below its end only: a decode step over every
 # slot row of a cache can be captured in a CUDA graph (the engine's batched steps).
-GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel")
+GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel", "sampled-kernel")
 # The specs with a fused GPU path, as compile's errors name them.
 FUSED_FORMS = ("[sink(n)+]window(n) | sink(n); [sink(n)+][window(n)+]topk(k); "
-               "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..]); and the scan chain "
-               "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid')")
+               "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..]); the scan chain "
+               "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid'); and "
+               "[sink(count)+][window(count)+][topk(k) | quest(..)]+verified(..., draws='iid')")
 KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "quest": "quest-kernel"}
 
 
@@ -126,9 +133,29 @@ class ScanRecipe:
                     delta=self.delta, var_conf=self.var_conf, mode=self.mode)
 
 
+@dataclass
+class SampledRecipe:
+    """kernels/sampled.py's arguments, read from the spec's verified(draws='iid') and front."""
+    sink: int
+    window: int
+    m0: int
+    eps: float
+    delta: float
+    var_conf: float
+    mode: str
+
+    def kwargs(self) -> dict:
+        return dict(sink=self.sink, window=self.window, m0=self.m0, eps=self.eps, delta=self.delta,
+                    var_conf=self.var_conf, mode=self.mode)
+
+
 class Plan:
-    def __init__(self, spec: Spec, device: torch.device, path: str, seed: int = 0, recipe: ScanRecipe | None = None):
+    def __init__(self, spec: Spec, device: torch.device, path: str, seed: int = 0, recipe: ScanRecipe | None = None,
+                 sampled: SampledRecipe | None = None):
         self.spec, self.device, self.path, self.seed, self.recipe = spec, device, path, int(seed), recipe
+        self.sampled = sampled
+        # the parts that choose keys exactly (all of them but a sampled chain's verified)
+        self.front = Spec(spec.parts[:-1], f"{spec.text} (front)") if sampled else spec
         self.states: dict[int, dict] = {}  # per layer: what methods keep across steps
         self._gen = None
         self.insist = False  # compile(fused=True): a fused path that cannot run is an error
@@ -141,7 +168,7 @@ class Plan:
         """A new sequence: method state and the sampling generator start afresh. The graphable
         paths keep their buffers (signatures, page bounds) where they are, since a captured
         graph points at them: the new sequence's prefill re-signs / re-bounds its own keys."""
-        if self.path not in GRAPHABLE_PATHS and self.recipe is None:
+        if self.path not in GRAPHABLE_PATHS and self.recipe is None and self.path != "sampled-reference":
             self.states.clear()
         self._gen = None
 
@@ -168,22 +195,25 @@ class Plan:
             return
         if self.recipe is not None:
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
-        elif self.path == "quest-kernel" and layer >= self.spec.parts[-1].dense_layers:
+        elif self.path in ("quest-kernel", "sampled-kernel") and self.front.parts[-1].name == "quest" \
+                and layer >= self.front.parts[-1].dense_layers:
             self._pages(layer, k, ctx)
 
     def run(self, layer: int, q, k, v, ctx: StepContext) -> tuple[torch.Tensor, Selection]:
         """Attention of q's rows with the spec: (out [B, Hq, T, D] in q.dtype, or out[ctx.pick], Selection)."""
-        if self.path in KERNEL_PATHS.values():
+        if self.path in (*KERNEL_PATHS.values(), "sampled-kernel"):
             why = kernel_misfit(q, k, v)
             if why is None:
-                return self._kernel(layer, q, k, v, ctx)
+                return self._kernel(layer, q, k, v, ctx) if self.sampled is None else self._sampled(layer, q, k, v, ctx)
             if self.insist:
                 raise VattnError(f"spec {self.spec}: the fused {self.path} path cannot take these inputs ({why})")
             log.warning("spec %s: the fused %s path cannot take these inputs (%s); the reference path runs",
                         self.spec, self.path, why)
-            self.path = "reference"  # the plan says what runs from now on, and the log says why
+            self.path = "reference" if self.sampled is None else "sampled-reference"  # what runs from now on
         if self.recipe is not None:
             return self._scan(layer, q, k, v, ctx)
+        if self.sampled is not None:
+            return self._sampled(layer, q, k, v, ctx)
         dctx = DecodeContext(q, k, v, ctx.starts, ctx.ends, ctx.scale, self.generator(),
                              self.states.setdefault(layer, {}), layer)
         sel = self.spec.select(dctx)
@@ -193,30 +223,81 @@ class Plan:
     def _kernel(self, layer, q, k, v, ctx: StepContext):
         """A Selection of fixed width built on the device, attended by the sparse kernel."""
         from vattn.kernels.sparse import sparse_decode
-        b, hq, t, _ = q.shape
-        if b * t == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
-            shared = self.path == "streaming-kernel"
-            return _picked(torch.zeros_like(q), ctx), Selection.empty(b, k.shape[1] if shared else hq, t, q.device,
-                                                                     shared)
-        if self.path == "streaming-kernel":
-            key = ("streaming", str(self.spec), tuple(k.shape))  # the same for every layer of the step
-            sel = ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.spec, k, ctx.starts, ctx.ends))
-        elif self.path == "topk-kernel":
-            sel = topk_selection(self.spec, q, k, ctx.starts, ctx.ends, ctx.scale, step_front(self.spec, k, ctx))
-        else:
-            part = self.spec.parts[-1]
-            if layer < part.dense_layers:
-                key = ("dense", tuple(k.shape))
-                sel = ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(0, 1.0, k, ctx.starts, ctx.ends).selection(k))
-            else:
-                st = self.states.get(layer)
-                if st is None or "pages" not in st or st["shape"] != page_shape(k) or st["built"] < k.shape[2]:
-                    self._pages(layer, k, ctx)  # no append came: bound the pages now
-                    st = self.states[layer]
-                sel = quest_selection(self.spec, q, k, ctx.starts, ctx.ends, ctx.scale, st["pages"],
-                                      step_front(self.spec, k, ctx))
+        sel = self._selection(layer, q, k, ctx)
+        if q.shape[0] * q.shape[2] == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
+            return _picked(torch.zeros_like(q), ctx), sel
         return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
                              pick=ctx.pick), sel
+
+    def _selection(self, layer, q, k, ctx: StepContext) -> Selection:
+        """The front's Selection (self.front: streaming, topk or quest), built on the device."""
+        b, hq, t, _ = q.shape
+        form = kernel_form(self.front)
+        if b * t == 0 or k.shape[2] == 0:
+            shared = form == "streaming"
+            return Selection.empty(b, k.shape[1] if shared else hq, t, q.device, shared)
+        if form == "streaming":
+            key = ("streaming", str(self.front), tuple(k.shape))  # the same for every layer of the step
+            return ctx.memo.get(key) or ctx.memo.setdefault(key, streaming_selection(self.front, k, ctx.starts,
+                                                                                     ctx.ends))
+        if form == "topk":
+            return topk_selection(self.front, q, k, ctx.starts, ctx.ends, ctx.scale, step_front(self.front, k, ctx))
+        if self.dense_layer(layer):
+            key = ("dense", tuple(k.shape))
+            return ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(0, 1.0, k, ctx.starts,
+                                                                              ctx.ends).selection(k))
+        st = self.states.get(layer)
+        if st is None or "pages" not in st or st["shape"] != page_shape(k) or st["built"] < k.shape[2]:
+            self._pages(layer, k, ctx)  # no append came: bound the pages now
+            st = self.states[layer]
+        return quest_selection(self.front, q, k, ctx.starts, ctx.ends, ctx.scale, st["pages"],
+                               step_front(self.front, k, ctx))
+
+    def dense_layer(self, layer: int) -> bool:
+        """A quest front's first dense_layers layers attend every key."""
+        part = self.front.parts[-1]
+        return part.name == "quest" and layer < part.dense_layers
+
+    # -- exact front + iid verified sample (kernels/sampled.py) ----------------------------
+    def _sampled(self, layer, q, k, v, ctx: StepContext):
+        """The front's keys exactly and the iid estimate of the rest, one query row at a time:
+        sampled_decode on the kernel path, its float64 twin on the reference path."""
+        from vattn.kernels.sampled import sampled_decode, sampled_decode_ref
+        from vattn.kernels.sparse import sparse_decode
+        b, hq, t, _ = q.shape
+        if b * t == 0 or k.shape[2] == 0:
+            return _picked(torch.zeros_like(q), ctx), Selection.empty(b, hq, t, q.device)
+        ctx.check_zero_starts(f"spec {self.spec} (iid draws from key 0 on)")
+        kernel = self.path == "sampled-kernel"
+        sel = self._selection(layer, q, k, ctx) if kernel else self._front_reference(layer, q, k, v, ctx)
+        if kernel and self.dense_layer(layer):  # every key listed: nothing to sample
+            return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
+                                 pick=ctx.pick), sel
+        seed, kw = self.scan_seed(layer), self.sampled.kwargs()
+        outs, sels = [], []
+        for r in range(t):
+            srow = sel.row(r)
+            lengths = ctx.ends[:, r].to(torch.int32) if t > 1 else ctx.lengths()
+            if kernel:
+                o, got = sampled_decode(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale,
+                                        count=not self.keep_stats, stats=self.keep_stats, scratch=None if
+                                        self.keep_stats else self._scratch, pick=ctx.pick if t == 1 else None, **kw)
+                if self.keep_stats:
+                    self.stats, got = got, got["keys"]
+                sels.append(Selection.counted(got.view(b, srow.indices.shape[1], 1), shared=srow.shared))
+            else:
+                o, info = sampled_decode_ref(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale, **kw)
+                o = o.to(q.dtype)
+                sels.append(info["selection"])
+            outs.append(o)
+        out = outs[0] if kernel and t == 1 else _picked(torch.cat(outs, 2), ctx)  # (the kernel picked)
+        return out, Selection.cat_rows(sels)
+
+    def _front_reference(self, layer, q, k, v, ctx: StepContext) -> Selection:
+        """The front's Selection from its reference methods (method state per layer)."""
+        dctx = DecodeContext(q, k, v, ctx.starts, ctx.ends, ctx.scale, self.generator(),
+                             self.states.setdefault(layer, {}), layer)
+        return self.front.select(dctx)
 
     def _pages(self, layer: int, k, ctx: StepContext):
         """Quest's page bounds of a layer: f32 [B, Hkv, P + 1, D, 2] (min, max of each page's
@@ -228,7 +309,7 @@ class Plan:
         as under a sliding window). A page is bounded over the positions in [start, end) of
         its row, as the reference's pages are (methods/quest.py); only keys below each row's
         end are read; nothing waits for the device."""
-        s = self.spec.parts[-1].page
+        s = self.front.parts[-1].page
         b, hkv, n, d = k.shape
         st = self.states.setdefault(layer, {})
         need = -(-n // s)
@@ -361,9 +442,9 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
     CUDA; True = insist on it (an error if the spec has none); False = the reference."""
     spec = parse(spec)
     device = torch.device(device)
-    recipe = scan_recipe(spec)
+    recipe, sampled = scan_recipe(spec), sampled_recipe(spec)
     form = kernel_form(spec)
-    fusable = form is not None or recipe is not None
+    fusable = form is not None or recipe is not None or sampled is not None
     insist = fused is True
     if fused is None:
         fused = fusable and device.type == "cuda"
@@ -374,11 +455,13 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
         raise VattnError(f"fused=True needs a CUDA device (or TRITON_INTERPRET=1 for tests), got {device}")
     if recipe is not None:  # one algorithm on every device: the twin where the kernels do not run
         path = "scan-kernel" if fused else "scan-reference"
+    elif sampled is not None:
+        path = "sampled-kernel" if fused else "sampled-reference"
     else:
         path = KERNEL_PATHS[form] if fused else "reference"
     if device.type == "cuda" and not fused:
         _say_once("spec %s runs the %s path on CUDA, not a fused plan", str(spec), path)
-    plan = Plan(spec, device, path, seed, recipe)
+    plan = Plan(spec, device, path, seed, recipe, sampled)
     plan.insist = insist
     return plan
 
@@ -392,7 +475,7 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
     """The scan kernels' arguments when `spec` is the scan chain (spec.check_parts vouches for
     its form), else None."""
     parts = spec.parts
-    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid":
+    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or parts[-2].name != "hashtopk":
         return None
     ht, vf = parts[-2], parts[-1]
     fixed = {p.name: p.n for p in parts[:-2]}
@@ -401,10 +484,21 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
                       mode=vf.mode)
 
 
+def sampled_recipe(spec: Spec) -> SampledRecipe | None:
+    """kernels/sampled.py's arguments when `spec` is an exact front + verified(draws='iid')
+    (spec.check_parts vouches for its form), else None."""
+    parts = spec.parts
+    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or parts[-2].name == "hashtopk":
+        return None
+    vf, fixed = parts[-1], {p.name: p.n for p in parts[:-1] if p.name in ("sink", "window")}
+    return SampledRecipe(sink=fixed.get("sink", 0), window=fixed.get("window", 0), m0=vf.min_pilot, eps=vf.eps,
+                         delta=vf.delta, var_conf=vf.var_conf, mode=vf.mode)
+
+
 def window_runs_exact(spec: Spec) -> bool:
     """Whether a sliding-window layer attends its window exactly under `spec` instead: the scan
-    chain draws from key 0 on (its sinks), which a window cuts off."""
-    return scan_recipe(spec) is not None
+    chain and the iid draws draw from key 0 on (their sinks), which a window cuts off."""
+    return scan_recipe(spec) is not None or sampled_recipe(spec) is not None
 
 
 def is_streaming(spec: Spec) -> bool:

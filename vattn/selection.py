@@ -63,6 +63,11 @@ class Selection:
         return Selection(torch.empty((b, h, t, 0), dtype=torch.int32, device=count.device),
                          torch.empty((b, h, t, 0), device=count.device), count.to(torch.int32), shared, listed=False)
 
+    def row(self, t: int) -> "Selection":
+        """Query row t alone ([B, H, 1, K])."""
+        return Selection(self.indices[:, :, t:t + 1], self.log_weights[:, :, t:t + 1], self.count[:, :, t:t + 1],
+                         self.shared, listed=self.listed)
+
     @staticmethod
     def cat_rows(sels: list) -> "Selection":
         """Selections of consecutive query rows (dim T), padded to one K."""
@@ -74,7 +79,7 @@ class Selection:
             return torch.nn.functional.pad(x, (0, kmax - x.shape[-1]), value=fill)
         return Selection(torch.cat([pad(s.indices, -1) for s in sels], 2),
                          torch.cat([pad(s.log_weights, 0.0) for s in sels], 2),
-                         torch.cat([s.count for s in sels], 2), sels[0].shared)
+                         torch.cat([s.count for s in sels], 2), sels[0].shared, listed=sels[0].listed)
 
     @staticmethod
     def empty(b, h, t, device, shared=False) -> "Selection":

@@ -200,19 +200,28 @@ def check_parts(parts) -> None:
 POSITION_FRONTS = (["sink"], ["window"], ["sink", "window"])  # parts that choose by position alone
 SCAN_FORM = ("[sink(count)+][window(count)+]hashtopk(k, bits=32..256, cut='sample')+"
              "verified(eps=..., delta=..., draws='iid'[, mode='denominator'])")
+SAMPLED_FORM = ("[sink(count)+][window(count)+][topk(k) | quest(budget, ..)]+"
+                "verified(eps=..., delta=..., draws='iid'[, mode=..])")
 
 
 def _check_scan_chain(parts) -> None:
-    """The fused scan algorithm is one chain: its cut and its draws make sense only together."""
+    """The iid draws are one algorithm with their front: behind the scan's signature cut
+    (hashtopk(cut='sample'): the scan kernels) or behind keys chosen exactly (sink, window, topk,
+    quest: kernels/sampled.py). The middle they draw from is [sink, L - window): counts only."""
     if not any(getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid" for p in parts):
         return
     names = [p.name for p in parts]
-    ok = (len(parts) >= 2 and names[-2:] == ["hashtopk", "verified"] and parts[-2].cut == "sample"
-          and parts[-1].draws == "iid" and names[:-2] in ([], *POSITION_FRONTS)
-          and all(isinstance(p.n, int) for p in parts[:-2]))
-    if not ok:
-        raise VattnError(f"hashtopk(cut='sample') and verified(draws='iid') are one algorithm (the fused scan "
-                         f"kernels) and come as one chain: {SCAN_FORM}; got {'+'.join(names)}")
+    scan = (len(parts) >= 2 and names[-2:] == ["hashtopk", "verified"] and parts[-2].cut == "sample"
+            and parts[-1].draws == "iid" and names[:-2] in ([], *POSITION_FRONTS))
+    sampled = names[-1] == "verified" and parts[-1].draws == "iid" and len(parts) >= 2 and (
+        names[:-1] in POSITION_FRONTS or (names[-2] in ("topk", "quest") and names[:-2] in ([], *POSITION_FRONTS)))
+    if not (scan or sampled):
+        raise VattnError(f"hashtopk(cut='sample') and verified(draws='iid') are one algorithm with their front: "
+                         f"{SCAN_FORM}, or {SAMPLED_FORM}; got {'+'.join(names)}")
+    counts = [p for p in parts if p.name in ("sink", "window")]
+    if not all(isinstance(p.n, int) for p in counts):
+        raise VattnError(f"verified(draws='iid') draws from the keys between the sinks and the window: give sink "
+                         f"and window as key counts (e.g. sink(16)+window(64)), got {'+'.join(f'{p.name}({p.n})' for p in counts)}")
 
 
 @dataclass

@@ -453,19 +453,20 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         exact_keys[row] = int(fixed.sum())
         sample_keys[row] = int(est["sampled"][0])
     return out.to(dev), dict(rows=rows, exact_keys=exact_keys, sample_keys=sample_keys, d_hat=d_hat, d=d_true,
-                             selection=_selection(picked, B, Hkv, dev))
+                             selection=picked_selection(picked, B, Hkv, dev, shared=True))
 
 
-def _selection(picked, B, Hkv, device) -> Selection:
-    """The twin's choices as a shared Selection [B, Hkv, 1, K] (a key drawn twice is listed twice)."""
+def picked_selection(picked, B, H, device, shared) -> Selection:
+    """A twin's choices, per row (positions, log weights), as a Selection [B, H, 1, K] (a key
+    drawn twice is listed twice)."""
     kmax = max((len(i) for i, _ in picked), default=0)
-    idx = torch.full((B * Hkv, kmax), -1, dtype=torch.int32)
-    lw = torch.zeros((B * Hkv, kmax), dtype=torch.float32)
+    idx = torch.full((B * H, kmax), -1, dtype=torch.int32)
+    lw = torch.zeros((B * H, kmax), dtype=torch.float32)
     for r, (i, w) in enumerate(picked):
         idx[r, :len(i)], lw[r, :len(i)] = i.to(torch.int32), w.float()
     count = torch.tensor([len(i) for i, _ in picked], dtype=torch.int32)
-    return Selection(idx.view(B, Hkv, 1, kmax).to(device), lw.view(B, Hkv, 1, kmax).to(device),
-                     count.view(B, Hkv, 1).to(device), shared=True)
+    return Selection(idx.view(B, H, 1, kmax).to(device), lw.view(B, H, 1, kmax).to(device),
+                     count.view(B, H, 1).to(device), shared=shared)
 
 
 def scan_density(st, lengths, Hkv):

@@ -60,11 +60,11 @@ def _split_kernel():
     @triton.jit
     def split(q, k, v, idx, lw, cnt, po, plse,
               sqb, sqh, sqt, skb, skh, skn, svb, svh, svn,
-              H, HKV, T, S, K, scale_log2,
+              H, HKV, T, S, ST, K, scale_log2,
               G: tl.constexpr, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
               BN: tl.constexpr, IEEE: tl.constexpr):
         # Program (row, sp) attends its share of slots [0, cnt[row]) of one selection row (the
-        # row's count split evenly over the S programs) and writes partial column sp.
+        # row's count split evenly over the S programs) and writes partial column sp of ST.
         # R query heads share this program's selection row: R = G if shared else 1.
         row = tl.program_id(0)  # (b, h, t) of the selection
         sp = tl.program_id(1)
@@ -106,10 +106,10 @@ def _split_kernel():
             s = tl.where(ok[None, :], s * scale_log2 + w[None, :], float("-inf"))
             m_i, l_i, acc = online_step(s, vv, m_i, l_i, acc, IEEE)
         o, lse = finish(acc, m_i, l_i)
-        r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, S, D]
+        r = ((b64 * H + h) * R + m) * T + t  # output row (b, hq, t), partials [B, Hq, T, ST, D]
         # a program that saw no key writes only lse = -inf (the merge never reads its po)
-        tl.store(po + (r[:, None] * S + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
-        tl.store(plse + r * S + sp, lse, mask=m_ok)
+        tl.store(po + (r[:, None] * ST + sp) * D + d[None, :], o, mask=(m_ok & (l_i > 0))[:, None])
+        tl.store(plse + r * ST + sp, lse, mask=m_ok)
 
     return split
 
@@ -151,23 +151,33 @@ def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
     _check(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
     H, K = indices.shape[1], indices.shape[3]
-    R = G if shared else 1
     scale = D ** -0.5 if scale is None else float(scale)
     indices, log_weights, count = indices.contiguous(), log_weights.contiguous(), count.contiguous()
     S = plan_splits(B * H * T, K, block_n, q.device, splits)
     po = torch.empty((B, Hq, T, S, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, T, S), dtype=torch.float32, device=q.device)
+    sparse_partials(q, k, v, indices, log_weights, count, shared, scale, po, plse, S, block_n, num_warps, num_stages)
+    out = torch.empty((B if pick is None else pick.shape[0], Hq, T, D), dtype=q.dtype, device=q.device)
+    return merge_partials(po, plse, out, pick=pick)
+
+
+def sparse_partials(q, k, v, indices, log_weights, count, shared, scale, po, plse, S, block_n=64, num_warps=4,
+                    num_stages=3):
+    """The split launch alone: S programs per selection row write partial columns [0, S) of po
+    [B, Hq, T, ST, D] / plse [B, Hq, T, ST] (ST >= S: later columns are the caller's), checked
+    inputs, scale a float."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    H, K = indices.shape[1], indices.shape[3]
+    R = G if shared else 1
     # programs split each row's count evenly (chunks in-kernel), so wide rows with a short count
     # (a Selection padded to its full width) keep every program busy
     _split_kernel()[(B * H * T, S)](
         q, k, v, indices, log_weights, count, po, plse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, Hkv, T, S, K, scale * LOG2E,
+        H, Hkv, T, S, po.shape[3], K, scale * LOG2E,
         G=G, R=R, M=max(16, next_pow2(R)), D=D, BN=block_n, IEEE=use_ieee(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty((B if pick is None else pick.shape[0], Hq, T, D), dtype=q.dtype, device=q.device)
-    return merge_partials(po, plse, out, pick=pick)

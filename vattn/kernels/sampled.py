@@ -1,0 +1,156 @@
+"""The verified sample behind any exact selection, on GPU: a Selection (sink, window, top-k or
+Quest keys, weight 0) attended exactly, the rest of the middle estimated by iid draws.
+
+    sampled_decode(q, k, v, sel, lengths, *, sink, window, m0, eps, delta, seed, mode, ...)
+        -> out [B, Hq, 1, D] (and keys attended per selection row, or a stats dict)
+
+The estimator is the scan chain's (kernels/scan.py, docs/guarantee.md): M draws, independent
+and uniform over the middle [sink, L - window); a drawn key that the head's selection lists
+counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not listed] is unbiased for a fixed M;
+M from a pilot of the first m0 draws, in denominator or output mode, the largest over the
+group's heads; when M reaches n_mid - K (K: the fewest middle keys a head's row lists), the
+unlisted middle is attended exactly instead. Only the front differs: the selection is given
+(exact top-k or Quest pages, per query head or per KV head), not cut from signatures.
+Launches: member bits (a bit per listed middle key), the sparse kernel's split (the exact
+part's partials), sample, merge. `sampled_decode_ref` is the float64 twin.
+"""
+from __future__ import annotations
+
+import torch
+
+from vattn.errors import VattnError
+from vattn.kernels._common import (check_runnable, merge_partials, next_pow2, resolve_pdl, target_programs,
+                                   use_ieee)
+from vattn.kernels.scan import (_allocator, _row_keys, estimate_row_ref, mode_quantile, picked_selection,
+                                sample_draws, var_inflation)
+from vattn.kernels.sparse import _check, plan_splits, sparse_partials
+from vattn.selection import Selection
+
+STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact")
+
+
+def sample_programs(rows: int, device, draws: int, block_n: int = 64) -> int:
+    """Sample programs per KV row: about two per SM in all, at most 16 and no more than the
+    expected draws (scan.sample_draws) fill blocks of block_n."""
+    return max(1, min(16, -(-target_programs(device) // rows), -(-draws // block_n)))
+
+
+def check_sampled_inputs(q, k, v, sel: Selection, lengths, sink, window, m0):
+    _check(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared)
+    B, Hq, T, D = q.shape
+    if T != 1:
+        raise VattnError(f"sampled_decode handles one query row (T=1), got T={T}")
+    if min(sink, window) < 0 or m0 < 2:
+        raise VattnError(f"need sink, window >= 0 and m0 >= 2, got {sink}, {window}, {m0}")
+    if lengths.shape != (B,) or lengths.dtype != torch.int32:
+        raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
+
+
+def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, eps=0.05, delta=0.05, seed=0,
+                   scale=None, var_conf=-1.0, mode="denominator", count=False, stats=False, scratch=None,
+                   pick=None, block_n=64, splits=None, pdl=None):
+    """See the module docstring. sel: the exact keys, weight 0 (log_weights are not read), rows
+    [B, Hkv or Hq, 1, W]; its middle keys must be distinct. count=True also returns the keys
+    attended per selection row, int32 [B * H] (listed + sampled; a key drawn twice counts
+    twice); stats=True a dict with 'rows' f32 [B*Hkv, 5] (STAT_NAMES) and 'keys' (as count).
+    scratch: a dict of work buffers reused across calls (a plan's). pick: as sparse_decode."""
+    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0)
+    mode_quantile(mode, delta)
+    if stats and scratch is not None:
+        raise VattnError("stats=True returns the call's own tables: do not pass scratch with it")
+    check_runnable(q, k, v, sel.indices, lengths)
+    from vattn.kernels import _sampled_triton as kt
+    B, Hq, _, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G, H, W = Hq // Hkv, sel.indices.shape[1], sel.indices.shape[3]
+    RS = 1 if sel.shared else G
+    scale = D ** -0.5 if scale is None else float(scale)
+    q = q.contiguous()
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    idx, cnt = sel.indices.contiguous(), sel.count.contiguous()
+    rows, srows, dev = B * Hkv, B * H, q.device
+    s1 = plan_splits(srows, W, block_n, dev, splits and splits[0])
+    s2 = splits[1] if splits else sample_programs(rows, dev, sample_draws(eps, delta, mode, m0), block_n)
+    new = _allocator(scratch, dev)
+    nw = -(-N // 32)
+    bits = new("bits", (srows, nw), torch.int32)
+    kmid = new("kmid", srows, torch.int32)
+    tot = new("tot", srows, torch.int32)
+    po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
+    plse = new("plse", (B, Hq, 1, s1 + s2), torch.float32)
+    st = new("st", (rows, 8), torch.float32)
+    kt.member_kernel[(srows,)](idx, cnt, lengths, bits, kmid, tot, W, nw, H, sink, window, BW=1024, BK=1024,
+                               CNT=int(count or stats))
+    sparse_partials(q, k, v, idx, sel.log_weights.contiguous(), cnt, sel.shared, scale, po, plse, s1, block_n)
+    pdl = resolve_pdl(pdl, dev)
+    M0P = max(16, next_pow2(m0))
+    kt.sample_kernel[(rows, s2)](q, k, v, lengths, bits, kmid, po, plse, st, tot, q.stride(0), q.stride(1),
+                                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                 Hkv, nw, s1, s2, sink, window, m0, seed & 0xFFFFFFFF, scale * 1.4426950408889634,
+                                 mode_quantile(mode, delta), eps * eps, var_inflation(m0, delta, var_conf),
+                                 R=G, M=max(16, next_pow2(G)), RS=RS, D=D, BN=block_n, M0P=M0P,
+                                 SP=max(2, next_pow2(s1)), IEEE=use_ieee(q.dtype), OUT=int(mode == "output"),
+                                 CNT=int(count or stats), **(dict(PDL=1, launch_pdl=True) if pdl else {}))
+    out = torch.empty((B if pick is None else pick.shape[0], Hq, 1, D), dtype=q.dtype, device=dev)
+    merge_partials(po, plse, out, pdl=pdl, pick=pick)
+    if stats:
+        return out, dict(rows=st[:, :5], keys=tot)
+    return (out, tot) if count else out
+
+
+def sampled_decode_ref(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, eps=0.05, delta=0.05, seed=0,
+                       scale=None, var_conf=-1.0, mode="denominator", total=None, exact=None):
+    """Float64 twin of sampled_decode. total / exact (int / bool tensors [B*Hkv]) replace the
+    sample size and exact flag it would compute. Returns (out [B, Hq, 1, D] float64, dict with
+    'rows' [B*Hkv, 5] as the kernel's stats, 'keys' int32 [B*H] (as count=True), 'd_hat', 'd'
+    [B, Hq] (estimated and true denominators, same shift) and 'selection': what it attended,
+    per query head (a key drawn twice is listed twice))."""
+    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0)
+    B, Hq, _, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    zz, infl = mode_quantile(mode, delta), var_inflation(m0, delta, var_conf)
+    lengths = lengths.cpu()
+    idx, cnt = sel.indices.cpu().long(), sel.count.cpu().long()
+    out = torch.zeros((B, Hq, 1, D), dtype=torch.float64)
+    rows = torch.zeros((B * Hkv, 5), dtype=torch.float64)
+    keys = torch.zeros(B * sel.indices.shape[1], dtype=torch.int32)
+    d_hat, d_true = torch.zeros((B, Hq), dtype=torch.float64), torch.zeros((B, Hq), dtype=torch.float64)
+    picked = []
+    n = torch.arange(N)
+    for row in range(B * Hkv):
+        b, h = divmod(row, Hkv)
+        L = int(lengths[b])
+        hi = L - window
+        srows = [h] * G if sel.shared else [h * G + g for g in range(G)]
+        fixed = torch.zeros((G, N), dtype=torch.bool)
+        for g, s in enumerate(srows):
+            fixed[g, idx[b, s, 0, :cnt[b, s, 0]]] = True
+        fixed &= n < L
+        taken = fixed & (n >= sink) & (n < hi)
+        kr = int(taken.sum(1).min())
+        skey, _ = _row_keys(seed, row, L)
+        qq = q[b, h * G:(h + 1) * G, 0].double().cpu()
+        logit = qq @ k[b, h].double().cpu().T * scale
+        e = torch.exp(logit - logit[:, :L].amax(1, keepdim=True))
+        est = estimate_row_ref(e, v[b, h].double().cpu(), L, sink, hi, fixed, taken, kr, skey, m0, zz, eps, infl,
+                               mode, None if total is None else int(total[row]),
+                               None if exact is None else bool(exact[row]))
+        out[b, h * G:(h + 1) * G, 0] = est["out"]
+        d_hat[b, h * G:(h + 1) * G], d_true[b, h * G:(h + 1) * G] = est["den"], e[:, :L].sum(1)
+        rows[row] = torch.tensor(est["stats"], dtype=torch.float64)
+        picked.extend(est["picked"])
+        for g, s in enumerate(srows[:1] if sel.shared else srows):
+            keys[b * sel.indices.shape[1] + s] = int(fixed[g].sum() + est["sampled"][g])
+    return out.to(q.device), dict(rows=rows, keys=keys, d_hat=d_hat, d=d_true,
+                                  selection=picked_selection(picked, B, Hq, q.device, shared=False))
+
+
+def sampled_density(keys: torch.Tensor, lengths: torch.Tensor, heads: int) -> float:
+    """Mean over selection rows of keys attended / length."""
+    L = lengths.float().repeat_interleave(heads).to(keys.device)
+    return (keys.float() / L).mean().item()
+
+
+__all__ = ["sampled_decode", "sampled_decode_ref", "sampled_density", "STAT_NAMES"]
