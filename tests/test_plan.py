@@ -140,9 +140,12 @@ def test_scan_plan_signs_keys_of_a_fixed_length_cache():
 
 def test_scan_chain_is_one_form():
     for bad, why in [
-        ("sink(8)+hashtopk(0.1,cut='sample')", "one chain"),
-        ("sink(8)+topk(0.1)+verified(draws='iid',mode='denominator')", "one chain"),
-        ("sink(0.1)+hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator')", "one chain"),
+        ("sink(8)+hashtopk(0.1,cut='sample')", "one algorithm with their front"),
+        ("sink(8)+topp(0.9)+verified(draws='iid',mode='denominator')", "one algorithm with their front"),
+        ("topk(0.1)+sink(8)+verified(draws='iid',mode='denominator')", "one algorithm with their front"),
+        ("verified(draws='iid',mode='denominator')", "one algorithm with their front"),
+        ("sink(0.1)+hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator')", "key counts"),
+        ("sink(4)+window(0.1)+topk(0.1)+verified(draws='iid',mode='denominator')", "key counts"),
         ("hashtopk(0.1,cut='sample')+verified(draws='iid',mode='denominator',heavy=0.2)", "heavy"),
         ("hashtopk(0.1,bits=48,cut='sample')+verified(draws='iid',mode='denominator')", "bits in 32"),
     ]:
@@ -150,6 +153,9 @@ def test_scan_chain_is_one_form():
             parse(bad)
     assert compile("vattention-scan", "cpu").recipe.topk == 0.05
     assert compile("hashtopk(0.1,cut='sample')+verified(draws='iid')", "cpu").recipe.mode == "output"  # the default
+    p = compile("sink(8)+window(16)+quest(0.1)+verified(eps=0.1,draws='iid')", "cpu")
+    assert (p.path, p.recipe, p.sampled.sink, p.sampled.window, p.sampled.eps) == ("sampled-reference", None, 8, 16, 0.1)
+    assert [x.name for x in p.front.parts] == ["sink", "window", "quest"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -250,7 +250,7 @@ def test_compile_picks_the_paths():
         assert compile(spec, "cpu", fused=True).path == "topk-kernel"
     for spec in QUEST + ["oracle-topk"]:
         assert compile(spec, "cpu", fused=True).path.endswith("-kernel")
-    assert set(GRAPHABLE_PATHS) == {"streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel"}
+    assert set(GRAPHABLE_PATHS) == {"streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel", "sampled-kernel"}
     for bad in ("topk(3)+sink(2)", "window(2)+sink(2)+topk(3)", "sink(2)+topk(3)+quest(4)", "topp(0.9)",
                 "sink(2)+hashtopk(0.1)"):
         assert kernel_form(parse(bad)) is None

@@ -59,7 +59,7 @@ def test_scan_measure_is_the_twins_choices():
 
 
 @pytest.mark.parametrize("base,mode,needle", [
-    ("sink(16)+window(16)+topk(0.02)", "denominator", "hashtopk(k, cut='sample')"),  # not the scan front
+    ("sink(16)+topp(0.9)", "denominator", "hashtopk(k, cut='sample')"),  # not an iid front
     ("sink(16)+hashtopk(0.05)", "denominator", "hashtopk(k, cut='sample')"),  # hashtopk without the sample cut
     ("", "denominator", "hashtopk(k, cut='sample')"),
 ])
@@ -96,7 +96,7 @@ def test_cli_verify_bad_scan_combination_fails_before_measuring(monkeypatch):
     def no_measure(*a, **k):
         raise AssertionError("measured before checking the spec")
     monkeypatch.setattr(V, "synthetic_groups", no_measure)
-    r = runner.invoke(app, ["verify", "--draws", "iid", "--base", "sink(16)+window(16)+topk(0.02)"])
+    r = runner.invoke(app, ["verify", "--draws", "iid", "--base", "sink(16)+topp(0.9)"])
     assert r.exit_code == 2 and "hashtopk(k, cut='sample')" in r.output, r.output
 
 

@@ -223,13 +223,13 @@ class Plan:
     def _kernel(self, layer, q, k, v, ctx: StepContext):
         """A Selection of fixed width built on the device, attended by the sparse kernel."""
         from vattn.kernels.sparse import sparse_decode
-        sel = self._selection(layer, q, k, ctx)
+        sel = self.front_selection(layer, q, k, ctx)
         if q.shape[0] * q.shape[2] == 0 or k.shape[2] == 0:  # no rows or no keys: zeros, as attend gives
             return _picked(torch.zeros_like(q), ctx), sel
         return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
                              pick=ctx.pick), sel
 
-    def _selection(self, layer, q, k, ctx: StepContext) -> Selection:
+    def front_selection(self, layer, q, k, ctx: StepContext) -> Selection:
         """The front's Selection (self.front: streaming, topk or quest), built on the device."""
         b, hq, t, _ = q.shape
         form = kernel_form(self.front)
@@ -269,7 +269,7 @@ class Plan:
             return _picked(torch.zeros_like(q), ctx), Selection.empty(b, hq, t, q.device)
         ctx.check_zero_starts(f"spec {self.spec} (iid draws from key 0 on)")
         kernel = self.path == "sampled-kernel"
-        sel = self._selection(layer, q, k, ctx) if kernel else self._front_reference(layer, q, k, v, ctx)
+        sel = self.front_selection(layer, q, k, ctx) if kernel else self._front_reference(layer, q, k, v, ctx)
         if kernel and self.dense_layer(layer):  # every key listed: nothing to sample
             return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
                                  pick=ctx.pick), sel

@@ -5,10 +5,11 @@ model (vattn.capture). The guaranteed quantity depends on the mode: the relative
 error of the output (mode="output") or of the softmax denominator ("denominator").
 
 Two samplers (draws=): "residual" appends verified(eps, delta, mode, share) to any front;
-"iid" measures the scan algorithm (plan paths "scan-kernel" / "scan-reference"):
-[sink+][window+]hashtopk(k, cut='sample') + verified(eps, delta, draws='iid',
-mode=...), either mode. Everything is measured through a plan, so
-the coverage is of what runs: on CUDA the fused scan kernels, elsewhere their float64 twin.
+"iid" appends verified(eps, delta, draws='iid', mode=...) to the scan chain's front
+[sink(n)+][window(n)+]hashtopk(k, cut='sample') (plan paths "scan-kernel" / "scan-reference")
+or to an exact one, [sink(n)+][window(n)+][topk | quest] ("sampled-kernel" /
+"sampled-reference"), either mode. Everything is measured through a plan, so the coverage
+is of what runs: on CUDA the fused kernels, elsewhere their float64 twins.
 """
 from __future__ import annotations
 
@@ -46,16 +47,16 @@ def tolerance(delta: float, rows: int) -> float:
 
 def measure(inp: Inputs, spec: str, mode: str, seed: int = 0, fused: bool | None = None, device=None) -> dict:
     """Per-row errors and the measured density of one spec on one group (moved to `device`
-    first when given). The scan kernels list no keys: their denominator errors come from
-    the float64 twin replaying the kernels' own choices (_measure_scan_kernel)."""
+    first when given). The fused iid kernels list no keys: their denominator errors come from
+    the float64 twin replaying the kernels' own choices (_measure_iid_kernel)."""
     if device is not None:
         inp = _to(inp, torch.device(device))
     q, k, v = inp.q, inp.k, inp.v
     b, hq, t = q.shape[:3]
     starts, ends = row_bounds(b, t, k.shape[2], inp.lengths, inp.starts, q.device)
     plan = compile_plan(spec, q.device, seed=seed, fused=fused)
-    if plan.path == "scan-kernel":
-        return _measure_scan_kernel(inp, spec, mode, seed, fused, starts, ends)
+    if plan.path in ("scan-kernel", "sampled-kernel"):
+        return _measure_iid_kernel(inp, spec, mode, seed, fused, starts, ends)
     ctx = plan.context(starts, ends, inp.scale)
     plan.append(inp.layer, k, v, ctx)
     out, sel = plan.run(inp.layer, q, k, v, ctx)  # what runs
@@ -76,15 +77,13 @@ def _to(inp: Inputs, dev: torch.device) -> Inputs:
                   move(inp.starts), inp.layer)
 
 
-def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts, ends) -> dict:
-    """The scan kernels on CUDA, one query row at a time (as decode runs them; a plan gives
-    several rows to the twin). Per row: plan.run gives the output, the keys attended per KV
-    head (density) and, kept in plan.stats, the kernels' cuts and sample sizes; the float64
-    twin then replays those choices (tau, thu, total, exact) and gives D_hat and D."""
-    from vattn.kernels.scan import scan_decode_ref
+def _measure_iid_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts, ends) -> dict:
+    """The scan or sampled kernels on CUDA, one query row at a time (as decode runs them).
+    Per row: plan.run gives the output, the keys attended per selection row (density) and,
+    kept in plan.stats, the kernels' cuts and sample sizes; the float64 twin then replays
+    those choices (tau, thu, total, exact; the sampled path's front) and gives D_hat and D."""
     q, k, v, layer = inp.q, inp.k, inp.v, inp.layer
     b, hq, t = q.shape[:3]
-    hkv = k.shape[1]
     outs, dens, counts, twin_gap = [], [], [], 0.0
     for r in range(t):
         plan = compile_plan(spec, q.device, seed=seed, fused=fused)  # fresh: signatures of this row's keys only
@@ -93,15 +92,11 @@ def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts,
         qr = q[:, :, r:r + 1]
         plan.append(layer, k, v, ctx)
         out, sel = plan.run(layer, qr, k, v, ctx)
-        st, kw = plan.states[layer], plan.recipe.kwargs()
-        c = plan.stats["rows"].cpu()
-        ref, rs = scan_decode_ref(qr, k, v, st["sig"], st["proj"], ctx.lengths(), seed=plan.scan_seed(layer),
-                                  scale=ctx.scale, tau=c[:, 5].long(), thu=c[:, 6].long(), total=c[:, 1].long(),
-                                  exact=c[:, 4] > 0, **kw)
+        ref, rs = _twin_replay(plan, layer, qr, k, v, ctx)
         twin_gap = max(twin_gap, float(metrics.relative_error(out, ref).max()))
         outs.append(out)
         dens.append((rs["d_hat"] / rs["d"] - 1).abs().float())  # [B, Hq]
-        counts.append(sel.count.reshape(b, hkv).double())
+        counts.append(sel.count.reshape(b, -1).double() * (hq // sel.count.shape[1]))  # per query head
     out = torch.cat(outs, 2)
     ref = dense_attend(q, k, v, lengths=inp.lengths, starts=inp.starts, scale=inp.scale)
     live = (ends > starts[:, None])[:, None].expand(b, hq, t).cpu()
@@ -111,17 +106,31 @@ def _measure_scan_kernel(inp: Inputs, spec: str, mode: str, seed, fused, starts,
     return {
         "errors": out_err if mode == "output" else den_err,
         "output_errors": out_err,
-        "density": float(sum(c.sum() for c in counts)) * (hq // hkv) / max(allowed, 1.0),
+        "density": float(sum(c.sum() for c in counts)) / max(allowed, 1.0),
         "kernel_vs_twin": twin_gap,  # largest output distance of the kernels to the twin on their own cuts
     }
 
 
+def _twin_replay(plan, layer, q, k, v, ctx):
+    """The float64 twin of what the plan's kernels just ran, on their own choices (plan.stats)."""
+    c = plan.stats["rows"].cpu()
+    kw = dict(seed=plan.scan_seed(layer), scale=ctx.scale, total=c[:, 1].long(), exact=c[:, 4] > 0)
+    if plan.recipe is not None:
+        from vattn.kernels.scan import scan_decode_ref
+        st = plan.states[layer]
+        return scan_decode_ref(q, k, v, st["sig"], st["proj"], ctx.lengths(), tau=c[:, 5].long(), thu=c[:, 6].long(),
+                               **kw, **plan.recipe.kwargs())
+    from vattn.kernels.sampled import sampled_decode_ref
+    sel = plan.front_selection(layer, q, k, ctx)  # what the kernels attended exactly (deterministic)
+    return sampled_decode_ref(q, k, v, sel, ctx.lengths(), **kw, **plan.sampled.kwargs())
+
+
 def verified_spec(base: str | None, eps, delta, mode: str, share: str = "none", draws: str = "residual") -> str:
     """base + verified(...): with draws="residual" any front and mode; with draws="iid" the
-    scan algorithm, whose front must be [sink(n)+][window(n)+]hashtopk(k, cut='sample') and
-    in either mode (share is then one sample per KV head, always). base None: the
-    draws' default front. Checked here (parsed), so a bad combination fails before measuring."""
-    from vattn.spec import SCAN_FORM, parse
+    front must be the scan chain's or an exact one (spec.SCAN_FORM, SAMPLED_FORM), either mode
+    (one sample per KV head, always). base None: the draws' default front. Checked here
+    (parsed), so a bad combination fails before measuring."""
+    from vattn.spec import SAMPLED_FORM, SCAN_FORM, parse
     if draws == "iid":
         base = SCAN_BASE if base is None else base
         part = f"verified(eps={eps},delta={delta},draws='iid',mode='{mode}')"
@@ -135,9 +144,9 @@ def verified_spec(base: str | None, eps, delta, mode: str, share: str = "none", 
         parse(spec)
     except VattnError as e:
         if draws == "iid":
-            raise VattnError(f"draws='iid' measures the scan algorithm ({SCAN_FORM}): the base must be "
-                             f"[sink(n)+][window(n)+]hashtopk(k, cut='sample'), e.g. {SCAN_BASE}; got base "
-                             f"{base!r} ({e})") from None
+            raise VattnError(f"draws='iid' measures {SCAN_FORM} or {SAMPLED_FORM}: the base must be "
+                             f"[sink(n)+][window(n)+]hashtopk(k, cut='sample') (e.g. {SCAN_BASE}) or "
+                             f"[sink(n)+][window(n)+][topk(k) | quest(..)]; got base {base!r} ({e})") from None
         if "cut='sample'" in str(e) or "draws='iid'" in str(e):
             raise VattnError(f"base {base!r} is the scan algorithm's front (hashtopk(cut='sample')): measure it "
                              f"with draws='iid' (--draws iid) ({e})") from None

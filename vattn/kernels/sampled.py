@@ -75,7 +75,7 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     nw = -(-N // 32)
     bits = new("bits", (srows, nw), torch.int32)
     kmid = new("kmid", srows, torch.int32)
-    tot = new("tot", srows, torch.int32)
+    tot = torch.empty(srows, dtype=torch.int32, device=dev)  # returned: the caller's, not scratch
     po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
     plse = new("plse", (B, Hq, 1, s1 + s2), torch.float32)
     st = new("st", (rows, 8), torch.float32)
