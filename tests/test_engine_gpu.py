@@ -46,9 +46,10 @@ def test_graphed_fp32_equals_transformers(arch):
 
 SCAN = ("sink(2)+window(4)+hashtopk(0.25,bits=32,cut='sample')"
         "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)")
+SAMPLED = "sink(2)+window(4)+topk(0.2)+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)"
 
 
-@pytest.mark.parametrize("spec", ["dense", "sink(4)+window(8)", SCAN, "sink(2)+window(4)+topk(0.25)",
+@pytest.mark.parametrize("spec", ["dense", "sink(4)+window(8)", SCAN, SAMPLED, "sink(2)+window(4)+topk(0.25)",
                                   "sink(2)+window(4)+quest(0.3,page=8)"])
 def test_graph_buckets_and_slot_reuse_equal_eager(spec):
     model = tiny_model("llama").cuda()

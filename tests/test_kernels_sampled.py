@@ -135,8 +135,8 @@ def test_kernel_path_equals_the_reference_path(spec, t):
     keys attended per row, the same output; layer 0 of the dense_layers spec attends everything."""
     q, k, v = inputs(7, N=1200, peak=3.0)
     q = q.expand(2, 4, t, 32).contiguous()
-    starts = torch.zeros(2, dtype=torch.long)
-    ends = torch.tensor([[1200], [900]]) - (t - 1) + torch.arange(t)
+    starts = torch.zeros(2, dtype=torch.long, device=DEV)
+    ends = (torch.tensor([[1200], [900]]) - (t - 1) + torch.arange(t)).to(DEV)
     outs = []
     for fused in (True, False):
         plan = compile(spec, DEV, fused=fused)
@@ -159,7 +159,7 @@ def test_kernel_path_equals_the_reference_path(spec, t):
 
 def test_sampled_path_never_waits_for_the_device(monkeypatch):
     q, k, v = inputs(8, N=200)
-    starts, ends = torch.zeros(2, dtype=torch.long), torch.tensor([[200], [150]])
+    starts, ends = torch.zeros(2, dtype=torch.long, device=DEV), torch.tensor([[200], [150]], device=DEV)
     plan = compile(SPECS[1], DEV, fused=True).reserve(256)
     assert plan.path in GRAPHABLE_PATHS
 
@@ -181,6 +181,6 @@ def test_sampled_path_never_waits_for_the_device(monkeypatch):
 def test_sampled_path_refuses_left_padding():
     q, k, v = inputs(9, N=100)
     plan = compile(SPECS[0], DEV)
-    ctx = plan.context(torch.tensor([0, 3]), torch.tensor([[100], [100]]), 0.2)
+    ctx = plan.context(torch.tensor([0, 3], device=DEV), torch.tensor([[100], [100]], device=DEV), 0.2)
     with pytest.raises(VattnError, match="start at key 0"):
         plan.run(0, q, k, v, ctx)

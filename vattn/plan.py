@@ -168,7 +168,7 @@ class Plan:
         """A new sequence: method state and the sampling generator start afresh. The graphable
         paths keep their buffers (signatures, page bounds) where they are, since a captured
         graph points at them: the new sequence's prefill re-signs / re-bounds its own keys."""
-        if self.path not in GRAPHABLE_PATHS and self.recipe is None and self.path != "sampled-reference":
+        if self.path not in GRAPHABLE_PATHS and self.recipe is None:
             self.states.clear()
         self._gen = None
 
