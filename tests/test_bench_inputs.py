@@ -1,4 +1,5 @@
 """The peaked-score inputs `vattn bench` times output against denominator mode on (attn_core.peaked_sets)."""
+import pytest
 import torch
 
 from vattn.bench.attn_core import SHAPE, peaked_sets
@@ -19,3 +20,14 @@ def test_peaked_sets_give_every_head_of_a_group_the_family_scores():
     both = (hg[:, :, :1] & hg[:, :, 1:]).sum() / (hg[:, :, :1].sum() * (G - 1))
     assert both > 0.9  # the heads of a group find the same keys hot (one direction per group)
     assert (v.mean(2).norm(dim=-1) > 0.3 * d ** 0.5).all()  # values share a mean direction per KV head
+
+
+def test_front_specs_compile_to_fused_paths():
+    """vattn bench's exact-front rows time fused plans, never the reference (a user's spec text)."""
+    from vattn.bench.attn_core import front_specs, scan_params
+    from vattn.kernels._common import triton_available
+    from vattn.plan import compile
+    if not triton_available():
+        pytest.skip("needs triton")
+    paths = {n: compile(s, "cpu", fused=True).path for n, s in front_specs(scan_params(32768)).items()}
+    assert paths == {"topk": "topk-kernel", "topk_verified": "sampled-kernel", "quest_verified": "sampled-kernel"}

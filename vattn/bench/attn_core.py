@@ -152,7 +152,9 @@ def bench_config(B, N, density=0.10, dtype=torch.bfloat16, seed=0, check=True):
     fn = sdpa(best.upper())
     row["sdpa_cold_us"] = graph_us([lambda s=s: fn(*s[:3]) for s in sets], flush=cold)
     row["dense_cold_us"] = graph_us([lambda s=s: dense_decode(*s[:3], lengths) for s in sets], flush=cold)
-    scan_stages(row, sets, proj, lengths, scan_params(N, density), check)
+    sp = scan_params(N, density)
+    scan_stages(row, sets, proj, lengths, sp, check)
+    exact_fronts(row, sets, lengths, sp)
     if check:
         q, k, v = sets[0][:3]
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
@@ -218,6 +220,32 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
         row["scan_denom_err_mean"] = de.mean().item()
         row["scan_denom_within_eps"] = (de <= sp["eps"]).float().mean().item()
     return row
+
+
+def front_specs(sp) -> dict:
+    """The fused plans with an exact front at the scan spec's sizes: top-k alone, and top-k and
+    Quest each followed by the iid verified sample (kernels/sampled.py), denominator mode."""
+    ver = (f"verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='denominator',"
+           f"min_pilot={sp['m0']})")
+    front = f"sink({sp['sink']})+window({sp['window']})"
+    return {"topk": f"{front}+topk({sp['topk']})", "topk_verified": f"{front}+topk({sp['topk']})+{ver}",
+            "quest_verified": f"{front}+quest({sp['topk']},page=16)+{ver}"}
+
+
+def exact_fronts(row, sets, lengths, sp):
+    """row[f"{name}_us"] / row[f"{name}_density"] / row[f"{name}_path"] of front_specs' plans."""
+    from vattn.metrics import density
+    from vattn.plan import compile as compile_plan
+    starts = torch.zeros(lengths.shape[0], dtype=torch.long, device="cuda")
+    ctx = compile_plan("dense", "cuda").context(starts, lengths.long()[:, None], sets[0][0].shape[-1] ** -0.5,
+                                                zero_starts=True)
+    for name, spec in front_specs(sp).items():
+        plan = compile_plan(spec, "cuda", fused=True)
+        for i, s in enumerate(sets):
+            plan.append(i, s[1], s[2], ctx)
+        row[f"{name}_us"] = graph_us([lambda s=s, i=i: plan.run(i, *s[:3], ctx) for i, s in enumerate(sets)])
+        row[f"{name}_density"] = density(plan.run(0, *sets[0][:3], ctx)[1], starts, ctx.ends, sets[0][0].shape[1])
+        row[f"{name}_path"] = plan.path
 
 
 def both_modes(row, name, sets, sp, ctx, modes=("denominator", "output")):
