@@ -124,3 +124,25 @@ def test_scan_kernel_measure_equals_the_twin():
     tol = 1e-4 if dev == "cpu" else 0.05
     assert torch.allclose(a["errors"].cpu(), b["errors"], atol=tol)
     assert a["density"] == pytest.approx(b["density"], rel=tol)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_sampled_kernel_measure_equals_the_twin():
+    """The exact-front chain: measure replays the sampled kernels' choices with their twin, and
+    matches the reference path (the twin's own plan) row for row."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 2, 32, generator=g), torch.randn(2, 2, 800, 32, generator=g), \
+        torch.randn(2, 2, 800, 32, generator=g) + 1.0
+    inp = Inputs("x", q, k, v, 32 ** -0.5, torch.tensor([800, 600]), None, 2)
+    spec = "sink(8)+window(16)+topk(0.05)+verified(eps=0.3,delta=0.2,draws='iid',mode='denominator',min_pilot=16)"
+    assert compile_plan(spec, dev, fused=True).path == "sampled-kernel"
+    a = measure(inp, spec, "denominator", fused=True, device=dev)
+    b = measure(inp, spec, "denominator", fused=False)
+    assert a["kernel_vs_twin"] < 1e-4
+    assert a["errors"].shape == b["errors"].shape == (16,)
+    tol = 1e-4 if dev == "cpu" else 0.05
+    assert torch.allclose(a["errors"].cpu(), b["errors"], atol=tol)
+    assert a["density"] == pytest.approx(b["density"], rel=tol) and a["density"] < 1
