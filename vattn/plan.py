@@ -461,6 +461,10 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
         path = KERNEL_PATHS[form] if fused else "reference"
     if device.type == "cuda" and not fused:
         _say_once("spec %s runs the %s path on CUDA, not a fused plan", str(spec), path)
+    if sampled is not None and spec.parts[-2].name == "quest":
+        _say_once("spec %s: the iid draws have no heavy-key cut, so the bound needs a front that takes the heavy "
+                  "keys; Quest's pages missed them on peaked rows (coverage 0.2-0.66, docs/guarantee.md): check "
+                  "yours with `vattn verify --draws iid --base ...`", str(spec))
     plan = Plan(spec, device, path, seed, recipe, sampled)
     plan.insist = insist
     return plan
