@@ -125,4 +125,4 @@ def test_summary_table_shows_the_spec_that_ran_and_flags_vacuous_bounds():
         C.console = old
     text = console.export_text()
     assert "vacuous bound: eps=0.95" in text and "0.500 ± 0.500" in text
-    assert "verified(eps=0.2,delta=0.2)" in text  # the preset, expanded, next to its row
+    assert "verified(eps=0.2,delta=0.2,draws='iid')" in text  # the preset, expanded, next to its row

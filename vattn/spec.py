@@ -28,7 +28,8 @@ PRESETS = {
     "streaming": "sink(0.02)+window(0.08)",
     "oracle-topk": "sink(0.02)+window(0.02)+topk(0.06)",
     "oracle-topp": "topp(0.9)",
-    "vattention": "sink(16)+window(64)+topk(0.05)+verified(eps=0.2,delta=0.2)",
+    # the iid draws (docs/guarantee.md): one algorithm, fused on CUDA (kernels/sampled.py), its twin elsewhere
+    "vattention": "sink(16)+window(64)+topk(0.05)+verified(eps=0.2,delta=0.2,draws='iid')",
     # the fused GPU pipeline (kernels/scan.py); the same algorithm on the CPU (its float64 twin)
     "vattention-scan": "sink(128)+window(128)+hashtopk(0.05,bits=128,cut='sample')"
                        "+verified(eps=0.05,delta=0.05,draws='iid',mode='denominator',min_pilot=128)",

@@ -217,8 +217,11 @@ def calibration_samples(cfg, samples, n: int, tokenizer) -> list:
 
 
 def calibration_key(cfg, model_id: str, spec: str, n: int) -> str:
-    """What a calibrated spec depends on: the model, the spec, the length, the target and
-    how density is measured (calibration tasks, new tokens, chat template, dtype)."""
+    """What a calibrated spec depends on: the model, the spec (a preset by what it stands for,
+    so changing a preset retires its calibrations), the length, the target and how density is
+    measured (calibration tasks, new tokens, chat template, dtype)."""
+    from vattn.spec import PRESETS
+    spec = PRESETS.get(spec, spec)
     tasks = ",".join(calibration_tasks(cfg)) or "jsonl:" + ",".join(Path(p).name for p in cfg.jsonl_tasks)
     budget = cfg.max_new_tokens if cfg.max_new_tokens else "auto"
     return (f"{model_id}|{spec}|{n}|{cfg.match_density:g}|tasks={tasks}|new={budget}|chat={int(cfg.chat)}"
