@@ -267,26 +267,29 @@ class Plan:
         b, hq, t, _ = q.shape
         if b * t == 0 or k.shape[2] == 0:
             return _picked(torch.zeros_like(q), ctx), Selection.empty(b, hq, t, q.device)
-        ctx.check_zero_starts(f"spec {self.spec} (iid draws from key 0 on)")
         kernel = self.path == "sampled-kernel"
         sel = self.front_selection(layer, q, k, ctx) if kernel else self._front_reference(layer, q, k, v, ctx)
         if kernel and self.dense_layer(layer):  # every key listed: nothing to sample
             return sparse_decode(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared, ctx.scale,
                                  pick=ctx.pick), sel
         seed, kw = self.scan_seed(layer), self.sampled.kwargs()
+        starts = ctx.memo.get("starts32")  # once per step: the layers share it
+        if starts is None:
+            starts = ctx.memo["starts32"] = ctx.starts.to(torch.int32).contiguous()
         outs, sels = [], []
         for r in range(t):
             srow = sel.row(r)
             lengths = ctx.ends[:, r].to(torch.int32) if t > 1 else ctx.lengths()
             if kernel:
-                o, got = sampled_decode(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale,
+                o, got = sampled_decode(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale, starts=starts,
                                         count=not self.keep_stats, stats=self.keep_stats, scratch=None if
                                         self.keep_stats else self._scratch, pick=ctx.pick if t == 1 else None, **kw)
                 if self.keep_stats:
                     self.stats, got = got, got["keys"]
                 sels.append(Selection.counted(got.view(b, srow.indices.shape[1], 1), shared=srow.shared))
             else:
-                o, info = sampled_decode_ref(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale, **kw)
+                o, info = sampled_decode_ref(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale,
+                                             starts=starts, **kw)
                 o = o.to(q.dtype)
                 sels.append(info["selection"])
             outs.append(o)

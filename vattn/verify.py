@@ -122,7 +122,8 @@ def _twin_replay(plan, layer, q, k, v, ctx):
                                **kw, **plan.recipe.kwargs())
     from vattn.kernels.sampled import sampled_decode_ref
     sel = plan.front_selection(layer, q, k, ctx)  # what the kernels attended exactly (deterministic)
-    return sampled_decode_ref(q, k, v, sel, ctx.lengths(), **kw, **plan.sampled.kwargs())
+    return sampled_decode_ref(q, k, v, sel, ctx.lengths(), starts=ctx.starts.to(torch.int32), **kw,
+                              **plan.sampled.kwargs())
 
 
 def verified_spec(base: str | None, eps, delta, mode: str, share: str = "none", draws: str = "residual") -> str:

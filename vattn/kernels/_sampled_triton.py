@@ -12,13 +12,14 @@ from vattn.kernels._scan_triton import (_draw, _pilot_stats, _row_pre, _write_pa
 
 
 @triton.jit
-def member_kernel(idx, cnt, lens, bits, kmid, tot, K, NW, H, sink, window, BW: tl.constexpr, BK: tl.constexpr,
-                  CNT: tl.constexpr = 0):
+def member_kernel(idx, cnt, starts, lens, bits, kmid, tot, K, NW, H, sink, window, BW: tl.constexpr,
+                  BK: tl.constexpr, CNT: tl.constexpr = 0):
     """Program `row` (a selection row, T = 1) writes bits [rows, NW]: bit n set where the row lists
-    key n in the middle [sink, L - window); kmid[row] = how many; CNT: tot[row] = its count
-    (the sample kernels add their keys to it)."""
+    key n in the middle [start + sink, L - window); kmid[row] = how many; CNT: tot[row] = its
+    count (the sample kernels add their keys to it)."""
     row = tl.program_id(0)
     L = tl.load(lens + row // H)
+    lo = tl.load(starts + row // H) + sink
     hi = L - window
     base = bits + row.to(tl.int64) * NW
     w = tl.arange(0, BW)
@@ -31,7 +32,7 @@ def member_kernel(idx, cnt, lens, bits, kmid, tot, K, NW, H, sink, window, BW: t
     for j0 in range(0, c, BK):
         ok = j0 + j < c
         p = tl.load(idx + row.to(tl.int64) * K + j0 + j, mask=ok, other=-1)
-        mid = ok & (p >= sink) & (p < hi)
+        mid = ok & (p >= lo) & (p < hi)
         tl.atomic_or(base + p // 32, (1 << (p % 32)).to(tl.int32), mask=mid)
         km += tl.sum(mid.to(tl.int32), 0)
     tl.store(kmid + row, km)
@@ -48,7 +49,7 @@ def _members(bits, srow, NW, x, ok, rok):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def sample_kernel(q, k, v, lens, bits, kmid, po, plse, stats, tot,
+def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
                   sqb, sqh, skb, skh, skn, svb, svh, svn,
                   H, NW, S1, S2, sink, window, m0, seed, scale_log2, zz, eps2, infl,
                   R: tl.constexpr, M: tl.constexpr, RS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
@@ -64,14 +65,15 @@ def sample_kernel(q, k, v, lens, bits, kmid, po, plse, stats, tot,
     S = S1 + S2
     b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
-    n_mid = tl.maximum(hi - sink, 0)
+    lo = tl.load(starts + b) + sink  # the middle: [start + sink, L - window)
+    n_mid = tl.maximum(hi - lo, 0)
     m = tl.where(n_mid > 0, m0, 0)
     r = tl.arange(0, M)
     rok = r < R
     srow = (row * RS + r % RS).to(tl.int64)  # each head's selection row
     i = tl.arange(0, M0P)
     pok = i < m
-    xp = _draw(i, skey, sink, n_mid)
+    xp = _draw(i, skey, lo, n_mid)
     kp = tl.load(kb + xp.to(tl.int64)[:, None] * skn + tl.arange(0, D)[None, :], mask=pok[:, None], other=0.0)
     spl = dot_qk(qq, kp, IEEE) * scale_log2  # [M, M0P]
     pdl_wait(PDL)
@@ -99,7 +101,7 @@ def sample_kernel(q, k, v, lens, bits, kmid, po, plse, stats, tot,
     for blk in range(j2, tl.cdiv(lim, BN), S2):
         ii = blk * BN + j
         use = ii < lim
-        x = tl.where(exact, sink + ii, _draw(ii, skey, sink, n_mid))
+        x = tl.where(exact, lo + ii, _draw(ii, skey, lo, n_mid))
         take = use[None, :] & ~_members(bits, srow, NW, x, use, rok)  # [M, BN]
         read = tl.sum((take & rok[:, None]).to(tl.int32), 0) > 0  # a key some head needs
         kk, vv = kv_rows(kb, vb, skn, svn, x.to(tl.int64), read, D)

@@ -5,7 +5,7 @@ Quest keys, weight 0) attended exactly, the rest of the middle estimated by iid 
         -> out [B, Hq, 1, D] (and keys attended per selection row, or a stats dict)
 
 The estimator is the scan chain's (kernels/scan.py, docs/guarantee.md): M draws, independent
-and uniform over the middle [sink, L - window); a drawn key that the head's selection lists
+and uniform over the middle [start + sink, L - window) (start: the row's first key); a drawn key that the head's selection lists
 counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not listed] is unbiased for a fixed M;
 M from a pilot of the first m0 draws, in denominator or output mode, the largest over the
 group's heads; when M reaches n_mid - K (K: the fewest middle keys a head's row lists), the
@@ -35,26 +35,28 @@ def sample_programs(rows: int, device, draws: int, block_n: int = 64) -> int:
     return max(1, min(16, -(-target_programs(device) // rows), -(-draws // block_n)))
 
 
-def check_sampled_inputs(q, k, v, sel: Selection, lengths, sink, window, m0):
+def check_sampled_inputs(q, k, v, sel: Selection, lengths, sink, window, m0, starts=None):
     _check(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared)
     B, Hq, T, D = q.shape
     if T != 1:
         raise VattnError(f"sampled_decode handles one query row (T=1), got T={T}")
     if min(sink, window) < 0 or m0 < 2:
         raise VattnError(f"need sink, window >= 0 and m0 >= 2, got {sink}, {window}, {m0}")
-    if lengths.shape != (B,) or lengths.dtype != torch.int32:
-        raise VattnError(f"lengths must be int32 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
+    for name, x in (("lengths", lengths), ("starts", starts)):
+        if x is not None and (x.shape != (B,) or x.dtype != torch.int32):
+            raise VattnError(f"{name} must be int32 [B={B}], got {x.dtype} {tuple(x.shape)}")
 
 
 def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, eps=0.05, delta=0.05, seed=0,
                    scale=None, var_conf=-1.0, mode="denominator", count=False, stats=False, scratch=None,
-                   pick=None, block_n=64, splits=None, pdl=None):
+                   pick=None, starts=None, block_n=64, splits=None, pdl=None):
     """See the module docstring. sel: the exact keys, weight 0 (log_weights are not read), rows
     [B, Hkv or Hq, 1, W]; its middle keys must be distinct. count=True also returns the keys
     attended per selection row, int32 [B * H] (listed + sampled; a key drawn twice counts
     twice); stats=True a dict with 'rows' f32 [B*Hkv, 5] (STAT_NAMES) and 'keys' (as count).
-    scratch: a dict of work buffers reused across calls (a plan's). pick: as sparse_decode."""
-    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0)
+    scratch: a dict of work buffers reused across calls (a plan's). pick: as sparse_decode.
+    starts (int32 [B], default 0): each row's first key (left padding); its sinks start there."""
+    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0, starts)
     mode_quantile(mode, delta)
     if stats and scratch is not None:
         raise VattnError("stats=True returns the call's own tables: do not pass scratch with it")
@@ -72,6 +74,8 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     s1 = plan_splits(srows, W, block_n, dev, splits and splits[0])
     s2 = splits[1] if splits else sample_programs(rows, dev, sample_draws(eps, delta, mode, m0), block_n)
     new = _allocator(scratch, dev)
+    if starts is None:
+        starts = _zeros({} if scratch is None else scratch, B, dev)
     nw = -(-N // 32)
     bits = new("bits", (srows, nw), torch.int32)
     kmid = new("kmid", srows, torch.int32)
@@ -79,12 +83,12 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
     plse = new("plse", (B, Hq, 1, s1 + s2), torch.float32)
     st = new("st", (rows, 8), torch.float32)
-    kt.member_kernel[(srows,)](idx, cnt, lengths, bits, kmid, tot, W, nw, H, sink, window, BW=1024, BK=1024,
+    kt.member_kernel[(srows,)](idx, cnt, starts, lengths, bits, kmid, tot, W, nw, H, sink, window, BW=1024, BK=1024,
                                CNT=int(count or stats))
     sparse_partials(q, k, v, idx, sel.log_weights.contiguous(), cnt, sel.shared, scale, po, plse, s1, block_n)
     pdl = resolve_pdl(pdl, dev)
     M0P = max(16, next_pow2(m0))
-    kt.sample_kernel[(rows, s2)](q, k, v, lengths, bits, kmid, po, plse, st, tot, q.stride(0), q.stride(1),
+    kt.sample_kernel[(rows, s2)](q, k, v, starts, lengths, bits, kmid, po, plse, st, tot, q.stride(0), q.stride(1),
                                  k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                  Hkv, nw, s1, s2, sink, window, m0, seed & 0xFFFFFFFF, scale * 1.4426950408889634,
                                  mode_quantile(mode, delta), eps * eps, var_inflation(m0, delta, var_conf),
@@ -99,17 +103,18 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
 
 
 def sampled_decode_ref(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, eps=0.05, delta=0.05, seed=0,
-                       scale=None, var_conf=-1.0, mode="denominator", total=None, exact=None):
+                       scale=None, var_conf=-1.0, mode="denominator", total=None, exact=None, starts=None):
     """Float64 twin of sampled_decode. total / exact (int / bool tensors [B*Hkv]) replace the
     sample size and exact flag it would compute. Returns (out [B, Hq, 1, D] float64, dict with
     'rows' [B*Hkv, 5] as the kernel's stats, 'keys' int32 [B*H] (as count=True), 'd_hat', 'd'
     [B, Hq] (estimated and true denominators, same shift) and 'selection': what it attended,
     per query head (a key drawn twice is listed twice))."""
-    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0)
+    check_sampled_inputs(q, k, v, sel, lengths, sink, window, m0, starts)
     B, Hq, _, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
+    starts = torch.zeros(B, dtype=torch.int32) if starts is None else starts.cpu()
     zz, infl = mode_quantile(mode, delta), var_inflation(m0, delta, var_conf)
     lengths = lengths.cpu()
     idx, cnt = sel.indices.cpu().long(), sel.count.cpu().long()
@@ -121,20 +126,23 @@ def sampled_decode_ref(q, k, v, sel: Selection, lengths, *, sink, window, m0=128
     n = torch.arange(N)
     for row in range(B * Hkv):
         b, h = divmod(row, Hkv)
-        L = int(lengths[b])
-        hi = L - window
+        L, s0 = int(lengths[b]), int(starts[b])
+        lo, hi = s0 + sink, L - window
+        if L <= s0:  # no keys: zeros, as attend gives
+            picked.extend([(torch.zeros(0).long(), torch.zeros(0))] * G)
+            continue
         srows = [h] * G if sel.shared else [h * G + g for g in range(G)]
         fixed = torch.zeros((G, N), dtype=torch.bool)
         for g, s in enumerate(srows):
             fixed[g, idx[b, s, 0, :cnt[b, s, 0]]] = True
-        fixed &= n < L
-        taken = fixed & (n >= sink) & (n < hi)
+        fixed &= (n < L) & (n >= s0)
+        taken = fixed & (n >= lo) & (n < hi)
         kr = int(taken.sum(1).min())
         skey, _ = _row_keys(seed, row, L)
         qq = q[b, h * G:(h + 1) * G, 0].double().cpu()
-        logit = qq @ k[b, h].double().cpu().T * scale
-        e = torch.exp(logit - logit[:, :L].amax(1, keepdim=True))
-        est = estimate_row_ref(e, v[b, h].double().cpu(), L, sink, hi, fixed, taken, kr, skey, m0, zz, eps, infl,
+        logit = (qq @ k[b, h].double().cpu().T * scale).masked_fill(n < s0, float("-inf"))
+        e = torch.exp(logit - logit[:, s0:L].amax(1, keepdim=True))  # 0 before the row's start
+        est = estimate_row_ref(e, v[b, h].double().cpu(), L, lo, hi, fixed, taken, kr, skey, m0, zz, eps, infl,
                                mode, None if total is None else int(total[row]),
                                None if exact is None else bool(exact[row]))
         out[b, h * G:(h + 1) * G, 0] = est["out"]
@@ -154,3 +162,11 @@ def sampled_density(keys: torch.Tensor, lengths: torch.Tensor, heads: int) -> fl
 
 
 __all__ = ["sampled_decode", "sampled_decode_ref", "sampled_density", "STAT_NAMES"]
+
+
+def _zeros(scratch, n, dev):
+    """int32 zeros [n] kept in scratch (written once, outside any captured graph's replays)."""
+    key = ("zeros", (n,), torch.int32, str(dev))
+    if key not in scratch:
+        scratch[key] = torch.zeros(n, dtype=torch.int32, device=dev)
+    return scratch[key]

@@ -326,22 +326,22 @@ def _output_b0_ref(xp, vp, num, dh, n_mid, m, zq, eps, infl):
     return zq * n_mid ** 2 * trs / (eps ** 2 * dh ** 2 * olow ** 2)
 
 
-def estimate_row_ref(e, vv, L, sink, hi, fixed, taken, kr, skey, m0, zz, eps, infl, mode, total=None, exact=None):
+def estimate_row_ref(e, vv, L, lo, hi, fixed, taken, kr, skey, m0, zz, eps, infl, mode, total=None, exact=None):
     """One KV row of the iid verified estimate, float64 (the twins of kernels/scan.py and
     kernels/sampled.py): e [G, N] exp-scores on one shift, vv [N, D] values, fixed / taken
-    [G, N] bool per head (keys attended exactly / those of them in the middle [sink, hi)), kr
+    [G, N] bool per head (keys attended exactly / those of them in the middle [lo, hi)), kr
     the row's top-k count (the exact fallback's limit), skey the row's sample key. total /
     exact replace the sample size and exact flag. Returns dict: out [G, D], den [G], stats
     (pilot, total, n_mid, need, exact), picked (per head: positions, log weights), sampled
     (per head: sample keys attended, a key drawn twice counted twice)."""
     G, N = e.shape
     n = torch.arange(N)
-    n_mid = max(hi - sink, 0)
-    mid = (n >= sink) & (n < hi)
+    n_mid = max(hi - lo, 0)
+    mid = (n >= lo) & (n < hi)
     ef = e * fixed
     dfix, num = ef.sum(1), ef @ vv
     i = torch.arange(m0 if n_mid > 0 else 0)
-    x = sink + ((_mix_ref(i, skey) * n_mid) >> 32)
+    x = lo + ((_mix_ref(i, skey) * n_mid) >> 32)
     xp = e[:, x] * ~taken[:, x]  # [G, m]: a drawn exact key counts as 0
     m = len(i)
     mean = xp.sum(1) / max(m, 1)
@@ -361,7 +361,7 @@ def estimate_row_ref(e, vv, L, sink, hi, fixed, taken, kr, skey, m0, zz, eps, in
         idx = n[mid & (n < L)]
         w = (~taken[:, idx]).double()
     else:
-        idx = sink + ((_mix_ref(torch.arange(tot_m), skey) * n_mid) >> 32) if tot_m else torch.zeros(0).long()
+        idx = lo + ((_mix_ref(torch.arange(tot_m), skey) * n_mid) >> 32) if tot_m else torch.zeros(0).long()
         w = (~taken[:, idx]).double() * (n_mid / max(tot_m, 1))
     es = e[:, idx] * w
     den = dfix + es.sum(1)
