@@ -5,8 +5,8 @@ Quest keys, weight 0) attended exactly, the rest of the middle estimated by iid 
         -> out [B, Hq, 1, D] (and keys attended per selection row, or a stats dict)
 
 The estimator is the scan chain's (kernels/scan.py, docs/guarantee.md): M draws, independent
-and uniform over the middle [start + sink, L - window) (start: the row's first key); a drawn key that the head's selection lists
-counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not listed] is unbiased for a fixed M;
+and uniform over the middle [start + sink, L - window) (start: the row's first key); a drawn
+key that the head's selection lists counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not listed] is unbiased for a fixed M;
 M from a pilot of the first m0 draws, in denominator or output mode, the largest over the
 group's heads; when M reaches n_mid - K (K: the fewest middle keys a head's row lists), the
 unlisted middle is attended exactly instead. Only the front differs: the selection is given
