@@ -216,7 +216,8 @@ class NoSync(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(0.05)+window(4)+quest(12,page=4)",
-                                  "sink(3)+window(4)+quest(20,page=4,dense_layers=1)", "sink(4)+window(0.1)"])
+                                  "sink(3)+window(4)+quest(20,page=4,dense_layers=1)", "sink(4)+window(0.1)",
+                                  "sink(2)+window(3)+quest(12,page=4)+verified(eps=0.3,draws='iid',min_pilot=8)"])
 def test_paths_never_wait_for_the_device(spec, torch_kernel, monkeypatch):
     """append and run of the graphable paths: no .item()/.tolist()/bool() of a tensor, no
     nonzero or boolean-mask indexing (what a CUDA graph cannot capture)."""

@@ -100,49 +100,35 @@ def test_cli_verify_bad_scan_combination_fails_before_measuring(monkeypatch):
     assert r.exit_code == 2 and "hashtopk(k, cut='sample')" in r.output, r.output
 
 
-@pytest.mark.skipif(os.environ.get("VATTN_SLOW") != "1" and not torch.cuda.is_available(),
-                    reason="the kernels in the Triton interpreter take ~10 s: VATTN_SLOW=1 (always run on CUDA)")
-def test_scan_kernel_measure_equals_the_twin():
+SLOW_SCAN = pytest.mark.skipif(os.environ.get("VATTN_SLOW") != "1" and not torch.cuda.is_available(),
+                               reason="the scan kernels in the Triton interpreter take ~10 s: VATTN_SLOW=1 (always "
+                                      "run on CUDA)")
+IID = [pytest.param("sink(8)+window(16)+hashtopk(0.05,bits=32,cut='sample')+verified(eps=0.2,delta=0.2,draws='iid',"
+                    "mode='denominator',min_pilot=32)", "scan-kernel", 0.0, marks=SLOW_SCAN),
+       ("sink(8)+window(16)+topk(0.05)+verified(eps=0.3,delta=0.2,draws='iid',mode='denominator',min_pilot=16)",
+        "sampled-kernel", 1.0)]
+
+
+@pytest.mark.parametrize("spec,path,shift", IID)
+def test_iid_kernel_measure_equals_the_twin(spec, path, shift):
     """On CUDA (or in the interpreter) measure runs the kernels row by row and takes the
-    denominators from the twin replaying the kernels' cuts: the same numbers as the twin's
-    own plan, and the kernels' outputs next to the twin's."""
+    denominators from the twin replaying the kernels' choices (cuts, sample sizes, the front):
+    the same numbers as the twin's own plan, and the kernels' outputs next to the twin's."""
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 2, 64, generator=g), torch.randn(2, 2, 640, 64, generator=g), \
-        torch.randn(2, 2, 640, 64, generator=g)
+        torch.randn(2, 2, 640, 64, generator=g) + shift
     inp = Inputs("x", q, k, v, 0.125, torch.tensor([640, 500]), None, 3)
-    spec = ("sink(8)+window(16)+hashtopk(0.05,bits=32,cut='sample')"
-            "+verified(eps=0.2,delta=0.2,draws='iid',mode='denominator',min_pilot=32)")
-    assert compile_plan(spec, dev, fused=True).path == "scan-kernel"
+    assert compile_plan(spec, dev, fused=True).path == path
     a = measure(inp, spec, "denominator", fused=True, device=dev)
     b = measure(inp, spec, "denominator", fused=False)
     assert a["kernel_vs_twin"] < 1e-4
     assert a["errors"].shape == b["errors"].shape == (16,)
-    # in the interpreter the kernels' cuts are the twin's; on a GPU float32 rounding may move a
+    # in the interpreter the kernels' choices are the twin's; on a GPU float32 rounding may move a
     # tie cut or the sample size by a unit (tests/test_kernels_scan.py), so a row may differ a little
-    tol = 1e-4 if dev == "cpu" else 0.05
-    assert torch.allclose(a["errors"].cpu(), b["errors"], atol=tol)
-    assert a["density"] == pytest.approx(b["density"], rel=tol)
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="needs CUDA or TRITON_INTERPRET=1")
-def test_sampled_kernel_measure_equals_the_twin():
-    """The exact-front chain: measure replays the sampled kernels' choices with their twin, and
-    matches the reference path (the twin's own plan) row for row."""
-    pytest.importorskip("triton")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 4, 2, 32, generator=g), torch.randn(2, 2, 800, 32, generator=g), \
-        torch.randn(2, 2, 800, 32, generator=g) + 1.0
-    inp = Inputs("x", q, k, v, 32 ** -0.5, torch.tensor([800, 600]), None, 2)
-    spec = "sink(8)+window(16)+topk(0.05)+verified(eps=0.3,delta=0.2,draws='iid',mode='denominator',min_pilot=16)"
-    assert compile_plan(spec, dev, fused=True).path == "sampled-kernel"
-    a = measure(inp, spec, "denominator", fused=True, device=dev)
-    b = measure(inp, spec, "denominator", fused=False)
-    assert a["kernel_vs_twin"] < 1e-4
-    assert a["errors"].shape == b["errors"].shape == (16,)
     tol = 1e-4 if dev == "cpu" else 0.05
     assert torch.allclose(a["errors"].cpu(), b["errors"], atol=tol)
     assert a["density"] == pytest.approx(b["density"], rel=tol) and a["density"] < 1

@@ -115,27 +115,8 @@ class StepContext:
 
 
 @dataclass
-class ScanRecipe:
-    """The scan kernels' arguments, read from the spec (spec.SCAN_FORM)."""
-    sink: int
-    window: int
-    topk: int | float
-    bits: int
-    proj_seed: int
-    m0: int
-    eps: float
-    delta: float
-    var_conf: float
-    mode: str
-
-    def kwargs(self) -> dict:
-        return dict(sink=self.sink, window=self.window, topk=self.topk, m0=self.m0, eps=self.eps,
-                    delta=self.delta, var_conf=self.var_conf, mode=self.mode)
-
-
-@dataclass
 class SampledRecipe:
-    """kernels/sampled.py's arguments, read from the spec's verified(draws='iid') and front."""
+    """The iid draws' arguments (kernels/sampled.py), read from verified(draws='iid') and the front."""
     sink: int
     window: int
     m0: int
@@ -147,6 +128,17 @@ class SampledRecipe:
     def kwargs(self) -> dict:
         return dict(sink=self.sink, window=self.window, m0=self.m0, eps=self.eps, delta=self.delta,
                     var_conf=self.var_conf, mode=self.mode)
+
+
+@dataclass
+class ScanRecipe(SampledRecipe):
+    """The scan kernels' arguments (spec.SCAN_FORM): the draws' and the signature cut's."""
+    topk: int | float = 0
+    bits: int = 32
+    proj_seed: int = 0
+
+    def kwargs(self) -> dict:
+        return super().kwargs() | dict(topk=self.topk)
 
 
 class Plan:
