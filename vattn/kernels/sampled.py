@@ -22,17 +22,17 @@ from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, merge_partials, next_pow2, resolve_pdl, target_programs,
                                    use_ieee)
 from vattn.kernels.scan import (_allocator, _row_keys, estimate_row_ref, mode_quantile, picked_selection,
-                                sample_draws, var_inflation)
+                                var_inflation)
 from vattn.kernels.sparse import _check, plan_splits, sparse_partials
 from vattn.selection import Selection
 
 STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact")
 
 
-def sample_programs(rows: int, device, draws: int, block_n: int = 64) -> int:
-    """Sample programs per KV row: about two per SM in all, at most 16 and no more than the
-    expected draws (scan.sample_draws) fill blocks of block_n."""
-    return max(1, min(16, -(-target_programs(device) // rows), -(-draws // block_n)))
+def sample_programs(rows: int, device) -> int:
+    """Sample programs per KV row: about two per SM in all, at most 16. Not fewer when few draws
+    are expected: a row whose bound no sample meets attends its whole middle in this launch."""
+    return max(1, min(16, -(-target_programs(device) // rows)))
 
 
 def check_sampled_inputs(q, k, v, sel: Selection, lengths, sink, window, m0, starts=None):
@@ -72,7 +72,7 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     idx, cnt = sel.indices.contiguous(), sel.count.contiguous()
     rows, srows, dev = B * Hkv, B * H, q.device
     s1 = plan_splits(srows, W, block_n, dev, splits and splits[0])
-    s2 = splits[1] if splits else sample_programs(rows, dev, sample_draws(eps, delta, mode, m0), block_n)
+    s2 = splits[1] if splits else sample_programs(rows, dev)
     new = _allocator(scratch, dev)
     if starts is None:
         starts = _zeros({} if scratch is None else scratch, B, dev)
