@@ -189,3 +189,11 @@ def test_left_padded_rows_run_exact_equal_dense_over_their_keys():
     want = dense_attend(q, k, v, lengths=ends[:, 0], starts=starts, scale=32 ** -0.5)
     assert rel(out, want) < 1e-5
     assert torch.equal(sel.count.view(2, -1).cpu(), (ends - starts[:, None]).cpu().expand(2, 4).int())
+
+
+def test_sample_programs_fill_the_gpu_whatever_the_draws(monkeypatch):
+    """Rows that run exact attend their whole middle in the sample launch: its programs per KV
+    row follow the GPU's room (capped at 16), not the expected draws."""
+    import vattn.kernels.sampled as sm
+    monkeypatch.setattr(sm, "target_programs", lambda dev: 264)
+    assert [sm.sample_programs(r, "cuda") for r in (8, 32, 128, 1024)] == [16, 9, 3, 1]
