@@ -136,8 +136,9 @@ def verify(
     base: str = typer.Option(None, help="Parts before verified(...) (default: sink(16)+window(16)+topk(0.02); "
                              "with --draws iid sink(16)+window(64)+hashtopk(0.05,bits=128,cut='sample'))."),
     share: str = typer.Option("none", help="none, or kv: one sample per KV head (--draws residual; iid: always kv)."),
-    draws: str = typer.Option("residual", help="residual: verified(...) after any base; iid: the scan algorithm "
-                              "(base ending in hashtopk(..., cut='sample'), either mode; the kernels on CUDA)."),
+    draws: str = typer.Option("residual", help="residual: verified(...) after any base; iid: independent draws "
+                              "behind hashtopk(..., cut='sample') (the scan) or an exact front "
+                              "([sink(n)+][window(n)+][topk | quest]); either mode; the kernels on CUDA."),
     device: str = typer.Option("cpu", help="Where to measure: cpu, or cuda (fused kernels where the spec has them)."),
     pairs: bool = typer.Option(True, help="Pair eps[i] with delta[i] (else the full grid)."),
     rows: int = typer.Option(256, help="Synthetic rows per family."),
