@@ -96,7 +96,8 @@ def test_batched_decode_equals_alone(spec):
                                   "quest(0.25, page=4)",
                                   "sink(2)+window(4)+hashtopk(0.1,bits=128,cut='sample')"
                                   "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=8)",
-                                  "sink(2)+window(4)+quest(0.2,page=4)+verified(eps=0.3,delta=0.3,draws='iid',min_pilot=8,mode='denominator')"])
+                                  "sink(2)+window(4)+quest(0.2,page=4)"
+                                  "+verified(eps=0.3,delta=0.3,draws='iid',min_pilot=8,mode='denominator')"])
 def test_sparse_equals_hf_patch(spec):
     """Prefill dense, decode with the spec: the engine's logits are the HF-patch path's
     (uniform(...) samples: the same seeded draws, per sequence, in the same order)."""

@@ -31,7 +31,8 @@ def inputs(seed, B=2, Hq=4, Hkv=2, D=32, N=1500, dtype=torch.float32, peak=0.0, 
     q, k, v = (torch.randn(*s, generator=g) for s in ((B, Hq, 1, D), (B, Hkv, N, D), (B, Hkv, N, D)))
     if peak:
         hot = torch.randint(SINK, N // 2, (B, Hkv, 8), generator=g)
-        k.scatter_add_(2, hot[..., None].expand(B, Hkv, 8, D), peak * q.view(B, Hkv, -1, D)[:, :, :1].expand(B, Hkv, 8, D))
+        lead = q.view(B, Hkv, -1, D)[:, :, :1].expand(B, Hkv, 8, D)  # each group's first query head
+        k.scatter_add_(2, hot[..., None].expand(B, Hkv, 8, D), peak * lead)
     return (x.to(dtype).to(DEV) for x in (q, k, v + shift))
 
 

@@ -154,7 +154,8 @@ def test_scan_chain_is_one_form():
     assert compile("vattention-scan", "cpu").recipe.topk == 0.05
     assert compile("hashtopk(0.1,cut='sample')+verified(draws='iid')", "cpu").recipe.mode == "output"  # the default
     p = compile("sink(8)+window(16)+quest(0.1)+verified(eps=0.1,draws='iid')", "cpu")
-    assert (p.path, p.recipe, p.sampled.sink, p.sampled.window, p.sampled.eps) == ("sampled-reference", None, 8, 16, 0.1)
+    got = (p.path, p.recipe, p.sampled.sink, p.sampled.window, p.sampled.eps)
+    assert got == ("sampled-reference", None, 8, 16, 0.1)
     assert [x.name for x in p.front.parts] == ["sink", "window", "quest"]
 
 

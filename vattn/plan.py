@@ -273,9 +273,10 @@ class Plan:
             srow = sel.row(r)
             lengths = ctx.ends[:, r].to(torch.int32) if t > 1 else ctx.lengths()
             if kernel:
-                o, got = sampled_decode(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale, starts=starts,
-                                        count=not self.keep_stats, stats=self.keep_stats, scratch=None if
-                                        self.keep_stats else self._scratch, pick=ctx.pick if t == 1 else None, **kw)
+                scratch = None if self.keep_stats else self._scratch
+                o, got = sampled_decode(q[:, :, r:r + 1], k, v, srow, lengths, seed=seed, scale=ctx.scale,
+                                        starts=starts, count=not self.keep_stats, stats=self.keep_stats,
+                                        scratch=scratch, pick=ctx.pick if t == 1 else None, **kw)
                 if self.keep_stats:
                     self.stats, got = got, got["keys"]
                 sels.append(Selection.counted(got.view(b, srow.indices.shape[1], 1), shared=srow.shared))

@@ -221,8 +221,9 @@ def _check_scan_chain(parts) -> None:
                          f"{SCAN_FORM}, or {SAMPLED_FORM}; got {'+'.join(names)}")
     counts = [p for p in parts if p.name in ("sink", "window")]
     if not all(isinstance(p.n, int) for p in counts):
+        got = "+".join(f"{p.name}({p.n})" for p in counts)
         raise VattnError(f"verified(draws='iid') draws from the keys between the sinks and the window: give sink "
-                         f"and window as key counts (e.g. sink(16)+window(64)), got {'+'.join(f'{p.name}({p.n})' for p in counts)}")
+                         f"and window as key counts (e.g. sink(16)+window(64)), got {got}")
 
 
 @dataclass

@@ -6,10 +6,10 @@ Quest keys, weight 0) attended exactly, the rest of the middle estimated by iid 
 
 The estimator is the scan chain's (kernels/scan.py, docs/guarantee.md): M draws, independent
 and uniform over the middle [start + sink, L - window) (start: the row's first key); a drawn
-key that the head's selection lists counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i) [i not listed] is unbiased for a fixed M;
-M from a pilot of the first m0 draws, in denominator or output mode, the largest over the
-group's heads; when M reaches n_mid - K (K: the fewest middle keys a head's row lists), the
-unlisted middle is attended exactly instead. Only the front differs: the selection is given
+key that the head's selection lists counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i)
+[i not listed] is unbiased for a fixed M; M from a pilot of the first m0 draws, in denominator
+or output mode, the largest over the group's heads; when M reaches n_mid - K (K: the fewest
+middle keys a head's row lists), the unlisted middle is attended exactly instead. Only the front differs: the selection is given
 (exact top-k or Quest pages, per query head or per KV head), not cut from signatures.
 Launches: member bits (a bit per listed middle key), the sparse kernel's split (the exact
 part's partials), sample, merge. `sampled_decode_ref` is the float64 twin.
