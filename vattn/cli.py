@@ -185,8 +185,8 @@ def verify(
                   f"{r['coverage']:.3f}", f"{r['target']:.2f}", ok, f"{r['mean_error']:.4f}", str(r["rows"]))
     console.print(t)
     gaps = [r["kernel_vs_twin"] for r in table if "kernel_vs_twin" in r]
-    if gaps:  # the scan kernels ran: their outputs next to the float64 twin replaying their choices
-        console.print(f"scan kernels vs their float64 twin on the kernels' own cuts: max relative error "
+    if gaps:  # the fused iid kernels ran: their outputs next to the float64 twin replaying their choices
+        console.print(f"fused kernels vs their float64 twin on the kernels' own choices: max relative error "
                       f"{max(gaps):.2e}")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
