@@ -65,6 +65,18 @@ for name, fn, s, c in (("cut_kernel", kt.cut_kernel, sig(cut_names, cut_types),
                         common | dict(BN=BN, M0P=128, SP=64, PRE=int(nw == 8), OUT=1, CNT=1))):
     report(name, fn, s, c)
 
+# the sampled chain (vattn/kernels/_sampled_triton.py)
+from vattn.kernels import _sampled_triton as st
+mem_names = "idx cnt starts lens bits kmid tot K NW H sink window".split()
+sam_names = ("q k v starts lens bits kmid po plse stats tot sqb sqh skb skh skn svb svh svn H NW S1 S2 sink window "
+             "m0 seed scale_log2 zz eps2 infl").split()
+sam_types = ["*bf16"] * 3 + [P] * 4 + ["*fp32"] * 3 + [P] + [I] * 16 + [F] * 4
+for name, fn, s, c in (("member_kernel", st.member_kernel, sig(mem_names, [P] * 7 + [I] * 5), dict(BW=1024, BK=1024, CNT=1)),
+                       *((f"sampled sample_kernel (OUT={o})", st.sample_kernel, sig(sam_names, sam_types),
+                          dict(R=4, M=16, RS=4, D=128, BN=BN, M0P=128, SP=16, IEEE=False, PDL=common["PDL"], OUT=o,
+                               CNT=1)) for o in (0, 1))):
+    report(name, fn, s, c)
+
 # the engine's layer ops (vattn/kernels/layer_ops.py) at Llama-3-8B shapes, bf16
 from vattn.kernels import layer_ops as lo
 add_rms, qkv_rope, glu = lo._kernels()

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from vattn.kernels._online import dot_qk, kv_rows, online_init, online_step, pdl_wait
 from vattn.kernels._scan_triton import (_draw, _pilot_stats, _row_pre, _write_partial, budget_total, denominator_b0,
-                                        output_b0)
+                                        output_b0, store_stats)
 
 
 @triton.jit
@@ -86,14 +86,8 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
         b0 = denominator_b0(ps, pm, pv, plse, row, S, S1, n_mid, zz, eps2, infl, R, M, SP)
     K = tl.min(tl.where(rok, tl.load(kmid + srow, mask=rok, other=0), 2147483647), 0)  # the fewest listed
     total, exact, need = budget_total(b0, n_mid, K, m, R, M)
-    if j2 == 0:
-        f = tl.arange(0, 8)
-        vals = tl.where(f == 0, m.to(tl.float32), 0.0)
-        vals = tl.where(f == 1, total.to(tl.float32), vals)
-        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
-        vals = tl.where(f == 3, need, vals)
-        vals = tl.where(f == 4, exact.to(tl.float32), vals)
-        tl.store(stats + row * 8 + f, vals)
+    if j2 == 0:  # (no cut: tau and thu 0)
+        store_stats(stats, row, m, total, n_mid, need, exact, 0, 0)
     lim = tl.where(exact, n_mid, total)
     m_i, l_i, acc = online_init(M, D)
     got = tl.zeros([M], tl.int32)

@@ -373,6 +373,20 @@ def budget_total(b0, n_mid, K, m, R: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
+def store_stats(stats, row, m, total, n_mid, need, exact, t, tu):
+    """stats[row, :7] = (pilot, total, n_mid, need, exact, tau, thu) as float32 (scan.STAT_NAMES)."""
+    f = tl.arange(0, 8)
+    vals = tl.where(f == 0, m.to(tl.float32), 0.0)
+    vals = tl.where(f == 1, total.to(tl.float32), vals)
+    vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
+    vals = tl.where(f == 3, need, vals)
+    vals = tl.where(f == 4, exact.to(tl.float32), vals)
+    vals = tl.where(f == 5, t * 1.0, vals)  # (t, tu may be the constant 0)
+    vals = tl.where(f == 6, tu * 1.0, vals)
+    tl.store(stats + row * 8 + f, vals)
+
+
+@triton.jit
 def _draw_tile(qv, x, w, ok, kb, vb, skn, svn, t, tu, tkey, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                RWP: tl.constexpr, HW: tl.constexpr, SH: tl.constexpr, NH: tl.constexpr, D: tl.constexpr):
     """(use, keys, values) of draws x (signature words w): used where ok and not a top-k key."""
@@ -399,15 +413,7 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
                                  vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
     _stamp(tr, 2, total, TR)
     if j2 == 0:
-        f = tl.arange(0, 8)
-        vals = tl.where(f == 0, tl.where(n_mid > 0, m0, 0).to(tl.float32), 0.0)
-        vals = tl.where(f == 1, total.to(tl.float32), vals)
-        vals = tl.where(f == 2, n_mid.to(tl.float32), vals)
-        vals = tl.where(f == 3, need, vals)
-        vals = tl.where(f == 4, exact.to(tl.float32), vals)
-        vals = tl.where(f == 5, t.to(tl.float32), vals)
-        vals = tl.where(f == 6, tu.to(tl.float32), vals)
-        tl.store(stats + row * 8 + f, vals)
+        store_stats(stats, row, tl.where(n_mid > 0, m0, 0), total, n_mid, need, exact, t, tu)
     pre = (PRE != 0) & ~exact & (j2 * BN + BN <= total)
     m_i = tl.where(pre, m_i, float("-inf"))
     l_i = tl.where(pre, l_i, 0.0)

@@ -9,8 +9,9 @@ and uniform over the middle [start + sink, L - window) (start: the row's first k
 key that the head's selection lists counts 0, so D_hat = D_F + (n_mid / M) sum_i exp(s_i)
 [i not listed] is unbiased for a fixed M; M from a pilot of the first m0 draws, in denominator
 or output mode, the largest over the group's heads; when M reaches n_mid - K (K: the fewest
-middle keys a head's row lists), the unlisted middle is attended exactly instead. Only the front differs: the selection is given
-(exact top-k or Quest pages, per query head or per KV head), not cut from signatures.
+middle keys a head's row lists), the unlisted middle is attended exactly instead. Only the
+front differs: the selection is given (exact top-k or Quest pages, per query head or per KV
+head), not cut from signatures.
 Launches: member bits (a bit per listed middle key), the sparse kernel's split (the exact
 part's partials), sample, merge. `sampled_decode_ref` is the float64 twin.
 """
@@ -21,12 +22,13 @@ import torch
 from vattn.errors import VattnError
 from vattn.kernels._common import (check_runnable, merge_partials, next_pow2, resolve_pdl, target_programs,
                                    use_ieee)
+from vattn.kernels.scan import STAT_NAMES as SCAN_STATS
 from vattn.kernels.scan import (_allocator, _row_keys, estimate_row_ref, mode_quantile, picked_selection,
                                 var_inflation)
 from vattn.kernels.sparse import _check, plan_splits, sparse_partials
 from vattn.selection import Selection
 
-STAT_NAMES = ("pilot", "total", "n_mid", "need", "exact")
+STAT_NAMES = SCAN_STATS[:5]  # the scan's, without its cut
 
 
 def sample_programs(rows: int, device) -> int:
@@ -75,7 +77,7 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     s2 = splits[1] if splits else sample_programs(rows, dev)
     new = _allocator(scratch, dev)
     if starts is None:
-        starts = _zeros({} if scratch is None else scratch, B, dev)
+        starts = torch.zeros(B, dtype=torch.int32, device=dev)
     nw = -(-N // 32)
     bits = new("bits", (srows, nw), torch.int32)
     kmid = new("kmid", srows, torch.int32)
@@ -155,18 +157,5 @@ def sampled_decode_ref(q, k, v, sel: Selection, lengths, *, sink, window, m0=128
                                   selection=picked_selection(picked, B, Hq, q.device, shared=False))
 
 
-def sampled_density(keys: torch.Tensor, lengths: torch.Tensor, heads: int) -> float:
-    """Mean over selection rows of keys attended / length."""
-    L = lengths.float().repeat_interleave(heads).to(keys.device)
-    return (keys.float() / L).mean().item()
+__all__ = ["sampled_decode", "sampled_decode_ref", "STAT_NAMES"]
 
-
-__all__ = ["sampled_decode", "sampled_decode_ref", "sampled_density", "STAT_NAMES"]
-
-
-def _zeros(scratch, n, dev):
-    """int32 zeros [n] kept in scratch (written once, outside any captured graph's replays)."""
-    key = ("zeros", (n,), torch.int32, str(dev))
-    if key not in scratch:
-        scratch[key] = torch.zeros(n, dtype=torch.int32, device=dev)
-    return scratch[key]
