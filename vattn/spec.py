@@ -195,7 +195,7 @@ def check_parts(parts) -> None:
         else:
             fix = f"a spec has at most one sampling part and it comes last: move {later.name} before {p.name}"
         raise VattnError(f"{why}; {fix}")
-    _check_scan_chain(parts)
+    _check_iid_chain(parts)
 
 
 POSITION_FRONTS = (["sink"], ["window"], ["sink", "window"])  # parts that choose by position alone
@@ -205,10 +205,10 @@ SAMPLED_FORM = ("[sink(count)+][window(count)+][topk(k) | quest(budget, ..)]+"
                 "verified(eps=..., delta=..., draws='iid'[, mode=..])")
 
 
-def _check_scan_chain(parts) -> None:
+def _check_iid_chain(parts) -> None:
     """The iid draws are one algorithm with their front: behind the scan's signature cut
     (hashtopk(cut='sample'): the scan kernels) or behind keys chosen exactly (sink, window, topk,
-    quest: kernels/sampled.py). The middle they draw from is [sink, L - window): counts only."""
+    quest: kernels/sampled.py). The middle they draw from is [start + sink, L - window): counts."""
     if not any(getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid" for p in parts):
         return
     names = [p.name for p in parts]

@@ -179,8 +179,7 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
     from vattn.plan import compile as compile_plan
     spec = scan_spec(sp)
     plan = compile_plan(spec, "cuda", fused=True)
-    starts = torch.zeros(lengths.shape[0], dtype=torch.long, device="cuda")
-    ctx = plan.context(starts, lengths.long()[:, None], sets[0][0].shape[-1] ** -0.5, zero_starts=True)
+    ctx = step_context(lengths, sets[0][0].shape[-1])
     for i, s in enumerate(sets):  # set i plays layer i: its own signatures, signed at cache-fill time
         plan.append(i, s[1], s[2], ctx)
     row["scan_spec"] = spec
@@ -232,34 +231,38 @@ def front_specs(sp) -> dict:
             "quest_verified": f"{front}+quest({sp['topk']},page=16)+{ver}"}
 
 
-def exact_fronts(row, sets, lengths, sp):
-    """row[f"{name}_us"] / row[f"{name}_density"] / row[f"{name}_path"] of front_specs' plans."""
+def step_context(lengths, d: int):
+    """A decode step's context for rows of `lengths` keys from key 0 (every plan here shares it)."""
+    from vattn.plan import Plan
+    starts = torch.zeros(lengths.shape[0], dtype=torch.long, device=lengths.device)
+    return Plan.context(starts, lengths.long()[:, None], d ** -0.5, zero_starts=True)
+
+
+def time_plan(row, name, spec, sets, ctx):
+    """row[name_us], row[name_density], row[name_path]: the fused plan of `spec` on (q, k, v)
+    sets, set i playing layer i (a fresh plan: its state is built from these keys)."""
     from vattn.metrics import density
     from vattn.plan import compile as compile_plan
-    starts = torch.zeros(lengths.shape[0], dtype=torch.long, device="cuda")
-    ctx = compile_plan("dense", "cuda").context(starts, lengths.long()[:, None], sets[0][0].shape[-1] ** -0.5,
-                                                zero_starts=True)
+    plan = compile_plan(spec, "cuda", fused=True)
+    for i, s in enumerate(sets):
+        plan.append(i, s[1], s[2], ctx)
+    row[f"{name}_us"] = graph_us([lambda s=s, i=i: plan.run(i, *s[:3], ctx) for i, s in enumerate(sets)])
+    row[f"{name}_density"] = density(plan.run(0, *sets[0][:3], ctx)[1], ctx.starts, ctx.ends, sets[0][0].shape[1])
+    row[f"{name}_path"] = plan.path
+
+
+def exact_fronts(row, sets, lengths, sp):
+    """row[f"{name}_us"] / row[f"{name}_density"] / row[f"{name}_path"] of front_specs' plans."""
+    ctx = step_context(lengths, sets[0][0].shape[-1])
     for name, spec in front_specs(sp).items():
-        plan = compile_plan(spec, "cuda", fused=True)
-        for i, s in enumerate(sets):
-            plan.append(i, s[1], s[2], ctx)
-        row[f"{name}_us"] = graph_us([lambda s=s, i=i: plan.run(i, *s[:3], ctx) for i, s in enumerate(sets)])
-        row[f"{name}_density"] = density(plan.run(0, *sets[0][:3], ctx)[1], starts, ctx.ends, sets[0][0].shape[1])
-        row[f"{name}_path"] = plan.path
+        time_plan(row, name, spec, sets, ctx)
 
 
 def both_modes(row, name, sets, sp, ctx, modes=("denominator", "output")):
     """The scan spec's plan in each of `modes` on (q, k, v) sets: row[name_mode_us],
-    row[name_mode_density] (fresh plans: each signs these keys)."""
-    from vattn.metrics import density
-    from vattn.plan import compile as compile_plan
+    row[name_mode_density]."""
     for mode in modes:
-        plan = compile_plan(scan_spec(sp, mode), "cuda", fused=True)
-        for i, s in enumerate(sets):
-            plan.append(i, s[1], s[2], ctx)
-        row[f"{name}_{mode}_us"] = graph_us([lambda s=s, i=i: plan.run(i, *s[:3], ctx) for i, s in enumerate(sets)])
-        row[f"{name}_{mode}_density"] = density(plan.run(0, *sets[0][:3], ctx)[1], ctx.starts, ctx.ends,
-                                                sets[0][0].shape[1])
+        time_plan(row, f"{name}_{mode}", scan_spec(sp, mode), sets, ctx)
 
 
 def peaked_sets(B, hkv, N, copies, dtype, g, device="cuda"):
