@@ -92,16 +92,40 @@ def hard_rows(n=300, seed=0):
     return s
 
 
-@pytest.mark.parametrize("splits,kmax", [(1, 64), (4, 64), (3, 300)])
-def test_select_is_the_stable_sort(splits, kmax):
+@pytest.mark.parametrize("splits,kmax,block", [(1, 64, 64), (4, 64, 64), (3, 300, 64), (37, 64, 8)])
+def test_select_is_the_stable_sort(splits, kmax, block):
     """The kernel's set is a stable descending sort's first k: ties to the lowest positions,
-    -inf/NaN never, k = 0, k beyond the finite entries, k beyond kmax (clamped)."""
+    -inf/NaN never, k = 0, k beyond the finite entries, k beyond kmax (clamped); 19 programs a
+    row: more than one RESOLVE_TILE of histograms."""
     s = hard_rows()
     k = torch.tensor([[0, 7], [40, 400]])
-    idx, cnt = select_top(s.to(DEV), k.to(DEV), kmax, splits=splits, block=64)
+    idx, cnt = select_top(s.to(DEV), k.to(DEV), kmax, splits=splits, block=block)
     want_idx, want_cnt = select_top_ref(s, k, kmax)
     assert torch.equal(cnt.cpu(), want_cnt) and torch.equal(idx.cpu(), want_idx)
     assert want_cnt[1, 3, 1] == 5 and want_cnt[1, 0, 1] == 0  # 5 finite (ties), all -inf
+
+
+@pytest.mark.parametrize("z,cw", [(4.0, None), (-3.0, None), (4.0, 40)])
+def test_candidate_lists_keep_the_same_keys(monkeypatch, z, cw):
+    """Rows select from their candidate lists (entries at or above a floor drawn from a
+    stratified sample) where a list holds them, else from the whole row: the same keys as the
+    stable sort either way. z = -3 puts floors above the k-th entry, a width of 40 overflows
+    lists: both make rows fall back (and leave others their lists)."""
+    s = hard_rows(n=4096)
+    k = torch.tensor([[0, 7], [150, 300]])
+    if cw is not None:
+        monkeypatch.setattr(ks, "candidate_width", lambda *a: cw)
+    idx, cnt = select_top(s.to(DEV), k.to(DEV), 200, sample=256, z=z, splits=3, block=256)
+    want_idx, want_cnt = select_top_ref(s, k, 200)
+    assert torch.equal(cnt.cpu(), want_cnt) and torch.equal(idx.cpu(), want_idx)
+    width = ks.candidate_width(4096, 200, 256, z)
+    cv, cp, clen = ks.candidates(s.to(DEV), k.to(DEV), 200, width, 256, z, splits=3, block=256)
+    clen = clen.cpu()
+    assert (clen >= 0).any() and (clen < 0).any()  # at z = 4 the row of ties overflows its list
+    flat = s.reshape(-1, 4096)
+    for r in torch.nonzero(clen >= 0).flatten().tolist():  # a list: its entries, in position order
+        pos = cp[r, :clen[r]].cpu().long()
+        assert torch.equal(pos, pos.sort().values) and torch.equal(cv[r, :clen[r]].cpu(), flat[r, pos])
 
 
 def test_topk_ref_breaks_ties_by_position():
@@ -147,9 +171,9 @@ def test_select_writes_the_front_then_the_pages():
     s[0, 0, 0, 37] = 8.0
     fidx = torch.tensor([[[0, 1, 2, 156, 155, 154, 153, 152, 151, 150, -1]]])
     fcnt = torch.tensor([[10]])
-    for splits in (1, 4):
+    for splits, block in ((1, 8), (4, 8), (20, 2)):  # 20 programs: more than one RESOLVE_TILE
         idx, cnt = select_top(s, torch.tensor([[5]]), 6, width=60, front=(fidx, fcnt), page=page, lo=lo, hi=hi,
-                              ends=ends, starts=starts, splits=splits, block=8)
+                              ends=ends, starts=starts, splits=splits, block=block)
         for h in range(2):
             top = sorted(topk_ref(s[0, h, 0], 5)[1].tolist())
             keys = [x for p in top for x in range(p * page, p * page + page) if 6 <= x < 150]

@@ -111,6 +111,17 @@ def test_rows_over_several_programs_choose_the_reference_keys(spec, t, torch_ker
     check_equal(spec, q, k, v, starts, ends)
 
 
+@pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(8)", "topk(0.05)"])
+def test_candidate_lists_choose_the_reference_keys(spec, torch_kernel, monkeypatch):
+    import vattn.kernels.select as ks
+    monkeypatch.setattr(ks, "SAMPLE", 16)  # lists pay at this length only with a small sample and margin
+    monkeypatch.setattr(ks, "Z", 1.0)
+    assert ks.candidate_width(256, 13, ks.SAMPLE, ks.Z) > 0
+    q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=256, seed=5)
+    starts, ends = bounds(t=1, n=256, seed=5)
+    check_equal(spec, q, k, v, starts, ends)
+
+
 def test_kernel_path_in_bfloat16_and_dense_layers(torch_kernel):
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=7, dtype=torch.bfloat16)
     starts, ends = bounds(t=1, seed=7)
