@@ -627,7 +627,7 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     return out, cnt
 
 
-def w_floor(m: float, z: float) -> float:
+def w_floor(m: float, z: float) -> int:
     """The sample rank w of a row's floor when m of its sampled entries are expected among its
     k_r largest: w - z sqrt(w) = m, so the count above the floor falls short of k_r only at z
     standard deviations (about sqrt(w) strata)."""
