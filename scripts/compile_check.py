@@ -1,5 +1,6 @@
-"""Compile the scan kernels for sm_90 on a machine without a GPU (catches Triton compile
-errors before a device call). Prints registers / spills where ptxas runs.
+"""Compile the scan, sampled, layer-op and top-k select kernels for sm_90 on a machine without a
+GPU (catches Triton compile errors before a device call). Prints registers / spills where ptxas
+runs.
 Usage: python scripts/compile_check.py [num_warps] [BN] [CB] [PDL] [TR] [maxnreg]"""
 import sys
 import triton
@@ -93,4 +94,25 @@ for name, fn, s, c in (
         ("qkv_rope_kernel (q/k norm, cache)", qkv_rope, rope_sig, dict(HP=32, BD=128, NORM=True, GEMMA=False, CACHE=True, Q_ROWS=True)),
         ("glu_kernel (silu)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=0)),
         ("glu_kernel (gelu-tanh)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=1))):
+    report(name, fn, s, c)
+
+# the top-k select (vattn/kernels/select.py): candidate lists, radix passes over them, emit
+from vattn.kernels import select as ks
+_, _, radix, emit, floor, count, compact = ks._kernels()
+S32, L = "*fp32", "*i64"
+rad_names = "s N kr HT T KMAX hist above state offs ctr CH P lo_p hi_p PAGE cv clen C CHC".split()
+rad_types = [S32, I, L, I, I, I, P, P, P, P, P, I, I, L, L, I, S32, P, I, I]
+emit_names = "s N state offs CH P out cnt W PW HT T fidx fcnt W1 lo_p hi_p end_p start_p cv cp clen C CHC".split()
+emit_types = [S32, I, P, P, I, I, P, P, I, I, I, I, L, L, I, L, L, L, L, S32, P, P, I, I]
+cmp_names = "s N kr KMAX HT T fl_p cnt CH P cv cp clen C".split()
+for name, fn, s, c in (
+        ("select floor", floor, sig("s N kr KMAX HT T fl_p Z".split(), [S32, I, L, I, I, I, P, F]), dict(S=ks.SAMPLE)),
+        ("select count", count, sig("s N fl_p cnt CH P".split(), [S32, I, P, P, I, I]), dict(BLK=ks.BLOCK)),
+        ("select compact", compact, sig(cmp_names, [S32, I, L, I, I, I, P, P, I, I, S32, P, P, I]),
+         dict(PP=64, BLK=ks.BLOCK)),
+        *((f"select radix (FIRST={f}, LAST={la})", radix, sig(rad_names, rad_types),
+           dict(SHIFT=sh, BITS=8, FIRST=f, LAST=la, NBIN=ks.NB, BLK=ks.BLOCK, PB=ks.RESOLVE_TILE, CAND=True))
+          for sh, f, la in ((24, True, False), (16, False, False), (0, False, True))),
+        ("select emit", emit, sig(emit_names, emit_types),
+         dict(FRONT=True, LASTPAGE=False, PAGE=1, SP=1, BLK=ks.BLOCK, FB=256, CAND=True))):
     report(name, fn, s, c)
