@@ -134,6 +134,21 @@ def _kernels():
     globals()["_ukey"] = ukey
 
     @triton.jit
+    def row_k(kr, r, HT, T, KMAX):
+        # selection row r's wanted count min(k[b, t], KMAX), at least 0
+        return tl.maximum(tl.minimum(tl.load(kr + (r // HT) * T + r % T).to(tl.int32), KMAX), 0)
+
+    @triton.jit
+    def top_digit(h, want):
+        # (the largest digit v whose entries from v up number at least `want` (0 when none do), the
+        # entries above that digit) of a histogram h over digits
+        ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # entries with digit >= v
+        dig = tl.maximum(tl.sum((ge >= want).to(tl.int32), 0) - 1, 0)
+        return dig, tl.sum(tl.where(tl.arange(0, h.shape[0]) == dig, ge - h, 0), 0)
+
+    globals().update(row_k=row_k, top_digit=top_digit)
+
+    @triton.jit
     def group_rows(q, sqb, sqh, sqt, HKV, T, GT, G: tl.constexpr, MR: tl.constexpr, D: tl.constexpr):
         # the program's batch row b, KV head jh and its block of MR of the G*T query rows (query
         # head hq, row t, in range mok); their queries qq [MR, D] (0 out of range)
@@ -258,8 +273,7 @@ def _kernels():
                                       other=0, volatile=True), 0)
             if FIRST:
                 cand = tl.sum(tot, 0)
-                kk = tl.minimum(tl.minimum(tl.load(kr + (r // HT) * T + r % T).to(tl.int32), KMAX), cand)
-                kk = tl.maximum(kk, 0)
+                kk = tl.minimum(row_k(kr, r, HT, T, KMAX), cand)
                 done = ((kk == 0) | (kk == cand)).to(tl.int32)
                 # k_r = 0: thr = max (nothing above it); every candidate: thr = 0 (all above it)
                 key = tl.where(kk == 0, tl.full([], 0xFFFFFFFF, tl.uint32), tl.zeros([], tl.uint32))
@@ -267,9 +281,7 @@ def _kernels():
                 tl.store(state + r64 * 4 + 3, kk)
             else:
                 rem = tl.load(state + r64 * 4 + 1)
-            ge = tl.sum(tot, 0) - tl.cumsum(tot, 0) + tot  # entries of the prefix with digit >= v
-            dig = tl.maximum(tl.sum((ge >= rem).to(tl.int32), 0) - 1, 0)
-            above_d = tl.sum(tl.where(v == dig, ge - tot, 0), 0)
+            dig, above_d = top_digit(tot, rem)
             live = done == 0
             key = tl.where(live, key | (dig.to(tl.uint32) << SHIFT), key)
             rem = tl.where(live, rem - above_d, rem)
@@ -394,18 +406,12 @@ def _kernels():
         r64 = r.to(tl.int64)
         i = tl.arange(0, S)
         u = _ukey(tl.load(s + r64 * N + (i.to(tl.int64) * 2 + 1) * N // (2 * S)))
-        kq = tl.maximum(tl.minimum(tl.load(kr + (r // HT) * T + r % T).to(tl.int32), KMAX), 0)
-        m = kq.to(tl.float32) * S / N
+        m = row_k(kr, r, HT, T, KMAX).to(tl.float32) * S / N
         root = 0.5 * (Z + tl.sqrt(Z * Z + 4.0 * m))
         want = tl.ceil(root * root).to(tl.int32) + 1
-        h = tl.histogram((u >> 24).to(tl.int32), 256)
-        ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # entries whose top byte is >= v
-        b1 = tl.maximum(tl.sum((ge >= want).to(tl.int32), 0) - 1, 0)
-        v = tl.arange(0, 256)
-        want -= tl.sum(tl.where(v == b1, ge - h, 0), 0)  # the rank left within top byte b1
-        h = tl.histogram(((u >> 16) & 255).to(tl.int32), 256, mask=(u >> 24) == b1.to(tl.uint32))
-        ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h
-        b2 = tl.maximum(tl.sum((ge >= want).to(tl.int32), 0) - 1, 0)
+        b1, above = top_digit(tl.histogram((u >> 24).to(tl.int32), 256), want)
+        b2, _ = top_digit(tl.histogram(((u >> 16) & 255).to(tl.int32), 256, mask=(u >> 24) == b1.to(tl.uint32)),
+                          want - above)  # the rank left within top byte b1
         fl = tl.maximum((b1.to(tl.uint32) << 24) | (b2.to(tl.uint32) << 16), 1)
         tl.store(fl_p + r64, fl.to(tl.int32, bitcast=True))
 
@@ -432,7 +438,7 @@ def _kernels():
         j = tl.program_id(1)
         r64 = r.to(tl.int64)
         fl = tl.load(fl_p + r64).to(tl.uint32, bitcast=True)
-        kq = tl.maximum(tl.minimum(tl.load(kr + (r // HT) * T + r % T).to(tl.int32), KMAX), 0)
+        kq = row_k(kr, r, HT, T, KMAX)
         i = tl.arange(0, PP)
         c = tl.load(cnt + r64 * P + i, mask=i < P, other=0)
         total = tl.sum(c, 0)
