@@ -128,3 +128,24 @@ def test_compiled_forward_with_a_static_cache_equals_eager():
     breaks = [k for k in counters["graph_break"] if "torch.compiler.disable" not in k]
     assert counters["stats"]["unique_graphs"] > 0 and not breaks, breaks
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("spec", [SPEC, "sink(2)+window(3)+hashtopk(0.2,bits=32,cut='sample')"
+                                        "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)"])
+def test_a_second_sequence_equals_a_fresh_patch(model, spec):
+    """With sparse_from the prompt runs dense and never reaches the plan: a second, shorter
+    sequence must not attend by the first one's key signatures or page bounds."""
+    a, b = ids(60, seed=1), ids(40, seed=2)
+
+    def scores(p, x):
+        out = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                             return_dict_in_generate=True)
+        return torch.stack(out.scores)
+    with torch.no_grad():
+        with patch(model, spec, sparse_from=40) as p:
+            scores(p, a)
+            again = scores(p, b)
+            assert p.sequences == 2
+        with patch(model, spec, sparse_from=40) as p:
+            fresh = scores(p, b)
+    assert torch.equal(again, fresh)

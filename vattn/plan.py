@@ -159,9 +159,15 @@ class Plan:
     def reset(self):
         """A new sequence: method state and the sampling generator start afresh. The graphable
         paths keep their buffers (signatures, page bounds) where they are, since a captured
-        graph points at them: the new sequence's prefill re-signs / re-bounds its own keys."""
+        graph points at them, but count nothing as signed or bounded: the next call signs /
+        bounds every key below each row's end again (a prefill that skipped the plan, as the
+        patch's dense prompt does, would otherwise leave the last sequence's signatures)."""
         if self.path not in GRAPHABLE_PATHS and self.recipe is None:
             self.states.clear()
+        for st in self.states.values():
+            for mark in ("signed", "built"):
+                if mark in st:
+                    st[mark] = 0
         self._gen = None
 
     def generator(self) -> torch.Generator:
