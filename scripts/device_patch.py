@@ -65,7 +65,8 @@ def main():
         if cache != "static":
             return ""
         from torch._dynamo.utils import counters
-        c = dict(graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()))
+        c = dict(graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
+                 cudagraph_skips=counters["inductor"]["cudagraph_skips"])
         top = sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:2]
         counters.clear()
         return f"  compile {c} {[k[:120] for k, _ in top]}"
@@ -82,7 +83,9 @@ def main():
             print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}"
                   f"{compiled()}", flush=True)
         except Exception as e:  # one spec's failure must not hide the others' numbers
+            import traceback
             print(f"{spec:<70} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            traceback.print_exc(limit=-6)
             rows.append(dict(spec=spec, error=str(e)[:300]))
     out = os.environ.get("OUT")
     if out:

@@ -104,30 +104,42 @@ def test_static_cache_generate_equals_dynamic(spec):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_compiled_forward_with_a_static_cache_equals_eager():
-    """transformers compiles the forward when generate runs a static cache on a GPU: the
-    patch's host bookkeeping (the hook and the attention call) runs outside the graphs
-    (graph breaks at those two only) and the tokens equal the uncompiled run's."""
+@pytest.mark.parametrize("spec", ["sink(2)+window(4)+topk(0.2)", "dense", SPEC,
+                                  "sink(2)+window(3)+hashtopk(0.2,bits=32,cut='sample')"
+                                  "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)"])
+def test_compiled_forward_with_a_static_cache_equals_eager(spec, monkeypatch):
+    """transformers compiles the forward when generate runs a static cache on a GPU: the prompt
+    (several rows) runs the patch's host code between graphs, and every decode step after it
+    runs whole in one graph, each layer's attention as the op vattn::decode (no host code, so
+    CUDA graphs can capture the step); tokens and measured density equal the uncompiled run's."""
     import vattn
     from torch._dynamo.utils import counters
     m = tiny_model("llama")
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
-    outs, fwd = [], m.forward
+    outs, sums, fwd, calls = [], [], m.forward, []
+    real = hf.Patch.graph_call
+    monkeypatch.setattr(hf.Patch, "graph_call", lambda self, layer, *a: calls.append(layer) or real(self, layer, *a))
     for compiled in (False, True):
         torch._dynamo.reset()
         counters.clear()
         if compiled:
             m.forward = torch.compile(fwd, backend="eager")  # dynamo's tracing, no code generation
         try:
-            with vattn.patch(m, "sink(2)+window(4)+topk(0.2)", sparse_from=40) as p:
+            with vattn.patch(m, spec, sparse_from=40) as p:
                 outs.append(m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
                                        cache_implementation="static"))
-                assert 0 < p.summary()["density"] < 1
+                sums.append(p.summary())
         finally:
             m.forward = fwd
-    breaks = [k for k in counters["graph_break"] if "torch.compiler.disable" not in k]
+        if not compiled:
+            assert calls == []  # eager runs never take the op
+    breaks = {k: n for k, n in counters["graph_break"].items() if "torch.compiler.disable" not in k}
     assert counters["stats"]["unique_graphs"] > 0 and not breaks, breaks
+    assert calls == [0, 1, 2] * 3  # 3 layers x 3 compiled decode steps, none between graphs
     assert torch.equal(outs[0], outs[1])
+    assert sums[1]["calls"] == sums[0]["calls"] == 9
+    assert sums[1]["density"] == pytest.approx(sums[0]["density"], rel=1e-6)
+    assert (sums[0]["density"] == 1) == (spec == "dense")
 
 
 @pytest.mark.parametrize("spec", [SPEC, "sink(2)+window(3)+hashtopk(0.2,bits=32,cut='sample')"
@@ -149,3 +161,43 @@ def test_a_second_sequence_equals_a_fresh_patch(model, spec):
         with patch(model, spec, sparse_from=40) as p:
             fresh = scores(p, b)
     assert torch.equal(again, fresh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("spec", ["dense", "streaming", "sink(16)+window(32)+topk(0.1)",
+                                  "sink(16)+window(32)+quest(0.2,page=16)", "vattention",
+                                  "sink(16)+window(32)+hashtopk(0.1,bits=32,cut='sample')"
+                                  "+verified(eps=0.2,delta=0.2,draws='iid',mode='denominator')"])
+def test_compiled_static_cache_on_cuda_captures_the_step(spec):
+    """On a GPU, generate with a static cache compiles the decode step with CUDA graphs
+    (mode reduce-overhead): no graph is skipped for the op, and the tokens and density equal
+    the same generate with compilation off, two sequences in a row (logits within bf16 noise:
+    inductor fuses the model's other bf16 ops differently from eager)."""
+    import transformers as tf
+
+    import vattn
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
+    m = tf.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    prompts = [torch.randint(1, 256, (1, n), generator=torch.Generator().manual_seed(n)).cuda()
+               for n in (1500, 1100)]
+    torch._dynamo.reset()
+    counters.clear()
+    outs = {}
+    with vattn.patch(m, spec, sparse_from=1000) as p:
+        for compiled in (False, True):
+            for i, x in enumerate(prompts):
+                p.reset_metrics()
+                out = m.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0, disable_compile=not compiled,
+                                 cache_implementation="static", return_dict_in_generate=True, output_scores=True)
+                outs[compiled, i] = (out.sequences, torch.stack(out.scores).float(), p.summary())
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    for i in range(2):
+        (a, sa, da), (b, sb, db) = outs[False, i], outs[True, i]
+        assert torch.equal(a, b), i
+        assert (sa - sb).abs().max() < 0.25, (sa - sb).abs().max()
+        # 2 layers x (the prompt's sparse rows + 7 decode steps); verified's budget reads the
+        # step's q and estimates, so bf16 noise can move a draw count: density to 2%
+        assert da["calls"] == db["calls"] == 2 * 8 and da["density"] == pytest.approx(db["density"], rel=2e-2)

@@ -15,6 +15,7 @@ rows are causal; sliding-window layers start at max(start, end - window).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import weakref
@@ -25,6 +26,8 @@ import torch
 from vattn import metrics as M
 from vattn.attend import dense_attend
 from vattn.errors import VattnError
+from vattn.attend import kernel_misfit
+from vattn.plan import GRAPHABLE_PATHS
 from vattn.plan import compile as compile_plan
 from vattn.plan import window_runs_exact
 from vattn.spec import parse
@@ -32,7 +35,9 @@ from vattn.spec import parse
 log = logging.getLogger(__name__)
 
 NAME = "vattn"
-_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, Patch]" = weakref.WeakKeyDictionary()
+ATTR = "_vattn_patch"  # on each patched attention module: its Patch (a copy of the model gets None)
+_NEXT_HANDLE = itertools.count()
+_HANDLES: "weakref.WeakValueDictionary[int, Patch]" = weakref.WeakValueDictionary()  # the graph op's handles
 
 
 def _register():
@@ -47,15 +52,44 @@ def _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs):
     return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
 
-@torch.compiler.disable  # host bookkeeping per call: torch.compile (generate with a static cache) runs it eagerly
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The function registered as "vattn": returns (out [B, T, Hq, D], None)."""
-    p = _PATCHES.get(module)
+    """The function registered as "vattn": returns (out [B, T, Hq, D], None).
+
+    Under torch.compile (generate with a static cache compiles the decode step), a single-row
+    call whose layer the last eager forward prepared runs as one opaque op (`vattn::decode`),
+    so the whole step is one graph (CUDA graphs under mode reduce-overhead); anything else runs
+    the patch's host code between graphs, as in eager mode."""
+    p = getattr(module, ATTR, None)
     if p is None:  # attn_implementation="vattn" without a patch (or a copy of a patched model)
         raise VattnError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs with "
                          'attn_implementation="vattn" but is not patched: call vattn.patch(model, spec) '
                          "on this model first (it chooses the spec; a copied model needs its own patch)")
-    return p.forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+    if torch.compiler.is_compiling() and query.shape[2] == 1 and kwargs.get("sliding_window") is None:
+        route = p.routes.get(module.layer_idx)
+        if route == "sdpa":
+            return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+        if route == "op":
+            out = torch.ops.vattn.decode(query, key, value, attention_mask, p.handle, module.layer_idx,
+                                         -1.0 if scaling is None else float(scaling))
+            return out.transpose(1, 2), None
+    return _eager(p, module, query, key, value, attention_mask, dropout, scaling, kwargs), None
+
+
+@torch.compiler.disable  # host bookkeeping per call: under torch.compile it runs between graphs
+def _eager(p, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    return p.forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+@torch.library.custom_op("vattn::decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, handle: int,
+               layer: int, scale: float) -> torch.Tensor:
+    """One prepared layer's single-row attention (see Patch.graph_call): out [B, Hq, 1, D]."""
+    return _HANDLES[handle].graph_call(layer, q, k, v, mask, scale)
+
+
+@_decode_op.register_fake
+def _(q, k, v, mask, handle, layer, scale):
+    return q.new_empty(q.shape)
 
 
 _register()  # from_pretrained(..., attn_implementation="vattn") resolves once vattn.hf is imported
@@ -115,14 +149,19 @@ def configs(model) -> list:
     return out
 
 
-def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
-    """Row bounds for q rows t = 0..T-1 over N keys: (starts [B, T], ends [B, T]) int64.
+def _allowed(mask, b: int, t: int, n: int):
+    """The mask as bool [B, T, N] (True = may attend)."""
+    m = mask[..., :n]
+    m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = allowed
+    return m[:, 0].expand(b, t, n)
+
+
+def mask_bounds(mask, b: int, t: int, n: int, device=None, window=None):
+    """Row bounds for q rows t = 0..T-1 over N keys: (starts [B, T], ends [B, T]) int64, computed
+    on the device (no host read: a compiled step can capture it); bounds_from_mask checks them.
 
     mask: None (SDPA's own rule: is_causal from key 0 for several rows, every key for one) or
-    bool/float [B|1, 1, T, N]. Raises when the
-    mask is not "left padding + causal (+ sliding window)", the only shape sparse
-    selections can express.
-    """
+    bool/float [B|1, 1, T, N]."""
     dev = device if mask is None else mask.device
     if mask is None:
         # No mask: what SDPA does then. Several rows run is_causal, aligned top-left (row i sees
@@ -130,9 +169,7 @@ def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
         first = torch.zeros(b, dtype=torch.long, device=dev)
         end = torch.full((b,), n if t == 1 else t, dtype=torch.long, device=dev)
     else:
-        m = mask[..., :n]
-        m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = allowed
-        m = m[:, 0].expand(b, t, n)
+        m = _allowed(mask, b, t, n)
         pos = torch.arange(n, device=dev)
         last = m[:, -1]
         end = torch.where(last.any(-1), (pos * last).amax(-1) + 1, 0)
@@ -142,11 +179,18 @@ def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
     starts = first[:, None].expand(b, t)
     if window is not None:
         starts = torch.maximum(starts, ends - int(window))
+    return starts, ends
+
+
+def bounds_from_mask(mask, b: int, t: int, n: int, window=None, device=None):
+    """mask_bounds, and a check that the mask is "left padding + causal (+ sliding window)",
+    the only shape sparse selections can express (raises otherwise; reads the device)."""
+    starts, ends = mask_bounds(mask, b, t, n, device, window)
     if mask is not None:
-        pos = torch.arange(n, device=dev)
+        pos = torch.arange(n, device=mask.device)
         want = (pos >= starts[..., None]) & (pos < ends[..., None])
         live = ends > starts  # rows with no key: transformers may fill them any way
-        if not bool((want == m)[live].all()):
+        if not bool((want == _allowed(mask, b, t, n))[live].all()):
             raise VattnError("vattn supports causal attention masks with left padding (and sliding windows); "
                              "this model passed another mask shape (packed sequences or a custom mask?)")
     return starts, ends
@@ -174,7 +218,8 @@ class Patch:
         self.metrics = metrics
         self.sparse_from = None if sparse_from == "auto" else sparse_from
         self.seed = seed
-        self.sparse = True
+        self.routes: dict[int, str] = {}  # layer -> "sdpa" | "op": single-row calls under torch.compile (attention)
+        self._sparse_on = True
         self.records: list[dict] = []
         self._density: list[torch.Tensor] = []
         self._plans: dict = {}  # (spec text, device) -> Plan: method state and generator live there
@@ -184,6 +229,11 @@ class Patch:
         self._step_bounds = {}
         self._step_ctx = {}
         self._mask_free = True
+        self._zero_starts = None  # per forward: no row of the call starts past key 0 (a host fact, once)
+        self._graph = None  # per compiled forward: what graph_call shares between layers (dropped after the last)
+        self._acc = None  # [sum of densities, calls] of graph_call's sparse calls, on the device
+        self.handle = next(_NEXT_HANDLE)
+        _HANDLES[self.handle] = self
         self.sequences = 0  # sequences started (method state and generator reset at each)
         self._modules = _attention_modules(model)
         if not self._modules:
@@ -197,14 +247,28 @@ class Patch:
             raise VattnError(f"{type(model).__name__} cannot switch attention implementation: {e}") from None
         if any(c._attn_implementation != NAME for c, _ in self._saved[:1]):
             raise VattnError(f"{type(model).__name__} does not use transformers' attention interface")
+        self._by_layer = {}
         for m in self._modules:
-            _PATCHES[m] = self
-        self._hook = _decoder(model).register_forward_pre_hook(torch.compiler.disable(self._before_forward),
-                                                                with_kwargs=True)
+            setattr(m, ATTR, self)
+            self._by_layer.setdefault(m.layer_idx, m)
+        self._hook = _decoder(model).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def __deepcopy__(self, memo):  # a deep copy of the model is not patched (it needs its own patch)
+        return None
+
+    @property
+    def sparse(self) -> bool:
+        return self._sparse_on
+
+    @sparse.setter
+    def sparse(self, on: bool):
+        self._sparse_on = bool(on)
+        self.routes.clear()  # the next eager forward routes the layers again
 
     # -- public -------------------------------------------------------------------
     def set_spec(self, spec):
         self.spec = parse(spec)
+        self.routes.clear()
 
     def spec_for(self, layer: int):
         """The layer's Spec, or None when the layer stays dense."""
@@ -215,13 +279,23 @@ class Patch:
     def reset_metrics(self):
         self.records.clear()
         self._density.clear()
+        if self._acc is not None:
+            self._acc.zero_()
+
+    def _densities(self) -> tuple[float, int]:
+        """(sum of per-call densities, calls): eager calls and compiled steps' (self._acc)."""
+        total, calls = sum(float(d) for d in self._density), len(self._density)
+        if self._acc is not None:
+            a, c = self._acc.tolist()
+            total, calls = total + a, calls + int(c)
+        return total, calls
 
     def summary(self) -> dict:
         """Means over sparse calls: density (always), error and recall (metrics=True);
         `never_ran` is None, or why no call since the last reset_metrics() used the spec."""
-        dens = [float(d) for d in self._density]
-        out = {"density": sum(dens) / len(dens) if dens else None, "error": None, "recall": None,
-               "calls": len(dens), "never_ran": None if dens else self._never_ran(),
+        total, calls = self._densities()
+        out = {"density": total / calls if calls else None, "error": None, "recall": None,
+               "calls": calls, "never_ran": None if calls else self._never_ran(),
                "path": self._path()}
         errs = [r["error"] for r in self.records]
         if errs:
@@ -232,7 +306,7 @@ class Patch:
     def check_ran(self):
         """Raise VattnError when no attention call used the spec since the last
         reset_metrics(): a number measured then would be a dense one under a sparse name."""
-        if not self._density:
+        if not self._densities()[1]:
             raise VattnError(self._never_ran())
 
     def _never_ran(self) -> str:
@@ -256,8 +330,9 @@ class Patch:
         self._hook.remove()
         self._hook = None
         for m in self._modules:
-            if _PATCHES.get(m) is self:
-                del _PATCHES[m]
+            if getattr(m, ATTR, None) is self:
+                delattr(m, ATTR)
+        self.routes.clear()
         for c, impl in self._saved:
             c._attn_implementation_internal = impl
 
@@ -268,19 +343,29 @@ class Patch:
         self.undo()
 
     # -- internals ----------------------------------------------------------------
+    def _pre_hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # traced: no host read of the cache; a layer that
+            self._new_forward(None)        # runs eagerly takes the offset from its mask
+        else:
+            self._before_forward(module, args, kwargs)
+
     def _before_forward(self, module, args, kwargs):
         cache = find_cache(args, kwargs)
         try:
             offset = int(cache.get_seq_length()) if cache is not None else 0
         except (AttributeError, TypeError):
             offset = None  # a cache we cannot ask: the first attention call tells
+        self._new_forward(offset)
+        self._zero_starts = None  # (a compiled step keeps what the last eager forward found)
+        if offset is not None:
+            self._start_forward(offset)
+
+    def _new_forward(self, offset):
         self._offset = offset
         self._checked = False
         self._step_bounds = {}  # per forward: row bounds by mask (see _bounds)
         self._step_ctx = {}  # per forward: plan step contexts (see _context)
         self._mask_free = True  # no attention call of this forward had a padding mask
-        if offset is not None:
-            self._start_forward(offset)
 
     def _start_forward(self, offset: int):
         if offset == 0 or offset < self._last_offset:
@@ -359,6 +444,7 @@ class Patch:
         if spec is not None and self.sparse_from is not None:
             offset = self._offset if self._offset is not None else n - t
             first_sparse = min(max(self.sparse_from - offset, 0), t)
+        self._route(layer, spec, q, k, v, mask, scaling, kwargs, first_sparse)
         if spec is None or first_sparse >= t:
             return _sdpa(module, q, k, v, mask, dropout, scaling, **kwargs)
         if kwargs.get("sliding_window") is not None and window_runs_exact(spec):
@@ -385,6 +471,83 @@ class Patch:
         rows = (kwargs.get("sliding_window"), first_sparse)  # layers alike in these share row bounds
         out.append(self._sparse(layer, spec, qs, k, v, starts, ends, scale, first_sparse, rows).transpose(1, 2))
         return torch.cat(out, 1) if len(out) > 1 else out[0]
+
+    def _route(self, layer, spec, q, k, v, mask, scaling, kwargs, first_sparse):
+        """How this layer's single-row calls run under torch.compile (self.routes), from what
+        this eager call shows; and what a captured step cannot do for itself: a sparse layer
+        whose call runs dense here (the prompt, before sparse_from) appends its keys to the plan
+        (signatures, page bounds), and on CUDA runs the plan once on its last row, so the plan's
+        buffers exist outside the CUDA-graph pool before a compiled step is recorded."""
+        self.routes.pop(layer, None)
+        b, _, t, d = q.shape
+        if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None or self.metrics:
+            return  # eager, between graphs
+        if spec is None:
+            self.routes[layer] = "sdpa"
+            return
+        offset = self._offset if self._offset is not None else k.shape[2] - t
+        if self.sparse_from is not None and offset + t < self.sparse_from:
+            return  # the next row is still dense: the eager path decides per row
+        if self._acc is None or self._acc.device != q.device:
+            self._acc = torch.zeros(2, dtype=torch.float64, device=q.device)
+        if self._zero_starts is None:
+            self._zero_starts = bool((mask_bounds(mask, b, t, k.shape[2], q.device)[0] == 0).all())
+        if spec.is_dense:
+            self.routes[layer] = "op"
+            return
+        plan = self.plan(spec, q.device)
+        cuda = q.device.type == "cuda"
+        if cuda and plan.path not in GRAPHABLE_PATHS:
+            return  # the reference syncs with the host: it runs between graphs
+        if first_sparse >= t or (cuda and t > 1):
+            starts, ends = mask_bounds(mask, b, t, k.shape[2], q.device)  # (a sparse call checks its mask)
+            scale = scaling if scaling is not None else d ** -0.5
+            st = torch.minimum(starts[:, -1], ends[:, -1])  # (no window here: every row starts alike)
+            if first_sparse >= t:
+                plan.append(layer, k, v, plan.context(st, ends, scale, self._zero_starts))
+            if cuda:
+                plan.run(layer, q[:, :, -1:], k, v, plan.context(st, ends[:, -1:], scale, self._zero_starts))
+        self.routes[layer] = "op"
+
+    def graph_call(self, layer, q, k, v, mask, scale):
+        """The op `vattn::decode`: a routed layer's single-row call inside a compiled step. Nothing
+        here reads the device from the host, so CUDA graphs capture it: bounds from the mask on
+        the device (the eager prefill checked its shape), layers sharing them within the forward
+        (they come in order; dropped after the last routed layer so nothing outlives the graph),
+        densities summed into self._acc."""
+        b, hq, t, d = q.shape
+        scale = d ** -0.5 if scale < 0 else scale
+        ops = sorted(i for i, r in self.routes.items() if r == "op")
+        g = self._graph
+        if g is None or layer <= g["layer"]:
+            starts, ends = mask_bounds(mask, b, t, k.shape[2], q.device)
+            g = self._graph = dict(starts=torch.minimum(starts[:, 0], ends[:, -1]), ends=ends, ctx={}, dens=[], dense=0,
+                                   allowed=((ends - starts).clamp(min=0).sum() * hq).clamp(min=1))
+        g["layer"] = layer
+        spec = self.spec_for(layer)
+        if spec.is_dense:  # vattn's dense decode kernel where it takes the rows (not an expanded K/V copy)
+            if q.device.type == "cuda" and self._zero_starts and kernel_misfit(q, k, v) is None:
+                from vattn.kernels.decode import dense_decode
+                out = dense_decode(q, k, v, g["ends"][:, -1].to(torch.int32), scale)
+            else:
+                out = _sdpa(self._by_layer[layer], q, k, v, mask, 0.0, scale).transpose(1, 2)
+            g["dense"] += 1
+        else:
+            plan = self.plan(spec, q.device)
+            key = str(plan.spec)
+            if key not in g["ctx"]:
+                g["ctx"][key] = plan.context(g["starts"], g["ends"], scale, self._zero_starts)
+            ctx = g["ctx"][key]
+            plan.append(layer, k, v, ctx)
+            out, sel = plan.run(layer, q, k, v, ctx)
+            g["dens"].append(sel.count.sum() * (hq // sel.count.shape[1]))
+        if layer == ops[-1]:  # the forward's last routed layer: account, then let go of the step's tensors
+            if self._acc is None or self._acc.device != q.device:
+                raise VattnError("vattn's compiled decode step ran before an eager forward prepared it")
+            dens = torch.stack(g["dens"]).double() / g["allowed"] if g["dens"] else self._acc.new_zeros(0)
+            self._acc.add_(torch.stack((dens.sum() + g["dense"], torch.ones_like(dens).sum() + g["dense"])))
+            self._graph = None
+        return out.contiguous()
 
     def _sparse(self, layer, spec, q, k, v, starts, ends, scale, row0, rows):
         """Sparse rows: q [B, Hq, T, D] with per-row bounds [B, T] -> [B, Hq, T, D]."""
@@ -443,6 +606,6 @@ def patch(model, spec, dense_layers=0, layer_specs=None, metrics=False, sparse_f
     from a generator reseeded at each new sequence.
     """
     for m in _attention_modules(model):
-        if m in _PATCHES:
+        if getattr(m, ATTR, None) is not None:
             raise VattnError("this model is already patched; call undo() on the first Patch, or set_spec()")
     return Patch(model, spec, dense_layers, layer_specs, metrics, sparse_from, seed)
