@@ -201,3 +201,17 @@ def test_compiled_static_cache_on_cuda_captures_the_step(spec):
         # 2 layers x (the prompt's sparse rows + 7 decode steps); verified's budget reads the
         # step's q and estimates, so bf16 noise can move a draw count: density to 2%
         assert da["calls"] == db["calls"] == 2 * 8 and da["density"] == pytest.approx(db["density"], rel=2e-2)
+
+
+def test_a_copy_of_a_patched_model_needs_its_own_patch(model):
+    """copy.deepcopy(model) copies no Patch: the copy says it is not patched instead of
+    running the original's plans (or failing in copy)."""
+    import copy
+    with patch(model, "streaming"):
+        twin = copy.deepcopy(model)
+        with pytest.raises(VattnError, match="is not patched"), torch.no_grad():
+            twin(ids(8))
+        with patch(twin, "streaming") as q, torch.no_grad():
+            twin(ids(8))
+            assert q.summary()["calls"] == 3  # its own patch: one sparse call per layer
+    assert not hasattr(model.model.layers[0].self_attn, hf.ATTR)

@@ -251,7 +251,9 @@ class Patch:
         for m in self._modules:
             setattr(m, ATTR, self)
             self._by_layer.setdefault(m.layer_idx, m)
-        self._hook = _decoder(model).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        def pre_hook(module, args, kwargs):  # a function, not a bound method: a deep copy shares it
+            self._pre_hook(module, args, kwargs)
+        self._hook = _decoder(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def __deepcopy__(self, memo):  # a deep copy of the model is not patched (it needs its own patch)
         return None
