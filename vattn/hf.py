@@ -401,12 +401,14 @@ class Patch:
                              f"the attention call sees {seen} earlier keys (transformers {transformers.__version__}); "
                              "pass the cache as `cache=`/`past_key_values=` or report this version")
 
-    def _bounds(self, mask, b, t, n, window, device):
+    def _bounds(self, mask, b, t, n, window, device, check=True):
         """bounds_from_mask once per forward: every layer given the same mask (and window)
-        has the same rows, so the mask is read (and checked) once, not once per layer."""
-        key = (id(mask), b, t, n, window, str(device))
+        has the same rows, so the mask is read (and checked) once, not once per layer.
+        check=False: mask_bounds (a dense layer may take masks no selection can express)."""
+        key = (id(mask), b, t, n, window, str(device), check)
         if key not in self._step_bounds:
-            self._step_bounds[key] = (mask, bounds_from_mask(mask, b, t, n, window, device))  # mask kept: id stays valid
+            bounds = (bounds_from_mask if check else mask_bounds)(mask, b, t, n, window=window, device=device)
+            self._step_bounds[key] = (mask, bounds)  # mask kept: id stays valid
         return self._step_bounds[key][1]
 
     def plan(self, spec, device):
@@ -492,8 +494,9 @@ class Patch:
             return  # the next row is still dense: the eager path decides per row
         if self._acc is None or self._acc.device != q.device:
             self._acc = torch.zeros(2, dtype=torch.float64, device=q.device)
+        starts, ends = self._bounds(mask, b, t, k.shape[2], None, q.device, check=not spec.is_dense)
         if self._zero_starts is None:
-            self._zero_starts = bool((mask_bounds(mask, b, t, k.shape[2], q.device)[0] == 0).all())
+            self._zero_starts = bool((starts == 0).all())
         if spec.is_dense:
             self.routes[layer] = "op"
             return
@@ -502,7 +505,6 @@ class Patch:
         if cuda and plan.path not in GRAPHABLE_PATHS:
             return  # the reference syncs with the host: it runs between graphs
         if first_sparse >= t or (cuda and t > 1):
-            starts, ends = mask_bounds(mask, b, t, k.shape[2], q.device)  # (a sparse call checks its mask)
             scale = scaling if scaling is not None else d ** -0.5
             st = torch.minimum(starts[:, -1], ends[:, -1])  # (no window here: every row starts alike)
             if first_sparse >= t:
