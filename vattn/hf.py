@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from vattn import metrics as M
-from vattn.attend import dense_attend
+from vattn.attend import dense_attend, kernel_misfit
 from vattn.errors import VattnError
-from vattn.attend import kernel_misfit
 from vattn.plan import GRAPHABLE_PATHS
 from vattn.plan import compile as compile_plan
 from vattn.plan import window_runs_exact
@@ -229,7 +228,7 @@ class Patch:
         self._step_bounds = {}
         self._step_ctx = {}
         self._mask_free = True
-        self._zero_starts = None  # per forward: no row of the call starts past key 0 (a host fact, once)
+        self._zero_starts = None  # no row starts past key 0: read once per eager forward, kept for compiled steps
         self._graph = None  # per compiled forward: what graph_call shares between layers (dropped after the last)
         self._acc = None  # [sum of densities, calls] of graph_call's sparse calls, on the device
         self.handle = next(_NEXT_HANDLE)
