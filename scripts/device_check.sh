@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: GPU tests of kernels/plans/engine, the per-layer bench through
 # plans, and ms/token through transformers' generate (scripts/device_patch.py).
-# Usage (repo root): bash scripts/device_check.sh [tests|engine|bench|e2e|verify|patch|profile ...]  -> logs in $OUT
+# Usage (repo root): bash scripts/device_check.sh [tests|engine|bench|e2e|verify|patch|patch-static|profile ...]  -> logs in $OUT
 # (default ./out). E2E="--batch 4 --contexts 131072 --no-hf" replaces the e2e row set.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
@@ -27,4 +27,6 @@ for w in $what; do case $w in
   verify) timeout 200 python3 -m vattn.cli verify --draws iid --device cuda --rows 512 --n 4096 \
            --json "$OUT/verify.json" 2>&1 | tail -20 | tee "$OUT/verify.txt" ;;
   patch) timeout 300 python3 scripts/device_patch.py 32768 32 dynamic 2>&1 | tail -20 | tee "$OUT/patch.txt" ;;
+  patch-static) timeout 420 python3 scripts/device_patch.py 32768 32 static 2>&1 | grep -v -i warn | tail -20 \
+           | tee "$OUT/patch_static.txt" ;;
 esac; done
