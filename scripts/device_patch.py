@@ -36,7 +36,9 @@ def main():
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
-    ids = torch.randint(0, 128000, (1, n_ctx), device="cuda")
+    # ids from 1: generate masks out every pad_token_id (0) it meets in a prompt, and the patch
+    # refuses a mask with holes (not "left padding + causal")
+    ids = torch.randint(1, 128000, (1, n_ctx), device="cuda")
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} transformers {tf.__version__} "
           f"{time.strftime('%Y-%m-%d')}; Llama-3-8B shape, {layers} layers, bf16, B=1, context {n_ctx}, "
           f"cache {cache}", flush=True)
@@ -46,7 +48,8 @@ def main():
         st = tf.StaticCache(config=cfg, max_cache_len=n_ctx + 32)
 
     def gen(new):
-        kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
         if cache == "static":  # one cache of one length, so the compiled graphs are reused
             st.reset()
             kw["past_key_values"] = st
