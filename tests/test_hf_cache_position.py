@@ -171,8 +171,9 @@ def test_a_second_sequence_equals_a_fresh_patch(model, spec):
 def test_compiled_static_cache_on_cuda_captures_the_step(spec):
     """On a GPU, generate with a static cache compiles the decode step with CUDA graphs
     (mode reduce-overhead): no graph is skipped for the op, and the tokens and density equal
-    the same generate with compilation off, two sequences in a row (logits within bf16 noise:
-    inductor fuses the model's other bf16 ops differently from eager)."""
+    the same generate with compilation off, two sequences in a row. In float32: inductor
+    fuses the model's other ops differently from eager, and in bf16 that moved logits by up to
+    0.14, enough to flip a near tie of this random model's argmax (H200, 2026-12-04)."""
     import transformers as tf
 
     import vattn
@@ -180,7 +181,7 @@ def test_compiled_static_cache_on_cuda_captures_the_step(spec):
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
-    m = tf.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    m = tf.LlamaForCausalLM(cfg).to("cuda").eval()
     prompts = [torch.randint(1, 256, (1, n), generator=torch.Generator().manual_seed(n)).cuda()
                for n in (1500, 1100)]
     torch._dynamo.reset()
@@ -197,7 +198,7 @@ def test_compiled_static_cache_on_cuda_captures_the_step(spec):
     for i in range(2):
         (a, sa, da), (b, sb, db) = outs[False, i], outs[True, i]
         assert torch.equal(a, b), i
-        assert (sa - sb).abs().max() < 0.25, (sa - sb).abs().max()
+        assert (sa - sb).abs().max() < 1e-3, (sa - sb).abs().max()
         # 2 layers x (the prompt's sparse rows + 7 decode steps); verified's budget reads the
         # step's q and estimates, so bf16 noise can move a draw count: density to 2%
         assert da["calls"] == db["calls"] == 2 * 8 and da["density"] == pytest.approx(db["density"], rel=2e-2)
