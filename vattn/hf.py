@@ -494,8 +494,8 @@ class Patch:
         if self._acc is None or self._acc.device != q.device:
             self._acc = torch.zeros(2, dtype=torch.float64, device=q.device)
         starts, ends = self._bounds(mask, b, t, k.shape[2], None, q.device, check=not spec.is_dense)
-        if self._zero_starts is None:
-            self._zero_starts = bool((starts == 0).all())
+        if self._zero_starts is None:  # (no mask: every row starts at key 0, nothing to read)
+            self._zero_starts = mask is None or bool((starts == 0).all())
         if spec.is_dense:
             self.routes[layer] = "op"
             return
