@@ -520,12 +520,11 @@ class Patch:
         densities summed into self._acc."""
         b, hq, t, d = q.shape
         scale = d ** -0.5 if scale < 0 else scale
-        ops = sorted(i for i, r in self.routes.items() if r == "op")
         g = self._graph
         if g is None or layer <= g["layer"]:
             starts, ends = mask_bounds(mask, b, t, k.shape[2], q.device)
             g = self._graph = dict(starts=torch.minimum(starts[:, 0], ends[:, -1]), ends=ends, ctx={}, dens=[], dense=0,
-                                   allowed=((ends - starts).clamp(min=0).sum() * hq).clamp(min=1))
+                                   allowed=_visible(starts, ends, hq).clamp(min=1))
         g["layer"] = layer
         spec = self.spec_for(layer)
         if spec.is_dense:  # vattn's dense decode kernel where it takes the rows (not an expanded K/V copy)
@@ -543,8 +542,8 @@ class Patch:
             ctx = g["ctx"][key]
             plan.append(layer, k, v, ctx)
             out, sel = plan.run(layer, q, k, v, ctx)
-            g["dens"].append(sel.count.sum() * (hq // sel.count.shape[1]))
-        if layer == ops[-1]:  # the forward's last routed layer: account, then let go of the step's tensors
+            g["dens"].append(_attended(sel, hq))
+        if layer == max(i for i, r in self.routes.items() if r == "op"):  # the forward's last routed layer: account, then let go of the step's tensors
             if self._acc is None or self._acc.device != q.device:
                 raise VattnError("vattn's compiled decode step ran before an eager forward prepared it")
             dens = torch.stack(g["dens"]).double() / g["allowed"] if g["dens"] else self._acc.new_zeros(0)
@@ -555,7 +554,7 @@ class Patch:
     def _sparse(self, layer, spec, q, k, v, starts, ends, scale, row0, rows):
         """Sparse rows: q [B, Hq, T, D] with per-row bounds [B, T] -> [B, Hq, T, D]."""
         b, hq, t, _ = q.shape
-        allowed = (ends - starts).clamp(min=0).sum() * hq
+        allowed = _visible(starts, ends, hq)
         # One select per group of rows that share a start (all rows unless a sliding
         # window cuts in); starts per batch row, causal ends.
         chunks = [(0, t)] if t == 1 or _uniform(starts) else [(i, i + 1) for i in range(t)]
@@ -567,12 +566,12 @@ class Patch:
             if spec.is_dense:  # rows after a sparse_from boundary inside this call
                 sel = None
                 o = dense_attend(qc, k, v, en, st, scale)
-                attended = attended + (ends[:, lo:hi] - starts[:, lo:hi]).clamp(min=0).sum() * hq
+                attended = attended + _visible(starts[:, lo:hi], ends[:, lo:hi], hq)
             else:
                 ctx = self._context(plan, (rows, lo, hi), st, ends[:, lo:hi], scale)
                 plan.append(layer, k, v, ctx)
                 o, sel = plan.run(layer, qc, k, v, ctx)
-                attended = attended + sel.count.sum() * (hq // sel.indices.shape[1])
+                attended = attended + _attended(sel, hq)
             outs.append(o)
             if self.metrics:
                 refs.append(dense_attend(qc, k, v, en, st, scale))
@@ -593,6 +592,16 @@ class Patch:
         pos = None if self._offset is None else self._offset + row0
         self.records.append({"layer": layer, "pos": pos, "rows": rows, "density": density,
                              "error": error, "recall": recall})
+
+
+def _visible(starts, ends, hq: int) -> torch.Tensor:
+    """Keys the rows may attend, summed over rows and query heads (a call's dense count)."""
+    return (ends - starts).clamp(min=0).sum() * hq
+
+
+def _attended(sel, hq: int) -> torch.Tensor:
+    """Keys a Selection attended, summed over rows and query heads (shared rows count G times)."""
+    return sel.count.sum() * (hq // sel.count.shape[1])
 
 
 def _uniform(starts: torch.Tensor) -> bool:
