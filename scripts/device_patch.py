@@ -5,6 +5,8 @@ unpatched (HF SDPA), and vattn.patch with each spec (prefill dense, decode spars
 
 cache "static": transformers' StaticCache, and generate compiles the decode forward itself
 (torch.compile, mode reduce-overhead) on CUDA. PATCH_SPECS="a;b" replaces the spec list.
+PROFILE=1: also the GPU kernels of a decoded token per spec (a CUDA profile of generate(1 + n)
+minus that of generate(1)), the busiest first, and their sum against the token's time.
 
 Llama-3-8B shape, random weights, bf16, B=1. Per spec: (t(generate 1 + n tokens) - t(generate 1)) / n,
 so the prefill cancels; density from the patch's summary.
@@ -62,7 +64,31 @@ def main():
 
     def per_token(new):
         gen(2)  # warm-up (kernels compiled, caches allocated)
-        return (gen(1 + new) - gen(1)) / new * 1e3
+        ms = (gen(1 + new) - gen(1)) / new * 1e3
+        if os.environ.get("PROFILE"):
+            kernels(new, ms)
+        return ms
+
+    def kernels(new, ms):
+        from collections import Counter
+        from torch.profiler import ProfilerActivity, profile
+        runs = []
+        for n in (1, 1 + new):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                gen(n)
+            c, t = Counter(), Counter()
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    c[e.name[:80]] += 1
+                    t[e.name[:80]] += e.device_time
+            runs.append((c, t))
+        (c1, t1), (c2, t2) = runs
+        per = {k: ((c2[k] - c1[k]) / new, (t2[k] - t1[k]) / new) for k in t2}
+        busy = sum(us for _, us in per.values())
+        print(f"    kernels of a token: {sum(c for c, _ in per.values()):.0f} launches, {busy / 1e3:.2f} ms busy "
+              f"of {ms:.2f} ms", flush=True)
+        for k, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:14]:
+            print(f"    {us:9.1f} us {c:6.1f}x  {k}", flush=True)
 
     def compiled():  # what torch.compile did since the last call (static cache only)
         if cache != "static":

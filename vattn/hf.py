@@ -542,12 +542,13 @@ class Patch:
             ctx = g["ctx"][key]
             plan.append(layer, k, v, ctx)
             out, sel = plan.run(layer, q, k, v, ctx)
-            g["dens"].append(_attended(sel, hq))
+            g["dens"].append(sel.count)  # summed once per forward: a reduction per layer costs a launch each
         if layer == max(i for i, r in self.routes.items() if r == "op"):  # the forward's last routed layer: account, then let go of the step's tensors
             if self._acc is None or self._acc.device != q.device:
                 raise VattnError("vattn's compiled decode step ran before an eager forward prepared it")
-            dens = torch.stack(g["dens"]).double() / g["allowed"] if g["dens"] else self._acc.new_zeros(0)
-            self._acc.add_(torch.stack((dens.sum() + g["dense"], torch.ones_like(dens).sum() + g["dense"])))
+            att = sum(_attended(c, hq) for c in _stacked(g["dens"])) if g["dens"] else g["allowed"].new_zeros(())
+            dens = att.double() / g["allowed"].double() + g["dense"]  # the calls' densities, summed
+            self._acc.add_(torch.stack((dens.reshape(()), dens.new_tensor(float(len(g["dens"]) + g["dense"])))))
             self._graph = None
         return out.contiguous()
 
@@ -571,7 +572,7 @@ class Patch:
                 ctx = self._context(plan, (rows, lo, hi), st, ends[:, lo:hi], scale)
                 plan.append(layer, k, v, ctx)
                 o, sel = plan.run(layer, qc, k, v, ctx)
-                attended = attended + _attended(sel, hq)
+                attended = attended + _attended(sel.count, hq)
             outs.append(o)
             if self.metrics:
                 refs.append(dense_attend(qc, k, v, en, st, scale))
@@ -599,9 +600,18 @@ def _visible(starts, ends, hq: int) -> torch.Tensor:
     return (ends - starts).clamp(min=0).sum() * hq
 
 
-def _attended(sel, hq: int) -> torch.Tensor:
-    """Keys a Selection attended, summed over rows and query heads (shared rows count G times)."""
-    return sel.count.sum() * (hq // sel.count.shape[1])
+def _attended(count, hq: int) -> torch.Tensor:
+    """Keys a Selection's count [B, H, T] (or [L, B, H, T]) attended, summed over rows and query
+    heads (shared rows count G times)."""
+    return count.sum() * (hq // count.shape[-2])
+
+
+def _stacked(counts: list) -> list:
+    """Selection counts of several layers, one stacked tensor per head count (shared or not)."""
+    by = {}
+    for c in counts:
+        by.setdefault(tuple(c.shape), []).append(c)
+    return [torch.stack(cs) for cs in by.values()]
 
 
 def _uniform(starts: torch.Tensor) -> bool:
