@@ -547,8 +547,9 @@ class Patch:
             if self._acc is None or self._acc.device != q.device:
                 raise VattnError("vattn's compiled decode step ran before an eager forward prepared it")
             att = sum(_attended(c, hq) for c in _stacked(g["dens"])) if g["dens"] else g["allowed"].new_zeros(())
-            dens = att.double() / g["allowed"].double() + g["dense"]  # the calls' densities, summed
-            self._acc.add_(torch.stack((dens.reshape(()), dens.new_tensor(float(len(g["dens"]) + g["dense"])))))
+            # the calls' densities, summed (new_full, not new_tensor: no host-to-device copy under capture)
+            dens = att.double() / g["allowed"].double() + g["dense"]
+            self._acc.add_(torch.stack((dens.reshape(()), dens.new_full((), float(len(g["dens"]) + g["dense"])))))
             self._graph = None
         return out.contiguous()
 

@@ -151,7 +151,7 @@ class PageUpdate:
     step (Plan._pages builds it once a step), so a layer adds only its own gather and bounds."""
     src: torch.Tensor  # [B]: the row each batch row reads (_below_end)
     safe: torch.Tensor  # [B, J, S]: the positions it reads
-    seen: torch.Tensor  # [B, 1, J, S, 1]: position in [starts, end)
+    seen: torch.Tensor  # [B, J, S]: position in [starts, end)
     where: torch.Tensor  # [B, J]: the page written (the scratch page where not ok)
 
 
@@ -162,14 +162,10 @@ def page_update(pid, ok, starts, end, s: int, scratch: int) -> PageUpdate:
     pos = pid[..., None] * s + torch.arange(s, device=pid.device)  # [B, J, S]
     vis = (pos >= starts[:, None, None]) & (pos < end[:, None, None])
     src, safe = _below_end(end, pos)
-    return PageUpdate(src, safe, vis[:, None, :, :, None], torch.where(ok, pid, scratch))
+    return PageUpdate(src, safe, vis, torch.where(ok, pid, scratch))
 
 
 def bound_pages(pages, k, up: PageUpdate):
-    """pages[b, :, up.where[b, j]] = (min, max) of that page's visible keys."""
-    b, hkv, _, d = k.shape
-    keys = k[up.src[:, None, None], :, up.safe].permute(0, 3, 1, 2, 4).float()  # [B, Hkv, J, S, D]
-    kmin = keys.masked_fill(~up.seen, float("inf")).amin(3)
-    kmax = keys.masked_fill(~up.seen, float("-inf")).amax(3)
-    new = torch.stack([kmin, kmax], -1)  # [B, Hkv, J, D, 2]
-    pages.scatter_(2, up.where[:, None, :, None, None].expand(b, hkv, up.where.shape[1], d, 2), new)
+    """pages[b, :, up.where[b, j]] = (min, max) of that page's visible keys (kernels/quest.py)."""
+    from vattn.kernels.quest import bound_pages as kernel
+    kernel(pages, k, up.src, up.safe, up.seen, up.where)

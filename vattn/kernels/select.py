@@ -192,13 +192,15 @@ def _kernels():
         # where the page ranks not: no key in [lo, hi), or the row's last page
         b, jh, t, hq, mok, qq = group_rows(q, sqb, sqh, sqt, HKV, T, GT, G, MR, D)
         qq = qq.to(tl.float32)
-        d = tl.arange(0, D)
         b64 = b.to(tl.int64)
         p = tl.program_id(2) * BP + tl.arange(0, BP)
         pin = p < NP
-        base = pg + b64 * spb + jh.to(tl.int64) * sph + p[:, None].to(tl.int64) * spp + d[None, :] * 2
-        kmin = tl.load(base, mask=pin[:, None], other=0.0)
-        kmax = tl.load(base + 1, mask=pin[:, None], other=0.0)
+        # each page's (min, max) pairs in one contiguous load, split after (two stride-2 loads
+        # would each read every sector)
+        e = tl.arange(0, 2 * D)
+        pair = tl.load(pg + b64 * spb + jh.to(tl.int64) * sph + p[:, None].to(tl.int64) * spp + e[None, :],
+                       mask=pin[:, None], other=0.0)
+        kmin, kmax = tl.split(tl.reshape(pair, (BP, D, 2)))
         u = tl.dot(tl.maximum(qq, 0.0), tl.trans(kmax), input_precision="ieee")
         u += tl.dot(tl.minimum(qq, 0.0), tl.trans(kmin), input_precision="ieee")
         u = u * scale
