@@ -105,7 +105,9 @@ def test_quest_layers_of_one_step_share_their_page_update(torch_kernel):
                                     ("sink(2)+window(3)+quest(0.2,page=8)", 2), ("window(3)+quest(10,page=1)", 1)])
 def test_rows_over_several_programs_choose_the_reference_keys(spec, t, torch_kernel, monkeypatch):
     import vattn.kernels.select as ks
+    import vattn.plan_select as ps
     monkeypatch.setattr(ks, "BLOCK", 16)  # small blocks: each row's select spans several programs
+    monkeypatch.setattr(ps, "PAGE_BLOCK", 4)  # (Quest's pages: 10 or 80 a row)
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
     starts, ends = bounds(t=t, seed=t)
     check_equal(spec, q, k, v, starts, ends)
