@@ -68,15 +68,19 @@ def test_generate_needs_a_prompt(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-@pytest.mark.parametrize("spec", ["dense", "oracle-topk"])
-def test_generate_on_the_vmem_cache_matches_dynamic(tiny_dir, spec):
-    base = [PROMPT, "--model", str(tiny_dir), "--spec", spec, "-n", "6"]
+@pytest.mark.parametrize("spec,cache", [("dense", "vmem"), ("oracle-topk", "vmem"), ("dense", "static"),
+                                        ("oracle-topk", "static"), ("streaming", "static")])
+def test_generate_on_another_cache_matches_dynamic(tiny_dir, spec, cache):
+    base = [PROMPT, "--model", str(tiny_dir), "--spec", spec, "-n", "6", "--engine", "off"]  # (the engine: vmem)
     a = runner.invoke(app, base)
-    b = runner.invoke(app, base + ["--cache", "vmem"])
+    b = runner.invoke(app, base + ["--cache", cache])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert "transformers + vattn.patch" in b.output
     assert a.output.splitlines()[0] == b.output.splitlines()[0]  # same generated text
+    density = [o.split("mean density")[1].split()[0] for o in (a.output, b.output)]
+    assert density[0] == density[1], density  # the same keys attended
     bad = runner.invoke(app, base + ["--cache", "paged"])
-    assert bad.exit_code == 2 and "--cache must be dynamic or vmem" in bad.output
+    assert bad.exit_code == 2 and "--cache must be dynamic, vmem or static" in bad.output
 
 
 def _no_load(monkeypatch):

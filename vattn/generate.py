@@ -55,8 +55,8 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
     check_sampling(temperature, top_p)
     if metrics_out is not None:
         check_writable_file(metrics_out, "--metrics-out")
-    if cache not in ("dynamic", "vmem"):
-        raise VattnError(f"--cache must be dynamic or vmem, got {cache!r}")
+    if cache not in ("dynamic", "vmem", "static"):
+        raise VattnError(f"--cache must be dynamic, vmem or static, got {cache!r}")
     if max_new_tokens < 1:
         raise VattnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if max_new_tokens == 1 and not parsed.is_dense:
@@ -106,7 +106,10 @@ def run(prompt: str, spec: str = "dense", max_new_tokens: int = 64, chat: bool =
         with torch.no_grad():
             out = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                pad_token_id=tok.pad_token_id, streamer=clock, **sampling,
-                               **({} if kv is None else {cache_keyword(mdl): kv}))
+                               **({} if kv is None else {cache_keyword(mdl): kv}),
+                               # static: one cache of prompt + new tokens; on CUDA transformers then
+                               # compiles the decode step, which the patch runs as one graph
+                               **({"cache_implementation": "static"} if cache == "static" else {}))
         seconds = time.perf_counter() - start
         if not parsed.is_dense:
             p.check_ran()
@@ -304,7 +307,7 @@ def generate_command(
     metrics: bool = typer.Option(False, help="Measure error and mass recall against dense (slower)."),
     metrics_out: Path = typer.Option(None, help="Write per-layer, per-step metrics as JSONL here."),
     dense_layers: int = typer.Option(0, help="Keep the first N layers dense."),
-    cache: str = typer.Option("dynamic", help="KV cache of the transformers path: dynamic or vmem (contiguous virtual memory); the engine always uses vmem."),
+    cache: str = typer.Option("dynamic", help="KV cache of the transformers path: dynamic, vmem (contiguous virtual memory) or static (on CUDA transformers compiles the decode step: one CUDA graph, a compile of ~30 s first); the engine always uses vmem."),
     engine: str = typer.Option("auto", help="auto: the vattn engine when it runs the model (Llama, Qwen2/3, Mistral, Gemma 3), else transformers + vattn.patch; on; off."),
 ):
     """Generate text with sparse attention on the generated tokens (greedy unless --temperature)."""
