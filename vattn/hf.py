@@ -546,10 +546,10 @@ class Patch:
         if layer == max(i for i, r in self.routes.items() if r == "op"):  # the forward's last routed layer: account, then let go of the step's tensors
             if self._acc is None or self._acc.device != q.device:
                 raise VattnError("vattn's compiled decode step ran before an eager forward prepared it")
-            att = sum(_attended(c, hq) for c in _stacked(g["dens"])) if g["dens"] else g["allowed"].new_zeros(())
-            # the calls' densities, summed (new_full, not new_tensor: no host-to-device copy under capture)
-            dens = att.double() / g["allowed"].double() + g["dense"]
-            self._acc.add_(torch.stack((dens.reshape(()), dens.new_full((), float(len(g["dens"]) + g["dense"])))))
+            att = sum((_attended(c, hq) for c in _stacked(g["dens"])), g["allowed"].new_zeros(()))
+            dens = att.double() / g["allowed"] + g["dense"]  # the calls' densities, summed
+            # (full_like, not a tensor from a host value: no host-to-device copy under capture)
+            self._acc.add_(torch.stack((dens, torch.full_like(dens, len(g["dens"]) + g["dense"]))))
             self._graph = None
         return out.contiguous()
 

@@ -12,10 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vattn.kernels.quest import bound_pages as bound_pages_kernel
 from vattn.kernels.select import attn_scores, page_scores, select_top
 from vattn.methods.base import host_size, resolve_size
 from vattn.selection import Selection
 from vattn.spec import Spec
+
+# page scores per loop step of the select's programs: shorter rows than top-k's, so smaller
+# steps and more programs a row (H200, B=1 32K engine step 6.66 -> 6.56 ms against 1024; B=16 equal)
+PAGE_BLOCK = 256
+
 
 @dataclass
 class Front:
@@ -119,11 +125,6 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
     return Selection(idx, front.zeros(idx.shape, q.device), count)
 
 
-# page scores per loop step of the select's programs: shorter rows than top-k's, so smaller
-# steps and more programs a row (H200, B=1 32K engine step 6.66 -> 6.56 ms against 1024; B=16 equal)
-PAGE_BLOCK = 256
-
-
 def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
     """[sink+][window+]quest(budget, page) on the device, per query head: [B, Hq, T, K], K =
     min(N, front width + (pages(budget, N) + 1) * page) (host numbers).
@@ -172,5 +173,4 @@ def page_update(pid, ok, starts, end, s: int, scratch: int) -> PageUpdate:
 
 def bound_pages(pages, k, up: PageUpdate):
     """pages[b, :, up.where[b, j]] = (min, max) of that page's visible keys (kernels/quest.py)."""
-    from vattn.kernels.quest import bound_pages as kernel
-    kernel(pages, k, up.src, up.safe, up.seen, up.where)
+    bound_pages_kernel(pages, k, up.src, up.safe, up.seen, up.where)
