@@ -29,5 +29,6 @@ def test_front_specs_compile_to_fused_paths():
     from vattn.plan import compile
     if not triton_available():
         pytest.skip("needs triton")
-    paths = {n: compile(s, "cpu", fused=True).path for n, s in front_specs(scan_params(32768)).items()}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU under TRITON_INTERPRET=1)
+    paths = {n: compile(s, dev, fused=True).path for n, s in front_specs(scan_params(32768)).items()}
     assert paths == {"topk": "topk-kernel", "topk_verified": "sampled-kernel", "quest_verified": "sampled-kernel"}

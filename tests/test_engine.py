@@ -25,7 +25,7 @@ def ids_for(n, seed=0, vocab=128):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_equal_transformers(arch):
     model = tiny_model(arch)
-    r = Runner(model, max_len=64, max_batch=2)
+    r = Runner(model, device="cpu", max_len=64, max_batch=2)
     ids = ids_for(30)
     ref = hf_logits(model, ids)
     s = r.alloc()
@@ -40,7 +40,7 @@ def test_logits_equal_transformers(arch):
 
 def test_chunked_prefill_equals_one_shot():
     model = tiny_model("qwen3")
-    r = Runner(model, max_len=64, max_batch=2)
+    r = Runner(model, device="cpu", max_len=64, max_batch=2)
     ids = ids_for(40, seed=1)
     a, b = r.alloc(), r.alloc()
     one, chunked = r.prefill(a, ids), r.prefill(b, ids, chunk=6)
@@ -60,7 +60,7 @@ def test_token_major_cache_layout_decodes_alike(spec):
     ids, new = ids_for(30, seed=5), ids_for(5, seed=6)
     out = []
     for layout in ("bhnd", "bnhd"):
-        r = Runner(model, spec=spec, max_len=64, max_batch=2, kv_layout=layout)
+        r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=2, kv_layout=layout)
         assert r.kv.layout == layout
         s = r.alloc()
         got = [r.prefill(s, ids, chunk=8)] + [r.decode([s], [t])[0] for t in new]
@@ -75,11 +75,11 @@ def test_batched_decode_equals_alone(spec):
     new = ids_for(6, seed=4)
     alone = []
     for p in (p1, p2):
-        r = Runner(model, spec=spec, max_len=64, max_batch=4)
+        r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=4)
         s = r.alloc()
         r.prefill(s, p)
         alone.append(torch.stack([r.decode([s], [t])[0] for t in new]))
-    r = Runner(model, spec=spec, max_len=64, max_batch=4)
+    r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=4)
     r.alloc()  # an idle slot between them: rows of the cache with no keys
     s1, s2 = r.alloc(), r.alloc()
     r.prefill(s2, p2)
@@ -89,6 +89,25 @@ def test_batched_decode_equals_alone(spec):
     assert (both[:, 0] - alone[1]).abs().max() < TOL
     if spec != "dense":
         assert 0 < r.density(s1) < 1 and 0 < r.density(s2) < 1
+
+
+def test_greedy_decode_returns_the_argmax_ids():
+    model = tiny_model("llama")
+    runs = []
+    for greedy in (False, True):
+        r = Runner(model, device="cpu", max_len=64, max_batch=2)
+        slots = [r.alloc(), r.alloc()]
+        for s, p in zip(slots, (ids_for(9, seed=1), ids_for(12, seed=2))):
+            r.prefill(s, p)
+        toks, seen = [5, 6], []
+        for _ in range(4):
+            out = r.decode(slots, toks, greedy=greedy)
+            if greedy:
+                assert out.dtype == torch.long and out.shape == (2,)
+            toks = (out if greedy else out.argmax(-1)).tolist()
+            seen.append(toks)
+        runs.append(seen)
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("spec", ["sink(4)+window(8)", "sink(2)+window(2)+topk(0.25)",
@@ -117,7 +136,7 @@ def test_sparse_equals_hf_patch(spec):
         hf_density = p.summary()["density"]
     finally:
         p.undo()
-    r = Runner(model, spec=spec, max_len=64, max_batch=2, seed=3)
+    r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=2, seed=3)
     s = r.alloc()
     got = [r.prefill(s, ids[:n])] + [r.decode([s], [t])[0] for t in ids[n:]]
     diff = (torch.stack(got) - torch.stack(ref)).abs().max().item()
@@ -130,7 +149,7 @@ def test_sparse_equals_hf_patch(spec):
 
 def test_greedy_text_equals_hf(tiny_dir):
     from vattn.models import load_model
-    llm = vattn.LLM(str(tiny_dir), spec="dense", max_len=64, max_batch=2)
+    llm = vattn.LLM(str(tiny_dir), spec="dense", device="cpu", max_len=64, max_batch=2)
     prompts = ["w1 w2 w3", "w5 w9 w7 w7 w3 w100"]
     outs = llm.generate(prompts, vattn.SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)
     model, tok = load_model(str(tiny_dir), dtype=torch.float32)
@@ -149,7 +168,7 @@ def test_embedded_smollm2_logits_and_greedy():
     equal transformers', and greedy generate gives the same tokens."""
     from vattn.models import load_model
     model, tok = load_model(dtype=torch.float32)
-    llm = vattn.LLM(spec="dense", max_len=128, max_batch=2)
+    llm = vattn.LLM(spec="dense", device="cpu", max_len=128, max_batch=2)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     r = llm.runner
     s = r.alloc()
@@ -167,7 +186,7 @@ def test_embedded_smollm2_logits_and_greedy():
 
 def test_sampling_is_seeded_per_request():
     model = tiny_model("qwen2")
-    llm = vattn.LLM(model, spec="dense", max_len=64, max_batch=4)
+    llm = vattn.LLM(model, spec="dense", device="cpu", max_len=64, max_batch=4)
     sp = vattn.SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     p = ids_for(5, seed=6)
     alone = llm.generate(prompt_token_ids=[p], params=sp)[0].token_ids
@@ -189,7 +208,7 @@ def test_sampling_is_seeded_per_request():
 
 def test_stop_tokens_and_max_len():
     model = tiny_model("llama")
-    llm = vattn.LLM(model, spec="dense", max_len=20, max_batch=2, tokenizer=tiny_tokenizer())
+    llm = vattn.LLM(model, spec="dense", device="cpu", max_len=20, max_batch=2, tokenizer=tiny_tokenizer())
     p = ids_for(6, seed=9)
     free = llm.generate(prompt_token_ids=[p], params=vattn.SamplingParams(max_tokens=6, ignore_eos=True))[0]
     stop = free.token_ids[2]
@@ -204,7 +223,7 @@ def test_stop_tokens_and_max_len():
 
 def test_bad_inputs(tmp_path, tiny_dir):
     model = tiny_model("llama")
-    llm = vattn.LLM(str(tiny_dir), spec="dense", max_len=16, max_batch=1)
+    llm = vattn.LLM(str(tiny_dir), spec="dense", device="cpu", max_len=16, max_batch=1)
     with pytest.raises(VattnError, match="max_len is 16"):
         llm.generate(" ".join(["w1"] * 20))
     with pytest.raises(VattnError, match="empty"):
@@ -222,7 +241,7 @@ def test_bad_inputs(tmp_path, tiny_dir):
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(VattnError, match="'gpt2'"):
         vattn.LLM(str(tmp_path / "gpt2"))
-    r = Runner(model, max_len=16, max_batch=1)
+    r = Runner(model, device="cpu", max_len=16, max_batch=1)
     with pytest.raises(VattnError, match="not allocated"):
         r.decode([0], [1])
     s = r.alloc()
@@ -237,14 +256,14 @@ def test_bad_inputs(tmp_path, tiny_dir):
     with pytest.raises(VattnError, match="one token per slot"):
         r.decode([s], [1, 2])
     with pytest.raises(VattnError, match="dense_layers"):
-        Runner(model, dense_layers=[7])
+        Runner(model, device="cpu", dense_layers=[7])
 
 
 def test_budget_fits_and_out_of_memory():
     model = tiny_model("llama")
-    probe = Runner(model, max_len=65536, max_batch=2)  # a head's keys span 2 granules of 2 MiB
+    probe = Runner(model, device="cpu", max_len=65536, max_batch=2)  # a head's keys span 2 granules of 2 MiB
     page = probe.kv.stats().page_bytes
-    r = Runner(model, max_len=65536, max_batch=2, budget_bytes=2 * page)
+    r = Runner(model, device="cpu", max_len=65536, max_batch=2, budget_bytes=2 * page)
     assert r.pages_for(10) == 2 and r.pages_for(40000) == 4
     assert r.fits(10) and not r.fits(40000)
     s = r.alloc()
@@ -258,7 +277,7 @@ def test_budget_fits_and_out_of_memory():
 def test_dense_layers_and_length_bucket():
     model = tiny_model("llama")
     ids = ids_for(30, seed=11)
-    r = Runner(model, spec="sink(1)+window(2)", dense_layers=3, max_len=64)  # every layer dense
+    r = Runner(model, device="cpu", spec="sink(1)+window(2)", dense_layers=3, max_len=64)  # every layer dense
     s = r.alloc()
     r.prefill(s, ids[:20])
     got = torch.stack([r.decode([s], [t])[0] for t in ids[20:]])
@@ -276,7 +295,7 @@ def test_all_rows_step_in_the_interpreter(arch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without a GPU)")
     model = tiny_model(arch)
-    r = Runner(model, max_len=64, max_batch=3)
+    r = Runner(model, device="cpu", max_len=64, max_batch=3)
     r.all_rows = True
     p1, p2 = ids_for(14, seed=7), ids_for(25, seed=8)
     s1, s2 = r.alloc(), r.alloc()
@@ -294,8 +313,8 @@ def test_scan_chain_on_a_sliding_window_model_keeps_windows_exact():
     model = tiny_model("mistral")  # window 12 on every layer: the scan chain runs nowhere
     spec = ("sink(2)+window(4)+hashtopk(0.2,bits=32,cut='sample')"
             "+verified(eps=0.3,delta=0.3,draws='iid',mode='denominator',min_pilot=4)")
-    r = Runner(model, spec=spec, max_len=64, max_batch=1)
-    d = Runner(model, spec="dense", max_len=64, max_batch=1)
+    r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=1)
+    d = Runner(model, device="cpu", spec="dense", max_len=64, max_batch=1)
     ids = ids_for(30, seed=2)
     outs = []
     for run in (r, d):
@@ -322,7 +341,7 @@ def test_scan_chain_all_rows_step_in_the_interpreter(monkeypatch):
     p1, p2, new = ids_for(30, seed=7), ids_for(41, seed=8), ids_for(3, seed=9)
     outs, dens = [], []
     for fused in (True, False):
-        r = Runner(model, spec=spec, max_len=64, max_batch=2)
+        r = Runner(model, device="cpu", spec=spec, max_len=64, max_batch=2)
         r.all_rows = True
         text = str(r.plan().spec)
         r._plans[(text, None)] = compile_plan(text, "cpu", seed=r.seed, fused=fused).reserve(64)

@@ -72,6 +72,43 @@ def test_graph_buckets_and_slot_reuse_equal_eager(spec):
         assert all(0 < graphed.density(s) < 1 for s in slots)
 
 
+@pytest.mark.parametrize("spec", ["dense", SCAN])
+def test_greedy_ids_fed_back_through_the_graph_equal_host_argmax(spec, monkeypatch):
+    """decode(greedy=True) takes the argmax inside the graph, which keeps the ids and positions:
+    ids passed back skip the copies in (no pinned host rows) and give the tokens a host argmax
+    of the same graph's logits gives, across a padded bucket, a key-length bucket boundary (256),
+    a smaller batch and host tokens in between."""
+    model = tiny_model("llama").cuda()
+    prompts = [ids_for(n, seed=n) for n in (250, 245, 240)]  # 3 slots: bucket 4 with a padding entry
+
+    def run(greedy):
+        r = Runner(model, spec=spec, device="cuda", dtype=torch.float32, max_len=600, max_batch=4)
+        slots = [r.alloc() for _ in prompts]
+        cur = [int(r.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
+        seen = []
+        for i in range(14):
+            if i == 9:  # a smaller batch (bucket 2), its tokens from the host
+                slots, cur = slots[:2], seen[-1][:2]
+            if greedy:
+                cur = r.decode(slots, cur, greedy=True)
+                seen.append(cur.tolist())
+            else:
+                cur = r.decode(slots, cur).argmax(-1).tolist()
+                seen.append(cur)
+        assert r.graph_notes == {}
+        return seen, r
+
+    pinned = []
+    real = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(1) or real(t, *a))
+    ref, _ = run(False)
+    copies_ref, pinned[:] = len(pinned), []
+    got, r = run(True)
+    assert got == ref
+    assert copies_ref == 14 and len(pinned) == 3  # the first step of each graph: two length buckets, then bucket 2
+    assert len(r._graphs) == 3
+
+
 def test_graph_replays_across_new_kv_pages():
     """Head dim 128 in fp32: a 2 MiB granule holds 4096 tokens of a head, so decoding past
     8192 maps a fresh page under the captured graph (same virtual addresses)."""

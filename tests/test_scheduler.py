@@ -83,7 +83,7 @@ class FakeRunner:
         self.calls.append(("prefill", [slot], len(ids), spec))
         return self._logits(self._next(slot))
 
-    def decode(self, slots, tokens, spec=None):
+    def decode(self, slots, tokens, spec=None, greedy=False):
         if len(slots) > self._free_pages():  # all or nothing, like the real runner
             raise VattnOutOfMemory(f"need {len(slots)} pages")
         self.calls.append(("decode", list(slots), len(slots), spec))
@@ -94,7 +94,8 @@ class FakeRunner:
             self.kv.k(0)[s, 0, n, 0] = float(t)
             self._len[s] = n + 1
             out.append(self._logits(self._next(s)))
-        return torch.stack(out)
+        out = torch.stack(out)
+        return out.argmax(-1) if greedy else out
 
     def length(self, slot):
         return self._len[slot]
@@ -144,17 +145,17 @@ def test_decode_launches_before_the_step_before_is_read():
     log = []
     decode = runner.decode
 
-    def spy(slots, tokens, spec=None):
-        log.append(("decode", type(tokens).__name__))
-        return decode(slots, tokens, spec)
+    def spy(slots, tokens, spec=None, greedy=False):
+        log.append(("decode", type(tokens).__name__, greedy))
+        return decode(slots, tokens, spec, greedy)
     runner.decode = spy
     r = req([3, 4, 5], 5, on_event=lambda r, toks, fin: log.extend(("token", t) for t in toks))
     run_all(Scheduler(runner), [r])
     out = expected([3, 4, 5], 5)
     assert r.output_ids == out and r.finish_reason == "length"
-    assert log == [("token", out[0]), ("decode", "list"), ("decode", "Tensor"), ("token", out[1]),
-                   ("decode", "Tensor"), ("token", out[2]), ("decode", "Tensor"), ("token", out[3]),
-                   ("token", out[4])]
+    assert log == [("token", out[0]), ("decode", "list", True), ("decode", "Tensor", True), ("token", out[1]),
+                   ("decode", "Tensor", True), ("token", out[2]), ("decode", "Tensor", True), ("token", out[3]),
+                   ("token", out[4])]  # greedy: the runner's own argmax
     assert runner.kv.stats().slots_in_use == 0
 
 
@@ -368,10 +369,10 @@ def test_preempted_request_waits_for_memory_no_thrashing():
 
 def test_device_oom_preempts_like_kv_oom():
     class Tight(FakeRunner):  # the device has no room for a 3-request step's activations
-        def decode(self, slots, tokens, spec=None):
+        def decode(self, slots, tokens, spec=None, greedy=False):
             if len(slots) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            return super().decode(slots, tokens, spec)
+            return super().decode(slots, tokens, spec, greedy)
     runner = Tight()
     sched = Scheduler(runner)
     reqs = [req([i + 1] * 3, 6) for i in range(3)]

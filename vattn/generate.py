@@ -189,9 +189,13 @@ def run_engine(prompt, spec, max_new_tokens, chat, device, dtype, model, dense_l
         logits = r.prefill(slot, ids)
         plan = r.plan(spec)
         for i in range(max_new_tokens):
-            if i:
-                logits = r.decode([slot], [out[-1]], spec=spec)[0]
-            out.append(int(sampler(logits)))
+            if not i:
+                nxt = sampler(logits)
+            elif sampler.gen is None:  # greedy: the step's own argmax
+                nxt = r.decode([slot], [out[-1]], spec=spec, greedy=True)[0]
+            else:
+                nxt = sampler(r.decode([slot], [out[-1]], spec=spec)[0])
+            out.append(int(nxt))
             times.append(time.perf_counter())
             if on_text is not None:
                 text = tok.decode(out, skip_special_tokens=True)

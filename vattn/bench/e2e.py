@@ -123,7 +123,7 @@ def decode_loop(r, slots, steps: int, warmup: int = 2) -> float:
         if i == warmup:
             _sync(r.device)
             t = time.perf_counter()
-        toks = r.decode(slots, toks).argmax(-1)
+        toks = r.decode(slots, toks, greedy=True)
         step = StepIds(toks)
         if prev is not None:
             prev.tolist()  # the host's read of the step before

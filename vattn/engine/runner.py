@@ -4,6 +4,7 @@
     s = r.alloc()
     logits = r.prefill(s, ids)                      # float32 [V]: the prompt's last token
     logits = r.decode([s], [next_id])               # float32 [1, V]: one new token per slot
+    ids = r.decode([s], ids, greedy=True)           # int64 [1] on the device: argmax in the step
     r.density(s); r.free(s)
 
 Decode attends over every slot row of the cache at once ([max_batch, Hkv, N, D] views; rows
@@ -258,10 +259,14 @@ class Runner:
         plan.append(layer, K[:, :, :n], V[:, :, :n], ctx)
 
     # ------------------------------------------------------------ decode
-    def decode(self, slots, tokens, spec=None):
+    def decode(self, slots, tokens, spec=None, greedy: bool = False):
         """One new token per slot at position length(slot), all slots in one step; returns
-        float32 [len(slots), V]. On CUDA the step replays a CUDA graph when every layer runs
-        batched (dense kernel, fused plans); reference plans run eagerly, one slot at a time."""
+        float32 [len(slots), V], or with greedy the argmax ids, int64 [len(slots)] on the device.
+        On CUDA the step replays a CUDA graph when every layer runs batched (dense kernel, fused
+        plans); reference plans run eagerly, one slot at a time. A graphed step takes its argmax
+        inside the graph and keeps ids and positions for the next step: greedy ids passed back
+        as the next step's tokens for the same slots are not copied (they stay valid until
+        that graph's next replay: copy them to keep them)."""
         slots = [self._check_slot(s) for s in _as_list(slots, "slots")]
         tokens = self._step_tokens(tokens, len(slots))
         if len(slots) != len(tokens) or not slots:
@@ -279,7 +284,7 @@ class Runner:
         why = self._graph_misfit(plan)
         with torch.inference_mode():
             if why is None:
-                out = self._replay(plan, slots, tokens, pos)
+                out = self._replay(plan, slots, tokens, pos, greedy)
             else:
                 if self.device.type == "cuda" and self.graphs:
                     self.graph_notes.setdefault(str(plan.spec) if plan else "dense", why)
@@ -288,6 +293,8 @@ class Runner:
                 out = self._step(tok, torch.tensor(slots, device=dev),
                                  torch.tensor(pos, device=dev), max(pos) + 1, plan, len(slots),
                                  host=(slots, pos))
+                if greedy:
+                    out = out.argmax(-1)
         for s in slots:
             self._len[s] += 1
             self._decoded[s] += 1
@@ -420,40 +427,49 @@ class Runner:
             return f"plan path {plan.path!r} cannot be captured in a CUDA graph"
         return None
 
-    def _replay(self, plan, slots, tokens, pos):
+    def _replay(self, plan, slots, tokens, pos, greedy: bool):
         b = len(slots)
         bucket = min(next_pow2(b), self.S)
         nview = length_bucket(max(pos) + 1, self.max_len)
         key = (str(plan.spec) if plan is not None else "dense", bucket, nview)
-        pad = bucket - b
-        rows, ids = [slots + slots[:1] * pad, pos + pos[:1] * pad], None
-        if isinstance(tokens, torch.Tensor):  # the model's own ids, on the device: no sync
-            ids = torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens
-        else:
-            rows.insert(0, tokens + tokens[:1] * pad)
-        # pinned, copied without blocking: the host never waits for the steps already queued
-        host = torch.tensor(rows, dtype=torch.long).pin_memory()
         g = self._graphs.get(key)
-        if g is None:
-            inputs = host.to(self.device)
-            g = self._capture(key, plan, inputs if ids is None else torch.cat([ids[None], inputs]), nview, bucket)
+        if g is not None and g["next"] == (slots, pos) and _is_view(tokens, g["inputs"][0], b):
+            g["graph"].replay()  # the graph's own ids and positions from its last replay: no copy in
         else:
-            if ids is not None:
-                g["inputs"][0].copy_(ids, non_blocking=True)
-            g["inputs"][3 - len(rows):].copy_(host, non_blocking=True)
-            g["graph"].replay()
-        return g["out"][:b].clone()
+            pad = bucket - b
+            # inputs [4, bucket]: ids, slots, positions, and the row whose argmax each row takes
+            # next (padding repeats row 0 in all four)
+            rows, ids = [slots + slots[:1] * pad, pos + pos[:1] * pad, list(range(b)) + [0] * pad], None
+            if isinstance(tokens, torch.Tensor):  # the model's own ids, on the device: no sync
+                ids = torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens
+            else:
+                rows.insert(0, tokens + tokens[:1] * pad)
+            # pinned, copied without blocking: the host never waits for the steps already queued
+            host = torch.tensor(rows, dtype=torch.long).pin_memory()
+            if g is None:
+                inputs = host.to(self.device)
+                g = self._capture(key, plan, inputs if ids is None else torch.cat([ids[None], inputs]), nview, bucket)
+            else:
+                if ids is not None:
+                    g["inputs"][0].copy_(ids, non_blocking=True)
+                g["inputs"][4 - len(rows):].copy_(host, non_blocking=True)
+                g["graph"].replay()
+        g["next"] = (slots, [p + 1 for p in pos])
+        return g["inputs"][0][:b] if greedy else g["out"][:b].clone()
 
     def _capture(self, key, plan, inputs, nview, bucket):
         """Warm up (Triton compiles, cuBLAS workspaces) on a side stream with this step's real
         inputs, then capture; the capture's replay is this step. Warm-up rewrites the same K/V
-        the step writes; the density counters are put back as they were."""
+        the step writes; the density counters are put back as they were. The graph ends by
+        writing the step's argmax ids and the next positions into its own inputs."""
+        from vattn.kernels.argmax import next_ids
         saved = (self._att.clone(), self._allowed.clone())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(inputs[0], inputs[1], inputs[2], nview, plan, bucket)
+                out = self._step(inputs[0], inputs[1], inputs[2], nview, plan, bucket)
+                next_ids(out, inputs[3], inputs[0].clone(), inputs[2].clone())  # (compiled, inputs kept)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._att.copy_(saved[0])
         self._allowed.copy_(saved[1])
@@ -462,6 +478,7 @@ class Runner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._step(inputs[0], inputs[1], inputs[2], nview, plan, bucket)
+            next_ids(out, inputs[3], inputs[0], inputs[2])
         self._graphs[key] = g = {"graph": graph, "inputs": inputs, "out": out}
         log.info("captured a decode graph: spec %s, batch bucket %d, keys %d", *key)
         graph.replay()
@@ -522,6 +539,12 @@ class StepIds:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+
+def _is_view(tokens, buf: torch.Tensor, b: int) -> bool:
+    """Whether tokens are buf's first b entries (a graph's ids, passed back)."""
+    return (isinstance(tokens, torch.Tensor) and tokens.shape == (b,) and tokens.data_ptr() == buf.data_ptr()
+            and tokens.device == buf.device)
 
 
 def prefill_attention(q, k, v, start: int, window, scale: float):

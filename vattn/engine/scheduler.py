@@ -403,8 +403,10 @@ class Scheduler:
             batch = [r for r in batch if r.slot is not None and not r.finished and self._room(r, id(r) in inflight)]
             if not batch:
                 break
+            greedy = all(r.sampler.gen is None for r in batch)  # then the step's own argmax (in its graph)
             try:
-                logits = self.runner.decode([r.slot for r in batch], self._inputs(batch, prev, inflight), spec=spec)
+                out = self.runner.decode([r.slot for r in batch], self._inputs(batch, prev, inflight), spec=spec,
+                                         greedy=greedy)
             except OUT_OF_MEMORY as e:
                 n, prev = n + self._read(prev), None  # settle the step in flight first
                 self._preempt_for(batch[0], e)  # frees a slot (or fails a lone request); retry
@@ -415,10 +417,7 @@ class Scheduler:
                 for r in batch:
                     self._finish(r, "error", f"decode failed: {type(e).__name__}: {e}", "engine_error")
                 break
-            if all(r.sampler.gen is None for r in batch):  # all greedy: one argmax for the batch
-                toks = logits.argmax(-1)
-            else:
-                toks = torch.stack([r.sampler(logits[i]).reshape(()) for i, r in enumerate(batch)])
+            toks = out if greedy else torch.stack([r.sampler(out[i]).reshape(()) for i, r in enumerate(batch)])
             n, prev = n + self._read(prev), None  # the step before, while this one runs
             self._pending[spec] = (batch, StepIds(toks))  # its copy to the host queued before the next step
             break
