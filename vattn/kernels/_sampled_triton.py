@@ -48,6 +48,14 @@ def _members(bits, srow, NW, x, ok, rok):
     return ((w >> (x % 32)[None, :]) & 1) != 0
 
 
+@triton.jit
+def _fold(qq, kk, vv, take, scale_log2, m_i, l_i, acc, got, IEEE: tl.constexpr):
+    """Fold a tile's keys in take ([M, BN]) into the running softmax; count them per head."""
+    sc = tl.where(take, dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
+    m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
+    return m_i, l_i, acc, got + tl.sum(take.to(tl.int32), 1)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
                   sqb, sqh, skb, skh, skn, svb, svh, svn,
@@ -88,20 +96,25 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
     total, exact, need = budget_total(b0, n_mid, K, m, R, M)
     if j2 == 0:  # (no cut: tau and thu 0)
         store_stats(stats, row, m, total, n_mid, need, exact, 0, 0)
-    lim = tl.where(exact, n_mid, total)
     m_i, l_i, acc = online_init(M, D)
     got = tl.zeros([M], tl.int32)
     j = tl.arange(0, BN)
-    for blk in range(j2, tl.cdiv(lim, BN), S2):
-        ii = blk * BN + j
-        use = ii < lim
-        x = tl.where(exact, lo + ii, _draw(ii, skey, lo, n_mid))
-        take = use[None, :] & ~_members(bits, srow, NW, x, use, rok)  # [M, BN]
-        read = tl.sum((take & rok[:, None]).to(tl.int32), 0) > 0  # a key some head needs
-        kk, vv = kv_rows(kb, vb, skn, svn, x.to(tl.int64), read, D)
-        sc = tl.where(take, dot_qk(qq, kk, IEEE) * scale_log2, float("-inf"))
-        m_i, l_i, acc = online_step(sc, vv, m_i, l_i, acc, IEEE)
-        got += tl.sum(take.to(tl.int32), 1)
+    if exact:  # the middle in position order, every row read: loads that wait on no other load
+        for blk in range(j2, tl.cdiv(n_mid, BN), S2):
+            ii = blk * BN + j
+            use = ii < n_mid
+            kk, vv = kv_rows(kb, vb, skn, svn, (lo + ii).to(tl.int64), use, D)
+            take = use[None, :] & ~_members(bits, srow, NW, lo + ii, use, rok)  # [M, BN]
+            m_i, l_i, acc, got = _fold(qq, kk, vv, take, scale_log2, m_i, l_i, acc, got, IEEE)
+    else:
+        for blk in range(j2, tl.cdiv(total, BN), S2):
+            ii = blk * BN + j
+            use = ii < total
+            x = _draw(ii, skey, lo, n_mid)
+            take = use[None, :] & ~_members(bits, srow, NW, x, use, rok)
+            read = tl.sum((take & rok[:, None]).to(tl.int32), 0) > 0  # a key some head needs
+            kk, vv = kv_rows(kb, vb, skn, svn, x.to(tl.int64), read, D)
+            m_i, l_i, acc, got = _fold(qq, kk, vv, take, scale_log2, m_i, l_i, acc, got, IEEE)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
     _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S, R, M, D)
     if CNT:  # keys attended per selection row (a shared row: its heads agree, the first adds)
