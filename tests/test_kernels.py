@@ -16,10 +16,9 @@ from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture
 from vattn.errors import VattnError
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 
 
 def rel(a, b):

@@ -11,10 +11,9 @@ pytest.importorskip("triton")
 
 from vattn.errors import VattnError
 from vattn.kernels.argmax import next_ids, next_ids_ref
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 
 
 def both(x, src):

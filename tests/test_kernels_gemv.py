@@ -24,10 +24,9 @@ from vattn.errors import VattnError
 from vattn.kernels._common import interpret, zeroed_counters
 from vattn.kernels.gemv import default_config, glu_linear, linear, rms_linear
 from vattn.kernels.layer_ops import add_rms_norm_ref, glu_ref
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 BF, F32 = torch.bfloat16, torch.float32
 
 

@@ -18,10 +18,9 @@ pytest.importorskip("triton")
 from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
 from vattn.errors import VattnError
 from vattn.kernels.layer_ops import (add_rms_norm, add_rms_norm_ref, glu, glu_ref, qkv_rope, qkv_rope_ref)
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 
 
 def close(out, ref, exact=None):

@@ -12,10 +12,9 @@ pytest.importorskip("triton")
 from vattn.errors import VattnError
 from vattn.kernels.quest import bound_pages, bound_pages_ref
 from vattn.plan_select import page_update
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 
 
 @pytest.mark.parametrize("dtype,s", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 5)])

@@ -17,10 +17,9 @@ from vattn.kernels.sampled import sampled_decode, sampled_decode_ref
 from vattn.kernels.select import topk_ref
 from vattn.plan import compile
 from vattn.selection import Selection
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 SINK, WINDOW = 4, 8
 
 

@@ -16,10 +16,9 @@ from vattn.errors import VattnError
 from vattn.kernels.bits import sign_bits
 from vattn.kernels.decode import dense_decode_ref
 from vattn.kernels.scan import scan_decode_ref, scan_density, var_inflation, vattention_scan_decode
+from helpers import DEV, KERNELS
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = KERNELS
 KW = dict(sink=16, window=32, topk=200, m0=32, sub=512)
 RUN = dict(splits=(3, 4), block_c=256, block_n=32)
 
