@@ -4,11 +4,13 @@ import os
 import pytest
 import torch
 
-# The kernel tests: on CUDA, or on the CPU in the Triton interpreter (a test module sets
-# TRITON_INTERPRET=1 by default before importing this: without CUDA, conftest does too).
-KERNELS = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                             reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+def kernel_env():
+    """(skip mark, device) of a kernel test module, read when it calls this (after its own
+    TRITON_INTERPRET default): on CUDA, or on the CPU in the Triton interpreter."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    mark = pytest.mark.skipif(not interp and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+    return mark, "cpu" if interp else "cuda"
 
 
 def rand_qkv(b=2, hq=4, hkv=2, t=1, n=64, d=16, dtype=torch.float32, seed=0):

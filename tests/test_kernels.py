@@ -16,9 +16,9 @@ from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture
 from vattn.errors import VattnError
 from vattn.kernels.decode import dense_decode, dense_decode_ref
 from vattn.kernels.sparse import sparse_decode, sparse_decode_ref
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 
 
 def rel(a, b):

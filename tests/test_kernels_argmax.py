@@ -11,9 +11,9 @@ pytest.importorskip("triton")
 
 from vattn.errors import VattnError
 from vattn.kernels.argmax import next_ids, next_ids_ref
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 
 
 def both(x, src):

@@ -24,9 +24,9 @@ from vattn.errors import VattnError
 from vattn.kernels._common import interpret, zeroed_counters
 from vattn.kernels.gemv import default_config, glu_linear, linear, rms_linear
 from vattn.kernels.layer_ops import add_rms_norm_ref, glu_ref
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 BF, F32 = torch.bfloat16, torch.float32
 
 

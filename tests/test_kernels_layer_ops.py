@@ -18,9 +18,9 @@ pytest.importorskip("triton")
 from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
 from vattn.errors import VattnError
 from vattn.kernels.layer_ops import (add_rms_norm, add_rms_norm_ref, glu, glu_ref, qkv_rope, qkv_rope_ref)
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 
 
 def close(out, ref, exact=None):

@@ -12,9 +12,9 @@ pytest.importorskip("triton")
 from vattn.errors import VattnError
 from vattn.kernels.quest import bound_pages, bound_pages_ref
 from vattn.plan_select import page_update
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 
 
 @pytest.mark.parametrize("dtype,s", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 5)])

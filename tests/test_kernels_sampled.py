@@ -17,9 +17,9 @@ from vattn.kernels.sampled import sampled_decode, sampled_decode_ref
 from vattn.kernels.select import topk_ref
 from vattn.plan import compile
 from vattn.selection import Selection
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 SINK, WINDOW = 4, 8
 
 

@@ -16,9 +16,9 @@ from vattn.errors import VattnError
 from vattn.kernels.bits import sign_bits
 from vattn.kernels.decode import dense_decode_ref
 from vattn.kernels.scan import scan_decode_ref, scan_density, var_inflation, vattention_scan_decode
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 KW = dict(sink=16, window=32, topk=200, m0=32, sub=512)
 RUN = dict(splits=(3, 4), block_c=256, block_n=32)
 

@@ -17,9 +17,9 @@ from vattn.kernels import select as ks
 from vattn.kernels.select import attn_scores, page_scores, select_top, select_top_ref, topk_ref
 from vattn.methods.base import exact_scores
 from vattn.methods.quest import page_bounds
-from helpers import DEV, KERNELS
+from helpers import kernel_env
 
-pytestmark = KERNELS
+pytestmark, DEV = kernel_env()
 # CPU tensors, or plans compiled for the CPU with the kernels forced on: the interpreter's tests
 interpreter_only = pytest.mark.skipif(DEV != "cpu", reason="CPU tensors under TRITON_INTERPRET=1")
 NEG = float("-inf")
