@@ -419,22 +419,28 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
     l_i = tl.where(pre, l_i, 0.0)
     acc = tl.where(pre, acc, 0.0)
     got = tl.where(pre, got, 0)
-    lim = tl.where(exact, n_mid, total)
     j = tl.arange(0, BN)
-    x_nx = tl.where(pre, x1, x0)
-    w_nx = tl.where(pre, w1, w0)
-    if exact:  # the residual in position order instead of draws
-        x_nx = sink + j2 * BN + j
-        w_nx = sig_words(ks, row, x_nx, j2 * BN + j < lim, N, W, WP)
-    for blk in range(tl.where(pre, j2 + S2, j2), tl.cdiv(lim, BN), S2):
-        ii = blk * BN + j
-        use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < lim, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW, SH,
-                                 NH, D)
-        i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
-        x_nx = tl.where(exact, sink + i2, _draw(i2, skey, sink, n_mid))
-        w_nx = sig_words(ks, row, x_nx, i2 < lim, N, W, WP)
-        m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
-        got += tl.sum(use.to(tl.int32), 0)
+    if exact:  # the residual in position order: every row read (loads that wait on no other load),
+        for blk in range(j2, tl.cdiv(n_mid, BN), S2):  # the top-k keys masked after
+            ii = blk * BN + j
+            ok = ii < n_mid
+            w = sig_words(ks, row, sink + ii, ok, N, W, WP)
+            use = ok & ~_taken(_wbins(qv, w, R, W, WP, RWP, HW, SH, NH), sink + ii, t, tu, tkey)
+            kk, vv = kv_rows(kb, vb, skn, svn, (sink + ii).to(tl.int64), ok, D)
+            m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
+            got += tl.sum(use.to(tl.int32), 0)
+    else:
+        x_nx = tl.where(pre, x1, x0)
+        w_nx = tl.where(pre, w1, w0)
+        for blk in range(tl.where(pre, j2 + S2, j2), tl.cdiv(total, BN), S2):
+            ii = blk * BN + j
+            use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < total, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
+                                     SH, NH, D)
+            i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
+            x_nx = _draw(i2, skey, sink, n_mid)
+            w_nx = sig_words(ks, row, x_nx, i2 < total, N, W, WP)
+            m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
+            got += tl.sum(use.to(tl.int32), 0)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
     return m_i, l_i, acc, lw2, got
 
