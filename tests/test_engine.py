@@ -38,6 +38,34 @@ def test_logits_equal_transformers(arch):
     assert r.density(s) == 1.0  # dense spec
 
 
+@pytest.mark.parametrize("rope", [dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16),
+                                  dict(rope_type="linear", factor=4.0),
+                                  dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128),
+                                  dict(rope_type="dynamic", factor=2.0)])
+def test_scaled_rope_logits_equal_transformers(rope):
+    """Llama 3.1's rope scaling and the other types the engine takes (HF's own tables)."""
+    import transformers as tf
+    from conftest import TINY
+    models = []
+    for p in (rope, {"rope_type": "default"}):
+        torch.manual_seed(0)
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, rope_parameters={"rope_theta": 10000.0, **p})).eval()
+        m.config._attn_implementation_internal = "sdpa"
+        models.append(m)
+    ids = ids_for(40, seed=5)
+    ref = hf_logits(models[0], ids)
+    if rope["rope_type"] != "dynamic":  # (dynamic scales only past the trained positions: 512 here)
+        assert (ref - hf_logits(models[1], ids)).abs().max() > 1e-3  # the scaling moves these logits
+    r = Runner(models[0], device="cpu", max_len=64, max_batch=1)
+    s = r.alloc()
+    got = [r.prefill(s, ids[:30])] + [r.decode([s], [t])[0] for t in ids[30:]]
+    assert (torch.stack(got) - ref[29:]).abs().max().item() < TOL
+    if rope["rope_type"] == "dynamic":  # one table for all positions: not past the trained length
+        with pytest.raises(VattnError, match="max_len must be <= 512"):
+            Runner(models[0], device="cpu", max_len=1024, max_batch=1)
+
+
 def test_chunked_prefill_equals_one_shot():
     model = tiny_model("qwen3")
     r = Runner(model, device="cpu", max_len=64, max_batch=2)
