@@ -289,7 +289,7 @@ def main():
     args = ap.parse_args()
     need_cuda()
     import triton
-    from vattn.kernels._common import use_pdl
+    from vattn.kernels.common import use_pdl
     dev = torch.device("cuda")
     print(f"bench_gemv {datetime.date.today()}: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"triton {triton.__version__}, bf16, PDL {'on' if use_pdl(dev) else 'off (needs sm_90+)'}")

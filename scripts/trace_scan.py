@@ -41,6 +41,7 @@ def timeline(B, N, fn=vattention_scan_decode, **kw):
     qq, k, v, proj, ks = data(B, N)
     L = torch.full((B,), N, dtype=torch.int32, device="cuda")
     sp = scan_params(N) | kw.pop("params", {})
+    sp.pop("bits")  # the signatures are made here, 32-bit
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda") if os.environ.get("COLD") == "1" else None
 
     def run(tr=None):

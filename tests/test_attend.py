@@ -76,7 +76,7 @@ def test_sparse_output_differs_when_budget_is_small():
 
 def test_kernel_misfit_says_why():
     from vattn.attend import kernel_misfit
-    from vattn.kernels._common import triton_available
+    from vattn.kernels.common import triton_available
     q, k, v = rand_qkv(d=64)
     assert (kernel_misfit(q, k, v) is None) == triton_available()
     if triton_available():

@@ -25,7 +25,7 @@ def test_peaked_sets_give_every_head_of_a_group_the_family_scores():
 def test_front_specs_compile_to_fused_paths():
     """vattn bench's exact-front rows time fused plans, never the reference (a user's spec text)."""
     from vattn.bench.attn_core import front_specs, scan_params
-    from vattn.kernels._common import triton_available
+    from vattn.kernels.common import triton_available
     from vattn.plan import compile
     if not triton_available():
         pytest.skip("needs triton")

@@ -98,7 +98,7 @@ def test_interpreter_compat_squeezes_loop_bounds(monkeypatch):
     import numpy as np
     import triton.language as tl
     import triton.runtime.interpreter as ti
-    from vattn.kernels import _common
+    from vattn.kernels import common
     seen = {}
 
     class Scope:
@@ -106,7 +106,7 @@ def test_interpreter_compat_squeezes_loop_bounds(monkeypatch):
             seen[name] = (obj, value)
 
     monkeypatch.setattr(ti, "_patch_lang", lambda fn: Scope())
-    _common._interpreter_compat.__wrapped__()
+    common._interpreter_compat.__wrapped__()
     ti._patch_lang(None)
     obj, index = seen["__index__"]
     bound = type("Bound", (), {"handle": type("Handle", (), {"data": np.array([7], dtype=np.int32)})()})()

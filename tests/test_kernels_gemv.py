@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture)
 from vattn.errors import VattnError
-from vattn.kernels._common import interpret, zeroed_counters
+from vattn.kernels.common import interpret, zeroed_counters
 from vattn.kernels.gemv import default_config, glu_linear, linear, rms_linear
 from vattn.kernels.layer_ops import add_rms_norm_ref, glu_ref
 from helpers import kernel_env

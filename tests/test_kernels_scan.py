@@ -87,7 +87,7 @@ def test_scan_decode_count_is_the_keys_attended():
 def test_scan_decode_leaves_its_counters_zero():
     # the cut kernel's per-row counter is zeroed by the program that used it last (no memset per
     # call): a second call must find it zero and give the same cut, sample and output
-    from vattn.kernels._common import _ZEROED
+    from vattn.kernels.common import _ZEROED
     q, k, v, proj, ks = inputs(4)
     L = torch.tensor([2048, 1500], dtype=torch.int32, device=DEV)
     kw = dict(eps=0.2, delta=0.1, seed=4, stats=True, **RUN, **KW)
@@ -98,7 +98,7 @@ def test_scan_decode_leaves_its_counters_zero():
 
 
 def test_zeroed_counters_grow_without_freeing_what_a_graph_may_hold():
-    from vattn.kernels._common import _ZEROED, zeroed_counters
+    from vattn.kernels.common import _ZEROED, zeroed_counters
     # a request past the largest buffer so far makes a new one; the old stays held
     small = zeroed_counters(3, torch.device("cpu"))
     n = max(b.numel() for b in _ZEROED["cpu"]) + 1
@@ -268,8 +268,8 @@ def test_scan_decode_output_mode_matches_twin(eps, seed):
 
 
 def test_scan_plan_fills_the_sms_with_spans_at_four_warps(monkeypatch):
-    from vattn.kernels import _common, scan
-    monkeypatch.setattr(_common, "sm_count", lambda i: 132)  # an H200's SMs
+    from vattn.kernels import common, scan
+    monkeypatch.setattr(common, "sm_count", lambda i: 132)  # an H200's SMs
     monkeypatch.setattr(scan, "sm_count", lambda i: 132)
     monkeypatch.setattr(scan, "scan_resident", lambda i: 3)  # an H200's 228 KB an SM
     gpu = torch.device("cuda")

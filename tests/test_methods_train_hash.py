@@ -4,7 +4,8 @@ import torch
 
 import vattn
 from vattn.attend import dense_attend
-from vattn.methods.train_hash import recall, synthetic_records, train_hash, train_hash_command
+from vattn.methods.train_hash import recall, synthetic_records, train_hash
+from vattn.train_hash import train_hash_command
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 from helpers import rand_qkv, rel
 from vattn.errors import VattnError
-from vattn.kernels._common import triton_available
+from vattn.kernels.common import triton_available
 from vattn.plan import compile, is_streaming, streaming_selection
 from vattn.spec import parse
 

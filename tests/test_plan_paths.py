@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse: unwritten outputs read as NaN / -7)
 from helpers import rand_qkv, rel
 from vattn.errors import VattnError
-from vattn.kernels._common import triton_available
+from vattn.kernels.common import triton_available
 from vattn.plan import GRAPHABLE_PATHS, compile, kernel_form
 from vattn.spec import parse
 

@@ -142,7 +142,7 @@ def attend(q, k, v, sel: Selection, scale: float | None = None) -> torch.Tensor:
 
 def kernel_misfit(q, k, v) -> str | None:
     """None when the Triton sparse kernel takes these inputs, else why not (the torch path runs)."""
-    from vattn.kernels._common import triton_available
+    from vattn.kernels.common import triton_available
     d = q.shape[-1]
     if not triton_available():
         return "triton is not installed (pip install 'vattn[gpu]')"

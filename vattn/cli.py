@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import warnings
 from pathlib import Path
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from vattn import __version__
+from vattn.console import console, fail, quiet_warnings
 from vattn.errors import VattnError
 
 # name -> (module, function, one-line help); "bench" is the bench_app group.
@@ -26,17 +25,10 @@ LAZY = {
     "generate": ("vattn.generate", "generate_command", "Generate text with sparse attention on the generated tokens."),
     "eval": ("vattn.eval.cli", "eval_command", "Long-context accuracy of sparse attention: RULER-style tasks."),
     "report": ("vattn.eval.cli", "report_command", "Write RUN_DIR/report.md with tables and PNG plots."),
-    "train-hash": ("vattn.methods.train_hash", "train_hash_command", "Learn bit-signature projections for hashtopk."),
+    "train-hash": ("vattn.train_hash", "train_hash_command", "Learn bit-signature projections for hashtopk."),
     "bench": ("vattn.bench.app", "bench_app", "Speed benchmarks (ratios against a baseline measured in the same run)."),
     "serve": ("vattn.serve.cli", "serve_command", "Serve a model over an OpenAI-compatible HTTP API."),
 }
-
-
-def quiet_warnings():
-    """Silence the transformers FutureWarnings our own calls cause (deprecated keywords and
-    the like); other warnings stay."""
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*transformers.*")
 
 
 class LazyGroup(TyperGroup):
@@ -110,19 +102,11 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     quiet_warnings()
 
 
-console = Console(width=None if Console().is_terminal else 150)
-
-
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise VattnError(f"{what} must be comma-separated numbers like 0.05,0.1, got {text!r}") from None
-
-
-def fail(err: Exception):
-    console.print(f"[red]error:[/red] {err}")
-    raise typer.Exit(2)
 
 
 @app.command()

@@ -324,7 +324,7 @@ def generate_command(
             if len(prompts) > 1:
                 raise VattnError("--metrics-out takes one prompt; run --batch without it, or one prompt at a time")
             check_writable_file(metrics_out, "--metrics-out")
-        from vattn.cli import quiet_warnings
+        from vattn.console import quiet_warnings
         quiet_warnings()
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()

@@ -473,7 +473,7 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
 
 
 def _interpreting() -> bool:
-    from vattn.kernels._common import interpret
+    from vattn.kernels.common import interpret
     return interpret()
 
 

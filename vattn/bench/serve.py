@@ -308,7 +308,7 @@ def serve_bench(
     json_out: Path = typer.Option(None, "--json", help="Also write the rows as JSON here."),
 ):
     """Load-test an OpenAI-compatible vattn server: throughput, TTFT, TPOT, concurrency, KV memory."""
-    from vattn.cli import console, fail
+    from vattn.console import console, fail
     from vattn.paths import check_writable_file
     try:
         if json_out is not None:

@@ -198,7 +198,7 @@ class Decoder:
         needs the glu kernel's activations). on None: all on CUDA, none
         elsewhere; True: all the kernels can take (the activation: silu or gelu-tanh; others stay
         torch, logged); the kernels raise on inputs they cannot take rather than fall back."""
-        from vattn.kernels._common import interpret, triton_available
+        from vattn.kernels.common import interpret, triton_available
         on = self.device.type == "cuda" if on is None else bool(on)
         ops = frozenset()
         if on:

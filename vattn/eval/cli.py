@@ -144,7 +144,7 @@ def eval_command(
         raise typer.Exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
-    from vattn.cli import quiet_warnings
+    from vattn.console import quiet_warnings
     quiet_warnings()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()

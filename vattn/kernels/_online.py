@@ -74,7 +74,7 @@ def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = 1):
 
 
 @triton.jit
-def _stamp(tr, slot, dep, TR: tl.constexpr):
+def stamp(tr, slot, dep, TR: tl.constexpr):
     """Trace (TR, GPU only): the global timer in ns, read once `dep` is computed, at
     tr[program, slot] (int64 [programs, 8]); slot 7 holds the SM id."""
     if TR:

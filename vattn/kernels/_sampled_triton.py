@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._online import dot_qk, kv_rows, online_init, online_step, pdl_wait
-from vattn.kernels._scan_triton import (_draw, _pilot_stats, _row_pre, _write_partial, budget_total, denominator_b0,
+from vattn.kernels._scan_triton import (draw_pos, pilot_stats, row_pre, write_partial, budget_total, denominator_b0,
                                         output_b0, store_stats)
 
 
@@ -71,7 +71,7 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
     row = tl.program_id(0)
     j2 = tl.program_id(1)
     S = S1 + S2
-    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
+    b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
     lo = tl.load(starts + b) + sink  # the middle: [start + sink, L - window)
     n_mid = tl.maximum(hi - lo, 0)
@@ -81,7 +81,7 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
     srow = (row * RS + r % RS).to(tl.int64)  # each head's selection row
     i = tl.arange(0, M0P)
     pok = i < m
-    xp = _draw(i, skey, lo, n_mid)
+    xp = draw_pos(i, skey, lo, n_mid)
     kp = tl.load(kb + xp.to(tl.int64)[:, None] * skn + tl.arange(0, D)[None, :], mask=pok[:, None], other=0.0)
     spl = dot_qk(qq, kp, IEEE) * scale_log2  # [M, M0P]
     pdl_wait(PDL)
@@ -90,7 +90,7 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
     if OUT:
         b0 = output_b0(sp, xp, m, po, plse, vb, svn, row, S, S1, n_mid, zz, eps2, infl, R, M, M0P, D, SP, IEEE)
     else:
-        ps, pm, pv = _pilot_stats(sp, m, M0P)
+        ps, pm, pv = pilot_stats(sp, m, M0P)
         b0 = denominator_b0(ps, pm, pv, plse, row, S, S1, n_mid, zz, eps2, infl, R, M, SP)
     K = tl.min(tl.where(rok, tl.load(kmid + srow, mask=rok, other=0), 2147483647), 0)  # the fewest listed
     total, exact, need = budget_total(b0, n_mid, K, m, R, M)
@@ -110,12 +110,12 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
         for blk in range(j2, tl.cdiv(total, BN), S2):
             ii = blk * BN + j
             use = ii < total
-            x = _draw(ii, skey, lo, n_mid)
+            x = draw_pos(ii, skey, lo, n_mid)
             take = use[None, :] & ~_members(bits, srow, NW, x, use, rok)
             read = tl.sum((take & rok[:, None]).to(tl.int32), 0) > 0  # a key some head needs
             kk, vv = kv_rows(kb, vb, skn, svn, x.to(tl.int64), read, D)
             m_i, l_i, acc, got = _fold(qq, kk, vv, take, scale_log2, m_i, l_i, acc, got, IEEE)
     lw2 = tl.where(exact, 0.0, tl.log2(n_mid.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)))
-    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S, R, M, D)
+    write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S, R, M, D)
     if CNT:  # keys attended per selection row (a shared row: its heads agree, the first adds)
         tl.atomic_add(tot + srow, got, mask=rok & (r < RS))

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
-from vattn.kernels._online import _stamp, attend_rows, dot_qk, finish, kv_rows, online_init, pdl_wait
+from vattn.kernels._online import stamp, attend_rows, dot_qk, finish, kv_rows, online_init, pdl_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
 
@@ -23,7 +23,7 @@ def _mix(x, key):
 
 @triton.jit
 def _keys(seed, row, L):
-    """(sample key, tie key) of a selection row of length L: uint32, as scan._row_keys."""
+    """(sample key, tie key) of a selection row of length L: uint32, as scan.row_keys."""
     # hashed, not xor-ed: seeds that differ in low bits must not permute the same slots; the
     # length makes each decode step draw afresh (no host counter, so a captured graph does too)
     key = _mix(row.to(tl.uint32) * 0x1B873593, _mix(L.to(tl.uint32), seed.to(tl.uint32)))
@@ -52,7 +52,7 @@ def _taken(s, n, tau, thu, tkey):
 
 
 @triton.jit
-def _draw(i, skey, sink, n_mid):
+def draw_pos(i, skey, sink, n_mid):
     """Position of sample slot i: uniform over the middle [sink, sink + n_mid), independent slots."""
     h = _mix(i.to(tl.uint32), skey)
     return sink + ((h.to(tl.uint64) * n_mid.to(tl.uint64)) >> 32).to(tl.int32)
@@ -80,7 +80,7 @@ def _cut(hc, n_mid, K, NH: tl.constexpr):
 
 
 @triton.jit
-def _write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
+def write_partial(po, plse, acc, m_i, l_i, lw2, row, col, S, R: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
     # partials [rows * R, S, D] / [rows * R, S]; a program that saw no key writes only lse = -inf.
     # lw2: the log2 weight shared by every key of the partial
     o, lse = finish(acc, m_i, l_i)
@@ -119,7 +119,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
     row = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
-    _stamp(tr, 0, p, TR)
+    stamp(tr, 0, p, TR)
     pdl_wait(PDL)
     b = row // H
     L = tl.load(lens + b)
@@ -143,7 +143,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
     skey, tkey = _keys(seed, row, L)
     i = p * PC + tl.arange(0, PC)
     pok = i < tl.where(n_mid > 0, m0, 0)
-    xp = _draw(i, skey, sink, n_mid)
+    xp = draw_pos(i, skey, sink, n_mid)
     d = tl.arange(0, D)
     kb = k + b.to(tl.int64) * skb + (row % H).to(tl.int64) * skh
     kp = tl.load(kb + xp.to(tl.int64)[:, None] * skn + d[None, :], mask=pok[:, None], other=0.0)
@@ -154,10 +154,10 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
     tl.store(pbin + row * M0P + i, pb, mask=pok)
     v = tl.arange(0, NH)
     tl.store(hist + (row * P + p) * NH + v, hc)
-    _stamp(tr, 1, tl.sum(hc, 0) + tl.sum(pb, 0), TR)
+    stamp(tr, 1, tl.sum(hc, 0) + tl.sum(pb, 0), TR)
     tl.debug_barrier()
     done = tl.atomic_add(ctr + row, 1, sem="acq_rel")
-    _stamp(tr, 2, done, TR)
+    stamp(tr, 2, done, TR)
     if done == P - 1:
         pp = tl.arange(0, PP)
         tile = tl.load(hist + (row * P + pp[:, None]) * NH + v[None, :], mask=(pp < P)[:, None], other=0,
@@ -166,7 +166,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
         f = tl.arange(0, 2)
         tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
         tl.store(ctr + row, 0)  # every program has counted: zero again for the next call (no memset)
-        _stamp(tr, 3, t + tu, TR)
+        stamp(tr, 3, t + tu, TR)
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, start, end, 
         s = _wbins(qv, w_nx, R, W, WP, RWP, HW, SH, NH)  # the next block: its words were loaded a block ago
         nn = n + 2 * CB
         w_nx = sig_words(ks, row, nn, nn < end, N, W, WP)
-    _stamp(tr, 2, c, TR)
+    stamp(tr, 2, c, TR)
     m_i, l_i, acc = _gather(qq, kb, vb, skn, svn, sb, c, scale_log2, M, D, BN, IEEE)
     return m_i, l_i, acc, c
 
@@ -239,13 +239,13 @@ def _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R: tl.constexpr, 
     i = tl.arange(0, M0P)
     m = tl.where(n_mid > 0, m0, 0)
     pb = tl.load(pbin + row * M0P + i, mask=i < m, other=0, cache_modifier=".cg")
-    keep = (i < m) & ~_taken(pb, _draw(i, skey, sink, n_mid), t, tu, tkey)
+    keep = (i < m) & ~_taken(pb, draw_pos(i, skey, sink, n_mid), t, tu, tkey)
     return tl.load(pil + (row * R + r)[:, None] * M0P + i[None, :], mask=(r < R)[:, None] & keep[None, :],
                    other=float("-inf"), cache_modifier=".cg")
 
 
 @triton.jit
-def _pilot_stats(sp, m, M0P: tl.constexpr):
+def pilot_stats(sp, m, M0P: tl.constexpr):
     """Per head, with the pilot's own shift: (shift, mean, variance) of exp(s - shift) over the
     m pilot keys, sp [M, M0P] natural-log scores, -inf for a key that counts as 0. Needs no
     partial, so a kernel can take it before waiting for them."""
@@ -260,7 +260,7 @@ def _pilot_stats(sp, m, M0P: tl.constexpr):
 
 @triton.jit
 def _moments(pshift, mean, var, plse, row, S1, ST, R: tl.constexpr, M: tl.constexpr, SP: tl.constexpr):
-    """(variance, D_F, mean) on one shift per head: the pilot's stats (_pilot_stats) rescaled,
+    """(variance, D_F, mean) on one shift per head: the pilot's stats (pilot_stats) rescaled,
     D_F the exact mass from the split-KV partials plse [rows*R, ST] log2 units, columns [0, S1)."""
     r = tl.arange(0, M)
     sc = tl.arange(0, SP)
@@ -280,7 +280,7 @@ def _output_b0(pil, pbin, po, plse, vb, svn, row, S, S1, n_mid, m0, sink, skey, 
     tr(S) the pilot's spread of x_j (v_j - o_hat) (times infl), o_low = ||o_hat|| - sqrt(zq) times
     o_hat's pilot standard error (0: exact). Reads the pilot's value rows and the scan's partials."""
     sp = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P) * 0.6931471805599453
-    return output_b0(sp, _draw(tl.arange(0, M0P), skey, sink, n_mid), tl.where(n_mid > 0, m0, 0), po, plse, vb, svn,
+    return output_b0(sp, draw_pos(tl.arange(0, M0P), skey, sink, n_mid), tl.where(n_mid > 0, m0, 0), po, plse, vb, svn,
                      row, S, S1, n_mid, zq, eps2, infl, R, M, M0P, D, SP, IEEE)
 
 
@@ -334,7 +334,7 @@ def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, pil, pbi
             tkey, R: tl.constexpr, M: tl.constexpr, SP: tl.constexpr, M0P: tl.constexpr, D: tl.constexpr,
             IEEE: tl.constexpr, OUT: tl.constexpr):
     """(total draws, exact, need): the verified budget from D_F (the scan's partials, columns
-    [0, S1) of plse) and the pilot's stats (ps, pm, pv: _pilot_stats of _pilot's scores, taken
+    [0, S1) of plse) and the pilot's stats (ps, pm, pv: pilot_stats of _pilot's scores, taken
     before the wait for the scan). total = max over
     heads of ceil(z^2 n_mid^2 var / (eps D_hat)^2), var the pilot variance times infl, at least
     m0; exact when that reaches the residual's size (n_mid - K). OUT: output mode's b0 instead
@@ -351,7 +351,7 @@ def _budget(plse, ps, pm, pv, row, S, S1, n_mid, K, m0, zz, eps2, infl, pil, pbi
 def denominator_b0(ps, pm, pv, plse, row, S, S1, n_mid, zz, eps2, infl, R: tl.constexpr, M: tl.constexpr,
                    SP: tl.constexpr):
     """Denominator mode's b0 per head: z^2 n_mid^2 var / (eps D_hat)^2 from the pilot's stats
-    (_pilot_stats) and D_F (the exact part's partials, columns [0, S1) of plse)."""
+    (pilot_stats) and D_F (the exact part's partials, columns [0, S1) of plse)."""
     nm = n_mid.to(tl.float32)
     var, dfix, mean = _moments(ps, pm, pv, plse, row, S1, S, R, M, SP)
     var = var * infl  # with replacement every row has its m0 pilot draws: the bound always applies
@@ -411,7 +411,7 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
     log2 weight, keys attended)."""
     total, exact, need = _budget(plse, ps, pm, pv, row, S1 + S2, S1, n_mid, K, m0, zz, eps2, infl, pil, pbin, po,
                                  vb, svn, sink, skey, t, tu, tkey, R, M, SP, M0P, D, IEEE, OUT)
-    _stamp(tr, 2, total, TR)
+    stamp(tr, 2, total, TR)
     if j2 == 0:
         store_stats(stats, row, tl.where(n_mid > 0, m0, 0), total, n_mid, need, exact, t, tu)
     pre = (PRE != 0) & ~exact & (j2 * BN + BN <= total)
@@ -437,7 +437,7 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
             use, kk, vv = _draw_tile(qv, x_nx, w_nx, ii < total, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
                                      SH, NH, D)
             i2 = ii + S2 * BN  # the program's next block: its words load while this one is attended
-            x_nx = _draw(i2, skey, sink, n_mid)
+            x_nx = draw_pos(i2, skey, sink, n_mid)
             w_nx = sig_words(ks, row, x_nx, i2 < total, N, W, WP)
             m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
             got += tl.sum(use.to(tl.int32), 0)
@@ -446,7 +446,7 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
 
 
 @triton.jit
-def _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh, window, R: tl.constexpr,
+def row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh, window, R: tl.constexpr,
              M: tl.constexpr, D: tl.constexpr):
     # Reads only inputs older than the pipeline (q, k, v, lengths): safe before the
     # programmatic-dependent-launch wait.
@@ -480,8 +480,8 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
     and loads the second block's words."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
-    _stamp(tr, 0, sp, TR)
-    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
+    stamp(tr, 0, sp, TR)
+    b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
     if sp == 0:
         m_i, l_i, acc, c = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
@@ -500,14 +500,14 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
         qv = _qsig(qs, row, R, W, RWP)  # the cut's own bits: scan, sample and cut must agree on each key
         if tl.sum((qv != qv0).to(tl.int32), 0) > 0:  # rounding put a dot on the other side of 0
             s = _wbins(qv, w0, R, W, WP, RWP, HW, SH, NH)
-        _stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
+        stamp(tr, 1, t + tu + tl.sum(s, 0), TR)
         m_i, l_i, acc, c = _scan_part(qv, s, w_nx, qq, ks, kb, vb, skn, svn, scr, tr, row, start, end,
                                       t, tu, tkey, N, scale_log2, R, M, W, WP, D, RWP, NH, SH, CB, BN, HW, IEEE,
                                       TR)
-    _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
-    _write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
+    stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
+    write_partial(po, plse, acc, m_i, l_i, 0.0, row, sp, S, R, M, D)
     tl.store(cnt + row * S + sp, c)
-    _stamp(tr, 4, c, TR)
+    stamp(tr, 4, c, TR)
 
 
 @triton.jit
@@ -545,8 +545,8 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     its keys attended to tot[row] (zeroed by the cut kernel), program (row, 0) the scan's too."""
     row = tl.program_id(0)
     j2 = tl.program_id(1)
-    _stamp(tr, 0, j2, TR)
-    b, L, hi, skey, tkey, qq, kb, vb = _row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
+    stamp(tr, 0, j2, TR)
+    b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
                                                 window, R, M, D)
     K = _row_k(K, KF, L)
     n_mid = tl.maximum(hi - sink, 0)
@@ -554,9 +554,9 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     tu = tl.load(cut + row * 2 + 1, cache_modifier=".cg")
     qv = _qsig(qs, row, R, W, RWP)
     spl = _pilot(pil, pbin, row, n_mid, m0, sink, skey, t, tu, tkey, R, M, M0P)
-    ps, pm, pv = _pilot_stats(spl * 0.6931471805599453, tl.where(n_mid > 0, m0, 0), M0P)
+    ps, pm, pv = pilot_stats(spl * 0.6931471805599453, tl.where(n_mid > 0, m0, 0), M0P)
     j = tl.arange(0, BN)
-    x0 = _draw(j2 * BN + j, skey, sink, n_mid)
+    x0 = draw_pos(j2 * BN + j, skey, sink, n_mid)
     w0 = sig_words(ks, row, x0, x0 < sink + n_mid, N, W, WP)  # none when there is no middle
     m_i, l_i, acc = online_init(M, D)
     c0 = 0
@@ -564,21 +564,21 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     if PRE:
         use, kk, vv = _draw_tile(qv, x0, w0, x0 < sink + n_mid, kb, vb, skn, svn, t, tu, tkey, R, W, WP, RWP, HW,
                                  SH, NH, D)
-        x1 = _draw(j2 * BN + S2 * BN + j, skey, sink, n_mid)
+        x1 = draw_pos(j2 * BN + S2 * BN + j, skey, sink, n_mid)
         w1 = sig_words(ks, row, x1, x1 < sink + n_mid, N, W, WP)
         m_i, l_i, acc = attend_rows(qq, kk, vv, use, scale_log2, m_i, l_i, acc, IEEE)
         c0 = tl.sum(use.to(tl.int32), 0)
     pdl_wait(PDL)
-    _stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
+    stamp(tr, 1, t + tu + tl.sum(qv, 0).to(tl.int32), TR)
     m_i, l_i, acc, lw2, c = _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, c0, qq, ks, kb, vb, skn,
                                          svn, plse, stats, tr, row, j2, S1, S2, sink, n_mid, K, m0, t, tu, skey,
                                          tkey, N, scale_log2, zz, eps2, infl, pil, pbin, po, R, M, W, WP, D, RWP, NH,
                                          SH, BN, SP, HW, IEEE, PRE, TR, M0P, OUT)
-    _stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
-    _write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
+    stamp(tr, 3, tl.sum(l_i, 0) + tl.sum(tl.sum(acc, 1), 0), TR)
+    write_partial(po, plse, acc, m_i, l_i, lw2, row, S1 + j2, S1 + S2, R, M, D)
     tl.store(cnt + row * (S1 + S2) + S1 + j2, c)
     if CNT:
         sc = tl.arange(0, SP)
         fixed = tl.sum(tl.load(cnt + row * (S1 + S2) + sc, mask=sc < tl.where(j2 == 0, S1, 0), other=0), 0)
         tl.atomic_add(tot + row, c + fixed)
-    _stamp(tr, 4, c, TR)
+    stamp(tr, 4, c, TR)

@@ -15,7 +15,7 @@ import functools
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, next_pow2
+from vattn.kernels.common import check_runnable, next_pow2
 
 BLOCK = 4096  # logits a first-stage program reduces: 32 programs a row for a 128K vocabulary
 

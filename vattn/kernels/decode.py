@@ -17,8 +17,8 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
-                                   next_pow2, use_ieee, resolve_pdl, sm_count)
+from vattn.kernels.common import (check_4d, load_online, LOG2E, check_runnable, merge_partials,
+                                  next_pow2, use_ieee, resolve_pdl, sm_count)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -128,7 +128,7 @@ def dense_decode(q, k, v, lengths=None, scale=None, *, block_n=64, num_warps=4, 
                  pdl=None, pick=None):
     """Dense GQA decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype.
     num_stages 3: one program per SM keeps three tiles of K and V in flight (H100 B=8 128K at 2
-    splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, _common.use_pdl): the
+    splits: 1382.5 us, 4 stages 1407.6; round 12). pdl (default: on Hopper, common.use_pdl): the
     split and merge kernels launch as programmatic dependents (H100 B=1 128K: 0.995 -> 0.997-0.999 of
     SDPA; B=1 32K 1.006 -> 1.028). pick (int64 [b], rows of q): returns [b, Hq, T, D], row i the
     attention of q's row pick[i] (the merge gathers: a decoder's batch order without a copy)."""

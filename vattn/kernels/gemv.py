@@ -43,7 +43,7 @@ and the K range [s KS, (s + 1) KS) (split_k = 1: the whole K). It
      every weight tile (seen in the TTGIR);
   4. split_k = 1: adds the bias in float32, rounds once, stores. split_k > 1 (deterministic, one
      launch): each program stores its float32 partial to a workspace, counts itself done with an
-     atomic on a per-column-block counter (vattn.kernels._common.zeroed_counters), and the last
+     atomic on a per-column-block counter (vattn.kernels.common.zeroed_counters), and the last
      one of a column block sums the split_k partials in index order (the same bits whichever
      program finishes last), adds the bias, stores y and zeroes the counter for the next call.
   5. rope= (M = 1, split_k = 1): program j owns column pairs (d, d + D/2) of one head instead of a
@@ -85,8 +85,8 @@ import functools
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, next_pow2, resolve_pdl, target_programs, use_ieee,
-                                   zeroed_counters)
+from vattn.kernels.common import (check_runnable, next_pow2, resolve_pdl, target_programs, use_ieee,
+                                  zeroed_counters)
 from vattn.kernels.layer_ops import ACTS, rope_targets
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -459,7 +459,7 @@ def _rope_args(rope, M, N, x):
 def linear(x, w, *, bias=None, out=None, pdl=None, **tuning):
     """y = x @ w.T (+ bias), one launch: x contiguous [..., K] with 1..16 rows, w [N, K] -> y [..., N].
     out: a contiguous [..., N] tensor to write y into. pdl: launch as a programmatic dependent of the
-    previous kernel (None: where available, see _common.use_pdl). tuning: see default_config."""
+    previous kernel (None: where available, see common.use_pdl). tuning: see default_config."""
     _check_act("x", x)
     K = x.shape[-1] if x.dim() else 0
     M = _rows("x", x, K)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, next_pow2
+from vattn.kernels.common import check_runnable, next_pow2
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}  # act name -> kernel ACT code

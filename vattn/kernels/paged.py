@@ -19,8 +19,8 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (load_online, LOG2E, check_dtype, check_runnable, merge_partials, next_pow2,
-                                   target_programs, use_ieee)
+from vattn.kernels.common import (load_online, LOG2E, check_dtype, check_runnable, merge_partials, next_pow2,
+                                  target_programs, use_ieee)
 
 
 def paged_decode_ref(q, k_pages, v_pages, block_table, lengths, scale=None):

@@ -17,7 +17,7 @@ import functools
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import check_runnable, next_pow2
+from vattn.kernels.common import check_runnable, next_pow2
 
 
 def bound_pages_ref(pages, k, src, safe, seen, where):

@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, merge_partials, next_pow2, resolve_pdl, target_programs,
-                                   use_ieee)
+from vattn.kernels.common import (check_runnable, merge_partials, next_pow2, resolve_pdl, scratch_allocator,
+                                  target_programs, use_ieee)
 from vattn.kernels.scan import STAT_NAMES as SCAN_STATS
-from vattn.kernels.scan import (_allocator, _row_keys, estimate_row_ref, mode_quantile, picked_selection,
+from vattn.kernels.scan import (row_keys, estimate_row_ref, mode_quantile, picked_selection,
                                 var_inflation)
-from vattn.kernels.sparse import _check, plan_splits, sparse_partials
+from vattn.kernels.sparse import check_sparse_inputs, plan_splits, sparse_partials
 from vattn.selection import Selection
 
 STAT_NAMES = SCAN_STATS[:5]  # the scan's, without its cut
@@ -38,7 +38,7 @@ def sample_programs(rows: int, device) -> int:
 
 
 def check_sampled_inputs(q, k, v, sel: Selection, lengths, sink, window, m0, starts=None):
-    _check(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared)
+    check_sparse_inputs(q, k, v, sel.indices, sel.log_weights, sel.count, sel.shared)
     B, Hq, T, D = q.shape
     if T != 1:
         raise VattnError(f"sampled_decode handles one query row (T=1), got T={T}")
@@ -75,7 +75,7 @@ def sampled_decode(q, k, v, sel: Selection, lengths, *, sink, window, m0=128, ep
     rows, srows, dev = B * Hkv, B * H, q.device
     s1 = plan_splits(srows, W, block_n, dev, splits and splits[0])
     s2 = splits[1] if splits else sample_programs(rows, dev)
-    new = _allocator(scratch, dev)
+    new = scratch_allocator(scratch, dev)
     if starts is None:
         starts = torch.zeros(B, dtype=torch.int32, device=dev)
     nw = -(-N // 32)
@@ -140,7 +140,7 @@ def sampled_decode_ref(q, k, v, sel: Selection, lengths, *, sink, window, m0=128
         fixed &= (n < L) & (n >= s0)
         taken = fixed & (n >= lo) & (n < hi)
         kr = int(taken.sum(1).min())
-        skey, _ = _row_keys(seed, row, L)
+        skey, _ = row_keys(seed, row, L)
         qq = q[b, h * G:(h + 1) * G, 0].double().cpu()
         logit = (qq @ k[b, h].double().cpu().T * scale).masked_fill(n < s0, float("-inf"))
         e = torch.exp(logit - logit[:, s0:L].amax(1, keepdim=True))  # 0 before the row's start

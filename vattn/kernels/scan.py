@@ -34,8 +34,9 @@ import torch
 
 from vattn import stats
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2, sm_count,
-                                   target_programs, use_ieee, resolve_pdl, zeroed_counters)
+from vattn.kernels.common import (check_runnable, interpret, merge_partials, merge_programs, next_pow2,
+                                  scratch_allocator, sm_count, target_programs, use_ieee, resolve_pdl,
+                                  zeroed_counters)
 from vattn.kernels.bits import bit_scores_ref, sign_bits
 from vattn.selection import Selection
 
@@ -52,7 +53,7 @@ def _mix_ref(x, key):
     return x ^ (x >> 13)
 
 
-def _row_keys(seed, row, length):
+def row_keys(seed, row, length):
     key = _mix_ref((row * 0x1B873593) & M32, _mix_ref(length & M32, seed & M32))
     return key, _mix_ref(key, TIE_SALT)
 
@@ -238,7 +239,7 @@ def vattention_scan_decode(q, k, v, ksig, proj, lengths=None, *, sink=128, windo
     if s1 < 2:
         raise VattnError(f"splits[0] = {s1}: the scan needs a program for the sinks and window and at least one span")
     dev = q.device
-    new = _allocator(scratch, dev)  # scratch: the caller's buffers, reused (a plan's: no allocation per step)
+    new = scratch_allocator(scratch, dev)  # scratch: the caller's buffers, reused (a plan's: no allocation per step)
     cnt = new("cnt", (rows, s1 + s2), torch.int32)  # keys attended: scan, then sample
     scr = new("scr", (rows, NS), torch.int32)
     po = new("po", (B, Hq, 1, s1 + s2, D), torch.float32)
@@ -371,18 +372,6 @@ def estimate_row_ref(e, vv, L, lo, hi, fixed, taken, kr, skey, m0, zz, eps, infl
                 picked=picked, sampled=(w > 0).sum(1))
 
 
-def _allocator(scratch, dev):
-    def new(name, shape, dtype):
-        if scratch is None:
-            return torch.empty(shape, dtype=dtype, device=dev)
-        size = shape if isinstance(shape, tuple) else (shape,)
-        key = (name, size, dtype, str(dev))  # never replaced: a captured graph may still use an old one
-        if key not in scratch:
-            scratch[key] = torch.empty(size, dtype=dtype, device=dev)
-        return scratch[key]
-    return new
-
-
 def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, topk=4096, m0=128, eps=0.05,
                     delta=0.05, seed=0, scale=None, var_conf=-1.0, mode="denominator", sub=4096, sub_block=None,
                     tau=None, thu=None, total=None, exact=None):
@@ -418,7 +407,7 @@ def scan_decode_ref(q, k, v, ksig, proj, lengths=None, *, sink=128, window=128, 
         hi = L - window
         n_mid = max(hi - sink, 0)
         s = sc[row]
-        skey, tkey = _row_keys(seed, row, L)
+        skey, tkey = row_keys(seed, row, L)
         # the cut from the subsample: P blocks of runs of 32 keys, one run every 32 * stride
         lane = torch.arange(sub_block)
         rel = (lane // 32) * (32 * stride) + lane % 32

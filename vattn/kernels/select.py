@@ -35,7 +35,7 @@ Design (no sort, no host sync, every shape from host numbers so a CUDA graph cap
     its chunk whose higher bits equal the prefix found so far, stores its histogram (no atomics
     on bins) and bumps the row's counter (acq_rel); the last program to arrive sums the P
     histograms (RESOLVE_TILE at a time), picks the digit where the count from the top reaches
-    the rank still wanted, extends the prefix and zeroes the counter (kernels._common.
+    the rank still wanted, extends the prefix and zeroes the counter (kernels.common.
     zeroed_counters: no memset). Pass 1 fixes k_r = min(k, kmax, candidates); k_r = 0 or every
     candidate is done at once and the middle passes skip the row. After pass 4 a row's state is
     (thr, eq_take): take u > thr, and the first eq_take entries with u == thr in position order.
@@ -62,8 +62,8 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_dtype, check_runnable, load_online, next_pow2, target_programs,
-                                   use_ieee, zeroed_counters)
+from vattn.kernels.common import (check_dtype, check_runnable, load_online, next_pow2, target_programs,
+                                  use_ieee, zeroed_counters)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 NB = 256  # bins of a radix pass: 8 bits

@@ -20,8 +20,8 @@ import math
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels._common import (check_4d, load_online, LOG2E, check_dtype, check_runnable, merge_partials,
-                                   next_pow2, target_programs, use_ieee)
+from vattn.kernels.common import (check_4d, load_online, LOG2E, check_dtype, check_runnable, merge_partials,
+                                  next_pow2, target_programs, use_ieee)
 from vattn.kernels.decode import FLOATS
 
 
@@ -114,7 +114,7 @@ def _split_kernel():
     return split
 
 
-def _check(q, k, v, indices, log_weights, count, shared):
+def check_sparse_inputs(q, k, v, indices, log_weights, count, shared):
     check_4d({"q": q, "k": k, "v": v}, FLOATS)
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
@@ -148,7 +148,7 @@ def sparse_decode(q, k, v, indices, log_weights, count, shared, scale=None, *,
                   block_n=64, num_warps=4, num_stages=3, splits=None, pick=None):
     """Sparse decode attention on GPU (see module docstring). Returns [B, Hq, T, D] in q.dtype, or
     with pick (int64 [b]) [b, Hq, T, D]: row i is q's row pick[i] (the merge gathers)."""
-    _check(q, k, v, indices, log_weights, count, shared)
+    check_sparse_inputs(q, k, v, indices, log_weights, count, shared)
     check_runnable(q, k, v, indices)
     B, Hq, T, D = q.shape
     H, K = indices.shape[1], indices.shape[3]

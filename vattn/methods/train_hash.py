@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from pathlib import Path
 
 import torch
 
@@ -62,7 +60,6 @@ def soft_agreement(pq, pk, q, k, keys_idx):
     """a [Hq, T, M]: soft agreement of each row with the keys keys_idx [Hq, T, M]."""
     zq = torch.tanh(project(q[None], pq)[0])  # [Hq, T, bits]
     zk = torch.tanh(project(k[None], pk)[0])  # [Hkv, N, bits]
-    g = q.shape[0] // k.shape[0]
     full = zq.reshape(k.shape[0], -1, zq.shape[-1]) @ zk.transpose(-1, -2)  # all keys: one matmul
     return torch.gather(full.reshape(q.shape[0], q.shape[1], -1), -1, keys_idx)
 
@@ -170,55 +167,3 @@ def synthetic_records(layers=2, hq=4, hkv=2, n=256, t=8, d=16, seed=0, draw=0) -
         out.append({"layer": layer, "q": q, "k": k, "v": torch.randn_like(k), "scale": d ** -0.5,
                     "lengths": torch.tensor([n]), "starts": torch.zeros(1, dtype=torch.long)})
     return out
-
-
-def train_hash_command(
-    out: Path = Path("hash.pt"),
-    model: str = "",
-    bits: int = 64,
-    kind: str = "linear",
-    loss: str = "rank",
-    steps: int = 150,
-    top: int = 32,
-    n_queries: int = 16,
-    lengths: str = "1024,2048",
-    layers: str = "",
-    seed: int = 0,
-    synthetic: bool = False,
-):
-    """Train hashtopk projections on Q/K captured from a model; use them with
-    hashtopk(0.05, bits=64, proj="hash.pt").
-
-    model: name or path (default: the embedded SmolLM2). lengths: prompt token lengths,
-    comma-separated. layers: comma-separated indices (default all). --synthetic trains
-    on generated Q/K instead of a model (for a quick check).
-    """
-    from rich.console import Console
-    con = Console()
-    t0 = time.time()
-    if synthetic:
-        records = synthetic_records(seed=seed)
-    else:
-        import vattn
-        from vattn.capture import capture_qkv, default_prompts
-        mdl, tok = vattn.load_model(model or None)
-        want = [int(x) for x in lengths.split(",") if x.strip()]
-        chosen = [int(x) for x in layers.split(",") if x.strip()] or None
-        records = capture_qkv(mdl, tok, default_prompts(tok, want), n_queries=n_queries, layers=chosen)
-    t1 = time.time()
-    # The last prompt of each layer is held out to report recall.
-    by_layer: dict[int, list] = {}
-    for r in records:
-        by_layer.setdefault(int(r["layer"]), []).append(r)
-    train = [r for rs in by_layer.values() for r in (rs[:-1] if len(rs) > 1 else rs)]
-    held = [rs[-1] for rs in by_layer.values()]
-    data = train_hash(train, bits=bits, kind=kind, loss=loss, steps=steps, top=top, seed=seed)
-    t2 = time.time()
-    torch.save(data, out)
-    r_rand = sum(recall(None, r, bits, seed=seed, top=top) for r in held) / len(held)
-    r_learn = sum(recall(data["layers"][r["layer"]], r, bits, top=top) for r in held) / len(held)
-    con.print(f"captured {len(records)} records in {t1 - t0:.1f}s, trained {len(by_layer)} layers "
-              f"in {t2 - t1:.1f}s -> {out}")
-    con.print(f"held-out recall of the top-{top} keys in the 5% best by agreement: "
-              f"random {r_rand:.3f}, learned {r_learn:.3f}")
-    con.print(f"use it: hashtopk(0.05, bits={bits}, proj=\"{out}\")")

@@ -74,7 +74,7 @@ def serve_command(
     log_level: str = typer.Option("info", help="uvicorn's log level."),
 ):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
-    from vattn.cli import console, fail
+    from vattn.console import console, fail
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if replicas != 1 and not ray:

@@ -83,7 +83,7 @@ def load_online(namespace: dict) -> None:
     bodies (and the interpreter) resolve called functions there, not in closures."""
     from vattn.kernels import _online
     namespace.update(dot_qk=_online.dot_qk, online_init=_online.online_init, online_step=_online.online_step,
-                     finish=_online.finish, pdl_wait=_online.pdl_wait, _stamp=_online._stamp)
+                     finish=_online.finish, pdl_wait=_online.pdl_wait, stamp=_online.stamp)
 
 
 def check_4d(tensors: dict, allowed) -> None:
@@ -129,7 +129,7 @@ def _merge_kernel():
         # The lse are loaded once where one block holds them (SB == SP); smaller SB blocks keep
         # a tile small for large S. PICK: output row o merges partial row pick[o // RP] * RP +
         # o % RP (RP rows per batch row): the attention's batch order, gathered here.
-        _stamp(tr, 0, tl.program_id(1), TR)
+        stamp(tr, 0, tl.program_id(1), TR)
         pdl_wait(PDL)  # launched as a programmatic dependent: wait for the partials' writer
         o_row = tl.program_id(0).to(tl.int64)
         if PICK:
@@ -140,7 +140,7 @@ def _merge_kernel():
         s = tl.arange(0, SP)
         lse = tl.load(plse + r * S + s, mask=s < S, other=float("-inf"))
         m = tl.max(lse, 0)
-        _stamp(tr, 1, m.to(tl.int32), TR)
+        stamp(tr, 1, m.to(tl.int32), TR)
         m = tl.where(m == float("-inf"), 0.0, m)
         tot = tl.sum(tl.exp2(lse - m), 0)
         acc = tl.zeros([DB], tl.float32)
@@ -152,7 +152,7 @@ def _merge_kernel():
             acc += tl.sum(tl.where(live[:, None], tl.exp2(lb - m)[:, None] * o, 0.0), 0)
         acc = acc / tl.maximum(tot, 1e-30)  # a row with no visible key gives 0
         tl.store(out + o_row * D + d, acc.to(out.dtype.element_ty))
-        _stamp(tr, 2, tl.sum(acc, 0).to(tl.int32), TR)
+        stamp(tr, 2, tl.sum(acc, 0).to(tl.int32), TR)
 
     return merge
 
@@ -233,3 +233,17 @@ def resolve_pdl(pdl, device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+def scratch_allocator(scratch, dev):
+    """new(name, shape, dtype): a fresh tensor, or with a scratch dict the one kept there under
+    (name, shape, dtype, device), made on first use."""
+    def new(name, shape, dtype):
+        if scratch is None:
+            return torch.empty(shape, dtype=dtype, device=dev)
+        size = shape if isinstance(shape, tuple) else (shape,)
+        key = (name, size, dtype, str(dev))  # never replaced: a captured graph may still use an old one
+        if key not in scratch:
+            scratch[key] = torch.empty(size, dtype=dtype, device=dev)
+        return scratch[key]
+    return new
