@@ -55,7 +55,7 @@ def train_hash_command(
     r_rand = sum(recall(None, r, bits, seed=seed, top=top) for r in held) / len(held)
     r_learn = sum(recall(data["layers"][r["layer"]], r, bits, top=top) for r in held) / len(held)
     console.print(f"captured {len(records)} records in {t1 - t0:.1f}s, trained {len(by_layer)} layers "
-              f"in {t2 - t1:.1f}s -> {out}")
+                  f"in {t2 - t1:.1f}s -> {out}")
     console.print(f"held-out recall of the top-{top} keys in the 5% best by agreement: "
-              f"random {r_rand:.3f}, learned {r_learn:.3f}")
+                  f"random {r_rand:.3f}, learned {r_learn:.3f}")
     console.print(f"use it: hashtopk(0.05, bits={bits}, proj=\"{out}\")")

@@ -72,7 +72,7 @@ def sample_kernel(q, k, v, starts, lens, bits, kmid, po, plse, stats, tot,
     j2 = tl.program_id(1)
     S = S1 + S2
     b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
-                                                window, R, M, D)
+                                               window, R, M, D)
     lo = tl.load(starts + b) + sink  # the middle: [start + sink, L - window)
     n_mid = tl.maximum(hi - lo, 0)
     m = tl.where(n_mid > 0, m0, 0)

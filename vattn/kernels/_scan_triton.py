@@ -447,7 +447,7 @@ def _sample_part(qv, ps, pm, pv, x0, w0, x1, w1, m_i, l_i, acc, got, qq, ks, kb,
 
 @triton.jit
 def row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh, window, R: tl.constexpr,
-             M: tl.constexpr, D: tl.constexpr):
+            M: tl.constexpr, D: tl.constexpr):
     # Reads only inputs older than the pipeline (q, k, v, lengths): safe before the
     # programmatic-dependent-launch wait.
     b = row // H
@@ -482,7 +482,7 @@ def scan_kernel(q, proj, qs, ks, k, v, lens, cut, scr, cnt, po, plse, tr,
     sp = tl.program_id(1)
     stamp(tr, 0, sp, TR)
     b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
-                                                window, R, M, D)
+                                               window, R, M, D)
     if sp == 0:
         m_i, l_i, acc, c = _fixed_part(qq, kb, vb, skn, svn, L, hi, sink, scale_log2, M, D, BN, IEEE)
     else:
@@ -547,7 +547,7 @@ def sample_kernel(q, qs, ks, k, v, lens, cut, pil, pbin, cnt, po, plse, stats, t
     j2 = tl.program_id(1)
     stamp(tr, 0, j2, TR)
     b, L, hi, skey, tkey, qq, kb, vb = row_pre(q, lens, k, v, seed, row, H, sqb, sqh, skb, skh, svb, svh,
-                                                window, R, M, D)
+                                               window, R, M, D)
     K = _row_k(K, KF, L)
     n_mid = tl.maximum(hi - sink, 0)
     t = tl.load(cut + row * 2, cache_modifier=".cg")
