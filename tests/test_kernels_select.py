@@ -73,6 +73,15 @@ def test_page_scores_equal_the_reference_bound(t):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["bisect", "radix"])
+def select_path(request, monkeypatch):
+    """Both ways to a row's threshold: one bisection program a row (short rows, the default
+    here) and the four radix passes (rows past ROW_MAX)."""
+    if request.param == "radix":
+        monkeypatch.setattr(ks, "ROW_MAX", 0)
+    return request.param
+
+
 def hard_rows(n=300, seed=0):
     """scores [2, 4, 2, n]: per head a kind of row (random; many ties; -inf, NaN, +inf, +-0 and
     ties; 5 finite entries), and an all -inf row."""
@@ -92,7 +101,7 @@ def hard_rows(n=300, seed=0):
 
 
 @pytest.mark.parametrize("splits,kmax,block", [(1, 64, 64), (4, 64, 64), (3, 300, 64), (37, 64, 8)])
-def test_select_is_the_stable_sort(splits, kmax, block):
+def test_select_is_the_stable_sort(select_path, splits, kmax, block):
     """The kernel's set is a stable descending sort's first k: ties to the lowest positions,
     -inf/NaN never, k = 0, k beyond the finite entries, k beyond kmax (clamped); 19 programs a
     row: more than one RESOLVE_TILE of histograms."""
@@ -105,11 +114,12 @@ def test_select_is_the_stable_sort(splits, kmax, block):
 
 
 @pytest.mark.parametrize("z,cw", [(4.0, None), (-3.0, None), (4.0, 40)])
-def test_candidate_lists_keep_the_same_keys(monkeypatch, z, cw):
+def test_candidate_lists_keep_the_same_keys(monkeypatch, select_path, z, cw):
     """Rows select from their candidate lists (entries at or above a floor drawn from a
     stratified sample) where a list holds them, else from the whole row: the same keys as the
     stable sort either way. z = -3 puts floors above the k-th entry, a width of 40 overflows
-    lists: both make rows fall back (and leave others their lists)."""
+    lists: both make rows fall back (and leave others their lists); the bisection then streams
+    such a row, in several blocks."""
     s = hard_rows(n=4096)
     k = torch.tensor([[0, 7], [150, 300]])
     if cw is not None:
@@ -157,7 +167,7 @@ def test_topk_ref_on_the_cpu_equals_the_stable_sort(kind):
 
 
 @interpreter_only
-def test_select_writes_the_front_then_the_pages():
+def test_select_writes_the_front_then_the_pages(select_path):
     """select_top with a front and pages (Quest): the front's keys, the last page's keys in
     [lo, hi), then each taken page's keys in [lo, hi) (partial first and last candidate pages
     in other programs' chunks), -1 padding."""

@@ -28,8 +28,14 @@ Design (no sort, no host sync, every shape from host numbers so a CUDA graph cap
     than k_r entries (and not every candidate) or overflow its width selects from its whole
     row: the same keys either way, since every entry at or above the k_r-th is listed in order.
     The select passes below then read ~1.5 k_r entries a row instead of N.
- 3. radix select over the order-preserving uint32 image u of each score (NaN, -inf -> 0: no
-    candidate), four launches of one 8-bit digit each, high to low. Each row is split over P
+ 3. the threshold, over the order-preserving uint32 image u of each score (NaN, -inf -> 0: no
+    candidate). Rows of at most ROW_MAX entries (candidate lists, Quest's pages): one `bisect`
+    program a row, the row in registers, bisects u for the k_r-th largest (a count a round, done
+    when a count hits k_r) and writes what the radix passes below leave: (thr, eq_take) and each
+    emit chunk's offsets (one launch, not four: H200, Quest's select B=1 32K 22.1 -> 10.9 us, B=8
+    128K 100.6 -> 46.3; top-k's 46.2 -> 35.6 / 314.5 -> 247.8, the same keys). A top-k row that
+    lost its list is streamed each round. Longer rows: radix select, four launches of one 8-bit
+    digit each, high to low. Each row is split over P
     programs (about 8 programs per SM in all, so the 32 rows of B=1 still fill the GPU; splits
     overrides); program (row, j) histograms (tl.histogram, 256 bins) the digit of the entries of
     its chunk whose higher bits equal the prefix found so far, stores its histogram (no atomics
@@ -49,7 +55,7 @@ Design (no sort, no host sync, every shape from host numbers so a CUDA graph cap
     Quest the row's last page, then the taken positions in position order (a page: its keys
     in [lo, hi); only the first and the last candidate page can be partial, and the resolver
     counts them in the offsets), then -1 padding and the count.
-Launches per call: scores 1, lists 3 (top-k), select 4, emit 1. The score matrix (4 bytes per
+Launches per call: scores 1, lists 3 (top-k), select 1 (bisect) or 4 (radix), emit 1. The score matrix (4 bytes per
 query head and key) is written once and read twice by the lists (five times without them); the
 score kernel reads K once (2 * D bytes per KV head and key). Quest ranks pages (N / page
 entries a row) and takes no lists.
@@ -73,6 +79,7 @@ SAMPLE = 4096  # stratified entries a row's floor is drawn from (a power of two)
 Z = 6.0  # the floor's margin: standard deviations of the count above it (w_floor)
 RESOLVE_TILE = 16  # program histograms a row's resolver loads at once
 BLOCK = 1024  # entries per loop step of the select programs (tests shrink it to get several programs)
+ROW_MAX = 32768  # rows (lists, Quest pages) up to this many entries: one bisection program each (tests: 0)
 
 
 # -- the rule, in torch --------------------------------------------------------------------
@@ -232,6 +239,43 @@ def _kernels():
     globals()["row_source"] = row_source
 
     @triton.jit
+    def page_edges(s, r, r64, N, HT, T, lo_p, hi_p, PAGE, key, eq_take, eq_all):
+        # pages: only the first and the last candidate page can hold fewer than PAGE keys in [lo, hi);
+        # every page outside them is no candidate, so their ranks among equals are 0 and eq_all - 1.
+        # (their pages, key counts, and whether each is taken, given the threshold key and eq_take)
+        bt = (r // HT) * T + r % T
+        lo = tl.load(lo_p + bt).to(tl.int32)
+        hi = tl.load(hi_p + bt).to(tl.int32)
+        plo = lo // PAGE
+        phi = tl.maximum(hi - 1, 0) // PAGE
+        clo = tl.minimum(plo * PAGE + PAGE, hi) - lo
+        chi = hi - tl.maximum(phi * PAGE, lo)
+        some = (lo < hi) & (PAGE > 1)
+        ulo = _ukey(tl.load(s + r64 * N + plo, mask=some, other=float("-inf")))
+        uhi = _ukey(tl.load(s + r64 * N + phi, mask=some, other=float("-inf")))
+        tlo = some & ((ulo > key) | ((ulo == key) & (eq_take > 0)))
+        thi = some & (phi != plo) & ((uhi > key) | ((uhi == key) & (eq_all - 1 < eq_take)))
+        return plo, phi, clo, chi, tlo, thi
+
+    @triton.jit
+    def write_offsets(offs, r64, P, ii, iok, gt_i, eq_i, tb, eb, eq_take, CH, PAGE, plo, phi, clo, chi, tlo, thi):
+        # chunks ii (entries above the threshold gt_i and equal to it eq_i in each): the output
+        # entries (keys, for pages) and the entries equal to the threshold before each chunk, for
+        # emit; returns the running totals past them
+        eb_i = eb + tl.cumsum(eq_i, 0) - eq_i
+        took = gt_i + tl.minimum(tl.maximum(eq_take - eb_i, 0), eq_i)
+        c0 = ii * CH
+        short = tl.where(tlo & (plo >= c0) & (plo < c0 + CH), PAGE - clo, 0) + \
+            tl.where(thi & (phi >= c0) & (phi < c0 + CH), PAGE - chi, 0)
+        w = took * PAGE - short
+        tb_i = tb + tl.cumsum(w, 0) - w
+        tl.store(offs + (r64 * P + ii) * 2, tb_i, mask=iok)
+        tl.store(offs + (r64 * P + ii) * 2 + 1, eb_i, mask=iok)
+        return tb + tl.sum(w, 0), eb + tl.sum(eq_i, 0)
+
+    globals().update(page_edges=page_edges, write_offsets=write_offsets)
+
+    @triton.jit
     def radix(s, N, kr, HT, T, KMAX, hist, above, state, offs, ctr, CH, P, lo_p, hi_p, PAGE, cv, clen, C, CHC,
               SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
               NBIN: tl.constexpr, BLK: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr):
@@ -296,25 +340,10 @@ def _kernels():
             tl.store(state + r64 * 4 + 1, rem)
             tl.store(state + r64 * 4 + 2, done)
             if LAST:
-                # per chunk: output entries before it (keys, for pages) and entries equal to thr before it
                 dd = (key & ((1 << BITS) - 1)).to(tl.int32)
                 eq_take = rem
-                # pages: only the first and the last candidate page can hold fewer than PAGE keys in
-                # [lo, hi); every page outside them is no candidate, so their ranks among equals are
-                # 0 and (all equal) - 1
-                bt = (r // HT) * T + r % T
-                lo = tl.load(lo_p + bt).to(tl.int32)
-                hi = tl.load(hi_p + bt).to(tl.int32)
-                plo = lo // PAGE
-                phi = tl.maximum(hi - 1, 0) // PAGE
-                clo = tl.minimum(plo * PAGE + PAGE, hi) - lo
-                chi = hi - tl.maximum(phi * PAGE, lo)
-                some = (lo < hi) & (PAGE > 1)
-                ulo = _ukey(tl.load(s + r64 * N + plo, mask=some, other=float("-inf")))
-                uhi = _ukey(tl.load(s + r64 * N + phi, mask=some, other=float("-inf")))
                 eq_all = tl.sum(tl.where(v == dd, tot, 0), 0)
-                tlo = some & ((ulo > key) | ((ulo == key) & (eq_take > 0)))
-                thi = some & (phi != plo) & ((uhi > key) | ((uhi == key) & (eq_all - 1 < eq_take)))
+                plo, phi, clo, chi, tlo, thi = page_edges(s, r, r64, N, HT, T, lo_p, hi_p, PAGE, key, eq_take, eq_all)
                 tb = tl.zeros([], tl.int32)
                 eb = tl.zeros([], tl.int32)
                 for i0 in range(0, P, PB):  # chunks PB at a time; a chunk past P counts nothing
@@ -325,17 +354,8 @@ def _kernels():
                     gt_i = tl.load(above + r64 * P + ii, mask=iok, other=0, volatile=True) + \
                         tl.sum(tl.where(v[None, :] > dd, hi_i, 0), 1)
                     eq_i = tl.sum(tl.where(v[None, :] == dd, hi_i, 0), 1)
-                    eb_i = eb + tl.cumsum(eq_i, 0) - eq_i
-                    took = gt_i + tl.minimum(tl.maximum(eq_take - eb_i, 0), eq_i)
-                    c0 = ii * CH
-                    short = tl.where(tlo & (plo >= c0) & (plo < c0 + CH), PAGE - clo, 0) + \
-                        tl.where(thi & (phi >= c0) & (phi < c0 + CH), PAGE - chi, 0)
-                    w = took * PAGE - short
-                    tb_i = tb + tl.cumsum(w, 0) - w
-                    tl.store(offs + (r64 * P + ii) * 2, tb_i, mask=iok)
-                    tl.store(offs + (r64 * P + ii) * 2 + 1, eb_i, mask=iok)
-                    tb += tl.sum(w, 0)
-                    eb += tl.sum(eq_i, 0)
+                    tb, eb = write_offsets(offs, r64, P, ii, iok, gt_i, eq_i, tb, eb, eq_take, CH, PAGE,
+                                           plo, phi, clo, chi, tlo, thi)
                 tl.store(state + r64 * 4 + 3, tb)  # entries (keys, for pages) the row writes
             tl.store(ctr + r, 0)  # every program has counted: zero again for the next launch
 
@@ -404,6 +424,108 @@ def _kernels():
             tl.store(orow + w, tl.full([FB], -1, tl.int32), mask=w < tl.minimum(j * PW + PW, W))
 
     @triton.jit
+    def bisect(s, N, kr, HT, T, KMAX, state, offs, CH, P, lo_p, hi_p, PAGE, cv, clen, C, CHC,
+               RB: tl.constexpr, PR: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr):
+        # One program a row, in place of the four radix passes where rows are short (a candidate
+        # list, Quest's pages): the k_r-th largest key image by bisection, each round one count
+        # over the row. A row of at most RB entries stays in registers (emit chunks of RB // PR
+        # entries); a longer one (a top-k row without its list) is streamed every round (chunks
+        # of CH). Writes state (thr, eq_take, 0, entries written) and offs, as the radix passes do.
+        r = tl.program_id(0)
+        r64 = r.to(tl.int64)
+        srow, ln, ch, _ = row_source(s, N, CH, cv, clen, C, CHC, r64, CAND)
+        want = row_k(kr, r, HT, T, KMAX)
+        top = tl.full([], 0xFFFFFFFF, tl.uint32)
+        if ln <= RB:
+            i = tl.arange(0, RB)
+            u = _ukey(tl.load(srow + i, mask=i < ln, other=float("-inf")))
+            cand = tl.sum((u != 0).to(tl.int32), 0)
+            lo = tl.min(tl.where(u != 0, u, top), 0)
+            hi = tl.max(u, 0)
+        else:
+            u = tl.zeros([RB], tl.uint32)  # (defined on both sides: the register path reads it below)
+            cand = tl.zeros([], tl.int32)
+            lo = top
+            hi = tl.zeros([], tl.uint32)
+            for n0 in range(0, ln, RB):
+                n = n0 + tl.arange(0, RB)
+                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                cand += tl.sum((ub != 0).to(tl.int32), 0)
+                lo = tl.minimum(lo, tl.min(tl.where(ub != 0, ub, top), 0))
+                hi = tl.maximum(hi, tl.max(ub, 0))
+        kk = tl.minimum(want, cand)
+        # invariant: at least kk entries >= lo, fewer than kk >= hi + 1; a count of exactly kk at mid ends it
+        go = (kk > 0) & (kk < cand)
+        hit = tl.zeros([], tl.int32)
+        while go:
+            mid = lo + (hi - lo + 1) // 2
+            if ln <= RB:
+                c = tl.sum((u >= mid).to(tl.int32), 0)
+            else:
+                c = tl.zeros([], tl.int32)
+                for n0 in range(0, ln, RB):
+                    n = n0 + tl.arange(0, RB)
+                    c += tl.sum((_ukey(tl.load(srow + n, mask=n < ln, other=float("-inf"))) >= mid).to(tl.int32), 0)
+            lo = tl.where(c >= kk, mid, lo)
+            hi = tl.where(c >= kk, hi, mid - 1)
+            hit = (c == kk).to(tl.int32)
+            go = (lo < hi) & (hit == 0)
+        # thr: the kk-th largest (0 takes every candidate, the top image none)
+        thr = tl.where(kk == 0, top, tl.where(kk == cand, tl.zeros([], tl.uint32), lo))
+        if ln <= RB:
+            if hit != 0:
+                thr = tl.min(tl.where(u >= lo, u, top), 0)
+            above = tl.sum((u > thr).to(tl.int32), 0)
+            eq_all = tl.sum((u == thr).to(tl.int32), 0)
+        else:
+            low = top
+            above = tl.zeros([], tl.int32)
+            eq_all = tl.zeros([], tl.int32)
+            for n0 in range(0, ln, RB):
+                n = n0 + tl.arange(0, RB)
+                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                low = tl.minimum(low, tl.min(tl.where(ub >= lo, ub, top), 0))
+            if hit != 0:
+                thr = low
+            for n0 in range(0, ln, RB):
+                n = n0 + tl.arange(0, RB)
+                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                above += tl.sum((ub > thr).to(tl.int32), 0)
+                eq_all += tl.sum((ub == thr).to(tl.int32), 0)
+        eq_take = kk - above
+        plo, phi, clo, chi, tlo, thi = page_edges(s, r, r64, N, HT, T, lo_p, hi_p, PAGE, thr, eq_take, eq_all)
+        tb = tl.zeros([], tl.int32)
+        eb = tl.zeros([], tl.int32)
+        if ln <= RB:
+            u2 = tl.reshape(u, (PR, RB // PR))
+            ii = tl.arange(0, PR)
+            gt_i = tl.sum((u2 > thr).to(tl.int32), 1)
+            eq_i = tl.sum((u2 == thr).to(tl.int32), 1)
+            tb, eb = write_offsets(offs, r64, P, ii, ii < P, gt_i, eq_i, tb, eb, eq_take, RB // PR, PAGE,
+                                   plo, phi, clo, chi, tlo, thi)
+        else:
+            for i0 in range(0, P, PB):  # chunks PB at a time, each counted by streaming it
+                ii = i0 + tl.arange(0, PB)
+                gt_i = tl.zeros([PB], tl.int32)
+                eq_i = tl.zeros([PB], tl.int32)
+                for j in range(i0, tl.minimum(i0 + PB, P)):
+                    g = tl.zeros([], tl.int32)
+                    e = tl.zeros([], tl.int32)
+                    for n0 in range(j * ch, tl.minimum(j * ch + ch, ln), RB):
+                        n = n0 + tl.arange(0, RB)
+                        ub = _ukey(tl.load(srow + n, mask=n < tl.minimum(j * ch + ch, ln), other=float("-inf")))
+                        g += tl.sum((ub > thr).to(tl.int32), 0)
+                        e += tl.sum((ub == thr).to(tl.int32), 0)
+                    gt_i = tl.where(ii == j, g, gt_i)
+                    eq_i = tl.where(ii == j, e, eq_i)
+                tb, eb = write_offsets(offs, r64, P, ii, ii < P, gt_i, eq_i, tb, eb, eq_take, ch, PAGE,
+                                       plo, phi, clo, chi, tlo, thi)
+        tl.store(state + r64 * 4, thr.to(tl.int32, bitcast=True))
+        tl.store(state + r64 * 4 + 1, eq_take)
+        tl.store(state + r64 * 4 + 2, 0)
+        tl.store(state + r64 * 4 + 3, tb)
+
+    @triton.jit
     def floor(s, N, kr, KMAX, HT, T, fl_p, Z, S: tl.constexpr):
         # program r: a key image at or below row r's k_r-th largest entry with high probability,
         # the 16-bit prefix of the w-th largest of S entries at the midpoints of S equal strata (two
@@ -463,7 +585,7 @@ def _kernels():
                 tl.store(cp + dst, n, mask=take)
                 off += tl.sum(take.to(tl.int32), 0)
 
-    return scores, pages, radix, emit, floor, count, compact
+    return scores, pages, radix, emit, floor, count, compact, bisect
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -612,26 +734,39 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     block = block or BLOCK
     sample, z = SAMPLE if sample is None else sample, Z if z is None else z
     cw = 0 if pages else candidate_width(n, kmax, sample, z)
+    rb = next_pow2(cw or n)
     if cw:  # the select reads the rows' candidate lists (a row without one: its score row)
         cv, cp, clen = candidates(scores, k, kmax, cw, sample, z, splits=splits, block=block, num_warps=num_warps)
-        p, chc = select_programs(rows, cw, dev, block, splits)
-        ch = math.ceil(math.ceil(n / p) / block) * block
     else:
-        p, ch = select_programs(rows, n, dev, block, splits)
         cv = cp = clen = scores
-        chc = 0
-    hist = torch.empty((rows * p * NB,), dtype=torch.int32, device=dev)
-    above = torch.empty((rows * p,), dtype=torch.int32, device=dev)
     state = torch.empty((rows, 4), dtype=torch.int32, device=dev)
-    offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
-    ctr = zeroed_counters(rows, dev)
-    radix, emit = _kernels()[2:4]
-    for i, (shift, bits) in enumerate(PASSES):
-        radix[(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, ctr, ch, p, lo, hi, page,
-                         cv, clen, cw, chc, SHIFT=shift, BITS=bits, FIRST=i == 0, LAST=i == len(PASSES) - 1,
-                         NBIN=NB, BLK=block, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=num_warps)
+    if rb <= ROW_MAX:  # short rows: one bisection program a row; emit chunks of rb // p entries
+        want = splits or math.ceil(4 * target_programs(dev) / rows)
+        p = 1 << (min(want, 64, max(1, rb // 64)).bit_length() - 1)
+        chc = rb // p if cw else 0
+        ch = rb // p if n <= rb else math.ceil(math.ceil(n / p) / block) * block
+        offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
+        _kernels()[7][(rows,)](scores, n, k, h * t, t, kmax, state, offs, ch, p, lo, hi, page, cv, clen, cw, chc,
+                               RB=rb, PR=p, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=min(16, max(4, rb // 1024)))
+    else:
+        if cw:
+            p, chc = select_programs(rows, cw, dev, block, splits)
+            ch = math.ceil(math.ceil(n / p) / block) * block
+        else:
+            p, ch = select_programs(rows, n, dev, block, splits)
+            chc = 0
+        hist = torch.empty((rows * p * NB,), dtype=torch.int32, device=dev)
+        above = torch.empty((rows * p,), dtype=torch.int32, device=dev)
+        offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
+        ctr = zeroed_counters(rows, dev)
+        radix = _kernels()[2]
+        for i, (shift, bits) in enumerate(PASSES):
+            radix[(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, ctr, ch, p, lo, hi, page,
+                             cv, clen, cw, chc, SHIFT=shift, BITS=bits, FIRST=i == 0, LAST=i == len(PASSES) - 1,
+                             NBIN=NB, BLK=block, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=num_warps)
+    emit = _kernels()[3]
     sp = next_pow2(page)
-    eb = emit_block or (block if page == 1 else max(2, min(block, 4096 // sp)))
+    eb = emit_block or min(block if page == 1 else max(2, min(block, 4096 // sp)), next_pow2(chc or ch))
     w1 = fidx.shape[2] if front is not None else 0
     emit[(rows, p)](scores, n, state, offs, ch, p, out, cnt, width, -(-width // p), h * t, t, fidx, fcnt, w1,
                     lo, hi, ends if ends is not None else lo, starts if starts is not None else lo,
