@@ -28,7 +28,7 @@ def test_bounds_equal_the_torch_twin(dtype, s):
     pid = torch.tensor([[0, 4, cap - 1], [0, 2, 1], [0, 1, 2]])
     ok = (end > starts)[:, None] & (pid >= (starts // s)[:, None]) & (pid * s < end[:, None])
     up = page_update(pid.to(DEV), ok.to(DEV), starts.to(DEV), end.to(DEV), s, cap)
-    pages = torch.randn(b, hkv, cap + 1, d, 2, generator=g)
+    pages = torch.randn(b, hkv, cap + 1, d, 2, generator=g).to(dtype)  # bounds in the keys' dtype: exact
     want = pages.clone()
     bound_pages_ref(want, k, up.src.cpu(), up.safe.cpu(), up.seen.cpu(), up.where.cpu())
     got = pages.clone().to(DEV)
@@ -45,7 +45,7 @@ def test_bad_shapes_are_named():
     pages = torch.zeros(1, 2, 3, 4, 2)
     src, safe = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 4, dtype=torch.long)
     seen, where = torch.ones(1, 1, 4, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long)
-    with pytest.raises(VattnError, match="pages must be f32"):
+    with pytest.raises(VattnError, match="pages must be torch.float32 .k's dtype."):
         bound_pages(pages.double(), k, src, safe, seen, where)
     with pytest.raises(VattnError, match="must agree"):
         bound_pages(pages, k, src, safe, seen[:, :, :2], where)

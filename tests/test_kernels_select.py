@@ -14,7 +14,8 @@ from helpers import poison_empty as _poison_empty  # noqa: F401 (autouse fixture
 from helpers import rand_qkv
 from vattn.errors import VattnError
 from vattn.kernels import select as ks
-from vattn.kernels.select import attn_scores, page_scores, select_top, select_top_ref, topk_ref
+from vattn.kernels.select import (attn_scores, group_scores, group_scores_ref, page_scores, select_top,
+                                  select_top_ref, topk_ref)
 from vattn.methods.base import exact_scores
 from vattn.methods.quest import page_bounds
 from helpers import kernel_env
@@ -53,18 +54,19 @@ def test_scores_equal_the_torch_product(dtype, t):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("t", [1, 2])
-def test_page_scores_equal_the_reference_bound(t):
+@pytest.mark.parametrize("t,dtype", [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)])
+def test_page_scores_equal_the_reference_bound(t, dtype):
     g = torch.Generator().manual_seed(t)
     b, hkv, hq, d, page, n = 2, 2, 4, 16, 4, 70
     npg = -(-n // page)
     q = torch.randn(b, hq, t, d, generator=g)
     a, c = torch.randn(2, b, hkv, npg + 3, d, generator=g)
-    pages = torch.stack([torch.minimum(a, c), torch.maximum(a, c)], -1)  # spare pages past n_pages
+    pages = torch.stack([torch.minimum(a, c), torch.maximum(a, c)], -1).to(dtype)  # spare pages past n_pages
+    # (bounds in a bf16 cache's dtype: the plan keeps them so)
     lo, hi = ranges(b, t, n, seed=t)
     ends = (hi + torch.randint(0, 6, (b, t), generator=g)).clamp(max=n)
     got = page_scores(q.to(DEV), pages.to(DEV), lo.to(DEV), hi.to(DEV), ends.to(DEV), 0.25, page, npg).cpu()
-    u = page_bounds(q, pages[:, :, :npg, :, 0], pages[:, :, :npg, :, 1], 0.25)
+    u = page_bounds(q, pages[:, :, :npg, :, 0].float(), pages[:, :, :npg, :, 1].float(), 0.25)
     first = torch.arange(npg) * page
     ranks = torch.maximum(first, lo[:, None, :, None]) < torch.minimum(first + page, hi[:, None, :, None])
     last = ((ends - 1).clamp(min=0) // page)[:, None, :, None]
@@ -135,6 +137,28 @@ def test_candidate_lists_keep_the_same_keys(monkeypatch, select_path, z, cw):
     for r in torch.nonzero(clen >= 0).flatten().tolist():  # a list: its entries, in position order
         pos = cp[r, :clen[r]].cpu().long()
         assert torch.equal(pos, pos.sort().values) and torch.equal(cv[r, :clen[r]].cpu(), flat[r, pos])
+
+
+def test_group_scores_equal_their_rule():
+    """share='kv' rows: each head shifted to its best finite entry, the largest over the group;
+    NaN, +-inf, an all -inf head and a head far above the others, bit for bit."""
+    s = hard_rows(n=300)
+    s[:, 0] += 100.0
+    got = group_scores(s.to(DEV), 2, block=64).cpu()
+    want = group_scores_ref(s, 2)
+    assert got.shape == (2, 2, 2, 300) and torch.equal(got, want)
+    assert torch.equal(group_scores(s.to(DEV), 1).cpu(), group_scores_ref(s, 1))
+
+
+def test_a_shared_row_keeps_each_heads_best_key():
+    """A head whose scores all sit 50 above its group's (the same softmax) does not take the
+    group's keys: the other head's favourite stays in the top 2."""
+    s = torch.zeros(1, 2, 1, 20)
+    s[0, 0, 0] = 50.0 + torch.arange(20) * 0.01  # head 0: the last keys, by a little
+    s[0, 1, 0, 7] = 5.0  # head 1: key 7, by a lot
+    top = set(topk_ref(group_scores_ref(s, 2)[0, 0, 0], 2)[1].tolist())
+    assert top == {7, 19}
+    assert set(topk_ref(s.reshape(1, 1, 2, 1, 20).amax(2)[0, 0, 0], 2)[1].tolist()) == {18, 19}  # unshifted
 
 
 def test_topk_ref_breaks_ties_by_position():
@@ -223,7 +247,8 @@ def test_bad_inputs_are_named():
 # -- the plan paths with the kernels: tests/test_plan_paths.py (CPU, interpreter), and here on a GPU --
 @pytest.mark.skipif(DEV != "cuda", reason="a GPU: the plans compiled for CUDA (the interpreter runs the tests above)")
 @pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(0.1)", "topk(5)", "sink(2)+window(3)+quest(0.2,page=8)",
-                                  "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)"])
+                                  "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
+                                  "sink(2)+window(3)+quest(0.2,page=8,share='kv')"])
 def test_kernel_paths_on_the_gpu_choose_the_reference_keys(spec):
     from test_plan_paths import bounds, check_equal
     q, k, v = (x.cuda() for x in rand_qkv(b=3, hq=4, hkv=2, t=1, n=300, seed=2))

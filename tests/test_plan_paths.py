@@ -24,7 +24,8 @@ TOPK = ["topk(5)", "sink(2)+topk(0.2)", "window(3)+topk(7)", "sink(3)+window(4)+
         "sink(0.05)+window(0.1)+topk(0.15)", "sink(30)+window(30)+topk(30)"]
 QUEST = ["quest(8,page=4)", "sink(2)+window(3)+quest(0.2,page=8)", "window(5)+quest(16,page=4)",
          "sink(0.05)+quest(0.3,page=16)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
-         "sink(1)+window(2)+quest(1.0,page=8)"]
+         "sink(1)+window(2)+quest(1.0,page=8)", "sink(2)+window(3)+quest(0.2,page=8,share='kv')",
+         "quest(8,page=4,share='kv')"]
 SCALE = 0.25
 
 
@@ -230,7 +231,9 @@ class NoSync(TorchDispatchMode):
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(0.05)+window(4)+quest(12,page=4)",
                                   "sink(3)+window(4)+quest(20,page=4,dense_layers=1)", "sink(4)+window(0.1)",
-                                  "sink(2)+window(3)+quest(12,page=4)+verified(eps=0.3,draws='iid',min_pilot=8)"])
+                                  "sink(2)+window(3)+quest(12,page=4)+verified(eps=0.3,draws='iid',min_pilot=8)",
+                                  "sink(2)+window(3)+quest(12,page=4,share='kv')+verified(eps=0.3,draws='iid',"
+                                  "min_pilot=8)"])
 def test_paths_never_wait_for_the_device(spec, torch_kernel, monkeypatch):
     """append and run of the graphable paths: no .item()/.tolist()/bool() of a tensor, no
     nonzero or boolean-mask indexing (what a CUDA graph cannot capture)."""

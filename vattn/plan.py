@@ -18,7 +18,7 @@ Paths (`plan.path`):
                       top-k per query head over the keys sink/window left, a Selection of fixed
                       width (a host number, -1 padding) written on the GPU (kernels/select.py),
                       the sparse kernel attends it; no host sync.
-  "quest-kernel"      [sink+][window+]quest(budget[, page, dense_layers]), on CUDA: page key
+  "quest-kernel"      [sink+][window+]quest(budget[, page, dense_layers, share]), on CUDA: page key
                       bounds kept per layer in the plan (append rebuilds only the pages new keys
                       and each row's first page touch), the last page plus the top pages by bound
                       (the same radix select), expanded to keys on the GPU, the sparse kernel; no
@@ -66,7 +66,7 @@ _SAID: set = set()
 GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel", "sampled-kernel")
 # The specs with a fused GPU path, as compile's errors name them.
 FUSED_FORMS = ("[sink(n)+]window(n) | sink(n); [sink(n)+][window(n)+]topk(k); "
-               "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..]); the scan chain "
+               "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..][, share=..]); the scan chain "
                "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid'); and "
                "[sink(count)+][window(count)+][topk(k) | quest(..)]+verified(..., draws='iid')")
 KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "quest": "quest-kernel"}
@@ -232,7 +232,7 @@ class Plan:
         b, hq, t, _ = q.shape
         form = kernel_form(self.front)
         if b * t == 0 or k.shape[2] == 0:
-            shared = form == "streaming"
+            shared = form == "streaming" or self.front.shared
             return Selection.empty(b, k.shape[1] if shared else hq, t, q.device, shared)
         if form == "streaming":
             key = ("streaming", str(self.front), tuple(k.shape))  # the same for every layer of the step
@@ -302,8 +302,8 @@ class Plan:
         return self.front.select(dctx)
 
     def _pages(self, layer: int, k, ctx: StepContext):
-        """Quest's page bounds of a layer: f32 [B, Hkv, P + 1, D, 2] (min, max of each page's
-        visible keys; the last page is scratch for writes that must not land).
+        """Quest's page bounds of a layer: [B, Hkv, P + 1, D, 2] in the keys' dtype (min, max of
+        each page's visible keys; the last page is scratch for writes that must not land).
 
         Rebuilt, for rows with keys in this step: pages past what was bounded (N, a host
         number, grew: a prefill or a first call), the pages holding each row's newest keys
@@ -316,7 +316,7 @@ class Plan:
         st = self.states.setdefault(layer, {})
         need = -(-n // s)
         if "pages" not in st or st["shape"] != page_shape(k):
-            st.update(pages=torch.zeros((b, hkv, -(-self.capacity // s) + 1, d, 2), dtype=torch.float32,
+            st.update(pages=torch.zeros((b, hkv, -(-self.capacity // s) + 1, d, 2), dtype=k.dtype,
                                         device=k.device), built=0, shape=page_shape(k))
         cap = st["pages"].shape[2] - 1
         pages = st["pages"] = self._room(layer, st["pages"], need, n, keep=cap, spare=1)

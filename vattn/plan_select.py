@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vattn.kernels.quest import bound_pages as bound_pages_kernel
-from vattn.kernels.select import attn_scores, page_scores, select_top
+from vattn.kernels.select import attn_scores, group_scores, page_scores, select_top
 from vattn.methods.base import host_size, resolve_size
 from vattn.selection import Selection
 from vattn.spec import Spec
@@ -126,7 +126,8 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
 
 
 def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:
-    """[sink+][window+]quest(budget, page) on the device, per query head: [B, Hq, T, K], K =
+    """[sink+][window+]quest(budget, page) on the device, per query head (per KV head with
+    share='kv'): [B, Hq or Hkv, T, K], K =
     min(N, front width + (pages(budget, N) + 1) * page) (host numbers).
 
     The quest part's rule (methods/quest.py): bounds U of the pages (pages: Plan._pages), a
@@ -142,13 +143,16 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     kp = min(-(-host_size(part.budget, n) // sz), p)
     width = min(n, front.idx.shape[-1] + (kp + 1) * sz)
     rank = page_scores(q, pages, front.lo, front.hi, ends, scale, sz, p)
+    shared = part.share == "kv"
+    if shared:  # one row of pages per KV head (Quest.share)
+        rank = group_scores(rank, hq // k.shape[1])
     idx, count = select_top(rank, front.sizes(part.budget, sz), kp, width=width, front=(front.idx, front.count),
                             page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts, block=PAGE_BLOCK)
-    return Selection(idx, front.zeros(idx.shape, q.device), count)
+    return Selection(idx, front.zeros(idx.shape, q.device), count, shared)
 
 
 def page_shape(k) -> tuple:
-    return (k.shape[0], k.shape[1], k.shape[3])
+    return (k.shape[0], k.shape[1], k.shape[3], k.dtype)
 
 
 @dataclass

@@ -5,7 +5,8 @@ layer, in one launch (the torch twin took five: gather, two masked fills, min an
     bound_pages(pages, k, src, safe, seen, where)      in place
     bound_pages_ref(...)                              the same in torch (tests hold the kernel to it)
 
-pages f32 [B, Hkv, P, D, 2] (min, max of each page's visible keys); k [B, Hkv, N, D]; for each
+pages [B, Hkv, P, D, 2] in k's dtype (min, max of each page's visible keys: exact there, and half
+the bytes of f32 for a bf16 cache, which Quest's page scores read every step); k [B, Hkv, N, D]; for each
 batch row b and touched page j: src [B] the row read, safe [B, J, S] the positions read, seen
 bool [B, J, S] which of them are visible, where [B, J] the page written. A page's bound is over
 its visible keys only (+inf / -inf where none is: the scratch page of pages that must not land).
@@ -26,7 +27,7 @@ def bound_pages_ref(pages, k, src, safe, seen, where):
     vis = seen[:, None, :, :, None]
     kmin = keys.masked_fill(~vis, float("inf")).amin(3)
     kmax = keys.masked_fill(~vis, float("-inf")).amax(3)
-    new = torch.stack([kmin, kmax], -1)  # [B, Hkv, J, D, 2]
+    new = torch.stack([kmin, kmax], -1).to(pages.dtype)  # [B, Hkv, J, D, 2]
     pages.scatter_(2, where[:, None, :, None, None].expand(b, hkv, where.shape[1], d, 2), new)
 
 
@@ -54,8 +55,8 @@ def _kernel():
         kmax = tl.max(tl.where(vis[:, None], kk, float("-inf")), 0)
         w = tl.load(where + bj).to(tl.int64)
         base = pages + b.to(tl.int64) * spb + h * sph + w * spp + d * 2
-        tl.store(base, kmin)
-        tl.store(base + 1, kmax)
+        tl.store(base, kmin.to(pages.dtype.element_ty))
+        tl.store(base + 1, kmax.to(pages.dtype.element_ty))
 
     return bound
 
@@ -64,9 +65,9 @@ def bound_pages(pages, k, src, safe, seen, where):
     """pages[b, :, where[b, j]] = (min, max) of the visible keys of that page (module docstring)."""
     b, hkv, _, d = k.shape
     if pages.dim() != 5 or tuple(pages.shape[:2]) != (b, hkv) or pages.shape[3:] != (d, 2) or \
-            pages.dtype != torch.float32 or pages.stride(4) != 1 or pages.stride(3) != 2:
-        raise VattnError(f"pages must be f32 [B, Hkv, P, D, 2] = [{b}, {hkv}, P, {d}, 2] with contiguous (D, 2), "
-                         f"got {pages.dtype} {tuple(pages.shape)}")
+            pages.dtype != k.dtype or pages.stride(4) != 1 or pages.stride(3) != 2:
+        raise VattnError(f"pages must be {k.dtype} (k's dtype) [B, Hkv, P, D, 2] = [{b}, {hkv}, P, {d}, 2] with "
+                         f"contiguous (D, 2), got {pages.dtype} {tuple(pages.shape)}")
     j, s = safe.shape[1], safe.shape[2]
     if tuple(where.shape) != (b, j) or tuple(seen.shape) != (b, j, s) or tuple(src.shape) != (b,):
         raise VattnError(f"src [B], safe/seen [B, J, S], where [B, J] must agree: got {tuple(src.shape)}, "

@@ -110,6 +110,19 @@ def _topk_cpu(x: torch.Tensor, k: int):
     return vals.gather(-1, order), idx.gather(-1, order)
 
 
+def group_scores_ref(scores: torch.Tensor, g: int) -> torch.Tensor:
+    """f32 [B, Hq, T, N] -> [B, Hq / g, T, N]: the rule of a selection shared by the g query heads
+    of a KV head (share='kv'). Each head's scores are shifted so its largest finite entry is 0
+    (heads differ in scale and offset; a shift leaves a head's softmax as it is), then each entry
+    takes its largest over the group: a key ranks by the most any head of the group weighs it
+    against that head's best. NaN counts as -inf; a head without finite entries is not shifted."""
+    s = torch.where(torch.isnan(scores), NEG, scores)
+    m = torch.where(torch.isfinite(s), s, NEG).amax(-1, keepdim=True)
+    s = s - torch.where(m > NEG, m, 0.0)
+    b, hq, t, n = s.shape
+    return s.reshape(b, hq // g, g, t, n).amax(2)
+
+
 def select_top_ref(scores: torch.Tensor, k: torch.Tensor, kmax: int):
     """select_top's reference without front or pages: (positions int32 [B, H, T, kmax] in
     position order, -1 padding; count int32 [B, H, T])."""
@@ -209,7 +222,7 @@ def _kernels():
         pin = p < NP
         e = tl.arange(0, 2 * D)
         pair = tl.load(pg + b64 * spb + jh.to(tl.int64) * sph + p[:, None].to(tl.int64) * spp + e[None, :],
-                       mask=pin[:, None], other=0.0)
+                       mask=pin[:, None], other=0.0).to(tl.float32)
         kmin, kmax = tl.split(tl.reshape(pair, (BP, D, 2)))
         d = tl.arange(0, D)
         first = p * PAGE
@@ -526,6 +539,32 @@ def _kernels():
         tl.store(state + r64 * 4 + 3, tb)
 
     @triton.jit
+    def group(s, out, HQ, HKV, T, N, G: tl.constexpr, GP: tl.constexpr, BLK: tl.constexpr):
+        # program (b * HKV + kv head) * T + t: group_scores_ref's row, two passes over the G rows
+        r = tl.program_id(0)
+        t = r % T
+        bj = r // T
+        b = bj // HKV
+        jh = bj % HKV
+        h = tl.arange(0, GP)
+        rows = ((b * HQ + jh * G + h) * T + t).to(tl.int64)
+        hok = h < G
+        m = tl.full([GP], float("-inf"), tl.float32)
+        for n0 in range(0, N, BLK):
+            n = n0 + tl.arange(0, BLK)
+            x = tl.load(s + rows[:, None] * N + n[None, :], mask=hok[:, None] & (n < N)[None, :],
+                        other=float("-inf"))
+            fin = (x > float("-inf")) & (x < float("inf"))  # (NaN: neither)
+            m = tl.maximum(m, tl.max(tl.where(fin, x, float("-inf")), 1))
+        m = tl.where(m > float("-inf"), m, 0.0)
+        for n0 in range(0, N, BLK):
+            n = n0 + tl.arange(0, BLK)
+            x = tl.load(s + rows[:, None] * N + n[None, :], mask=hok[:, None] & (n < N)[None, :],
+                        other=float("-inf"))
+            x = tl.where(x == x, x, float("-inf")) - m[:, None]
+            tl.store(out + r.to(tl.int64) * N + n, tl.max(tl.where(hok[:, None], x, float("-inf")), 0), mask=n < N)
+
+    @triton.jit
     def floor(s, N, kr, KMAX, HT, T, fl_p, Z, S: tl.constexpr):
         # program r: a key image at or below row r's k_r-th largest entry with high probability,
         # the 16-bit prefix of the w-th largest of S entries at the midpoints of S equal strata (two
@@ -585,7 +624,7 @@ def _kernels():
                 tl.store(cp + dst, n, mask=take)
                 off += tl.sum(take.to(tl.int32), 0)
 
-    return scores, pages, radix, emit, floor, count, compact, bisect
+    return scores, pages, radix, emit, floor, count, compact, bisect, group
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -642,14 +681,14 @@ def page_scores(q, pages, lo, hi, ends, scale: float, page: int, n_pages: int, *
                 num_warps: int = 4) -> torch.Tensor:
     """f32 [B, Hq, T, n_pages]: Quest's bound of each page (methods.quest.page_bounds) where the
     page holds a key in [lo, hi) and is not the row's last page ((ends - 1) // page), else -inf.
-    pages f32 [B, Hkv, >= n_pages, D, 2] (min, max of each page's keys)."""
+    pages [B, Hkv, >= n_pages, D, 2] (min, max of each page's keys), f32 or the keys' dtype."""
     check_dtype("q", q, FLOATS)
     b, hq, t, d = q.shape
     if pages.dim() != 5 or pages.shape[0] != b or pages.shape[3] != d or pages.shape[4] != 2 or \
             pages.shape[2] < n_pages or pages.shape[1] == 0 or hq % pages.shape[1]:
-        raise VattnError(f"pages must be f32 [B, Hkv, >= {n_pages}, D, 2] for q {tuple(q.shape)}, "
+        raise VattnError(f"pages must be [B, Hkv, >= {n_pages}, D, 2] for q {tuple(q.shape)}, "
                          f"got {tuple(pages.shape)}")
-    check_dtype("pages", pages, (torch.float32,))
+    check_dtype("pages", pages, FLOATS)
     if pages.stride(4) != 1 or pages.stride(3) != 2 or q.stride(-1) != 1:
         raise VattnError("pages must have contiguous (D, 2) dims and q a contiguous head dim")
     if d not in (16, 32, 64, 128, 256):
@@ -667,6 +706,23 @@ def page_scores(q, pages, lo, hi, ends, scale: float, page: int, n_pages: int, *
             q, pages, out, lo, hi, ends, q.stride(0), q.stride(1), q.stride(2), pages.stride(0), pages.stride(1),
             pages.stride(2), hq, hkv, t, n_pages, g * t, page, float(scale), MR=mr, D=d, BP=block_p,
             num_warps=num_warps)
+    return out
+
+
+def group_scores(scores, g: int, *, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """group_scores_ref on the GPU: one program per KV row, two passes over its g query rows."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise VattnError(f"scores must be a 4-D tensor [B, Hq, T, N], got {getattr(scores, 'shape', scores)!r}")
+    check_dtype("scores", scores, (torch.float32,))
+    b, hq, t, n = scores.shape
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or hq % g:
+        raise VattnError(f"group size must be a positive int dividing the {hq} query heads, got {g!r}")
+    check_runnable(scores)
+    scores = scores.contiguous()
+    out = torch.empty((b, hq // g, t, n), dtype=torch.float32, device=scores.device)
+    if out.numel():
+        _kernels()[8][(b * (hq // g) * t,)](scores, out, hq, hq // g, t, n, G=g, GP=next_pow2(g),
+                                            BLK=min(block, next_pow2(n)), num_warps=num_warps)
     return out
 
 

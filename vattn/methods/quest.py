@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vattn.errors import VattnError
-from vattn.kernels.select import topk_ref
+from vattn.kernels.select import group_scores_ref, topk_ref
 from vattn.methods.base import Builder, DecodeContext, check_size, host_size, register, resolve_size
 
 NEG = float("-inf")
@@ -115,16 +115,23 @@ class Quest:
 
     budget: tokens (count, or fraction of the row length), i.e. ceil(budget/page) pages
     besides the last page. dense_layers: layers below this index attend every key
-    (the paper keeps layers 0-1 dense).
+    (the paper keeps layers 0-1 dense). share='kv': one set of pages per KV head, ranked by
+    kernels.select.group_scores_ref over the group's query heads (each head's bounds shifted
+    to its best page, the largest over the group), so a GQA kernel gathers each page once for
+    the group, not once per query head.
     """
     budget: int | float = 0.05
     page: int = 16
     dense_layers: int = 0
+    share: str = "none"
 
     def __post_init__(self):
         check_size("quest", "budget", self.budget)
         check_int("quest", "page", self.page, 1, 4096)
         check_int("quest", "dense_layers", self.dense_layers, 0, 10_000)
+        if self.share not in ("none", "kv"):
+            raise VattnError(f"quest: share must be 'none' (pages per query head) or 'kv' (per KV head), "
+                             f"got {self.share!r}")
 
     def metadata(self, ctx: DecodeContext):
         """(kmin, kmax) f32 [B, Hkv, P, D], updated incrementally across calls."""
@@ -140,23 +147,28 @@ class Quest:
         if ctx.layer < self.dense_layers:
             return add_all(ctx, out)
         s = self.page
+        if self.share == "kv":
+            out.share()
         kmin, kmax = self.metadata(ctx)
         u = page_bounds(ctx.q, kmin, kmax, ctx.scale)  # [B, Hq, T, P]
         b, hq, t, p = u.shape
+        h = out.chosen.shape[1]  # Hq, or Hkv once shared
         last = ((ctx.ends - 1).clamp(min=0) // s)[:, None, :]  # [B, 1, T]
         has_keys = ctx.ends > ctx.starts[:, None]
         # A page is worth ranking if it holds an allowed key no earlier part chose.
         fresh = ctx.allowed() & ~out.chosen
-        fresh = torch.nn.functional.pad(fresh, (0, p * s - fresh.shape[-1])).reshape(b, hq, t, p, s).any(-1)
+        fresh = torch.nn.functional.pad(fresh, (0, p * s - fresh.shape[-1])).reshape(b, h, t, p, s).any(-1)
         pid = torch.arange(p, device=u.device)
-        rank = u.masked_fill(~fresh | (pid == last[..., None]), NEG)
+        rank = u.masked_fill(~fresh.repeat_interleave(hq // h, 1) | (pid == last[..., None]), NEG)
+        if out.shared:
+            rank = group_scores_ref(rank, hq // h)
         want = torch.div(resolve_size(self.budget, ctx.lengths()) + s - 1, s, rounding_mode="floor")
         # candidates sized by the key buffer's length (a host number), as the quest plan does;
         # equal bounds: the lower pages first (kernels.select.topk_ref, the plan kernels' rule)
         kmax_p = min(-(-host_size(self.budget, ctx.k.shape[2]) // s), p)
         vals, top = topk_ref(rank, kmax_p)
         ok_top = (torch.arange(kmax_p, device=u.device) < want[..., None]) & (vals > NEG)
-        pages = torch.cat([last[..., None].expand(b, hq, t, 1), top], -1)
-        page_ok = torch.cat([has_keys[:, None, :, None].expand(b, hq, t, 1), ok_top], -1)
+        pages = torch.cat([last[..., None].expand(b, h, t, 1), top], -1)
+        page_ok = torch.cat([has_keys[:, None, :, None].expand(b, h, t, 1), ok_top], -1)
         idx, ok = pages_to_keys(ctx, pages, page_ok, s)
         out.add(idx, None, ok)
