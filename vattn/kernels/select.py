@@ -215,7 +215,8 @@ def _kernels():
         # max(q m, q M) = min(q, 0) m + max(q, 0) M, so with the bounds interleaved (m_0, M_0, m_1,
         # ...) a page's bound is w . (its 2D bounds), w = (min(q_0, 0), max(q_0, 0), ...): the G
         # query rows (M dim, padded to 16) against BP pages in one tl.dot (bf16 products are exact
-        # in its f32 sums): H200, 64 pages a program, B=1 32K 10.8 -> 6.1 us, B=8 128K 177.5 -> 76.2 (3.5 TB/s) against the sum term by term of 16 pages a program.
+        # in its f32 sums). H200, 64 pages a program: B=1 32K 10.8 -> 6.1 us, B=8 128K 177.5 ->
+        # 76.2 (3.5 TB/s) against a sum term by term of 16 pages a program.
         bj = tl.program_id(0)
         b = bj // HKV
         jh = bj % HKV
