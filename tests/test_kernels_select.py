@@ -150,6 +150,17 @@ def test_group_scores_equal_their_rule():
     assert torch.equal(group_scores(s.to(DEV), 1).cpu(), group_scores_ref(s, 1))
 
 
+def test_select_over_a_group_is_the_sort_of_its_rows(select_path):
+    """select_top(group=g) keeps what a sort of group_scores_ref's rows keeps (in the bisection
+    program, or grouped first when rows are too long for it)."""
+    s = hard_rows(n=300)
+    s[:, 0] += 100.0
+    k = torch.tensor([[0, 7], [40, 400]])
+    idx, cnt = select_top(s.to(DEV), k.to(DEV), 64, group=2, splits=4, block=64)
+    want_idx, want_cnt = select_top_ref(group_scores_ref(s, 2), k, 64)
+    assert idx.shape[1] == 2 and torch.equal(cnt.cpu(), want_cnt) and torch.equal(idx.cpu(), want_idx)
+
+
 def test_a_shared_row_keeps_each_heads_best_key():
     """A head whose scores all sit 50 above its group's (the same softmax) does not take the
     group's keys: the other head's favourite stays in the top 2."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vattn.kernels.quest import bound_pages as bound_pages_kernel
-from vattn.kernels.select import attn_scores, group_scores, page_scores, select_top
+from vattn.kernels.select import attn_scores, page_scores, select_top
 from vattn.methods.base import host_size, resolve_size
 from vattn.selection import Selection
 from vattn.spec import Spec
@@ -143,11 +143,10 @@ def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: 
     kp = min(-(-host_size(part.budget, n) // sz), p)
     width = min(n, front.idx.shape[-1] + (kp + 1) * sz)
     rank = page_scores(q, pages, front.lo, front.hi, ends, scale, sz, p)
-    shared = part.share == "kv"
-    if shared:  # one row of pages per KV head (Quest.share)
-        rank = group_scores(rank, hq // k.shape[1])
+    shared = part.share == "kv"  # one row of pages per KV head (Quest.share), grouped in the select
     idx, count = select_top(rank, front.sizes(part.budget, sz), kp, width=width, front=(front.idx, front.count),
-                            page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts, block=PAGE_BLOCK)
+                            page=sz, lo=front.lo, hi=front.hi, ends=ends, starts=starts, block=PAGE_BLOCK,
+                            group=hq // k.shape[1] if shared else 1)
     return Selection(idx, front.zeros(idx.shape, q.device), count, shared)
 
 

@@ -445,16 +445,36 @@ def _kernels():
             tl.store(orow + w, tl.full([FB], -1, tl.int32), mask=w < tl.minimum(j * PW + PW, W))
 
     @triton.jit
-    def bisect(s, N, kr, HT, T, KMAX, state, offs, CH, P, lo_p, hi_p, PAGE, cv, clen, C, CHC,
-               RB: tl.constexpr, PR: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr):
+    def bisect(s, N, kr, HT, T, KMAX, state, offs, CH, P, lo_p, hi_p, PAGE, cv, clen, C, CHC, grp, HQ,
+               RB: tl.constexpr, PR: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr, G: tl.constexpr,
+               GP: tl.constexpr):
         # One program a row, in place of the four radix passes where rows are short (a candidate
         # list, Quest's pages): the k_r-th largest key image by bisection, each round one count
         # over the row. A row of at most RB entries stays in registers (emit chunks of RB // PR
         # entries); a longer one (a top-k row without its list) is streamed every round (chunks
-        # of CH). Writes state (thr, eq_take, 0, entries written) and offs, as the radix passes do.
+        # of CH). Writes state (thr, eq_take, 0, entries written) and offs, as the radix passes do
+        # (the emit stays a launch of its own: written by this one program it took longer, H200,
+        # quest B=1 128K 86.7 -> 108.6 us, share='kv' B=8 128K 218.9 -> 237.9). G > 1: row
+        # r is a KV head's shared row, built here from its G query heads' rows of s by
+        # group_scores_ref's rule and stored in grp (what emit reads), rows of at most RB entries.
         r = tl.program_id(0)
         r64 = r.to(tl.int64)
-        srow, ln, ch, _ = row_source(s, N, CH, cv, clen, C, CHC, r64, CAND)
+        if G > 1:
+            i = tl.arange(0, RB)
+            h = tl.arange(0, GP)
+            bb = r // HT
+            rows = ((bb * HQ + ((r % HT) // T) * G + h) * T + r % T).to(tl.int64)
+            ok = (h < G)[:, None] & (i < N)[None, :]
+            x = tl.load(s + rows[:, None] * N + i[None, :], mask=ok, other=float("-inf"))
+            fin = (x > float("-inf")) & (x < float("inf"))
+            mh = tl.max(tl.where(fin, x, float("-inf")), 1)
+            x = tl.where(x == x, x, float("-inf")) - tl.where(mh > float("-inf"), mh, 0.0)[:, None]
+            tl.store(grp + r64 * N + i, tl.max(tl.where(ok, x, float("-inf")), 0), mask=i < N)
+            tl.debug_barrier()  # the row is read back below (other threads' stores)
+            src = grp
+        else:
+            src = s
+        srow, ln, ch, _ = row_source(src, N, CH, cv, clen, C, CHC, r64, CAND)
         want = row_k(kr, r, HT, T, KMAX)
         top = tl.full([], 0xFFFFFFFF, tl.uint32)
         if ln <= RB:
@@ -514,7 +534,7 @@ def _kernels():
                 above += tl.sum((ub > thr).to(tl.int32), 0)
                 eq_all += tl.sum((ub == thr).to(tl.int32), 0)
         eq_take = kk - above
-        plo, phi, clo, chi, tlo, thi = page_edges(s, r, r64, N, HT, T, lo_p, hi_p, PAGE, thr, eq_take, eq_all)
+        plo, phi, clo, chi, tlo, thi = page_edges(src, r, r64, N, HT, T, lo_p, hi_p, PAGE, thr, eq_take, eq_all)
         tb = tl.zeros([], tl.int32)
         eb = tl.zeros([], tl.int32)
         if ln <= RB:
@@ -745,7 +765,7 @@ def select_programs(rows: int, n: int, device, block: int, splits: int | None = 
 
 def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, page: int = 1, lo=None, hi=None,
                ends=None, starts=None, splits: int | None = None, block: int | None = None, emit_block: int | None = None,
-               sample: int | None = None, z: float | None = None, num_warps: int = 4):
+               sample: int | None = None, z: float | None = None, num_warps: int = 4, group: int = 1):
     """Each row (b, h, t) of scores f32 [B, H, T, N] keeps its min(k[b, t], kmax) largest entries
     that are not -inf/NaN, ties at the threshold to the lowest positions (module docstring).
     Returns (idx int32 [B, H, T, width], count int32 [B, H, T]): valid entries first (the front's,
@@ -756,14 +776,20 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     ends given: entries are Quest pages of `page` keys; a taken page writes its keys in
     [lo, hi) (int [B, T]), and with ends (int [B, T]) and starts (int [B]) the row's last page
     ((ends - 1) // page, when ends > starts) comes first, with its keys in [lo, hi). Positions
-    are int32."""
+    are int32. group g > 1: one row per KV head, from the g query heads' rows of scores
+    (group_scores_ref's rule; H is then Hq and the output's heads H / g)."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
         raise VattnError(f"scores must be a 4-D tensor [B, H, T, N], got {getattr(scores, 'shape', scores)!r}")
     check_dtype("scores", scores, (torch.float32,))
     for name, x in (("kmax", kmax), ("page", page), ("width", width if width is not None else 0)):
         if isinstance(x, bool) or not isinstance(x, int) or x < (1 if name == "page" else 0):
             raise VattnError(f"{name} must be a {'positive' if name == 'page' else 'non-negative'} int, got {x!r}")
-    b, h, t, n = scores.shape
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or scores.shape[1] % group:
+        raise VattnError(f"group must be a positive int dividing the {scores.shape[1]} heads, got {group!r}")
+    if group > 1 and next_pow2(scores.shape[3]) > ROW_MAX:  # rows too long for one program: group first
+        scores, group = group_scores(scores, group), 1
+    hq = scores.shape[1]
+    b, h, t, n = scores.shape[0], hq // group, scores.shape[2], scores.shape[3]
     width = kmax if width is None else width
     k = _rows_bt(k, b, t, "k")
     pages = page > 1 or ends is not None
@@ -797,7 +823,7 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     dev = scores.device
     block = block or BLOCK
     sample, z = SAMPLE if sample is None else sample, Z if z is None else z
-    cw = 0 if pages else candidate_width(n, kmax, sample, z)
+    cw = 0 if pages or group > 1 else candidate_width(n, kmax, sample, z)
     rb = next_pow2(cw or n)
     if cw:  # the select reads the rows' candidate lists (a row without one: its score row)
         cv, cp, clen = candidates(scores, k, kmax, cw, sample, z, splits=splits, block=block, num_warps=num_warps)
@@ -810,8 +836,11 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
         chc = rb // p if cw else 0
         ch = rb // p if n <= rb else math.ceil(math.ceil(n / p) / block) * block
         offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
+        grp = torch.empty((rows, n), dtype=torch.float32, device=dev) if group > 1 else scores
         _kernels()[7][(rows,)](scores, n, k, h * t, t, kmax, state, offs, ch, p, lo, hi, page, cv, clen, cw, chc,
-                               RB=rb, PR=p, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=min(16, max(4, rb // 1024)))
+                               grp, hq, RB=rb, PR=p, PB=RESOLVE_TILE, CAND=cw > 0, G=group, GP=next_pow2(group),
+                               num_warps=min(16, max(4, rb // 1024)))
+        scores = grp  # (the emit reads the grouped rows)
     else:
         if cw:
             p, chc = select_programs(rows, cw, dev, block, splits)
@@ -828,14 +857,13 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
             radix[(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, ctr, ch, p, lo, hi, page,
                              cv, clen, cw, chc, SHIFT=shift, BITS=bits, FIRST=i == 0, LAST=i == len(PASSES) - 1,
                              NBIN=NB, BLK=block, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=num_warps)
-    emit = _kernels()[3]
     sp = next_pow2(page)
     eb = emit_block or min(block if page == 1 else max(2, min(block, 4096 // sp)), next_pow2(chc or ch))
     w1 = fidx.shape[2] if front is not None else 0
-    emit[(rows, p)](scores, n, state, offs, ch, p, out, cnt, width, -(-width // p), h * t, t, fidx, fcnt, w1,
-                    lo, hi, ends if ends is not None else lo, starts if starts is not None else lo,
-                    cv, cp, clen, cw, chc, FRONT=front is not None, LASTPAGE=ends is not None, PAGE=page, SP=sp,
-                    BLK=eb, FB=256, CAND=cw > 0, num_warps=num_warps)
+    _kernels()[3][(rows, p)](scores, n, state, offs, ch, p, out, cnt, width, -(-width // p), h * t, t, fidx, fcnt,
+                             w1, lo, hi, ends if ends is not None else lo, starts if starts is not None else lo,
+                             cv, cp, clen, cw, chc, FRONT=front is not None, LASTPAGE=ends is not None, PAGE=page,
+                             SP=sp, BLK=eb, FB=256, CAND=cw > 0, num_warps=num_warps)
     return out, cnt
 
 
