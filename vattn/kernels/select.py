@@ -839,7 +839,7 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
         grp = torch.empty((rows, n), dtype=torch.float32, device=dev) if group > 1 else scores
         _kernels()[7][(rows,)](scores, n, k, h * t, t, kmax, state, offs, ch, p, lo, hi, page, cv, clen, cw, chc,
                                grp, hq, RB=rb, PR=p, PB=RESOLVE_TILE, CAND=cw > 0, G=group, GP=next_pow2(group),
-                               num_warps=min(16, max(4, rb // 1024)))
+                               num_warps=min(16, max(4, rb * next_pow2(group) // 1024)))  # ~32 entries a thread
         scores = grp  # (the emit reads the grouped rows)
     else:
         if cw:
