@@ -14,15 +14,15 @@ fused kernels that list no keys return `Selection.counted(...)`, which metrics r
 Paths (`plan.path`):
   "streaming-kernel"  sink/window only, on CUDA: index ranges built on the GPU, the Triton
                       sparse kernel attends them; no host sync.
-  "topk-kernel"       [sink+][window+]topk(k), on CUDA: exact scores (K read in place), a radix
-                      top-k per query head over the keys sink/window left, a Selection of fixed
+  "topk-kernel"       [sink+][window+]topk(k), on CUDA: exact scores (K read in place), a
+                      top-k select per query head over the keys sink/window left, a Selection of fixed
                       width (a host number, -1 padding) written on the GPU (kernels/select.py),
                       the sparse kernel attends it; no host sync.
   "quest-kernel"      [sink+][window+]quest(budget[, page, dense_layers, share]), on CUDA: page key
                       bounds kept per layer in the plan (append rebuilds only the pages new keys
                       and each row's first page touch), the last page plus the top pages by bound
-                      (the same radix select), expanded to keys on the GPU, the sparse kernel; no
-                      host sync.
+                      (the same select; share='kv': per KV head), expanded to keys on the GPU, the
+                      sparse kernel; no host sync.
   "scan-kernel"       sink+window+hashtopk(cut='sample')+verified(draws='iid', either mode), on CUDA, one
                       query row per sequence: the fused scan kernels (kernels/scan.py); key
                       signatures live in the plan, signed in append (no host sync).

@@ -3,7 +3,7 @@ front of a step, and the topk and quest parts after it (each makes its reference
 choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec).
 
 topk and quest run the Triton selection kernels (kernels/select.py: scores read K in place, a
-radix select, the Selection written with the front in place); on CPU tensors, under the Triton
+top-k select, the Selection written with the front in place); on CPU tensors, under the Triton
 interpreter. They keep a row's largest entries with ties to the lowest positions, as the
 reference methods do (kernels.select.topk_ref): the reference methods are their twins."""
 from __future__ import annotations
