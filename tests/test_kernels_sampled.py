@@ -125,7 +125,8 @@ SPECS = ["sink(4)+window(8)+topk(0.05)+verified(eps=0.3,delta=0.2,draws='iid',mi
          "sink(4)+window(8)+quest(0.1,page=16)+verified(eps=0.3,delta=0.2,draws='iid',min_pilot=16)",
          "window(8)+verified(eps=0.4,delta=0.2,draws='iid',min_pilot=16,mode='denominator')",
          "sink(2)+window(4)+quest(0.2,page=8,dense_layers=1)+verified(eps=0.3,draws='iid',min_pilot=8,"
-         "mode='denominator')"]
+         "mode='denominator')",
+         "sink(4)+window(8)+quest(0.1,page=16,share='kv')+verified(eps=0.3,delta=0.2,draws='iid',min_pilot=16)"]
 
 
 @pytest.mark.parametrize("t", [1, 2])
