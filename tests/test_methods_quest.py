@@ -92,6 +92,29 @@ def test_chosen_pages_are_last_plus_top_by_bound():
                     assert set(span) <= set(keys)
 
 
+def test_shared_pages_are_last_plus_top_by_the_groups_shifted_bound():
+    """share='kv': one Selection per KV head; its pages besides the last are the top 3 by the
+    largest, over the group's two heads, of a page's bound minus the head's best seen bound."""
+    q, k, v = inputs(seed=3)
+    page = 8
+    ctx = context(q, k, v, LENGTHS, STARTS)
+    sel = vattn.select(f"quest(20, page={page}, share='kv')", q, k, v, lengths=LENGTHS, starts=STARTS)
+    assert sel.shared and sel.indices.shape[1] == 2
+    ref = brute_bounds(q, k, ctx.starts, ctx.ends, page, ctx.scale)
+    for bi in range(2):
+        for t in range(3):
+            end = int(ctx.ends[bi, t])
+            last = (end - 1) // page
+            seen = [p for p in range(ref.shape[-1]) if p != last and p * page < end
+                    and (p + 1) * page > int(STARTS[bi])]
+            for j in range(2):
+                heads = ref[bi, 2 * j:2 * j + 2, t][:, seen]  # [2, pages seen]
+                grp = (heads - heads.amax(1, keepdim=True)).amax(0)
+                want = sorted(seen[i] for i in grp.topk(3).indices.tolist())
+                keys = sel.indices[bi, j, t, : sel.count[bi, j, t]].tolist()
+                assert sorted({x // page for x in keys} - {last}) == want
+
+
 @pytest.mark.parametrize("page", [1, 8, 16, 64])
 def test_full_budget_is_dense(page):
     q, k, v = inputs(seed=2)
@@ -138,6 +161,7 @@ def test_new_sequence_in_same_state_rebuilds():
     ("quest(1.5)", ["quest", "budget"]),
     ("quest(-3)", ["quest", "budget"]),
     ("quest(dense_layers=-1)", ["quest", "dense_layers"]),
+    ("quest(share='group')", ["quest", "share", "'kv'"]),
 ])
 def test_invalid_parameters(spec, words):
     with pytest.raises(vattn.VattnError) as e:
