@@ -84,6 +84,13 @@ def test_kernel_path_chooses_the_reference_keys(spec, t, torch_kernel):
     check_equal(spec, q, k, v, starts, ends, layers=(0, 1))
 
 
+def test_shared_quest_without_groups_chooses_the_reference_keys(torch_kernel):
+    """share='kv' on a model with one query head a KV head: a group of one, the per-head rule."""
+    q, k, v = rand_qkv(b=3, hq=2, hkv=2, t=2, n=80, seed=5)
+    starts, ends = bounds(t=2, seed=5)
+    check_equal("sink(2)+window(3)+quest(0.2,page=8,share='kv')", q, k, v, starts, ends)
+
+
 def test_quest_layers_of_one_step_share_their_page_update(torch_kernel):
     # the engine's step: one context for every layer; which pages to bound again is worked out
     # once (ctx.memo), each layer bounds them over its own keys and picks the reference's keys

@@ -160,7 +160,7 @@ class Quest:
         fresh = torch.nn.functional.pad(fresh, (0, p * s - fresh.shape[-1])).reshape(b, h, t, p, s).any(-1)
         pid = torch.arange(p, device=u.device)
         rank = u.masked_fill(~fresh.repeat_interleave(hq // h, 1) | (pid == last[..., None]), NEG)
-        if out.shared:
+        if hq > h:  # shared over a group (with one query head a KV head, as the kernel: no shift)
             rank = group_scores_ref(rank, hq // h)
         want = torch.div(resolve_size(self.budget, ctx.lengths()) + s - 1, s, rounding_mode="floor")
         # candidates sized by the key buffer's length (a host number), as the quest plan does;
