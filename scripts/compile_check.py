@@ -96,15 +96,18 @@ for name, fn, s, c in (
         ("glu_kernel (gelu-tanh)", glu, sig("gu out I".split(), [B, B, I]), dict(BI=1024, ACT=1))):
     report(name, fn, s, c)
 
-# the top-k select (vattn/kernels/select.py): candidate lists, radix passes over them, emit
+# the top-k select (vattn/kernels/select.py): candidate lists, radix passes over them or the
+# bisection program (a list; Quest's pages, per query head and grouped), emit
 from vattn.kernels import select as ks
-_, _, radix, emit, floor, count, compact = ks._kernels()
+_, _, radix, emit, floor, count, compact, bisect = ks._kernels()
 S32, L = "*fp32", "*i64"
 rad_names = "s N kr HT T KMAX hist above state offs ctr CH P lo_p hi_p PAGE cv clen C CHC".split()
 rad_types = [S32, I, L, I, I, I, P, P, P, P, P, I, I, L, L, I, S32, P, I, I]
 emit_names = "s N state offs CH P out cnt W PW HT T fidx fcnt W1 lo_p hi_p end_p start_p cv cp clen C CHC".split()
 emit_types = [S32, I, P, P, I, I, P, P, I, I, I, I, L, L, I, L, L, L, L, S32, P, P, I, I]
 cmp_names = "s N kr KMAX HT T fl_p cnt CH P cv cp clen C".split()
+bis_names = "s N kr HT T KMAX state offs CH P lo_p hi_p PAGE cv clen C CHC grp HQ".split()
+bis_types = [S32, I, L, I, I, I, P, P, I, I, L, L, I, S32, P, I, I, S32, I]
 for name, fn, s, c in (
         ("select floor", floor, sig("s N kr KMAX HT T fl_p Z".split(), [S32, I, L, I, I, I, P, F]), dict(S=ks.SAMPLE)),
         ("select count", count, sig("s N fl_p cnt CH P".split(), [S32, I, P, P, I, I]), dict(BLK=ks.BLOCK)),
@@ -114,5 +117,9 @@ for name, fn, s, c in (
            dict(SHIFT=sh, BITS=8, FIRST=f, LAST=la, NBIN=ks.NB, BLK=ks.BLOCK, PB=ks.RESOLVE_TILE, CAND=True))
           for sh, f, la in ((24, True, False), (16, False, False), (0, False, True))),
         ("select emit", emit, sig(emit_names, emit_types),
-         dict(FRONT=True, LASTPAGE=False, PAGE=1, SP=1, BLK=ks.BLOCK, FB=256, CAND=True))):
+         dict(FRONT=True, LASTPAGE=False, PAGE=1, SP=1, BLK=ks.BLOCK, FB=256, CAND=True)),
+        ("select bisect (a list of 8192)", bisect, sig(bis_names, bis_types),
+         dict(RB=8192, PR=32, PB=ks.RESOLVE_TILE, CAND=True, G=1, GP=1)),
+        ("select bisect (4 heads' pages, 2048)", bisect, sig(bis_names, bis_types),
+         dict(RB=2048, PR=32, PB=ks.RESOLVE_TILE, CAND=False, G=4, GP=4))):
     report(name, fn, s, c)

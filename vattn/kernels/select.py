@@ -152,7 +152,12 @@ def _kernels():
         u = tl.where((b >> 31) != 0, ~b, b | 0x80000000)
         return tl.where(x > float("-inf"), u, tl.zeros_like(u))
 
-    globals()["_ukey"] = ukey
+    @triton.jit
+    def keys_at(row, n, stop):
+        # key images of row[n] (a block of positions), none (0) at or past stop
+        return _ukey(tl.load(row + n, mask=n < stop, other=float("-inf")))
+
+    globals().update(_ukey=ukey, keys_at=keys_at)
 
     @triton.jit
     def row_k(kr, r, HT, T, KMAX):
@@ -322,7 +327,7 @@ def _kernels():
         ab = tl.zeros([], tl.int32)
         for n0 in range(start, stop, BLK):
             n = n0 + tl.arange(0, BLK)
-            u = _ukey(tl.load(srow + n, mask=n < stop, other=float("-inf")))
+            u = keys_at(srow, n, stop)
             if FIRST:
                 m = u != 0
             else:
@@ -420,7 +425,7 @@ def _kernels():
         stop = tl.minimum(start + ch, ln)
         for n0 in range(start, stop, BLK):
             n = n0 + tl.arange(0, BLK)
-            u = _ukey(tl.load(srow + n, mask=n < stop, other=float("-inf")))
+            u = keys_at(srow, n, stop)
             eq = (u == key).to(tl.int32)
             take = (u > key) | ((eq != 0) & (eqb + tl.cumsum(eq, 0) - 1 < eq_take))
             if PAGE == 1:
@@ -479,7 +484,7 @@ def _kernels():
         top = tl.full([], 0xFFFFFFFF, tl.uint32)
         if ln <= RB:
             i = tl.arange(0, RB)
-            u = _ukey(tl.load(srow + i, mask=i < ln, other=float("-inf")))
+            u = keys_at(srow, i, ln)
             cand = tl.sum((u != 0).to(tl.int32), 0)
             lo = tl.min(tl.where(u != 0, u, top), 0)
             hi = tl.max(u, 0)
@@ -490,7 +495,7 @@ def _kernels():
             hi = tl.zeros([], tl.uint32)
             for n0 in range(0, ln, RB):
                 n = n0 + tl.arange(0, RB)
-                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                ub = keys_at(srow, n, ln)
                 cand += tl.sum((ub != 0).to(tl.int32), 0)
                 lo = tl.minimum(lo, tl.min(tl.where(ub != 0, ub, top), 0))
                 hi = tl.maximum(hi, tl.max(ub, 0))
@@ -506,7 +511,7 @@ def _kernels():
                 c = tl.zeros([], tl.int32)
                 for n0 in range(0, ln, RB):
                     n = n0 + tl.arange(0, RB)
-                    c += tl.sum((_ukey(tl.load(srow + n, mask=n < ln, other=float("-inf"))) >= mid).to(tl.int32), 0)
+                    c += tl.sum((keys_at(srow, n, ln) >= mid).to(tl.int32), 0)
             lo = tl.where(c >= kk, mid, lo)
             hi = tl.where(c >= kk, hi, mid - 1)
             hit = (c == kk).to(tl.int32)
@@ -524,13 +529,13 @@ def _kernels():
             eq_all = tl.zeros([], tl.int32)
             for n0 in range(0, ln, RB):
                 n = n0 + tl.arange(0, RB)
-                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                ub = keys_at(srow, n, ln)
                 low = tl.minimum(low, tl.min(tl.where(ub >= lo, ub, top), 0))
             if hit != 0:
                 thr = low
             for n0 in range(0, ln, RB):
                 n = n0 + tl.arange(0, RB)
-                ub = _ukey(tl.load(srow + n, mask=n < ln, other=float("-inf")))
+                ub = keys_at(srow, n, ln)
                 above += tl.sum((ub > thr).to(tl.int32), 0)
                 eq_all += tl.sum((ub == thr).to(tl.int32), 0)
         eq_take = kk - above
@@ -554,7 +559,7 @@ def _kernels():
                     e = tl.zeros([], tl.int32)
                     for n0 in range(j * ch, tl.minimum(j * ch + ch, ln), RB):
                         n = n0 + tl.arange(0, RB)
-                        ub = _ukey(tl.load(srow + n, mask=n < tl.minimum(j * ch + ch, ln), other=float("-inf")))
+                        ub = keys_at(srow, n, tl.minimum(j * ch + ch, ln))
                         g += tl.sum((ub > thr).to(tl.int32), 0)
                         e += tl.sum((ub == thr).to(tl.int32), 0)
                     gt_i = tl.where(ii == j, g, gt_i)
@@ -565,32 +570,6 @@ def _kernels():
         tl.store(state + r64 * 4 + 1, eq_take)
         tl.store(state + r64 * 4 + 2, 0)
         tl.store(state + r64 * 4 + 3, tb)
-
-    @triton.jit
-    def group(s, out, HQ, HKV, T, N, G: tl.constexpr, GP: tl.constexpr, BLK: tl.constexpr):
-        # program (b * HKV + kv head) * T + t: group_scores_ref's row, two passes over the G rows
-        r = tl.program_id(0)
-        t = r % T
-        bj = r // T
-        b = bj // HKV
-        jh = bj % HKV
-        h = tl.arange(0, GP)
-        rows = ((b * HQ + jh * G + h) * T + t).to(tl.int64)
-        hok = h < G
-        m = tl.full([GP], float("-inf"), tl.float32)
-        for n0 in range(0, N, BLK):
-            n = n0 + tl.arange(0, BLK)
-            x = tl.load(s + rows[:, None] * N + n[None, :], mask=hok[:, None] & (n < N)[None, :],
-                        other=float("-inf"))
-            fin = (x > float("-inf")) & (x < float("inf"))  # (NaN: neither)
-            m = tl.maximum(m, tl.max(tl.where(fin, x, float("-inf")), 1))
-        m = tl.where(m > float("-inf"), m, 0.0)
-        for n0 in range(0, N, BLK):
-            n = n0 + tl.arange(0, BLK)
-            x = tl.load(s + rows[:, None] * N + n[None, :], mask=hok[:, None] & (n < N)[None, :],
-                        other=float("-inf"))
-            x = tl.where(x == x, x, float("-inf")) - m[:, None]
-            tl.store(out + r.to(tl.int64) * N + n, tl.max(tl.where(hok[:, None], x, float("-inf")), 0), mask=n < N)
 
     @triton.jit
     def floor(s, N, kr, KMAX, HT, T, fl_p, Z, S: tl.constexpr):
@@ -621,7 +600,7 @@ def _kernels():
         c = tl.zeros([], tl.int32)
         for n0 in range(j * CH, tl.minimum(j * CH + CH, N), BLK):
             n = n0 + tl.arange(0, BLK)
-            c += tl.sum((_ukey(tl.load(s + r64 * N + n, mask=n < N, other=float("-inf"))) >= fl).to(tl.int32), 0)
+            c += tl.sum((keys_at(s + r64 * N, n, N) >= fl).to(tl.int32), 0)
         tl.store(cnt + r64 * P + j, c)
 
     @triton.jit
@@ -652,7 +631,7 @@ def _kernels():
                 tl.store(cp + dst, n, mask=take)
                 off += tl.sum(take.to(tl.int32), 0)
 
-    return scores, pages, radix, emit, floor, count, compact, bisect, group
+    return scores, pages, radix, emit, floor, count, compact, bisect
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -737,23 +716,6 @@ def page_scores(q, pages, lo, hi, ends, scale: float, page: int, n_pages: int, *
     return out
 
 
-def group_scores(scores, g: int, *, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
-    """group_scores_ref on the GPU: one program per KV row, two passes over its g query rows."""
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
-        raise VattnError(f"scores must be a 4-D tensor [B, Hq, T, N], got {getattr(scores, 'shape', scores)!r}")
-    check_dtype("scores", scores, (torch.float32,))
-    b, hq, t, n = scores.shape
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or hq % g:
-        raise VattnError(f"group size must be a positive int dividing the {hq} query heads, got {g!r}")
-    check_runnable(scores)
-    scores = scores.contiguous()
-    out = torch.empty((b, hq // g, t, n), dtype=torch.float32, device=scores.device)
-    if out.numel():
-        _kernels()[8][(b * (hq // g) * t,)](scores, out, hq, hq // g, t, n, G=g, GP=next_pow2(g),
-                                            BLK=min(block, next_pow2(n)), num_warps=num_warps)
-    return out
-
-
 def select_programs(rows: int, n: int, device, block: int, splits: int | None = None) -> tuple[int, int]:
     """(P, CH): programs per row and the chunk (a whole number of blocks) each walks; about 8
     programs per SM in all (splits overrides), at most 64 per row."""
@@ -786,8 +748,8 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
             raise VattnError(f"{name} must be a {'positive' if name == 'page' else 'non-negative'} int, got {x!r}")
     if isinstance(group, bool) or not isinstance(group, int) or group < 1 or scores.shape[1] % group:
         raise VattnError(f"group must be a positive int dividing the {scores.shape[1]} heads, got {group!r}")
-    if group > 1 and next_pow2(scores.shape[3]) > ROW_MAX:  # rows too long for one program: group first
-        scores, group = group_scores(scores, group), 1
+    if group > 1 and next_pow2(scores.shape[3]) > ROW_MAX:  # rows too long for one program: its torch rule first
+        scores, group = group_scores_ref(scores, group), 1
     hq = scores.shape[1]
     b, h, t, n = scores.shape[0], hq // group, scores.shape[2], scores.shape[3]
     width = kmax if width is None else width
