@@ -31,5 +31,5 @@ def test_front_specs_compile_to_fused_paths():
         pytest.skip("needs triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU under TRITON_INTERPRET=1)
     paths = {n: compile(s, dev, fused=True).path for n, s in front_specs(scan_params(32768)).items()}
-    assert paths == {"topk": "topk-kernel", "quest": "quest-kernel", "quest_kv": "quest-kernel",
+    assert paths == {"topk": "topk-kernel", "hashtopk": "hashtopk-kernel", "quest": "quest-kernel", "quest_kv": "quest-kernel",
                      "topk_verified": "sampled-kernel", "quest_verified": "sampled-kernel"}

@@ -115,6 +115,24 @@ def test_select_is_the_stable_sort(select_path, splits, kmax, block):
     assert want_cnt[1, 3, 1] == 5 and want_cnt[1, 0, 1] == 0  # 5 finite (ties), all -inf
 
 
+@pytest.mark.parametrize("levels,splits,block", [(33, 1, 64), (33, 5, 16), (4, 37, 8), (257, 3, 64)])
+def test_select_over_levels_is_the_stable_sort(levels, splits, block):
+    """Integer scores in [0, levels) or -inf (bit agreements: hashtopk): the one counting pass
+    keeps a stable descending sort's first k too: ties to the lowest positions, k = 0, k beyond
+    the finite entries; values at 0 and at levels - 1."""
+    g = torch.Generator().manual_seed(levels)
+    s = torch.randint(0, levels, (2, 3, 2, 300), generator=g).float()
+    s[..., ::7] = NEG
+    s[0, 1] = NEG
+    s[0, 1, :, 50:53] = torch.tensor([0.0, levels - 1.0, 0.0])
+    s[1, 2, :, :100] = levels - 1.0
+    k = torch.tensor([[0, 7], [40, 400]])
+    idx, cnt = select_top(s.to(DEV), k.to(DEV), 64, splits=splits, block=block, levels=levels)
+    want_idx, want_cnt = select_top_ref(s, k, 64)
+    assert torch.equal(cnt.cpu(), want_cnt) and torch.equal(idx.cpu(), want_idx)
+    assert want_cnt[0, 1, 1] == 3 and want_cnt[0, 0, 0] == 0 and want_cnt[1, 0, 1] == 64
+
+
 @pytest.mark.parametrize("z,cw", [(4.0, None), (-3.0, None), (4.0, 40)])
 def test_candidate_lists_keep_the_same_keys(monkeypatch, select_path, z, cw):
     """Rows select from their candidate lists (entries at or above a floor drawn from a
@@ -270,7 +288,8 @@ def test_bad_inputs_are_named():
 @pytest.mark.skipif(DEV != "cuda", reason="a GPU: the plans compiled for CUDA (the interpreter runs the tests above)")
 @pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(0.1)", "topk(5)", "sink(2)+window(3)+quest(0.2,page=8)",
                                   "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
-                                  "sink(2)+window(3)+quest(0.2,page=8,share='kv')"])
+                                  "sink(2)+window(3)+quest(0.2,page=8,share='kv')",
+                                  "sink(2)+window(3)+hashtopk(0.1,bits=64)"])
 def test_kernel_paths_on_the_gpu_choose_the_reference_keys(spec):
     from test_plan_paths import bounds, check_equal
     q, k, v = (x.cuda() for x in rand_qkv(b=3, hq=4, hkv=2, t=1, n=300, seed=2))

@@ -1,4 +1,4 @@
-"""vattn.plan's topk and quest kernel paths: the reference's keys, no host sync.
+"""vattn.plan's topk, hashtopk and quest kernel paths: the reference's keys, no host sync.
 
 On CPU the paths run with fused=True (the Triton interpreter, conftest); most tests swap the
 sparse kernel for its torch twin (sparse_decode_ref) to stay fast, one runs the kernel."""
@@ -26,6 +26,7 @@ QUEST = ["quest(8,page=4)", "sink(2)+window(3)+quest(0.2,page=8)", "window(5)+qu
          "sink(0.05)+quest(0.3,page=16)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
          "sink(1)+window(2)+quest(1.0,page=8)", "sink(2)+window(3)+quest(0.2,page=8,share='kv')",
          "quest(8,page=4,share='kv')"]
+HASH = ["hashtopk(5,bits=32)", "sink(2)+window(3)+hashtopk(0.2,bits=48,seed=3)", "window(3)+hashtopk(7,bits=64)"]
 SCALE = 0.25
 
 
@@ -77,7 +78,7 @@ def check_equal(spec, q, k, v, starts, ends, layers=(0,), device="cpu"):
 
 
 @pytest.mark.parametrize("t", [1, 3])
-@pytest.mark.parametrize("spec", TOPK + QUEST)
+@pytest.mark.parametrize("spec", TOPK + QUEST + HASH)
 def test_kernel_path_chooses_the_reference_keys(spec, t, torch_kernel):
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=t, n=80, seed=t)
     starts, ends = bounds(t=t, seed=t)
@@ -136,11 +137,12 @@ def test_kernel_path_in_bfloat16_and_dense_layers(torch_kernel):
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=7, dtype=torch.bfloat16)
     starts, ends = bounds(t=1, seed=7)
     check_equal("sink(2)+window(3)+topk(9)", q, k, v, starts, ends)
+    check_equal("sink(2)+window(3)+hashtopk(9)", q, k, v, starts, ends)
     q, k, v = rand_qkv(b=3, hq=4, hkv=2, t=1, n=80, seed=8)
     check_equal("sink(3)+window(4)+quest(20,page=4,dense_layers=1)", q, k, v, starts, ends, layers=(0, 1))
 
 
-@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)"])
+@pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(6)", "window(2)+quest(8,page=4)", "hashtopk(6,bits=8)"])
 def test_ties_break_alike(spec, torch_kernel):
     """Equal scores (repeated keys) and equal page bounds (repeated pages): both paths keep the
     lowest positions among equals (kernels.select.topk_ref), so they keep the same keys (the
@@ -153,7 +155,7 @@ def test_ties_break_alike(spec, torch_kernel):
 
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(1)+window(4)+quest(12,page=4)",
-                                  "quest(0.2,page=8)"])
+                                  "quest(0.2,page=8)", "sink(2)+hashtopk(0.15,bits=32)"])
 def test_decode_steps_follow_appends_in_a_ragged_batch(spec, torch_kernel):
     """A static buffer: each step writes one key per row at its end and appends; rows of
     unequal length, one joining late; slot reuse (a row restarts shorter): the page bounds
@@ -237,6 +239,7 @@ class NoSync(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(0.05)+window(4)+quest(12,page=4)",
+                                  "sink(2)+window(3)+hashtopk(0.1)",
                                   "sink(3)+window(4)+quest(20,page=4,dense_layers=1)", "sink(4)+window(0.1)",
                                   "sink(2)+window(3)+quest(12,page=4)+verified(eps=0.3,draws='iid',min_pilot=8)",
                                   "sink(2)+window(3)+quest(12,page=4,share='kv')+verified(eps=0.3,draws='iid',"
@@ -274,11 +277,14 @@ def test_compile_picks_the_paths():
         assert compile(spec, "cpu", fused=True).path == "topk-kernel"
     for spec in QUEST + ["oracle-topk"]:
         assert compile(spec, "cpu", fused=True).path.endswith("-kernel")
-    assert set(GRAPHABLE_PATHS) == {"streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel", "sampled-kernel"}
+    for spec in HASH:
+        assert compile(spec, "cpu", fused=True).path == "hashtopk-kernel"
+    assert set(GRAPHABLE_PATHS) == {"streaming-kernel", "scan-kernel", "topk-kernel", "hashtopk-kernel", "quest-kernel",
+                                    "sampled-kernel"}
     for bad in ("topk(3)+sink(2)", "window(2)+sink(2)+topk(3)", "sink(2)+topk(3)+quest(4)", "topp(0.9)",
-                "sink(2)+hashtopk(0.1)"):
+                "hashtopk(0.1)+topk(3)"):
         assert kernel_form(parse(bad)) is None
-        with pytest.raises(VattnError, match=r"no fused GPU path.*topk\(k\).*quest"):
+        with pytest.raises(VattnError, match=r"no fused GPU path.*topk\(k\).*hashtopk.*quest"):
             compile(bad, "cpu", fused=True)
 
 

@@ -18,6 +18,10 @@ Paths (`plan.path`):
                       top-k select per query head over the keys sink/window left, a Selection of fixed
                       width (a host number, -1 padding) written on the GPU (kernels/select.py),
                       the sparse kernel attends it; no host sync.
+  "hashtopk-kernel"   [sink+][window+]hashtopk(k, bits, proj='random'), on CUDA: as topk-kernel with
+                      the bit agreement of signatures for scores (kernels/bits.hash_scores): key
+                      signatures kept per layer in the plan (signed in append), the query's signed
+                      in the scores kernel; no host sync.
   "quest-kernel"      [sink+][window+]quest(budget[, page, dense_layers, share]), on CUDA: page key
                       bounds kept per layer in the plan (append rebuilds only the pages new keys
                       and each row's first page touch), the last page plus the top pages by bound
@@ -54,8 +58,8 @@ from vattn.errors import VattnError
 from vattn.methods.base import DecodeContext
 from vattn.selection import Selection
 from vattn.spec import POSITION_FRONTS, Spec, parse
-from vattn.plan_select import (bound_pages, front_ranges, page_shape, page_update, quest_selection, step_front,
-                                streaming_selection, topk_selection)
+from vattn.plan_select import (bound_pages, front_ranges, hashtopk_selection, page_shape, page_update,
+                                quest_selection, step_front, streaming_selection, topk_selection)
 
 log = logging.getLogger(__name__)
 _SAID: set = set()
@@ -63,13 +67,16 @@ _SAID: set = set()
 # Paths whose append and run never wait for the device, size every tensor from host numbers
 # (shapes, the spec) and read each row's keys below its end only: a decode step over every
 # slot row of a cache can be captured in a CUDA graph (the engine's batched steps).
-GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "quest-kernel", "sampled-kernel")
+GRAPHABLE_PATHS = ("streaming-kernel", "scan-kernel", "topk-kernel", "hashtopk-kernel", "quest-kernel",
+                   "sampled-kernel")
 # The specs with a fused GPU path, as compile's errors name them.
 FUSED_FORMS = ("[sink(n)+]window(n) | sink(n); [sink(n)+][window(n)+]topk(k); "
+               "[sink(n)+][window(n)+]hashtopk(k[, bits=..][, seed=..]) (proj='random'); "
                "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..][, share=..]); the scan chain "
                "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid'); and "
                "[sink(count)+][window(count)+][topk(k) | quest(..)]+verified(..., draws='iid')")
-KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "quest": "quest-kernel"}
+KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "hashtopk": "hashtopk-kernel",
+                "quest": "quest-kernel"}
 
 
 def _say_once(msg: str, *args):
@@ -191,7 +198,7 @@ class Plan:
         methods extend their state in run."""
         if k.shape[0] * k.shape[2] * ctx.ends.numel() == 0:
             return
-        if self.recipe is not None:
+        if self.recipe is not None or self.path == "hashtopk-kernel":
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
         elif self.path in ("quest-kernel", "sampled-kernel") and self.front.parts[-1].name == "quest" \
                 and layer >= self.front.parts[-1].dense_layers:
@@ -240,6 +247,12 @@ class Plan:
                                                                                      ctx.ends))
         if form == "topk":
             return topk_selection(self.front, q, k, ctx.starts, ctx.ends, ctx.scale, step_front(self.front, k, ctx))
+        if form == "hashtopk":
+            st = self.states.get(layer, {})
+            if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
+                self._signatures(layer, k, ctx)  # no append came: sign now
+                st = self.states[layer]
+            return hashtopk_selection(self.front, q, k, st["sig"], st["proj"], step_front(self.front, k, ctx))
         if self.dense_layer(layer):
             key = ("dense", tuple(k.shape))
             return ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(0, 1.0, k, ctx.starts,
@@ -360,7 +373,9 @@ class Plan:
         return self.path == "scan-kernel" and ctx.rows == 1 and self.recipe.window >= 1
 
     def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, bits]) of a layer.
+        """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, 32 W]) of a layer: the scan
+        chain's, or the hashtopk kernel path's (bits not a multiple of 32: zero columns added,
+        whose bits are 0 in every signature).
 
         Keys at positions past what was signed (N is known on the host) are signed at once, and
         each row's own keys (ends - 1 of each query row) every call: that covers caches of
@@ -372,8 +387,11 @@ class Plan:
         st = self.states.setdefault(layer, {})
         sig = st.get("sig")
         if sig is None or sig.shape[:2] != (b, hkv) or st["proj"].shape[0] != d:
-            proj = simhash_proj(d, self.recipe.bits, self.recipe.proj_seed, layer, k.device)
-            sig = torch.zeros((b, hkv, self.capacity, self.recipe.bits // 32), dtype=torch.int32, device=k.device)
+            part = self.front.parts[-1] if self.recipe is None else None  # (hashtopk-kernel)
+            bits, seed = (self.recipe.bits, self.recipe.proj_seed) if part is None else (part.bits, part.seed)
+            w = -(-bits // 32)
+            proj = torch.nn.functional.pad(simhash_proj(d, bits, seed, layer, k.device), (0, 32 * w - bits))
+            sig = torch.zeros((b, hkv, self.capacity, w), dtype=torch.int32, device=k.device)
             st.update(sig=sig, proj=proj, signed=0)
         proj = st["proj"]
         sig = st["sig"] = self._room(layer, sig, n, n, keep=st["signed"])
@@ -513,10 +531,14 @@ def is_streaming(spec: Spec) -> bool:
 
 
 def kernel_form(spec: Spec) -> str | None:
-    """"streaming", "topk" or "quest" when `spec` has a selection-kernel path, else None."""
+    """"streaming", "topk", "hashtopk" or "quest" when `spec` has a selection-kernel path, else
+    None (hashtopk: with the seeded projection; a learned one runs the reference)."""
     names = [p.name for p in spec.parts]
     if names in POSITION_FRONTS:
         return "streaming"
-    if names[-1] in ("topk", "quest") and names[:-1] in ([], *POSITION_FRONTS):
+    last = spec.parts[-1]
+    if names[:-1] not in ([], *POSITION_FRONTS):
+        return None
+    if names[-1] in ("topk", "quest") or (names[-1] == "hashtopk" and last.proj == "random" and last.cut == "exact"):
         return names[-1]
     return None

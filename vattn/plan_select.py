@@ -1,10 +1,10 @@
 """The selections the kernel paths of vattn.plan build on the device, sync-free: the sink/window
-front of a step, and the topk and quest parts after it (each makes its reference method's
-choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec).
+front of a step, and the topk, hashtopk and quest parts after it (each makes its reference
+method's choices; tests/test_plan_paths.py). Every width is a host number (from N and the spec).
 
-topk and quest run the Triton selection kernels (kernels/select.py: scores read K in place, a
-top-k select, the Selection written with the front in place); on CPU tensors, under the Triton
-interpreter. They keep a row's largest entries with ties to the lowest positions, as the
+topk, hashtopk and quest run the Triton selection kernels (kernels/select.py: scores read K in
+place, or the keys' bit signatures (kernels/bits.py), a top-k select, the Selection written with
+the front in place); on CPU tensors, under the Triton interpreter. They keep a row's largest entries with ties to the lowest positions, as the
 reference methods do (kernels.select.topk_ref): the reference methods are their twins."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vattn.kernels.bits import hash_scores
 from vattn.kernels.quest import bound_pages as bound_pages_kernel
 from vattn.kernels.select import attn_scores, page_scores, select_top
 from vattn.methods.base import host_size, resolve_size
@@ -113,15 +114,30 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
     The oracle part's rule (methods/oracle.py): exact scores (float32), keys outside [lo, hi)
     (not in the row, or chosen by sink/window) at -inf, a row keeps its size(k, L) largest
     finite ones, ties to the lowest positions (kernels.select.topk_ref)."""
+    return _top_selection(spec.parts[-1].k, q, k, front, lambda: attn_scores(q, k, front.lo, front.hi, scale))
+
+
+def hashtopk_selection(spec: Spec, q, k, sig, proj, front: Front) -> Selection:
+    """[sink+][window+]hashtopk(k, bits, proj='random') on the device, per query head, as
+    topk_selection with the bit agreement of the query's signature (signed in the kernel by
+    the layer's projection proj [D, 32 W]) and the keys' (sig, kept by the plan) for scores:
+    the hashtopk part's rule (methods/hashing.py), ties to the lowest positions."""
+    bits = spec.parts[-1].bits
+    return _top_selection(spec.parts[-1].k, q, k, front,
+                          lambda: hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2], bits), levels=bits + 1)
+
+
+def _top_selection(size, q, k, front: Front, scores, levels: int = 0) -> Selection:
+    """The front, then each row's size(size, L) largest finite scores() f32 [B, Hq, T, N]
+    (levels: select_top's, for integer scores)."""
     b, hq, t, _ = q.shape
     n = k.shape[2]
-    part = spec.parts[-1]
-    kt = host_size(part.k, n)
+    kt = host_size(size, n)
     width = min(n, front.idx.shape[-1] + kt)
     if width == 0:
         return Selection.empty(b, hq, t, q.device)
-    s = attn_scores(q, k, front.lo, front.hi, scale)
-    idx, count = select_top(s, front.sizes(part.k), kt, width=width, front=(front.idx, front.count))
+    idx, count = select_top(scores(), front.sizes(size), kt, width=width, front=(front.idx, front.count),
+                            levels=levels)
     return Selection(idx, front.zeros(idx.shape, q.device), count)
 
 

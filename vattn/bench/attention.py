@@ -74,7 +74,7 @@ def _run(con, batch, lengths, density, e2e_layers, json_path, quick):
     for r in rows:  # exact fronts (top-k on exact scores, Quest) with the same sizes, fused
         con.print(f"B={r['B']} N={r['N']}, exact fronts (us, density, SDPA/x): " + "; ".join(
             f"{n} {r[f'{n}_us']:.1f} ({r[f'{n}_density']:.3f}, {r['sdpa_us'] / r[f'{n}_us']:.2f}x)"
-            for n in ("topk", "quest", "quest_kv", "topk_verified", "quest_verified")))
+            for n in ("topk", "hashtopk", "quest", "quest_kv", "topk_verified", "quest_verified")))
     if rows:  # what "scan" ran, so no one reads it as the default output-mode spec
         r = rows[0]
         con.print(f"scan = the plan of `{r['scan_spec']}` (path {r['scan_path']}; at N={r['N']}), what "

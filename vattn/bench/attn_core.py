@@ -222,14 +222,16 @@ def scan_stages(row, sets, proj, lengths, sp, check=True):
 
 
 def front_specs(sp) -> dict:
-    """The fused plans with an exact front at the scan spec's sizes: top-k alone, Quest alone (per
+    """The fused plans with an exact front at the scan spec's sizes: top-k alone (on exact scores,
+    and on 32-bit signatures: hashtopk, cut='exact'), Quest alone (per
     query head, and per KV head: share='kv'), and top-k and Quest each followed by the iid verified
     sample (kernels/sampled.py), denominator mode."""
     ver = (f"verified(eps={sp['eps']},delta={sp['delta']},draws='iid',mode='denominator',"
            f"min_pilot={sp['m0']})")
     front = f"sink({sp['sink']})+window({sp['window']})"
     quest = f"{front}+quest({sp['topk']},page=16"
-    return {"topk": f"{front}+topk({sp['topk']})", "quest": quest + ")", "quest_kv": quest + ",share='kv')",
+    return {"topk": f"{front}+topk({sp['topk']})", "hashtopk": f"{front}+hashtopk({sp['topk']},bits=32)",
+            "quest": quest + ")", "quest_kv": quest + ",share='kv')",
             "topk_verified": f"{front}+topk({sp['topk']})+{ver}", "quest_verified": f"{quest})+{ver}"}
 
 

@@ -3,15 +3,21 @@
     sign_bits(x [..., D], proj [D, 32*W]) -> int32 [..., W]   packed signs of x @ proj
     bit_scores_ref(qsig [B,Hq,T,W], ksig [B,Hkv,N,W], shared) -> int32 [B,H,T,N]
         agreement = sum over words of popcount(XNOR(q, k)); shared sums the G heads of a group
+    hash_scores(q, sig, proj, lo, hi, bits) -> f32 [B,Hq,T,N]
+        the agreement of each query head's signature (signed in the kernel) with each key's in
+        [lo, hi), -inf elsewhere: the hashtopk-kernel path's scores (plan_select.py)
 
 Scores are small integers (0..G*32*W): the scan kernels histogram them to cut an
 approximate top-k, reading 4*W bytes per key, never K (kernels/scan.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vattn.errors import VattnError
+from vattn.kernels.common import check_runnable, interpret, next_pow2
 
 
 def sign_bits(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
@@ -48,3 +54,62 @@ def bit_scores_ref(qsig, ksig, shared):
     if shared:
         return agree.sum(2).to(torch.int32)
     return agree.reshape(B, Hq, T, -1)
+
+
+def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, block_n: int = 512, num_warps: int = 4) -> torch.Tensor:
+    """f32 [B, Hq, T, N]: for query head h and key n in [lo[b, t], hi[b, t]), the bits of the
+    first `bits` on which the signs of q[b, h, t] @ proj and the key's signature agree
+    (methods.hashing.agreement); -inf elsewhere. q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
+    (contiguous; its length >= n is the row stride: a plan's buffer with room to grow), N = n
+    (a host number, the key buffer's length); lo, hi int [B, T]; proj f32 [D, 32 W]
+    (columns past `bits` zero: their bits are 0 in both signatures and are taken off)."""
+    if q.dim() != 4 or sig.dim() != 4 or sig.dtype != torch.int32 or not sig.is_contiguous():
+        raise VattnError(f"q must be [B, Hq, T, D] and sig a contiguous int32 [B, Hkv, N, W], got "
+                         f"{tuple(q.shape)} and {tuple(sig.shape)} {sig.dtype}")
+    b, hq, t, d = q.shape
+    hkv, cap, w = sig.shape[1:]
+    if sig.shape[0] != b or hkv == 0 or hq % hkv or tuple(proj.shape) != (d, 32 * w) or not 0 < bits <= 32 * w \
+            or cap < n:
+        raise VattnError(f"sig {tuple(sig.shape)} / proj {tuple(proj.shape)} / bits {bits} do not match q "
+                         f"{tuple(q.shape)}: want sig [B, Hkv, >= {n}, W], proj [D, 32 W], bits <= 32 W")
+    if d & (d - 1) or q.stride(-1) != 1:
+        raise VattnError(f"q needs a power-of-two head dim with stride 1, got {tuple(q.shape)} {q.stride()}")
+    check_runnable(q, sig, proj)
+    out = torch.empty((b, hq, t, n), dtype=torch.float32, device=q.device)
+    if out.numel():
+        _kernel()[(b * hkv, t, -(-n // block_n))](
+            q, sig, proj.contiguous().float(), out, lo.contiguous(), hi.contiguous(), q.stride(0), q.stride(1),
+            q.stride(2), hq, hkv, t, n, cap, 32 * w - bits, G=hq // hkv, W=w, WP=next_pow2(w), D=d, BN=block_n,
+            HW=not interpret(), num_warps=num_warps)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    from vattn.kernels import _bits_triton as bt
+    globals().update(agreement=bt.agreement, qwords=bt.qwords, sig_words=bt.sig_words)  # (jit calls resolve there)
+
+    @triton.jit
+    def scores(q, ks, proj, out, lo_p, hi_p, sqb, sqh, sqt, HQ, HKV, T, N, CAP, PAD, G: tl.constexpr,
+               W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, HW: tl.constexpr):
+        # program (b * HKV + kv head, query row t, block of BN keys): the block's signature words
+        # once, each of the G query heads' signatures signed here (a few KB of proj from L2)
+        row = tl.program_id(0)
+        t = tl.program_id(1)
+        b = row // HKV
+        lo = tl.load(lo_p + b * T + t).to(tl.int32)
+        hi = tl.load(hi_p + b * T + t).to(tl.int32)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        inr = (n >= lo) & (n < hi)
+        kw = sig_words(ks, row, n, inr, CAP, W, WP)
+        for r in tl.static_range(G):
+            hq = (row % HKV) * G + r
+            qv = qwords(q + t * sqt, proj, b * HQ + hq, b, HQ, sqb, sqh, 1, W, D, WP)
+            s = (agreement(qv, kw, 1, W, WP, WP, HW) - PAD).to(tl.float32)
+            dst = out + ((b * HQ + hq) * T + t).to(tl.int64) * N
+            tl.store(dst + n, tl.where(inr, s, float("-inf")), mask=n < N)
+
+    return scores

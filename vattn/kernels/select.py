@@ -304,9 +304,11 @@ def _kernels():
     @triton.jit
     def radix(s, N, kr, HT, T, KMAX, hist, above, state, offs, ctr, CH, P, lo_p, hi_p, PAGE, cv, clen, C, CHC,
               SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-              NBIN: tl.constexpr, BLK: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr):
+              NBIN: tl.constexpr, BLK: tl.constexpr, PB: tl.constexpr, CAND: tl.constexpr, LEV: tl.constexpr):
         # One digit of the radix select; state [R, 4] int32: (key: the prefix found, as uint32 bits;
-        # rem: the rank still wanted within it (eq_take after the last pass); done; k_r)
+        # rem: the rank still wanted within it (eq_take after the last pass); done; k_r). LEV > 0:
+        # every finite entry is an integer in [0, LEV) (bit agreements): the only pass (FIRST and
+        # LAST), its bins the values themselves, key the image of the threshold value.
         r = tl.program_id(0)
         j = tl.program_id(1)
         r64 = r.to(tl.int64)
@@ -328,7 +330,12 @@ def _kernels():
         for n0 in range(start, stop, BLK):
             n = n0 + tl.arange(0, BLK)
             u = keys_at(srow, n, stop)
-            if FIRST:
+            if LEV > 0:
+                x = tl.load(srow + n, mask=n < stop, other=float("-inf"))
+                u = tl.where(x > float("-inf"), x, 0.0).to(tl.uint32) << SHIFT  # (SHIFT 0: the value)
+            if LEV > 0:
+                m = x > float("-inf")
+            elif FIRST:
                 m = u != 0
             else:
                 top = u >> (SHIFT + BITS)
@@ -360,13 +367,19 @@ def _kernels():
                 rem = tl.load(state + r64 * 4 + 1)
             dig, above_d = top_digit(tot, rem)
             live = done == 0
-            key = tl.where(live, key | (dig.to(tl.uint32) << SHIFT), key)
+            if LEV > 0:
+                key = tl.where(live, _ukey(dig.to(tl.float32)), key)
+            else:
+                key = tl.where(live, key | (dig.to(tl.uint32) << SHIFT), key)
             rem = tl.where(live, rem - above_d, rem)
             tl.store(state + r64 * 4, key.to(tl.int32, bitcast=True))
             tl.store(state + r64 * 4 + 1, rem)
             tl.store(state + r64 * 4 + 2, done)
             if LAST:
-                dd = (key & ((1 << BITS) - 1)).to(tl.int32)
+                if LEV > 0:  # a done row takes every candidate (key 0: all above -1) or none
+                    dd = tl.where(live, dig, tl.where(key == 0, -1, NBIN))
+                else:
+                    dd = (key & ((1 << BITS) - 1)).to(tl.int32)
                 eq_take = rem
                 eq_all = tl.sum(tl.where(v == dd, tot, 0), 0)
                 plo, phi, clo, chi, tlo, thi = page_edges(s, r, r64, N, HT, T, lo_p, hi_p, PAGE, key, eq_take, eq_all)
@@ -727,7 +740,8 @@ def select_programs(rows: int, n: int, device, block: int, splits: int | None = 
 
 def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, page: int = 1, lo=None, hi=None,
                ends=None, starts=None, splits: int | None = None, block: int | None = None, emit_block: int | None = None,
-               sample: int | None = None, z: float | None = None, num_warps: int = 4, group: int = 1):
+               sample: int | None = None, z: float | None = None, num_warps: int = 4, group: int = 1,
+               levels: int = 0):
     """Each row (b, h, t) of scores f32 [B, H, T, N] keeps its min(k[b, t], kmax) largest entries
     that are not -inf/NaN, ties at the threshold to the lowest positions (module docstring).
     Returns (idx int32 [B, H, T, width], count int32 [B, H, T]): valid entries first (the front's,
@@ -739,7 +753,9 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     [lo, hi) (int [B, T]), and with ends (int [B, T]) and starts (int [B]) the row's last page
     ((ends - 1) // page, when ends > starts) comes first, with its keys in [lo, hi). Positions
     are int32. group g > 1: one row per KV head, from the g query heads' rows of scores
-    (group_scores_ref's rule; H is then Hq and the output's heads H / g)."""
+    (group_scores_ref's rule; H is then Hq and the output's heads H / g). levels L > 0: every
+    entry that is not -inf is an integer in [0, L) (bit agreements; not checked): one counting
+    pass over the row replaces the lists and the bisection / radix passes (L <= 4096)."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
         raise VattnError(f"scores must be a 4-D tensor [B, H, T, N], got {getattr(scores, 'shape', scores)!r}")
     check_dtype("scores", scores, (torch.float32,))
@@ -785,14 +801,26 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     dev = scores.device
     block = block or BLOCK
     sample, z = SAMPLE if sample is None else sample, Z if z is None else z
-    cw = 0 if pages or group > 1 else candidate_width(n, kmax, sample, z)
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= 4096 or (levels and (pages or group > 1)):
+        raise VattnError(f"levels must be an int in 0..4096 (and 0 with pages or groups), got {levels!r}")
+    cw = 0 if pages or group > 1 or levels else candidate_width(n, kmax, sample, z)
     rb = next_pow2(cw or n)
     if cw:  # the select reads the rows' candidate lists (a row without one: its score row)
         cv, cp, clen = candidates(scores, k, kmax, cw, sample, z, splits=splits, block=block, num_warps=num_warps)
     else:
         cv = cp = clen = scores
     state = torch.empty((rows, 4), dtype=torch.int32, device=dev)
-    if rb <= ROW_MAX:  # short rows: one bisection program a row; emit chunks of rb // p entries
+    if levels:  # small integers: their counts are the histogram (one pass, then the emit)
+        p, ch = select_programs(rows, n, dev, block, splits)
+        chc, nbin = 0, max(2, next_pow2(levels))
+        hist = torch.empty((rows * p * nbin,), dtype=torch.int32, device=dev)
+        above = torch.empty((rows * p,), dtype=torch.int32, device=dev)
+        offs = torch.empty((rows * p, 2), dtype=torch.int32, device=dev)
+        _kernels()[2][(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, zeroed_counters(rows, dev),
+                                 ch, p, lo, hi, page, cv, clen, cw, chc, SHIFT=0, BITS=nbin.bit_length() - 1,
+                                 FIRST=True, LAST=True, NBIN=nbin, BLK=block, PB=RESOLVE_TILE, CAND=False,
+                                 LEV=levels, num_warps=num_warps)
+    elif rb <= ROW_MAX:  # short rows: one bisection program a row; emit chunks of rb // p entries
         want = splits or math.ceil(4 * target_programs(dev) / rows)
         p = 1 << (min(want, 64, max(1, rb // 64)).bit_length() - 1)
         chc = rb // p if cw else 0
@@ -818,7 +846,7 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
         for i, (shift, bits) in enumerate(PASSES):
             radix[(rows, p)](scores, n, k, h * t, t, kmax, hist, above, state, offs, ctr, ch, p, lo, hi, page,
                              cv, clen, cw, chc, SHIFT=shift, BITS=bits, FIRST=i == 0, LAST=i == len(PASSES) - 1,
-                             NBIN=NB, BLK=block, PB=RESOLVE_TILE, CAND=cw > 0, num_warps=num_warps)
+                             NBIN=NB, BLK=block, PB=RESOLVE_TILE, CAND=cw > 0, LEV=0, num_warps=num_warps)
     sp = next_pow2(page)
     eb = emit_block or min(block if page == 1 else max(2, min(block, 4096 // sp)), next_pow2(chc or ch))
     w1 = fidx.shape[2] if front is not None else 0

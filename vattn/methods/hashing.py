@@ -149,7 +149,11 @@ class HashTopK:
                              "through a plan (vattn.plan.compile(spec, device).run(...)), not part by part")
         s = self.scores(ctx).masked_fill(~ctx.allowed() | out.chosen, -1)
         k = resolve_size(self.k, ctx.lengths())
-        kmax = min(int(k.max()) if k.numel() else 0, s.shape[-1])
-        top = torch.topk(s, kmax, dim=-1)
+        n = s.shape[-1]
+        kmax = min(int(k.max()) if k.numel() else 0, n)
+        # ties (agreements are small integers) to the lowest positions, as the kernel path's select
+        # (kernels.select.topk_ref's rule): one distinct key per entry, so torch.topk's set is fixed
+        rank = s.long() * n + (n - 1 - torch.arange(n, device=s.device))
+        top = torch.topk(rank, kmax, dim=-1)
         ok = (torch.arange(kmax, device=s.device) < k[..., None]) & (top.values >= 0)
         out.add(top.indices, None, ok)
