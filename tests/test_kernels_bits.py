@@ -40,6 +40,8 @@ def test_hash_scores_are_the_reference_agreement(bits, t, dtype):
     want = torch.where(inr, want, float("-inf"))
     assert torch.equal(got, want)
     assert got[torch.isfinite(got)].max() <= bits and got[torch.isfinite(got)].min() >= 0
+    shared = hash_scores(q, sig, proj, lo, hi, n, bits, block_n=128, shared=True)  # share='kv': the group's sum
+    assert torch.equal(shared, want.view(b, hkv, hq // hkv, t, n).sum(2))
 
 
 def test_hash_scores_bad_inputs():

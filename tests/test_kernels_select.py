@@ -289,7 +289,8 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("spec", ["sink(3)+window(4)+topk(0.1)", "topk(5)", "sink(2)+window(3)+quest(0.2,page=8)",
                                   "window(3)+quest(10,page=1)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
                                   "sink(2)+window(3)+quest(0.2,page=8,share='kv')",
-                                  "sink(2)+window(3)+hashtopk(0.1,bits=64)"])
+                                  "sink(2)+window(3)+hashtopk(0.1,bits=64)",
+                                  "sink(2)+window(3)+hashtopk(0.1,bits=64,share='kv')"])
 def test_kernel_paths_on_the_gpu_choose_the_reference_keys(spec):
     from test_plan_paths import bounds, check_equal
     q, k, v = (x.cuda() for x in rand_qkv(b=3, hq=4, hkv=2, t=1, n=300, seed=2))

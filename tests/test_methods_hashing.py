@@ -78,6 +78,24 @@ def test_keeps_the_keys_with_most_agreement():
     assert bool((worst_in >= best_out).all())
 
 
+def test_shared_keys_have_the_groups_most_summed_agreement():
+    """share='kv': one set per KV head, the k keys whose agreement summed over the group's query
+    heads is largest, ties to the lowest positions (a brute-force sort here)."""
+    q, k, v = inputs(seed=4)
+    lengths, starts = torch.tensor([45, 30]), torch.tensor([0, 4])
+    ctx = context(q, k, v, lengths, starts)
+    agree = HashTopK(k=10, bits=8).scores(ctx).view(2, 2, 2, 2, 45).sum(2)  # [B, Hkv, T, N], many ties
+    sel = vattn.select("sink(2)+hashtopk(10,bits=8,share='kv')", q, k, v, lengths=lengths, starts=starts)
+    assert sel.shared and sel.indices.shape[1] == 2 and bool((sel.count == 12).all())
+    for b in range(2):
+        for h in range(2):
+            for t in range(2):
+                pos = torch.arange(starts[b] + 2, ctx.ends[b, t])  # past the sinks, causal
+                order = sorted(pos.tolist(), key=lambda p: (-int(agree[b, h, t, p]), p))[:10]
+                got = set(sel.indices[b, h, t, :12].tolist())
+                assert got == set(order) | {int(starts[b]), int(starts[b]) + 1}
+
+
 def test_full_k_is_dense():
     q, k, v = inputs(seed=2)
     lengths, starts = torch.tensor([45, 30]), torch.tensor([0, 4])
@@ -112,6 +130,8 @@ def test_random_projection_depends_on_layer_and_seed():
     ("hashtopk(bits=512)", ["hashtopk", "bits"]),
     ("hashtopk(2.0)", ["hashtopk", "k"]),
     ("hashtopk(0.1, proj='no/such/file.pt')", ["hashtopk", "proj", "no/such/file.pt"]),
+    ("hashtopk(0.1, share='q')", ["hashtopk", "share", "'kv'"]),
+    ("hashtopk(0.1, cut='sample', share='kv')+verified(draws='iid')", ["hashtopk", "share", "per KV head"]),
 ])
 def test_invalid_parameters(spec, words):
     assert_parse_error(spec, words)

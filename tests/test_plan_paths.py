@@ -26,7 +26,8 @@ QUEST = ["quest(8,page=4)", "sink(2)+window(3)+quest(0.2,page=8)", "window(5)+qu
          "sink(0.05)+quest(0.3,page=16)", "sink(3)+window(4)+quest(20,page=4,dense_layers=1)",
          "sink(1)+window(2)+quest(1.0,page=8)", "sink(2)+window(3)+quest(0.2,page=8,share='kv')",
          "quest(8,page=4,share='kv')"]
-HASH = ["hashtopk(5,bits=32)", "sink(2)+window(3)+hashtopk(0.2,bits=48,seed=3)", "window(3)+hashtopk(7,bits=64)"]
+HASH = ["hashtopk(5,bits=32)", "sink(2)+window(3)+hashtopk(0.2,bits=48,seed=3)", "window(3)+hashtopk(7,bits=64)",
+        "sink(2)+window(3)+hashtopk(0.2,bits=16,share='kv')"]
 SCALE = 0.25
 
 
@@ -155,7 +156,8 @@ def test_ties_break_alike(spec, torch_kernel):
 
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(1)+window(4)+quest(12,page=4)",
-                                  "quest(0.2,page=8)", "sink(2)+hashtopk(0.15,bits=32)"])
+                                  "quest(0.2,page=8)", "sink(2)+hashtopk(0.15,bits=32)",
+                                  "sink(2)+hashtopk(0.15,bits=32,share='kv')"])
 def test_decode_steps_follow_appends_in_a_ragged_batch(spec, torch_kernel):
     """A static buffer: each step writes one key per row at its end and appends; rows of
     unequal length, one joining late; slot reuse (a row restarts shorter): the page bounds

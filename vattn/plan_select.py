@@ -118,27 +118,30 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
 
 
 def hashtopk_selection(spec: Spec, q, k, sig, proj, front: Front) -> Selection:
-    """[sink+][window+]hashtopk(k, bits, proj='random') on the device, per query head, as
+    """[sink+][window+]hashtopk(k, bits, proj='random'[, share]) on the device, per query head (per
+    KV head with share='kv': the summed agreement of the group's heads), as
     topk_selection with the bit agreement of the query's signature (signed in the kernel by
     the layer's projection proj [D, 32 W]) and the keys' (sig, kept by the plan) for scores:
     the hashtopk part's rule (methods/hashing.py), ties to the lowest positions."""
-    bits = spec.parts[-1].bits
-    return _top_selection(spec.parts[-1].k, q, k, front,
-                          lambda: hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2], bits), levels=bits + 1)
+    part = spec.parts[-1]
+    g = q.shape[1] // k.shape[1] if part.share == "kv" else 1  # share='kv': the group's summed agreement
+    return _top_selection(part.k, q, k, front, lambda: hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2],
+                                                                    part.bits, shared=g > 1),
+                          levels=g * part.bits + 1, shared=part.share == "kv")
 
 
-def _top_selection(size, q, k, front: Front, scores, levels: int = 0) -> Selection:
-    """The front, then each row's size(size, L) largest finite scores() f32 [B, Hq, T, N]
-    (levels: select_top's, for integer scores)."""
+def _top_selection(size, q, k, front: Front, scores, levels: int = 0, shared: bool = False) -> Selection:
+    """The front, then each row's size(size, L) largest finite scores() f32 [B, H, T, N]
+    (H: Hq, or Hkv when shared; levels: select_top's, for integer scores)."""
     b, hq, t, _ = q.shape
     n = k.shape[2]
     kt = host_size(size, n)
     width = min(n, front.idx.shape[-1] + kt)
     if width == 0:
-        return Selection.empty(b, hq, t, q.device)
+        return Selection.empty(b, k.shape[1] if shared else hq, t, q.device, shared)
     idx, count = select_top(scores(), front.sizes(size), kt, width=width, front=(front.idx, front.count),
                             levels=levels)
-    return Selection(idx, front.zeros(idx.shape, q.device), count)
+    return Selection(idx, front.zeros(idx.shape, q.device), count, shared)
 
 
 def quest_selection(spec: Spec, q, k, starts, ends, scale: float, pages, front: Front) -> Selection:

@@ -56,10 +56,12 @@ def bit_scores_ref(qsig, ksig, shared):
     return agree.reshape(B, Hq, T, -1)
 
 
-def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, block_n: int = 512, num_warps: int = 4) -> torch.Tensor:
+def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, shared: bool = False, block_n: int = 512,
+                num_warps: int = 4) -> torch.Tensor:
     """f32 [B, Hq, T, N]: for query head h and key n in [lo[b, t], hi[b, t]), the bits of the
     first `bits` on which the signs of q[b, h, t] @ proj and the key's signature agree
-    (methods.hashing.agreement); -inf elsewhere. q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
+    (methods.hashing.agreement); -inf elsewhere. shared: [B, Hkv, T, N], the sum over each KV
+    head's query heads. q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
     (contiguous; its length >= n is the row stride: a plan's buffer with room to grow), N = n
     (a host number, the key buffer's length); lo, hi int [B, T]; proj f32 [D, 32 W]
     (columns past `bits` zero: their bits are 0 in both signatures and are taken off)."""
@@ -75,12 +77,12 @@ def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, block_n: int = 512, 
     if d & (d - 1) or q.stride(-1) != 1:
         raise VattnError(f"q needs a power-of-two head dim with stride 1, got {tuple(q.shape)} {q.stride()}")
     check_runnable(q, sig, proj)
-    out = torch.empty((b, hq, t, n), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, hkv if shared else hq, t, n), dtype=torch.float32, device=q.device)
     if out.numel():
         _kernel()[(b * hkv, t, -(-n // block_n))](
             q, sig, proj.contiguous().float(), out, lo.contiguous(), hi.contiguous(), q.stride(0), q.stride(1),
             q.stride(2), hq, hkv, t, n, cap, 32 * w - bits, G=hq // hkv, W=w, WP=next_pow2(w), D=d, BN=block_n,
-            HW=not interpret(), num_warps=num_warps)
+            SHARED=shared, HW=not interpret(), num_warps=num_warps)
     return out
 
 
@@ -94,7 +96,8 @@ def _kernel():
 
     @triton.jit
     def scores(q, ks, proj, out, lo_p, hi_p, sqb, sqh, sqt, HQ, HKV, T, N, CAP, PAD, G: tl.constexpr,
-               W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, HW: tl.constexpr):
+               W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, SHARED: tl.constexpr,
+               HW: tl.constexpr):
         # program (b * HKV + kv head, query row t, block of BN keys): the block's signature words
         # once, each of the G query heads' signatures signed here (a few KB of proj from L2)
         row = tl.program_id(0)
@@ -105,11 +108,18 @@ def _kernel():
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         inr = (n >= lo) & (n < hi)
         kw = sig_words(ks, row, n, inr, CAP, W, WP)
+        tot = tl.zeros([BN], tl.int32)
         for r in tl.static_range(G):
             hq = (row % HKV) * G + r
             qv = qwords(q + t * sqt, proj, b * HQ + hq, b, HQ, sqb, sqh, 1, W, D, WP)
-            s = (agreement(qv, kw, 1, W, WP, WP, HW) - PAD).to(tl.float32)
-            dst = out + ((b * HQ + hq) * T + t).to(tl.int64) * N
-            tl.store(dst + n, tl.where(inr, s, float("-inf")), mask=n < N)
+            a = agreement(qv, kw, 1, W, WP, WP, HW) - PAD
+            if SHARED:
+                tot += a
+            else:
+                dst = out + ((b * HQ + hq) * T + t).to(tl.int64) * N
+                tl.store(dst + n, tl.where(inr, a.to(tl.float32), float("-inf")), mask=n < N)
+        if SHARED:
+            dst = out + (row * T + t).to(tl.int64) * N
+            tl.store(dst + n, tl.where(inr, tot.to(tl.float32), float("-inf")), mask=n < N)
 
     return scores

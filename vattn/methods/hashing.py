@@ -85,6 +85,9 @@ class HashTopK:
 
     k: count or fraction of the row length. bits: signature length (1-256).
     proj: "random" (seeded SimHash) or the path of a file from `vattn train-hash`.
+    share: "none" (keys per query head) or "kv" (one set per KV head, ranked by the group's
+    summed agreement, as the scan kernels' cut ranks: the sparse attention gathers each key once
+    for the group, not once per query head).
     """
     k: int | float = 0.05
     bits: int = 64
@@ -94,6 +97,7 @@ class HashTopK:
     # head on the group's summed agreement, its threshold read from a subsample of the middle,
     # ties at random): about k keys; only before verified(draws='iid') (spec.check_parts).
     cut: str = "exact"
+    share: str = "none"
 
     def __post_init__(self):
         check_size("hashtopk", "k", self.k)
@@ -103,6 +107,12 @@ class HashTopK:
             raise VattnError(f"hashtopk(cut='sample') signs keys with the layer's SimHash projection in 32-bit "
                              f"words: it needs proj='random' and bits in 32, 64, ..., 256, got "
                              f"proj={self.proj!r}, bits={self.bits}")
+        if self.share not in ("none", "kv"):
+            raise VattnError(f"hashtopk: share must be 'none' (keys per query head) or 'kv' (per KV head), "
+                             f"got {self.share!r}")
+        if self.share == "kv" and self.cut == "sample":
+            raise VattnError("hashtopk: cut='sample' already cuts once per KV head on the group's summed "
+                             "agreement; drop share='kv'")
         check_int("hashtopk", "bits", self.bits, 1, 256)
         check_int("hashtopk", "seed", self.seed, 0, 2**31 - 1)
         if not isinstance(self.proj, str) or (self.proj != "random" and not Path(self.proj).is_file()):
@@ -147,7 +157,12 @@ class HashTopK:
         if self.cut == "sample":
             raise VattnError("hashtopk(cut='sample') runs with verified(draws='iid') as one algorithm: call it "
                              "through a plan (vattn.plan.compile(spec, device).run(...)), not part by part")
-        s = self.scores(ctx).masked_fill(~ctx.allowed() | out.chosen, -1)
+        s = self.scores(ctx)
+        if self.share == "kv":
+            out.share()
+            b, hq, t, n = s.shape
+            s = s.view(b, hq // ctx.group, ctx.group, t, n).sum(2)  # [B, Hkv, T, N]
+        s = s.masked_fill(~ctx.allowed() | out.chosen, -1)
         k = resolve_size(self.k, ctx.lengths())
         n = s.shape[-1]
         kmax = min(int(k.max()) if k.numel() else 0, n)
