@@ -9,7 +9,9 @@ PROFILE=1: also the GPU kernels of a decoded token per spec (a CUDA profile of g
 minus that of generate(1)), the busiest first, and their sum against the token's time.
 
 Llama-3-8B shape, random weights, bf16, B=1. Per spec: (t(generate 1 + n tokens) - t(generate 1)) / n,
-so the prefill cancels; density from the patch's summary.
+so the prefill cancels, n = NEW (default 64) tokens, REPEAT (default 3) times: the median and the
+range (the prefill's spread over n is what a single short run reads as a difference between
+specs); density from the patch's summary.
 """
 import json
 import os
@@ -24,6 +26,8 @@ SPECS = ["dense", "streaming", "vattention-scan",
          "sink(128)+window(128)+hashtopk(0.05,bits=128,cut='sample')"
          "+verified(eps=0.1,delta=0.1,draws='iid',mode='denominator',min_pilot=128)",
          "oracle-topk", "sink(128)+window(128)+quest(0.1,page=16)"]
+NEW = int(os.environ.get("NEW", 64))
+REPEAT = int(os.environ.get("REPEAT", 3))
 
 
 def main():
@@ -47,7 +51,7 @@ def main():
 
     if cache == "static":
         torch._dynamo.config.cache_size_limit = 64  # a recompile per spec must not fall back to eager
-        st = tf.StaticCache(config=cfg, max_cache_len=n_ctx + 32)
+        st = tf.StaticCache(config=cfg, max_cache_len=n_ctx + NEW + 8)
 
     def gen(new):
         kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
@@ -64,10 +68,11 @@ def main():
 
     def per_token(new):
         gen(2)  # warm-up (kernels compiled, caches allocated)
-        ms = (gen(1 + new) - gen(1)) / new * 1e3
+        runs = sorted((gen(1 + new) - gen(1)) / new * 1e3 for _ in range(REPEAT))
+        ms = runs[len(runs) // 2]
         if os.environ.get("PROFILE"):
             kernels(new, ms)
-        return ms
+        return ms, runs[0], runs[-1]
 
     def kernels(new, ms):
         from collections import Counter
@@ -100,16 +105,17 @@ def main():
         counters.clear()
         return f"  compile {c} {[k[:120] for k, _ in top]}"
 
-    rows = [dict(spec="HF SDPA (unpatched)", ms=per_token(16), density=1.0, path="sdpa")]
-    print(f"{rows[0]['spec']:<70} {rows[0]['ms']:8.2f} ms/token{compiled()}", flush=True)
+    ms, lo, hi = per_token(NEW)
+    rows = [dict(spec="HF SDPA (unpatched)", ms=ms, lo=lo, hi=hi, density=1.0, path="sdpa")]
+    print(f"{rows[0]['spec']:<70} {ms:8.2f} ms/token ({lo:.2f}-{hi:.2f}){compiled()}", flush=True)
     specs = os.environ["PATCH_SPECS"].split(";") if os.environ.get("PATCH_SPECS") else SPECS
     for spec in specs:
         try:
             with vattn.patch(model, spec, sparse_from=n_ctx) as p:
-                ms = per_token(16)
+                ms, lo, hi = per_token(NEW)
                 s = p.summary()
-            rows.append(dict(spec=spec, ms=ms, density=s["density"], path=s["path"]))
-            print(f"{spec:<70} {ms:8.2f} ms/token  density {s['density']:.3f}  path {s['path']}"
+            rows.append(dict(spec=spec, ms=ms, lo=lo, hi=hi, density=s["density"], path=s["path"]))
+            print(f"{spec:<70} {ms:8.2f} ms/token ({lo:.2f}-{hi:.2f})  density {s['density']:.3f}  path {s['path']}"
                   f"{compiled()}", flush=True)
         except Exception as e:  # one spec's failure must not hide the others' numbers
             import traceback

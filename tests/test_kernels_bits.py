@@ -54,3 +54,27 @@ def test_hash_scores_bad_inputs():
         hash_scores(q, sig, torch.zeros(32, 32, device=DEV), lo, hi, 65, 32)
     with pytest.raises(VattnError, match="int32"):
         hash_scores(q, sig.long(), torch.zeros(32, 32, device=DEV), lo, hi, 64, 32)
+
+
+def test_hash_scores_sign_the_newest_key():
+    """sign=(k, lengths): each row's newest key signed in place (the decode step's key, in the
+    window), the other signatures and the scores untouched."""
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, n, d = 3, 4, 2, 200, 32
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEV)
+    k = torch.randn(b, hkv, n, d, generator=g).to(DEV)
+    proj = torch.randn(d, 64, generator=g).to(DEV)
+    sig = torch.randint(-2**31, 2**31 - 1, (b, hkv, n + 8, 2), generator=g, dtype=torch.int32).to(DEV)
+    before = sig.clone()
+    lengths = torch.tensor([200, 57, 0], dtype=torch.int32, device=DEV)
+    lo = torch.zeros(b, 1, dtype=torch.long, device=DEV)
+    hi = (lengths.long() - 5).clamp(min=0)[:, None]
+    plain = hash_scores(q, sig.clone(), proj, lo, hi, n, 64)
+    got = hash_scores(q, sig, proj, lo, hi, n, 64, sign=(k, lengths))
+    assert torch.equal(got, plain)
+    want = before.clone()
+    for i, ln in enumerate(lengths.tolist()):
+        if ln:
+            want[i, :, ln - 1] = sign_bits(k[i, :, ln - 1], proj)
+    assert torch.equal(sig, want)
+    assert not torch.equal(sig, before)

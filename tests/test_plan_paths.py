@@ -157,7 +157,7 @@ def test_ties_break_alike(spec, torch_kernel):
 
 @pytest.mark.parametrize("spec", ["sink(2)+window(3)+topk(0.1)", "sink(1)+window(4)+quest(12,page=4)",
                                   "quest(0.2,page=8)", "sink(2)+hashtopk(0.15,bits=32)",
-                                  "sink(2)+hashtopk(0.15,bits=32,share='kv')"])
+                                  "sink(2)+hashtopk(0.15,bits=32,share='kv')", "sink(2)+window(3)+hashtopk(0.15,bits=40)"])
 def test_decode_steps_follow_appends_in_a_ragged_batch(spec, torch_kernel):
     """A static buffer: each step writes one key per row at its end and appends; rows of
     unequal length, one joining late; slot reuse (a row restarts shorter): the page bounds

@@ -58,7 +58,7 @@ from vattn.errors import VattnError
 from vattn.methods.base import DecodeContext
 from vattn.selection import Selection
 from vattn.spec import POSITION_FRONTS, Spec, parse
-from vattn.plan_select import (bound_pages, front_ranges, hashtopk_selection, page_shape, page_update,
+from vattn.plan_select import (bound_pages, front_ranges, front_sizes, hashtopk_selection, page_shape, page_update,
                                 quest_selection, step_front, streaming_selection, topk_selection)
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,8 @@ class Plan:
             if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
                 self._signatures(layer, k, ctx)  # no append came: sign now
                 st = self.states[layer]
-            return hashtopk_selection(self.front, q, k, st["sig"], st["proj"], step_front(self.front, k, ctx))
+            return hashtopk_selection(self.front, q, k, st["sig"], st["proj"], step_front(self.front, k, ctx),
+                                      ctx.lengths() if self._kernel_signs(ctx) else None)
         if self.dense_layer(layer):
             key = ("dense", tuple(k.shape))
             return ctx.memo.get(key) or ctx.memo.setdefault(key, front_ranges(0, 1.0, k, ctx.starts,
@@ -368,9 +369,15 @@ class Plan:
         return (self.seed * 1_000_003 + layer) & 0xFFFFFFFF
 
     def _kernel_signs(self, ctx: StepContext) -> bool:
-        """The scan kernels sign each row's own key themselves (update_sig) when it lies in the
-        window: no launch of the step reads it before."""
-        return self.path == "scan-kernel" and ctx.rows == 1 and self.recipe.window >= 1
+        """The scan kernels (update_sig) and the hashtopk scores kernel sign each row's own key
+        themselves when it lies in the window: no launch of the step reads it before (in a
+        patched model's step: 480 small torch launches fewer for 32 layers)."""
+        if ctx.rows != 1:
+            return False
+        if self.path == "scan-kernel":
+            return self.recipe.window >= 1
+        win = front_sizes(self.front)[1]
+        return self.path == "hashtopk-kernel" and isinstance(win, int) and win >= 1
 
     def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, 32 W]) of a layer: the scan

@@ -117,16 +117,18 @@ def topk_selection(spec: Spec, q, k, starts, ends, scale: float, front: Front) -
     return _top_selection(spec.parts[-1].k, q, k, front, lambda: attn_scores(q, k, front.lo, front.hi, scale))
 
 
-def hashtopk_selection(spec: Spec, q, k, sig, proj, front: Front) -> Selection:
+def hashtopk_selection(spec: Spec, q, k, sig, proj, front: Front, lengths=None) -> Selection:
     """[sink+][window+]hashtopk(k, bits, proj='random'[, share]) on the device, per query head (per
     KV head with share='kv': the summed agreement of the group's heads), as
     topk_selection with the bit agreement of the query's signature (signed in the kernel by
     the layer's projection proj [D, 32 W]) and the keys' (sig, kept by the plan) for scores:
-    the hashtopk part's rule (methods/hashing.py), ties to the lowest positions."""
+    the hashtopk part's rule (methods/hashing.py), ties to the lowest positions. lengths int32
+    [B]: the scores kernel also signs each row's newest key (in the window: Plan._kernel_signs)."""
     part = spec.parts[-1]
     g = q.shape[1] // k.shape[1] if part.share == "kv" else 1  # share='kv': the group's summed agreement
     return _top_selection(part.k, q, k, front, lambda: hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2],
-                                                                    part.bits, shared=g > 1),
+                                                                    part.bits, shared=g > 1,
+                                                                    sign=None if lengths is None else (k, lengths)),
                           levels=g * part.bits + 1, shared=part.share == "kv")
 
 

@@ -30,6 +30,18 @@ def sign_word(x, p):
 
 
 @triton.jit
+def key_sig(k, proj, ks, b, h, pos, skb, skh, skn, H, N, W: tl.constexpr, D: tl.constexpr):
+    """Write the signature of key pos of (b, h) into ks [B, H, N, W], as bits.sign_bits: bit c of
+    word w is the sign of k . proj[:, 32 w + c]."""
+    d = tl.arange(0, D)
+    c = tl.arange(0, 32)
+    kv = tl.load(k + b.to(tl.int64) * skb + h.to(tl.int64) * skh + pos.to(tl.int64) * skn + d).to(tl.float32)
+    for w in tl.static_range(W):
+        word = sign_word(kv, tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :]))
+        tl.store(ks + ((b * H + h) * N + pos).to(tl.int64) * W + w, word.to(tl.int32, bitcast=True))
+
+
+@triton.jit
 def qwords(q, proj, row, b, H, sqb, sqh, R: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
            RWP: tl.constexpr):
     """uint32 [RWP]: word w of the signature of query head h*R + r at slot r*W + w, computed

@@ -6,7 +6,7 @@ Scores are in the log2 domain, as in the other decode kernels.
 import triton
 import triton.language as tl
 
-from vattn.kernels._bits_triton import agreement, qwords, sig_words, sign_word
+from vattn.kernels._bits_triton import agreement, key_sig, qwords, sig_words
 from vattn.kernels._online import stamp, attend_rows, dot_qk, finish, kv_rows, online_init, pdl_wait
 
 TIE_SALT = tl.constexpr(0x68E31DA4)  # a jit global must be a constexpr
@@ -134,7 +134,7 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
             tl.store(tot + row, 0)
         if UPD:  # the newest key's signature: in the window now, so no launch of this step reads it
             if L > 0:
-                _key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
+                key_sig(k, proj, ks, b, row % H, L - 1, skb, skh, skn, H, N, W, D)
     lane = tl.arange(0, BN)
     n = sink + p * (BN * STRIDE) + (lane // CL) * (CL * STRIDE) + lane % CL
     inr = n < hi
@@ -167,18 +167,6 @@ def cut_kernel(q, proj, ks, k, lens, hist, ctr, cut, pil, pbin, qs, tot, tr,
         tl.store(cut + row * 2 + f, tl.where(f == 0, t, tu))
         tl.store(ctr + row, 0)  # every program has counted: zero again for the next call (no memset)
         stamp(tr, 3, t + tu, TR)
-
-
-@triton.jit
-def _key_sig(k, proj, ks, b, h, pos, skb, skh, skn, H, N, W: tl.constexpr, D: tl.constexpr):
-    """Write the signature of key pos of (b, h) into ks [B, H, N, W], as bits.sign_bits: bit c of
-    word w is the sign of k . proj[:, 32 w + c]."""
-    d = tl.arange(0, D)
-    c = tl.arange(0, 32)
-    kv = tl.load(k + b.to(tl.int64) * skb + h.to(tl.int64) * skh + pos.to(tl.int64) * skn + d).to(tl.float32)
-    for w in tl.static_range(W):
-        word = sign_word(kv, tl.load(proj + d[:, None] * (32 * W) + w * 32 + c[None, :]))
-        tl.store(ks + ((b * H + h) * N + pos).to(tl.int64) * W + w, word.to(tl.int32, bitcast=True))
 
 
 @triton.jit

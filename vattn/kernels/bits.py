@@ -56,12 +56,14 @@ def bit_scores_ref(qsig, ksig, shared):
     return agree.reshape(B, Hq, T, -1)
 
 
-def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, shared: bool = False, block_n: int = 512,
+def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, shared: bool = False, sign=None, block_n: int = 512,
                 num_warps: int = 4) -> torch.Tensor:
     """f32 [B, Hq, T, N]: for query head h and key n in [lo[b, t], hi[b, t]), the bits of the
     first `bits` on which the signs of q[b, h, t] @ proj and the key's signature agree
     (methods.hashing.agreement); -inf elsewhere. shared: [B, Hkv, T, N], the sum over each KV
-    head's query heads. q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
+    head's query heads. sign = (k [B, Hkv, N, D], lengths int32 [B]): also write the signature
+    of each row's newest key (lengths - 1) into sig, so a decoder signs nothing per layer and
+    step; that key must not be ranked in this call (it lies in the window: hi <= lengths - 1). q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
     (contiguous; its length >= n is the row stride: a plan's buffer with room to grow), N = n
     (a host number, the key buffer's length); lo, hi int [B, T]; proj f32 [D, 32 W]
     (columns past `bits` zero: their bits are 0 in both signatures and are taken off)."""
@@ -77,12 +79,18 @@ def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, shared: bool = False
     if d & (d - 1) or q.stride(-1) != 1:
         raise VattnError(f"q needs a power-of-two head dim with stride 1, got {tuple(q.shape)} {q.stride()}")
     check_runnable(q, sig, proj)
+    k, lengths = sign if sign is not None else (q, lo)
+    if sign is not None and (k.shape[:2] != sig.shape[:2] or k.shape[3] != d or k.stride(-1) != 1
+                             or tuple(lengths.shape) != (b,)):
+        raise VattnError(f"sign needs k [B, Hkv, N, D] with stride 1 in D and lengths [B], got {tuple(k.shape)} "
+                         f"and {tuple(lengths.shape)}")
     out = torch.empty((b, hkv if shared else hq, t, n), dtype=torch.float32, device=q.device)
     if out.numel():
         _kernel()[(b * hkv, t, -(-n // block_n))](
             q, sig, proj.contiguous().float(), out, lo.contiguous(), hi.contiguous(), q.stride(0), q.stride(1),
-            q.stride(2), hq, hkv, t, n, cap, 32 * w - bits, G=hq // hkv, W=w, WP=next_pow2(w), D=d, BN=block_n,
-            SHARED=shared, HW=not interpret(), num_warps=num_warps)
+            q.stride(2), hq, hkv, t, n, cap, 32 * w - bits, k, k.stride(0), k.stride(1), k.stride(2), lengths,
+            G=hq // hkv, W=w, WP=next_pow2(w), D=d, BN=block_n, SHARED=shared, UPD=sign is not None,
+            HW=not interpret(), num_warps=num_warps)
     return out
 
 
@@ -92,12 +100,12 @@ def _kernel():
     import triton.language as tl
 
     from vattn.kernels import _bits_triton as bt
-    globals().update(agreement=bt.agreement, qwords=bt.qwords, sig_words=bt.sig_words)  # (jit calls resolve there)
+    globals().update(agreement=bt.agreement, key_sig=bt.key_sig, qwords=bt.qwords, sig_words=bt.sig_words)  # (jit calls resolve there)
 
     @triton.jit
-    def scores(q, ks, proj, out, lo_p, hi_p, sqb, sqh, sqt, HQ, HKV, T, N, CAP, PAD, G: tl.constexpr,
-               W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, SHARED: tl.constexpr,
-               HW: tl.constexpr):
+    def scores(q, ks, proj, out, lo_p, hi_p, sqb, sqh, sqt, HQ, HKV, T, N, CAP, PAD, k, skb, skh, skn, len_p,
+               G: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+               SHARED: tl.constexpr, UPD: tl.constexpr, HW: tl.constexpr):
         # program (b * HKV + kv head, query row t, block of BN keys): the block's signature words
         # once, each of the G query heads' signatures signed here (a few KB of proj from L2)
         row = tl.program_id(0)
@@ -121,5 +129,10 @@ def _kernel():
         if SHARED:
             dst = out + (row * T + t).to(tl.int64) * N
             tl.store(dst + n, tl.where(inr, tot.to(tl.float32), float("-inf")), mask=n < N)
+        if UPD:
+            if (tl.program_id(2) == 0) & (t == T - 1):
+                ln = tl.load(len_p + b)
+                if ln > 0:
+                    key_sig(k, proj, ks, b, row % HKV, ln - 1, skb, skh, skn, HKV, CAP, W, D)
 
     return scores
