@@ -58,8 +58,8 @@ from vattn.errors import VattnError
 from vattn.methods.base import DecodeContext
 from vattn.selection import Selection
 from vattn.spec import POSITION_FRONTS, Spec, parse
-from vattn.plan_select import (bound_pages, front_ranges, front_sizes, hashtopk_selection, page_shape, page_update,
-                                quest_selection, step_front, streaming_selection, topk_selection)
+from vattn.plan_select import (bound_pages, front_ranges, front_sizes, hashtopk_selection, page_shape,
+                               page_update, quest_selection, step_front, streaming_selection, topk_selection)
 
 log = logging.getLogger(__name__)
 _SAID: set = set()

@@ -4,8 +4,9 @@ method's choices; tests/test_plan_paths.py). Every width is a host number (from 
 
 topk, hashtopk and quest run the Triton selection kernels (kernels/select.py: scores read K in
 place, or the keys' bit signatures (kernels/bits.py), a top-k select, the Selection written with
-the front in place); on CPU tensors, under the Triton interpreter. They keep a row's largest entries with ties to the lowest positions, as the
-reference methods do (kernels.select.topk_ref): the reference methods are their twins."""
+the front in place); on CPU tensors, under the Triton interpreter. They keep a row's largest
+entries with ties to the lowest positions, as the reference methods do (kernels.select.topk_ref):
+the reference methods are their twins."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -126,10 +127,12 @@ def hashtopk_selection(spec: Spec, q, k, sig, proj, front: Front, lengths=None) 
     [B]: the scores kernel also signs each row's newest key (in the window: Plan._kernel_signs)."""
     part = spec.parts[-1]
     g = q.shape[1] // k.shape[1] if part.share == "kv" else 1  # share='kv': the group's summed agreement
-    return _top_selection(part.k, q, k, front, lambda: hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2],
-                                                                    part.bits, shared=g > 1,
-                                                                    sign=None if lengths is None else (k, lengths)),
-                          levels=g * part.bits + 1, shared=part.share == "kv")
+    sign = None if lengths is None else (k, lengths)
+
+    def scores():
+        return hash_scores(q, sig, proj, front.lo, front.hi, k.shape[2], part.bits, shared=g > 1, sign=sign)
+
+    return _top_selection(part.k, q, k, front, scores, levels=g * part.bits + 1, shared=part.share == "kv")
 
 
 def _top_selection(size, q, k, front: Front, scores, levels: int = 0, shared: bool = False) -> Selection:

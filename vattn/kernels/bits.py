@@ -63,7 +63,8 @@ def hash_scores(q, sig, proj, lo, hi, n: int, bits: int, *, shared: bool = False
     (methods.hashing.agreement); -inf elsewhere. shared: [B, Hkv, T, N], the sum over each KV
     head's query heads. sign = (k [B, Hkv, N, D], lengths int32 [B]): also write the signature
     of each row's newest key (lengths - 1) into sig, so a decoder signs nothing per layer and
-    step; that key must not be ranked in this call (it lies in the window: hi <= lengths - 1). q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
+    step; that key must not be ranked in this call (it lies in the window: hi <= lengths - 1).
+    q [B, Hq, T, D]; sig int32 [B, Hkv, >= N, W]
     (contiguous; its length >= n is the row stride: a plan's buffer with room to grow), N = n
     (a host number, the key buffer's length); lo, hi int [B, T]; proj f32 [D, 32 W]
     (columns past `bits` zero: their bits are 0 in both signatures and are taken off)."""
@@ -100,7 +101,8 @@ def _kernel():
     import triton.language as tl
 
     from vattn.kernels import _bits_triton as bt
-    globals().update(agreement=bt.agreement, key_sig=bt.key_sig, qwords=bt.qwords, sig_words=bt.sig_words)  # (jit calls resolve there)
+    # (jit bodies resolve the functions they call in the module's globals)
+    globals().update(agreement=bt.agreement, key_sig=bt.key_sig, qwords=bt.qwords, sig_words=bt.sig_words)
 
     @triton.jit
     def scores(q, ks, proj, out, lo_p, hi_p, sqb, sqh, sqt, HQ, HKV, T, N, CAP, PAD, k, skb, skh, skn, len_p,

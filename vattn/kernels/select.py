@@ -801,7 +801,8 @@ def select_top(scores, k, kmax: int, *, width: int | None = None, front=None, pa
     dev = scores.device
     block = block or BLOCK
     sample, z = SAMPLE if sample is None else sample, Z if z is None else z
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= 4096 or (levels and (pages or group > 1)):
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= 4096 or \
+            (levels and (pages or group > 1)):
         raise VattnError(f"levels must be an int in 0..4096 (and 0 with pages or groups), got {levels!r}")
     cw = 0 if pages or group > 1 or levels else candidate_width(n, kmax, sample, z)
     rb = next_pow2(cw or n)
