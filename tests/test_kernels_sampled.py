@@ -126,7 +126,9 @@ SPECS = ["sink(4)+window(8)+topk(0.05)+verified(eps=0.3,delta=0.2,draws='iid',mi
          "window(8)+verified(eps=0.4,delta=0.2,draws='iid',min_pilot=16,mode='denominator')",
          "sink(2)+window(4)+quest(0.2,page=8,dense_layers=1)+verified(eps=0.3,draws='iid',min_pilot=8,"
          "mode='denominator')",
-         "sink(4)+window(8)+quest(0.1,page=16,share='kv')+verified(eps=0.3,delta=0.2,draws='iid',min_pilot=16)"]
+         "sink(4)+window(8)+quest(0.1,page=16,share='kv')+verified(eps=0.3,delta=0.2,draws='iid',min_pilot=16)",
+         "sink(4)+window(8)+hashtopk(0.1,bits=32)+verified(eps=0.3,delta=0.2,draws='iid',min_pilot=16)",
+         "sink(4)+hashtopk(0.1,bits=64,share='kv')+verified(eps=0.3,draws='iid',min_pilot=16,mode='denominator')"]
 
 
 @pytest.mark.parametrize("t", [1, 2])

@@ -33,6 +33,19 @@ def test_file_loads_into_hashtopk(trained):
     assert torch.allclose(out, dense_attend(q, k, v), atol=2e-6)
 
 
+def test_a_learned_front_runs_the_reference_path(trained):
+    """hashtopk with a learned projection has no kernel path (the scores kernel signs with the
+    seeded SimHash): alone or before the iid sample, the plan runs the reference and says so."""
+    from vattn.errors import VattnError
+    from vattn.plan import compile
+    _, _, path = trained
+    for spec in (f"sink(2)+hashtopk(10,bits=16,proj='{path}')",
+                 f"sink(2)+hashtopk(10,bits=16,proj='{path}')+verified(draws='iid')"):
+        assert compile(spec, "cpu").path in ("reference", "sampled-reference")
+        with pytest.raises(VattnError, match="no fused GPU path"):
+            compile(spec, "cpu", fused=True)
+
+
 def test_file_mismatches_are_named(trained):
     recs, _, path = trained
     with pytest.raises(vattn.VattnError, match="bits=16"):

@@ -157,6 +157,8 @@ def test_scan_chain_is_one_form():
     got = (p.path, p.recipe, p.sampled.sink, p.sampled.window, p.sampled.eps)
     assert got == ("sampled-reference", None, 8, 16, 0.1)
     assert [x.name for x in p.front.parts] == ["sink", "window", "quest"]
+    p = compile("sink(8)+hashtopk(0.1,bits=32)+verified(draws='iid')", "cpu")  # an exact signature front
+    assert (p.path, p.recipe, p.sampled.sink) == ("sampled-reference", None, 8)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -245,7 +245,8 @@ class NoSync(TorchDispatchMode):
                                   "sink(3)+window(4)+quest(20,page=4,dense_layers=1)", "sink(4)+window(0.1)",
                                   "sink(2)+window(3)+quest(12,page=4)+verified(eps=0.3,draws='iid',min_pilot=8)",
                                   "sink(2)+window(3)+quest(12,page=4,share='kv')+verified(eps=0.3,draws='iid',"
-                                  "min_pilot=8)"])
+                                  "min_pilot=8)",
+                                  "sink(2)+window(3)+hashtopk(12,bits=32)+verified(eps=0.3,draws='iid',min_pilot=8)"])
 def test_paths_never_wait_for_the_device(spec, torch_kernel, monkeypatch):
     """append and run of the graphable paths: no .item()/.tolist()/bool() of a tensor, no
     nonzero or boolean-mask indexing (what a CUDA graph cannot capture)."""

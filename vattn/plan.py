@@ -32,7 +32,7 @@ Paths (`plan.path`):
                       signatures live in the plan, signed in append (no host sync).
   "scan-reference"    the same spec on the CPU, or with several query rows: the kernels'
                       float64 twin, which makes every choice the kernels make.
-  "sampled-kernel"    [sink(n)+][window(n)+][topk | quest]+verified(draws='iid', either mode), on
+  "sampled-kernel"    [sink(n)+][window(n)+][topk | quest | hashtopk]+verified(draws='iid', either mode), on
                       CUDA: the front's Selection from the kernels above, attended exactly, and the
                       scan chain's iid estimate of the rest of the middle (kernels/sampled.py); one
                       query row at a time, no host sync.
@@ -74,7 +74,7 @@ FUSED_FORMS = ("[sink(n)+]window(n) | sink(n); [sink(n)+][window(n)+]topk(k); "
                "[sink(n)+][window(n)+]hashtopk(k[, bits=..][, seed=..]) (proj='random'); "
                "[sink(n)+][window(n)+]quest(budget[, page=..][, dense_layers=..][, share=..]); the scan chain "
                "[sink(count)+][window(count)+]hashtopk(k, cut='sample')+verified(..., draws='iid'); and "
-               "[sink(count)+][window(count)+][topk(k) | quest(..)]+verified(..., draws='iid')")
+               "[sink(count)+][window(count)+][topk(k) | quest(..) | hashtopk(k, ..)]+verified(..., draws='iid')")
 KERNEL_PATHS = {"streaming": "streaming-kernel", "topk": "topk-kernel", "hashtopk": "hashtopk-kernel",
                 "quest": "quest-kernel"}
 
@@ -198,7 +198,7 @@ class Plan:
         methods extend their state in run."""
         if k.shape[0] * k.shape[2] * ctx.ends.numel() == 0:
             return
-        if self.recipe is not None or self.path == "hashtopk-kernel":
+        if self.recipe is not None or self._hash_front():
             self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
         elif self.path in ("quest-kernel", "sampled-kernel") and self.front.parts[-1].name == "quest" \
                 and layer >= self.front.parts[-1].dense_layers:
@@ -377,7 +377,12 @@ class Plan:
         if self.path == "scan-kernel":
             return self.recipe.window >= 1
         win = front_sizes(self.front)[1]
-        return self.path == "hashtopk-kernel" and isinstance(win, int) and win >= 1
+        return self._hash_front() and isinstance(win, int) and win >= 1
+
+    def _hash_front(self) -> bool:
+        """The front is hashtopk on a kernel path (alone, or before the iid verified sample): the
+        plan keeps its key signatures."""
+        return self.path in ("hashtopk-kernel", "sampled-kernel") and kernel_form(self.front) == "hashtopk"
 
     def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, 32 W]) of a layer: the scan
@@ -471,7 +476,9 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
     device = torch.device(device)
     recipe, sampled = scan_recipe(spec), sampled_recipe(spec)
     form = kernel_form(spec)
-    fusable = form is not None or recipe is not None or sampled is not None
+    front = Spec(spec.parts[:-1], spec.text) if sampled is not None else None
+    # a sampled chain fuses behind a front with a kernel path (not a learned hashtopk projection)
+    fusable = form is not None or recipe is not None or (sampled is not None and kernel_form(front) is not None)
     insist = fused is True
     if fused is None:
         fused = fusable and device.type == "cuda"
@@ -488,10 +495,10 @@ def compile(spec, device, seed: int = 0, fused: bool | None = None) -> Plan:
         path = KERNEL_PATHS[form] if fused else "reference"
     if device.type == "cuda" and not fused:
         _say_once("spec %s runs the %s path on CUDA, not a fused plan", str(spec), path)
-    if sampled is not None and spec.parts[-2].name == "quest":
+    if sampled is not None and spec.parts[-2].name in ("quest", "hashtopk"):
         _say_once("spec %s: the iid draws have no heavy-key cut, so the bound needs a front that takes the heavy "
-                  "keys; Quest's pages missed them on peaked rows (coverage 0.2-0.66, docs/guarantee.md): check "
-                  "yours with `vattn verify --draws iid --base ...`", str(spec))
+                  "keys; an approximate front can miss them (Quest's pages on peaked rows: coverage 0.2-0.66, "
+                  "docs/guarantee.md): check yours with `vattn verify --draws iid --base ...`", str(spec))
     plan = Plan(spec, device, path, seed, recipe, sampled)
     plan.insist = insist
     return plan
@@ -506,7 +513,7 @@ def scan_recipe(spec: Spec) -> ScanRecipe | None:
     """The scan kernels' arguments when `spec` is the scan chain (spec.check_parts vouches for
     its form), else None."""
     parts = spec.parts
-    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or parts[-2].name != "hashtopk":
+    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or getattr(parts[-2], "cut", None) != "sample":
         return None
     ht, vf = parts[-2], parts[-1]
     fixed = {p.name: p.n for p in parts[:-2]}
@@ -519,7 +526,7 @@ def sampled_recipe(spec: Spec) -> SampledRecipe | None:
     """kernels/sampled.py's arguments when `spec` is an exact front + verified(draws='iid')
     (spec.check_parts vouches for its form), else None."""
     parts = spec.parts
-    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or parts[-2].name == "hashtopk":
+    if len(parts) < 2 or getattr(parts[-1], "draws", None) != "iid" or getattr(parts[-2], "cut", None) == "sample":
         return None
     vf, fixed = parts[-1], {p.name: p.n for p in parts[:-1] if p.name in ("sink", "window")}
     return SampledRecipe(sink=fixed.get("sink", 0), window=fixed.get("window", 0), m0=vf.min_pilot, eps=vf.eps,

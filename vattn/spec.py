@@ -201,21 +201,23 @@ def check_parts(parts) -> None:
 POSITION_FRONTS = (["sink"], ["window"], ["sink", "window"])  # parts that choose by position alone
 SCAN_FORM = ("[sink(count)+][window(count)+]hashtopk(k, bits=32..256, cut='sample')+"
              "verified(eps=..., delta=..., draws='iid'[, mode='denominator'])")
-SAMPLED_FORM = ("[sink(count)+][window(count)+][topk(k) | quest(budget, ..)]+"
+SAMPLED_FORM = ("[sink(count)+][window(count)+][topk(k) | quest(budget, ..) | hashtopk(k, ..)]+"
                 "verified(eps=..., delta=..., draws='iid'[, mode=..])")
 
 
 def _check_iid_chain(parts) -> None:
     """The iid draws are one algorithm with their front: behind the scan's signature cut
     (hashtopk(cut='sample'): the scan kernels) or behind keys chosen exactly (sink, window, topk,
-    quest: kernels/sampled.py). The middle they draw from is [start + sink, L - window): counts."""
+    quest, hashtopk(cut='exact'): kernels/sampled.py). The middle they draw from is [start + sink, L - window): counts."""
     if not any(getattr(p, "cut", None) == "sample" or getattr(p, "draws", None) == "iid" for p in parts):
         return
     names = [p.name for p in parts]
     scan = (len(parts) >= 2 and names[-2:] == ["hashtopk", "verified"] and parts[-2].cut == "sample"
             and parts[-1].draws == "iid" and names[:-2] in ([], *POSITION_FRONTS))
+    exact_front = len(parts) >= 2 and (names[-2] in ("topk", "quest") or
+                                       (names[-2] == "hashtopk" and parts[-2].cut == "exact"))
     sampled = names[-1] == "verified" and parts[-1].draws == "iid" and len(parts) >= 2 and (
-        names[:-1] in POSITION_FRONTS or (names[-2] in ("topk", "quest") and names[:-2] in ([], *POSITION_FRONTS)))
+        names[:-1] in POSITION_FRONTS or (exact_front and names[:-2] in ([], *POSITION_FRONTS)))
     if not (scan or sampled):
         raise VattnError(f"hashtopk(cut='sample') and verified(draws='iid') are one algorithm with their front: "
                          f"{SCAN_FORM}, or {SAMPLED_FORM}; got {'+'.join(names)}")
