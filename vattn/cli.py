@@ -122,7 +122,7 @@ def verify(
     share: str = typer.Option("none", help="none, or kv: one sample per KV head (--draws residual; iid: always kv)."),
     draws: str = typer.Option("residual", help="residual: verified(...) after any base; iid: independent draws "
                               "behind hashtopk(..., cut='sample') (the scan) or an exact front "
-                              "([sink(n)+][window(n)+][topk | quest]); either mode; the kernels on CUDA."),
+                              "([sink(n)+][window(n)+][topk | quest | hashtopk]); either mode; the kernels on CUDA."),
     device: str = typer.Option("cpu", help="Where to measure: cpu, or cuda (fused kernels where the spec has them)."),
     pairs: bool = typer.Option(True, help="Pair eps[i] with delta[i] (else the full grid)."),
     rows: int = typer.Option(256, help="Synthetic rows per family."),

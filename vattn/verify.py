@@ -7,7 +7,7 @@ error of the output (mode="output") or of the softmax denominator ("denominator"
 Two samplers (draws=): "residual" appends verified(eps, delta, mode, share) to any front;
 "iid" appends verified(eps, delta, draws='iid', mode=...) to the scan chain's front
 [sink(n)+][window(n)+]hashtopk(k, cut='sample') (plan paths "scan-kernel" / "scan-reference")
-or to an exact one, [sink(n)+][window(n)+][topk | quest] ("sampled-kernel" /
+or to an exact one, [sink(n)+][window(n)+][topk | quest | hashtopk] ("sampled-kernel" /
 "sampled-reference"), either mode. Everything is measured through a plan, so the coverage
 is of what runs: on CUDA the fused kernels, elsewhere their float64 twins.
 """
