@@ -1,4 +1,4 @@
-"""Compile the scan, sampled, layer-op and top-k select kernels for sm_90 on a machine without a
+"""Compile the scan, sampled, layer-op, top-k select and hashtopk score kernels for sm_90 on a machine without a
 GPU (catches Triton compile errors before a device call). Prints registers / spills where ptxas
 runs.
 Usage: python scripts/compile_check.py [num_warps] [BN] [CB] [PDL] [TR] [maxnreg]"""
@@ -114,8 +114,10 @@ for name, fn, s, c in (
         ("select compact", compact, sig(cmp_names, [S32, I, L, I, I, I, P, P, I, I, S32, P, P, I]),
          dict(PP=64, BLK=ks.BLOCK)),
         *((f"select radix (FIRST={f}, LAST={la})", radix, sig(rad_names, rad_types),
-           dict(SHIFT=sh, BITS=8, FIRST=f, LAST=la, NBIN=ks.NB, BLK=ks.BLOCK, PB=ks.RESOLVE_TILE, CAND=True))
+           dict(SHIFT=sh, BITS=8, FIRST=f, LAST=la, NBIN=ks.NB, BLK=ks.BLOCK, PB=ks.RESOLVE_TILE, CAND=True, LEV=0))
           for sh, f, la in ((24, True, False), (16, False, False), (0, False, True))),
+        ("select counting pass (33 levels: hashtopk, 32 bits)", radix, sig(rad_names, rad_types),
+         dict(SHIFT=0, BITS=6, FIRST=True, LAST=True, NBIN=64, BLK=ks.BLOCK, PB=ks.RESOLVE_TILE, CAND=False, LEV=33)),
         ("select emit", emit, sig(emit_names, emit_types),
          dict(FRONT=True, LASTPAGE=False, PAGE=1, SP=1, BLK=ks.BLOCK, FB=256, CAND=True)),
         ("select bisect (a list of 8192)", bisect, sig(bis_names, bis_types),
@@ -123,3 +125,12 @@ for name, fn, s, c in (
         ("select bisect (4 heads' pages, 2048)", bisect, sig(bis_names, bis_types),
          dict(RB=2048, PR=32, PB=ks.RESOLVE_TILE, CAND=False, G=4, GP=4))):
     report(name, fn, s, c)
+
+# hashtopk's scores (vattn/kernels/bits.py): per query head, and summed per KV head signing the newest key
+from vattn.kernels import bits as kb
+hs_names = "q ks proj out lo_p hi_p sqb sqh sqt HQ HKV T N CAP PAD k skb skh skn len_p".split()
+hs_types = ["*bf16", P, "*fp32", S32, L, L, I, I, I, I, I, I, I, I, I, "*bf16", I, I, I, P]
+for name, c in (("hash scores (per head, 32 bits)", dict(G=4, W=1, WP=1, D=128, BN=512, SHARED=False, UPD=False, HW=True)),
+                ("hash scores (share='kv', 64 bits, signing)", dict(G=4, W=2, WP=2, D=128, BN=512, SHARED=True, UPD=True,
+                                                                   HW=True))):
+    report(name, kb._kernel(), sig(hs_names, hs_types), c)
