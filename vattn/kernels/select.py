@@ -329,18 +329,18 @@ def _kernels():
         ab = tl.zeros([], tl.int32)
         for n0 in range(start, stop, BLK):
             n = n0 + tl.arange(0, BLK)
-            u = keys_at(srow, n, stop)
-            if LEV > 0:
+            if LEV > 0:  # the values themselves (SHIFT 0)
                 x = tl.load(srow + n, mask=n < stop, other=float("-inf"))
-                u = tl.where(x > float("-inf"), x, 0.0).to(tl.uint32) << SHIFT  # (SHIFT 0: the value)
-            if LEV > 0:
+                u = tl.where(x > float("-inf"), x, 0.0).to(tl.uint32)
                 m = x > float("-inf")
-            elif FIRST:
-                m = u != 0
             else:
-                top = u >> (SHIFT + BITS)
-                m = top == pre
-                ab += tl.sum((top > pre).to(tl.int32), 0)
+                u = keys_at(srow, n, stop)
+                if FIRST:
+                    m = u != 0
+                else:
+                    top = u >> (SHIFT + BITS)
+                    m = top == pre
+                    ab += tl.sum((top > pre).to(tl.int32), 0)
             h += tl.histogram(((u >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32), NBIN, mask=m)
         v = tl.arange(0, NBIN)
         slot = r64 * P + j
