@@ -60,13 +60,14 @@ def test_scan_measure_is_the_twins_choices():
 
 @pytest.mark.parametrize("base,mode,needle", [
     ("sink(16)+topp(0.9)", "denominator", "hashtopk(k, cut='sample')"),  # not an iid front
-    ("sink(16)+hashtopk(0.05)", "denominator", "hashtopk(k, cut='sample')"),  # hashtopk without the sample cut
+    ("sink(16)+hashtopk(0.05)+topk(8)", "denominator", "hashtopk(k, ..)"),  # two fronts
     ("", "denominator", "hashtopk(k, cut='sample')"),
 ])
 def test_iid_draws_need_the_scan_chain(base, mode, needle):
     with pytest.raises(VattnError, match="draws='iid'") as e:
         verified_spec(base, 0.1, 0.1, mode, draws="iid")
     assert needle in str(e.value)
+    assert "draws='iid'" in verified_spec("sink(16)+hashtopk(0.05)", 0.1, 0.1, mode, draws="iid")  # an exact front
 
 
 def test_a_scan_front_with_residual_draws_points_to_iid():
