@@ -248,10 +248,7 @@ class Plan:
         if form == "topk":
             return topk_selection(self.front, q, k, ctx.starts, ctx.ends, ctx.scale, step_front(self.front, k, ctx))
         if form == "hashtopk":
-            st = self.states.get(layer, {})
-            if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
-                self._signatures(layer, k, ctx)  # no append came: sign now
-                st = self.states[layer]
+            st = self._signed(layer, k, ctx)
             return hashtopk_selection(self.front, q, k, st["sig"], st["proj"], step_front(self.front, k, ctx),
                                       ctx.lengths() if self._kernel_signs(ctx) else None)
         if self.dense_layer(layer):
@@ -384,6 +381,15 @@ class Plan:
         plan keeps its key signatures."""
         return self.path in ("hashtopk-kernel", "sampled-kernel") and kernel_form(self.front) == "hashtopk"
 
+    def _signed(self, layer: int, k, ctx: StepContext) -> dict:
+        """The layer's state with its key signatures (sig, proj) up to k's length: signed now
+        when no append came (the scan chain and the hashtopk kernel paths)."""
+        st = self.states.get(layer, {})
+        if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
+            self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))
+            st = self.states[layer]
+        return st
+
     def _signatures(self, layer: int, k, ctx: StepContext, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(key signatures int32 [B, Hkv, cap >= N, W], projection [D, 32 W]) of a layer: the scan
         chain's, or the hashtopk kernel path's (bits not a multiple of 32: zero columns added,
@@ -424,10 +430,7 @@ class Plan:
             return _picked(torch.zeros_like(q), ctx), Selection.empty(q.shape[0], k.shape[1], q.shape[2], q.device,
                                                                      shared=True)
         ctx.check_zero_starts(f"spec {self.spec} (the scan algorithm)")
-        st = self.states.get(layer, {})
-        if "sig" not in st or st["sig"].shape[:2] != k.shape[:2] or st["signed"] < k.shape[2]:
-            self._signatures(layer, k, ctx, own=not self._kernel_signs(ctx))  # no append came: sign now
-            st = self.states[layer]
+        st = self._signed(layer, k, ctx)
         sig, proj = st["sig"], st["proj"]
         seed = self.scan_seed(layer)
         kw = self.recipe.kwargs()
